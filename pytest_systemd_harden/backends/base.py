@@ -1,0 +1,130 @@
+"""The one backend interface: a machine with systemd as PID 1, reachable over D-Bus.
+
+A backend supplies only lifecycle (start, stop) and the bus address of the machine's system bus. Running
+commands, services and journals goes through :class:`~pytest_systemd_harden.systemd.SystemdClient`, written
+once for every backend, so a command means the same on a container, a VM or the host.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+import os
+import shlex
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ..result import CommandResult
+from ..systemd import Property, SystemdClient
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """What a machine must have: extra Debian packages and files bound in from the host.
+
+    Specs whose machine sections are equal share one booted machine for the whole test session.
+    """
+
+    packages: tuple[str, ...] = ()
+    # (path on the machine, absolute path on the host), bound read-only.
+    files: tuple[tuple[str, str], ...] = ()
+    backend: str = "nspawn"
+
+    def describe(self) -> str:
+        parts = [self.backend]
+        if self.packages:
+            parts.append("packages: " + ", ".join(self.packages))
+        if self.files:
+            parts.append("files: " + ", ".join(dest for dest, _src in self.files))
+        return "; ".join(parts)
+
+
+@dataclass
+class Machine(abc.ABC):
+    """A booted systemd. Subclasses implement :meth:`_start` and :meth:`_stop`; the rest is shared."""
+
+    NAME: ClassVar[str]
+
+    config: MachineConfig
+    name: str = field(default_factory=lambda: f"harden-{uuid.uuid4().hex[:8]}")
+    boot_timeout: float = 60.0
+    _systemd: SystemdClient | None = field(default=None, init=False, repr=False)
+    _units: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False, repr=False)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _start(self, progress: Progress) -> str:
+        """Start the machine; return the D-Bus address of its system bus once the socket exists."""
+
+    @abc.abstractmethod
+    def _stop(self) -> None:
+        """Stop the machine and remove every trace of it (processes, cgroups, mounts). Must be idempotent."""
+
+    def boot_log(self) -> str:
+        """Console output of the boot, for error messages (may be empty)."""
+        return ""
+
+    def boot(self, progress: Progress = lambda line: None) -> None:
+        address = self._start(progress)
+        try:
+            client = SystemdClient(address)
+            self._systemd = client
+            client.connect()
+            client.wait_until_booted(self.boot_timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        client, self._systemd = self._systemd, None
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            self._stop()
+
+    @property
+    def systemd(self) -> SystemdClient:
+        if self._systemd is None:
+            raise RuntimeError(f"machine {self.name} is not running")
+        return self._systemd
+
+    @property
+    def running(self) -> bool:
+        return self._systemd is not None
+
+    # -- shared helpers -----------------------------------------------------------------------------------
+
+    def unit_name(self, purpose: str) -> str:
+        """A unit name unique on this machine, readable in its journal."""
+        return f"harden-{purpose}-{os.getpid()}-{next(self._units)}.service"
+
+    def run(self, command: str | Sequence[str], properties: Sequence[Property] = (), *, stdin: bytes = b"",
+            timeout: float = 60.0, purpose: str = "cmd", where: str | None = None) -> CommandResult:
+        """Run ``command`` (a shell string or an argv) as a transient unit with ``properties``."""
+        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+        shown = command if isinstance(command, str) else shlex.join(argv)
+        outcome = self.systemd.run(self.unit_name(purpose), argv, properties, stdin=stdin, timeout=timeout)
+        stderr = outcome.stderr.decode(errors="replace")
+        if outcome.timed_out:
+            stderr += f"\n[pytest-systemd-harden: stopped after the {timeout:g}s timeout]"
+        return CommandResult(
+            command=shown,
+            exit_status=outcome.exit_status,
+            signal=outcome.signal,
+            stdout=outcome.stdout.decode(errors="replace"),
+            stderr=stderr,
+            where=where or f"on machine {self.name} (unconfined)",
+            duration=outcome.duration,
+        )
+
+    def journal(self, unit: str, lines: int = 25) -> str:
+        """The last ``lines`` journal lines of ``unit`` on this machine."""
+        result = self.run(["journalctl", "--no-pager", "-q", "-o", "short-monotonic", "-n", str(lines), "-u", unit],
+                          purpose="journal")
+        return result.stdout.rstrip()

@@ -1,0 +1,159 @@
+"""The default backend: a cached Debian rootfs booted with systemd-nspawn.
+
+The image is never modified (``--volatile=overlay``), the container has only a loopback interface
+(``--private-network``) so nothing a service or probe does reaches the host's network, and it runs in a cgroup
+of its own that is killed and removed on shutdown (and by the next run, if this one was killed).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..cgroups import OwnedCgroup
+from ..errors import BackendUnavailable, MachineError
+from ..images import ImageCache
+from .base import Machine, Progress
+
+PR_SET_PDEATHSIG = 1
+
+
+def host_runs_systemd() -> bool:
+    return Path("/run/systemd/system").is_dir() and Path("/proc/1/comm").read_text().strip() == "systemd"
+
+
+def check_available() -> None:
+    """Raise BackendUnavailable with the fix when this host cannot run nspawn machines."""
+    if os.geteuid() != 0:
+        raise BackendUnavailable("the nspawn backend needs root (systemd-nspawn boots a container): run pytest as root,"
+                                 " e.g. sudo -E pytest")
+    if shutil.which("systemd-nspawn") is None:
+        raise BackendUnavailable("systemd-nspawn is not installed: apt-get install systemd-container")
+    if shutil.which("mmdebstrap") is None and shutil.which("debootstrap") is None:
+        raise BackendUnavailable("no image builder: apt-get install mmdebstrap")
+
+
+@dataclass
+class NspawnMachine(Machine):
+    NAME = "nspawn"
+
+    image_cache: ImageCache = field(default_factory=ImageCache)
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _cgroup: OwnedCgroup | None = field(default=None, init=False, repr=False)
+    _console: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200), init=False,
+                                             repr=False)
+    leader: int | None = field(default=None, init=False)
+
+    def command_line(self, rootfs: Path) -> list[str]:
+        binds = [f"--bind-ro={host}:{dest}" for dest, host in self.config.files]
+        return [
+            "systemd-nspawn", "--quiet", "--boot",
+            "--directory", str(rootfs), "--machine", self.name,
+            "--volatile=overlay",  # the cached image is shared and never written
+            "--register=no", "--keep-unit",  # no machined here; our own cgroup instead
+            "--private-network",  # only lo: nothing inside reaches the host's network
+            "--link-journal=no", "--resolv-conf=off", "--timezone=off",
+            "--console=read-only",
+            # IPAddressDeny= and friends need bpf() inside; nspawn's own filter blocks it by default.
+            "--system-call-filter=bpf",
+            *binds,
+        ]
+
+    def _start(self, progress: Progress) -> str:
+        check_available()
+        for dest, host in self.config.files:
+            if not Path(host).exists():
+                raise MachineError(f"file to bind at {dest} does not exist on the host: {host}")
+        image = self.image_cache.get(self.config.packages, progress)
+        command = self.command_line(image.rootfs)
+        if host_runs_systemd():
+            # Let the host's systemd give the container a scope of its own instead of our raw cgroup.
+            command = ["systemd-run", "--scope", "--quiet", "--collect", f"--unit={self.name}",
+                       "--property=Delegate=yes", *command]
+        else:
+            self._cgroup = OwnedCgroup.create("machine")
+        cgroup = self._cgroup
+        libc = ctypes.CDLL(None, use_errno=True)
+
+        def in_child() -> None:
+            # If the test process dies without cleaning up, the container is shut down with it.
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if cgroup is not None:
+                cgroup.enter()
+
+        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, preexec_fn=in_child, start_new_session=True)
+        threading.Thread(target=self._collect_console, name=f"console {self.name}", daemon=True).start()
+        try:
+            return self._wait_for_bus()
+        except BaseException:
+            self._stop()
+            raise
+
+    def _collect_console(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for raw in self._process.stdout:
+            self._console.append(raw.decode(errors="replace").rstrip())
+
+    def boot_log(self) -> str:
+        return "\n".join(self._console)
+
+    def _wait_for_bus(self) -> str:
+        assert self._process is not None
+        deadline = time.monotonic() + self.boot_timeout
+        own_pidns = os.readlink("/proc/self/ns/pid")
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise MachineError(f"systemd-nspawn exited with status {self._process.returncode} before the "
+                                   f"container booted:\n{self.boot_log()}")
+            for pid in _descendants(self._process.pid):
+                try:
+                    if os.readlink(f"/proc/{pid}/ns/pid") == own_pidns:
+                        continue
+                    socket = Path(f"/proc/{pid}/root/run/dbus/system_bus_socket")
+                    if socket.exists():
+                        self.leader = pid
+                        return f"unix:path={socket}"
+                except OSError:
+                    continue
+            time.sleep(0.02)
+        raise MachineError(f"container {self.name} did not bring up its system bus within {self.boot_timeout:.0f}s:\n"
+                           f"{self.boot_log()}")
+
+    def _stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # nspawn asks the container's systemd to power off
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        if host_runs_systemd():
+            subprocess.run(["systemctl", "stop", f"{self.name}.scope"], capture_output=True, check=False)
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            cgroup.kill_and_remove()
+        self.leader = None
+
+
+def _descendants(pid: int) -> list[int]:
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                children = Path(f"/proc/{current}/task/{task}/children").read_text().split()
+                queue.extend(int(c) for c in children)
+                found.extend(int(c) for c in children)
+        except OSError:
+            continue
+    return found

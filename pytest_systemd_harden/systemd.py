@@ -1,0 +1,284 @@
+"""The one conversation with a systemd manager over D-Bus (org.freedesktop.systemd1).
+
+Every backend hands this client a bus address (the container's system bus socket, a VM's forwarded bus, the
+host's own); everything systemd-specific is written here once: starting transient units, waiting for their
+jobs, running a command as a unit with its stdio passed as file descriptors, stopping and collecting units.
+
+dbus-next is asyncio-only; the plugin is synchronous. The client therefore owns a private event loop running
+in a daemon thread and every public method is a blocking call into it. That keeps it independent of whatever
+event loop the user's tests run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from dbus_next import BusType, Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+from dbus_next.errors import DBusError
+
+from .errors import MachineError
+
+SYSTEMD = "org.freedesktop.systemd1"
+MANAGER_PATH = "/org/freedesktop/systemd1"
+MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+
+# ExecMainCode values (waitid()'s si_code): how the main process ended.
+CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
+
+T = TypeVar("T")
+Property = tuple[str, Variant]
+
+
+def unit_object_path(unit: str) -> str:
+    """systemd's bus path escaping of a unit name (sd_bus_path_encode)."""
+    escaped = "".join(
+        ch if ch.isalnum() and ch.isascii() else f"_{ord(ch):02x}" for ch in unit
+    )
+    return f"{MANAGER_PATH}/unit/{escaped}"
+
+
+@dataclass(frozen=True)
+class ProcessOutcome:
+    """How a unit's main process ended, as systemd saw it."""
+
+    unit: str
+    result: str  # the unit's Result: success, exit-code, signal, core-dump, timeout, ...
+    exit_status: int | None
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+    duration: float
+    timed_out: bool = False
+
+
+class SystemdClient:
+    """A blocking client for one systemd manager, reached at ``address`` (a D-Bus address string)."""
+
+    def __init__(self, address: str, *, call_timeout: float = 30.0) -> None:
+        self.address = address
+        self.call_timeout = call_timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"systemd-bus {address}", daemon=True)
+        self._thread.start()
+        self._bus: MessageBus | None = None
+        # Job results seen on the bus, by job path. A JobRemoved signal can be processed before the
+        # coroutine that started the job resumes, so results are recorded, not only awaited.
+        self._job_results: dict[str, str] = {}
+        self._job_changed = asyncio.Event()
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout if timeout is not None else self.call_timeout)
+        except TimeoutError:
+            future.cancel()
+            raise MachineError(f"systemd at {self.address} did not answer within {timeout or self.call_timeout:.0f}s") from None
+
+    def connect(self) -> None:
+        self._run(self._connect())
+
+    async def _connect(self) -> None:
+        bus = MessageBus(bus_address=self.address, bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+        await bus.connect()
+        bus.add_message_handler(self._on_message)
+        await self._call_on(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
+                            [f"type='signal',sender='{SYSTEMD}',interface='{MANAGER_IFACE}',member='JobRemoved'"])
+        # Without a subscriber systemd may not emit JobRemoved at all.
+        await self._call_on(bus, SYSTEMD, MANAGER_PATH, MANAGER_IFACE, "Subscribe", "", [])
+        self._bus = bus
+
+    def _on_message(self, message: Message) -> None:
+        if message.message_type == MessageType.SIGNAL and message.member == "JobRemoved":
+            _job_id, job_path, _unit, result = message.body
+            self._job_results[job_path] = result
+            self._job_changed.set()
+
+    def close(self) -> None:
+        """Disconnect and stop the loop thread. Units started with AddRef lose their reference."""
+        if self._bus is not None:
+            bus, self._bus = self._bus, None
+            self._loop.call_soon_threadsafe(bus.disconnect)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    @staticmethod
+    async def _call_on(bus: MessageBus, destination: str, path: str, interface: str, member: str,
+                       signature: str, body: list[Any], unix_fds: Sequence[int] = ()) -> list[Any]:
+        reply = await bus.call(Message(destination=destination, path=path, interface=interface, member=member,
+                                       signature=signature, body=body, unix_fds=list(unix_fds)))
+        if reply is None:
+            return []
+        if reply.message_type == MessageType.ERROR:
+            raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
+        return list(reply.body)
+
+    async def _call(self, path: str, interface: str, member: str, signature: str, body: list[Any],
+                    unix_fds: Sequence[int] = ()) -> list[Any]:
+        if self._bus is None:
+            raise MachineError(f"not connected to systemd at {self.address}")
+        return await self._call_on(self._bus, SYSTEMD, path, interface, member, signature, body, unix_fds)
+
+    # -- queries ------------------------------------------------------------------------------------------
+
+    def manager_property(self, name: str) -> Any:
+        return self._run(self._get_property(MANAGER_PATH, MANAGER_IFACE, name))
+
+    async def _get_property(self, path: str, interface: str, name: str) -> Any:
+        (value,) = await self._call(path, PROPERTIES_IFACE, "Get", "ss", [interface, name])
+        return value.value
+
+    def unit_properties(self, unit: str, interface: str = UNIT_IFACE) -> dict[str, Any]:
+        """All properties of ``unit`` on ``interface`` (Unit, Service, ...), as plain Python values."""
+        return self._run(self._unit_properties(unit, interface))
+
+    async def _unit_properties(self, unit: str, interface: str) -> dict[str, Any]:
+        (values,) = await self._call(unit_object_path(unit), PROPERTIES_IFACE, "GetAll", "s", [interface])
+        return {key: variant.value for key, variant in values.items()}
+
+    def list_units(self, pattern: str) -> list[tuple[str, str, str]]:
+        """(name, active state, sub state) of loaded units whose names match the glob ``pattern``."""
+        (units,) = self._run(self._call(MANAGER_PATH, MANAGER_IFACE, "ListUnitsByPatterns", "asas", [[], [pattern]]))
+        return [(u[0], u[3], u[4]) for u in units]
+
+    def wait_until_booted(self, timeout: float) -> str:
+        """Wait until the manager's SystemState is running or degraded; return that state."""
+        deadline = time.monotonic() + timeout
+        state = "unknown"
+        while time.monotonic() < deadline:
+            state = self.manager_property("SystemState")
+            if state in ("running", "degraded"):
+                return str(state)
+            time.sleep(0.05)
+        raise MachineError(f"systemd did not finish booting within {timeout:.0f}s (SystemState={state})")
+
+    # -- units --------------------------------------------------------------------------------------------
+
+    def start_transient_unit(self, unit: str, properties: Sequence[Property], *, timeout: float = 90.0,
+                             unix_fds: Sequence[int] = ()) -> str:
+        """Start a transient unit and wait for its start job; return the job result ("done", "failed", ...)."""
+        return self._run(self._start_and_wait(unit, properties, unix_fds, timeout), timeout + 5)
+
+    async def _start_and_wait(self, unit: str, properties: Sequence[Property], unix_fds: Sequence[int],
+                              timeout: float) -> str:
+        (job,) = await self._call(MANAGER_PATH, MANAGER_IFACE, "StartTransientUnit", "ssa(sv)a(sa(sv))",
+                                  [unit, "fail", [[name, value] for name, value in properties], []], unix_fds)
+        return await self._wait_job(job, timeout)
+
+    async def _wait_job(self, job: str, timeout: float) -> str:
+        deadline = self._loop.time() + timeout
+        while job not in self._job_results:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                return "timeout-waiting"
+            self._job_changed.clear()
+            if job in self._job_results:
+                break
+            try:
+                await asyncio.wait_for(self._job_changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        return self._job_results.pop(job, "timeout-waiting")
+
+    def stop_unit(self, unit: str, *, timeout: float = 30.0) -> None:
+        """Stop ``unit`` and wait for it; a unit that is not loaded counts as stopped."""
+        try:
+            self._run(self._stop(unit, timeout), timeout + 5)
+        except DBusError as exc:
+            if exc.type not in ("org.freedesktop.systemd1.NoSuchUnit",):
+                raise
+
+    async def _stop(self, unit: str, timeout: float) -> str:
+        (job,) = await self._call(MANAGER_PATH, MANAGER_IFACE, "StopUnit", "ss", [unit, "replace"])
+        return await self._wait_job(job, timeout)
+
+    def reset_failed(self, unit: str) -> None:
+        try:
+            self._run(self._call(MANAGER_PATH, MANAGER_IFACE, "ResetFailedUnit", "s", [unit]))
+        except DBusError as exc:
+            if exc.type != "org.freedesktop.systemd1.NoSuchUnit":
+                raise
+
+    def clean_unit(self, unit: str, what: Sequence[str] = ("all",)) -> None:
+        """Remove the unit's State/Cache/Logs/RuntimeDirectory= contents (``systemctl clean``)."""
+        try:
+            self._run(self._call(MANAGER_PATH, MANAGER_IFACE, "CleanUnit", "sas", [unit, list(what)]))
+        except DBusError as exc:
+            # Nothing to clean, or the unit is gone: both mean clean.
+            if exc.type not in ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.UnknownObject",
+                                "org.freedesktop.systemd1.NothingToClean"):
+                raise
+
+    def run(self, unit: str, argv: Sequence[str], properties: Sequence[Property], *, stdin: bytes = b"",
+            timeout: float = 60.0) -> ProcessOutcome:
+        """Run ``argv`` as the oneshot transient service ``unit`` and wait for it to end.
+
+        The command's stdin, stdout and stderr are memory files passed to systemd as file descriptors,
+        so output of any size is collected without pipes to drain and nothing is written on either side's disk.
+        ``properties`` add to (and may override) the defaults: that is how hardening is applied.
+        """
+        stdin_fd, stdout_fd, stderr_fd = (os.memfd_create(name) for name in ("stdin", "stdout", "stderr"))
+        try:
+            if stdin:
+                os.write(stdin_fd, stdin)
+                os.lseek(stdin_fd, 0, os.SEEK_SET)
+            base: list[Property] = [
+                ("Description", Variant("s", f"pytest-systemd-harden: {' '.join(argv)[:200]}")),
+                ("Type", Variant("s", "oneshot")),
+                ("ExecStart", Variant("a(sasb)", [[argv[0], list(argv), False]])),
+                ("StandardInputFileDescriptor", Variant("h", 0)),
+                ("StandardOutputFileDescriptor", Variant("h", 1)),
+                ("StandardErrorFileDescriptor", Variant("h", 2)),
+                # Keep the unit loaded until we have read its result, and let it go if we die.
+                ("AddRef", Variant("b", True)),
+                ("CollectMode", Variant("s", "inactive-or-failed")),
+            ]
+            started = time.monotonic()
+            job_result = self._run(self._start_and_wait(unit, [*base, *properties], (stdin_fd, stdout_fd, stderr_fd),
+                                                        timeout), timeout + 10)
+            duration = time.monotonic() - started
+            timed_out = job_result == "timeout-waiting"
+            if timed_out:
+                self.stop_unit(unit)
+            try:
+                service = self._run(self._unit_properties(unit, SERVICE_IFACE))
+            finally:
+                self._run(self._unref(unit))
+            code, status = service.get("ExecMainCode", 0), service.get("ExecMainStatus", 0)
+            return ProcessOutcome(
+                unit=unit,
+                result="timeout" if timed_out else str(service.get("Result", job_result)),
+                exit_status=status if code == CLD_EXITED else None,
+                signal=status if code in (CLD_KILLED, CLD_DUMPED) else None,
+                stdout=_read_all(stdout_fd),
+                stderr=_read_all(stderr_fd),
+                duration=duration,
+                timed_out=timed_out,
+            )
+        finally:
+            for fd in (stdin_fd, stdout_fd, stderr_fd):
+                os.close(fd)
+
+    async def _unref(self, unit: str) -> None:
+        try:
+            await self._call(MANAGER_PATH, MANAGER_IFACE, "UnrefUnit", "s", [unit])
+        except DBusError:
+            pass  # already collected
+
+
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, size, 0) if size else b""
