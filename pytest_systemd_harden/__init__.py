@@ -1,0 +1,14 @@
+"""pytest-systemd-harden: regression tests for systemd service hardening.
+
+Boots a real systemd in a container, starts a service under a declared hardening spec, runs its feature
+scenarios, and checks that the sandbox is really in force. The modules work without pytest; ``plugin`` wires
+them into pytest.
+"""
+
+from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
+from .result import CommandResult
+from .spec import Spec, load_spec
+
+__all__ = ["BackendUnavailable", "CommandResult", "HardenError", "MachineError", "ServiceFailed", "Spec",
+           "SpecError", "load_spec"]
+__version__ = "0.1.0"

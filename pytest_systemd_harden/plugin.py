@@ -1,0 +1,236 @@
+"""pytest wiring: options, the ``harden`` marker, fixtures, and YAML specs collected as tests.
+
+All logic lives in plain modules (spec, pool, service, scenarios); this file only connects them to pytest.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+
+from .errors import BackendUnavailable, HardenError, MachineError, SpecError
+from .images import ImageCache
+from .pool import MachinePool
+from .scenarios import failure_report, run_scenario
+from .service import HardenedService
+from .spec import Scenario, Spec, load_spec
+
+DEFAULT_SPEC_PATTERNS = ["harden.yaml", "harden-*.yaml", "*.harden.yaml"]
+
+
+@pytest.hookimpl
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("systemd-harden", "systemd hardening regression tests (pytest-systemd-harden)")
+    group.addoption("--harden-backend", default=None, metavar="NAME",
+                    help="run every spec on this backend (default: what each spec says; nspawn)")
+    group.addoption("--harden-require-backend", action="store_true", default=False,
+                    help="a backend that cannot run here is an error, not a skip (use this in CI)")
+    group.addoption("--harden-cache-dir", default=None, metavar="DIR",
+                    help="where built machine images are cached (default: $XDG_CACHE_HOME/pytest-systemd-harden)")
+    parser.addini("harden_spec_files", type="args", default=DEFAULT_SPEC_PATTERNS,
+                  help="file name patterns of hardening specs collected as tests")
+
+
+@pytest.hookimpl
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "harden(path): the hardening spec (YAML, relative to the test file) that the "
+                                       "hardened_service fixture starts")
+    config.pluginmanager.register(HardenSession(config), HardenSession.NAME)
+
+
+@pytest.hookimpl
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> SpecFile | None:
+    patterns = parent.config.getini("harden_spec_files")
+    if any(fnmatch.fnmatch(file_path.name, pattern) for pattern in patterns):
+        return SpecFile.from_parent(parent, path=file_path)
+    return None
+
+
+class HardenSession:
+    """Per-run state: the machine pool, and how to report a backend that cannot run."""
+
+    NAME = "systemd-harden-session"
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self._pool: MachinePool | None = None
+
+    @staticmethod
+    def of(config: pytest.Config) -> HardenSession:
+        session = config.pluginmanager.get_plugin(HardenSession.NAME)
+        assert isinstance(session, HardenSession)
+        return session
+
+    @property
+    def pool(self) -> MachinePool:
+        if self._pool is None:
+            cache_dir = self.config.getoption("harden_cache_dir")
+            self._pool = MachinePool(backend=self.config.getoption("harden_backend"),
+                                     image_cache=ImageCache(Path(cache_dir) if cache_dir else None),
+                                     progress=self.progress)
+        return self._pool
+
+    def progress(self, message: str) -> None:
+        """Show progress of long work (image builds, boots) even while output is captured."""
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None:
+            print(f"[harden] {message}", file=sys.stderr, flush=True)
+            return
+        with capture.global_and_fixture_disabled() if capture else nullcontext():
+            reporter.write_line(f"[harden] {message}")
+
+    def unavailable(self, exc: BackendUnavailable) -> NoReturn:
+        if self.config.getoption("harden_require_backend"):
+            pytest.fail(f"backend unavailable (--harden-require-backend): {exc}", pytrace=False)
+        pytest.skip(f"backend unavailable: {exc}")
+
+    def start(self, spec: Spec) -> HardenedService:
+        """The spec's service, started; a backend that cannot run skips (or fails under --harden-require-backend)."""
+        try:
+            return self.pool.service_for(spec)
+        except BackendUnavailable as exc:
+            self.unavailable(exc)
+
+    @pytest.hookimpl
+    def pytest_sessionfinish(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+
+# --- fixtures -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def harden_pool(pytestconfig: pytest.Config) -> MachinePool:
+    """Session-scoped :class:`~pytest_systemd_harden.pool.MachinePool` of booted machines.
+
+    One machine per distinct ``machine:`` section, booted on first use and shut down (containers, cgroups,
+    processes) when the session ends. ``harden_pool.machine_for(spec.machine)`` gives a
+    :class:`~pytest_systemd_harden.backends.base.Machine` for tests that need the machine without a service.
+    """
+    return HardenSession.of(pytestconfig).pool
+
+
+@pytest.fixture
+def harden_spec(request: pytest.FixtureRequest) -> Spec:
+    """The :class:`~pytest_systemd_harden.spec.Spec` named by ``@pytest.mark.harden("path.yaml")``.
+
+    The path is relative to the test file. An invalid spec fails the test with the file, line, key and a hint.
+    """
+    marker = request.node.get_closest_marker("harden")
+    if marker is None or not marker.args:
+        raise pytest.UsageError(f"{request.node.nodeid}: hardened_service needs @pytest.mark.harden('spec.yaml')")
+    path = Path(request.node.path).parent / str(marker.args[0])
+    try:
+        return load_spec(path)
+    except SpecError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def hardened_service(request: pytest.FixtureRequest, harden_spec: Spec) -> Iterator[HardenedService]:
+    """The service of ``@pytest.mark.harden(spec)``, started clean under its hardening for this test.
+
+    Yields a :class:`~pytest_systemd_harden.service.HardenedService`:
+
+    * ``client(cmd)`` - run a command unconfined on the machine, as a client of the service;
+    * ``inside(cmd)`` - run a command in the service's sandbox (same directives, user and namespaces);
+    * ``journal()``, ``state()``, ``state_text()`` - the unit's journal tail and state;
+    * ``host`` / ``sandbox_host`` - testinfra ``Host`` objects for the machine and for the sandbox.
+
+    Commands return a :class:`~pytest_systemd_harden.result.CommandResult` (``ok``, ``exit_status``,
+    ``signal``, ``stdout``, ``stderr``, ``errno_names``, ``describe()``). The machine is shared by the session;
+    the service is stopped and its state directories cleaned after the test.
+    """
+    session = HardenSession.of(request.config)
+    service = session.start(harden_spec)
+    yield service
+    session.pool.release(service)
+
+
+# --- YAML specs as tests ------------------------------------------------------------------------------------
+
+class SpecFile(pytest.File):
+    """A hardening spec: one item that the service starts, then one item per scenario."""
+
+    spec: Spec
+    _service: HardenedService | None = None
+    _start_error: BaseException | None = None
+
+    def collect(self) -> Iterator[pytest.Item]:
+        try:
+            self.spec = load_spec(self.path)
+        except SpecError as exc:
+            raise self.CollectError(str(exc)) from None
+        yield StartItem.from_parent(self, name="service starts under hardening")
+        for scenario in self.spec.scenarios:
+            yield ScenarioItem.from_parent(self, name=scenario.name, scenario=scenario)
+
+    def service(self) -> HardenedService:
+        """The spec's service, started once for all its items (an earlier start failure is raised again)."""
+        if self._start_error is not None:
+            raise self._start_error
+        if self._service is None:
+            try:
+                self._service = HardenSession.of(self.config).start(self.spec)
+            except (HardenError, pytest.skip.Exception, pytest.fail.Exception) as exc:
+                self._start_error = exc
+                raise
+        return self._service
+
+    def teardown(self) -> None:
+        service, self._service = self._service, None
+        if service is not None:
+            HardenSession.of(self.config).pool.release(service)
+
+
+class ScenarioFailed(AssertionError):
+    """A scenario did not do what its spec expects; the message is the whole report."""
+
+
+class SpecItem(pytest.Item):
+    parent: SpecFile
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str | Any:
+        if isinstance(excinfo.value, (ScenarioFailed, HardenError)):
+            prefix = "infrastructure error (not your unit's fault): " if isinstance(excinfo.value, MachineError) else ""
+            return prefix + str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"{self.path.name}: {self.name}"
+
+
+class StartItem(SpecItem):
+    """The service starts and becomes ready under the spec's hardening."""
+
+    def runtest(self) -> None:
+        self.parent.service()
+
+
+class ScenarioItem(SpecItem):
+    """One scenario of a spec, run against the spec's service."""
+
+    def __init__(self, *, scenario: Scenario, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scenario = scenario
+
+    def runtest(self) -> None:
+        try:
+            service = self.parent.service()
+        except HardenError as exc:
+            raise ScenarioFailed(f"not run: the service did not start ({type(exc).__name__}; see "
+                                 f"'{self.parent.name}::service starts under hardening')") from None
+        outcome = run_scenario(service, self.scenario)
+        if not outcome.passed:
+            raise ScenarioFailed(failure_report(service, outcome))
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        line = self.scenario.line - 1 if self.scenario.line else None
+        return self.path, line, f"{self.path.name}: scenario {self.scenario.name!r}"

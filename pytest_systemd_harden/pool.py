@@ -1,0 +1,98 @@
+"""Machines shared across a test session: one per distinct machine section, booted on first use."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+
+from . import backends, cgroups
+from .backends.base import Machine, MachineConfig
+from .errors import HardenError
+from .images import ImageCache
+from .service import HardenedService
+from .spec import Spec
+
+Progress = Callable[[str], None]
+
+
+class MachinePool:
+    """Boots machines lazily, reuses them, and shuts every one down on :meth:`close` (or at exit).
+
+    ``backend`` overrides the backend each spec asks for (``--harden-backend``). A machine that failed to boot
+    is not retried for every test: its error is remembered and raised again.
+    """
+
+    def __init__(self, *, backend: str | None = None, image_cache: ImageCache | None = None,
+                 progress: Progress = lambda line: None, boot_timeout: float = 60.0) -> None:
+        self.backend = backend
+        self.image_cache = image_cache or ImageCache()
+        self.progress = progress
+        self.boot_timeout = boot_timeout
+        self._machines: dict[MachineConfig, Machine] = {}
+        self._failures: dict[MachineConfig, HardenError] = {}
+        self._services: dict[str, HardenedService] = {}  # machine name -> the service running there
+        self._lock = threading.Lock()
+        self._reaped = False
+        atexit.register(self.close)
+
+    def effective_config(self, config: MachineConfig) -> MachineConfig:
+        return replace(config, backend=self.backend) if self.backend else config
+
+    def machine_for(self, config: MachineConfig) -> Machine:
+        config = self.effective_config(config)
+        with self._lock:
+            if config in self._failures:
+                raise self._failures[config]
+            machine = self._machines.get(config)
+            if machine is not None:
+                return machine
+            backends.check_available(config.backend)
+            if not self._reaped:
+                self._reaped = True
+                for name in cgroups.reap_orphans():
+                    self.progress(f"removed container {name} left behind by a killed run")
+            cls = backends.machine_class(config.backend)
+            kwargs = {"image_cache": self.image_cache} if config.backend == "nspawn" else {}
+            machine = cls(config, boot_timeout=self.boot_timeout, **kwargs)  # type: ignore[call-arg]
+            self.progress(f"booting {config.backend} machine {machine.name} ({config.describe()})")
+            try:
+                machine.boot(self.progress)
+            except HardenError as exc:
+                self._failures[config] = exc
+                raise
+            self._machines[config] = machine
+            return machine
+
+    def service_for(self, spec: Spec, *, start: bool = True) -> HardenedService:
+        """The spec's service on its machine, (re)started clean; a different service there is stopped first."""
+        machine = self.machine_for(spec.machine)
+        previous = self._services.get(machine.name)
+        if previous is not None and previous.spec != spec:
+            previous.stop()
+        service = HardenedService(machine, spec)
+        self._services[machine.name] = service
+        if start:
+            service.start()
+        return service
+
+    def release(self, service: HardenedService) -> None:
+        """Stop ``service`` if it is the one running on its machine."""
+        if self._services.get(service.machine.name) is service:
+            del self._services[service.machine.name]
+        if service.machine.running:
+            service.stop()
+
+    def close(self) -> None:
+        with self._lock:
+            machines, self._machines = list(self._machines.values()), {}
+            self._services.clear()
+        errors = []
+        for machine in machines:
+            try:
+                machine.shutdown()
+            except Exception as exc:  # shut down the others all the same
+                errors.append(f"{machine.name}: {exc}")
+        if errors:
+            raise HardenError("could not shut down every machine: " + "; ".join(errors))

@@ -1,0 +1,234 @@
+"""The user's service, started under a spec's hardening on a machine, and commands run beside or inside it."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from dbus_next import Variant
+
+from .backends.base import Machine
+from .errors import ServiceFailed
+from .result import SYSTEMD_EXIT_CODES, CommandResult, signal_name
+from .spec import Spec
+from .systemd import CLD_DUMPED, CLD_EXITED, CLD_KILLED, SERVICE_IFACE, Property
+
+if TYPE_CHECKING:
+    import testinfra.host
+
+# Only these directives make the namespaces that JoinsNamespaceOf= shares; a "peer" of the service copies them so
+# it sees the service's /tmp, network and IPC without being confined by the rest of the hardening.
+NAMESPACE_DIRECTIVES = ("PrivateTmp", "PrivateNetwork", "PrivateIPC")
+# Settings that describe *this* unit, not its sandbox: an inside command must not inherit them.
+NOT_FOR_COMMANDS = ("Restart", "RestartSec", "RemainAfterExit", "NotifyAccess", "TimeoutStartSec", "TimeoutStopSec",
+                    "RuntimeMaxSec", "KillMode", "SyslogIdentifier", "Delegate")
+
+_READY_CHECK = r"""
+import os, socket, sys, time
+kind, target, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
+end = time.monotonic() + budget
+while True:
+    try:
+        if kind == "tcp":
+            for host in ("127.0.0.1", "::1"):
+                try:
+                    socket.create_connection((host, int(target)), timeout=0.2).close()
+                    sys.exit(0)
+                except OSError:
+                    pass
+        elif kind == "unix":
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(target)
+            s.close()
+            sys.exit(0)
+        elif os.path.exists(target):
+            sys.exit(0)
+    except OSError:
+        pass
+    if time.monotonic() > end:
+        sys.exit(1)
+    time.sleep(0.02)
+"""
+
+
+def unit_name_for(spec: Spec) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.label).strip("-") or "service"
+    return f"harden-{slug}.service"
+
+
+class HardenedService:
+    """A service started under a spec on a machine.
+
+    * :meth:`client` runs a command unconfined on the machine, as a client of the service.
+    * :meth:`inside` runs a command under the same sandbox as the service: the same directives, the same
+      (dynamic) user, and the service's private /tmp, network and IPC namespaces (JoinsNamespaceOf=).
+    * :meth:`journal` is the service's journal tail; :meth:`state` its unit state.
+    * :attr:`host` and :attr:`sandbox_host` are testinfra ``Host`` objects for the machine and the sandbox.
+    """
+
+    def __init__(self, machine: Machine, spec: Spec, unit: str | None = None) -> None:
+        self.machine = machine
+        self.spec = spec
+        self.unit = unit or unit_name_for(spec)
+        dynamic = spec.directive("DynamicUser")
+        explicit_user = spec.directive("User")
+        # Units that share a User= name share the dynamic uid, so inside commands run as the service does.
+        self.user = explicit_user.value if explicit_user else (
+            self.unit.removesuffix(".service") if dynamic and dynamic.value == "yes" else None)
+        self._host: testinfra.host.Host | None = None
+        self._sandbox_host: testinfra.host.Host | None = None
+
+    # -- properties ---------------------------------------------------------------------------------------
+
+    def _sandbox_properties(self) -> list[Property]:
+        props = [p for d in self.spec.hardening if d.name not in NOT_FOR_COMMANDS for p in d.properties()]
+        if self.user and not self.spec.directive("User"):
+            props.append(("User", Variant("s", self.user)))
+        return props
+
+    def service_properties(self) -> list[Property]:
+        props: list[Property] = [("Description", Variant("s", f"{self.spec.label} under test by pytest-systemd-harden"))]
+        props += self.spec.service.properties()
+        props += [p for d in self.spec.hardening for p in d.properties()]
+        if self.user and not self.spec.directive("User"):
+            props.append(("User", Variant("s", self.user)))
+        return props
+
+    def _joined(self, props: list[Property]) -> list[Property]:
+        joined = [("JoinsNamespaceOf", Variant("as", [self.unit])), ("After", Variant("as", [self.unit]))]
+        if self.spec.service.working_directory:
+            joined.append(("WorkingDirectory", Variant("s", self.spec.service.working_directory)))
+        if self.spec.service.environment:
+            joined.append(("Environment", Variant("as", [f"{k}={v}" for k, v in self.spec.service.environment])))
+        return props + joined
+
+    def _peer_properties(self) -> list[Property]:
+        return self._joined([p for d in self.spec.hardening if d.name in NAMESPACE_DIRECTIVES for p in d.properties()])
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """(Re)start the service clean under the spec, and wait until it is ready; ServiceFailed if not."""
+        self.stop()
+        systemd = self.machine.systemd
+        started = time.monotonic()
+        job = systemd.start_transient_unit(self.unit, self.service_properties(), timeout=self.spec.service.start_timeout)
+        if job != "done":
+            raise self.failure(f"failed to start (start job: {job})")
+        ready = self.spec.service.ready
+        if ready.kind == "active":
+            return
+        deadline = started + ready.timeout
+        while True:
+            state = self.state()
+            if state["ActiveState"] in ("failed", "inactive") and self.spec.service.type != "oneshot":
+                raise self.failure(f"exited before it was ready ({ready.describe()})")
+            budget = max(0.1, min(0.5, deadline - time.monotonic()))
+            probe = self.machine.run(["/usr/bin/python3", "-c", _READY_CHECK, ready.kind, ready.target, str(budget)],
+                                     self._peer_properties(), purpose="ready", timeout=budget + 10)
+            if probe.ok:
+                return
+            if time.monotonic() >= deadline:
+                raise self.failure(f"was not ready within {ready.timeout:g}s (waiting until {ready.describe()})")
+
+    def stop(self) -> None:
+        """Stop the service and forget its state (failed status, State/Cache/Logs/RuntimeDirectory contents)."""
+        systemd = self.machine.systemd
+        systemd.stop_unit(self.unit)
+        systemd.reset_failed(self.unit)
+        if any(self.spec.directive(d) for d in ("StateDirectory", "CacheDirectory", "LogsDirectory", "RuntimeDirectory")):
+            systemd.clean_unit(self.unit)
+
+    # -- commands -----------------------------------------------------------------------------------------
+
+    def inside(self, command: str | Sequence[str], timeout: float = 60.0, *, stdin: bytes = b"") -> CommandResult:
+        """Run ``command`` (shell string or argv) under the service's sandbox; never raises for a failed command."""
+        return self.machine.run(command, self._joined(self._sandbox_properties()), stdin=stdin, timeout=timeout,
+                                purpose="inside", where=f"inside the sandbox of {self.unit} ({self.sandbox_summary()})")
+
+    def client(self, command: str | Sequence[str], timeout: float = 60.0, *, stdin: bytes = b"") -> CommandResult:
+        """Run ``command`` unconfined on the machine, as a client of the service (as root)."""
+        return self.machine.run(command, (), stdin=stdin, timeout=timeout, purpose="client",
+                                where=f"on the machine, unconfined, as a client of {self.unit}")
+
+    def sandbox_summary(self) -> str:
+        names = [d.name for d in self.spec.hardening]
+        if not names:
+            return "no hardening"
+        return f"{len(names)} directives" + (f", user {self.user}" if self.user else "")
+
+    # -- observation --------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """The unit's ActiveState, SubState, Result and main process outcome."""
+        unit = self.machine.systemd.unit_properties(self.unit)
+        try:
+            service = self.machine.systemd.unit_properties(self.unit, SERVICE_IFACE)
+        except Exception:  # not loaded (never started or collected)
+            service = {}
+        return {
+            "ActiveState": unit.get("ActiveState", "unknown"), "SubState": unit.get("SubState", "unknown"),
+            "Result": service.get("Result", ""), "ExecMainCode": service.get("ExecMainCode", 0),
+            "ExecMainStatus": service.get("ExecMainStatus", 0), "MainPID": service.get("MainPID", 0),
+        }
+
+    def state_text(self) -> str:
+        """E.g. "failed (Result=core-dump, main process killed by SIGSYS)"."""
+        state = self.state()
+        text = f"{state['ActiveState']} ({state['SubState']}"
+        if state["Result"] and state["Result"] != "success":
+            text += f", Result={state['Result']}"
+        code, status = state["ExecMainCode"], state["ExecMainStatus"]
+        if code == CLD_EXITED and status:
+            meaning = f"/{SYSTEMD_EXIT_CODES[status]}" if status in SYSTEMD_EXIT_CODES else ""
+            text += f", main process exited with status {status}{meaning}"
+        elif code in (CLD_KILLED, CLD_DUMPED):
+            sig = signal_name(status)
+            text += f", main process killed by {sig}" + (" (seccomp: Bad system call)" if sig == "SIGSYS" else "")
+        return text + ")"
+
+    def journal(self, lines: int = 25) -> str:
+        return self.machine.journal(self.unit, lines)
+
+    def failure(self, what: str) -> ServiceFailed:
+        """A ServiceFailed naming the unit, its state, its journal tail and the hardening in force."""
+        return ServiceFailed(
+            f"{self.unit} {what} under the hardening of {self.spec.path.name}\n"
+            f"state: {self.state_text()}\n"
+            f"command: {' '.join(self.spec.service.exec_start)}\n"
+            f"journal of {self.unit} (last lines):\n{indent(self.journal() or '(empty)')}\n"
+            f"hardening in force:\n{indent(describe_hardening(self.spec))}"
+        )
+
+    # -- testinfra ----------------------------------------------------------------------------------------
+
+    @property
+    def host(self) -> testinfra.host.Host:
+        """A testinfra Host for the machine, unconfined (``host.file('/etc/passwd').exists``)."""
+        if self._host is None:
+            from .testinfra_backend import make_host
+
+            self._host = make_host(self.client, f"{self.machine.name}")
+        return self._host
+
+    @property
+    def sandbox_host(self) -> testinfra.host.Host:
+        """A testinfra Host whose commands run inside the service's sandbox (``sandbox_host.file('/etc').is_writable``)."""
+        if self._sandbox_host is None:
+            from .testinfra_backend import make_host
+
+            self._sandbox_host = make_host(self.inside, f"{self.machine.name}:{self.unit}")
+        return self._sandbox_host
+
+
+def indent(text: str, prefix: str = "  | ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def describe_hardening(spec: Spec) -> str:
+    if not spec.hardening:
+        return "(none)"
+    return "\n".join(f"{line}" + (f"    ({spec.path.name}:{d.line})" if d.line else "")
+                     for d in spec.hardening for line in d.unit_lines())
