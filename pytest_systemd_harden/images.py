@@ -21,9 +21,9 @@ from pathlib import Path
 from .errors import BackendUnavailable, MachineError
 
 # Bump when the recipe below changes, so old caches are not reused for a different image.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SUITE = "bookworm"
-BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "iproute2", "procps")
+BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "libnss-systemd", "python3", "iproute2", "procps")
 # Units a test machine has no use for: they slow the boot or wake up during a run.
 MASKED_UNITS = (
     "console-getty.service", "getty@.service", "container-getty@.service", "apt-daily.timer",

@@ -1,0 +1,42 @@
+"""Shared fixtures for the plugin's own tests: a real booted machine from the plugin's pool."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pytest_systemd_harden.backends.base import Machine, MachineConfig
+from pytest_systemd_harden.errors import BackendUnavailable
+from pytest_systemd_harden.plugin import HardenSession
+from pytest_systemd_harden.pool import MachinePool
+from pytest_systemd_harden.spec import Spec, load_spec
+
+from pytest_systemd_harden.images import default_cache_dir
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# pytester runs inner sessions with HOME in a temporary directory; they must reuse the images built already.
+os.environ.setdefault("HARDEN_CACHE_DIR", str(default_cache_dir()))
+
+
+@pytest.fixture(scope="session")
+def machine(harden_pool: MachinePool, pytestconfig: pytest.Config) -> Machine:
+    """A booted base machine (no extra packages), shared by the whole test session."""
+    try:
+        return harden_pool.machine_for(MachineConfig())
+    except BackendUnavailable as exc:
+        HardenSession.of(pytestconfig).unavailable(exc)
+
+
+@pytest.fixture
+def make_spec(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Write a spec (YAML text) to a file and load it: ``make_spec("service: ...")``."""
+
+    def make(text: str, name: str = "harden.yaml") -> Spec:
+        path = tmp_path / name
+        path.write_text(text)
+        return load_spec(path)
+
+    return make

@@ -1,0 +1,67 @@
+"""The nspawn machine and the systemd client, against a real booted container."""
+
+from __future__ import annotations
+
+import signal
+
+from dbus_next import Variant
+
+from pytest_systemd_harden.backends.base import Machine
+
+
+def test_systemd_is_pid_1_in_a_private_network(machine: Machine) -> None:
+    result = machine.run("cat /proc/1/comm; ls /sys/class/net")
+    assert result.ok, result.describe()
+    comm, *interfaces = result.stdout.split()
+    assert comm == "systemd"
+    assert interfaces == ["lo"]  # --private-network: nothing reaches the host's network
+
+
+def test_output_exit_status_and_stdin_are_collected(machine: Machine) -> None:
+    result = machine.run("cat; echo to-stderr >&2; exit 3", stdin=b"from stdin\n")
+    assert (result.exit_status, result.signal) == (3, None)
+    assert result.stdout == "from stdin\n"
+    assert result.stderr == "to-stderr\n"
+
+
+def test_large_output_does_not_block(machine: Machine) -> None:
+    result = machine.run("head -c 3000000 /dev/zero | tr '\\0' x")
+    assert result.ok and len(result.stdout) == 3_000_000
+
+
+def test_protect_system_strict_makes_writes_fail_with_erofs(machine: Machine) -> None:
+    result = machine.run("touch /etc/harden-probe", [("ProtectSystem", Variant("s", "strict"))])
+    assert result.exit_status == 1
+    assert result.errno_names == ["EROFS"], result.describe()
+    control = machine.run("touch /etc/harden-probe && rm /etc/harden-probe")
+    assert control.ok, control.describe()  # the same write works without the directive
+
+
+def test_system_call_filter_kills_mount_with_sigsys(machine: Machine) -> None:
+    mount = ["/usr/bin/python3", "-c",
+             "import ctypes; ctypes.CDLL(None).mount(b'none', b'/mnt', b'tmpfs', 0, None)"]
+    result = machine.run(mount, [("SystemCallFilter", Variant("(bas)", [False, ["@mount"]]))])
+    assert result.signal == signal.SIGSYS
+    assert "seccomp" in result.status_text()
+
+
+def test_system_call_error_number_turns_the_kill_into_an_errno(machine: Machine) -> None:
+    mount = ["/usr/bin/python3", "-c",
+             "import ctypes, os; l = ctypes.CDLL(None, use_errno=True);"
+             "r = l.mount(b'none', b'/mnt', b'tmpfs', 0, None); print(r, os.strerror(ctypes.get_errno()))"]
+    result = machine.run(mount, [("SystemCallFilter", Variant("(bas)", [False, ["@mount"]])),
+                                 ("SystemCallErrorNumber", Variant("i", 1))])
+    assert result.ok, result.describe()
+    assert result.stdout.strip() == "-1 Operation not permitted"
+
+
+def test_timeout_stops_the_command(machine: Machine) -> None:
+    result = machine.run("sleep 30", timeout=0.5)
+    assert result.signal == signal.SIGTERM
+    assert "timeout" in result.stderr
+
+
+def test_command_units_are_collected(machine: Machine) -> None:
+    machine.run("true", purpose="collected")
+    machine.run("false", purpose="collected")
+    assert machine.systemd.list_units("harden-collected-*") == []

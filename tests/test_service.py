@@ -1,0 +1,119 @@
+"""HardenedService against a real container: sandbox sharing, readiness, failures, cleanup."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_systemd_harden.backends.base import Machine
+from pytest_systemd_harden.errors import ServiceFailed
+from pytest_systemd_harden.service import HardenedService
+
+SLEEPER = """
+service:
+  exec_start: /bin/sh -c 'echo started > /tmp/marker; exec sleep infinity'
+hardening:
+  DynamicUser: yes
+  PrivateTmp: yes
+  ProtectSystem: strict
+"""
+
+
+@pytest.fixture
+def started(machine: Machine, make_spec):  # type: ignore[no-untyped-def]
+    services: list[HardenedService] = []
+
+    def start(text: str) -> HardenedService:
+        service = HardenedService(machine, make_spec(text))
+        services.append(service)
+        service.start()
+        return service
+
+    yield start
+    for service in services:
+        service.stop()
+
+
+def test_inside_runs_as_the_services_dynamic_user(started) -> None:  # type: ignore[no-untyped-def]
+    service = started(SLEEPER)
+    main_pid = service.state()["MainPID"]
+    service_uid = service.client(f"awk '/^Uid:/ {{print $2}}' /proc/{main_pid}/status").stdout.strip()
+    inside_uid = service.inside("id -u").stdout.strip()
+    assert inside_uid == service_uid
+    assert 61184 <= int(inside_uid) <= 65519  # systemd's dynamic uid range
+
+
+def test_inside_shares_the_private_tmp_and_the_client_does_not(started) -> None:  # type: ignore[no-untyped-def]
+    service = started(SLEEPER)
+    assert service.inside("cat /tmp/marker").stdout == "started\n"
+    assert not service.client("test -e /tmp/marker").ok
+
+
+def test_inside_is_confined_like_the_service(started) -> None:  # type: ignore[no-untyped-def]
+    service = started(SLEEPER)
+    denied = service.inside("touch /var/probe")
+    assert denied.exit_status == 1 and "EROFS" in denied.errno_names, denied.describe()
+    assert "inside the sandbox of" in denied.where
+
+
+def test_readiness_is_checked_in_the_services_private_network(started) -> None:  # type: ignore[no-untyped-def]
+    service = started("""
+service:
+  exec_start: /usr/bin/python3 -m http.server --bind 127.0.0.1 8181
+  ready: {tcp: 8181, timeout: 20}
+hardening:
+  PrivateNetwork: yes
+""")
+    fetch = "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8181/').status)\""
+    assert service.inside(fetch).stdout.strip() == "200"
+    assert not service.client(fetch).ok  # the machine's network is not the service's
+
+
+def test_a_service_that_dies_fails_fast_with_its_journal(started) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ServiceFailed) as failure:
+        started("""
+service:
+  exec_start: /bin/sh -c 'echo cannot open config >&2; exit 7'
+  ready: {tcp: 8182, timeout: 60}
+""")
+    message = str(failure.value)
+    assert "exited before it was ready" in message
+    assert "main process exited with status 7" in message
+    assert "cannot open config" in message  # the journal tail
+
+
+def test_a_sandbox_that_cannot_be_set_up_names_the_systemd_exit_code(started) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ServiceFailed) as failure:
+        started("""
+service:
+  exec_start: /bin/sleep infinity
+  ready: {file: /run/never, timeout: 10}
+hardening:
+  ReadWritePaths: /does/not/exist
+""")
+    message = str(failure.value)
+    assert "226/NAMESPACE" in message
+    assert "ReadWritePaths=/does/not/exist" in message
+
+
+def test_restart_starts_clean(started) -> None:  # type: ignore[no-untyped-def]
+    text = """
+service:
+  exec_start: /bin/sh -c 'test ! -e $STATE_DIRECTORY/ran || echo not clean >&2; touch $STATE_DIRECTORY/ran; exec sleep infinity'
+hardening:
+  DynamicUser: yes
+  StateDirectory: cleanliness
+"""
+    first = started(text)
+    first.stop()
+    second = started(text)
+    assert "not clean" not in second.journal()
+    assert second.inside("test -e /var/lib/cleanliness/ran").ok
+
+
+def test_testinfra_hosts_see_the_machine_and_the_sandbox(started) -> None:  # type: ignore[no-untyped-def]
+    service = started(SLEEPER)
+    assert service.host.file("/etc/os-release").contains("bookworm")
+    assert service.host.user().uid == 0
+    assert service.sandbox_host.user().uid != 0
+    assert service.sandbox_host.file("/tmp/marker").exists
+    assert not service.host.file("/tmp/marker").exists
