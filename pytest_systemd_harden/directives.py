@@ -15,11 +15,12 @@ import difflib
 import errno
 import ipaddress
 import re
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dbus_next import Variant
+from dbus_next.signature import Variant
 
 Property = tuple[str, Variant]
 
@@ -66,7 +67,7 @@ IP_SYMBOLS = {
 }
 
 TIME_UNITS = {"us": 1, "usec": 1, "ms": 1000, "msec": 1000, "s": 10**6, "sec": 10**6, "second": 10**6,
-              "seconds": 10**6, "m": 60 * 10**6, "min": 60 * 10**6, "minutes": 60 * 10**6,
+              "seconds": 10**6, "m": 60 * 10**6, "min": 60 * 10**6, "minute": 60 * 10**6, "minutes": 60 * 10**6,
               "h": 3600 * 10**6, "hr": 3600 * 10**6, "hour": 3600 * 10**6, "hours": 3600 * 10**6}
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 UINT64_MAX = 2**64 - 1
@@ -223,12 +224,15 @@ def _caps_bus(text: str) -> int:
 
 
 def _namespaces_assign(value: Any) -> list[str]:
-    if isinstance(value, bool) or _scalar(value).lower() in ("yes", "no", "true", "false"):
+    if isinstance(value, bool) or (not isinstance(value, list)
+                                   and _scalar(value).lower() in ("yes", "no", "true", "false")):
         return ["yes" if _boolean(value) else "no"]
     words = _words(value)
-    for word in words:
-        if word.lstrip("~") not in NAMESPACE_FLAGS:
-            raise DirectiveError(f"{word!r} is not a namespace type", f"one of {', '.join(NAMESPACE_FLAGS)}")
+    for index, word in enumerate(words):
+        # systemd reads "~" only at the very start: "~net ipc" allows all but net and ipc.
+        if (word[1:] if index == 0 and word.startswith("~") else word) not in NAMESPACE_FLAGS:
+            raise DirectiveError(f"{word!r} is not a namespace type",
+                                 f"one of {', '.join(NAMESPACE_FLAGS)}; a leading ~ inverts the whole list")
     return [" ".join(words)]
 
 
@@ -309,6 +313,7 @@ def _time_assign(value: Any) -> list[str]:
     text = _scalar(value).replace(" ", "")
     if text != "infinity" and not re.fullmatch(r"(\d+(\.\d+)?[a-z]*)+", text):
         raise DirectiveError(f"{text!r} is not a time span", "e.g. 30s, 5min, 1h, infinity")
+    _time_bus(text)  # reject unknown units while the spec loads, not when the unit starts
     return [text]
 
 
@@ -389,14 +394,30 @@ def _credential_bus(text: str) -> list[Any]:
     return [[ident, path or ident]]
 
 
+def _quote_environment(text: str) -> str:
+    """``NAME=VALUE`` quoted when a unit file would otherwise split it at whitespace or unquote it."""
+    if not re.search(r"[\s\"'\\]", text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _environment_words(text: str) -> list[str]:
+    """The NAME=VALUE words of one Environment= line, split and unquoted as systemd does."""
+    try:
+        return shlex.split(text)
+    except ValueError:
+        raise DirectiveError(f"{text!r} has an unbalanced quote", 'e.g. "GREETING=hello world"') from None
+
+
 def _environment_assign(value: Any) -> list[str]:
     if isinstance(value, dict):
-        return [f"{key}={val}" for key, val in value.items()]
+        return [_quote_environment(f"{key}={val}") for key, val in value.items()]
     items = value if isinstance(value, list) else [value]
     for item in items:
-        if "=" not in str(item):
+        words = _environment_words(_scalar(item))
+        if not words or not all("=" in word for word in words):
             raise DirectiveError(f"{item!r} is not NAME=VALUE", "or write a mapping NAME: VALUE")
-    return [str(item) for item in items]
+    return [_scalar(item) for item in items]
 
 
 def _socket_bind_assign(value: Any) -> list[str]:
@@ -428,7 +449,7 @@ def _strv_bus(text: str) -> list[str]:
 
 
 def _env_bus(name: str, text: str) -> list[tuple[str, Any]]:
-    return [(name, [text])]
+    return [(name, _environment_words(text))]
 
 
 BOOL = Kind("b", _bool_assign, _single(lambda t: t == "yes"))

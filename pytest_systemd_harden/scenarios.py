@@ -16,7 +16,7 @@ def mismatches(expect: Expectation, result: CommandResult) -> list[str]:
     if expect.signal is not None:
         wanted = signal.Signals[expect.signal]
         if result.signal != wanted:
-            found.append(f"expected to be killed by {expect.signal}, but it {result.status_text()}")
+            found.append(f"expected to be killed by {expect.signal}, but got {result.status_text()}")
     elif result.signal is not None:
         found.append(f"expected exit status {expect.exit if expect.exit is not None else 'any'}, "
                      f"but it was {result.status_text()}")

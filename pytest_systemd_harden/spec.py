@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from dbus_next.signature import Variant
 
 from .backends.base import MachineConfig
 from .directives import Directive, DirectiveError, Property, _closest_hint, render_dropin
 from .errors import SpecError
-
-from dbus_next import Variant
 
 SERVICE_TYPES = ("simple", "exec", "notify", "oneshot", "forking")
 READY_KINDS = ("tcp", "unix", "file", "active")
@@ -56,6 +55,22 @@ class _Sequence(list[Any]):
 
 
 class _LineLoader(yaml.SafeLoader):
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        # Keys and [indexes] from the document root to the node being constructed, for dotted keys in errors.
+        self._path: list[str] = []
+
+    def _dotted(self, key: Any) -> str:
+        parts = [*self._path, str(key)]
+        return "".join(p if p.startswith("[") or i == 0 else f".{p}" for i, p in enumerate(parts))
+
+    def _construct_at(self, part: str, node: yaml.Node) -> Any:
+        self._path = [*self._path, part]
+        try:
+            return self.construct_object(node, deep=True)
+        finally:
+            self._path = self._path[:-1]
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         mapping = _Mapping()
         mapping.line = node.start_mark.line + 1
@@ -63,14 +78,14 @@ class _LineLoader(yaml.SafeLoader):
         for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=True)
             if key in mapping:
-                raise SpecError(self.name, key_node.start_mark.line + 1, str(key), "duplicate key",
+                raise SpecError(self.name, key_node.start_mark.line + 1, self._dotted(key), "duplicate key",
                                 "YAML would silently keep only the last one")
-            mapping[key] = self.construct_object(value_node, deep=True)
+            mapping[key] = self._construct_at(str(key), value_node)
             mapping.key_lines[key] = key_node.start_mark.line + 1
         return mapping
 
     def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> list[Any]:
-        sequence = _Sequence(self.construct_object(child, deep=True) for child in node.value)
+        sequence = _Sequence(self._construct_at(f"[{index}]", child) for index, child in enumerate(node.value))
         sequence.line = node.start_mark.line + 1
         sequence.item_lines = [child.start_mark.line + 1 for child in node.value]
         return sequence
@@ -254,10 +269,16 @@ def load_spec(path: str | Path) -> Spec:
             document = loader.get_single_data()
         finally:
             loader.dispose()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        raise SpecError(str(path), line, "", f"not valid YAML: {exc.problem or exc.context}",
+    except yaml.YAMLError as exc:
+        if isinstance(exc, yaml.MarkedYAMLError):
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark else None
+            problem = exc.problem or exc.context
+        else:  # e.g. a ReaderError for a control character: it has a position, not a mark
+            position = getattr(exc, "position", None)
+            line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
+            problem = str(exc).splitlines()[0]
+        raise SpecError(str(path), line, "", f"not valid YAML: {problem}",
                         "check indentation and quoting; values starting with @ or ~ need quotes") from None
     return parse_spec(document, path)
 
@@ -339,7 +360,8 @@ def _parse_machine(check: _Checker, section: _Mapping) -> MachineConfig:
                               "e.g. [gnupg, curl]")
         for index, package in enumerate(raw):
             if not isinstance(package, str) or not PACKAGE_NAME_RE.match(package):
-                raise check.error(raw, index, f"machine.packages[{index}]", f"{package!r} is not a Debian package name")
+                raise check.error(raw, index, f"machine.packages[{index}]", f"{package!r} is not a Debian package name",
+                                  "lowercase letters, digits, +, - and ., e.g. gnupg")
             packages.append(package)
     files: list[tuple[str, str]] = []
     if "files" in section:
@@ -391,7 +413,8 @@ def _parse_scenarios(check: _Checker, section: Any, doc: _Mapping) -> tuple[Scen
             raise check.error(section, index, f"{dotted}.name", "missing", "give every scenario a name")
         name = check.string(entry, "name", f"{dotted}.name")
         if name in names:
-            raise check.error(entry, "name", f"{dotted}.name", f"another scenario is already named {name!r}")
+            raise check.error(entry, "name", f"{dotted}.name", f"another scenario is already named {name!r}",
+                              "scenario names must be unique: they name the tests")
         names.add(name)
         places = [k for k in ("client", "inside") if k in entry]
         if len(places) != 1:
