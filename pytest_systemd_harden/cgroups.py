@@ -63,16 +63,6 @@ class OwnedCgroup:
                     continue
         return group
 
-    def enter(self) -> None:
-        """Move the calling process in (meant for a child between fork and exec)."""
-        pid = str(os.getpid()).encode()
-        for path in self.paths:
-            fd = os.open(path / "cgroup.procs", os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
-
     def pids(self) -> set[int]:
         found: set[int] = set()
         for path in self.paths:

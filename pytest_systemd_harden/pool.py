@@ -54,8 +54,7 @@ class MachinePool:
                 for name in cgroups.reap_orphans():
                     self.progress(f"removed container {name} left behind by a killed run")
             cls = backends.machine_class(config.backend)
-            kwargs = {"image_cache": self.image_cache} if config.backend == "nspawn" else {}
-            machine = cls(config, boot_timeout=self.boot_timeout, **kwargs)  # type: ignore[call-arg]
+            machine = cls(config, boot_timeout=self.boot_timeout, image_cache=self.image_cache)
             self.progress(f"booting {config.backend} machine {machine.name} ({config.describe()})")
             try:
                 machine.boot(self.progress)
@@ -92,7 +91,7 @@ class MachinePool:
         for machine in machines:
             try:
                 machine.shutdown()
-            except Exception as exc:  # shut down the others all the same
+            except Exception as exc:  # noqa: BLE001 - shut down the others all the same
                 errors.append(f"{machine.name}: {exc}")
         if errors:
             raise HardenError("could not shut down every machine: " + "; ".join(errors))

@@ -7,7 +7,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from dbus_next import Variant
+from dbus_next.errors import DBusError
+from dbus_next.signature import Variant
 
 from .backends.base import Machine
 from .errors import ServiceFailed
@@ -166,7 +167,7 @@ class HardenedService:
         unit = self.machine.systemd.unit_properties(self.unit)
         try:
             service = self.machine.systemd.unit_properties(self.unit, SERVICE_IFACE)
-        except Exception:  # not loaded (never started or collected)
+        except DBusError:  # not loaded (never started, or collected)
             service = {}
         return {
             "ActiveState": unit.get("ActiveState", "unknown"), "SubState": unit.get("SubState", "unknown"),

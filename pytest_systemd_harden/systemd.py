@@ -19,9 +19,11 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from dbus_next import BusType, Message, MessageType, Variant
-from dbus_next.aio import MessageBus
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.constants import BusType, MessageType
 from dbus_next.errors import DBusError
+from dbus_next.message import Message
+from dbus_next.signature import Variant
 
 from .errors import MachineError
 
@@ -123,7 +125,7 @@ class SystemdClient:
         if reply is None:
             return []
         if reply.message_type == MessageType.ERROR:
-            raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
+            raise DBusError(reply.error_name, reply.body[0] if reply.body else "")  # type: ignore[no-untyped-call]
         return list(reply.body)
 
     async def _call(self, path: str, interface: str, member: str, signature: str, body: list[Any],

@@ -13,7 +13,7 @@ from .result import CommandResult
 Runner = Callable[[str], CommandResult]
 
 
-class SystemdUnitBackend(base.BaseBackend):
+class SystemdUnitBackend(base.BaseBackend):  # type: ignore[misc]
     """Runs each testinfra command as a transient unit, unconfined or in the service's sandbox."""
 
     NAME = "pytest-systemd-harden"

@@ -9,11 +9,10 @@ import pytest
 
 from pytest_systemd_harden.backends.base import Machine, MachineConfig
 from pytest_systemd_harden.errors import BackendUnavailable
+from pytest_systemd_harden.images import default_cache_dir
 from pytest_systemd_harden.plugin import HardenSession
 from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.spec import Spec, load_spec
-
-from pytest_systemd_harden.images import default_cache_dir
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

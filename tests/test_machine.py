@@ -47,8 +47,8 @@ def test_system_call_filter_kills_mount_with_sigsys(machine: Machine) -> None:
 
 def test_system_call_error_number_turns_the_kill_into_an_errno(machine: Machine) -> None:
     mount = ["/usr/bin/python3", "-c",
-             "import ctypes, os; l = ctypes.CDLL(None, use_errno=True);"
-             "r = l.mount(b'none', b'/mnt', b'tmpfs', 0, None); print(r, os.strerror(ctypes.get_errno()))"]
+             ("import ctypes, os; l = ctypes.CDLL(None, use_errno=True);"
+              "r = l.mount(b'none', b'/mnt', b'tmpfs', 0, None); print(r, os.strerror(ctypes.get_errno()))")]
     result = machine.run(mount, [("SystemCallFilter", Variant("(bas)", [False, ["@mount"]])),
                                  ("SystemCallErrorNumber", Variant("i", 1))])
     assert result.ok, result.describe()

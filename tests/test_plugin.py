@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -94,8 +93,7 @@ def test_a_missing_backend_skips_with_the_fix_or_errors_when_required(pytester: 
     monkeypatch.setenv("PATH", str(pytester.path / "empty-bin"))  # no systemd-nspawn to be found
     skipped = pytester.runpytest_subprocess("-rs")
     skipped.assert_outcomes(skipped=1)
-    skipped.stdout.fnmatch_lines(["*backend unavailable: systemd-nspawn is not installed: "
-                                  "apt-get install systemd-container*"])
+    skipped.stdout.fnmatch_lines(["*backend unavailable: systemd-nspawn is not installed: apt-get install systemd-container*"])
     required = pytester.runpytest_subprocess("--harden-require-backend")
     required.assert_outcomes(failed=1)
     required.stdout.fnmatch_lines(["*backend unavailable (--harden-require-backend): systemd-nspawn is not installed*"])
@@ -111,7 +109,7 @@ def _our_groups(pid: int) -> list[str]:
 
 
 def _nspawn_children_of(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid), "-x", "systemd-nspawn"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-P", str(pid), "-x", "systemd-nspawn"], check=False, capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
 
 
@@ -142,7 +140,7 @@ scenarios:
 
 
 def _scenario_running(pid: int) -> bool:
-    out = subprocess.run(["pgrep", "-f", "^sleep 60$"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", "^sleep 60$"], check=False, capture_output=True, text=True)
     return bool(out.stdout.strip())
 
 
@@ -164,5 +162,5 @@ def test_a_killed_run_is_reaped_by_the_next(slow_suite: Callable[[], subprocess.
     reaped = cgroups.reap_orphans()
     assert set(groups) <= set(reaped)
     assert _our_groups(proc.pid) == []
-    out = subprocess.run(["pgrep", "-f", "^sleep 60$"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", "^sleep 60$"], check=False, capture_output=True, text=True)
     assert out.stdout.strip() == ""

@@ -11,6 +11,7 @@ from pytest_systemd_harden.service import HardenedService
 SLEEPER = """
 service:
   exec_start: /bin/sh -c 'echo started > /tmp/marker; exec sleep infinity'
+  ready: {file: /tmp/marker}  # checked in the service's private /tmp
 hardening:
   DynamicUser: yes
   PrivateTmp: yes

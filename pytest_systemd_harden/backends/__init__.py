@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 from ..errors import BackendUnavailable
 from .base import Machine, MachineConfig
 
-__all__ = ["Machine", "MachineConfig", "BACKENDS", "machine_class", "check_available"]
+__all__ = ["BACKENDS", "Machine", "MachineConfig", "check_available", "machine_class"]
 
 BACKENDS = {
     "nspawn": "pytest_systemd_harden.backends.nspawn:NspawnMachine",
 }
 
 
-def _module_for(name: str) -> object:
+def _module_for(name: str) -> ModuleType:
     try:
         target = BACKENDS[name]
     except KeyError:
@@ -29,4 +30,4 @@ def machine_class(name: str) -> type[Machine]:
 
 def check_available(name: str) -> None:
     """Raise BackendUnavailable, with the command that fixes it, when ``name`` cannot run here."""
-    getattr(_module_for(name), "check_available")()
+    _module_for(name).check_available()

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from ..images import ImageCache
 from ..result import CommandResult
 from ..systemd import Property, SystemdClient
 
@@ -52,6 +53,8 @@ class Machine(abc.ABC):
     config: MachineConfig
     name: str = field(default_factory=lambda: f"harden-{uuid.uuid4().hex[:8]}")
     boot_timeout: float = 60.0
+    # Where images are built and cached; every backend boots from the same cached rootfs.
+    image_cache: ImageCache = field(default_factory=ImageCache)
     _systemd: SystemdClient | None = field(default=None, init=False, repr=False)
     _units: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False, repr=False)
 

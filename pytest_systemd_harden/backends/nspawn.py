@@ -8,7 +8,6 @@ of its own that is killed and removed on shutdown (and by the next run, if this 
 from __future__ import annotations
 
 import collections
-import ctypes
 import os
 import shutil
 import signal
@@ -20,10 +19,9 @@ from pathlib import Path
 
 from ..cgroups import OwnedCgroup
 from ..errors import BackendUnavailable, MachineError
-from ..images import ImageCache
 from .base import Machine, Progress
 
-PR_SET_PDEATHSIG = 1
+_JOIN_CGROUPS_AND_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 1; shift; done; shift; exec "$@"'
 
 
 def host_runs_systemd() -> bool:
@@ -45,7 +43,6 @@ def check_available() -> None:
 class NspawnMachine(Machine):
     NAME = "nspawn"
 
-    image_cache: ImageCache = field(default_factory=ImageCache)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _cgroup: OwnedCgroup | None = field(default=None, init=False, repr=False)
     _console: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200), init=False,
@@ -80,17 +77,14 @@ class NspawnMachine(Machine):
                        "--property=Delegate=yes", *command]
         else:
             self._cgroup = OwnedCgroup.create("machine")
-        cgroup = self._cgroup
-        libc = ctypes.CDLL(None, use_errno=True)
-
-        def in_child() -> None:
-            # If the test process dies without cleaning up, the container is shut down with it.
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-            if cgroup is not None:
-                cgroup.enter()
-
+            # Join the container's cgroup before exec'ing nspawn, in the child: no Python runs between fork and
+            # exec (the bus threads make preexec_fn unsafe).
+            procs = [str(path / "cgroup.procs") for path in self._cgroup.paths]
+            command = ["/bin/sh", "-c", _JOIN_CGROUPS_AND_EXEC, "sh", *procs, "--", *command]
+        # If the test process dies without cleaning up, the container is shut down with it.
+        command = ["setpriv", "--pdeathsig", "TERM", "--", *command]
         self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, preexec_fn=in_child, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         threading.Thread(target=self._collect_console, name=f"console {self.name}", daemon=True).start()
         try:
             return self._wait_for_bus()
@@ -146,7 +140,8 @@ class NspawnMachine(Machine):
 
 
 def _descendants(pid: int) -> list[int]:
-    found, queue = [], [pid]
+    found: list[int] = []
+    queue = [pid]
     while queue:
         current = queue.pop()
         try:
