@@ -6,6 +6,7 @@ All logic lives in plain modules (spec, pool, service, scenarios); this file onl
 from __future__ import annotations
 
 import fnmatch
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -14,10 +15,11 @@ from typing import Any, NoReturn
 
 import pytest
 
-from .errors import BackendUnavailable, HardenError, MachineError, SpecError
+from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
 from .images import ImageCache
 from .pool import MachinePool
-from .scenarios import failure_report, run_scenario
+from .diagnosis import Diagnosis
+from .scenarios import diagnose_failure, failure_report, run_scenario
 from .service import HardenedService
 from .spec import Scenario, Spec, load_spec
 
@@ -33,6 +35,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="a backend that cannot run here is an error, not a skip (use this in CI)")
     group.addoption("--harden-cache-dir", default=None, metavar="DIR",
                     help="where built machine images are cached (default: $XDG_CACHE_HOME/pytest-systemd-harden)")
+    group.addoption("--harden-diagnose", choices=("on", "off"), default="on",
+                    help="when a scenario fails under hardening, find the directive that broke it and the smallest "
+                         "verified relaxation (costs reruns; default: on)")
+    group.addoption("--harden-diagnose-runs", type=int, default=40, metavar="N",
+                    help="at most N service restarts per diagnosis (default: 40)")
+    group.addoption("--harden-diagnose-seconds", type=float, default=180.0, metavar="S",
+                    help="at most S seconds per diagnosis (default: 180)")
+    group.addoption("--harden-json", default=None, metavar="PATH",
+                    help="write a JSON report of every spec item (outcome, failure, diagnosis) to PATH")
     parser.addini("harden_spec_files", type="args", default=DEFAULT_SPEC_PATTERNS,
                   help="file name patterns of hardening specs collected as tests")
 
@@ -60,6 +71,8 @@ class HardenSession:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self._pool: MachinePool | None = None
+        self.records: list[dict[str, Any]] = []  # for --harden-json
+        self.diagnoses: dict[Path, list[Diagnosis]] = {}  # verified ones, per spec, to try first next time
 
     @staticmethod
     def of(config: pytest.Config) -> HardenSession:
@@ -98,10 +111,36 @@ class HardenSession:
         except BackendUnavailable as exc:
             self.unavailable(exc)
 
+    def diagnose(self, service: HardenedService, scenario: Scenario | None, evidence: str) -> Diagnosis | None:
+        """Run the diagnosis if it is switched on (--harden-diagnose), showing that it runs: it takes reruns."""
+        if self.config.getoption("harden_diagnose") == "off":
+            return None
+        what = f"scenario {scenario.name!r}" if scenario else "the start"
+        self.progress(f"diagnosing why {what} fails under {service.spec.path.name} (restarting the service under "
+                      "relaxed hardening)")
+        earlier = self.diagnoses.setdefault(service.spec.path, [])
+        diagnosis = diagnose_failure(service, scenario, evidence,
+                                     max_runs=self.config.getoption("harden_diagnose_runs"),
+                                     max_seconds=self.config.getoption("harden_diagnose_seconds"), previous=earlier)
+        if diagnosis.verified and diagnosis not in earlier:
+            earlier.append(diagnosis)
+        return diagnosis
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # Items pass their record in user_properties: it survives xdist and shows in JUnit XML.
+        for name, record in report.user_properties:
+            if name == "harden" and isinstance(record, dict) and report.when == "call":
+                self.records.append({**record, "nodeid": report.nodeid, "outcome": report.outcome,
+                                     "message": str(report.longrepr) if report.failed else None})
+
     @pytest.hookimpl
     def pytest_sessionfinish(self) -> None:
         if self._pool is not None:
             self._pool.close()
+        path = self.config.getoption("harden_json")
+        if path:
+            Path(path).write_text(json.dumps({"items": self.records}, indent=2) + "\n")
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------
@@ -197,6 +236,12 @@ class ScenarioFailed(AssertionError):
 class SpecItem(pytest.Item):
     parent: SpecFile
 
+    def new_record(self, **fields: Any) -> dict[str, Any]:
+        """This item's entry in the JSON report (--harden-json), filled in as the item runs."""
+        record: dict[str, Any] = {"spec": str(self.parent.path), **fields}
+        self.user_properties.append(("harden", record))
+        return record
+
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str | Any:
         if isinstance(excinfo.value, (ScenarioFailed, HardenError)):
             prefix = "infrastructure error (not your unit's fault): " if isinstance(excinfo.value, MachineError) else ""
@@ -211,7 +256,17 @@ class StartItem(SpecItem):
     """The service starts and becomes ready under the spec's hardening."""
 
     def runtest(self) -> None:
-        self.parent.service()
+        self.record = self.new_record(check="start", diagnosis=None)
+        try:
+            self.parent.service()
+        except ServiceFailed as exc:
+            service = HardenedService(HardenSession.of(self.config).pool.machine_for(self.parent.spec.machine),
+                                      self.parent.spec)
+            diagnosis = HardenSession.of(self.config).diagnose(service, None, str(exc))
+            if diagnosis is None:
+                raise
+            self.record["diagnosis"] = diagnosis.as_dict()
+            raise ServiceFailed(f"{exc}\n{diagnosis.render()}") from None
 
 
 class ScenarioItem(SpecItem):
@@ -228,8 +283,14 @@ class ScenarioItem(SpecItem):
             raise ScenarioFailed(f"not run: the service did not start ({type(exc).__name__}; see "
                                  f"'{self.parent.name}::service starts under hardening')") from None
         outcome = run_scenario(service, self.scenario)
+        self.record = self.new_record(check="scenario", scenario=self.scenario.name, diagnosis=None)
         if not outcome.passed:
-            raise ScenarioFailed(failure_report(service, outcome))
+            report = failure_report(service, outcome)
+            diagnosis = HardenSession.of(self.config).diagnose(service, self.scenario, report)
+            if diagnosis is not None:
+                self.record["diagnosis"] = diagnosis.as_dict()
+                report += "\n" + diagnosis.render()
+            raise ScenarioFailed(report)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         line = self.scenario.line - 1 if self.scenario.line else None

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .diagnosis import Diagnosis, Hardening, Trial, TrialResult, diagnose, parse_syscall_groups
+from .errors import ServiceFailed
 from .result import CommandResult
 from .service import HardenedService, describe_hardening, indent
 from .spec import Expectation, Scenario
@@ -60,3 +63,47 @@ def failure_report(service: HardenedService, outcome: ScenarioOutcome) -> str:
     lines.append(f"hardening in force ({service.spec.path.name}):")
     lines.append(indent(describe_hardening(service.spec)))
     return "\n".join(lines)
+
+
+# --- diagnosis against the real machine -----------------------------------------------------------------------
+
+def _trial(service: HardenedService, scenario: Scenario | None) -> Trial:
+    """An oracle for :func:`diagnose`: restart the service under a hardening and rerun the scenario (or just start)."""
+
+    def trial(hardening: Hardening) -> TrialResult:
+        candidate = HardenedService(service.machine, service.spec.with_hardening(hardening), unit=service.unit)
+        try:
+            candidate.start()
+        except ServiceFailed as exc:
+            return TrialResult(False, str(exc).splitlines()[0])
+        try:
+            if scenario is None:
+                return TrialResult(True)
+            outcome = run_scenario(candidate, scenario)
+            return TrialResult(outcome.passed, "; ".join(outcome.problems))
+        finally:
+            candidate.stop()
+
+    return trial
+
+
+def diagnose_failure(service: HardenedService, scenario: Scenario | None, evidence: str, *, max_runs: int = 60,
+                     max_seconds: float = 300.0, previous: Sequence[Diagnosis] = ()) -> Diagnosis:
+    """Diagnose why ``scenario`` (None: the start) fails under ``service``'s hardening, then restore the service."""
+    groups: dict[str, list[str]] = {}
+
+    def syscall_groups() -> dict[str, list[str]]:
+        if not groups:  # asked of the machine's own systemd, the one that enforces the filter
+            listing = service.machine.run(["systemd-analyze", "syscall-filter", "--no-pager"], purpose="analyze")
+            groups.update(parse_syscall_groups(listing.stdout))
+        return groups
+
+    try:
+        return diagnose(service.spec.hardening, _trial(service, scenario), evidence=evidence,
+                        syscall_groups=syscall_groups, max_runs=max_runs, max_seconds=max_seconds,
+                        spec_name=service.spec.path.name, previous=previous)
+    finally:
+        try:
+            service.start()  # the scenarios after this one run against the spec as written
+        except ServiceFailed:
+            pass

@@ -191,7 +191,12 @@ class HardenedService:
         return text + ")"
 
     def journal(self, lines: int = 25) -> str:
-        return self.machine.journal(self.unit, lines)
+        """The journal tail of the service's current (or last) run only: earlier runs are not mixed in."""
+        try:
+            invocation = bytes(self.machine.systemd.unit_properties(self.unit).get("InvocationID", b"")).hex()
+        except DBusError:
+            invocation = ""
+        return self.machine.journal(self.unit, lines, invocation or None)
 
     def failure(self, what: str) -> ServiceFailed:
         """A ServiceFailed naming the unit, its state, its journal tail and the hardening in force."""

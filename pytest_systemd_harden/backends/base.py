@@ -126,8 +126,11 @@ class Machine(abc.ABC):
             duration=outcome.duration,
         )
 
-    def journal(self, unit: str, lines: int = 25) -> str:
-        """The last ``lines`` journal lines of ``unit`` on this machine."""
-        result = self.run(["journalctl", "--no-pager", "-q", "-o", "short-monotonic", "-n", str(lines), "-u", unit],
+    def journal(self, unit: str, lines: int = 25, invocation: str | None = None) -> str:
+        """The last ``lines`` journal lines of ``unit`` on this machine; only one run of it, given ``invocation``."""
+        # systemd's own messages about a unit carry INVOCATION_ID=, the unit's processes _SYSTEMD_INVOCATION_ID=.
+        match = [f"_SYSTEMD_INVOCATION_ID={invocation}", "+", f"INVOCATION_ID={invocation}"] if invocation \
+            else ["-u", unit]
+        result = self.run(["journalctl", "--no-pager", "-q", "-o", "short-monotonic", "-n", str(lines), *match],
                           purpose="journal")
         return result.stdout.rstrip()

@@ -1,0 +1,613 @@
+"""Over-hardening diagnosis: which directive broke a scenario, and the smallest relaxation that fixes it.
+
+The search needs only an oracle - "does the scenario pass under this hardening?" - so it is plain logic, tested
+with fakes; :func:`machine_trial` is the oracle that restarts the real service and reruns the real scenario.
+
+1. Control: without the hardening the scenario must pass, else it is not a hardening problem.
+2. Culprits: delta debugging (Zeller's ddmin) over the spec's *restricting* directives finds a 1-minimal set whose
+   removal makes the scenario pass. Directives that grant or configure (ReadWritePaths=, StateDirectory=, User=,
+   SystemCallErrorNumber=, ...) are never removed: removing them would tighten or change the unit, not relax it.
+3. Refinement: for each culprit, relaxations from smallest to largest are tried, and the first that passes is the
+   answer: which syscall group and syscall to allow, which address family or capability or namespace type to add,
+   which path needs ReadWritePaths= (or StateDirectory=/CacheDirectory=/...), a weaker value of the directive,
+   and only as a last resort dropping the directive.
+4. Every suggestion is verified: the scenario passes under the spec with exactly that change.
+Every hardening tried is cached, and the number of reruns is bounded.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from .directives import CAPABILITIES, NAMESPACE_FLAGS, Directive, render_dropin
+
+Hardening = tuple[Directive, ...]
+T = TypeVar("T")
+
+# Directives whose removal can only relax the sandbox. Anything else (paths granted, directories created, the
+# user, errno modifiers, environment) is kept as the user wrote it.
+RESTRICTING = frozenset({
+    "DynamicUser", "NoNewPrivileges", "PrivateTmp", "PrivateDevices", "PrivateNetwork", "PrivateUsers",
+    "PrivateMounts", "PrivateIPC", "ProtectSystem", "ProtectHome", "ProtectKernelTunables", "ProtectKernelModules",
+    "ProtectKernelLogs", "ProtectClock", "ProtectControlGroups", "ProtectHostname", "ProtectProc", "ProcSubset",
+    "MemoryDenyWriteExecute", "RestrictRealtime", "RestrictSUIDSGID", "LockPersonality", "RemoveIPC",
+    "RestrictNamespaces", "RestrictAddressFamilies", "RestrictFileSystems", "SystemCallFilter",
+    "SystemCallArchitectures", "CapabilityBoundingSet", "ReadOnlyPaths", "InaccessiblePaths", "NoExecPaths",
+    "TemporaryFileSystem", "IPAddressDeny", "SocketBindDeny", "DevicePolicy", "UMask", "KeyringMode",
+    "MemoryMax", "MemoryHigh", "TasksMax", *(f"Limit{n}" for n in ("CPU", "FSIZE", "DATA", "STACK", "CORE", "RSS",
+                                                                  "NOFILE", "AS", "NPROC", "MEMLOCK", "LOCKS",
+                                                                  "SIGPENDING", "MSGQUEUE", "NICE", "RTPRIO",
+                                                                  "RTTIME")),
+})
+
+# Weaker values to try before dropping a directive, strongest first.
+VALUE_LADDERS: dict[str, tuple[str, ...]] = {
+    "ProtectSystem": ("strict", "full", "yes"),
+    "ProtectHome": ("yes", "tmpfs", "read-only"),
+    "ProtectProc": ("noaccess", "invisible", "ptraceable"),
+    "UMask": ("0077", "0027", "0022"),
+}
+
+# DynamicUser=yes implies these (systemd.exec): relaxing them needs DynamicUser= relaxed too, or a path grant.
+IMPLIED_BY_DYNAMIC_USER = ("ProtectSystem=strict", "ProtectHome=read-only", "PrivateTmp=yes", "RemoveIPC=yes",
+                           "NoNewPrivileges=yes", "RestrictSUIDSGID=yes")
+
+ADDRESS_FAMILIES = ("AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET", "AF_ALG", "AF_VSOCK", "AF_KEY",
+                    "AF_BLUETOOTH", "AF_CAN", "AF_XDP", "AF_TIPC", "AF_QIPCRTR")
+
+# Per-service directories systemd creates and grants to the unit (even with DynamicUser=): the idiomatic way to
+# let a hardened service write under these trees.
+SERVICE_DIRECTORIES = (("/var/lib/", "StateDirectory"), ("/var/cache/", "CacheDirectory"),
+                       ("/var/log/", "LogsDirectory"), ("/run/", "RuntimeDirectory"), ("/etc/", "ConfigurationDirectory"))
+
+_PATH_RE = re.compile(r"(/(?:[\w.+@:-]+/?)+)")
+_DENIAL_WORDS = ("Read-only file system", "Permission denied", "Operation not permitted", "No such file or directory",
+                 "EROFS", "EACCES", "EPERM", "ENOENT")
+
+
+class BudgetExceeded(Exception):
+    """The rerun or time budget ran out; the diagnosis reports what it found so far."""
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    passed: bool
+    summary: str = ""
+
+
+Trial = Callable[[Hardening], TrialResult]
+
+
+def hardening_key(hardening: Iterable[Directive]) -> tuple[str, ...]:
+    """Order-insensitive identity of a hardening (directive order in a spec does not change its meaning)."""
+    return tuple(sorted(line for directive in hardening for line in directive.unit_lines()))
+
+
+class Oracle:
+    """Runs trials with a cache and a budget of reruns and seconds."""
+
+    def __init__(self, trial: Trial, *, max_runs: int = 60, max_seconds: float = 300.0) -> None:
+        self._trial = trial
+        self.max_runs = max_runs
+        self.deadline = time.monotonic() + max_seconds
+        self.cache: dict[tuple[str, ...], TrialResult] = {}
+        self.runs = 0
+
+    def result(self, hardening: Sequence[Directive]) -> TrialResult:
+        key = hardening_key(hardening)
+        if key not in self.cache:
+            if self.runs >= self.max_runs:
+                raise BudgetExceeded(f"the budget of {self.max_runs} reruns is spent")
+            if time.monotonic() > self.deadline:
+                raise BudgetExceeded("the time budget for diagnosis is spent")
+            self.runs += 1
+            self.cache[key] = self._trial(tuple(hardening))
+        return self.cache[key]
+
+    def passes(self, hardening: Sequence[Directive]) -> bool:
+        return self.result(hardening).passed
+
+
+def ddmin(items: Sequence[T], interesting: Callable[[list[T]], bool]) -> list[T]:
+    """A 1-minimal subset of ``items`` for which ``interesting`` holds (Zeller & Hildebrandt's ddmin).
+
+    ``interesting(list(items))`` is assumed true. One culprit among n costs about 2·log2(n) calls; every
+    call's answer should be cached by the caller.
+    """
+    current = list(items)
+    granularity = 2
+    while len(current) >= 2:
+        size = max(1, len(current) // granularity)
+        chunks = [current[i:i + size] for i in range(0, len(current), size)]
+        for chunk in chunks:
+            if interesting(chunk):
+                current, granularity = chunk, 2
+                break
+        else:
+            for chunk in chunks:
+                complement = [item for item in current if item not in chunk]
+                if len(chunks) > 2 and interesting(complement):
+                    current, granularity = complement, max(granularity - 1, 2)
+                    break
+            else:
+                if granularity >= len(current):
+                    break
+                granularity = min(len(current), granularity * 2)
+    return current
+
+
+# --- relaxations -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Relaxation:
+    """A change to a spec's hardening: directives replaced (None: removed) and directives added."""
+
+    description: str
+    replace: tuple[tuple[str, Directive | None], ...] = ()
+    add: tuple[Directive, ...] = ()
+    needs: str = ""  # what the service was found to need, e.g. "mlock (in @memlock)"
+
+    def apply(self, hardening: Sequence[Directive]) -> Hardening:
+        replaced = dict(self.replace)
+        out: list[Directive] = []
+        for directive in hardening:
+            if directive.name in replaced:
+                new = replaced[directive.name]
+                if new is not None:
+                    out.append(new)
+            else:
+                out.append(directive)
+        merged = {d.name: d for d in out}
+        for directive in self.add:
+            if directive.name in merged:  # extend an existing directive of the same name
+                old = merged[directive.name]
+                out[out.index(old)] = Directive(old.name, old.assignments + directive.assignments, old.line)
+            else:
+                out.append(directive)
+        return tuple(out)
+
+    def changed_names(self) -> list[str]:
+        return [name for name, _ in self.replace] + [d.name for d in self.add]
+
+    def dropin(self, hardening: Sequence[Directive]) -> str:
+        """A drop-in to paste: each changed directive reset (an empty assignment) and written anew."""
+        after = {d.name: d for d in self.apply(hardening)}
+        lines = ["[Service]"]
+        for name in dict.fromkeys(self.changed_names()):
+            lines.append(f"{name}=")  # drop-ins add to list settings; the empty assignment resets first
+            if name in after:
+                lines.extend(after[name].unit_lines())
+        return "\n".join(lines) + "\n"
+
+    def spec_change(self, hardening: Sequence[Directive]) -> str:
+        """The same change as it would read in the spec's ``hardening:`` section."""
+        after = {d.name: d for d in self.apply(hardening)}
+        lines = []
+        for name in dict.fromkeys(self.changed_names()):
+            if name in after:
+                lines.append(f"{name}: {_yaml_value(after[name])}")
+            else:
+                lines.append(f"{name}: (remove this line)")
+        return "\n".join(lines)
+
+
+def _yaml_value(directive: Directive) -> str:
+    if len(directive.assignments) == 1:
+        value = directive.assignments[0]
+        return '""' if value == "" else (f'"{value}"' if value[:1] in "@~*&!%" or ":" in value else value)
+    return "[" + ", ".join(f'"{a}"' for a in directive.assignments) + "]"
+
+
+def removal(directive: Directive) -> Relaxation:
+    return Relaxation(f"remove {directive.name}=", replace=((directive.name, None),))
+
+
+# --- refinement of one culprit -------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What refinement may use: the oracle, the spec's hardening, failure evidence and machine facts."""
+
+    oracle: Oracle
+    hardening: Hardening
+    evidence: str  # the failing command's output and the service's journal
+    syscall_groups: Callable[[], dict[str, list[str]]] = lambda: {}
+
+    def try_(self, relaxation: Relaxation) -> bool:
+        return self.oracle.passes(relaxation.apply(self.hardening))
+
+
+def refine(culprit: Directive, context: Context) -> Relaxation | None:
+    """The smallest verified relaxation of ``culprit``, or None if even removing it does not help alone."""
+    refiners: dict[str, Callable[[Directive, Context], Relaxation | None]] = {
+        "SystemCallFilter": _refine_syscall_filter,
+        "RestrictAddressFamilies": _refine_families,
+        "CapabilityBoundingSet": _refine_capabilities,
+        "RestrictNamespaces": _refine_namespaces,
+        "IPAddressDeny": _refine_ip_deny,
+    }
+    specific = refiners.get(culprit.name)
+    if specific is not None:
+        found = specific(culprit, context)
+        if found is not None:
+            return found
+    if culprit.name in ("ProtectSystem", "ProtectHome", "ReadOnlyPaths", "InaccessiblePaths", "DynamicUser",
+                        "TemporaryFileSystem", "PrivateTmp", "NoExecPaths"):
+        found = _refine_paths(culprit, context)
+        if found is not None:
+            return found
+    for value in _weaker_values(culprit):
+        candidate = Relaxation(f"weaken {culprit.name}={culprit.value} to {culprit.name}={value}",
+                               replace=((culprit.name, Directive(culprit.name, (value,), culprit.line)),))
+        if context.try_(candidate):
+            return candidate
+    candidate = removal(culprit)
+    return candidate if context.try_(candidate) else None
+
+
+def _weaker_values(culprit: Directive) -> list[str]:
+    ladder = VALUE_LADDERS.get(culprit.name, ())
+    if culprit.value in ladder:
+        return list(ladder[ladder.index(culprit.value) + 1:])
+    if culprit.name == "ProcSubset" and culprit.value == "pid":
+        return ["all"]
+    return []
+
+
+def _names(assignments: Iterable[str], deny: bool) -> list[str]:
+    return [name for a in assignments if a.startswith("~") == deny for name in a.lstrip("~").split()]
+
+
+def expand_group(name: str, groups: dict[str, list[str]]) -> list[str]:
+    """The syscalls of ``@group`` (nested groups expanded); a plain syscall name expands to itself."""
+    if not name.startswith("@"):
+        return [name]
+    seen: list[str] = []
+    for member in groups.get(name, []):
+        for syscall in expand_group(member, groups):
+            if syscall not in seen:
+                seen.append(syscall)
+    return seen
+
+
+def _with_denies(directive: Directive, dropped: set[str], added: Sequence[str] = ()) -> Directive:
+    """``directive`` (SystemCallFilter-like) with ``dropped`` names taken out of its deny lists, ``added`` denied."""
+    assignments = []
+    for assignment in directive.assignments:
+        if assignment.startswith("~"):
+            kept = [name for name in assignment[1:].split() if name not in dropped]
+            if kept:
+                assignments.append("~" + " ".join(kept))
+        else:
+            assignments.append(assignment)
+    if added:
+        assignments.append("~" + " ".join(added))
+    return Directive(directive.name, tuple(assignments), directive.line)
+
+
+# Denying a group this large and re-allowing a few syscalls is tighter than dropping the group from the deny list.
+LARGE_GROUP = 12
+
+
+def _refine_syscall_filter(culprit: Directive, context: Context) -> Relaxation | None:
+    denied = _names(culprit.assignments, deny=True)
+    groups = context.syscall_groups()
+
+    def dropping(names: Sequence[str]) -> Relaxation:
+        return Relaxation(f"stop denying {', '.join(names)} in SystemCallFilter=",
+                          replace=((culprit.name, _with_denies(culprit, set(names))),))
+
+    def allowing(names: Sequence[str], description: str) -> Relaxation:
+        return Relaxation(description, replace=((culprit.name, Directive(
+            culprit.name, (*culprit.assignments, " ".join(names)), culprit.line)),))
+
+    if denied and context.try_(dropping(denied)):
+        names = ddmin(denied, lambda subset: context.try_(dropping(subset)))
+        needed = _needed_syscalls(culprit, names, groups, context)
+        needs = _needs_text(needed, names)
+        if needed and any(len(expand_group(name, groups)) > LARGE_GROUP for name in names):
+            for subgroup in _smallest_groups_containing(needed, names, groups):
+                candidate = allowing([subgroup], f"re-allow {subgroup} after the deny list of SystemCallFilter=")
+                if context.try_(candidate):
+                    return Relaxation(candidate.description, candidate.replace, needs=needs)
+            candidate = allowing(needed, f"re-allow {', '.join(needed)} after the deny list of SystemCallFilter=")
+            if context.try_(candidate):
+                return Relaxation(candidate.description, candidate.replace, needs=needs)
+        relaxation = dropping(names)
+        return Relaxation(relaxation.description, relaxation.replace, needs=needs)
+    allowed = _names(culprit.assignments, deny=False)
+    if not allowed or not groups:
+        return None
+    # An allow list lacks something: find the groups to add, then the syscalls within them.
+    candidates = [g for g in groups if g not in allowed and g not in ("@known", "@default")]
+
+    def adding(names: Sequence[str]) -> Relaxation:
+        return allowing(names, f"also allow {', '.join(names)} in SystemCallFilter=")
+
+    if not candidates or not context.try_(adding(candidates)):
+        return None
+    needed_groups = ddmin(candidates, lambda subset: context.try_(adding(subset)))
+    syscalls = [s for g in needed_groups for s in expand_group(g, groups)]
+    try:
+        needed = ddmin(syscalls, lambda subset: context.try_(adding(subset))) \
+            if syscalls and context.try_(adding(syscalls)) else []
+    except BudgetExceeded:
+        needed = []
+    relaxation = adding(needed_groups)
+    return Relaxation(relaxation.description, relaxation.replace, needs=_needs_text(needed, needed_groups))
+
+
+def _needs_text(syscalls: Sequence[str], groups: Sequence[str]) -> str:
+    """E.g. "mlock (in @memlock)"; just the groups when the syscalls are unknown."""
+    group_names = [g for g in groups if g.startswith("@")]
+    if syscalls and group_names:
+        return f"{', '.join(syscalls)} (in {', '.join(group_names)})"
+    return ", ".join(syscalls or groups)
+
+
+def _smallest_groups_containing(syscalls: Sequence[str], within: Sequence[str],
+                                groups: dict[str, list[str]]) -> list[str]:
+    """Groups inside the denied ``within`` groups that hold all ``syscalls``, smallest first (e.g. @chown)."""
+    denied = {s for name in within for s in expand_group(name, groups)}
+    fitting = []
+    for name in groups:
+        members = set(expand_group(name, groups))
+        if name not in within and set(syscalls) <= members <= denied:
+            fitting.append((len(members), name))
+    return [name for _size, name in sorted(fitting)]
+
+
+def _needed_syscalls(culprit: Directive, names: Sequence[str], groups: dict[str, list[str]],
+                     context: Context) -> list[str]:
+    """Which syscalls of the denied ``names`` the service really calls: deny the rest and see (costs reruns)."""
+    syscalls = [s for name in names for s in expand_group(name, groups)]
+    if not syscalls or syscalls == list(names):
+        return list(names) if all(not n.startswith("@") for n in names) else []
+
+    def allowing(subset: Sequence[str]) -> bool:
+        rest = [s for s in syscalls if s not in subset]
+        return context.try_(Relaxation("", replace=((culprit.name, _with_denies(culprit, set(names), rest)),)))
+
+    try:
+        return ddmin(syscalls, allowing) if allowing(syscalls) else []
+    except BudgetExceeded:
+        return []
+
+
+def _refine_list_grant(culprit: Directive, context: Context, universe: Sequence[str], what: str,
+                       make: Callable[[Sequence[str]], Directive]) -> Relaxation | None:
+    """For allow-list directives: the fewest extra names that make the scenario pass."""
+    denied = _names(culprit.assignments, deny=True)
+    if denied:
+        def dropping(names: Sequence[str]) -> Relaxation:
+            return Relaxation(f"stop denying {', '.join(names)} in {culprit.name}=",
+                              replace=((culprit.name, _with_denies(culprit, set(names))),), needs=", ".join(names))
+        if context.try_(dropping(denied)):
+            return dropping(ddmin(denied, lambda s: context.try_(dropping(s))))
+        return None
+    allowed = set(_names(culprit.assignments, deny=False))
+    candidates = [name for name in universe if name not in allowed]
+
+    def adding(names: Sequence[str]) -> Relaxation:
+        return Relaxation(f"also allow {', '.join(names)} in {culprit.name}=", replace=((culprit.name, make(names)),),
+                          needs=f"{what} {', '.join(names)}")
+    if not candidates or not context.try_(adding(candidates)):
+        return None
+    return adding(ddmin(candidates, lambda s: context.try_(adding(s))))
+
+
+def _refine_families(culprit: Directive, context: Context) -> Relaxation | None:
+    # Families added to an allow list read best as one line; two allow lines mean the same to systemd.
+    return _refine_list_grant(culprit, context, ADDRESS_FAMILIES, "address family",
+                              lambda names: Directive(culprit.name, (" ".join([culprit.value, *names]),),
+                                                      culprit.line))
+
+
+def _refine_capabilities(culprit: Directive, context: Context) -> Relaxation | None:
+    current = culprit.value.split()
+
+    def make(names: Sequence[str]) -> Directive:
+        return Directive(culprit.name, (" ".join([*current, *names]),), culprit.line)
+    return _refine_list_grant(culprit, context, CAPABILITIES, "capability", make)
+
+
+def _refine_namespaces(culprit: Directive, context: Context) -> Relaxation | None:
+    if culprit.value != "yes" and culprit.value.startswith("~"):
+        return None  # a deny list: removal is the only relaxation left
+
+    current = [] if culprit.value == "yes" else culprit.value.split()
+
+    def make(names: Sequence[str]) -> Directive:
+        return Directive(culprit.name, (" ".join([*current, *names]),), culprit.line)
+    return _refine_list_grant(culprit, context, list(NAMESPACE_FLAGS), "namespace type", make)
+
+
+def _refine_ip_deny(culprit: Directive, context: Context) -> Relaxation | None:
+    allows = [p for p in ("localhost", "link-local", "multicast")]
+
+    def adding(names: Sequence[str]) -> Relaxation:
+        return Relaxation(f"allow {', '.join(names)} with IPAddressAllow=",
+                          add=(Directive("IPAddressAllow", (" ".join(names),)),), needs=f"addresses {', '.join(names)}")
+    if context.try_(adding(allows)):
+        return adding(ddmin(allows, lambda s: context.try_(adding(s))))
+    return None
+
+
+def paths_in(evidence: str) -> list[str]:
+    """Absolute paths named in lines that report a denial, deepest first, with their ancestors after them."""
+    found: list[str] = []
+    for line in evidence.splitlines():
+        if not any(word in line for word in _DENIAL_WORDS):
+            continue
+        for match in _PATH_RE.findall(line):
+            path = match.rstrip("/:")
+            if path.count("/") < 2 or path.startswith(("/usr/lib/python", "/proc/self")):
+                continue
+            parts = path.split("/")
+            for depth in range(len(parts), 2, -1):
+                candidate = "/".join(parts[:depth])
+                if candidate not in found:
+                    found.append(candidate)
+    return found
+
+
+def _refine_paths(culprit: Directive, context: Context) -> Relaxation | None:
+    """Grant the one path the service needs, rather than dropping a filesystem directive."""
+    for path in paths_in(context.evidence):
+        for prefix, directory_directive in SERVICE_DIRECTORIES:
+            if path.startswith(prefix) and path.count("/") == prefix.count("/"):
+                name = path[len(prefix):]
+                candidate = Relaxation(f"let systemd create and grant {path} with {directory_directive}={name}",
+                                       add=(Directive(directory_directive, (name,)),), needs=f"write access to {path}")
+                if context.try_(candidate):
+                    return candidate
+        grant = "ReadWritePaths" if culprit.name not in ("InaccessiblePaths",) else "BindReadOnlyPaths"
+        candidate = Relaxation(f"grant {path} with {grant}=-{path}", add=(Directive(grant, (f"-{path}",)),),
+                               needs=f"access to {path}")
+        if context.try_(candidate):
+            return candidate
+    return None
+
+
+# --- the whole diagnosis -------------------------------------------------------------------------------------------
+
+@dataclass
+class Finding:
+    culprit: Directive
+    relaxation: Relaxation | None
+
+
+@dataclass
+class Diagnosis:
+    """The outcome, ready for a failure report (:meth:`render`) or a JSON report (:meth:`as_dict`)."""
+
+    verdict: str  # "not-hardening", "found", "inconclusive", "budget"
+    findings: list[Finding] = field(default_factory=list)
+    combined: Relaxation | None = None
+    verified: bool = False
+    runs: int = 0
+    seconds: float = 0.0
+    note: str = ""
+    hardening: Hardening = ()
+    spec_name: str = ""
+
+    def render(self) -> str:
+        head = f"diagnosis ({self.runs} reruns, {self.seconds:.1f}s):"
+        if self.verdict == "not-hardening":
+            return f"{head}\n  fails without hardening too: not a hardening problem. {self.note}".rstrip()
+        lines = [head]
+        if self.note:
+            lines.append(f"  {self.note}")
+        for finding in self.findings:
+            where = f" ({self.spec_name}:{finding.culprit.line})" if finding.culprit.line else ""
+            lines.append(f"  culprit: {'; '.join(finding.culprit.unit_lines())}{where}")
+            if finding.relaxation and finding.relaxation.needs:
+                lines.append(f"    the service needs: {finding.relaxation.needs}")
+            if finding.relaxation:
+                lines.append(f"    smallest relaxation: {finding.relaxation.description}")
+        if self.combined is not None and self.verified:
+            lines.append("  verified: the scenario passes with only this change. Drop-in:")
+            lines += ["    " + line for line in self.combined.dropin(self.hardening).splitlines()]
+            lines.append(f"  or in {self.spec_name or 'the spec'} (hardening:):")
+            lines += ["    " + line for line in self.combined.spec_change(self.hardening).splitlines()]
+        elif self.verdict == "found":
+            lines.append("  no relaxation was verified: remove the culprit directive(s) and check again")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "verdict": self.verdict, "runs": self.runs, "seconds": round(self.seconds, 2), "note": self.note,
+            "verified": self.verified,
+            "culprits": [{
+                "directive": f.culprit.name, "lines": f.culprit.unit_lines(), "spec_line": f.culprit.line,
+                "needs": f.relaxation.needs if f.relaxation else None,
+                "relaxation": f.relaxation.description if f.relaxation else None,
+            } for f in self.findings],
+            "dropin": self.combined.dropin(self.hardening) if self.combined and self.verified else None,
+            "spec_change": self.combined.spec_change(self.hardening) if self.combined and self.verified else None,
+        }
+
+
+def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
+             syscall_groups: Callable[[], dict[str, list[str]]] = lambda: {}, max_runs: int = 60,
+             max_seconds: float = 300.0, spec_name: str = "", previous: Sequence[Diagnosis] = ()) -> Diagnosis:
+    """Find the directives that break a scenario and the smallest verified relaxation (see the module docstring).
+
+    ``previous`` diagnoses of the same spec are tried first: one cause often breaks several scenarios, and
+    confirming a known relaxation costs one rerun instead of a search.
+    """
+    started = time.monotonic()
+    oracle = Oracle(trial, max_runs=max_runs, max_seconds=max_seconds)
+    diagnosis = Diagnosis("inconclusive", hardening=hardening, spec_name=spec_name)
+    try:
+        _diagnose(hardening, oracle, evidence, syscall_groups, diagnosis, previous)
+    except BudgetExceeded as exc:
+        diagnosis.verdict = "budget" if diagnosis.verdict == "inconclusive" else diagnosis.verdict
+        diagnosis.note = (diagnosis.note + f" Stopped early: {exc} (raise it with --harden-diagnose-runs).").strip()
+    diagnosis.runs = oracle.runs
+    diagnosis.seconds = time.monotonic() - started
+    return diagnosis
+
+
+def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
+              syscall_groups: Callable[[], dict[str, list[str]]], diagnosis: Diagnosis,
+              previous: Sequence[Diagnosis]) -> None:
+    if oracle.passes(hardening):
+        diagnosis.note = "the scenario passed when rerun: it is flaky, not (only) over-hardened"
+        return
+    unhardened = oracle.result(())
+    if not unhardened.passed:
+        diagnosis.verdict = "not-hardening"
+        diagnosis.note = f"Without any hardening: {unhardened.summary}" if unhardened.summary else ""
+        return
+    for earlier in previous:
+        if earlier.combined is not None and earlier.verified and oracle.passes(earlier.combined.apply(hardening)):
+            diagnosis.verdict, diagnosis.verified = "found", True
+            diagnosis.findings, diagnosis.combined = earlier.findings, earlier.combined
+            diagnosis.note = "the relaxation found for an earlier failure of this spec fixes this one too"
+            return
+    candidates = [d for d in hardening if d.name in RESTRICTING]
+
+    def passes_without(removed: list[Directive]) -> bool:
+        return oracle.passes(tuple(d for d in hardening if d not in removed))
+
+    if not candidates or not passes_without(candidates):
+        # The restricting directives are not enough: an enabling one (User=, ...) plays a part too.
+        candidates = list(hardening)
+    culprits = ddmin(candidates, passes_without)
+    diagnosis.verdict = "found"
+    if any(c.name == "DynamicUser" for c in culprits):
+        diagnosis.note = f"DynamicUser=yes implies {', '.join(IMPLIED_BY_DYNAMIC_USER)}."
+    context = Context(oracle, hardening, evidence, syscall_groups)
+    relaxations: list[Relaxation] = []
+    for culprit in culprits:
+        # Refine each culprit with the other culprits already relaxed, so their effects do not mask each other.
+        others = [c for c in culprits if c is not culprit]
+        context.hardening = tuple(d for d in hardening if d not in others)
+        relaxation = refine(culprit, context)
+        diagnosis.findings.append(Finding(culprit, relaxation))
+        relaxations.append(relaxation or removal(culprit))
+    combined = Relaxation("; ".join(r.description for r in relaxations),
+                          replace=tuple(item for r in relaxations for item in r.replace),
+                          add=tuple(item for r in relaxations for item in r.add),
+                          needs="; ".join(r.needs for r in relaxations if r.needs))
+    diagnosis.combined = combined
+    diagnosis.verified = oracle.passes(combined.apply(hardening))
+
+
+def parse_syscall_groups(listing: str) -> dict[str, list[str]]:
+    """Groups from ``systemd-analyze syscall-filter``: ``@name`` lines, then indented members (# comments skipped)."""
+    groups: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in listing.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif current is not None and line.strip() and not line.strip().startswith("#"):
+            current.append(line.strip())
+        elif not line.strip():
+            current = None
+    return groups

@@ -1,0 +1,108 @@
+"""The diagnosis on a real machine: real breakage patterns, each named with a verified relaxation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from pytest_systemd_harden.backends.base import Machine
+from pytest_systemd_harden.diagnosis import Diagnosis
+from pytest_systemd_harden.scenarios import diagnose_failure, failure_report, run_scenario
+from pytest_systemd_harden.service import HardenedService
+from pytest_systemd_harden.spec import Spec
+
+# Restricting directives that do not matter to the scenarios below: the search must rule them out.
+NOISE = """
+  PrivateTmp: yes
+  NoNewPrivileges: yes
+  LockPersonality: yes
+  RestrictRealtime: yes
+  ProtectHostname: yes
+  ProtectKernelModules: yes
+"""
+
+
+@pytest.fixture
+def diagnose(machine: Machine, make_spec: Callable[[str], Spec]) -> Callable[[str, str], Diagnosis]:
+    def run(hardening: str, command: str) -> Diagnosis:
+        spec = make_spec(f"""
+service:
+  exec_start: /bin/sleep infinity
+hardening:{NOISE}{hardening}
+scenarios:
+  - name: the feature
+    inside: {command}
+""")
+        service = HardenedService(machine, spec)
+        service.start()
+        try:
+            outcome = run_scenario(service, spec.scenarios[0])
+            assert not outcome.passed, "the scenario must fail under this hardening for the test to mean anything"
+            return diagnose_failure(service, spec.scenarios[0], failure_report(service, outcome))
+        finally:
+            service.stop()
+
+    return run
+
+
+def culprits(diagnosis: Diagnosis) -> list[str]:
+    return [finding.culprit.name for finding in diagnosis.findings]
+
+
+def test_getifaddrs_needs_af_netlink(diagnose) -> None:  # type: ignore[no-untyped-def]
+    diagnosis = diagnose("  RestrictAddressFamilies: [AF_UNIX, AF_INET, AF_INET6]\n",
+                         "python3 -c 'import socket; socket.if_nameindex()'")
+    assert (diagnosis.verdict, culprits(diagnosis), diagnosis.verified) == ("found", ["RestrictAddressFamilies"], True)
+    assert diagnosis.findings[0].relaxation is not None
+    assert diagnosis.findings[0].relaxation.description == "also allow AF_NETLINK in RestrictAddressFamilies="
+    assert "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK" in diagnosis.render()
+
+
+def test_proc_meminfo_under_proc_subset_pid(diagnose) -> None:  # type: ignore[no-untyped-def]
+    diagnosis = diagnose("  ProcSubset: pid\n", "cat /proc/meminfo")
+    assert culprits(diagnosis) == ["ProcSubset"]
+    assert diagnosis.combined is not None and diagnosis.verified
+    assert diagnosis.combined.description == "weaken ProcSubset=pid to ProcSubset=all"
+
+
+def test_a_write_under_protect_system_strict_gets_a_state_directory(diagnose) -> None:  # type: ignore[no-untyped-def]
+    diagnosis = diagnose("  ProtectSystem: strict\n", "sh -c 'mkdir -p /var/lib/app && echo x > /var/lib/app/data'")
+    assert culprits(diagnosis) == ["ProtectSystem"]
+    relaxation = diagnosis.findings[0].relaxation
+    assert relaxation is not None and diagnosis.verified
+    assert relaxation.description == "let systemd create and grant /var/lib/app with StateDirectory=app"
+    assert "StateDirectory: app" in diagnosis.render()  # ProtectSystem=strict itself stays
+
+
+def test_write_execute_memory_under_memory_deny_write_execute(diagnose) -> None:  # type: ignore[no-untyped-def]
+    diagnosis = diagnose("  MemoryDenyWriteExecute: yes\n",
+                         "python3 -c 'import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ|mmap.PROT_WRITE|mmap.PROT_EXEC)'")
+    assert culprits(diagnosis) == ["MemoryDenyWriteExecute"]
+    assert diagnosis.combined is not None and diagnosis.verified
+    assert diagnosis.combined.description == "remove MemoryDenyWriteExecute="
+
+
+def test_chown_under_denied_privileged_calls_reallows_only_chown(diagnose) -> None:  # type: ignore[no-untyped-def]
+    diagnosis = diagnose('  SystemCallFilter: ["@system-service", "~@privileged"]\n  SystemCallErrorNumber: EPERM\n',
+                         "sh -c 'touch /tmp/f && chown 65534 /tmp/f'")
+    assert culprits(diagnosis) == ["SystemCallFilter"]
+    relaxation = diagnosis.findings[0].relaxation
+    assert relaxation is not None and diagnosis.verified
+    assert relaxation.description == "re-allow @chown after the deny list of SystemCallFilter="
+    assert relaxation.needs.startswith("fchownat") and relaxation.needs.endswith("(in @privileged)")
+
+
+def test_a_missing_capability_is_named(diagnose) -> None:  # type: ignore[no-untyped-def]
+    diagnosis = diagnose('  CapabilityBoundingSet: ""\n', "sh -c 'touch /tmp/g && chown 65534 /tmp/g'")
+    assert culprits(diagnosis) == ["CapabilityBoundingSet"]
+    relaxation = diagnosis.findings[0].relaxation
+    assert relaxation is not None and diagnosis.verified
+    assert relaxation.description == "also allow CAP_CHOWN in CapabilityBoundingSet="
+
+
+def test_a_scenario_that_fails_without_hardening_is_not_blamed_on_it(diagnose) -> None:  # type: ignore[no-untyped-def]
+    diagnosis = diagnose("  ProtectSystem: strict\n", "cat /no/such/file")
+    assert diagnosis.verdict == "not-hardening"
+    assert "fails without hardening too: not a hardening problem" in diagnosis.render()
+    assert diagnosis.runs == 2  # the failure rerun, and the control without hardening
