@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .directives import CAPABILITIES, NAMESPACE_FLAGS, Directive, render_dropin
+from .directives import CAPABILITIES, NAMESPACE_FLAGS, Directive
 
 Hardening = tuple[Directive, ...]
 T = TypeVar("T")
@@ -215,7 +215,7 @@ class Context:
     oracle: Oracle
     hardening: Hardening
     evidence: str  # the failing command's output and the service's journal
-    syscall_groups: Callable[[], dict[str, list[str]]] = lambda: {}
+    syscall_groups: Callable[[], dict[str, list[str]]] = dict
 
     def try_(self, relaxation: Relaxation) -> bool:
         return self.oracle.passes(relaxation.apply(self.hardening))
@@ -533,7 +533,7 @@ class Diagnosis:
 
 
 def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
-             syscall_groups: Callable[[], dict[str, list[str]]] = lambda: {}, max_runs: int = 60,
+             syscall_groups: Callable[[], dict[str, list[str]]] = dict, max_runs: int = 60,
              max_seconds: float = 300.0, spec_name: str = "", previous: Sequence[Diagnosis] = ()) -> Diagnosis:
     """Find the directives that break a scenario and the smallest verified relaxation (see the module docstring).
 

@@ -110,7 +110,8 @@ def _scalar(value: Any) -> str:
         raise DirectiveError("expected a single value, not a list or mapping")
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return str(value)
+    # A number as it was written in the spec (UMask: 0077, LimitNOFILE: 1024:50), not as YAML 1.1 computed it.
+    return str(getattr(value, "source", value))
 
 
 # --- the kinds of directive ---------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def _split_polarity(value: Any, check: Callable[[str], None]) -> list[str]:
 
     Merging is safe: systemd treats two consecutive allow (or deny) lines as one line with both.
     """
-    items = value if isinstance(value, list) else [value]
+    items = value if isinstance(value, list) else [] if value is None else [value]
     assignments: list[str] = []
     for item in items:
         text = _scalar(item).strip()
@@ -180,6 +181,8 @@ def _split_polarity(value: Any, check: Callable[[str], None]) -> list[str]:
             assignments[-1] += " " + " ".join(names)
         else:
             assignments.append(("~" if deny else "") + " ".join(names))
+    if not assignments:
+        raise DirectiveError("is empty", "list what to allow (or ~ what to deny), or remove the line for no filter")
     return assignments
 
 
@@ -257,8 +260,9 @@ def _errno_bus(text: str) -> int:
 
 
 def _mode_assign(value: Any) -> list[str]:
-    # YAML 1.1 reads 0077 as the octal number it is; a quoted "0077" is parsed as octal too.
-    if isinstance(value, int) and not isinstance(value, bool):
+    # Modes are octal as in a unit file, however written: 0077, 077, 77 and "0077" all mean 0o077. A plain int
+    # without its source text (from Python, not YAML) is taken as the number it is.
+    if isinstance(value, int) and not isinstance(value, bool) and not hasattr(value, "source"):
         mode = value
     else:
         text = _scalar(value)
@@ -470,11 +474,30 @@ TASKS = Kind("t", _tasks_assign, _single(lambda t: UINT64_MAX if t == "infinity"
 TIMESPAN = Kind("t", _time_assign, _single(_time_bus))
 IP_PREFIXES = Kind("a(iayu)", _ip_assign, _single(_ip_bus))
 BINDS = Kind("a(ssbt)", _bind_assign, _single(_bind_bus))
-DEVICES = Kind("a(ss)", _pairs_assign(" ", "/dev/null rw"), _single(_device_bus))
+def _device_assign(value: Any) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        text = _scalar(item)
+        path, _, access = text.partition(" ")
+        if not (path.startswith(("/dev/", "char-", "block-"))) or access.strip(" rwm"):
+            raise DirectiveError(f"{text!r} is not a device rule", "a /dev path, char-GROUP or block-GROUP, then r, w, m")
+        out.append(text)
+    return out
+
+
+DEVICES = Kind("a(ss)", _device_assign, _single(_device_bus))
 CREDENTIALS = Kind("a(ss)", _pairs_assign(":", "token:/etc/app/token"), _single(_credential_bus))
 ENVIRONMENT = Kind("as", _environment_assign, _env_bus)
 SOCKET_BIND = Kind("a(iiqq)", _socket_bind_assign, _single(_socket_bind_bus))
-INTEGER = Kind("i", lambda v: [str(int(_scalar(v)))], _single(int))
+def _integer_assign(value: Any) -> list[str]:
+    text = _scalar(value)
+    if not re.fullmatch(r"-?\d+", text):
+        raise DirectiveError(f"{text!r} is not a whole number", "e.g. 10 or -5")
+    return [text]
+
+
+INTEGER = Kind("i", _integer_assign, _single(int))
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,10 @@ class MachineError(HardenError):
     """The test machine itself failed (boot, bus, image build): an infrastructure problem."""
 
 
+class ImageBuildError(HardenError):
+    """A machine image could not be built: often a package name in the spec, sometimes the mirror."""
+
+
 class ServiceFailed(HardenError, AssertionError):
     """The hardened service failed to start or to become ready.
 

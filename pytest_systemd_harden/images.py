@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BackendUnavailable, MachineError
+from .errors import BackendUnavailable, ImageBuildError
 
 # Bump when the recipe below changes, so old caches are not reused for a different image.
 RECIPE_VERSION = 2
@@ -127,7 +127,7 @@ class ImageCache:
                 if line.startswith(("I:", "E:", "W:")):
                     progress(f"  {command[0]}: {line}")
         if proc.returncode != 0:
-            raise MachineError(f"{command[0]} failed (exit status {proc.returncode}) building {rootfs}:\n"
+            raise ImageBuildError(f"{command[0]} failed (exit status {proc.returncode}) building {rootfs}:\n"
                                + "\n".join(tail)
                                + "\nhint: is every package name a Debian bookworm package? Is the mirror "
                                f"{self.mirror} reachable? (set HARDEN_MIRROR to use another)")

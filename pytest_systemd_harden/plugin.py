@@ -15,10 +15,10 @@ from typing import Any, NoReturn
 
 import pytest
 
+from .diagnosis import Diagnosis
 from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
 from .images import ImageCache
 from .pool import MachinePool
-from .diagnosis import Diagnosis
 from .scenarios import diagnose_failure, failure_report, run_scenario
 from .service import HardenedService
 from .spec import Scenario, Spec, load_spec
@@ -34,7 +34,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--harden-require-backend", action="store_true", default=False,
                     help="a backend that cannot run here is an error, not a skip (use this in CI)")
     group.addoption("--harden-cache-dir", default=None, metavar="DIR",
-                    help="where built machine images are cached (default: $XDG_CACHE_HOME/pytest-systemd-harden)")
+                    help="where built machine images are cached (default: $HARDEN_CACHE_DIR, else "
+                         "$XDG_CACHE_HOME/pytest-systemd-harden, else ~/.cache/pytest-systemd-harden)")
     group.addoption("--harden-diagnose", choices=("on", "off"), default="on",
                     help="when a scenario fails under hardening, find the directive that broke it and the smallest "
                          "verified relaxation (costs reruns; default: on)")
@@ -214,7 +215,7 @@ class SpecFile(pytest.File):
     def service(self) -> HardenedService:
         """The spec's service, started once for all its items (an earlier start failure is raised again)."""
         if self._start_error is not None:
-            raise self._start_error
+            raise self._start_error.with_traceback(None) from None
         if self._service is None:
             try:
                 self._service = HardenSession.of(self.config).start(self.spec)
@@ -279,8 +280,9 @@ class ScenarioItem(SpecItem):
     def runtest(self) -> None:
         try:
             service = self.parent.service()
-        except HardenError as exc:
-            raise ScenarioFailed(f"not run: the service did not start ({type(exc).__name__}; see "
+        except (HardenError, pytest.fail.Exception) as exc:
+            reason = "no backend" if isinstance(exc, pytest.fail.Exception) else type(exc).__name__
+            raise ScenarioFailed(f"not run: the service did not start ({reason}; see "
                                  f"'{self.parent.name}::service starts under hardening')") from None
         outcome = run_scenario(service, self.scenario)
         self.record = self.new_record(check="scenario", scenario=self.scenario.name, diagnosis=None)

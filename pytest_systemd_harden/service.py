@@ -90,7 +90,12 @@ class HardenedService:
         return props
 
     def service_properties(self) -> list[Property]:
-        props: list[Property] = [("Description", Variant("s", f"{self.spec.label} under test by pytest-systemd-harden"))]
+        props: list[Property] = [
+            ("Description", Variant("s", f"{self.spec.label} under test by pytest-systemd-harden")),
+            # Keep the unit loaded after it stops, so its state directories can be cleaned (CleanUnit needs a
+            # loaded unit); the reference is dropped in stop(), or with our bus connection.
+            ("AddRef", Variant("b", True)),
+        ]
         props += self.spec.service.properties()
         props += [p for d in self.spec.hardening for p in d.properties()]
         if self.user and not self.spec.directive("User"):
@@ -120,6 +125,10 @@ class HardenedService:
             raise self.failure(f"failed to start (start job: {job})")
         ready = self.spec.service.ready
         if ready.kind == "active":
+            state = self.state()
+            if state["ActiveState"] == "failed" or (state["ActiveState"] == "inactive"
+                                                    and self.spec.service.type != "oneshot"):
+                raise self.failure("exited right after it started")
             return
         deadline = started + ready.timeout
         while True:
@@ -138,9 +147,10 @@ class HardenedService:
         """Stop the service and forget its state (failed status, State/Cache/Logs/RuntimeDirectory contents)."""
         systemd = self.machine.systemd
         systemd.stop_unit(self.unit)
-        systemd.reset_failed(self.unit)
         if any(self.spec.directive(d) for d in ("StateDirectory", "CacheDirectory", "LogsDirectory", "RuntimeDirectory")):
             systemd.clean_unit(self.unit)
+        systemd.reset_failed(self.unit)
+        systemd.unref_unit(self.unit)
 
     # -- commands -----------------------------------------------------------------------------------------
 

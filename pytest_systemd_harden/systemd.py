@@ -214,15 +214,28 @@ class SystemdClient:
             if exc.type != "org.freedesktop.systemd1.NoSuchUnit":
                 raise
 
-    def clean_unit(self, unit: str, what: Sequence[str] = ("all",)) -> None:
-        """Remove the unit's State/Cache/Logs/RuntimeDirectory= contents (``systemctl clean``)."""
+    def clean_unit(self, unit: str, what: Sequence[str] = ("all",), *, timeout: float = 30.0) -> None:
+        """Remove the unit's State/Cache/Logs/RuntimeDirectory= contents (``systemctl clean``) and wait for it.
+
+        The unit must be loaded and inactive: a transient unit is only still loaded after it stops if someone
+        holds a reference to it (AddRef).
+        """
         try:
             self._run(self._call(MANAGER_PATH, MANAGER_IFACE, "CleanUnit", "sas", [unit, list(what)]))
         except DBusError as exc:
-            # Nothing to clean, or the unit is gone: both mean clean.
-            if exc.type not in ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.UnknownObject",
-                                "org.freedesktop.systemd1.NothingToClean"):
-                raise
+            # Nothing there, or a unit never started (not loaded): nothing to clean either way.
+            if exc.type in ("org.freedesktop.systemd1.NothingToClean", "org.freedesktop.systemd1.NoSuchUnit"):
+                return
+            raise
+        deadline = time.monotonic() + timeout
+        while self.unit_properties(unit).get("ActiveState") == "maintenance":  # cleaning runs as a process
+            if time.monotonic() > deadline:
+                raise MachineError(f"cleaning {unit} took longer than {timeout:.0f}s")
+            time.sleep(0.01)
+
+    def unref_unit(self, unit: str) -> None:
+        """Drop our AddRef reference, so an inactive transient unit is unloaded."""
+        self._run(self._unref(unit))
 
     def run(self, unit: str, argv: Sequence[str], properties: Sequence[Property], *, stdin: bytes = b"",
             timeout: float = 60.0) -> ProcessOutcome:

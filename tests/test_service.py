@@ -100,6 +100,7 @@ def test_restart_starts_clean(started) -> None:  # type: ignore[no-untyped-def]
     text = """
 service:
   exec_start: /bin/sh -c 'test ! -e $STATE_DIRECTORY/ran || echo not clean >&2; touch $STATE_DIRECTORY/ran; exec sleep infinity'
+  ready: {file: /var/lib/private/cleanliness/ran}
 hardening:
   DynamicUser: yes
   StateDirectory: cleanliness
@@ -109,6 +110,20 @@ hardening:
     second = started(text)
     assert "not clean" not in second.journal()
     assert second.inside("test -e /var/lib/cleanliness/ran").ok
+
+
+def test_a_program_that_cannot_be_executed_fails_the_start(started) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ServiceFailed) as failure:
+        started("service:\n  exec_start: /opt/not/installed --serve\n")
+    message = str(failure.value)
+    assert "failed to start (start job: failed)" in message
+    assert "203/EXEC" in message
+
+
+def test_a_service_that_exits_at_once_fails_the_start(started) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ServiceFailed) as failure:
+        started("service:\n  exec_start: /bin/sh -c 'echo bye; exit 0'\n")
+    assert "exited right after it started" in str(failure.value)
 
 
 def test_testinfra_hosts_see_the_machine_and_the_sandbox(started) -> None:  # type: ignore[no-untyped-def]
