@@ -24,13 +24,14 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 from dbus_next.signature import Variant
 
+from . import profiles
 from .backends.base import MachineConfig
 from .directives import Directive, DirectiveError, Property, _closest_hint, render_dropin
 from .errors import SpecError
@@ -183,6 +184,8 @@ class Spec:
     scenarios: tuple[Scenario, ...]
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # The built-in profile the hardening starts from ("" for none); its directives are already in `hardening`.
+    profile: str = ""
 
     @property
     def label(self) -> str:
@@ -195,20 +198,20 @@ class Spec:
         return [prop for directive in self.hardening for prop in directive.properties()]
 
     def dropin(self) -> str:
-        return render_dropin(self.hardening, header=f"Hardening tested by pytest-systemd-harden ({self.path.name})")
+        source = self.path.name + (f", starting from profile {self.profile}" if self.profile else "")
+        return render_dropin(self.hardening, header=f"Hardening tested by pytest-systemd-harden ({source})")
 
     def without(self, names: Sequence[str]) -> Spec:
         """The same spec with the named directives removed (for diagnosis and control runs)."""
-        return Spec(self.path, self.service, self.machine, tuple(d for d in self.hardening if d.name not in names),
-                    self.scenarios, self.name, self.extra)
+        return replace(self, hardening=tuple(d for d in self.hardening if d.name not in names))
 
     def with_hardening(self, directives: Sequence[Directive]) -> Spec:
-        return Spec(self.path, self.service, self.machine, tuple(directives), self.scenarios, self.name, self.extra)
+        return replace(self, hardening=tuple(directives))
 
 
 # --- loading ------------------------------------------------------------------------------------------------
 
-TOP_KEYS = ("name", "service", "machine", "hardening", "scenarios")
+TOP_KEYS = ("name", "profile", "service", "machine", "hardening", "scenarios")
 SERVICE_KEYS = ("exec_start", "type", "ready", "environment", "working_directory", "start_timeout")
 MACHINE_KEYS = ("packages", "files", "backend")
 SCENARIO_KEYS = ("name", "client", "inside", "expect", "timeout")
@@ -295,9 +298,12 @@ def parse_spec(document: Any, path: Path) -> Spec:
     service = _parse_service(check, check.mapping(doc["service"], doc, "service", "service"))
     machine = _parse_machine(check, check.mapping(doc.get("machine") or _as_mapping({}), doc, "machine", "machine"))
     hardening = _parse_hardening(check, doc.get("hardening"), doc)
+    profile = _parse_profile(check, doc)
+    if profile is not None:
+        hardening = profiles.merge(profile.directives(_line_of(doc, "profile")), hardening)
     scenarios = _parse_scenarios(check, doc.get("scenarios"), doc)
     name = str(doc["name"]) if "name" in doc else ""
-    return Spec(path, service, machine, hardening, scenarios, name)
+    return Spec(path, service, machine, hardening, scenarios, name, profile=profile.name if profile else "")
 
 
 def _parse_service(check: _Checker, section: _Mapping) -> ServiceConfig:
@@ -382,6 +388,15 @@ def _parse_machine(check: _Checker, section: _Mapping) -> MachineConfig:
         raise check.error(section, "backend", "machine.backend", f"unknown backend {backend!r}",
                           _closest_hint(backend, list(BACKENDS)) or f"one of {', '.join(BACKENDS)}")
     return MachineConfig(tuple(sorted(set(packages))), tuple(sorted(files)), backend)
+
+
+def _parse_profile(check: _Checker, doc: _Mapping) -> profiles.Profile | None:
+    if "profile" not in doc:
+        return None
+    try:
+        return profiles.lookup(check.string(doc, "profile", "profile"))
+    except profiles.ProfileError as exc:
+        raise check.error(doc, "profile", "profile", exc.problem, exc.hint) from None
 
 
 def _parse_hardening(check: _Checker, section: Any, doc: _Mapping) -> tuple[Directive, ...]:

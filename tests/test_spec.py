@@ -226,7 +226,7 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
 def test_unknown_top_level_key_without_close_match(tmp_path: Path) -> None:
     path, error = spec_error(tmp_path, SERVICE + "zzz: 1\n")
     assert_message(error, path, 3, "zzz", "unknown field",
-                   "known fields: name, service, machine, hardening, scenarios")
+                   "known fields: name, profile, service, machine, hardening, scenarios")
 
 
 def test_unknown_directive(tmp_path: Path) -> None:

@@ -1,0 +1,284 @@
+"""Built-in profiles: names, merging with a spec, where their directives came from, and - in a real container -
+that a service starts under each and that their strongest directives are really in force."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_systemd_harden import profiles
+from pytest_systemd_harden.backends.base import Machine
+from pytest_systemd_harden.directives import Directive
+from pytest_systemd_harden.errors import SpecError
+from pytest_systemd_harden.profiles import PROFILES, ProfileError, ProfileLine
+from pytest_systemd_harden.service import HardenedService, describe_hardening
+from pytest_systemd_harden.spec import Spec, load_spec
+
+NAMES = sorted(PROFILES)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "harden.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# --- the profiles themselves ----------------------------------------------------------------------------------
+
+def test_the_three_profiles_exist_and_are_versioned() -> None:
+    assert NAMES == ["baseline-2026", "maximum-2026", "minimal-2026"]
+    assert all(profiles.VERSIONED_NAME.match(name) for name in NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_directive_of_a_profile_is_valid(name: str) -> None:
+    directives = PROFILES[name].directives(3)
+    assert [d.name for d in directives] == list(PROFILES[name].settings)
+    for directive in directives:
+        directive.properties()  # converts to D-Bus values without error
+
+
+def test_maximum_has_everything_baseline_has() -> None:
+    baseline, maximum = PROFILES["baseline-2026"].settings, PROFILES["maximum-2026"].settings
+    assert set(baseline) <= set(maximum)
+    # Where both set a directive, maximum is the same or stricter (these two differ on purpose).
+    differing = {name for name in baseline if baseline[name] != maximum[name]}
+    assert differing == {"ProtectHome"}  # baseline hides /home (yes); maximum keeps the guide's read-only
+    assert maximum["DynamicUser"] == "yes"
+
+
+def test_baseline_translates_the_pre_rfc_to_debian() -> None:
+    baseline = PROFILES["baseline-2026"].settings
+    assert baseline["ExecPaths"] == "/usr"
+    assert baseline["NoExecPaths"] == "/ /tmp /var/tmp"
+    assert baseline["CapabilityBoundingSet"] == ""
+    assert (baseline["IPAddressAllow"], baseline["IPAddressDeny"]) == ("localhost", "any")
+    assert "/nix" not in " ".join(baseline.values())
+
+
+# --- names ----------------------------------------------------------------------------------------------------
+
+def test_an_unversioned_name_is_refused_with_the_versioned_one() -> None:
+    with pytest.raises(ProfileError) as info:
+        profiles.lookup("baseline")
+    assert info.value.problem == "'baseline' has no version"
+    assert info.value.hint.startswith("did you mean baseline-2026? profile names end in a year")
+    assert info.value.hint.endswith("known profiles: baseline-2026, maximum-2026, minimal-2026")
+
+
+def test_an_unknown_name_lists_the_known_ones() -> None:
+    with pytest.raises(ProfileError) as info:
+        profiles.lookup("strict-2026")
+    assert (info.value.problem, info.value.hint) == (
+        "unknown profile 'strict-2026'", "known profiles: baseline-2026, maximum-2026, minimal-2026")
+    with pytest.raises(ProfileError) as typo:
+        profiles.lookup("maximun-2026")
+    assert typo.value.hint == "did you mean maximum-2026? known profiles: baseline-2026, maximum-2026, minimal-2026"
+
+
+def test_an_unknown_profile_in_a_spec_is_a_located_spec_error(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        service:
+          exec_start: /bin/true
+        profile: hardened
+        """)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value).startswith(f"{path}:3: profile: 'hardened' has no version (profile names end in a year")
+
+
+def test_a_profile_must_be_a_name(tmp_path: Path) -> None:
+    path = write(tmp_path, "service: {exec_start: /bin/true}\nprofile: [baseline-2026]\n")
+    with pytest.raises(SpecError, match=r":2: profile: expected a string$"):
+        load_spec(path)
+
+
+# --- merging --------------------------------------------------------------------------------------------------
+
+def test_merge_replaces_by_name_and_keeps_the_rest_in_order() -> None:
+    base = (Directive.parse("PrivateTmp", "yes"), Directive.parse("RestrictAddressFamilies", "AF_UNIX"),
+            Directive.parse("ProtectClock", "yes"))
+    own = (Directive.parse("RestrictAddressFamilies", ["AF_UNIX", "AF_INET"]), Directive.parse("UMask", "0077"))
+    merged = profiles.merge(base, own)
+    assert [str(d) for d in merged] == ["PrivateTmp=yes", "ProtectClock=yes",
+                                        "RestrictAddressFamilies=AF_UNIX AF_INET", "UMask=0077"]
+
+
+SPEC = """\
+name: api
+profile: baseline-2026
+service:
+  exec_start: /bin/sleep infinity
+hardening:
+  DynamicUser: yes
+  RestrictAddressFamilies: [AF_UNIX, AF_INET]
+  IPAddressDeny: ""
+  ExecPaths: /usr /opt/app
+"""
+
+
+@pytest.fixture
+def profiled(tmp_path: Path) -> Spec:
+    return load_spec(write(tmp_path, SPEC))
+
+
+def test_a_spec_starts_from_its_profile_and_its_own_directives_win(profiled: Spec) -> None:
+    assert profiled.profile == "baseline-2026"
+    names = [d.name for d in profiled.hardening]
+    assert len(names) == len(set(names))  # every directive once
+    assert set(names) == set(PROFILES["baseline-2026"].settings) | {"DynamicUser"}
+    assert str(profiled.directive("RestrictAddressFamilies")) == "RestrictAddressFamilies=AF_UNIX AF_INET"
+    assert str(profiled.directive("ExecPaths")) == "ExecPaths=/usr /opt/app"  # replaced whole, not appended
+    assert str(profiled.directive("IPAddressDeny")) == "IPAddressDeny="  # an empty value lifts the restriction
+    assert profiled.directive("IPAddressDeny").properties()[0][1].value == []  # type: ignore[union-attr]
+    assert str(profiled.directive("ProtectClock")) == "ProtectClock=yes"  # the profile's, untouched
+
+
+def test_directives_say_where_they_came_from(profiled: Spec) -> None:
+    own = profiled.directive("DynamicUser")
+    inherited = profiled.directive("ProtectClock")
+    assert own is not None and inherited is not None
+    assert own.line == 6 and type(own.line) is int
+    assert inherited.line == 2 and isinstance(inherited.line, ProfileLine)
+    assert f"{inherited.line}" == "2, from profile baseline-2026"
+    assert f"{inherited.line:d}" == "2" and inherited.line + 1 == 3
+    lines = describe_hardening(profiled).splitlines()
+    assert "ProtectClock=yes    (harden.yaml:2, from profile baseline-2026)" in lines
+    assert "DynamicUser=yes    (harden.yaml:6)" in lines
+    assert "RestrictAddressFamilies=AF_UNIX AF_INET    (harden.yaml:7)" in lines
+
+
+def test_the_dropin_names_the_profile_and_holds_all_of_it(profiled: Spec) -> None:
+    dropin = profiled.dropin()
+    assert dropin.startswith("# Hardening tested by pytest-systemd-harden (harden.yaml, starting from profile "
+                             "baseline-2026)\n[Service]\n")
+    assert "\nProtectKernelModules=yes\n" in dropin and "\nDynamicUser=yes\n" in dropin
+    assert "RestrictAddressFamilies=AF_UNIX\n" not in dropin  # replaced, not listed twice
+
+
+def test_without_and_with_hardening_keep_the_profile(profiled: Spec) -> None:
+    assert profiled.without(["DynamicUser"]).profile == "baseline-2026"
+    assert profiled.with_hardening(()).profile == "baseline-2026"
+
+
+def test_no_profile_means_exactly_the_specs_directives(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, "service: {exec_start: /bin/true}\nhardening: {PrivateTmp: yes}\n"))
+    assert spec.profile == "" and [str(d) for d in spec.hardening] == ["PrivateTmp=yes"]
+
+
+# --- in a real container ----------------------------------------------------------------------------------------
+
+SERVER = "/usr/bin/python3 -m http.server 8080 --bind 127.0.0.1 --directory /usr/share/doc"
+
+
+@pytest.fixture
+def start(machine: Machine, tmp_path: Path) -> Iterator[Callable[[str], HardenedService]]:
+    """Start a service from spec text on the shared base machine; stopped after the test."""
+    services: list[HardenedService] = []
+
+    def started(text: str) -> HardenedService:
+        service = HardenedService(machine, load_spec(write(tmp_path, text)))
+        services.append(service)
+        service.start()
+        return service
+
+    yield started
+    for service in services:
+        service.stop()
+
+
+def sleeper(label: str, profile: str, hardening: str = "") -> str:
+    """A spec for ``sleep infinity`` under ``profile``; type exec, so the start returns once the sandbox is set up
+    and /proc/MAINPID shows the sandboxed process, not systemd's child before it exec'd."""
+    return (f"name: {label}\nprofile: {profile}\nservice: {{type: exec, exec_start: /bin/sleep infinity}}\n"
+            + (f"hardening: {hardening}\n" if hardening else ""))
+
+
+def _main_status(service: HardenedService) -> dict[str, str]:
+    pid = service.state()["MainPID"]
+    status = service.client(f"cat /proc/{pid}/status").stdout
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in status.splitlines())}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_service_starts_under_the_profile_unchanged(start: Callable[[str], HardenedService], name: str) -> None:
+    service = start(sleeper(f"sleep-{name}", name))
+    assert service.state()["ActiveState"] == "active", service.state_text()
+    status = _main_status(service)
+    assert (status["CapBnd"] == "0000000000000000") is (name != "minimal-2026")  # minimal keeps root's caps
+    assert status["Seccomp"] == "2"  # a filter: SystemCallFilter=, or RestrictAddressFamilies= alone
+    assert status["NoNewPrivs"] == ("1" if name != "baseline-2026" else "0")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_web_server_answers_under_the_profile(start: Callable[[str], HardenedService], name: str) -> None:
+    service = start(f"""\
+        name: web-{name}
+        profile: {name}
+        service:
+          exec_start: {SERVER}
+          ready: {{tcp: 8080}}
+        hardening:
+          RestrictAddressFamilies: [AF_UNIX, AF_INET, AF_INET6]
+        """)
+    fetched = service.client("python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/').status)\"")
+    assert fetched.stdout.strip() == "200", fetched.describe()
+
+
+@pytest.mark.parametrize("name", ["baseline-2026", "maximum-2026"])
+def test_private_users_puts_the_service_in_a_user_namespace_of_its_own(start: Callable[[str], HardenedService],
+                                                                      name: str) -> None:
+    service = start(sleeper(f"userns-{name}", name))
+    pid = service.state()["MainPID"]
+    namespaces = service.client(f"readlink /proc/1/ns/user /proc/{pid}/ns/user").stdout.split()
+    assert len(namespaces) == 2 and namespaces[0] != namespaces[1]
+    assert len(service.client(f"cat /proc/{pid}/uid_map").stdout.splitlines()) <= 2  # root and the service's uid
+
+
+NOEXEC_PROBE = "for dir in /tmp /var/tmp; do cp /usr/bin/true $dir/probe && $dir/probe; echo $dir=$?; done"
+
+
+@pytest.mark.parametrize("name", ["baseline-2026", "maximum-2026"])
+def test_nothing_outside_usr_executes(start: Callable[[str], HardenedService], name: str) -> None:
+    service = start(sleeper(f"noexec-{name}", name))
+    probe = service.inside(NOEXEC_PROBE)
+    assert probe.stdout.split() == ["/tmp=126", "/var/tmp=126"], probe.describe()
+    assert "EACCES" in probe.errno_names
+    assert service.inside("/usr/bin/true").ok
+
+
+def test_the_noexec_probe_sees_an_executable_tmp_without_the_profile(start: Callable[[str], HardenedService]) -> None:
+    service = start(sleeper("noexec-control", "minimal-2026"))
+    assert service.inside(NOEXEC_PROBE).stdout.split() == ["/tmp=0", "/var/tmp=0"]
+
+
+SEND = "python3 -c \"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('{}', 9))\""
+
+
+@pytest.mark.parametrize("name", ["baseline-2026", "maximum-2026"])
+def test_ip_address_deny_any_is_enforced(start: Callable[[str], HardenedService], name: str) -> None:
+    # The container has only lo, and all of it is "localhost": narrow the allow list to make a denied address.
+    service = start(sleeper(f"ipdeny-{name}", name,
+                            "{RestrictAddressFamilies: [AF_UNIX, AF_INET], IPAddressAllow: 127.0.0.1}"))
+    assert service.inside(SEND.format("127.0.0.1")).ok
+    denied = service.inside(SEND.format("127.0.0.2"))
+    assert denied.exit_status == 1 and "EPERM" in denied.errno_names, denied.describe()
+    assert service.client(SEND.format("127.0.0.2")).ok  # the same send, unconfined
+
+
+@pytest.mark.parametrize(("name", "visible"), [("baseline-2026", False), ("maximum-2026", False),
+                                               ("minimal-2026", True)])
+def test_proc_subset(start: Callable[[str], HardenedService], name: str, visible: bool) -> None:
+    service = start(sleeper(f"proc-{name}", name))
+    assert service.inside("test -e /proc/meminfo").ok is visible
+
+
+def test_minimal_keeps_the_system_read_only_but_logs_and_run_writable(start: Callable[[str], HardenedService]) -> None:
+    service = start(sleeper("minimal-rw", "minimal-2026"))
+    assert "EROFS" in service.inside("touch /etc/probe").errno_names
+    for directory in ("/var/log", "/run"):
+        written = service.inside(f"touch {directory}/harden-probe && rm {directory}/harden-probe")
+        assert written.ok, written.describe()
