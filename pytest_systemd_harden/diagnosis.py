@@ -456,8 +456,13 @@ def paths_in(evidence: str) -> list[str]:
 
 
 def _refine_paths(culprit: Directive, context: Context) -> Relaxation | None:
-    """Grant the one path the service needs, rather than dropping a filesystem directive."""
-    for path in paths_in(context.evidence):
+    """Grant the one path the service needs, rather than dropping a filesystem directive.
+
+    A per-service directory (StateDirectory= and friends) is the idiomatic grant, and the only one that works
+    with DynamicUser=, so it is tried for every path first; then ReadWritePaths=, deepest path first.
+    """
+    paths = paths_in(context.evidence)
+    for path in paths:
         for prefix, directory_directive in SERVICE_DIRECTORIES:
             if path.startswith(prefix) and path.count("/") == prefix.count("/"):
                 name = path[len(prefix):]
@@ -465,6 +470,7 @@ def _refine_paths(culprit: Directive, context: Context) -> Relaxation | None:
                                        add=(Directive(directory_directive, (name,)),), needs=f"write access to {path}")
                 if context.try_(candidate):
                     return candidate
+    for path in paths:
         grant = "ReadWritePaths" if culprit.name not in ("InaccessiblePaths",) else "BindReadOnlyPaths"
         candidate = Relaxation(f"grant {path} with {grant}=-{path}", add=(Directive(grant, (f"-{path}",)),),
                                needs=f"access to {path}")

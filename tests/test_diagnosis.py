@@ -1,0 +1,273 @@
+"""The diagnosis search, against a simulated service: exact culprits, relaxations and rerun counts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pytest_systemd_harden.diagnosis import (
+    Diagnosis,
+    Relaxation,
+    TrialResult,
+    ddmin,
+    diagnose,
+    expand_group,
+    parse_syscall_groups,
+    paths_in,
+)
+from pytest_systemd_harden.directives import Directive
+
+PRIVILEGED = ["@chown", "acct", "bpf", "capset", "chroot", "fanotify_init", "open_by_handle_at", "pivot_root",
+              "quotactl", "setdomainname", "setfsuid", "setgroups", "setresuid", "setreuid", "setuid", "swapon"]
+GROUPS: dict[str, list[str]] = {
+    "@memlock": ["mlock", "mlock2", "mlockall", "munlock", "munlockall"],
+    "@chown": ["chown", "fchown", "fchownat", "lchown"],
+    "@privileged": PRIVILEGED,
+    "@pkey": ["pkey_alloc", "pkey_free", "pkey_mprotect"],
+    "@system-service": ["@chown", "@memlock", "read", "write", "openat", "mmap", "socket"],
+}
+
+
+def hardening(**directives: object) -> tuple[Directive, ...]:
+    return tuple(Directive.parse(name, value, line) for line, (name, value) in enumerate(directives.items(), 10))
+
+
+GPG_LIKE = dict(
+    DynamicUser=True, StateDirectory="signer", ProtectSystem="strict", ProtectHome=True, PrivateTmp=True,
+    PrivateDevices=True, ProtectHostname=True, ProtectClock=True, ProtectKernelTunables=True,
+    ProtectKernelModules=True, ProtectKernelLogs=True, ProtectControlGroups=True, LockPersonality=True,
+    MemoryDenyWriteExecute=True, RestrictRealtime=True, RestrictSUIDSGID=True, RestrictNamespaces=True,
+    NoNewPrivileges=True, CapabilityBoundingSet="", SystemCallArchitectures="native",
+    RestrictAddressFamilies=["AF_UNIX", "AF_INET", "AF_INET6"], UMask="0077",
+)
+
+
+def syscall_allowed(directives: Sequence[Directive], syscall: str) -> bool:
+    """systemd's SystemCallFilter= semantics: the first line sets the mode, later lines of the other kind remove."""
+    found = [d for d in directives if d.name == "SystemCallFilter"]
+    if not found:
+        return True
+    allow_mode: bool | None = None
+    listed: set[str] = set()
+    for assignment in found[0].assignments:
+        deny = assignment.startswith("~")
+        names = {s for name in assignment.lstrip("~").split() for s in expand_group(name, GROUPS)}
+        if allow_mode is None:
+            allow_mode, listed = not deny, names
+        elif allow_mode == (not deny):
+            listed |= names
+        else:
+            listed -= names
+    return syscall in listed if allow_mode else syscall not in listed
+
+
+@dataclass
+class World:
+    """A service with needs; a trial passes when the hardening grants all of them."""
+
+    syscalls: Sequence[str] = ()
+    families: Sequence[str] = ()
+    capabilities: Sequence[str] = ()
+    writes: Sequence[str] = ()
+    broken_anyway: bool = False
+    flaky: bool = False
+    runs: list[tuple[str, ...]] = field(default_factory=list)
+
+    def trial(self, directives: tuple[Directive, ...]) -> TrialResult:
+        self.runs.append(tuple(str(d) for d in directives))
+        if self.broken_anyway:
+            return TrialResult(False, "exit status 1")
+        if self.flaky:  # the failure seen in the test run does not come back
+            return TrialResult(True)
+        by_name = {d.name: d for d in directives}
+        for syscall in self.syscalls:
+            if not syscall_allowed(directives, syscall):
+                return TrialResult(False, f"{syscall}: SIGSYS")
+        if "RestrictAddressFamilies" in by_name:
+            allowed = by_name["RestrictAddressFamilies"].value.split()
+            if any(f not in allowed for f in self.families):
+                return TrialResult(False, "EAFNOSUPPORT")
+        if "CapabilityBoundingSet" in by_name:
+            allowed = by_name["CapabilityBoundingSet"].value.split()
+            if any(c not in allowed for c in self.capabilities):
+                return TrialResult(False, "EPERM")
+        for path in self.writes:
+            if not self.writable(by_name, path):
+                return TrialResult(False, f"{path}: EROFS")
+        return TrialResult(True)
+
+    @staticmethod
+    def writable(by_name: dict[str, Directive], path: str) -> bool:
+        read_only = "ProtectSystem" in by_name or ("DynamicUser" in by_name and by_name["DynamicUser"].value == "yes")
+        if not read_only:
+            return True
+        granted = [f"/var/lib/{n}" for n in by_name.get("StateDirectory", Directive("x", ())).value.split()]
+        granted += [f"/var/cache/{n}" for n in by_name.get("CacheDirectory", Directive("x", ())).value.split()]
+        granted += [p.lstrip("-") for p in by_name.get("ReadWritePaths", Directive("x", ())).value.split()]
+        return any(path == g or path.startswith(g + "/") for g in granted)
+
+
+def run(world: World, directives: tuple[Directive, ...], evidence: str = "", **kwargs: object) -> Diagnosis:
+    return diagnose(directives, world.trial, evidence=evidence, syscall_groups=lambda: GROUPS,
+                    spec_name="harden.yaml", **kwargs)  # type: ignore[arg-type]
+
+
+# --- ddmin --------------------------------------------------------------------------------------------------------
+
+def counting(predicate: Callable[[list[int]], bool]) -> tuple[Callable[[list[int]], bool], list[int]]:
+    calls: list[int] = []
+
+    def wrapped(subset: list[int]) -> bool:
+        calls.append(len(subset))
+        return predicate(subset)
+
+    return wrapped, calls
+
+
+def test_ddmin_finds_one_culprit_in_logarithmic_calls() -> None:
+    for n in (10, 20, 30):
+        for culprit in range(n):
+            interesting, calls = counting(lambda subset, c=culprit: c in subset)
+            assert ddmin(list(range(n)), interesting) == [culprit]
+            assert len(calls) <= 2 * math.ceil(math.log2(n)) + 2, (n, culprit, len(calls))
+
+
+def test_ddmin_finds_every_member_of_a_necessary_pair() -> None:
+    interesting, _ = counting(lambda subset: 3 in subset and 17 in subset)
+    assert sorted(ddmin(list(range(20)), interesting)) == [3, 17]
+
+
+# --- whole diagnoses ------------------------------------------------------------------------------------------------
+
+def test_the_gitea_regression_names_memlock_and_mlock() -> None:
+    directives = hardening(**GPG_LIKE, SystemCallFilter=["@system-service", "~@memlock"])
+    diagnosis = run(World(syscalls=["mlock", "read"]), directives)
+    assert diagnosis.verdict == "found" and diagnosis.verified
+    assert [f.culprit.name for f in diagnosis.findings] == ["SystemCallFilter"]
+    relaxation = diagnosis.findings[0].relaxation
+    assert relaxation is not None
+    assert relaxation.description == "stop denying @memlock in SystemCallFilter="
+    assert relaxation.needs == "mlock (in @memlock)"
+    assert diagnosis.combined is not None
+    assert diagnosis.combined.dropin(directives) == "[Service]\nSystemCallFilter=\nSystemCallFilter=@system-service\n"
+    assert diagnosis.combined.spec_change(directives) == 'SystemCallFilter: "@system-service"'
+    assert diagnosis.runs <= 25  # 23 directives: control runs, a ddmin, a group and a syscall search
+
+
+def test_a_large_denied_group_is_narrowed_to_the_subgroup_needed() -> None:
+    directives = hardening(ProtectHostname=True, SystemCallFilter=["@system-service", "~@privileged"])
+    diagnosis = run(World(syscalls=["fchownat"]), directives)
+    relaxation = diagnosis.findings[0].relaxation
+    assert relaxation is not None and diagnosis.verified
+    assert relaxation.description == "re-allow @chown after the deny list of SystemCallFilter="
+    assert relaxation.needs == "fchownat (in @privileged)"
+    assert relaxation.apply(directives)[1].unit_lines() == [
+        "SystemCallFilter=@system-service", "SystemCallFilter=~@privileged", "SystemCallFilter=@chown"]
+
+
+def test_an_allow_list_lacking_a_group_gets_the_group_and_its_syscall_named() -> None:
+    directives = hardening(PrivateTmp=True, SystemCallFilter="@system-service")
+    diagnosis = run(World(syscalls=["pkey_alloc"]), directives)
+    relaxation = diagnosis.findings[0].relaxation
+    assert relaxation is not None and diagnosis.verified
+    assert relaxation.description == "also allow @pkey in SystemCallFilter="
+    assert relaxation.needs == "pkey_alloc (in @pkey)"
+
+
+def test_a_missing_address_family_is_added_to_the_allow_list() -> None:
+    directives = hardening(ProtectSystem="strict", RestrictAddressFamilies=["AF_UNIX", "AF_INET"])
+    diagnosis = run(World(families=["AF_INET", "AF_NETLINK"]), directives)
+    assert diagnosis.combined is not None and diagnosis.verified
+    assert diagnosis.combined.dropin(directives) == \
+        "[Service]\nRestrictAddressFamilies=\nRestrictAddressFamilies=AF_UNIX AF_INET AF_NETLINK\n"
+
+
+def test_a_missing_capability_is_added() -> None:
+    directives = hardening(NoNewPrivileges=True, CapabilityBoundingSet="CAP_NET_BIND_SERVICE")
+    diagnosis = run(World(capabilities=["CAP_CHOWN"]), directives)
+    assert diagnosis.combined is not None and diagnosis.verified
+    assert diagnosis.combined.spec_change(directives) == "CapabilityBoundingSet: CAP_NET_BIND_SERVICE CAP_CHOWN"
+
+
+def test_a_write_gets_the_service_directory_not_a_dropped_protect_system() -> None:
+    directives = hardening(ProtectSystem="strict", PrivateTmp=True)
+    evidence = "touch: cannot touch '/var/cache/app/entry': Read-only file system"
+    diagnosis = run(World(writes=["/var/cache/app/entry"]), directives, evidence)
+    assert diagnosis.combined is not None and diagnosis.verified
+    assert diagnosis.combined.description == "let systemd create and grant /var/cache/app with CacheDirectory=app"
+    assert diagnosis.combined.apply(directives)[0].unit_lines() == ["ProtectSystem=strict"]  # kept
+
+
+def test_dynamic_user_keeps_its_sandbox_and_gets_a_path_grant() -> None:
+    directives = hardening(DynamicUser=True, NoNewPrivileges=True)
+    evidence = "OSError: [Errno 30] Read-only file system: '/srv/data/out.json'"
+    diagnosis = run(World(writes=["/srv/data/out.json"]), directives, evidence)
+    assert [f.culprit.name for f in diagnosis.findings] == ["DynamicUser"]
+    assert diagnosis.combined is not None and diagnosis.verified
+    assert diagnosis.combined.description == "grant /srv/data/out.json with ReadWritePaths=-/srv/data/out.json"
+    assert "DynamicUser=yes implies ProtectSystem=strict" in diagnosis.render()
+
+
+def test_two_directives_that_each_block_are_both_culprits() -> None:
+    directives = hardening(ProtectSystem="strict", DynamicUser=True, PrivateTmp=True)
+    diagnosis = run(World(writes=["/opt/app/x"]), directives)
+    assert sorted(f.culprit.name for f in diagnosis.findings) == ["DynamicUser", "ProtectSystem"]
+    assert diagnosis.verified  # with no path in the evidence, both are removed, and that is verified
+
+
+def test_a_failure_without_hardening_is_not_blamed_on_it() -> None:
+    diagnosis = run(World(broken_anyway=True), hardening(ProtectSystem="strict"))
+    assert diagnosis.verdict == "not-hardening" and diagnosis.runs == 2
+    assert diagnosis.render().endswith("fails without hardening too: not a hardening problem. "
+                                       "Without any hardening: exit status 1")
+
+
+def test_a_failure_that_does_not_reproduce_is_called_flaky() -> None:
+    diagnosis = run(World(flaky=True, syscalls=["mlock"]), hardening(SystemCallFilter="~@memlock"))
+    assert diagnosis.verdict == "inconclusive" and diagnosis.runs == 1
+    assert "flaky" in diagnosis.note
+
+
+def test_the_rerun_budget_stops_the_search_and_says_how_to_raise_it() -> None:
+    directives = hardening(**GPG_LIKE, SystemCallFilter=["@system-service", "~@memlock"])
+    diagnosis = run(World(syscalls=["mlock"]), directives, max_runs=4)
+    assert diagnosis.runs == 4 and diagnosis.verdict == "budget"
+    assert "--harden-diagnose-runs" in diagnosis.note
+
+
+def test_a_known_relaxation_is_confirmed_in_three_reruns() -> None:
+    directives = hardening(**GPG_LIKE, SystemCallFilter=["@system-service", "~@memlock"])
+    first = run(World(syscalls=["mlock"]), directives)
+    second = run(World(syscalls=["mlock"]), directives, previous=[first])
+    assert second.runs == 3 and second.verified
+    assert second.combined == first.combined
+    assert "fixes this one too" in second.note
+
+
+def test_results_are_cached_per_hardening() -> None:
+    world = World(syscalls=["mlock"])
+    run(world, hardening(**GPG_LIKE, SystemCallFilter=["@system-service", "~@memlock"]))
+    assert len(world.runs) == len(set(world.runs))
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------------
+
+def test_relaxation_adds_to_a_directive_the_spec_already_has() -> None:
+    directives = hardening(ProtectSystem="strict", ReadWritePaths="/var/tmp")
+    relaxation = Relaxation("grant", add=(Directive("ReadWritePaths", ("-/srv",)),))
+    assert relaxation.apply(directives)[1].unit_lines() == ["ReadWritePaths=/var/tmp", "ReadWritePaths=-/srv"]
+    assert relaxation.dropin(directives) == "[Service]\nReadWritePaths=\nReadWritePaths=/var/tmp\nReadWritePaths=-/srv\n"
+
+
+def test_paths_in_takes_denied_paths_and_their_ancestors() -> None:
+    evidence = ("mkdir: cannot create directory '/var/lib/app/cache': Read-only file system\n"
+                "GET /index.html 200\n")
+    assert paths_in(evidence) == ["/var/lib/app/cache", "/var/lib/app", "/var/lib"]
+
+
+def test_parse_syscall_groups_reads_systemd_analyze_output() -> None:
+    listing = "@memlock\n    # Memory locking control\n    mlock\n    mlock2\n\n@known\n    @memlock\n    read\n"
+    groups = parse_syscall_groups(listing)
+    assert groups == {"@memlock": ["mlock", "mlock2"], "@known": ["@memlock", "read"]}
+    assert expand_group("@known", groups) == ["mlock", "mlock2", "read"]
