@@ -5,10 +5,10 @@ scenarios, and checks that the sandbox is really in force. The modules work with
 them into pytest.
 """
 
-from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
+from .errors import BackendUnavailable, HardenError, ImageBuildError, MachineError, ServiceFailed, SpecError
 from .result import CommandResult
 from .spec import Spec, load_spec
 
-__all__ = ["BackendUnavailable", "CommandResult", "HardenError", "MachineError", "ServiceFailed", "Spec",
-           "SpecError", "load_spec"]
+__all__ = ["BackendUnavailable", "CommandResult", "HardenError", "ImageBuildError", "MachineError",
+           "ServiceFailed", "Spec", "SpecError", "load_spec"]
 __version__ = "0.1.0"

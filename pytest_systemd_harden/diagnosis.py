@@ -101,9 +101,11 @@ class Oracle:
         key = hardening_key(hardening)
         if key not in self.cache:
             if self.runs >= self.max_runs:
-                raise BudgetExceeded(f"the budget of {self.max_runs} reruns is spent")
+                raise BudgetExceeded(f"the budget of {self.max_runs} reruns is spent (raise it with "
+                                     "--harden-diagnose-runs)")
             if time.monotonic() > self.deadline:
-                raise BudgetExceeded("the time budget for diagnosis is spent")
+                raise BudgetExceeded("the time budget for diagnosis is spent (raise it with "
+                                     "--harden-diagnose-seconds)")
             self.runs += 1
             self.cache[key] = self._trial(tuple(hardening))
         return self.cache[key]
@@ -553,7 +555,7 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
         _diagnose(hardening, oracle, evidence, syscall_groups, diagnosis, previous)
     except BudgetExceeded as exc:
         diagnosis.verdict = "budget" if diagnosis.verdict == "inconclusive" else diagnosis.verdict
-        diagnosis.note = (diagnosis.note + f" Stopped early: {exc} (raise it with --harden-diagnose-runs).").strip()
+        diagnosis.note = (diagnosis.note + f" Stopped early: {exc}.").strip()
     diagnosis.runs = oracle.runs
     diagnosis.seconds = time.monotonic() - started
     return diagnosis
@@ -565,7 +567,10 @@ def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
     if oracle.passes(hardening):
         diagnosis.note = "the scenario passed when rerun: it is flaky, not (only) over-hardened"
         return
-    unhardened = oracle.result(())
+    # The control keeps what configures the service (StateDirectory=, User=, Environment=, ...): only the
+    # restricting directives are hardening, and only they are ever taken away.
+    candidates = [d for d in hardening if d.name in RESTRICTING]
+    unhardened = oracle.result(tuple(d for d in hardening if d not in candidates))
     if not unhardened.passed:
         diagnosis.verdict = "not-hardening"
         diagnosis.note = f"Without any hardening: {unhardened.summary}" if unhardened.summary else ""
@@ -576,14 +581,9 @@ def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
             diagnosis.findings, diagnosis.combined = earlier.findings, earlier.combined
             diagnosis.note = "the relaxation found for an earlier failure of this spec fixes this one too"
             return
-    candidates = [d for d in hardening if d.name in RESTRICTING]
-
     def passes_without(removed: list[Directive]) -> bool:
         return oracle.passes(tuple(d for d in hardening if d not in removed))
 
-    if not candidates or not passes_without(candidates):
-        # The restricting directives are not enough: an enabling one (User=, ...) plays a part too.
-        candidates = list(hardening)
     culprits = ddmin(candidates, passes_without)
     diagnosis.verdict = "found"
     if any(c.name == "DynamicUser" for c in culprits):

@@ -490,14 +490,17 @@ DEVICES = Kind("a(ss)", _device_assign, _single(_device_bus))
 CREDENTIALS = Kind("a(ss)", _pairs_assign(":", "token:/etc/app/token"), _single(_credential_bus))
 ENVIRONMENT = Kind("as", _environment_assign, _env_bus)
 SOCKET_BIND = Kind("a(iiqq)", _socket_bind_assign, _single(_socket_bind_bus))
-def _integer_assign(value: Any) -> list[str]:
-    text = _scalar(value)
-    if not re.fullmatch(r"-?\d+", text):
-        raise DirectiveError(f"{text!r} is not a whole number", "e.g. 10 or -5")
-    return [text]
+def _integer_in(low: int, high: int) -> Callable[[Any], list[str]]:
+    def assign(value: Any) -> list[str]:
+        text = _scalar(value)
+        if not re.fullmatch(r"-?\d+", text) or not low <= int(text) <= high:
+            raise DirectiveError(f"{text!r} is not a whole number from {low} to {high}", f"e.g. {high // 2}")
+        return [text]
+    return assign
 
 
-INTEGER = Kind("i", _integer_assign, _single(int))
+NICE = Kind("i", _integer_in(-20, 19), _single(int))
+OOM_SCORE = Kind("i", _integer_in(-1000, 1000), _single(int))
 
 
 @dataclass(frozen=True)
@@ -567,8 +570,8 @@ _TABLE: list[DirectiveType] = [
     DirectiveType("Environment", ENVIRONMENT),
     DirectiveType("SocketBindAllow", SOCKET_BIND),
     DirectiveType("SocketBindDeny", SOCKET_BIND),
-    DirectiveType("Nice", INTEGER),
-    DirectiveType("OOMScoreAdjust", INTEGER),
+    DirectiveType("Nice", NICE),
+    DirectiveType("OOMScoreAdjust", OOM_SCORE),
     DirectiveType("TimeoutStartSec", TIMESPAN, bus_name="TimeoutStartUSec"),
     DirectiveType("TimeoutStopSec", TIMESPAN, bus_name="TimeoutStopUSec"),
     DirectiveType("RuntimeMaxSec", TIMESPAN, bus_name="RuntimeMaxUSec"),

@@ -6,6 +6,8 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dbus_next.errors import DBusError
+
 from .diagnosis import Diagnosis, Hardening, Trial, TrialResult, diagnose, parse_syscall_groups
 from .errors import ServiceFailed
 from .result import CommandResult
@@ -69,7 +71,13 @@ def failure_report(service: HardenedService, outcome: ScenarioOutcome) -> str:
 # --- diagnosis against the real machine -----------------------------------------------------------------------
 
 def _trial(service: HardenedService, scenario: Scenario | None) -> Trial:
-    """An oracle for :func:`diagnose`: restart the service under a hardening and rerun the scenario (or just start)."""
+    """An oracle for :func:`diagnose`: restart the service under a hardening and rerun the scenario (or just start).
+
+    The scenarios before ``scenario`` in the spec are replayed first, outcome ignored: they share one service,
+    and a later scenario may need what an earlier one made (a key, an account, a cache entry).
+    """
+    scenarios = list(service.spec.scenarios)
+    preceding = scenarios[:scenarios.index(scenario)] if scenario in scenarios else []
 
     def trial(hardening: Hardening) -> TrialResult:
         candidate = HardenedService(service.machine, service.spec.with_hardening(hardening), unit=service.unit)
@@ -77,9 +85,14 @@ def _trial(service: HardenedService, scenario: Scenario | None) -> Trial:
             candidate.start()
         except ServiceFailed as exc:
             return TrialResult(False, str(exc).splitlines()[0])
+        except DBusError as exc:  # systemd refused the candidate itself (an invalid combination): not a fix
+            candidate.stop()
+            return TrialResult(False, f"systemd rejected this hardening: {exc.text}")
         try:
             if scenario is None:
                 return TrialResult(True)
+            for earlier in preceding:
+                run_scenario(candidate, earlier)
             outcome = run_scenario(candidate, scenario)
             return TrialResult(outcome.passed, "; ".join(outcome.problems))
         finally:

@@ -106,3 +106,37 @@ def test_a_scenario_that_fails_without_hardening_is_not_blamed_on_it(diagnose) -
     assert diagnosis.verdict == "not-hardening"
     assert "fails without hardening too: not a hardening problem" in diagnosis.render()
     assert diagnosis.runs == 2  # the failure rerun, and the control without hardening
+
+
+def test_a_scenario_that_needs_an_earlier_ones_state_is_diagnosed_with_it(machine: Machine, make_spec) -> None:  # type: ignore[no-untyped-def]
+    spec = make_spec("""
+service:
+  exec_start: /bin/sleep infinity
+hardening:
+  StateDirectory: app
+  RestrictAddressFamilies: [AF_UNIX]
+  PrivateTmp: yes
+scenarios:
+  - name: create the key
+    inside: touch /var/lib/app/key
+  - name: use the key over the network
+    inside: sh -c 'test -e /var/lib/app/key && python3 -c "import socket; socket.socket(socket.AF_INET)"'
+""")
+    service = HardenedService(machine, spec)
+    service.start()
+    try:
+        assert run_scenario(service, spec.scenarios[0]).passed
+        outcome = run_scenario(service, spec.scenarios[1])
+        assert not outcome.passed
+        diagnosis = diagnose_failure(service, spec.scenarios[1], failure_report(service, outcome))
+    finally:
+        service.stop()
+    # Without replaying "create the key", the control run would fail and blame the scenario itself.
+    assert diagnosis.verdict == "found" and culprits(diagnosis) == ["RestrictAddressFamilies"]
+    assert diagnosis.combined is not None and "AF_INET" in diagnosis.combined.description
+
+
+def test_candidates_systemd_rejects_count_as_failures_not_crashes(diagnose) -> None:  # type: ignore[no-untyped-def]
+    diagnosis = diagnose("  RestrictAddressFamilies: none\n", "python3 -c 'import socket; socket.socket()'")
+    assert diagnosis.verdict == "found" and culprits(diagnosis) == ["RestrictAddressFamilies"]
+    assert diagnosis.verified

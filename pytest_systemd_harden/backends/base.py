@@ -72,6 +72,10 @@ class Machine(abc.ABC):
         """Console output of the boot, for error messages (may be empty)."""
         return ""
 
+    def resident_memory(self) -> int | None:
+        """Bytes of memory the running machine uses (proportional set size), or None if unknown here."""
+        return None
+
     def boot(self, progress: Progress = lambda line: None) -> None:
         address = self._start(progress)
         try:

@@ -100,6 +100,20 @@ class NspawnMachine(Machine):
     def boot_log(self) -> str:
         return "\n".join(self._console)
 
+    def resident_memory(self) -> int | None:
+        """PSS of every process in the container's cgroup: shared pages (the cached image's libraries, mapped by
+        every container) are counted in proportion, so machines can be summed."""
+        if self._cgroup is None:
+            return None
+        total = 0
+        for pid in self._cgroup.pids():
+            try:
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue
+            total += next((int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+        return total
+
     def _wait_for_bus(self) -> str:
         assert self._process is not None
         deadline = time.monotonic() + self.boot_timeout

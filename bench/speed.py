@@ -1,0 +1,146 @@
+"""Benchmark: what a hardening test costs on the default (nspawn) backend, measured side by side in one run.
+
+    sudo .venv/bin/python bench/speed.py [--rounds N]
+
+Prints, with absolute medians and ratios against a baseline measured in the same run:
+1. time to the first scenario result: cold boot of a container (image cached) + service start + one command;
+   beside it, a VM boot of the same image where a QEMU backend exists (not yet: reported as such);
+2. per-command overhead: our inside()/client() (a transient unit over D-Bus from the host) vs
+   `systemd-run --wait --pipe` invoked inside the same container;
+3. the example suite serially vs with `pytest -n 2`;
+4. the resident memory (PSS) of one booted machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pytest_systemd_harden.backends.base import MachineConfig
+from pytest_systemd_harden.pool import MachinePool
+from pytest_systemd_harden.service import HardenedService
+from pytest_systemd_harden.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = """
+service:
+  exec_start: /usr/bin/python3 -m http.server --bind 127.0.0.1 8080
+  ready: {tcp: 8080}
+hardening:
+  DynamicUser: yes
+  ProtectSystem: strict
+  PrivateTmp: yes
+  SystemCallFilter: ["@system-service"]
+  RestrictAddressFamilies: [AF_UNIX, AF_INET, AF_INET6]
+"""
+# Times N systemd-run invocations from inside the container, where a user of `systemd-run` would run them.
+SYSTEMD_RUN_LOOP = r"""
+import json, subprocess, sys, time
+times = []
+for _ in range(int(sys.argv[1])):
+    started = time.monotonic()
+    subprocess.run(["systemd-run", "--wait", "--pipe", "--quiet", "--collect", "true"], check=True,
+                   stdin=subprocess.DEVNULL)
+    times.append(time.monotonic() - started)
+print(json.dumps(times))
+"""
+
+
+def median_ms(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1000:7.1f} ms"
+
+
+def time_to_first_result(spec_path: Path, rounds: int) -> tuple[list[float], list[float], list[int]]:
+    first, boots, memory = [], [], []
+    for _ in range(rounds):
+        pool = MachinePool()
+        try:
+            started = time.monotonic()
+            machine = pool.machine_for(MachineConfig())
+            booted = time.monotonic()
+            service = HardenedService(machine, load_spec(spec_path))
+            service.start()
+            result = service.client("python3 -c \"import urllib.request as u; u.urlopen('http://127.0.0.1:8080/')\"")
+            assert result.ok, result.describe()
+            first.append(time.monotonic() - started)
+            boots.append(booted - started)
+            memory.append(machine.resident_memory() or 0)
+        finally:
+            pool.close()
+    return first, boots, memory
+
+
+def command_overhead(spec_path: Path, rounds: int) -> tuple[list[float], list[float], list[float]]:
+    pool = MachinePool()
+    try:
+        machine = pool.machine_for(MachineConfig())
+        service = HardenedService(machine, load_spec(spec_path))
+        service.start()
+        ours_client, ours_inside = [], []
+        for _ in range(rounds):
+            started = time.monotonic()
+            assert service.client("true").ok
+            ours_client.append(time.monotonic() - started)
+            started = time.monotonic()
+            assert service.inside("true").ok
+            ours_inside.append(time.monotonic() - started)
+        loop = machine.run(["/usr/bin/python3", "-c", SYSTEMD_RUN_LOOP, str(rounds)], timeout=300)
+        assert loop.ok, loop.describe()
+        return ours_client, ours_inside, json.loads(loop.stdout)
+    finally:
+        pool.close()
+
+
+def example_suite(workers: int | None) -> float:
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--harden-require-backend",
+               str(ROOT / "examples")]
+    if workers:
+        command += ["-n", str(workers)]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    elapsed = time.monotonic() - started
+    if done.returncode != 0:
+        raise SystemExit(f"example suite failed ({' '.join(command)}):\n{done.stdout[-3000:]}")
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="repetitions of the boot measurement (default 5)")
+    parser.add_argument("--commands", type=int, default=30, help="commands per overhead measurement (default 30)")
+    parser.add_argument("--suite-rounds", type=int, default=2, help="runs of the example suite each way (default 2)")
+    args = parser.parse_args()
+    spec_path = Path(tempfile.mkdtemp(prefix="harden-bench-")) / "harden.yaml"
+    spec_path.write_text(SPEC)
+    MachinePool().machine_for(MachineConfig()).shutdown()  # warm: the image is built and cached before timing
+
+    first, boots, memory = time_to_first_result(spec_path, args.rounds)
+    client, inside, systemd_run = command_overhead(spec_path, args.commands)
+    serial, parallel = [], []
+    for _ in range(args.suite_rounds):  # alternate, so drift in the machine's speed hits both alike
+        serial.append(example_suite(None))
+        parallel.append(example_suite(2))
+
+    print(f"pytest-systemd-harden speed, nspawn backend, {args.rounds} boots, {args.commands} commands, "
+          f"{args.suite_rounds} example-suite runs each way (medians)")
+    print(f"1. first scenario result (boot+start+command): {median_ms(first)}   of which boot: {median_ms(boots)}")
+    print("   VM boot of the same image:                   not measured: no QEMU backend yet (issue 6)")
+    print(f"2. client() (transient unit over D-Bus):        {median_ms(client)}")
+    print(f"   inside() (same, with the service's sandbox): {median_ms(inside)}")
+    print(f"   systemd-run --wait --pipe inside:            {median_ms(systemd_run)}   "
+          f"ratio inside()/systemd-run: {statistics.median(inside) / statistics.median(systemd_run):.2f}")
+    print(f"3. example suite serial:                       {statistics.median(serial):7.1f} s")
+    print(f"   example suite -n 2:                         {statistics.median(parallel):7.1f} s   "
+          f"ratio -n 2/serial: {statistics.median(parallel) / statistics.median(serial):.2f}")
+    print(f"4. resident memory of one booted machine (PSS): {statistics.median(memory) / 2**20:6.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
