@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import final
 
 from .directives import Directive, _closest_hint
+from .directives import lookup as lookup_directive
 
 VERSIONED_NAME = re.compile(r"^[a-z][a-z0-9-]*-\d{4}$")
 
@@ -174,6 +175,15 @@ def lookup(name: str) -> Profile:
                            f"changing specs pinned to an older one; known profiles: {known}")
     close = _closest_hint(name, list(PROFILES))
     raise ProfileError(f"unknown profile {name!r}", f"{close + ' ' if close else ''}known profiles: {known}")
+
+
+def drop(profile: Profile, name: str) -> str:
+    """Check that ``name`` is a directive ``profile`` sets, so that a spec may drop it (``Name: null``)."""
+    if name not in profile.settings:
+        lookup_directive(name)  # an unknown directive gets its own message, with the closest known name
+        raise ProfileError(f"null drops a directive of the profile, but {profile.name} does not set {name}",
+                           "remove the line, or give the directive a value")
+    return name
 
 
 def merge(base: Sequence[Directive], own: Sequence[Directive]) -> tuple[Directive, ...]:

@@ -313,10 +313,8 @@ def parse_spec(document: Any, path: Path) -> Spec:
         raise check.error(doc, None, "service", "missing", "every spec needs `service: {exec_start: /path/to/program ...}`")
     service = _parse_service(check, check.mapping(doc["service"], doc, "service", "service"))
     machine = _parse_machine(check, check.mapping(doc.get("machine") or _as_mapping({}), doc, "machine", "machine"))
-    hardening = _parse_hardening(check, doc.get("hardening"), doc)
     profile = _parse_profile(check, doc)
-    if profile is not None:
-        hardening = profiles.merge(profile.directives(_line_of(doc, "profile")), hardening)
+    hardening = _parse_hardening(check, doc.get("hardening"), doc, profile)
     scenarios = _parse_scenarios(check, doc.get("scenarios"), doc)
     name = str(doc["name"]) if "name" in doc else ""
     return Spec(path, service, machine, hardening, scenarios, name, profile=profile.name if profile else "")
@@ -415,17 +413,25 @@ def _parse_profile(check: _Checker, doc: _Mapping) -> profiles.Profile | None:
         raise check.error(doc, "profile", "profile", exc.problem, exc.hint) from None
 
 
-def _parse_hardening(check: _Checker, section: Any, doc: _Mapping) -> tuple[Directive, ...]:
-    if section is None:
-        return ()
-    hardening = check.mapping(section, doc, "hardening", "hardening")
+def _parse_hardening(check: _Checker, section: Any, doc: _Mapping,
+                     profile: profiles.Profile | None = None) -> tuple[Directive, ...]:
+    """The spec's directives, on top of its profile's: one of the spec's replaces the profile's of the same
+    name, and ``Name: null`` drops the profile's."""
+    hardening = check.mapping(section, doc, "hardening", "hardening") if section is not None else _as_mapping({})
     directives = []
+    dropped = set()
     for name, value in hardening.items():
         try:
+            if value is None and profile is not None:
+                dropped.add(profiles.drop(profile, str(name)))
+                continue
             directives.append(Directive.parse(str(name), value, _line_of(hardening, name)))
-        except DirectiveError as exc:
+        except (DirectiveError, profiles.ProfileError) as exc:
             raise check.error(hardening, name, f"hardening.{name}", exc.problem, exc.hint) from None
-    return tuple(directives)
+    if profile is None:
+        return tuple(directives)
+    inherited = [d for d in profile.directives(_line_of(doc, "profile")) if d.name not in dropped]
+    return profiles.merge(inherited, directives)
 
 
 def _parse_scenarios(check: _Checker, section: Any, doc: _Mapping) -> tuple[Scenario, ...]:

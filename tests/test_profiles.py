@@ -164,6 +164,33 @@ def test_without_and_with_hardening_keep_the_profile(profiled: Spec) -> None:
     assert profiled.with_hardening(()).profile == "baseline-2026"
 
 
+def test_null_drops_a_directive_of_the_profile(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, """\
+        profile: maximum-2026
+        service: {exec_start: /bin/true}
+        hardening:
+          SystemCallFilter: null
+          PrivateUsers: ~
+          ProtectClock: no
+        """))
+    names = [d.name for d in spec.hardening]
+    assert "SystemCallFilter" not in names and "PrivateUsers" not in names
+    assert str(spec.directive("ProtectClock")) == "ProtectClock=no"
+    assert len(names) == len(PROFILES["maximum-2026"].settings) - 2
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("UMask: null", ("hardening.UMask: null drops a directive of the profile, but baseline-2026 does not set "
+                     "UMask (remove the line, or give the directive a value)")),
+    ("ProtectClok: null", "hardening.ProtectClok: unknown directive (did you mean ProtectClock?)"),
+])
+def test_null_must_name_a_directive_of_the_profile(tmp_path: Path, line: str, message: str) -> None:
+    path = write(tmp_path, f"profile: baseline-2026\nservice: {{exec_start: /bin/true}}\nhardening:\n  {line}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == f"{path}:4: {message}"
+
+
 def test_no_profile_means_exactly_the_specs_directives(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, "service: {exec_start: /bin/true}\nhardening: {PrivateTmp: yes}\n"))
     assert spec.profile == "" and [str(d) for d in spec.hardening] == ["PrivateTmp=yes"]
