@@ -59,6 +59,21 @@ def test_baseline_translates_the_pre_rfc_to_debian() -> None:
     assert "/nix" not in " ".join(baseline.values())
 
 
+def test_the_table_in_docs_profiles_md_matches_the_profiles() -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "profiles.md").read_text()
+    header = "| directive | `minimal-2026` | `baseline-2026` | `maximum-2026` |"
+    rows = docs.split(header + "\n| --- | --- | --- | --- |\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    documented = {}
+    for row in rows:
+        directive, *values = (cell.strip().strip("`") for cell in row.strip("|").split("|"))
+        documented[directive.rstrip("=")] = values
+    expected = {name: [PROFILES[profile].settings.get(name) for profile in ("minimal-2026", "baseline-2026",
+                                                                             "maximum-2026")]
+                for profile in NAMES for name in PROFILES[profile].settings}
+    assert documented == {name: ["" if v is None else v or "(empty)" for v in values]
+                          for name, values in expected.items()}
+
+
 # --- names ----------------------------------------------------------------------------------------------------
 
 def test_an_unversioned_name_is_refused_with_the_versioned_one() -> None:
