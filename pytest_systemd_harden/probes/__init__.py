@@ -1,0 +1,16 @@
+"""Denial probes: small actions run inside a service's sandbox, each reporting allowed or denied (errno/signal).
+
+* :mod:`.inside` - the standalone script that runs the probes (stdlib only, sent to the image's python3);
+* :mod:`.model` - :class:`Probe` and :class:`ProbeResult`;
+* :mod:`.catalogue` - the full catalogue and the ``deny:`` vocabulary;
+* :mod:`.runner` - running a batch as one process, and what a machine's systemd knows.
+
+Which probes a spec's directives must deny, and the verdicts, are in :mod:`pytest_systemd_harden.enforcement`.
+"""
+
+from .catalogue import Denial, DenialError, parse_denial, standard_catalogue
+from .model import Probe, ProbeResult
+from .runner import Batch, MachineFacts, machine_facts, on_machine, run_batch
+
+__all__ = ["Batch", "Denial", "DenialError", "MachineFacts", "Probe", "ProbeResult", "machine_facts", "on_machine",
+           "parse_denial", "run_batch", "standard_catalogue"]

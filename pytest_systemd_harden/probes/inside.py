@@ -1,0 +1,822 @@
+"""Denial probes, run INSIDE a sandbox by pytest-systemd-harden.
+
+This file is a standalone script: standard library only, Python 3.11, never importing pytest_systemd_harden. It is
+sent to the image's ``/usr/bin/python3 -`` on stdin, with one JSON argument: ``{"probes": [[kind, arg], ...]}``.
+For every probe it prints one JSON line as soon as the probe is done, so a batch that dies half-way (a seccomp
+kill outside a probe) still reports what it did::
+
+    {"kind": "write", "arg": "/etc", "status": "denied", "errno": "EROFS", "facts": {"readonly": true}}
+
+``status`` is ``allowed``, ``denied`` (with ``errno`` or ``signal``) or ``error`` (the probe could not try, e.g. a
+path is missing; ``detail`` says why). ``facts`` hold observations (read-only mount, capability sets, ...).
+
+Every probe is harmless when the action turns out to be allowed: scratch files have unique names and are removed,
+the clock and host name are "set" with invalid arguments (so the kernel refuses with EINVAL before acting),
+reboot/init_module get invalid magic/empty images, mounts target a path that does not exist, sockets only touch
+loopback and are never listened on, and nothing is ever signalled but the probe's own child. Probes that make a
+syscall a seccomp filter may kill (SIGSYS), or that change process state (namespaces, personality, scheduling),
+run in a forked child: one kill never ends the batch, and no change outlives the child.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from typing import Any
+
+Result = dict[str, Any]
+
+# Errnos that mean "the action was refused" for filesystem probes; others (ENOENT of a parent, ELOOP...) are errors.
+FS_DENIALS = ("EROFS", "EACCES", "EPERM")
+SCRATCH_PREFIX = ".harden-probe-"
+CHILD_TIMEOUT = 10  # seconds a forked probe may take before it is killed by its own alarm
+
+CLONE_FLAGS = {
+    "mnt": 0x00020000, "cgroup": 0x02000000, "uts": 0x04000000, "ipc": 0x08000000,
+    "user": 0x10000000, "pid": 0x20000000, "net": 0x40000000,
+}
+CAP_LAST = 40
+
+
+# --- results ------------------------------------------------------------------------------------------------
+
+def errno_name(number: int) -> str:
+    return errno.errorcode.get(number, f"errno {number}")
+
+
+def allowed(detail: str = "", **facts: Any) -> Result:
+    return {"status": "allowed", "detail": detail, "facts": facts}
+
+
+def denied(err: int | str, detail: str = "", **facts: Any) -> Result:
+    name = err if isinstance(err, str) else errno_name(err)
+    return {"status": "denied", "errno": name, "detail": detail, "facts": facts}
+
+
+def error(detail: str, err: int | None = None, **facts: Any) -> Result:
+    result: Result = {"status": "error", "detail": detail, "facts": facts}
+    if err is not None:
+        result["errno"] = errno_name(err)
+    return result
+
+
+def from_oserror(exc: OSError, denials: tuple[str, ...], what: str, **facts: Any) -> Result:
+    """A denial when the errno is one of ``denials``, otherwise an error (the probe could not try)."""
+    number = exc.errno or 0
+    if errno_name(number) in denials:
+        return denied(number, f"{what}: {os.strerror(number)}", **facts)
+    return error(f"{what}: {os.strerror(number)}", number, **facts)
+
+
+# --- the C library, for syscalls Python does not wrap -------------------------------------------------------
+
+_libc: ctypes.CDLL | None = None
+
+
+def libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+        _libc.mmap.restype = ctypes.c_void_p
+        _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_long]
+        _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return _libc
+
+
+# Syscall numbers by machine (uname -m). Only what the probes use.
+SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
+    "x86_64": {
+        "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169, "sethostname": 170,
+        "setdomainname": 171, "iopl": 172, "ioperm": 173, "init_module": 175, "delete_module": 176,
+        "finit_module": 313, "kexec_load": 246, "clock_settime": 227, "settimeofday": 164, "adjtimex": 159,
+        "personality": 135, "mlock": 149, "munlock": 150, "unshare": 272, "setns": 308, "sched_setscheduler": 144,
+        "ptrace": 101, "perf_event_open": 298, "keyctl": 250, "io_setup": 206, "semget": 64, "modify_ldt": 154,
+        "pkey_alloc": 330, "pkey_free": 331, "syslog": 103, "setresuid": 117, "setresgid": 119, "fchown": 93,
+        "setrlimit": 160, "bpf": 321, "chroot": 161, "pivot_root": 155, "getrlimit": 97,
+    },
+    "aarch64": {
+        "mount": 40, "umount2": 39, "swapon": 224, "swapoff": 225, "reboot": 142, "sethostname": 161,
+        "setdomainname": 162, "init_module": 105, "delete_module": 106, "finit_module": 273, "kexec_load": 104,
+        "clock_settime": 112, "settimeofday": 170, "adjtimex": 171, "personality": 92, "mlock": 228, "munlock": 229,
+        "unshare": 97, "setns": 268, "sched_setscheduler": 119, "ptrace": 117, "perf_event_open": 241,
+        "keyctl": 219, "io_setup": 0, "semget": 190, "pkey_alloc": 289, "pkey_free": 290, "syslog": 116,
+        "setresuid": 147, "setresgid": 149, "fchown": 55, "setrlimit": 164, "bpf": 280, "chroot": 51,
+        "pivot_root": 41, "getrlimit": 163,
+    },
+}
+
+
+def raw_syscall(name: str, *args: Any) -> tuple[int, int]:
+    """(return value, errno) of the raw syscall ``name``; raises KeyError on an architecture we lack numbers for."""
+    number = SYSCALL_NUMBERS[os.uname().machine][name]
+    ctypes.set_errno(0)
+    value = libc().syscall(ctypes.c_long(number), *args)
+    return int(value), ctypes.get_errno()
+
+
+def _missing_path(tag: str) -> bytes:
+    # A path that does not exist, so path-taking syscalls fail with ENOENT after the seccomp and before any effect.
+    return f"/nonexistent-harden-probe-{tag}".encode()
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Timeval(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+
+class _Rlimit(ctypes.Structure):
+    _fields_ = [("rlim_cur", ctypes.c_ulong), ("rlim_max", ctypes.c_ulong)]
+
+
+class _SchedParam(ctypes.Structure):
+    _fields_ = [("sched_priority", ctypes.c_int)]
+
+
+def _harmless_call(name: str, tag: str) -> tuple[int, int]:
+    """Call syscall ``name`` with arguments chosen so that, if it is allowed, the kernel refuses or it does nothing.
+
+    The comment on each line says why the call cannot act.
+    """
+    null = ctypes.c_void_p(None)
+    long = ctypes.c_long
+    if name == "mount":  # target does not exist: ENOENT before any capability check or mount
+        return raw_syscall(name, ctypes.c_char_p(b"none"), ctypes.c_char_p(_missing_path(tag)),
+                           ctypes.c_char_p(b"tmpfs"), long(0), null)
+    if name in ("umount2", "swapon", "swapoff", "chroot"):  # path does not exist: ENOENT (or EPERM without caps)
+        return raw_syscall(name, ctypes.c_char_p(_missing_path(tag)), long(0))
+    if name == "pivot_root":  # paths do not exist
+        return raw_syscall(name, ctypes.c_char_p(_missing_path(tag)), ctypes.c_char_p(_missing_path(tag)))
+    if name == "reboot":  # magic1 = 0 is invalid: EINVAL after the CAP_SYS_BOOT check, never a reboot
+        return raw_syscall(name, long(0), long(0), long(0), null)
+    if name == "kexec_load":  # 1000 segments > KEXEC_SEGMENT_MAX: EINVAL
+        return raw_syscall(name, long(0), long(1000), null, long(0))
+    if name == "init_module":  # an empty module image: ENOEXEC (or ENOSYS without module support)
+        return raw_syscall(name, null, long(0), ctypes.c_char_p(b""))
+    if name == "finit_module":  # fd -1: EBADF
+        return raw_syscall(name, long(-1), ctypes.c_char_p(b""), long(0))
+    if name == "delete_module":  # a module name that cannot exist: ENOENT
+        return raw_syscall(name, ctypes.c_char_p(f"harden_probe_{tag}".encode()), long(0o4000))  # O_NONBLOCK
+    if name in ("sethostname", "setdomainname"):  # 65 bytes > __NEW_UTS_LEN: EINVAL, the name is never changed
+        return raw_syscall(name, ctypes.c_char_p(b"x" * 65), long(65))
+    if name == "clock_settime":  # a negative time is invalid: EINVAL before the clock is touched
+        return raw_syscall(name, long(0), ctypes.byref(_Timespec(-1, 0)))
+    if name == "settimeofday":  # tv_usec out of range: EINVAL
+        return raw_syscall(name, ctypes.byref(_Timeval(0, 2_000_000)), null)
+    if name == "adjtimex":  # modes = 0 only reads the clock state
+        buffer = ctypes.create_string_buffer(512)
+        return raw_syscall(name, buffer)
+    if name in ("iopl",):  # level 4 is invalid: EINVAL (ENOSYS without I/O privilege support)
+        return raw_syscall(name, long(4))
+    if name == "ioperm":  # zero ports, turn off: EINVAL / a no-op
+        return raw_syscall(name, long(0), long(0), long(0))
+    if name == "personality":  # 0xffffffff only queries the current persona
+        return raw_syscall(name, ctypes.c_ulong(0xFFFFFFFF))
+    if name in ("mlock", "munlock"):
+        page = ctypes.create_string_buffer(4096)
+        value, err = raw_syscall("mlock", page, long(4096))
+        if value == 0:
+            raw_syscall("munlock", page, long(4096))
+        return value, err
+    if name == "unshare":  # flags 0: no new namespace
+        return raw_syscall(name, long(0))
+    if name == "setns":  # fd -1: EBADF
+        return raw_syscall(name, long(-1), long(0))
+    if name == "sched_setscheduler":  # SCHED_OTHER with priority 1 is invalid: EINVAL (and not realtime)
+        return raw_syscall(name, long(0), long(0), ctypes.byref(_SchedParam(1)))
+    if name == "ptrace":  # PTRACE_PEEKUSER on ourselves, whom we do not trace: ESRCH
+        return raw_syscall(name, long(3), long(os.getpid()), long(0), long(0))
+    if name == "perf_event_open":  # a NULL attribute pointer: EFAULT
+        return raw_syscall(name, null, long(0), long(-1), long(-1), long(0))
+    if name == "keyctl":  # KEYCTL_GET_KEYRING_ID of the thread keyring, without creating it
+        return raw_syscall(name, long(0), long(-1), long(0))
+    if name == "io_setup":  # zero events: EINVAL
+        context = ctypes.c_ulong(0)
+        return raw_syscall(name, long(0), ctypes.byref(context))
+    if name == "semget":  # IPC_PRIVATE with zero semaphores: EINVAL, nothing created
+        return raw_syscall(name, long(0), long(0), long(0))
+    if name == "modify_ldt":  # func 0 reads the LDT
+        buffer = ctypes.create_string_buffer(16)
+        return raw_syscall(name, long(0), buffer, long(16))
+    if name == "pkey_alloc":  # allocate a protection key and free it again
+        value, err = raw_syscall(name, long(0), long(0))
+        if value >= 0:
+            raw_syscall("pkey_free", long(value))
+        return value, err
+    if name == "syslog":  # SYSLOG_ACTION_SIZE_BUFFER only reads the buffer size
+        return raw_syscall(name, long(10), null, long(0))
+    if name in ("setresuid", "setresgid"):  # -1 everywhere: nothing changes
+        return raw_syscall(name, long(-1), long(-1), long(-1))
+    if name == "fchown":  # -1/-1 on a fresh pipe: a no-op
+        read_end, write_end = os.pipe()
+        try:
+            return raw_syscall(name, long(read_end), long(-1), long(-1))
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+    if name == "setrlimit":  # RLIMIT_NOFILE set to its current value, in a forked child
+        limit = _Rlimit()
+        raw_syscall("getrlimit", long(7), ctypes.byref(limit))
+        return raw_syscall(name, long(7), ctypes.byref(limit))
+    if name == "bpf":  # command 0xffff does not exist: EINVAL
+        return raw_syscall(name, long(0xFFFF), null, long(0))
+    raise KeyError(name)
+
+
+# Syscalls the probes know how to call harmlessly, and the errnos that mean "the kernel ran it and refused our
+# deliberately invalid arguments" - i.e. no seccomp filter or missing capability stopped it.
+SYSCALL_PROBES: dict[str, tuple[str, ...]] = {
+    "mount": ("ENOENT",), "umount2": ("ENOENT",), "swapon": ("ENOENT",), "swapoff": ("ENOENT",),
+    "chroot": ("ENOENT",), "pivot_root": ("ENOENT", "EINVAL"), "reboot": ("EINVAL",), "kexec_load": ("EINVAL", "ENOSYS"),
+    "init_module": ("ENOEXEC", "EINVAL", "EFAULT", "ENOSYS"), "finit_module": ("EBADF", "ENOSYS"),
+    "delete_module": ("ENOENT", "ENOSYS"), "sethostname": ("EINVAL",), "setdomainname": ("EINVAL",),
+    "clock_settime": ("EINVAL",), "settimeofday": ("EINVAL",), "adjtimex": (), "iopl": ("EINVAL", "ENOSYS"),
+    "ioperm": ("EINVAL", "ENOSYS"), "personality": (), "mlock": (), "unshare": (), "setns": ("EBADF",),
+    "sched_setscheduler": ("EINVAL",), "ptrace": ("ESRCH",), "perf_event_open": ("EFAULT",),
+    "keyctl": ("ENOKEY",), "io_setup": ("EINVAL",), "semget": ("EINVAL",), "modify_ldt": ("ENOSYS",),
+    "pkey_alloc": ("EINVAL", "ENOSPC", "ENOSYS"), "syslog": (), "setresuid": (), "setresgid": (), "fchown": (),
+    "setrlimit": (), "bpf": ("EINVAL",),
+}
+
+
+# --- the probes ---------------------------------------------------------------------------------------------
+
+Probe = Callable[[str, str], Result]
+PROBES: dict[str, tuple[Probe, bool]] = {}  # kind -> (function(arg, tag), run in a forked child)
+
+
+def probe(kind: str, *, isolated: bool = False) -> Callable[[Probe], Probe]:
+    def register(function: Probe) -> Probe:
+        PROBES[kind] = (function, isolated)
+        return function
+    return register
+
+
+def _mount_flags(path: str) -> dict[str, Any]:
+    try:
+        flags = os.statvfs(path).f_flag
+    except OSError:
+        return {}
+    return {"readonly": bool(flags & os.ST_RDONLY), "noexec": bool(flags & os.ST_NOEXEC)}
+
+
+def _scratch_name(directory: str, tag: str) -> str:
+    return os.path.join(directory, f"{SCRATCH_PREFIX}{tag}-{secrets.token_hex(4)}")
+
+
+@probe("write")
+def probe_write(path: str, tag: str) -> Result:
+    """Create (and remove) a scratch file in a directory; open an existing file for writing without writing."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        return from_oserror(exc, FS_DENIALS, f"stat {path}", **_mount_flags(os.path.dirname(path) or "/"))
+    if mode is not None and stat.S_ISDIR(mode):
+        facts = _mount_flags(path)
+        scratch = _scratch_name(path, tag)
+        try:
+            os.close(os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as exc:
+            return from_oserror(exc, FS_DENIALS, f"create a file in {path}", **facts)
+        os.unlink(scratch)
+        return allowed(f"created and removed a file in {path}", **facts)
+    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)):
+        # Opening a device for writing can act (a watchdog starts ticking): only ask the kernel.
+        facts = _mount_flags(path)
+        if os.access(path, os.W_OK):
+            return allowed(f"{path} is writable (access(2); devices are never opened)", **facts)
+        return denied("EACCES", f"{path} is not writable (access(2))", **facts)
+    if mode is not None:
+        facts = _mount_flags(path)
+        try:  # no O_TRUNC and no write(): the file is left exactly as it was
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOCTTY | os.O_NONBLOCK))
+        except OSError as exc:
+            return from_oserror(exc, FS_DENIALS, f"open {path} for writing", **facts)
+        return allowed(f"opened {path} for writing (nothing written)", **facts)
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    # The parent's mount decides whether the file may be created; "exists" keeps that apart from the path's own.
+    facts = dict(_mount_flags(parent), exists=False)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        return from_oserror(exc, FS_DENIALS, f"create {path}", **facts)
+    os.unlink(path)
+    return allowed(f"created and removed {path}", **facts)
+
+
+@probe("read")
+def probe_read(path: str, tag: str) -> Result:
+    """List a directory or read up to 64 bytes of a file; absent (ENOENT) counts as not visible."""
+    denials = (*FS_DENIALS, "ENOENT")
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return from_oserror(exc, denials, f"stat {path}")
+    # Which object it is: an inaccessible or empty mount over the path is another object, even where root may
+    # still read it (CAP_DAC_OVERRIDE opens a mode-000 node).
+    where = f"{info.st_dev}:{info.st_ino}"
+    try:
+        if stat.S_ISDIR(info.st_mode):
+            entries = len(os.listdir(path))
+            return allowed(f"listed {path}: {entries} entries", object=where, size=entries)
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(info.st_mode):  # devices and FIFOs are only opened, never read
+                return allowed(f"opened {path}", object=where, size=None)
+            size = len(os.read(fd, 64))
+        finally:
+            os.close(fd)
+        return allowed(f"read {size} bytes of {path}", object=where, size=size)
+    except OSError as exc:
+        return from_oserror(exc, denials, f"read {path}", object=where)
+
+
+def _execute(program: str) -> Result:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv(program, [program])
+        except OSError as exc:
+            os._exit(100 + (exc.errno or 0) % 100)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return allowed(f"executed {program}")
+    if code >= 100:
+        return denied(code - 100, f"execve {program}")
+    return error(f"{program} exited with status {code}")
+
+
+@probe("exec", isolated=True)
+def probe_exec(path: str, tag: str) -> Result:
+    """Execute a copy of /bin/true placed in a directory (or check an existing file); noexec mounts deny."""
+    facts = _mount_flags(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return from_oserror(exc, (*FS_DENIALS, "ENOENT"), f"stat {path}", **facts)
+    if not stat.S_ISDIR(mode):  # never run a user's program: access(X_OK) sees noexec mounts too
+        if os.access(path, os.X_OK):
+            return allowed(f"{path} is executable (access(2))", **facts)
+        return denied("EACCES", f"{path} is not executable (access(2))", **facts)
+    scratch = _scratch_name(path, tag)
+    try:
+        shutil.copyfile("/bin/true", scratch)
+    except OSError:
+        # Cannot place a program here (read-only, no permission): the mount flags still tell.
+        if facts.get("noexec"):
+            return denied("EACCES", f"{path} is mounted noexec", **facts)
+        return allowed(f"{path} is not mounted noexec (no test program could be placed there)", **facts)
+    try:
+        os.chmod(scratch, 0o700)
+        return dict(_execute(scratch), facts=facts)
+    finally:
+        os.unlink(scratch)
+
+
+def _in_child(function: Callable[[], Result]) -> Result:
+    try:
+        return function()
+    except OSError as exc:
+        return error(str(exc), exc.errno)
+
+
+@probe("syscall", isolated=True)
+def probe_syscall(name: str, tag: str) -> Result:
+    """Call one syscall with arguments that make it harmless; a kernel refusal of those arguments means allowed."""
+    if name not in SYSCALL_PROBES:
+        return error(f"no harmless probe for syscall {name}")
+    try:
+        value, err = _harmless_call(name, tag)
+    except KeyError:
+        return error(f"no syscall number for {name} on {os.uname().machine}")
+    if value >= 0 or err == 0:
+        return allowed(f"{name}() returned {value}")
+    if errno_name(err) in SYSCALL_PROBES[name]:
+        return allowed(f"{name}() reached the kernel, which refused the probe's invalid arguments "
+                       f"({errno_name(err)}, as intended)", refused=errno_name(err))
+    return denied(err, f"{name}(): {os.strerror(err)}")
+
+
+@probe("socket", isolated=True)
+def probe_socket(family_name: str, tag: str) -> Result:
+    """Create (and close) a socket of an address family, trying the socket types the family may support."""
+    family = getattr(socket, family_name, None)
+    if not isinstance(family, int):
+        return error(f"unknown address family {family_name}")
+    last: OSError | None = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM, socket.SOCK_RAW, socket.SOCK_SEQPACKET):
+        try:
+            socket.socket(family, kind).close()
+            return allowed(f"created a {family_name} socket")
+        except OSError as exc:
+            if exc.errno in (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES):
+                return denied(exc.errno, f"socket({family_name}): {exc.strerror}")
+            last = exc  # a type the family lacks: try the next one
+    assert last is not None
+    return error(f"socket({family_name}): {last.strerror}", last.errno)
+
+
+def _address(arg: str) -> tuple[int, str, int, int]:
+    """(family, host, port, socket type) from "[udp:]127.0.0.1:53" or "[udp:][::1]:53"."""
+    kind = socket.SOCK_STREAM
+    if arg.startswith(("udp:", "tcp:")):
+        kind = socket.SOCK_DGRAM if arg.startswith("udp:") else socket.SOCK_STREAM
+        arg = arg[4:]
+    host, _, port = arg.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return family, host, int(port), kind
+
+
+@probe("connect", isolated=True)
+def probe_connect(arg: str, tag: str) -> Result:
+    """Send to a loopback address: an empty UDP datagram (default), or a TCP connection attempt ("tcp:" prefix).
+
+    UDP shows an address filter at once (sendto fails with EPERM); a dropped TCP SYN only shows as a timeout.
+    Nobody listening (connection refused) still means the packet was allowed out.
+    """
+    family, host, port, kind = _address(arg if arg.startswith(("udp:", "tcp:")) else f"udp:{arg}")
+    with socket.socket(family, kind) as sock:
+        sock.settimeout(1)
+        try:
+            if kind == socket.SOCK_DGRAM:
+                sock.sendto(b"", (host, port))
+                return allowed(f"sent an empty datagram to {arg}")
+            sock.connect((host, port))
+        except ConnectionRefusedError:
+            return allowed(f"reached {arg} (connection refused: nobody listens)")
+        except TimeoutError:
+            # On loopback an answer (even a refusal) is immediate: silence means a filter dropped the packet.
+            return denied("ETIMEDOUT", f"connect {arg}: no answer within 1s on loopback (dropped)")
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                return denied(exc.errno, f"send to {arg}: {exc.strerror}")
+            return error(f"send to {arg}: {exc.strerror or exc}", exc.errno)
+    return allowed(f"connected to {arg}")
+
+
+@probe("bind", isolated=True)
+def probe_bind(arg: str, tag: str) -> Result:
+    """Bind a loopback address and port, then close without listening; in use still means the bind was allowed."""
+    family, host, port, kind = _address(arg)
+    with socket.socket(family, kind) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return allowed(f"bind {arg} reached the port check (in use)")
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                return denied(exc.errno, f"bind {arg}: {exc.strerror}")
+            return error(f"bind {arg}: {exc.strerror}", exc.errno)
+    return allowed(f"bound {arg} (closed again, never listened)")
+
+
+@probe("namespace", isolated=True)
+def probe_namespace(kind: str, tag: str) -> Result:
+    """unshare(2) one namespace type, in a child that exits right after."""
+    if kind not in CLONE_FLAGS:
+        return error(f"unknown namespace type {kind}")
+    value, err = raw_syscall("unshare", ctypes.c_long(CLONE_FLAGS[kind]))
+    if value == 0:
+        return allowed(f"created a {kind} namespace")
+    if err in (errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EUSERS):
+        return denied(err, f"unshare({kind}): {os.strerror(err)}")
+    return error(f"unshare({kind}): {os.strerror(err)}", err)
+
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+@probe("memory", isolated=True)
+def probe_memory(kind: str, tag: str) -> Result:
+    """Map memory writable and executable at once ("wx"), or make a writable mapping executable ("mprotect")."""
+    c = libc()
+    prot = PROT_READ | PROT_WRITE | (PROT_EXEC if kind == "wx" else 0)
+    ctypes.set_errno(0)
+    address = c.mmap(None, 4096, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if address in (None, MAP_FAILED):
+        err = ctypes.get_errno()
+        return denied(err, f"mmap(PROT_WRITE|PROT_EXEC): {os.strerror(err)}") if kind == "wx" else \
+            error(f"mmap: {os.strerror(err)}", err)
+    try:
+        if kind == "mprotect":
+            if c.mprotect(address, 4096, PROT_READ | PROT_EXEC) != 0:
+                err = ctypes.get_errno()
+                return denied(err, f"mprotect(PROT_EXEC): {os.strerror(err)}")
+            return allowed("made a writable mapping executable")
+        return allowed("mapped memory writable and executable")
+    finally:
+        c.munmap(address, 4096)
+
+
+@probe("personality", isolated=True)
+def probe_personality(arg: str, tag: str) -> Result:
+    """Switch this child to PER_LINUX32 (a change LockPersonality= forbids)."""
+    value, err = raw_syscall("personality", ctypes.c_ulong(0x0008))
+    if value >= 0:
+        return allowed("switched the persona to PER_LINUX32")
+    return denied(err, f"personality(PER_LINUX32): {os.strerror(err)}")
+
+
+@probe("realtime", isolated=True)
+def probe_realtime(arg: str, tag: str) -> Result:
+    """Make this child SCHED_FIFO priority 1 (it exits right after)."""
+    value, err = raw_syscall("sched_setscheduler", ctypes.c_long(0), ctypes.c_long(1), ctypes.byref(_SchedParam(1)))
+    if value == 0:
+        return allowed("became SCHED_FIFO")
+    return denied(err, f"sched_setscheduler(SCHED_FIFO): {os.strerror(err)}")
+
+
+def scratch_directory() -> str | None:
+    """A directory this process may create files in: the unit's own directories first, then the temporary ones."""
+    candidates = [os.environ.get(name, "").split(":")[0] for name in
+                  ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "CACHE_DIRECTORY", "LOGS_DIRECTORY")]
+    candidates += ["/tmp", "/var/tmp", "/dev/shm", os.environ.get("HOME", "")]
+    for directory in candidates:
+        if directory and os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK):
+            return directory
+    return None
+
+
+@probe("setuid-bit", isolated=True)
+def probe_setuid_bit(bit: str, tag: str) -> Result:
+    """chmod u+s (or g+s) on a scratch file of our own, removed right after."""
+    directory = scratch_directory()
+    if directory is None:
+        return error("no writable directory for a scratch file")
+    scratch = _scratch_name(directory, tag)
+    os.close(os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        os.chmod(scratch, 0o4700 if bit == "suid" else 0o2700)
+    except OSError as exc:
+        return from_oserror(exc, ("EPERM", "EACCES"), f"chmod {'u' if bit == 'suid' else 'g'}+s", scratch=directory)
+    finally:
+        os.unlink(scratch)
+    return allowed(f"set the {bit} bit on a scratch file in {directory}", scratch=directory)
+
+
+@probe("abi32", isolated=True)
+def probe_abi32(arg: str, tag: str) -> Result:
+    """Make one syscall through the 32-bit x86 ABI (int 0x80: getpid), as a non-native binary would."""
+    if os.uname().machine != "x86_64":
+        return error(f"no non-native ABI probe on {os.uname().machine}")
+    code = bytes([0xB8, 0x14, 0, 0, 0, 0xCD, 0x80, 0xC3])  # mov eax, 20 (i386 getpid); int 0x80; ret
+    # Executable memory from a memfd (mapped read+exec, never write+exec), so MemoryDenyWriteExecute= does not
+    # stop the probe itself.
+    fd = os.memfd_create("harden-probe-abi32")
+    try:
+        os.write(fd, code)
+        address = libc().mmap(None, 4096, PROT_READ | PROT_EXEC, 0x01, fd, 0)  # MAP_SHARED
+    finally:
+        os.close(fd)
+    if address in (None, MAP_FAILED):
+        return error(f"could not map the probe's code: {os.strerror(ctypes.get_errno())}")
+    value = int(ctypes.CFUNCTYPE(ctypes.c_int)(address)())
+    if value == os.getpid():
+        return allowed("a 32-bit syscall (getpid via int 0x80) ran")
+    if value < 0:
+        return denied(-value, f"32-bit getpid: {os.strerror(-value)}")
+    return error(f"32-bit getpid returned {value}, not {os.getpid()}")
+
+
+def _capability_set(hex_mask: str) -> list[int]:
+    mask = int(hex_mask, 16)
+    return [bit for bit in range(64) if mask & (1 << bit)]
+
+
+@probe("status")
+def probe_status(arg: str, tag: str) -> Result:
+    """The process's credentials and restrictions from /proc/self/status (and a user name from NSS)."""
+    fields: dict[str, str] = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    uid = int(fields["Uid"].split()[1])
+    try:
+        import pwd
+
+        user: str | None = pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        user = None
+    return allowed("read /proc/self/status", uid=uid, gid=int(fields["Gid"].split()[1]), user=user,
+                   cap_bounding=_capability_set(fields["CapBnd"]), cap_effective=_capability_set(fields["CapEff"]),
+                   cap_permitted=_capability_set(fields["CapPrm"]), cap_ambient=_capability_set(fields["CapAmb"]),
+                   no_new_privs=int(fields.get("NoNewPrivs", "0")), seccomp=int(fields.get("Seccomp", "0")),
+                   umask=int(fields["Umask"], 8) if "Umask" in fields else None)
+
+
+@probe("umask")
+def probe_umask(arg: str, tag: str) -> Result:
+    """The mode a new file gets (created with 0666, so the umask shows), in a scratch directory."""
+    directory = scratch_directory()
+    if directory is None:
+        return error("no writable directory for a scratch file")
+    scratch = _scratch_name(directory, tag)
+    os.close(os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        mode = stat.S_IMODE(os.stat(scratch).st_mode)
+    finally:
+        os.unlink(scratch)
+    return allowed(f"a new file in {directory} gets mode {mode:04o}", file_mode=mode)
+
+
+@probe("limits")
+def probe_limits(arg: str, tag: str) -> Result:
+    """/proc/self/limits as {name: [soft, hard]}, None meaning unlimited."""
+    limits: dict[str, list[int | None]] = {}
+    with open("/proc/self/limits") as table:
+        next(table)
+        for line in table:
+            name = line[:26].strip()
+            soft, hard = line[26:47].strip(), line[47:68].strip()
+            limits[name] = [None if soft == "unlimited" else int(soft), None if hard == "unlimited" else int(hard)]
+    return allowed("read /proc/self/limits", limits=limits)
+
+
+CGROUP_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+
+
+def _cgroup_file(controller: str, v2_file: str, v1_file: str) -> Result:
+    with open("/proc/self/cgroup") as table:
+        lines = [line.rstrip("\n").split(":", 2) for line in table]
+    v2_path = next((path for hierarchy, names, path in lines if hierarchy == "0" and names == ""), None)
+    if v2_path is not None:
+        for root in CGROUP_ROOTS:
+            group = root + v2_path
+            try:
+                with open(os.path.join(group, "cgroup.controllers")) as available:
+                    if controller not in available.read().split():
+                        continue
+                with open(os.path.join(group, v2_file)) as value:
+                    return allowed(f"{group}/{v2_file}", value=value.read().strip(), file=f"{group}/{v2_file}")
+            except OSError:
+                continue
+    for _, names, path in lines:
+        if controller in names.split(",") and path != "/":
+            group = f"/sys/fs/cgroup/{names}{path}"
+            try:
+                with open(os.path.join(group, v1_file)) as value:
+                    return allowed(f"{group}/{v1_file}", value=value.read().strip(), file=f"{group}/{v1_file}")
+            except OSError as exc:
+                return error(f"cannot read {group}/{v1_file}: {exc.strerror}", exc.errno)
+    return error(f"no {controller} controller manages this process's cgroup (cgroup v1 {controller} hierarchy not "
+                 f"delegated, and not enabled on cgroup v2)")
+
+
+@probe("cgroup")
+def probe_cgroup(controller: str, tag: str) -> Result:
+    """The limit of this process's own cgroup: memory (memory.max) or pids (pids.max)."""
+    if controller == "memory":
+        return _cgroup_file("memory", "memory.max", "memory.limit_in_bytes")
+    if controller == "pids":
+        return _cgroup_file("pids", "pids.max", "pids.max")
+    return error(f"unknown cgroup controller {controller}")
+
+
+@probe("identity")
+def probe_identity(path: str, tag: str) -> Result:
+    """Which object a path is (device:inode): tells a private /tmp, /dev or namespace from the machine's."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return error(f"stat {path}: {exc.strerror}", exc.errno)
+    return allowed(f"{path} is {info.st_dev}:{info.st_ino}", value=f"{info.st_dev}:{info.st_ino}")
+
+
+def _filesystem_of(path: str) -> str | None:
+    """The filesystem type of the mount holding ``path``, from /proc/self/mountinfo (the longest mount point)."""
+    best, best_type = "", None
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            fields = line.split()
+            mount_point = fields[4].replace("\\040", " ")
+            fs_type = fields[fields.index("-") + 1]
+            inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+            if inside and len(mount_point) >= len(best):
+                best, best_type = mount_point, fs_type
+    return best_type
+
+
+@probe("filesystem")
+def probe_filesystem(path: str, tag: str) -> Result:
+    """Open a directory read-only: RestrictFileSystems= denies opening files on the filesystem types it forbids."""
+    fs_type = _filesystem_of(path)
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
+    except OSError as exc:
+        return from_oserror(exc, ("EPERM", "EACCES"), f"open {path} ({fs_type})", fs_type=fs_type)
+    return allowed(f"opened {path} ({fs_type})", fs_type=fs_type)
+
+
+@probe("interfaces")
+def probe_interfaces(arg: str, tag: str) -> Result:
+    """The network interfaces this process sees."""
+    try:
+        names = sorted(os.listdir("/sys/class/net"))
+    except OSError as exc:
+        names = sorted(name for _, name in socket.if_nameindex()) if exc.errno == errno.ENOENT else []
+    return allowed(f"interfaces: {', '.join(names)}", value=names)
+
+
+@probe("block-devices")
+def probe_block_devices(arg: str, tag: str) -> Result:
+    """Block device nodes under /dev (a private /dev has none)."""
+    found = []
+    for directory, _, names in os.walk("/dev"):
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                if stat.S_ISBLK(os.lstat(path).st_mode):
+                    found.append(path)
+            except OSError:
+                continue
+    return allowed(f"{len(found)} block devices", value=sorted(found))
+
+
+# --- the batch ----------------------------------------------------------------------------------------------
+
+def run_isolated(function: Probe, arg: str, tag: str) -> Result:
+    """Run a probe in a forked child: a seccomp kill ends the child only, and no state change outlives it."""
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
+        return error(f"cannot fork a child for the probe: {exc.strerror}", exc.errno)
+    if pid == 0:
+        os.close(read_end)
+        code = 0
+        try:
+            signal.alarm(CHILD_TIMEOUT)
+            result = _in_child(lambda: function(arg, tag))
+            os.write(write_end, json.dumps(result).encode())
+        except BaseException:  # noqa: BLE001 - the child must never return into the batch
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
+        if number == signal.SIGALRM:
+            return error(f"the probe did not finish within {CHILD_TIMEOUT}s")
+        return {"status": "denied", "signal": name, "detail": f"killed by {name}", "facts": {}}
+    if not chunks:
+        return error(f"the probe's child exited with status {os.waitstatus_to_exitcode(status)} and no result")
+    received: Result = json.loads(b"".join(chunks))
+    return received
+
+
+def run_probe(kind: str, arg: str, tag: str) -> Result:
+    if kind not in PROBES:
+        return error(f"unknown probe kind {kind}")
+    function, isolated = PROBES[kind]
+    if isolated:
+        return run_isolated(function, arg, tag)
+    try:
+        return function(arg, tag)
+    except OSError as exc:
+        return error(f"{kind} {arg}: {exc.strerror or exc}", exc.errno)
+    except Exception as exc:  # noqa: BLE001 - one broken probe must not end the batch
+        return error(f"{kind} {arg}: {type(exc).__name__}: {exc}")
+
+
+def main(argv: list[str]) -> int:
+    request = json.loads(argv[1])
+    tag = secrets.token_hex(4)
+    for kind, arg in request["probes"]:
+        result = run_probe(kind, arg, tag)
+        result.update(kind=kind, arg=arg)
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

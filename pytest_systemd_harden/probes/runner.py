@@ -1,0 +1,155 @@
+"""Running a batch of probes as one process on a machine, and what a machine's systemd knows.
+
+A batch is one transient unit: ``/usr/bin/python3 -I -S - '{"probes": ...}'`` with the inside script on stdin.
+Where it runs is the caller's choice - in the service's sandbox (:meth:`HardenedService.inside`), unconfined on
+the machine, or as the service's user with one directive - so the same probes give comparable results.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..backends.base import Machine
+from ..result import CommandResult
+from ..systemd import Property
+from .model import Probe, ProbeResult
+
+INTERPRETER = "/usr/bin/python3"
+
+# Runs an argv with stdin bytes somewhere (a sandbox, the machine) and says how it went.
+Run = Callable[[Sequence[str], bytes], CommandResult]
+
+
+@functools.cache
+def inside_script() -> bytes:
+    """The standalone script the probes run as (see :mod:`pytest_systemd_harden.probes.inside`)."""
+    return Path(__file__).with_name("inside.py").read_bytes()
+
+
+def batch_argv(probes: Sequence[Probe]) -> list[str]:
+    # -I -S: the image's own stdlib only, no site-packages or environment that could change what a probe does.
+    request = json.dumps({"probes": [[probe.kind, probe.arg] for probe in probes]})
+    return [INTERPRETER, "-I", "-S", "-", request]
+
+
+def unique(probes: Iterable[Probe]) -> list[Probe]:
+    """The probes without repeats, in first-seen order."""
+    return list(dict.fromkeys(probes))
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The results of one batch, by probe, and how the batch process itself ended."""
+
+    label: str  # where it ran, for messages: "in the sandbox", "on the machine without hardening"
+    results: dict[Probe, ProbeResult]
+    command: CommandResult | None = field(default=None, compare=False)
+
+    def __getitem__(self, probe: Probe) -> ProbeResult:
+        found = self.results.get(probe)
+        return found if found is not None else ProbeResult.missing(probe, f"not probed {self.label}")
+
+    def __contains__(self, probe: object) -> bool:
+        return probe in self.results
+
+
+def parse_batch(probes: Sequence[Probe], command: CommandResult, label: str) -> Batch:
+    """Results from the batch's JSON lines; a probe without a line gets an error saying how the batch ended."""
+    results: dict[Probe, ProbeResult] = {}
+    for line in command.stdout.splitlines():
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            result = ProbeResult.from_json(data)
+            results[result.probe] = result
+    if len(results) < len(probes):
+        why = f"the probe process ended before this probe ({command.status_text()})"
+        stderr = command.stderr.strip().splitlines()
+        if stderr:
+            why += f": {stderr[-1]}"
+        for probe in probes:
+            results.setdefault(probe, ProbeResult.missing(probe, why))
+    return Batch(label, results, command)
+
+
+def run_batch(run: Run, probes: Iterable[Probe], label: str) -> Batch:
+    """Run ``probes`` as one process through ``run`` and collect one result per probe."""
+    ordered = unique(probes)
+    command = run(batch_argv(ordered), inside_script())
+    return parse_batch(ordered, command, label)
+
+
+def on_machine(machine: Machine, properties: Sequence[Property] = (), purpose: str = "probe") -> Run:
+    """A :data:`Run` for a transient unit on ``machine`` with ``properties`` (none: unconfined, as root)."""
+    def run(argv: Sequence[str], stdin: bytes) -> CommandResult:
+        return machine.run(list(argv), properties, stdin=stdin, timeout=120, purpose=purpose)
+    return run
+
+
+# --- what the machine's systemd knows -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MachineFacts:
+    """The machine's systemd: version, compile-time features, and its syscall groups (as this version has them)."""
+
+    version: int
+    features: frozenset[str]  # "+SECCOMP", "-BPF_FRAMEWORK", ...
+    syscall_groups: dict[str, frozenset[str]] = field(compare=False)
+
+    def lacks(self, feature: str) -> bool:
+        return f"-{feature}" in self.features
+
+
+def parse_groups(text: str) -> dict[str, frozenset[str]]:
+    """``systemd-analyze syscall-filter`` output as {"@group": every syscall in it, nested groups resolved}."""
+    direct: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("@"):
+            current = direct.setdefault(line.strip(), [])
+        elif line.startswith((" ", "\t")) and current is not None:
+            word = line.strip()
+            if word and not word.startswith("#"):
+                current.append(word)
+        else:
+            current = None
+
+    @functools.cache
+    def resolve(group: str, seen: tuple[str, ...] = ()) -> frozenset[str]:
+        names: set[str] = set()
+        for member in direct.get(group, []):
+            if member.startswith("@"):
+                if member not in seen:
+                    names |= resolve(member, (*seen, group))
+            else:
+                names.add(member)
+        return frozenset(names)
+
+    return {group: resolve(group) for group in direct}
+
+
+def parse_version(text: str) -> tuple[int, frozenset[str]]:
+    """``systemctl --version``: (252, {"+SECCOMP", "-BPF_FRAMEWORK", ...})."""
+    match = re.search(r"systemd (\d+)", text)
+    features = frozenset(word for word in text.split() if word[:1] in "+-" and word[1:].isupper())
+    return (int(match.group(1)) if match else 0), features
+
+
+_FACTS: dict[str, MachineFacts] = {}
+
+
+def machine_facts(machine: Machine) -> MachineFacts:
+    """The facts of ``machine``'s systemd, asked once per machine."""
+    if machine.name not in _FACTS:
+        version = machine.run(["systemctl", "--version"], purpose="facts")
+        groups = machine.run(["systemd-analyze", "syscall-filter", "--no-pager"], purpose="facts")
+        number, features = parse_version(version.stdout)
+        _FACTS[machine.name] = MachineFacts(number, features, parse_groups(groups.stdout))
+    return _FACTS[machine.name]
