@@ -19,6 +19,8 @@ from .systemd import CLD_DUMPED, CLD_EXITED, CLD_KILLED, SERVICE_IFACE, Property
 if TYPE_CHECKING:
     import testinfra.host
 
+    from .probes import Batch, Probe
+
 # Only these directives make the namespaces that JoinsNamespaceOf= shares; a "peer" of the service copies them so
 # it sees the service's /tmp, network and IPC without being confined by the rest of the hardening.
 NAMESPACE_DIRECTIVES = ("PrivateTmp", "PrivateNetwork", "PrivateIPC")
@@ -67,6 +69,8 @@ class HardenedService:
       (dynamic) user, and the service's private /tmp, network and IPC namespaces (JoinsNamespaceOf=).
     * :meth:`journal` is the service's journal tail; :meth:`state` its unit state.
     * :attr:`host` and :attr:`sandbox_host` are testinfra ``Host`` objects for the machine and the sandbox.
+    * :meth:`assert_denied` checks that the sandbox denies actions (a write, a syscall, ...); :meth:`probe` runs
+      denial probes in the sandbox.
     """
 
     def __init__(self, machine: Machine, spec: Spec, unit: str | None = None) -> None:
@@ -169,6 +173,48 @@ class HardenedService:
         if not names:
             return "no hardening"
         return f"{len(names)} directives" + (f", user {self.user}" if self.user else "")
+
+    # -- denial probes ------------------------------------------------------------------------------------
+
+    def probe(self, probes: Sequence[Probe]) -> Batch:
+        """Run ``probes`` (:mod:`pytest_systemd_harden.probes`) as one process in the service's sandbox."""
+        from .probes.runner import run_batch
+
+        return run_batch(lambda argv, stdin: self.inside(list(argv), timeout=120, stdin=stdin), probes,
+                         f"in the sandbox of {self.unit}")
+
+    def assert_denied(self, *, write: str | Sequence[str] = (), read: str | Sequence[str] = (),
+                      exec: str | Sequence[str] = (), connect: str | Sequence[str] = (),
+                      bind: str | int | Sequence[str | int] = (), syscall: str | Sequence[str] = (),
+                      capability: str | Sequence[str] = (), namespace: str | Sequence[str] = (),
+                      family: str | Sequence[str] = (), strict: bool = False) -> None:
+        """Assert that the sandbox denies every given action, e.g. ``assert_denied(write="/etc/passwd",
+        syscall=["mount", "reboot"], connect="127.0.0.1:53")``.
+
+        Each action is probed in the sandbox and, as a control, on the machine without hardening: an action that
+        is denied even there proves nothing about the sandbox, and skips the test with the reason (fails it with
+        ``strict=True``). A failure says what was expected, what happened (errno or signal) and which directive
+        should have denied it. The values are those of a spec's ``deny:`` list (see docs/probes.md).
+        """
+        __tracebackhide__ = True
+        from .enforcement import NOT_ENFORCED, UNVERIFIABLE, check_denials
+        from .probes.catalogue import parse_denial
+
+        asked = {"write": write, "read": read, "exec": exec, "connect": connect, "bind": bind, "syscall": syscall,
+                 "capability": capability, "namespace": namespace, "family": family}
+        denials = [parse_denial(kind, value) for kind, values in asked.items()
+                   for value in ([values] if isinstance(values, (str, int)) else values)]
+        if not denials:
+            raise TypeError("assert_denied() needs an action, e.g. assert_denied(write='/etc/passwd')")
+        verdicts = check_denials(self, denials)
+        failed = [v for v in verdicts if v.status == NOT_ENFORCED]
+        unverifiable = [v for v in verdicts if v.status == UNVERIFIABLE]
+        if failed or (strict and unverifiable):
+            raise AssertionError("\n".join(v.message() for v in [*failed, *(unverifiable if strict else [])]))
+        if unverifiable:
+            import pytest
+
+            pytest.skip("\n".join(v.message() for v in unverifiable))
 
     # -- observation --------------------------------------------------------------------------------------
 

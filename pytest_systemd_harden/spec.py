@@ -35,6 +35,7 @@ from . import profiles
 from .backends.base import MachineConfig
 from .directives import Directive, DirectiveError, Property, _closest_hint, render_dropin
 from .errors import SpecError
+from .probes.catalogue import Denial, DenialError, parse_denial
 
 SERVICE_TYPES = ("simple", "exec", "notify", "oneshot", "forking")
 READY_KINDS = ("tcp", "unix", "file", "active")
@@ -190,6 +191,15 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class EnforcementSettings:
+    """Which enforcement items a spec gets: one per confining directive (default), none (``enforcement: false``),
+    or all but those listed (``enforcement: {skip: [MemoryMax]}``)."""
+
+    enabled: bool = True
+    skip: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Spec:
     """A loaded, validated hardening spec."""
 
@@ -200,6 +210,9 @@ class Spec:
     scenarios: tuple[Scenario, ...]
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # Actions the sandbox must deny (``deny:``), and which directives get an enforcement item (``enforcement:``).
+    denials: tuple[Denial, ...] = ()
+    enforcement: EnforcementSettings = EnforcementSettings()
     # The built-in profile the hardening starts from ("" for none); its directives are already in `hardening`.
     profile: str = ""
 
@@ -227,7 +240,7 @@ class Spec:
 
 # --- loading ------------------------------------------------------------------------------------------------
 
-TOP_KEYS = ("name", "profile", "service", "machine", "hardening", "scenarios")
+TOP_KEYS = ("name", "profile", "service", "machine", "hardening", "scenarios", "deny", "enforcement")
 SERVICE_KEYS = ("exec_start", "type", "ready", "environment", "working_directory", "start_timeout")
 MACHINE_KEYS = ("packages", "files", "backend")
 SCENARIO_KEYS = ("name", "client", "inside", "expect", "timeout")
@@ -316,8 +329,11 @@ def parse_spec(document: Any, path: Path) -> Spec:
     profile = _parse_profile(check, doc)
     hardening = _parse_hardening(check, doc.get("hardening"), doc, profile)
     scenarios = _parse_scenarios(check, doc.get("scenarios"), doc)
+    denials = _parse_denials(check, doc.get("deny"), doc)
+    enforcement = _parse_enforcement(check, doc, hardening)
     name = str(doc["name"]) if "name" in doc else ""
-    return Spec(path, service, machine, hardening, scenarios, name, profile=profile.name if profile else "")
+    return Spec(path, service, machine, hardening, scenarios, name, denials=denials, enforcement=enforcement,
+                profile=profile.name if profile else "")
 
 
 def _parse_service(check: _Checker, section: _Mapping) -> ServiceConfig:
@@ -411,6 +427,53 @@ def _parse_profile(check: _Checker, doc: _Mapping) -> profiles.Profile | None:
         return profiles.lookup(check.string(doc, "profile", "profile"))
     except profiles.ProfileError as exc:
         raise check.error(doc, "profile", "profile", exc.problem, exc.hint) from None
+
+
+DENY_HINT = "a list of one-key entries, e.g. - write: /etc/passwd, - syscall: mount, - connect: 127.0.0.1:53"
+
+
+def _parse_denials(check: _Checker, section: Any, doc: _Mapping) -> tuple[Denial, ...]:
+    """``deny:``: actions the sandbox must deny, each probed in it (see docs/probes.md)."""
+    if section is None:
+        return ()
+    if not isinstance(section, list):
+        raise check.error(doc, "deny", "deny", "expected a list of denials", DENY_HINT)
+    denials = []
+    for index, item in enumerate(section):
+        dotted = f"deny[{index}]"
+        entry = check.mapping(item, section, index, dotted)
+        if len(entry) != 1:
+            raise check.error(section, index, dotted, "each entry names exactly one action", DENY_HINT)
+        ((kind, value),) = entry.items()
+        for one in value if isinstance(value, list) else [value]:  # - syscall: [mount, reboot]
+            try:
+                denials.append(parse_denial(str(kind), one, _line_of(entry, kind)))
+            except DenialError as exc:
+                raise check.error(entry, kind, f"{dotted}.{kind}", exc.problem, exc.hint) from None
+    return tuple(denials)
+
+
+def _parse_enforcement(check: _Checker, doc: _Mapping, hardening: Sequence[Directive]) -> EnforcementSettings:
+    """``enforcement: false`` switches the enforcement items off; ``{skip: [Directive, ...]}`` drops some."""
+    if "enforcement" not in doc:
+        return EnforcementSettings()
+    value = doc["enforcement"]
+    if isinstance(value, bool):
+        return EnforcementSettings(enabled=value)
+    if not isinstance(value, dict):
+        raise check.error(doc, "enforcement", "enforcement", f"expected true, false or a mapping, got {value!r}",
+                          "e.g. enforcement: {skip: [MemoryMax, TasksMax]}")
+    section = check.mapping(value, doc, "enforcement", "enforcement")
+    check.known_keys(section, ("skip",), "enforcement.")
+    raw = section.get("skip", [])
+    names = raw if isinstance(raw, list) else [raw]
+    declared = [d.name for d in hardening]
+    for index, name in enumerate(names):
+        if str(name) not in declared:
+            raise check.error(raw if isinstance(raw, list) else section, index if isinstance(raw, list) else "skip",
+                              f"enforcement.skip[{index}]", f"{name!r} is not a directive of this spec's hardening",
+                              _closest_hint(str(name), declared) or f"one of {', '.join(declared) or '(none)'}")
+    return EnforcementSettings(True, tuple(str(name) for name in names))
 
 
 def _parse_hardening(check: _Checker, section: Any, doc: _Mapping,
