@@ -33,6 +33,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run every spec on this backend (default: what each spec says; nspawn)")
     group.addoption("--harden-require-backend", action="store_true", default=False,
                     help="a backend that cannot run here is an error, not a skip (use this in CI)")
+    group.addoption("--harden-strict-enforcement", action="store_true", default=False,
+                    help="a directive this machine cannot show in force fails its enforcement item instead of "
+                         "skipping it (use this in CI, on machines that should enforce every directive)")
     group.addoption("--harden-cache-dir", default=None, metavar="DIR",
                     help="where built machine images are cached (default: $HARDEN_CACHE_DIR, else "
                          "$XDG_CACHE_HOME/pytest-systemd-harden, else ~/.cache/pytest-systemd-harden)")
@@ -211,6 +214,11 @@ class SpecFile(pytest.File):
         yield StartItem.from_parent(self, name="service starts under hardening")
         for scenario in self.spec.scenarios:
             yield ScenarioItem.from_parent(self, name=scenario.name, scenario=scenario)
+        if self.spec.enforcement.enabled:
+            from .enforcement import item_names
+
+            for subject, title, line in item_names(self.spec):
+                yield EnforcementItem.from_parent(self, name=title, subject=subject, line=line)
 
     def service(self) -> HardenedService:
         """The spec's service, started once for all its items (an earlier start failure is raised again)."""
@@ -297,3 +305,63 @@ class ScenarioItem(SpecItem):
     def reportinfo(self) -> tuple[Path, int | None, str]:
         line = self.scenario.line - 1 if self.scenario.line else None
         return self.path, line, f"{self.path.name}: scenario {self.scenario.name!r}"
+
+
+# --- enforcement items (logic in enforcement.py and probes/) --------------------------------------------------------
+
+ENFORCEMENT_REPORT = pytest.StashKey[Any]()
+
+
+class EnforcementItem(SpecItem):
+    """One directive of the spec (or one ``deny:`` entry), shown in force by denial probes in the sandbox.
+
+    The probes of all items of a spec run once, as one batch in the sandbox plus control batches without
+    hardening; each item then reports its verdict: pass, fail (NOT enforced), or skip (unverifiable here, with
+    the reason; a failure under --harden-strict-enforcement).
+    """
+
+    def __init__(self, *, subject: str, line: int | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.subject = subject
+        self.line = line
+
+    def runtest(self) -> None:
+        from .enforcement import ENFORCED, UNVERIFIABLE, EnforcementFailed, verify_service
+
+        try:
+            service = self.parent.service()
+        except (HardenError, pytest.fail.Exception) as exc:
+            reason = "no backend" if isinstance(exc, pytest.fail.Exception) else type(exc).__name__
+            raise EnforcementFailed(f"not run: the service did not start ({reason}; see "
+                                    f"'{self.parent.name}::service starts under hardening')") from None
+        report = self.parent.stash.get(ENFORCEMENT_REPORT, None)
+        if report is None:
+            report = verify_service(service)
+            self.parent.stash[ENFORCEMENT_REPORT] = report
+        verdict = report[self.subject]
+        record = self.new_record(check="enforcement", status=verdict.status)
+        if verdict.status != UNVERIFIABLE:  # what baselines and reports count as enforced or not
+            key = "probe" if verdict.subject.denial else "directive"
+            record[key] = verdict.subject.denial.probe.key if verdict.subject.denial else self.subject
+        else:
+            record["unverifiable"] = self.subject
+        if verdict.status == ENFORCED:
+            # What each check showed, for -rP and JUnit readers; failures and skips carry it as their message.
+            self.add_report_section("call", "enforcement", verdict.message())
+            return
+        if verdict.status == UNVERIFIABLE and not self.config.getoption("harden_strict_enforcement"):
+            raise pytest.skip.Exception(verdict.message(), _use_item_location=True)  # shown at the spec's line
+        suffix = "\n(unverifiable here, and --harden-strict-enforcement is set)" if verdict.status == UNVERIFIABLE \
+            else ""
+        raise EnforcementFailed(verdict.message() + suffix)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str | Any:
+        from .enforcement import EnforcementFailed
+
+        if isinstance(excinfo.value, EnforcementFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, self.line - 1 if self.line else None, f"{self.path.name}: {self.name}"
+
