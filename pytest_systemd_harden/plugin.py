@@ -57,6 +57,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "harden(path): the hardening spec (YAML, relative to the test file) that the "
                                        "hardened_service fixture starts")
     config.pluginmanager.register(HardenSession(config), HardenSession.NAME)
+    if config.pluginmanager.hasplugin("xdist") and getattr(config.option, "dist", "no") == "load":
+        # A spec's scenarios run in order against one service and a later one may need what an earlier one
+        # made: under `pytest -n` each spec file must stay on one worker. xdist's default (load) becomes
+        # loadfile, which the controller alone decides; an explicit --dist is left as the user chose it.
+        config.option.dist = "loadfile"
 
 
 @pytest.hookimpl

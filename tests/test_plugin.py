@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -164,3 +165,26 @@ def test_a_killed_run_is_reaped_by_the_next(slow_suite: Callable[[], subprocess.
     assert _our_groups(proc.pid) == []
     out = subprocess.run(["pgrep", "-f", "^sleep 60$"], check=False, capture_output=True, text=True)
     assert out.stdout.strip() == ""
+
+
+def test_under_xdist_each_spec_runs_whole_on_one_worker(pytester: pytest.Pytester) -> None:
+    for name in ("first", "second"):
+        pytester.mkdir(name).joinpath("harden.yaml").write_text("""
+service:
+  exec_start: /bin/sleep infinity
+scenarios:
+  - name: make the key
+    client: touch /var/tmp/key-made-by-this-spec
+  - name: the key is still there
+    client: test -e /var/tmp/key-made-by-this-spec
+  - name: done with the key
+    client: rm /var/tmp/key-made-by-this-spec
+""")
+    result = pytester.runpytest_subprocess("-n", "2", "-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=8)
+    workers: dict[str, set[str]] = {}
+    for line in result.stdout.lines:
+        match = re.match(r"\[(gw\d+)\].* PASSED (\w+)/harden\.yaml::", line)
+        if match:
+            workers.setdefault(match.group(2), set()).add(match.group(1))
+    assert {spec: len(found) for spec, found in workers.items()} == {"first": 1, "second": 1}
