@@ -41,7 +41,7 @@ class ProfileLine(int):
 
     It is the line number every message already shows beside a directive, and it formats as
     ``"3, from profile baseline-2026"``, so a failure report says where such a directive came from
-    (``NoExecPaths=/ /tmp /var/tmp    (harden.yaml:3, from profile baseline-2026)``) without any
+    (``ProtectClock=yes    (harden.yaml:3, from profile baseline-2026)``) without any
     message-building code knowing about profiles.
     """
 
@@ -97,12 +97,16 @@ _BASELINE = {
     "ProcSubset": "pid",
     # NixOS's store is read-only by construction; on Debian /usr and /etc are not, so say it.
     "ProtectSystem": "strict",
+    # On systemd 252 ProtectKernelTunables=, ProtectControlGroups=, ProtectProc= and ProcSubset= each leave the
+    # machine's /run writable under ProtectSystem=strict; this keeps it read-only (RuntimeDirectory= still works).
+    "ReadOnlyPaths": "/run",
     "RestrictAddressFamilies": "AF_UNIX",
     "IPAddressAllow": "localhost",
     "IPAddressDeny": "any",
-    # systemd 252 leaves PrivateTmp='s own /tmp and /var/tmp mounts executable under NoExecPaths=/ alone.
-    "NoExecPaths": "/ /tmp /var/tmp",
-    "ExecPaths": "/usr",
+    # Not the pre-RFC's NoExecPaths=/ with ExecPaths= for the programs: on systemd 252 a path listed in either is
+    # mounted again *writable* under ProtectSystem=strict, and NoExecPaths=/ misses PrivateTmp='s mounts. So the
+    # scratch space the service can write is made non-executable, and nothing read-only is listed.
+    "NoExecPaths": "/dev/shm /tmp /var/tmp",
     "CapabilityBoundingSet": "",
     "SystemCallFilter": "@system-service",
     "SystemCallArchitectures": "native",
@@ -127,6 +131,7 @@ PROFILES: dict[str, Profile] = {profile.name: profile for profile in (
                 "DynamicUser": "yes",
                 "NoNewPrivileges": "yes",
                 "ProtectSystem": "strict",
+                "ReadOnlyPaths": _BASELINE["ReadOnlyPaths"],
                 "ProtectHome": "read-only",
                 "PrivateTmp": "yes",
                 "PrivateDevices": "yes",
@@ -154,7 +159,6 @@ PROFILES: dict[str, Profile] = {profile.name: profile for profile in (
                 "IPAddressAllow": "localhost",
                 "IPAddressDeny": "any",
                 "NoExecPaths": _BASELINE["NoExecPaths"],
-                "ExecPaths": _BASELINE["ExecPaths"],
                 "LimitNOFILE": "65536",
                 "LimitNPROC": "512",
                 "LimitCORE": "0",
