@@ -212,10 +212,11 @@ def _capability_names(bits: Iterable[int]) -> str:
 # --- reading directive values as systemd does ----------------------------------------------------------------
 
 def effective_list(assignments: Sequence[str], expand: Callable[[str], Iterable[str]] = lambda word: [word],
-                   ) -> tuple[bool, dict[str, str | None]]:
+                   always_allowed: Iterable[str] = ()) -> tuple[bool, dict[str, str | None]]:
     """(allow list?, {name: errno or None}) after all assignments, as systemd parses SystemCallFilter= and
     RestrictAddressFamilies=: the first assignment picks allow (no ``~``) or deny (``~``) mode; later
     assignments of the same polarity add names, of the other polarity remove them. ``name:ERRNO`` carries an errno.
+    An allow list starts with ``always_allowed`` (SystemCallFilter='s @default).
     """
     allow_list: bool | None = None
     table: dict[str, str | None] = {}
@@ -228,7 +229,7 @@ def effective_list(assignments: Sequence[str], expand: Callable[[str], Iterable[
         if allow_list is None:
             allow_list = not invert
             if allow_list:
-                table.update((name, None) for name in expand("@default"))
+                table.update((name, None) for name in always_allowed)
         for word in text.lstrip("~").split():
             name, _, number = word.partition(":")
             for member in expand(name):
@@ -256,7 +257,7 @@ def syscall_filter_ways(spec_directives: Sequence[Directive], facts: MachineFact
     def expand(name: str) -> Iterable[str]:
         return facts.syscall_groups.get(name, frozenset()) if name.startswith("@") else [name]
 
-    allow_list, table = effective_list(scf.assignments, expand)
+    allow_list, table = effective_list(scf.assignments, expand, expand("@default"))
 
     def way(name: str) -> str | None:
         if allow_list:
@@ -780,7 +781,7 @@ def runs_as_root(directives: Sequence[Directive]) -> bool:
 
 def directive_subject(directive: Directive, ctx: Context) -> Subject | None:
     """The enforcement item of one directive, or None for a directive that configures rather than confines."""
-    name = f"{directive.name}={directive.value}"
+    name = str(directive)  # its unit-file lines: "SystemCallFilter=~@mount; SystemCallFilter=@mount"
     if directive.name in NOT_SANDBOXING or requests_nothing(directive):
         return None
     builder = BUILDERS.get(directive.name)
@@ -829,7 +830,7 @@ def item_names(spec: Spec) -> list[tuple[str, str, int | None]]:
     names: dict[str, tuple[str, str, int | None]] = {}
     for d in spec.hardening:
         if d.name not in skipped and d.name not in NOT_SANDBOXING and not requests_nothing(d):
-            name = f"{d.name}={d.value}"
+            name = str(d)
             names.setdefault(name, (name, f"{name} is enforced", d.line))
     for declared in spec.denials:
         names.setdefault(declared.label, (declared.label, f"{declared.label} is denied", declared.line))
@@ -959,7 +960,7 @@ class Verdict:
         return f"{self.spec_name}:{self.subject.line}" if self.subject.line is not None else self.spec_name
 
     def _shown(self, directives: Sequence[Directive]) -> str:
-        return ", ".join(f"{d.name}={d.value}" + (f" ({self.spec_name}:{d.line})" if d.line is not None else "")
+        return ", ".join(str(d) + (f" ({self.spec_name}:{d.line})" if d.line is not None else "")
                          for d in directives)
 
     def message(self) -> str:
@@ -1173,7 +1174,7 @@ def _verdict(host: ProbeHost, plan_: Plan, subject: Subject, runs: Runs, user: s
     solo_runs = Runs(solo_batch, runs.machine)
     solo_ways = denial_ways(alone, host.facts(), solo_batch.results)
     solo = [judge(o.check, solo_runs, solo_ways.get(o.check.probe, o.check.ways)) for o in failed]
-    shown_alone = " ".join(f"{d.name}={d.value}" for d in alone)
+    shown_alone = "; ".join(str(d) for d in alone)
     as_whom = f"as {user}" if user else "as root"
     if any(s is None or s.status != ENFORCED for s in solo):
         reason = unenforceable_reason(subject.directive, host.facts())

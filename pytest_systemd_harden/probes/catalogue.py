@@ -96,6 +96,8 @@ def _loopback_address(text: str, what: str, default_port: bool) -> str:
         protocol, text = text[:4], text[4:]
     if text.isdigit() and default_port:
         host, port = "127.0.0.1", text
+    elif ":" not in text:
+        raise DenialError(f"{text!r} is not HOST:PORT", "e.g. 127.0.0.1:53 or [::1]:53")
     else:
         host, _, port = text.rpartition(":")
         host = host.strip("[]")

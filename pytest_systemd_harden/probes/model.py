@@ -32,6 +32,7 @@ class Probe:
             "status": "read /proc/self/status", "umask": "create a file (its mode shows the umask)",
             "limits": "read /proc/self/limits", "cgroup": f"read its cgroup's {self.arg} limit",
             "identity": f"stat {self.arg}", "interfaces": "list network interfaces",
+            "filesystem": f"open {self.arg} (a directory on its filesystem type)",
             "block-devices": "list block devices in /dev",
         }
         return described.get(self.kind, self.key)
