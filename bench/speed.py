@@ -43,9 +43,10 @@ hardening:
 SYSTEMD_RUN_LOOP = r"""
 import json, subprocess, sys, time
 times = []
+properties = [arg for line in json.loads(sys.argv[2]) for arg in ("-p", line)]
 for _ in range(int(sys.argv[1])):
     started = time.monotonic()
-    subprocess.run(["systemd-run", "--wait", "--pipe", "--quiet", "--collect", "true"], check=True,
+    subprocess.run(["systemd-run", "--wait", "--pipe", "--quiet", "--collect", *properties, "true"], check=True,
                    stdin=subprocess.DEVNULL)
     times.append(time.monotonic() - started)
 print(json.dumps(times))
@@ -76,7 +77,7 @@ def time_to_first_result(spec_path: Path, rounds: int) -> tuple[list[float], lis
     return first, boots, memory
 
 
-def command_overhead(spec_path: Path, rounds: int) -> tuple[list[float], list[float], list[float]]:
+def command_overhead(spec_path: Path, rounds: int) -> tuple[list[float], list[float], list[float], list[float]]:
     pool = MachinePool()
     try:
         machine = pool.machine_for(MachineConfig())
@@ -90,9 +91,15 @@ def command_overhead(spec_path: Path, rounds: int) -> tuple[list[float], list[fl
             started = time.monotonic()
             assert service.inside("true").ok
             ours_inside.append(time.monotonic() - started)
-        loop = machine.run(["/usr/bin/python3", "-c", SYSTEMD_RUN_LOOP, str(rounds)], timeout=300)
-        assert loop.ok, loop.describe()
-        return ours_client, ours_inside, json.loads(loop.stdout)
+        def systemd_run(lines: list[str]) -> list[float]:
+            loop = machine.run(["/usr/bin/python3", "-c", SYSTEMD_RUN_LOOP, str(rounds), json.dumps(lines)],
+                               timeout=300)
+            assert loop.ok, loop.describe()
+            times: list[float] = json.loads(loop.stdout)
+            return times
+
+        sandbox = [line for d in service.spec.hardening for line in d.unit_lines()]  # as systemd-run -p takes them
+        return ours_client, ours_inside, systemd_run([]), systemd_run(sandbox)
     finally:
         pool.close()
 
@@ -121,7 +128,7 @@ def main() -> int:
     MachinePool().machine_for(MachineConfig()).shutdown()  # warm: the image is built and cached before timing
 
     first, boots, memory = time_to_first_result(spec_path, args.rounds)
-    client, inside, systemd_run = command_overhead(spec_path, args.commands)
+    client, inside, systemd_run, systemd_run_sandboxed = command_overhead(spec_path, args.commands)
     serial, parallel = [], []
     for _ in range(args.suite_rounds):  # alternate, so drift in the machine's speed hits both alike
         serial.append(example_suite(None))
@@ -132,9 +139,11 @@ def main() -> int:
     print(f"1. first scenario result (boot+start+command): {median_ms(first)}   of which boot: {median_ms(boots)}")
     print("   VM boot of the same image:                   not measured: no QEMU backend yet (issue 6)")
     print(f"2. client() (transient unit over D-Bus):        {median_ms(client)}")
-    print(f"   inside() (same, with the service's sandbox): {median_ms(inside)}")
     print(f"   systemd-run --wait --pipe inside:            {median_ms(systemd_run)}   "
-          f"ratio inside()/systemd-run: {statistics.median(inside) / statistics.median(systemd_run):.2f}")
+          f"ratio client()/systemd-run: {statistics.median(client) / statistics.median(systemd_run):.2f}")
+    print(f"   inside() (the service's sandbox):            {median_ms(inside)}")
+    print(f"   systemd-run --wait --pipe -p <same sandbox>: {median_ms(systemd_run_sandboxed)}   "
+          f"ratio inside()/systemd-run: {statistics.median(inside) / statistics.median(systemd_run_sandboxed):.2f}")
     print(f"3. example suite serial:                       {statistics.median(serial):7.1f} s")
     print(f"   example suite -n 2:                         {statistics.median(parallel):7.1f} s   "
           f"ratio -n 2/serial: {statistics.median(parallel) / statistics.median(serial):.2f}")
