@@ -33,3 +33,21 @@ def test_the_variant_differs_from_harden_yaml_only_where_it_says(harden_spec: Sp
     assert (good.pop("SystemCallFilter"), variant.pop("SystemCallFilter")) == ("@system-service",
                                                                               "@system-service ~@memlock")
     assert variant == good
+
+
+def test_the_diagnosis_names_memlock_and_mlock_and_a_verified_fix(hardened_service: HardenedService,
+                                                                  harden_spec: Spec) -> None:
+    """What the plugin tells a maintainer whose signing broke: the directive, the group, the syscall, the fix."""
+    from pytest_systemd_harden.scenarios import diagnose_failure, failure_report, run_scenario
+
+    signing = next(s for s in harden_spec.scenarios if "sign" in s.name)
+    outcome = run_scenario(hardened_service, signing)
+    assert not outcome.passed
+    diagnosis = diagnose_failure(hardened_service, signing, failure_report(hardened_service, outcome))
+    assert [f.culprit.name for f in diagnosis.findings] == ["SystemCallFilter"], diagnosis.render()
+    relaxation = diagnosis.findings[0].relaxation
+    assert relaxation is not None and relaxation.needs == "mlock (in @memlock)"
+    assert diagnosis.verified  # the scenario passed again with only this change
+    assert diagnosis.combined is not None
+    assert diagnosis.combined.dropin(harden_spec.hardening) == \
+        "[Service]\nSystemCallFilter=\nSystemCallFilter=@system-service\n"
