@@ -104,6 +104,10 @@ def test_the_whole_catalogue_with_no_hardening_leaves_the_machine_unchanged(mach
     probes = standard_catalogue() + declared
     as_root = run_batch(on_machine(machine), probes, "as root, unconfined")
     as_nobody = run_batch(on_machine(machine, [("User", Variant("s", "nobody"))]), probes, "as nobody")
+    # Killed probes, in a unit that allows core dumps: a SIGSYS kill must still leave no core file behind.
+    killing = [("SystemCallFilter", Variant("(bas)", [False, ["@mount", "@reboot", "personality"]])),
+               ("LimitCORE", Variant("t", 2**64 - 1)), ("LimitCORESoft", Variant("t", 2**64 - 1))]
+    killed = run_batch(on_machine(machine, killing), probes, "with kills")
     after, after_at = snapshot(machine)
 
     # The probes really acted: as root, unconfined, these all reached the kernel and were allowed.
@@ -118,6 +122,9 @@ def test_the_whole_catalogue_with_no_hardening_leaves_the_machine_unchanged(mach
     assert all(as_root[p].status != "error" or p.kind in ("cgroup",) or "ENOENT" in (as_root[p].errno or "")
                or as_root[p].facts for p in probes), [as_root[p].describe() for p in probes if as_root[p].status == "error"]
     assert as_nobody[Probe("status")].facts["uid"] == 65534
+    assert [killed[p].way for p in (Probe("syscall", "mount"), Probe("syscall", "reboot"), Probe("personality"))] \
+        == ["SIGSYS"] * 3
+    assert killed[Probe("limits")].facts["limits"]["Max core file size"] == [None, None]  # the unit's, unchanged
 
     assert differences(before, after, noise) == []
     leftovers = [path for path in after["files"] if ".harden-probe-" in path or "harden-probe" in path.split("/")[1]]
@@ -131,8 +138,8 @@ def test_a_batch_killed_outside_a_probe_reports_every_probe(machine: Machine) ->
     no_fork = [("SystemCallFilter", Variant("(bas)", [False, ["clone", "clone3", "fork", "vfork"]]))]
     probes = [Probe("status"), Probe("syscall", "mount"), Probe("realtime"), Probe("limits")]
     batch = run_batch(on_machine(machine, no_fork), probes, "without fork")
-    assert batch[Probe("status")].allowed  # ran in the batch process, before the kill
-    for probe in probes[1:]:
+    assert batch[Probe("status")].allowed and batch[Probe("limits")].allowed  # in the batch process, first
+    for probe in (Probe("syscall", "mount"), Probe("realtime")):
         result = batch[probe]
         assert result.status == "error"
         assert result.detail.startswith("the probe process ended before this probe (killed by SIGSYS"), result.detail

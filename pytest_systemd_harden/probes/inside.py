@@ -13,9 +13,12 @@ path is missing; ``detail`` says why). ``facts`` hold observations (read-only mo
 Every probe is harmless when the action turns out to be allowed: scratch files have unique names and are removed,
 the clock and host name are "set" with invalid arguments (so the kernel refuses with EINVAL before acting),
 reboot/init_module get invalid magic/empty images, mounts target a path that does not exist, sockets only touch
-loopback and are never listened on, and nothing is ever signalled but the probe's own child. Probes that make a
-syscall a seccomp filter may kill (SIGSYS), or that change process state (namespaces, personality, scheduling),
-run in a forked child: one kill never ends the batch, and no change outlives the child.
+loopback and are never listened on, and nothing is ever signalled but the probe's own child.
+
+Probes that make a syscall a seccomp filter may kill (SIGSYS) run in a forked child, so one kill never ends the
+batch. Those that leave the process as it was share one child, one after another: a kill is the verdict of the
+probe it interrupted, and the rest go on in a new child. Those that change the process (a namespace, the
+personality, the scheduling policy) get a child each, so no change outlives its probe.
 """
 
 from __future__ import annotations
@@ -256,12 +259,15 @@ SYSCALL_PROBES: dict[str, tuple[str, ...]] = {
 # --- the probes ---------------------------------------------------------------------------------------------
 
 Probe = Callable[[str, str], Result]
-PROBES: dict[str, tuple[Probe, bool]] = {}  # kind -> (function(arg, tag), run in a forked child)
+# Where a probe runs: in the batch process ("here"), in a child shared with other probes ("child"), or in a
+# child of its own ("own-child", for probes that change the process).
+HERE, CHILD, OWN_CHILD = "here", "child", "own-child"
+PROBES: dict[str, tuple[Probe, str]] = {}  # kind -> (function(arg, tag), where it runs)
 
 
-def probe(kind: str, *, isolated: bool = False) -> Callable[[Probe], Probe]:
+def probe(kind: str, *, where: str = HERE) -> Callable[[Probe], Probe]:
     def register(function: Probe) -> Probe:
-        PROBES[kind] = (function, isolated)
+        PROBES[kind] = (function, where)
         return function
     return register
 
@@ -363,7 +369,7 @@ def _execute(program: str) -> Result:
     return error(f"{program} exited with status {code}")
 
 
-@probe("exec", isolated=True)
+@probe("exec", where=CHILD)
 def probe_exec(path: str, tag: str) -> Result:
     """Execute a copy of /bin/true placed in a directory (or check an existing file); noexec mounts deny."""
     facts = _mount_flags(path)
@@ -390,14 +396,16 @@ def probe_exec(path: str, tag: str) -> Result:
         os.unlink(scratch)
 
 
-def _in_child(function: Callable[[], Result]) -> Result:
+def _in_child(function: Probe, arg: str, tag: str) -> Result:
     try:
-        return function()
+        return function(arg, tag)
     except OSError as exc:
         return error(str(exc), exc.errno)
+    except Exception as exc:  # noqa: BLE001 - one broken probe must not end the others in this child
+        return error(f"{type(exc).__name__}: {exc}")
 
 
-@probe("syscall", isolated=True)
+@probe("syscall", where=CHILD)
 def probe_syscall(name: str, tag: str) -> Result:
     """Call one syscall with arguments that make it harmless; a kernel refusal of those arguments means allowed."""
     if name not in SYSCALL_PROBES:
@@ -414,7 +422,7 @@ def probe_syscall(name: str, tag: str) -> Result:
     return denied(err, f"{name}(): {os.strerror(err)}")
 
 
-@probe("socket", isolated=True)
+@probe("socket", where=CHILD)
 def probe_socket(family_name: str, tag: str) -> Result:
     """Create (and close) a socket of an address family, trying the socket types the family may support."""
     family = getattr(socket, family_name, None)
@@ -445,7 +453,7 @@ def _address(arg: str) -> tuple[int, str, int, int]:
     return family, host, int(port), kind
 
 
-@probe("connect", isolated=True)
+@probe("connect", where=CHILD)
 def probe_connect(arg: str, tag: str) -> Result:
     """Send to a loopback address: an empty UDP datagram (default), or a TCP connection attempt ("tcp:" prefix).
 
@@ -472,7 +480,7 @@ def probe_connect(arg: str, tag: str) -> Result:
     return allowed(f"connected to {arg}")
 
 
-@probe("bind", isolated=True)
+@probe("bind", where=CHILD)
 def probe_bind(arg: str, tag: str) -> Result:
     """Bind a loopback address and port, then close without listening; in use still means the bind was allowed."""
     family, host, port, kind = _address(arg)
@@ -488,7 +496,7 @@ def probe_bind(arg: str, tag: str) -> Result:
     return allowed(f"bound {arg} (closed again, never listened)")
 
 
-@probe("namespace", isolated=True)
+@probe("namespace", where=OWN_CHILD)
 def probe_namespace(kind: str, tag: str) -> Result:
     """unshare(2) one namespace type, in a child that exits right after."""
     if kind not in CLONE_FLAGS:
@@ -506,7 +514,7 @@ MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-@probe("memory", isolated=True)
+@probe("memory", where=CHILD)
 def probe_memory(kind: str, tag: str) -> Result:
     """Map memory writable and executable at once ("wx"), or make a writable mapping executable ("mprotect")."""
     c = libc()
@@ -528,7 +536,7 @@ def probe_memory(kind: str, tag: str) -> Result:
         c.munmap(address, 4096)
 
 
-@probe("personality", isolated=True)
+@probe("personality", where=OWN_CHILD)
 def probe_personality(arg: str, tag: str) -> Result:
     """Switch this child to PER_LINUX32 (a change LockPersonality= forbids)."""
     value, err = raw_syscall("personality", ctypes.c_ulong(0x0008))
@@ -537,7 +545,7 @@ def probe_personality(arg: str, tag: str) -> Result:
     return denied(err, f"personality(PER_LINUX32): {os.strerror(err)}")
 
 
-@probe("realtime", isolated=True)
+@probe("realtime", where=OWN_CHILD)
 def probe_realtime(arg: str, tag: str) -> Result:
     """Make this child SCHED_FIFO priority 1 (it exits right after)."""
     value, err = raw_syscall("sched_setscheduler", ctypes.c_long(0), ctypes.c_long(1), ctypes.byref(_SchedParam(1)))
@@ -557,7 +565,7 @@ def scratch_directory() -> str | None:
     return None
 
 
-@probe("setuid-bit", isolated=True)
+@probe("setuid-bit", where=CHILD)
 def probe_setuid_bit(bit: str, tag: str) -> Result:
     """chmod u+s (or g+s) on a scratch file of our own, removed right after."""
     directory = scratch_directory()
@@ -574,7 +582,7 @@ def probe_setuid_bit(bit: str, tag: str) -> Result:
     return allowed(f"set the {bit} bit on a scratch file in {directory}", scratch=directory)
 
 
-@probe("abi32", isolated=True)
+@probe("abi32", where=CHILD)
 def probe_abi32(arg: str, tag: str) -> Result:
     """Make one syscall through the 32-bit x86 ABI (int 0x80: getpid), as a non-native binary would."""
     if os.uname().machine != "x86_64":
@@ -756,49 +764,66 @@ def probe_block_devices(arg: str, tag: str) -> Result:
 
 # --- the batch ----------------------------------------------------------------------------------------------
 
-def run_isolated(function: Probe, arg: str, tag: str) -> Result:
-    """Run a probe in a forked child: a seccomp kill ends the child only, and no state change outlives it."""
-    read_end, write_end = os.pipe()
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        os.close(read_end)
-        os.close(write_end)
-        return error(f"cannot fork a child for the probe: {exc.strerror}", exc.errno)
-    if pid == 0:
-        os.close(read_end)
-        code = 0
+def _signal_name(number: int) -> str:
+    return signal.Signals(number).name if number in signal.Signals._value2member_map_ else f"signal {number}"
+
+
+def run_in_children(batch: list[tuple[str, str]], tag: str) -> list[Result]:
+    """Run probes one after another in a forked child, one result line each through a pipe.
+
+    A child killed by a signal was killed by the probe it was running: that is the probe's result (SIGSYS:
+    denied by seccomp), and the remaining probes go on in a new child.
+    """
+    results: list[Result] = []
+    pending = list(batch)
+    while pending:
+        read_end, write_end = os.pipe()
         try:
-            signal.alarm(CHILD_TIMEOUT)
-            result = _in_child(lambda: function(arg, tag))
-            os.write(write_end, json.dumps(result).encode())
-        except BaseException:  # noqa: BLE001 - the child must never return into the batch
-            code = 1
-        os._exit(code)
-    os.close(write_end)
-    chunks = []
-    while chunk := os.read(read_end, 65536):
-        chunks.append(chunk)
-    os.close(read_end)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
-        if number == signal.SIGALRM:
-            return error(f"the probe did not finish within {CHILD_TIMEOUT}s")
-        return {"status": "denied", "signal": name, "detail": f"killed by {name}", "facts": {}}
-    if not chunks:
-        return error(f"the probe's child exited with status {os.waitstatus_to_exitcode(status)} and no result")
-    received: Result = json.loads(b"".join(chunks))
-    return received
+            pid = os.fork()
+        except OSError as exc:
+            os.close(read_end)
+            os.close(write_end)
+            return results + [error(f"cannot fork a child for the probe: {exc.strerror}", exc.errno)] * len(pending)
+        if pid == 0:
+            os.close(read_end)
+            try:
+                for kind, arg in pending:
+                    function = PROBES[kind][0]
+                    signal.alarm(CHILD_TIMEOUT)  # a probe that hangs is killed by its own alarm
+                    result = _in_child(function, arg, tag)
+                    os.write(write_end, (json.dumps(result) + "\n").encode())
+            finally:
+                os._exit(0)  # never return into the batch
+        os.close(write_end)
+        chunks = []
+        while chunk := os.read(read_end, 65536):
+            chunks.append(chunk)
+        os.close(read_end)
+        _, status = os.waitpid(pid, 0)
+        done = [json.loads(line) for line in b"".join(chunks).decode().splitlines() if line.strip()]
+        results += done
+        pending = pending[len(done):]
+        if not pending:
+            break
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGALRM:
+            results.append(error(f"the probe did not finish within {CHILD_TIMEOUT}s"))
+        elif os.WIFSIGNALED(status):
+            name = _signal_name(os.WTERMSIG(status))
+            results.append({"status": "denied", "signal": name, "detail": f"killed by {name}", "facts": {}})
+        else:
+            results.append(error(f"the probe's child exited with status {os.waitstatus_to_exitcode(status)} "
+                                 "and no result"))
+        pending = pending[1:]
+    return results
 
 
 def run_probe(kind: str, arg: str, tag: str) -> Result:
+    """One probe, in this process or a child of its own as its kind requires."""
     if kind not in PROBES:
         return error(f"unknown probe kind {kind}")
-    function, isolated = PROBES[kind]
-    if isolated:
-        return run_isolated(function, arg, tag)
+    function, where = PROBES[kind]
+    if where != HERE:
+        return run_in_children([(kind, arg)], tag)[0]
     try:
         return function(arg, tag)
     except OSError as exc:
@@ -807,14 +832,42 @@ def run_probe(kind: str, arg: str, tag: str) -> Result:
         return error(f"{kind} {arg}: {type(exc).__name__}: {exc}")
 
 
+def no_core_dumps() -> None:
+    """No core file for a child a seccomp filter kills (SIGSYS dumps core), whatever LimitCORE= the unit has.
+
+    Done after the probes that run in this process: the limits probe has read the unit's real RLIMIT_CORE.
+    prlimit64 is in systemd's @default group, so no SystemCallFilter= allow list kills this call.
+    """
+    import resource
+
+    try:
+        resource.prlimit(0, resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str]) -> int:
     request = json.loads(argv[1])
     tag = secrets.token_hex(4)
-    for kind, arg in request["probes"]:
-        result = run_probe(kind, arg, tag)
+    probes = [(str(kind), str(arg)) for kind, arg in request["probes"]]
+
+    def report(kind: str, arg: str, result: Result) -> None:
         result.update(kind=kind, arg=arg)
         sys.stdout.write(json.dumps(result) + "\n")
-        sys.stdout.flush()
+        sys.stdout.flush()  # line by line: a batch that dies still reported what it did
+
+    def where(kind: str) -> str:
+        return PROBES[kind][1] if kind in PROBES else HERE
+
+    # In this process first, then every probe that can share a child, then those that need one each.
+    for kind, arg in (p for p in probes if where(p[0]) == HERE):
+        report(kind, arg, run_probe(kind, arg, tag))
+    no_core_dumps()
+    shared = [p for p in probes if where(p[0]) == CHILD]
+    for (kind, arg), result in zip(shared, run_in_children(shared, tag)):
+        report(kind, arg, result)
+    for kind, arg in (p for p in probes if where(p[0]) == OWN_CHILD):
+        report(kind, arg, run_probe(kind, arg, tag))
     return 0
 
 
