@@ -1085,17 +1085,23 @@ def suspects_for(subject: Subject, failed: Sequence[CheckOutcome], directives: S
     return found
 
 
-# Why a machine may not enforce a directive at all (shown when it fails even when set alone).
+# Why a machine may not enforce a directive at all (shown when it fails even when set alone). Most say whether a
+# host running the same systemd would behave the same: that decides whether the skip hides a production problem.
 def unenforceable_reason(directive: Directive, facts: MachineFacts) -> str:
     name = directive.name
+    same_on_hosts = f"a host running this systemd {facts.version} build behaves the same"
     if name in ("SocketBindDeny", "SocketBindAllow", "RestrictFileSystems") and facts.lacks("BPF_FRAMEWORK"):
         return (f"the machine's systemd {facts.version} is built without BPF_FRAMEWORK (-BPF_FRAMEWORK in "
-                f"systemctl --version), so it ignores {name}=")
+                f"systemctl --version), so it ignores {name}=; {same_on_hosts}")
     if name in ("SocketBindDeny", "SocketBindAllow", "IPAddressDeny", "IPAddressAllow"):
         return f"{name}= needs BPF cgroup programs: cgroup v2 for the unit, and bpf() allowed in the container"
     if name == "RestrictFileSystems":
         return "RestrictFileSystems= needs the BPF LSM (lsm=...,bpf on the kernel command line)"
-    return f"the machine (systemd {facts.version}) does not enforce it even when it is the only directive"
+    if name == "ProtectHome" and directive.value == "tmpfs":
+        return ("systemd mounts the tmpfs read-write, not read-only as documented "
+                f"(https://github.com/systemd/systemd/issues/34825); {same_on_hosts}")
+    return (f"the machine's systemd {facts.version} does not enforce it even when it is the only directive; "
+            "a host running the same systemd may not either")
 
 
 # --- running it ---------------------------------------------------------------------------------------------

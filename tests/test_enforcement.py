@@ -356,3 +356,12 @@ def test_results_are_read_from_json_lines_and_missing_ones_explained() -> None:
     assert batch[Probe("status")].facts == {"uid": 0}
     assert batch[Probe("realtime")].describe() == \
         "could not probe: the probe process ended before this probe (killed by SIGSYS (seccomp: Bad system call))"
+
+
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("ProtectHome", "tmpfs", "systemd/systemd/issues/34825"),
+    ("SocketBindDeny", "any", "built without BPF_FRAMEWORK"),
+    ("ProtectClock", "yes", "a host running the same systemd may not either"),
+])
+def test_a_directive_not_enforced_even_alone_gets_a_specific_reason(name: str, value: str, says: str) -> None:
+    assert says in enforcement.unenforceable_reason(Directive.parse(name, value), FACTS)
