@@ -35,8 +35,7 @@ def check_available() -> None:
                                  " e.g. sudo -E pytest")
     if shutil.which("systemd-nspawn") is None:
         raise BackendUnavailable("systemd-nspawn is not installed: apt-get install systemd-container")
-    if shutil.which("mmdebstrap") is None and shutil.which("debootstrap") is None:
-        raise BackendUnavailable("no image builder: apt-get install mmdebstrap")
+    # No image builder is needed while the images are cached (a CI runner restoring its cache); building says so.
 
 
 @dataclass
