@@ -1182,14 +1182,22 @@ def _verdict(host: ProbeHost, plan_: Plan, subject: Subject, runs: Runs, user: s
     solo = [judge(o.check, solo_runs, solo_ways.get(o.check.probe, o.check.ways)) for o in failed]
     shown_alone = "; ".join(str(d) for d in alone)
     as_whom = f"as {user}" if user else "as root"
-    if any(s is None or s.status != ENFORCED for s in solo):
+    suspects = tuple(suspects_for(subject, failed, plan_.directives))
+    not_alone = [s for s in solo if s is not None and s.status == NOT_ENFORCED]
+    if not_alone:  # seen not enforced alone too: this machine cannot, whatever the spec does
         reason = unenforceable_reason(subject.directive, host.facts())
-        solo_seen = "; ".join(s.reason for s in solo if s is not None and s.status != ENFORCED)
+        seen = "; ".join(s.reason for s in not_alone)
         return Verdict(subject, UNVERIFIABLE, outcomes, spec_name=spec_name,
-                       reason=f"not enforced even with only {shown_alone} ({as_whom}): {solo_seen}; {reason}")
-    return Verdict(subject, NOT_ENFORCED, outcomes, spec_name=spec_name,
-                   reason=f"with only {shown_alone} ({as_whom}) it is enforced here, so something else in the spec "
-                          "undoes it", suspects=tuple(suspects_for(subject, failed, plan_.directives)))
+                       reason=f"not enforced even with only {shown_alone} ({as_whom}): {seen}; {reason}")
+    if all(s is not None and s.status == ENFORCED for s in solo):
+        return Verdict(subject, NOT_ENFORCED, outcomes, spec_name=spec_name, suspects=suspects,
+                       reason=f"with only {shown_alone} ({as_whom}) it is enforced here, so something else in the "
+                              "spec undoes it")
+    # The solo run could not tell (it did not run): a failure stays a failure without evidence against it.
+    unclear = "; ".join(s.reason for s in solo if s is not None and s.status != ENFORCED)
+    return Verdict(subject, NOT_ENFORCED, outcomes, spec_name=spec_name, suspects=suspects,
+                   reason=f"rerun with only {shown_alone} ({as_whom}) to tell the machine from the spec, it could "
+                          f"not be observed: {unclear}")
 
 
 class ServiceHost:

@@ -365,3 +365,13 @@ def test_results_are_read_from_json_lines_and_missing_ones_explained() -> None:
 ])
 def test_a_directive_not_enforced_even_alone_gets_a_specific_reason(name: str, value: str, says: str) -> None:
     assert says in enforcement.unenforceable_reason(Directive.parse(name, value), FACTS)
+
+
+def test_a_solo_run_that_observes_nothing_leaves_the_failure_standing(make_spec: MakeSpec) -> None:
+    probe = Probe("connect", "127.0.0.1:9")
+    host = FakeHost(sandbox=[status(), allowed(probe), denied(Probe("connect", "[::1]:9"), "EPERM")],
+                    machine=[status(), allowed(probe), allowed(Probe("connect", "[::1]:9"))], solo={})
+    verdict = judged(make_spec, "  IPAddressDeny: any\n", host)["IPAddressDeny=any"]
+    assert verdict.status == NOT_ENFORCED
+    assert verdict.reason.startswith("rerun with only IPAddressDeny=any (as root) to tell the machine from the spec, "
+                                     "it could not be observed: cannot observe it in the sandbox")

@@ -47,7 +47,6 @@ CLONE_FLAGS = {
     "mnt": 0x00020000, "cgroup": 0x02000000, "uts": 0x04000000, "ipc": 0x08000000,
     "user": 0x10000000, "pid": 0x20000000, "net": 0x40000000,
 }
-CAP_LAST = 40
 
 
 # --- results ------------------------------------------------------------------------------------------------
@@ -288,11 +287,11 @@ def _scratch_name(directory: str, tag: str) -> str:
 def probe_write(path: str, tag: str) -> Result:
     """Create (and remove) a scratch file in a directory; open an existing file for writing without writing."""
     try:
-        mode = os.lstat(path).st_mode
+        mode = os.stat(path).st_mode  # following symlinks: /lib is /usr/lib on a merged-/usr system
     except FileNotFoundError:
         mode = None
-    except OSError as exc:
-        return from_oserror(exc, FS_DENIALS, f"stat {path}", **_mount_flags(os.path.dirname(path) or "/"))
+    except OSError as exc:  # a component we may not search: nothing is known about the path's own mount
+        return from_oserror(exc, FS_DENIALS, f"stat {path}")
     if mode is not None and stat.S_ISDIR(mode):
         facts = _mount_flags(path)
         scratch = _scratch_name(path, tag)
@@ -385,6 +384,10 @@ def probe_exec(path: str, tag: str) -> Result:
     try:
         shutil.copyfile("/bin/true", scratch)
     except OSError:
+        try:  # created but not filled (a full disk): never leave it behind
+            os.unlink(scratch)
+        except OSError:
+            pass
         # Cannot place a program here (read-only, no permission): the mount flags still tell.
         if facts.get("noexec"):
             return denied("EACCES", f"{path} is mounted noexec", **facts)
