@@ -77,6 +77,7 @@ class BudgetExceeded(Exception):
 class TrialResult:
     passed: bool
     summary: str = ""
+    evidence: str = ""  # the failure's output and journal, where refinements look for denied paths
 
 
 Trial = Callable[[Hardening], TrialResult]

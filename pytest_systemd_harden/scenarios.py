@@ -13,6 +13,7 @@ from .errors import ServiceFailed
 from .result import CommandResult
 from .service import HardenedService, describe_hardening, indent
 from .spec import Expectation, Scenario
+from .tighten import Tightening, tighten
 
 
 def mismatches(expect: Expectation, result: CommandResult) -> list[str]:
@@ -94,11 +95,58 @@ def _trial(service: HardenedService, scenario: Scenario | None) -> Trial:
             for earlier in preceding:
                 run_scenario(candidate, earlier)
             outcome = run_scenario(candidate, scenario)
-            return TrialResult(outcome.passed, "; ".join(outcome.problems))
+            if outcome.passed:
+                return TrialResult(True)
+            return TrialResult(False, "; ".join(outcome.problems), failure_report(candidate, outcome))
         finally:
             candidate.stop()
 
     return trial
+
+
+def all_scenarios_trial(service: HardenedService) -> Trial:
+    """An oracle for :func:`tighten`: the service starts under a hardening and every scenario passes, in order."""
+
+    def trial(hardening: Hardening) -> TrialResult:
+        candidate = HardenedService(service.machine, service.spec.with_hardening(hardening), unit=service.unit)
+        try:
+            try:
+                candidate.start()
+            except ServiceFailed as exc:
+                return TrialResult(False, "the service did not start", str(exc))
+            except DBusError as exc:
+                return TrialResult(False, f"systemd rejected this hardening: {exc.text}")
+            for scenario in service.spec.scenarios:
+                outcome = run_scenario(candidate, scenario)
+                if not outcome.passed:
+                    return TrialResult(False, f"scenario {scenario.name!r}: {'; '.join(outcome.problems)}",
+                                       failure_report(candidate, outcome))
+            return TrialResult(True)
+        finally:
+            candidate.stop()
+
+    return trial
+
+
+def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never: Sequence[str] = (),
+                    max_runs: int = 200, max_seconds: float = 900.0) -> Tightening:
+    """The strictest hardening under which ``service``'s spec still starts and passes every scenario."""
+    groups: dict[str, list[str]] = {}
+
+    def syscall_groups() -> dict[str, list[str]]:
+        if not groups:
+            listing = service.machine.run(["systemd-analyze", "syscall-filter", "--no-pager"], purpose="analyze")
+            groups.update(parse_syscall_groups(listing.stdout))
+        return groups
+
+    try:
+        return tighten(service.spec.hardening, all_scenarios_trial(service), keep=keep, never=never,
+                       syscall_groups=syscall_groups, max_runs=max_runs, max_seconds=max_seconds)
+    finally:
+        try:
+            service.start()
+        except ServiceFailed:
+            pass
 
 
 def diagnose_failure(service: HardenedService, scenario: Scenario | None, evidence: str, *, max_runs: int = 60,

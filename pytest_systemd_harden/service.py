@@ -151,9 +151,10 @@ class HardenedService:
         """Stop the service and forget its state (failed status, State/Cache/Logs/RuntimeDirectory contents)."""
         systemd = self.machine.systemd
         systemd.stop_unit(self.unit)
+        systemd.wait_settled(self.unit)
+        systemd.reset_failed(self.unit)  # systemd 252 cleans only inactive units, not failed ones
         if any(self.spec.directive(d) for d in ("StateDirectory", "CacheDirectory", "LogsDirectory", "RuntimeDirectory")):
             systemd.clean_unit(self.unit)
-        systemd.reset_failed(self.unit)
         systemd.unref_unit(self.unit)
 
     # -- commands -----------------------------------------------------------------------------------------

@@ -207,6 +207,22 @@ class SystemdClient:
         (job,) = await self._call(MANAGER_PATH, MANAGER_IFACE, "StopUnit", "ss", [unit, "replace"])
         return await self._wait_job(job, timeout)
 
+    def wait_settled(self, unit: str, *, timeout: float = 30.0) -> None:
+        """Wait until ``unit`` is inactive or failed with no job queued (what CleanUnit and a fresh start need)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                props = self.unit_properties(unit)
+            except DBusError:
+                return  # not loaded: settled
+            job_id = props.get("Job", [0, "/"])[0]
+            if props.get("ActiveState") in ("inactive", "failed") and not job_id:
+                return
+            if time.monotonic() > deadline:
+                raise MachineError(f"{unit} did not settle within {timeout:.0f}s (state {props.get('ActiveState')}, "
+                                   f"job {job_id})")
+            time.sleep(0.01)
+
     def reset_failed(self, unit: str) -> None:
         try:
             self._run(self._call(MANAGER_PATH, MANAGER_IFACE, "ResetFailedUnit", "s", [unit]))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+
+from simulated_service import GPG_LIKE, GROUPS, World, hardening
 
 from pytest_systemd_harden.diagnosis import (
     Diagnosis,
     Relaxation,
-    TrialResult,
     ddmin,
     diagnose,
     expand_group,
@@ -17,95 +17,6 @@ from pytest_systemd_harden.diagnosis import (
     paths_in,
 )
 from pytest_systemd_harden.directives import Directive
-
-PRIVILEGED = ["@chown", "acct", "bpf", "capset", "chroot", "fanotify_init", "open_by_handle_at", "pivot_root",
-              "quotactl", "setdomainname", "setfsuid", "setgroups", "setresuid", "setreuid", "setuid", "swapon"]
-GROUPS: dict[str, list[str]] = {
-    "@memlock": ["mlock", "mlock2", "mlockall", "munlock", "munlockall"],
-    "@chown": ["chown", "fchown", "fchownat", "lchown"],
-    "@privileged": PRIVILEGED,
-    "@pkey": ["pkey_alloc", "pkey_free", "pkey_mprotect"],
-    "@system-service": ["@chown", "@memlock", "read", "write", "openat", "mmap", "socket"],
-}
-
-
-def hardening(**directives: object) -> tuple[Directive, ...]:
-    return tuple(Directive.parse(name, value, line) for line, (name, value) in enumerate(directives.items(), 10))
-
-
-GPG_LIKE = dict(
-    DynamicUser=True, StateDirectory="signer", ProtectSystem="strict", ProtectHome=True, PrivateTmp=True,
-    PrivateDevices=True, ProtectHostname=True, ProtectClock=True, ProtectKernelTunables=True,
-    ProtectKernelModules=True, ProtectKernelLogs=True, ProtectControlGroups=True, LockPersonality=True,
-    MemoryDenyWriteExecute=True, RestrictRealtime=True, RestrictSUIDSGID=True, RestrictNamespaces=True,
-    NoNewPrivileges=True, CapabilityBoundingSet="", SystemCallArchitectures="native",
-    RestrictAddressFamilies=["AF_UNIX", "AF_INET", "AF_INET6"], UMask="0077",
-)
-
-
-def syscall_allowed(directives: Sequence[Directive], syscall: str) -> bool:
-    """systemd's SystemCallFilter= semantics: the first line sets the mode, later lines of the other kind remove."""
-    found = [d for d in directives if d.name == "SystemCallFilter"]
-    if not found:
-        return True
-    allow_mode: bool | None = None
-    listed: set[str] = set()
-    for assignment in found[0].assignments:
-        deny = assignment.startswith("~")
-        names = {s for name in assignment.lstrip("~").split() for s in expand_group(name, GROUPS)}
-        if allow_mode is None:
-            allow_mode, listed = not deny, names
-        elif allow_mode == (not deny):
-            listed |= names
-        else:
-            listed -= names
-    return syscall in listed if allow_mode else syscall not in listed
-
-
-@dataclass
-class World:
-    """A service with needs; a trial passes when the hardening grants all of them."""
-
-    syscalls: Sequence[str] = ()
-    families: Sequence[str] = ()
-    capabilities: Sequence[str] = ()
-    writes: Sequence[str] = ()
-    broken_anyway: bool = False
-    flaky: bool = False
-    runs: list[tuple[str, ...]] = field(default_factory=list)
-
-    def trial(self, directives: tuple[Directive, ...]) -> TrialResult:
-        self.runs.append(tuple(str(d) for d in directives))
-        if self.broken_anyway:
-            return TrialResult(False, "exit status 1")
-        if self.flaky:  # the failure seen in the test run does not come back
-            return TrialResult(True)
-        by_name = {d.name: d for d in directives}
-        for syscall in self.syscalls:
-            if not syscall_allowed(directives, syscall):
-                return TrialResult(False, f"{syscall}: SIGSYS")
-        if "RestrictAddressFamilies" in by_name:
-            allowed = by_name["RestrictAddressFamilies"].value.split()
-            if any(f not in allowed for f in self.families):
-                return TrialResult(False, "EAFNOSUPPORT")
-        if "CapabilityBoundingSet" in by_name:
-            allowed = by_name["CapabilityBoundingSet"].value.split()
-            if any(c not in allowed for c in self.capabilities):
-                return TrialResult(False, "EPERM")
-        for path in self.writes:
-            if not self.writable(by_name, path):
-                return TrialResult(False, f"{path}: EROFS")
-        return TrialResult(True)
-
-    @staticmethod
-    def writable(by_name: dict[str, Directive], path: str) -> bool:
-        read_only = "ProtectSystem" in by_name or ("DynamicUser" in by_name and by_name["DynamicUser"].value == "yes")
-        if not read_only:
-            return True
-        granted = [f"/var/lib/{n}" for n in by_name.get("StateDirectory", Directive("x", ())).value.split()]
-        granted += [f"/var/cache/{n}" for n in by_name.get("CacheDirectory", Directive("x", ())).value.split()]
-        granted += [p.lstrip("-") for p in by_name.get("ReadWritePaths", Directive("x", ())).value.split()]
-        return any(path == g or path.startswith(g + "/") for g in granted)
 
 
 def run(world: World, directives: tuple[Directive, ...], evidence: str = "", **kwargs: object) -> Diagnosis:
