@@ -67,7 +67,6 @@ class Profile:
     """A named, versioned set of directives, written as they would stand in a unit file."""
 
     name: str
-    summary: str
     settings: Mapping[str, str]
 
     def directives(self, line: int | None = None) -> tuple[Directive, ...]:
@@ -114,8 +113,8 @@ _BASELINE = {
 }
 
 PROFILES: dict[str, Profile] = {profile.name: profile for profile in (
-    Profile("minimal-2026", "a common guide's \"still better than nothing\": read-only system, private /tmp, "
-            "no new privileges, IP and local sockets only", {
+    # A common guide's "still better than nothing".
+    Profile("minimal-2026", {
                 "NoNewPrivileges": "yes",
                 "PrivateTmp": "yes",
                 "ProtectSystem": "strict",
@@ -124,10 +123,9 @@ PROFILES: dict[str, Profile] = {profile.name: profile for profile in (
                 # The guide lists AF_INET AF_INET6 alone; without AF_UNIX even syslog(3) and user lookups fail.
                 "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
             }),
-    Profile("baseline-2026", "the NixOS pre-RFC's harden.enable default: no capabilities, no network beyond "
-            "localhost, nothing executable outside /usr", _BASELINE),
-    Profile("maximum-2026", "the guide's \"container-like isolation\", plus whatever baseline-2026 has that it "
-            "lacks: a dynamic user, local sockets only, every Protect*= on", {
+    Profile("baseline-2026", _BASELINE),
+    # The same guide's "container-like isolation", plus whatever baseline-2026 has that it lacks.
+    Profile("maximum-2026", {
                 "DynamicUser": "yes",
                 "NoNewPrivileges": "yes",
                 "ProtectSystem": "strict",
