@@ -130,7 +130,7 @@ PROFILES: dict[str, Profile] = {profile.name: profile for profile in (
                 "NoNewPrivileges": "yes",
                 "ProtectSystem": "strict",
                 "ReadOnlyPaths": _BASELINE["ReadOnlyPaths"],
-                "ProtectHome": "read-only",
+                "ProtectHome": "yes",  # the guide says read-only; baseline-2026 hides /home, and so must this
                 "PrivateTmp": "yes",
                 "PrivateDevices": "yes",
                 "PrivateUsers": "yes",
