@@ -50,7 +50,7 @@ scenarios:
     inside: mkdir -p /var/cache/demo && touch /var/cache/demo/entry
 """)
     result = pytester.runpytest("-v")
-    result.assert_outcomes(passed=2, failed=1)
+    result.assert_outcomes(passed=4, failed=1)  # with the enforcement items of DynamicUser= and ProtectSystem=
     result.stdout.fnmatch_lines([
         "*harden.yaml::service starts under hardening PASSED*",
         "*harden.yaml::the system is read-only PASSED*",
@@ -93,10 +93,10 @@ def test_a_missing_backend_skips_with_the_fix_or_errors_when_required(pytester: 
     pytester.makefile(".yaml", harden=SERVICE)
     monkeypatch.setenv("PATH", str(pytester.path / "empty-bin"))  # no systemd-nspawn to be found
     skipped = pytester.runpytest_subprocess("-rs")
-    skipped.assert_outcomes(skipped=1)
+    skipped.assert_outcomes(skipped=3)  # the start item and the enforcement items of both directives
     skipped.stdout.fnmatch_lines(["*backend unavailable: systemd-nspawn is not installed: apt-get install systemd-container*"])
     required = pytester.runpytest_subprocess("--harden-require-backend")
-    required.assert_outcomes(failed=1)
+    required.assert_outcomes(failed=3)
     required.stdout.fnmatch_lines(["*backend unavailable (--harden-require-backend): systemd-nspawn is not installed*"])
 
 

@@ -10,7 +10,7 @@ import pytest
 from pytest_systemd_harden.backends.base import MachineConfig
 from pytest_systemd_harden.directives import Directive
 from pytest_systemd_harden.errors import SpecError
-from pytest_systemd_harden.spec import Expectation, Readiness, Scenario, ServiceConfig, Spec, load_spec
+from pytest_systemd_harden.spec import TOP_KEYS, Expectation, Readiness, Scenario, ServiceConfig, Spec, load_spec
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gpg-signing" / "harden.yaml"
 
@@ -225,8 +225,7 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
 
 def test_unknown_top_level_key_without_close_match(tmp_path: Path) -> None:
     path, error = spec_error(tmp_path, SERVICE + "zzz: 1\n")
-    assert_message(error, path, 3, "zzz", "unknown field",
-                   "known fields: name, profile, service, machine, hardening, scenarios")
+    assert_message(error, path, 3, "zzz", "unknown field", "known fields: " + ", ".join(TOP_KEYS))
 
 
 def test_unknown_directive(tmp_path: Path) -> None:
