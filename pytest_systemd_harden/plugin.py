@@ -48,6 +48,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="at most S seconds per diagnosis (default: 180)")
     group.addoption("--harden-json", default=None, metavar="PATH",
                     help="write a JSON report of every spec item (outcome, failure, diagnosis) to PATH")
+    group.addoption("--harden-exposure", choices=("auto", "on", "off"), default="auto",
+                    help="score each spec's unit with systemd-analyze security as an 'exposure' item (auto: when the "
+                         "spec sets max_exposure, or --harden-json is given)")
+    group.addoption("--harden-security-policy", default=None, metavar="FILE",
+                    help="a systemd-analyze security policy (JSON) to score exposure with (--security-policy=)")
     parser.addini("harden_spec_files", type="args", default=DEFAULT_SPEC_PATTERNS,
                   help="file name patterns of hardening specs collected as tests")
 
@@ -56,7 +61,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "harden(path): the hardening spec (YAML, relative to the test file) that the "
                                        "hardened_service fixture starts")
-    config.pluginmanager.register(HardenSession(config), HardenSession.NAME)
+    session = HardenSession(config)
+    session.check_report_options()
+    config.pluginmanager.register(session, HardenSession.NAME)
     if config.pluginmanager.hasplugin("xdist") and getattr(config.option, "dist", "no") == "load":
         # A spec's scenarios run in order against one service and a later one may need what an earlier one
         # made: under `pytest -n` each spec file must stay on one worker. xdist's default (load) becomes
@@ -82,6 +89,7 @@ class HardenSession:
         self._pool: MachinePool | None = None
         self.records: list[dict[str, Any]] = []  # for --harden-json
         self.diagnoses: dict[Path, list[Diagnosis]] = {}  # verified ones, per spec, to try first next time
+        self.security_policy: Path | None = None  # --harden-security-policy
 
     @staticmethod
     def of(config: pytest.Config) -> HardenSession:
@@ -150,6 +158,28 @@ class HardenSession:
         path = self.config.getoption("harden_json")
         if path:
             Path(path).write_text(json.dumps({"items": self.records}, indent=2) + "\n")
+
+    # -- exposure (logic in exposure.py) -------------------------------------------------------------------------
+
+    def check_report_options(self) -> None:
+        """Fail fast, before collection, on report options that cannot work."""
+        option = self.config.getoption
+        policy = option("harden_security_policy")
+        if policy:
+            from .exposure import check_policy
+
+            try:
+                check_policy(Path(policy))
+            except ValueError as exc:
+                raise pytest.UsageError(f"--harden-security-policy: {exc}") from None
+            self.security_policy = Path(policy).resolve()
+
+    def wants_exposure(self, spec: Spec) -> bool:
+        """Whether ``spec`` gets an exposure item (--harden-exposure; auto: when something uses the score)."""
+        mode = self.config.getoption("harden_exposure")
+        if mode != "auto":
+            return bool(mode == "on")
+        return spec.max_exposure is not None or bool(self.config.getoption("harden_json"))
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------
@@ -224,6 +254,10 @@ class SpecFile(pytest.File):
 
             for subject, title, line in item_names(self.spec):
                 yield EnforcementItem.from_parent(self, name=title, subject=subject, line=line)
+        session = HardenSession.of(self.config)
+        if session.wants_exposure(self.spec):
+            limit = self.spec.max_exposure
+            yield ExposureItem.from_parent(self, name="exposure" if limit is None else f"exposure <= {limit:.1f}")
 
     def service(self) -> HardenedService:
         """The spec's service, started once for all its items (an earlier start failure is raised again)."""
@@ -370,3 +404,22 @@ class EnforcementItem(SpecItem):
     def reportinfo(self) -> tuple[Path, int | None, str]:
         return self.path, self.line - 1 if self.line else None, f"{self.path.name}: {self.name}"
 
+
+# --- the exposure item (logic in exposure.py) ----------------------------------------------------------------------
+
+class ExposureItem(SpecItem):
+    """The spec's unit, scored by ``systemd-analyze security`` on the spec's machine; fails above max_exposure."""
+
+    def runtest(self) -> None:
+        from . import exposure
+
+        spec, session = self.parent.spec, HardenSession.of(self.config)
+        record = self.new_record(check="exposure", max_exposure=spec.max_exposure)
+        try:
+            machine = session.pool.machine_for(spec.machine)
+        except BackendUnavailable as exc:
+            session.unavailable(exc)
+        score = exposure.score(machine, spec, session.security_policy)
+        record.update(score.as_dict())
+        if spec.max_exposure is not None and score.tenths > exposure.tenths_of(spec.max_exposure):
+            raise ScenarioFailed(exposure.failure_message(score, spec))

@@ -215,6 +215,8 @@ class Spec:
     enforcement: EnforcementSettings = EnforcementSettings()
     # The built-in profile the hardening starts from ("" for none); its directives are already in `hardening`.
     profile: str = ""
+    # The highest `systemd-analyze security` exposure (0.0-10.0) the rendered unit may score; None: not checked.
+    max_exposure: float | None = None
 
     @property
     def label(self) -> str:
@@ -240,7 +242,7 @@ class Spec:
 
 # --- loading ------------------------------------------------------------------------------------------------
 
-TOP_KEYS = ("name", "profile", "service", "machine", "hardening", "scenarios", "deny", "enforcement")
+TOP_KEYS = ("name", "profile", "service", "machine", "hardening", "scenarios", "deny", "enforcement", "max_exposure")
 SERVICE_KEYS = ("exec_start", "type", "ready", "environment", "working_directory", "start_timeout")
 MACHINE_KEYS = ("packages", "files", "backend")
 SCENARIO_KEYS = ("name", "client", "inside", "expect", "timeout")
@@ -332,8 +334,22 @@ def parse_spec(document: Any, path: Path) -> Spec:
     denials = _parse_denials(check, doc.get("deny"), doc)
     enforcement = _parse_enforcement(check, doc, hardening)
     name = str(doc["name"]) if "name" in doc else ""
+    max_exposure = _parse_max_exposure(check, doc) if "max_exposure" in doc else None
     return Spec(path, service, machine, hardening, scenarios, name, denials=denials, enforcement=enforcement,
-                profile=profile.name if profile else "")
+                profile=profile.name if profile else "",
+                max_exposure=max_exposure)
+
+
+def _parse_max_exposure(check: _Checker, doc: _Mapping) -> float:
+    value = doc["max_exposure"]
+    # systemd-analyze security prints exposure with one decimal, from 0.0 (PERFECT) to 10.0 (DANGEROUS).
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 10:
+        raise check.error(doc, "max_exposure", "max_exposure", f"expected a number from 0.0 to 10.0, got {value!r}",
+                          "the overall exposure level of systemd-analyze security, e.g. 2.0")
+    if abs(value * 10 - round(value * 10)) > 1e-9:  # 0.3 * 10 is 3.0000000000000004 in binary floating point
+        raise check.error(doc, "max_exposure", "max_exposure", f"{value!r} has more than one decimal",
+                          "systemd-analyze security scores in steps of 0.1, e.g. 2.5")
+    return float(value)
 
 
 def _parse_service(check: _Checker, section: _Mapping) -> ServiceConfig:
