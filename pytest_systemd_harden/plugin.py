@@ -6,7 +6,6 @@ All logic lives in plain modules (spec, pool, service, scenarios); this file onl
 from __future__ import annotations
 
 import fnmatch
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -15,6 +14,7 @@ from typing import Any, NoReturn
 
 import pytest
 
+from .baseline import Baseline
 from .diagnosis import Diagnosis
 from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
 from .images import ImageCache
@@ -48,11 +48,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="at most S seconds per diagnosis (default: 180)")
     group.addoption("--harden-json", default=None, metavar="PATH",
                     help="write a JSON report of every spec item (outcome, failure, diagnosis) to PATH")
+    group.addoption("--harden-html", default=None, metavar="PATH",
+                    help="write a self-contained HTML report (scenarios x directives matrix per spec) to PATH")
     group.addoption("--harden-exposure", choices=("auto", "on", "off"), default="auto",
                     help="score each spec's unit with systemd-analyze security as an 'exposure' item (auto: when the "
-                         "spec sets max_exposure, or --harden-json is given)")
+                         "spec sets max_exposure, or a baseline or report option needs the score)")
     group.addoption("--harden-security-policy", default=None, metavar="FILE",
                     help="a systemd-analyze security policy (JSON) to score exposure with (--security-policy=)")
+    group.addoption("--harden-baseline", default=None, metavar="PATH",
+                    help="compare each spec with this baseline file (YAML, or JSON by suffix): regressions fail a "
+                         "'baseline' item per spec, improvements are reported")
+    group.addoption("--harden-baseline-update", action="store_true", default=False,
+                    help="rewrite the --harden-baseline file with this run's results instead of failing on changes")
     parser.addini("harden_spec_files", type="args", default=DEFAULT_SPEC_PATTERNS,
                   help="file name patterns of hardening specs collected as tests")
 
@@ -89,6 +96,7 @@ class HardenSession:
         self._pool: MachinePool | None = None
         self.records: list[dict[str, Any]] = []  # for --harden-json
         self.diagnoses: dict[Path, list[Diagnosis]] = {}  # verified ones, per spec, to try first next time
+        self.baseline: Baseline | None = None  # --harden-baseline, loaded by check_report_options()
         self.security_policy: Path | None = None  # --harden-security-policy
 
     @staticmethod
@@ -155,15 +163,26 @@ class HardenSession:
     def pytest_sessionfinish(self) -> None:
         if self._pool is not None:
             self._pool.close()
+        if hasattr(self.config, "workerinput"):
+            return  # an xdist worker: the controller has every record and writes the files once
+        from . import report
+
         path = self.config.getoption("harden_json")
         if path:
-            Path(path).write_text(json.dumps({"items": self.records}, indent=2) + "\n")
+            Path(path).write_text(report.json_report(self.records, self.config.rootpath))
+        html_path = self.config.getoption("harden_html")
+        if html_path:
+            Path(html_path).write_text(report.render_html(report.summarize(self.records, self.config.rootpath)))
+        if self.baseline is not None and self.config.getoption("harden_baseline_update"):
+            self.update_baseline(self.baseline)
 
-    # -- exposure (logic in exposure.py) -------------------------------------------------------------------------
+    # -- exposure, baselines and reports (logic in exposure.py, baseline.py, report.py) -------------------------
 
     def check_report_options(self) -> None:
-        """Fail fast, before collection, on report options that cannot work."""
+        """Fail fast, before collection, on report options that cannot work; load the baseline."""
         option = self.config.getoption
+        if option("harden_baseline_update") and not option("harden_baseline"):
+            raise pytest.UsageError("--harden-baseline-update needs the file to write: add --harden-baseline=PATH")
         policy = option("harden_security_policy")
         if policy:
             from .exposure import check_policy
@@ -173,13 +192,53 @@ class HardenSession:
             except ValueError as exc:
                 raise pytest.UsageError(f"--harden-security-policy: {exc}") from None
             self.security_policy = Path(policy).resolve()
+        path = option("harden_baseline")
+        if path:
+            from .baseline import Baseline, BaselineError
+
+            if not Path(path).exists() and not option("harden_baseline_update"):
+                raise pytest.UsageError(f"--harden-baseline={path}: no such file; record one first with "
+                                        f"--harden-baseline={path} --harden-baseline-update")
+            try:
+                self.baseline = Baseline.load(path)
+            except BaselineError as exc:
+                raise pytest.UsageError(f"--harden-baseline: {exc}") from None
 
     def wants_exposure(self, spec: Spec) -> bool:
         """Whether ``spec`` gets an exposure item (--harden-exposure; auto: when something uses the score)."""
         mode = self.config.getoption("harden_exposure")
         if mode != "auto":
             return bool(mode == "on")
-        return spec.max_exposure is not None or bool(self.config.getoption("harden_json"))
+        return spec.max_exposure is not None or any(
+            self.config.getoption(name) for name in ("harden_baseline", "harden_json", "harden_html"))
+
+    def update_baseline(self, current: Baseline) -> None:
+        """Rewrite the baseline file with what this run observed, keeping what it did not look at."""
+        from .baseline import observe, records_by_spec
+
+        observed = {}
+        for spec_path, records in records_by_spec(self.records).items():
+            try:
+                spec = load_spec(spec_path)
+            except SpecError:
+                continue  # a spec that no longer loads has no items, and nothing to record
+            observed[spec_path] = (observe(records, spec), spec)
+        current.updated(observed).write()
+        self.progress(f"baseline {current.path} updated for {len(observed)} spec(s)")
+
+    @pytest.hookimpl
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        from . import report
+
+        reports = report.summarize(self.records, self.config.rootpath)
+        if not reports:
+            return
+        terminalreporter.write_sep("=", "systemd hardening summary")
+        for line in report.summary_lines(reports):
+            terminalreporter.write_line(line)
+        for option, what in (("harden_json", "JSON report"), ("harden_html", "HTML report")):
+            if self.config.getoption(option):
+                terminalreporter.write_line(f"{what}: {self.config.getoption(option)}")
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------
@@ -258,6 +317,8 @@ class SpecFile(pytest.File):
         if session.wants_exposure(self.spec):
             limit = self.spec.max_exposure
             yield ExposureItem.from_parent(self, name="exposure" if limit is None else f"exposure <= {limit:.1f}")
+        if session.baseline is not None:
+            yield BaselineItem.from_parent(self, name="baseline")  # moved after every other item: see below
 
     def service(self) -> HardenedService:
         """The spec's service, started once for all its items (an earlier start failure is raised again)."""
@@ -405,7 +466,7 @@ class EnforcementItem(SpecItem):
         return self.path, self.line - 1 if self.line else None, f"{self.path.name}: {self.name}"
 
 
-# --- the exposure item (logic in exposure.py) ----------------------------------------------------------------------
+# --- exposure and baseline items (logic in exposure.py and baseline.py) --------------------------------------------
 
 class ExposureItem(SpecItem):
     """The spec's unit, scored by ``systemd-analyze security`` on the spec's machine; fails above max_exposure."""
@@ -423,3 +484,47 @@ class ExposureItem(SpecItem):
         record.update(score.as_dict())
         if spec.max_exposure is not None and score.tenths > exposure.tenths_of(spec.max_exposure):
             raise ScenarioFailed(exposure.failure_message(score, spec))
+
+
+class BaselineItem(SpecItem):
+    """This run of the spec against the --harden-baseline file: regressions fail, improvements are reported."""
+
+    def runtest(self) -> None:
+        from . import baseline
+
+        session = HardenSession.of(self.config)
+        assert session.baseline is not None
+        spec = self.parent.spec
+        updating = bool(self.config.getoption("harden_baseline_update"))
+        record = self.new_record(check="baseline", baseline=str(session.baseline.path), updating=updating)
+        observed = baseline.observe([r for r in session.records if r.get("spec") == str(self.parent.path)], spec)
+        old = session.baseline.get(spec.path)
+        if old is None:
+            note = "added to the baseline by this run" if updating else \
+                f"not in the baseline {session.baseline.path}: add it with --harden-baseline-update"
+            record.update(missing=True, regressions=[], improvements=[], notes=[note])
+            return
+        changes = baseline.compare(old, observed, spec)
+        record.update(changes.as_dict())
+        if changes.regressions and not updating:
+            raise ScenarioFailed(baseline.render(changes, str(spec.path.name), session.baseline.path))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Baseline items compare what every other item of their spec recorded, so they run after all of them
+    (enforcement and other items included, wherever they were collected); their relative order is kept."""
+    items.sort(key=lambda item: isinstance(item, BaselineItem))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Flat ``harden_*`` properties (spec, exposure, culprit, ...) beside each ``harden`` record, so JUnit XML
+    readers see plain values rather than the record's Python repr."""
+    if call.when == "call":
+        from .report import junit_properties
+
+        records = [record for name, record in item.user_properties if name == "harden" and isinstance(record, dict)]
+        for record in records:
+            item.user_properties.extend(junit_properties(record))
+    yield
