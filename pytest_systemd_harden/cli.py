@@ -1,0 +1,199 @@
+"""``systemd-harden``: a spec's work outside pytest.
+
+::
+
+    systemd-harden lint SPEC...           validate; errors as file:line: key: problem (hint); exit 1 on any
+    systemd-harden dropin SPEC            the hardening as a [Service] drop-in, ready for UNIT.d/
+    systemd-harden run-line SPEC          a systemd-run command line that starts the service so hardened
+    systemd-harden exposure SPEC          boot the spec's machine and score the unit (systemd-analyze security)
+    systemd-harden test SPEC [ARGS...]    run the spec's scenarios: pytest on that one file, ARGS passed on
+    systemd-harden cache-key SPEC...      one key for the machine images the specs need (a CI cache key)
+
+Exit status: 0 fine, 1 a spec error (or, for ``exposure``, a score above the spec's ``max_exposure``), 2 the
+machine could not run (not root, no systemd-nspawn); ``test`` exits with pytest's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import BackendUnavailable, HardenError, SpecError
+from .service import unit_name_for
+from .spec import Spec, load_spec
+
+
+def run_line(spec: Spec, unit: str | None = None) -> str:
+    """A ``systemd-run`` command that starts the spec's service under its hardening, as the plugin does."""
+    service = spec.service
+    argv = ["systemd-run", f"--unit={unit or unit_name_for(spec)}", "-p", f"Type={service.type}"]
+    argv += [arg for key, value in service.environment for arg in ("-p", f"Environment={_env_word(key, value)}")]
+    if service.working_directory:
+        argv += ["-p", f"WorkingDirectory={service.working_directory}"]
+    # One -p per unit-file line: systemd-run reads an assignment as a unit file would (an empty one resets).
+    argv += [arg for directive in spec.hardening for line in directive.unit_lines() for arg in ("-p", line)]
+    return shlex.join([*argv, "--", *service.exec_start])
+
+
+def _env_word(key: str, value: str) -> str:
+    """KEY=VALUE as systemd-run's Environment= reads it back: it splits on whitespace and unquotes."""
+    word = f"{key}={value}"
+    if not any(c.isspace() or c in "\"'\\" for c in word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _load(path: str) -> Spec | None:
+    try:
+        return load_spec(path)
+    except SpecError as exc:
+        print(exc)
+        return None
+
+
+def _lint(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.specs:
+        spec = _load(path)
+        if spec is None:
+            status = 1
+        elif not args.quiet:
+            print(f"{path}: ok ({len(spec.hardening)} directives, {len(spec.scenarios)} scenarios)")
+    return status
+
+
+def _dropin(args: argparse.Namespace) -> int:
+    spec = _load(args.spec)
+    if spec is None:
+        return 1
+    sys.stdout.write(spec.dropin())
+    return 0
+
+
+def _run_line(args: argparse.Namespace) -> int:
+    spec = _load(args.spec)
+    if spec is None:
+        return 1
+    print(run_line(spec, args.unit))
+    return 0
+
+
+def _exposure(args: argparse.Namespace) -> int:
+    from . import exposure
+    from .images import ImageCache
+    from .pool import MachinePool
+
+    spec = _load(args.spec)
+    if spec is None:
+        return 1
+    policy = Path(args.security_policy).resolve() if args.security_policy else None
+    if policy is not None:
+        try:
+            exposure.check_policy(policy)
+        except ValueError as exc:
+            print(f"systemd-harden exposure: --security-policy: {exc}", file=sys.stderr)
+            return 1
+    pool = MachinePool(image_cache=ImageCache(Path(args.cache_dir) if args.cache_dir else None),
+                       progress=lambda line: print(f"[harden] {line}", file=sys.stderr, flush=True))
+    try:
+        score = exposure.score(pool.machine_for(spec.machine), spec, policy)
+    except BackendUnavailable as exc:
+        print(f"systemd-harden exposure: cannot boot the machine: {exc}", file=sys.stderr)
+        return 2
+    except HardenError as exc:
+        print(f"systemd-harden exposure: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        pool.close()
+    over = spec.max_exposure is not None and score.tenths > exposure.tenths_of(spec.max_exposure)
+    if args.json:
+        print(json.dumps({"spec": str(spec.path), **score.as_dict(args.top), "max_exposure": spec.max_exposure},
+                         indent=2))
+        return 1 if over else 0
+    print(f"{score.unit_name}: exposure {score.describe()}")
+    if spec.max_exposure is not None:
+        print(f"max_exposure {spec.max_exposure:.1f}: {'EXCEEDED' if over else 'within'}")
+    print("the checks that cost the most (exposure, setting, what systemd found):")
+    print(score.render_costliest(args.top))
+    for warning in score.warnings:
+        print(f"systemd-analyze: {warning}")
+    return 1 if over else 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    import pytest
+
+    spec = _load(args.spec)
+    if spec is None:
+        return 1
+    # Collect this file whatever its name: the harden_spec_files patterns would skip e.g. web.yaml.
+    pattern = shlex.quote(Path(args.spec).name)
+    return int(pytest.main([args.spec, "-o", f"harden_spec_files={pattern}", *args.pytest_args]))
+
+
+def _cache_key(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from .images import ImageCache
+
+    specs = [_load(path) for path in args.specs]
+    if any(spec is None for spec in specs):
+        return 1
+    # The image cache is content-addressed (recipe, suite, packages): the same images, the same key.
+    keys = sorted({ImageCache.key_for(spec.machine.packages) for spec in specs if spec is not None})
+    print(hashlib.sha256(" ".join(keys).encode()).hexdigest()[:16])
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    main_parser = argparse.ArgumentParser(
+        prog="systemd-harden", description="Hardening specs outside pytest: lint, render, score and test them.")
+    commands = main_parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    lint = commands.add_parser("lint", help="validate specs; print errors as file:line: key: problem (hint)")
+    lint.add_argument("specs", nargs="+", metavar="SPEC")
+    lint.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    lint.set_defaults(run=_lint)
+
+    dropin = commands.add_parser("dropin", help="print the hardening as a [Service] drop-in")
+    dropin.add_argument("spec", metavar="SPEC")
+    dropin.set_defaults(run=_dropin)
+
+    line = commands.add_parser("run-line", help="print a systemd-run command that starts the hardened service")
+    line.add_argument("spec", metavar="SPEC")
+    line.add_argument("--unit", help="unit name (default: harden-NAME.service, as the plugin names it)")
+    line.set_defaults(run=_run_line)
+
+    score = commands.add_parser("exposure", help="boot the spec's machine and score the unit with "
+                                                 "systemd-analyze security (needs root)")
+    score.add_argument("spec", metavar="SPEC")
+    score.add_argument("--security-policy", metavar="FILE", help="a systemd-analyze security policy (JSON)")
+    score.add_argument("--cache-dir", metavar="DIR", help="image cache (default: $HARDEN_CACHE_DIR or "
+                                                          "~/.cache/pytest-systemd-harden)")
+    score.add_argument("--top", type=int, default=8, metavar="N", help="show the N costliest checks (default: 8)")
+    score.add_argument("--json", action="store_true", help="print the score as JSON")
+    score.set_defaults(run=_exposure)
+
+    test = commands.add_parser("test", help="run the spec's scenarios with pytest (extra arguments go to pytest)")
+    test.add_argument("spec", metavar="SPEC")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="PYTEST_ARGS")
+    test.set_defaults(run=_test)
+
+    key = commands.add_parser("cache-key", help="print one key for the machine images the specs need (to key a CI "
+                                                "cache of HARDEN_CACHE_DIR)")
+    key.add_argument("specs", nargs="+", metavar="SPEC")
+    key.set_defaults(run=_cache_key)
+    return main_parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
