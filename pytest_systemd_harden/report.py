@@ -222,8 +222,9 @@ def junit_properties(record: Record) -> list[tuple[str, str]]:
 # Cell states of the matrix: (css class, text shown, meaning for the legend).
 CELL_STATES = {
     "culprit": ("✗ culprit", "the diagnosis found this directive breaks the scenario"),
-    "enforced": ("✓ enforced", "the scenario passes with the directive in force, and its enforcement was proven"),
-    "unenforced": ("⚠ not enforced", "the scenario passes, but the directive's enforcement check failed"),
+    # Short marks keep a matrix of 30 directives readable; the colour, the legend and each cell's title say more.
+    "enforced": ("✓", "the scenario passes with the directive in force, and its enforcement was proven"),
+    "unenforced": ("⚠", "the scenario passes, but the directive's enforcement check failed"),
     "in-force": ("✓", "the scenario passes with the directive in force"),
     "not-relevant": ("–", "the scenario fails, but not because of this directive"),
     "undiagnosed": ("?", "the scenario fails and no diagnosis named a culprit"),
@@ -257,7 +258,8 @@ th, td { border: 1px solid #d0d0d0; padding: .25em .5em; text-align: left; verti
 th { background: #f3f3f3; }
 table.matrix th.directive { writing-mode: vertical-rl; transform: rotate(180deg); white-space: nowrap;
   font-weight: normal; font-family: ui-monospace, monospace; font-size: 12px; }
-table.matrix td { text-align: center; min-width: 1.6em; }
+table.matrix td { text-align: center; min-width: 1.6em; white-space: nowrap; }
+.scroll { overflow-x: auto; }
 table.matrix td.scenario { text-align: left; white-space: nowrap; }
 .culprit { background: #f8c9c4; color: #8a1005; font-weight: bold; }
 .enforced { background: #bfe8c4; } .in-force { background: #e3f5e5; }
@@ -341,7 +343,7 @@ def _matrix(index: int, report: SpecReport) -> list[str]:
               else "not enforced" if report.snapshot.unenforced and name in report.snapshot.unenforced
               else "not probed" for name in names}
     values = dict(report.directives)
-    out = [f'<table class="matrix" id="matrix-{index}"><caption>scenarios × directives</caption><thead><tr>'
+    out = ['<div class="scroll">', f'<table class="matrix" id="matrix-{index}"><caption>scenarios × directives</caption><thead><tr>'
            "<th>scenario</th><th>outcome</th>"
            + "".join(f'<th class="directive" data-directive="{_e(n)}" title="{_e(n)}={_e(values[n])} '
                      f'({status[n]})">{_e(n)}</th>' for n in names) + "</tr></thead><tbody>"]
@@ -355,7 +357,7 @@ def _matrix(index: int, report: SpecReport) -> list[str]:
                          f'title="{_e(name)}: {_e(meaning)}">{_e(text)}</td>')
         out.append(f'<tr data-scenario="{_e(item)}"><td class="scenario">{_e(item)}</td>'
                    f'<td class="{_e(outcome)}">{_e(outcome)}</td>{"".join(cells)}</tr>')
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return out
 
 
