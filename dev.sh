@@ -18,6 +18,7 @@ install_system_packages() {
     command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
     command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
     command -v pgrep >/dev/null || missing+=(procps)
+    command -v chromium >/dev/null || missing+=(chromium)  # the HTML report's test renders it in a real browser
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "dev.sh: installing ${missing[*]}"

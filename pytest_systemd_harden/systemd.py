@@ -269,7 +269,9 @@ class SystemdClient:
             base: list[Property] = [
                 ("Description", Variant("s", f"pytest-systemd-harden: {' '.join(argv)[:200]}")),
                 ("Type", Variant("s", "oneshot")),
-                ("ExecStart", Variant("a(sasb)", [[argv[0], list(argv), False]])),
+                # systemd expands $VAR and ${VAR} in ExecStart= arguments before exec; "$$" is a literal "$". A
+                # command is run as given (a shell sees its own ${1%/*}, $((1+1)), ...), so every "$" is escaped.
+                ("ExecStart", Variant("a(sasb)", [[argv[0], [arg.replace("$", "$$") for arg in argv], False]])),
                 ("StandardInputFileDescriptor", Variant("h", 0)),
                 ("StandardOutputFileDescriptor", Variant("h", 1)),
                 ("StandardErrorFileDescriptor", Variant("h", 2)),

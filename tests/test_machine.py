@@ -65,3 +65,8 @@ def test_command_units_are_collected(machine: Machine) -> None:
     machine.run("true", purpose="collected")
     machine.run("false", purpose="collected")
     assert machine.systemd.list_units("harden-collected-*") == []
+
+
+def test_shell_syntax_reaches_the_shell_unexpanded_by_systemd(machine: Machine) -> None:
+    result = machine.run('x=/a/b/c; echo "${x%/*} $((1+1)) ${UNSET:-default} $$" | cut -d" " -f1-3')
+    assert result.stdout == "/a/b 2 default\n", result.describe()
