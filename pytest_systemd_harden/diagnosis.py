@@ -194,7 +194,11 @@ class Relaxation:
             if name in after:
                 lines.append(f"{name}: {_yaml_value(after[name])}")
             else:
-                lines.append(f"{name}: (remove this line)")
+                before = next((d for d in hardening if d.name == name), None)
+                profile = getattr(before.line, "profile", None) if before else None
+                # A directive from the spec's profile is not a line the user can delete: null drops it.
+                lines.append(f"{name}: null    # drops it from profile {profile}" if profile
+                             else f"{name}: (remove this line)")
         return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Sequence
@@ -56,6 +57,18 @@ while True:
 """
 
 
+def dynamic_user_name(unit: str) -> str:
+    """A user name for the service's DynamicUser= that its inside commands share.
+
+    User names longer than 31 characters are refused (useradd's limit, which systemd keeps), so a long unit name
+    is shortened with a hash that keeps two specs apart.
+    """
+    name = unit.removesuffix(".service")
+    if len(name) <= 31:
+        return name
+    return f"{name[:22]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 def unit_name_for(spec: Spec) -> str:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.label).strip("-") or "service"
     return f"harden-{slug}.service"
@@ -81,7 +94,7 @@ class HardenedService:
         explicit_user = spec.directive("User")
         # Units that share a User= name share the dynamic uid, so inside commands run as the service does.
         self.user = explicit_user.value if explicit_user else (
-            self.unit.removesuffix(".service") if dynamic and dynamic.value == "yes" else None)
+            dynamic_user_name(self.unit) if dynamic and dynamic.value == "yes" else None)
         self._host: testinfra.host.Host | None = None
         self._sandbox_host: testinfra.host.Host | None = None
 

@@ -182,3 +182,14 @@ def test_parse_syscall_groups_reads_systemd_analyze_output() -> None:
     groups = parse_syscall_groups(listing)
     assert groups == {"@memlock": ["mlock", "mlock2"], "@known": ["@memlock", "read"]}
     assert expand_group("@known", groups) == ["mlock", "mlock2", "read"]
+
+
+def test_a_directive_from_the_profile_is_dropped_with_null_not_deleted() -> None:
+    from pytest_systemd_harden.profiles import ProfileLine
+
+    directives = (Directive("PrivateUsers", ("yes",), ProfileLine(3, "maximum-2026")),
+                  Directive("PrivateTmp", ("yes",), 5))
+    relaxation = Relaxation("remove PrivateUsers=", replace=(("PrivateUsers", None),))
+    assert relaxation.spec_change(directives) == "PrivateUsers: null    # drops it from profile maximum-2026"
+    own = Relaxation("remove PrivateTmp=", replace=(("PrivateTmp", None),))
+    assert own.spec_change(directives) == "PrivateTmp: (remove this line)"

@@ -133,3 +133,16 @@ def test_testinfra_hosts_see_the_machine_and_the_sandbox(started) -> None:  # ty
     assert service.sandbox_host.user().uid != 0
     assert service.sandbox_host.file("/tmp/marker").exists
     assert not service.host.file("/tmp/marker").exists
+
+
+def test_a_long_spec_name_still_gets_a_dynamic_user_inside_shares(machine: Machine, make_spec) -> None:  # type: ignore[no-untyped-def]
+    spec = make_spec(SLEEPER, name="a-rather-long-name-for-a-hardening-spec.yaml")
+    service = HardenedService(machine, spec)
+    assert len(service.user or "") <= 31
+    service.start()
+    try:
+        main_pid = service.state()["MainPID"]
+        uid = service.client(f"awk '/^Uid:/ {{print $2}}' /proc/{main_pid}/status").stdout.strip()
+        assert service.inside("id -u").stdout.strip() == uid
+    finally:
+        service.stop()
