@@ -149,6 +149,50 @@ def _cache_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tighten(args: argparse.Namespace) -> int:
+    from . import exposure
+    from .diagnosis import yaml_value
+    from .errors import ServiceFailed
+    from .images import ImageCache
+    from .pool import MachinePool
+    from .scenarios import tighten_service
+
+    spec = _load(args.spec)
+    if spec is None:
+        return 1
+    pool = MachinePool(image_cache=ImageCache(Path(args.cache_dir) if args.cache_dir else None),
+                       progress=lambda line: print(f"[harden] {line}", file=sys.stderr, flush=True))
+    try:
+        machine = pool.machine_for(spec.machine)
+        try:
+            service = pool.service_for(spec)
+        except ServiceFailed as exc:
+            print(f"systemd-harden tighten: the spec as written does not start; fix that first:\n{exc}", file=sys.stderr)
+            return 1
+        before = exposure.score(machine, spec)
+        result = tighten_service(service, keep=(*spec.tighten_keep, *args.keep),
+                                 never=(*spec.tighten_never, *args.never), max_runs=args.max_runs)
+        after = exposure.score(machine, spec.with_hardening(result.after))
+    except BackendUnavailable as exc:
+        print(f"systemd-harden tighten: cannot boot the machine: {exc}", file=sys.stderr)
+        return 2
+    except HardenError as exc:
+        print(f"systemd-harden tighten: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        pool.close()
+    print(result.render())
+    print(f"exposure: {before.describe()} -> {after.describe()}")
+    if result.note.startswith("the spec as written"):
+        return 1
+    print("\nhardening: (every scenario passes under it)")
+    for directive in result.after:
+        print(f"  {directive.name}: {yaml_value(directive)}")
+    print()
+    print(result.dropin(), end="")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     main_parser = argparse.ArgumentParser(
         prog="systemd-harden", description="Hardening specs outside pytest: lint, render, score and test them.")
@@ -182,6 +226,18 @@ def parser() -> argparse.ArgumentParser:
     test.add_argument("spec", metavar="SPEC")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="PYTEST_ARGS")
     test.set_defaults(run=_test)
+
+    tighten = commands.add_parser("tighten", help="find the strictest hardening under which the spec's service "
+                                                  "still starts and passes every scenario (needs root)")
+    tighten.add_argument("spec", metavar="SPEC")
+    tighten.add_argument("--keep", action="append", default=[], metavar="DIRECTIVE",
+                         help="never touch this directive (adds to the spec's tighten: keep:)")
+    tighten.add_argument("--never", action="append", default=[], metavar="DIRECTIVE",
+                         help="never add this directive (adds to the spec's tighten: never:)")
+    tighten.add_argument("--max-runs", type=int, default=200, metavar="N", help="at most N service restarts")
+    tighten.add_argument("--cache-dir", metavar="DIR", help="image cache (default: $HARDEN_CACHE_DIR or "
+                                                            "~/.cache/pytest-systemd-harden)")
+    tighten.set_defaults(run=_tighten)
 
     key = commands.add_parser("cache-key", help="print one key for the machine images the specs need (to key a CI "
                                                 "cache of HARDEN_CACHE_DIR)")

@@ -192,7 +192,7 @@ class Relaxation:
         lines = []
         for name in dict.fromkeys(self.changed_names()):
             if name in after:
-                lines.append(f"{name}: {_yaml_value(after[name])}")
+                lines.append(f"{name}: {yaml_value(after[name])}")
             else:
                 before = next((d for d in hardening if d.name == name), None)
                 profile = getattr(before.line, "profile", None) if before else None
@@ -202,7 +202,8 @@ class Relaxation:
         return "\n".join(lines)
 
 
-def _yaml_value(directive: Directive) -> str:
+def yaml_value(directive: Directive) -> str:
+    """The directive's value as it would be written in a spec's ``hardening:`` section."""
     if len(directive.assignments) == 1:
         value = directive.assignments[0]
         return '""' if value == "" else (f'"{value}"' if value[:1] in "@~*&!%" or ":" in value else value)

@@ -13,7 +13,7 @@ from .errors import ServiceFailed
 from .result import CommandResult
 from .service import HardenedService, describe_hardening, indent
 from .spec import Expectation, Scenario
-from .tighten import Tightening, tighten
+from .tighten import CATALOGUE, Step, Tightening, revert, tighten
 
 
 def mismatches(expect: Expectation, result: CommandResult) -> list[str]:
@@ -128,8 +128,34 @@ def all_scenarios_trial(service: HardenedService) -> Trial:
     return trial
 
 
+def _verify_enforcement(service: HardenedService, result: Tightening, rounds: int = 3) -> None:
+    """Scenarios cannot see a step that quietly undoes another directive (on systemd 252, ExecPaths= reopens a
+    read-only /usr): check every directive of the result is enforced, and revert the steps found undoing one."""
+    from .enforcement import NOT_ENFORCED, verify_service
+
+    for _ in range(rounds):
+        candidate = HardenedService(service.machine, service.spec.with_hardening(result.after), unit=service.unit)
+        candidate.start()
+        try:
+            report = verify_service(candidate, denials=())
+        finally:
+            candidate.stop()
+        broken = [v for v in report.verdicts.values() if v.status == NOT_ENFORCED]
+        result.enforcement_checked = True
+        if not broken:
+            return
+        reverted = []
+        for verdict in broken:
+            suspects = [d.name for d in verdict.suspects]
+            reverted += revert(result, suspects, f"undoes {verdict.subject.name} (enforcement check)")
+        if not reverted:
+            result.note = "not enforced after tightening: " + "; ".join(v.subject.name for v in broken)
+            return
+
+
 def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never: Sequence[str] = (),
-                    max_runs: int = 200, max_seconds: float = 900.0) -> Tightening:
+                    max_runs: int = 200, max_seconds: float = 900.0,
+                    catalogue: Sequence[Step] = CATALOGUE) -> Tightening:
     """The strictest hardening under which ``service``'s spec still starts and passes every scenario."""
     groups: dict[str, list[str]] = {}
 
@@ -140,8 +166,11 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
         return groups
 
     try:
-        return tighten(service.spec.hardening, all_scenarios_trial(service), keep=keep, never=never,
-                       syscall_groups=syscall_groups, max_runs=max_runs, max_seconds=max_seconds)
+        result = tighten(service.spec.hardening, all_scenarios_trial(service), catalogue=catalogue, keep=keep,
+                         never=never, syscall_groups=syscall_groups, max_runs=max_runs, max_seconds=max_seconds)
+        if result.after != result.before:
+            _verify_enforcement(service, result)
+        return result
     finally:
         try:
             service.start()

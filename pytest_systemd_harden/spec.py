@@ -33,7 +33,7 @@ from dbus_next.signature import Variant
 
 from . import profiles
 from .backends.base import MachineConfig
-from .directives import Directive, DirectiveError, Property, _closest_hint, render_dropin
+from .directives import KNOWN, Directive, DirectiveError, Property, _closest_hint, render_dropin
 from .errors import SpecError
 from .probes.catalogue import Denial, DenialError, parse_denial
 
@@ -217,6 +217,9 @@ class Spec:
     profile: str = ""
     # The highest `systemd-analyze security` exposure (0.0-10.0) the rendered unit may score; None: not checked.
     max_exposure: float | None = None
+    # For `systemd-harden tighten`: directives never to touch, and directives never to add.
+    tighten_keep: tuple[str, ...] = ()
+    tighten_never: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -242,7 +245,9 @@ class Spec:
 
 # --- loading ------------------------------------------------------------------------------------------------
 
-TOP_KEYS = ("name", "profile", "service", "machine", "hardening", "scenarios", "deny", "enforcement", "max_exposure")
+TOP_KEYS = ("name", "profile", "service", "machine", "hardening", "scenarios", "deny", "enforcement", "max_exposure",
+            "tighten")
+TIGHTEN_KEYS = ("keep", "never")
 SERVICE_KEYS = ("exec_start", "type", "ready", "environment", "working_directory", "start_timeout")
 MACHINE_KEYS = ("packages", "files", "backend")
 SCENARIO_KEYS = ("name", "client", "inside", "expect", "timeout")
@@ -335,9 +340,29 @@ def parse_spec(document: Any, path: Path) -> Spec:
     enforcement = _parse_enforcement(check, doc, hardening)
     name = str(doc["name"]) if "name" in doc else ""
     max_exposure = _parse_max_exposure(check, doc) if "max_exposure" in doc else None
+    keep, never = _parse_tighten(check, doc)
     return Spec(path, service, machine, hardening, scenarios, name, denials=denials, enforcement=enforcement,
                 profile=profile.name if profile else "",
-                max_exposure=max_exposure)
+                max_exposure=max_exposure, tighten_keep=keep, tighten_never=never)
+
+
+def _parse_tighten(check: _Checker, doc: _Mapping) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``tighten: {keep: [...], never: [...]}``: directive names, each checked against the known directives."""
+    if "tighten" not in doc:
+        return (), ()
+    section = check.mapping(doc["tighten"], doc, "tighten", "tighten")
+    check.known_keys(section, TIGHTEN_KEYS, "tighten.")
+    lists: dict[str, tuple[str, ...]] = {}
+    for key in TIGHTEN_KEYS:
+        raw = section.get(key, [])
+        names = raw if isinstance(raw, list) else [raw]
+        for index, name in enumerate(names):
+            if str(name) not in KNOWN:
+                raise check.error(names if isinstance(raw, list) else section, index if isinstance(raw, list) else key,
+                                  f"tighten.{key}", f"{name!r} is not a directive",
+                                  _closest_hint(str(name), list(KNOWN)) or "e.g. PrivateNetwork")
+        lists[key] = tuple(str(n) for n in names)
+    return lists["keep"], lists["never"]
 
 
 def _parse_max_exposure(check: _Checker, doc: _Mapping) -> float:

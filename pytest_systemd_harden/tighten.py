@@ -39,6 +39,9 @@ class Step:
 CATALOGUE: tuple[Step, ...] = (
     Step.of("runs as a transient user with no access outside its own directories", DynamicUser=True),
     Step.of("the OS is read-only to the service", ProtectSystem="strict"),
+    # ProtectSystem=strict leaves the machine's /run writable once a kernel-facing Protect*= mounts something
+    # (systemd 252, seen by the enforcement checks); RuntimeDirectory= still works under it.
+    Step.of("/run read-only too", ReadOnlyPaths="/run"),
     Step.of("home directories are hidden", ProtectHome=True),
     Step.of("no capabilities at all (narrowed to those the scenarios need)", CapabilityBoundingSet=""),
     Step.of("no privilege gain through setuid binaries", NoNewPrivileges=True),
@@ -66,7 +69,9 @@ CATALOGUE: tuple[Step, ...] = (
     Step.of("only process entries in /proc", ProcSubset="pid"),
     Step.of("no IP traffic but loopback", IPAddressDeny="any", IPAddressAllow="localhost"),
     Step.of("no network at all but its own loopback", PrivateNetwork=True),
-    Step.of("nothing executable outside /usr", NoExecPaths="/", ExecPaths="/usr"),
+    # Not NoExecPaths=/ with ExecPaths=/usr: on systemd 252 a path listed in either is mounted again writable under
+    # ProtectSystem=strict, and NoExecPaths=/ misses PrivateTmp='s own /tmp (see the profiles).
+    Step.of("nothing executable where anyone can write", NoExecPaths="/dev/shm /tmp /var/tmp"),
     Step.of("files created private to the service", UMask="0077"),
 )
 
@@ -98,6 +103,7 @@ class Tightening:
     runs: int = 0
     seconds: float = 0.0
     note: str = ""
+    enforcement_checked: bool = False  # every directive of `after` was checked enforced on the machine
 
     def added(self) -> list[Directive]:
         before = {str(d) for d in self.before}
@@ -114,6 +120,8 @@ class Tightening:
                                                                              else ""))
         if self.note:
             lines.append(f"  {self.note}")
+        if self.enforcement_checked:
+            lines.append("  every directive of the result was checked enforced on the machine")
         return "\n".join(lines)
 
 
@@ -191,6 +199,21 @@ def tighten(hardening: Hardening, trial: Trial, *, catalogue: Sequence[Step] = C
         result.runs = oracle.runs
         result.seconds = time.monotonic() - started
     return result
+
+
+def revert(result: Tightening, undoing: Sequence[str], why: str) -> list[Step]:
+    """Undo the steps that added any directive named in ``undoing`` (never the user's own); return them."""
+    before = {d.name for d in result.before}
+    reverted = []
+    for outcome in result.outcomes:
+        if outcome.kept not in ("added", "narrowed"):
+            continue
+        added = {d.name for d in outcome.step.directives} - before
+        if added & set(undoing):
+            outcome.kept, outcome.detail = "rejected", why
+            reverted.append(outcome.step)
+            result.after = tuple(d for d in result.after if d.name not in added)
+    return reverted
 
 
 def _narrow(step: Step, candidate: Hardening, oracle: Oracle, evidence: str,
