@@ -19,7 +19,8 @@ from .diagnosis import Diagnosis
 from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
 from .images import ImageCache
 from .pool import MachinePool
-from .scenarios import diagnose_failure, failure_report, run_scenario
+from .scenarios import diagnose_failure, failure_report, run_scenario, tighten_service
+from .tighten import Tightening
 from .service import HardenedService
 from .spec import Scenario, Spec, load_spec
 
@@ -46,6 +47,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="at most N service restarts per diagnosis (default: 40)")
     group.addoption("--harden-diagnose-seconds", type=float, default=180.0, metavar="S",
                     help="at most S seconds per diagnosis (default: 180)")
+    group.addoption("--harden-tighten", action="store_true", default=False,
+                    help="after each spec's items, find the strictest hardening under which its service still "
+                         "starts and passes every scenario, and show it in the summary (costs many restarts)")
     group.addoption("--harden-json", default=None, metavar="PATH",
                     help="write a JSON report of every spec item (outcome, failure, diagnosis) to PATH")
     group.addoption("--harden-html", default=None, metavar="PATH",
@@ -95,6 +99,7 @@ class HardenSession:
         self.config = config
         self._pool: MachinePool | None = None
         self.records: list[dict[str, Any]] = []  # for --harden-json
+        self.tightenings: list[tuple[Spec, Tightening]] = []  # for --harden-tighten
         self.diagnoses: dict[Path, list[Diagnosis]] = {}  # verified ones, per spec, to try first next time
         self.baseline: Baseline | None = None  # --harden-baseline, loaded by check_report_options()
         self.security_policy: Path | None = None  # --harden-security-policy
@@ -335,7 +340,12 @@ class SpecFile(pytest.File):
     def teardown(self) -> None:
         service, self._service = self._service, None
         if service is not None:
-            HardenSession.of(self.config).pool.release(service)
+            session = HardenSession.of(self.config)
+            if self.config.getoption("harden_tighten"):
+                session.progress(f"tightening {self.path.name} (restarting the service under stricter hardening)")
+                session.tightenings.append((self.spec, tighten_service(
+                    service, keep=self.spec.tighten_keep, never=self.spec.tighten_never)))
+            session.pool.release(service)
 
 
 class ScenarioFailed(AssertionError):
@@ -528,3 +538,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for record in records:
             item.user_properties.extend(junit_properties(record))
     yield
+
+
+@pytest.hookimpl
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """--harden-tighten: each spec's tightened hardening, ready to paste into its ``hardening:`` section."""
+    from .diagnosis import yaml_value
+
+    for spec, result in HardenSession.of(config).tightenings:
+        terminalreporter.write_sep("-", f"tightened: {spec.path.name}")
+        for line in result.render().splitlines():
+            terminalreporter.write_line(line)
+        if result.after != result.before:
+            terminalreporter.write_line("hardening:")
+            for directive in result.after:
+                terminalreporter.write_line(f"  {directive.name}: {yaml_value(directive)}")
