@@ -19,12 +19,20 @@ import argparse
 import json
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import BackendUnavailable, HardenError, SpecError
 from .service import unit_name_for
 from .spec import Spec, load_spec
+
+if TYPE_CHECKING:
+    from .exposure import Exposure
+    from .pool import MachinePool
+    from .tighten import Tightening
+
+T = TypeVar("T")
 
 
 def run_line(spec: Spec, unit: str | None = None) -> str:
@@ -82,10 +90,26 @@ def _run_line(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exposure(args: argparse.Namespace) -> int:
-    from . import exposure
+def _on_machine(args: argparse.Namespace, command: str, work: Callable[[MachinePool], T]) -> T | None:
+    """Run ``work`` with a machine pool that is always shut down; machine trouble is printed, and gives None."""
     from .images import ImageCache
     from .pool import MachinePool
+
+    pool = MachinePool(image_cache=ImageCache(Path(args.cache_dir) if args.cache_dir else None),
+                       progress=lambda line: print(f"[harden] {line}", file=sys.stderr, flush=True))
+    try:
+        return work(pool)
+    except BackendUnavailable as exc:
+        print(f"systemd-harden {command}: cannot boot the machine: {exc}", file=sys.stderr)
+    except HardenError as exc:
+        print(f"systemd-harden {command}: {exc}", file=sys.stderr)
+    finally:
+        pool.close()
+    return None
+
+
+def _exposure(args: argparse.Namespace) -> int:
+    from . import exposure
 
     spec = _load(args.spec)
     if spec is None:
@@ -97,18 +121,10 @@ def _exposure(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"systemd-harden exposure: --security-policy: {exc}", file=sys.stderr)
             return 1
-    pool = MachinePool(image_cache=ImageCache(Path(args.cache_dir) if args.cache_dir else None),
-                       progress=lambda line: print(f"[harden] {line}", file=sys.stderr, flush=True))
-    try:
-        score = exposure.score(pool.machine_for(spec.machine), spec, policy)
-    except BackendUnavailable as exc:
-        print(f"systemd-harden exposure: cannot boot the machine: {exc}", file=sys.stderr)
+    found = _on_machine(args, "exposure", lambda pool: exposure.score(pool.machine_for(spec.machine), spec, policy))
+    if found is None:
         return 2
-    except HardenError as exc:
-        print(f"systemd-harden exposure: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        pool.close()
+    score = found
     over = spec.max_exposure is not None and score.tenths > exposure.tenths_of(spec.max_exposure)
     if args.json:
         print(json.dumps({"spec": str(spec.path), **score.as_dict(args.top), "max_exposure": spec.max_exposure},
@@ -153,16 +169,12 @@ def _tighten(args: argparse.Namespace) -> int:
     from . import exposure
     from .diagnosis import yaml_value
     from .errors import ServiceFailed
-    from .images import ImageCache
-    from .pool import MachinePool
     from .scenarios import tighten_service
 
     spec = _load(args.spec)
     if spec is None:
         return 1
-    pool = MachinePool(image_cache=ImageCache(Path(args.cache_dir) if args.cache_dir else None),
-                       progress=lambda line: print(f"[harden] {line}", file=sys.stderr, flush=True))
-    try:
+    def work(pool: MachinePool) -> tuple[Tightening, Exposure, Exposure] | int:
         machine = pool.machine_for(spec.machine)
         try:
             service = pool.service_for(spec)
@@ -170,17 +182,16 @@ def _tighten(args: argparse.Namespace) -> int:
             print(f"systemd-harden tighten: the spec as written does not start; fix that first:\n{exc}", file=sys.stderr)
             return 1
         before = exposure.score(machine, spec)
-        result = tighten_service(service, keep=(*spec.tighten_keep, *args.keep),
-                                 never=(*spec.tighten_never, *args.never), max_runs=args.max_runs)
-        after = exposure.score(machine, spec.with_hardening(result.after))
-    except BackendUnavailable as exc:
-        print(f"systemd-harden tighten: cannot boot the machine: {exc}", file=sys.stderr)
+        tightened = tighten_service(service, keep=(*spec.tighten_keep, *args.keep),
+                                    never=(*spec.tighten_never, *args.never), max_runs=args.max_runs)
+        return tightened, before, exposure.score(machine, spec.with_hardening(tightened.after))
+
+    found = _on_machine(args, "tighten", work)
+    if found is None:
         return 2
-    except HardenError as exc:
-        print(f"systemd-harden tighten: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        pool.close()
+    if isinstance(found, int):
+        return found
+    result, before, after = found
     print(result.render())
     print(f"exposure: {before.describe()} -> {after.describe()}")
     if result.note.startswith("the spec as written"):

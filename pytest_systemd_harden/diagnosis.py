@@ -609,17 +609,3 @@ def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
                           needs="; ".join(r.needs for r in relaxations if r.needs))
     diagnosis.combined = combined
     diagnosis.verified = oracle.passes(combined.apply(hardening))
-
-
-def parse_syscall_groups(listing: str) -> dict[str, list[str]]:
-    """Groups from ``systemd-analyze syscall-filter``: ``@name`` lines, then indented members (# comments skipped)."""
-    groups: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in listing.splitlines():
-        if line.startswith("@"):
-            current = groups.setdefault(line.strip(), [])
-        elif current is not None and line.strip() and not line.strip().startswith("#"):
-            current.append(line.strip())
-        elif not line.strip():
-            current = None
-    return groups

@@ -20,9 +20,9 @@ from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed
 from .images import ImageCache
 from .pool import MachinePool
 from .scenarios import diagnose_failure, failure_report, run_scenario, tighten_service
-from .tighten import Tightening
 from .service import HardenedService
 from .spec import Scenario, Spec, load_spec
+from .tighten import Tightening
 
 DEFAULT_SPEC_PATTERNS = ["harden.yaml", "harden-*.yaml", "*.harden.yaml"]
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dbus_next.errors import DBusError
 
-from .diagnosis import Diagnosis, Hardening, Trial, TrialResult, diagnose, parse_syscall_groups
+from .backends.base import Machine
+from .diagnosis import Diagnosis, Hardening, Trial, TrialResult, diagnose
 from .errors import ServiceFailed
 from .result import CommandResult
 from .service import HardenedService, describe_hardening, indent
@@ -70,6 +71,17 @@ def failure_report(service: HardenedService, outcome: ScenarioOutcome) -> str:
 
 
 # --- diagnosis against the real machine -----------------------------------------------------------------------
+
+def machine_syscall_groups(machine: Machine) -> Callable[[], dict[str, list[str]]]:
+    """The syscall groups of the machine's own systemd - the one that enforces the filter - asked on first use and
+    once per machine (shared with the probes' facts)."""
+    from .probes.runner import machine_facts
+
+    def groups() -> dict[str, list[str]]:
+        return {group: sorted(calls) for group, calls in machine_facts(machine).syscall_groups.items()}
+
+    return groups
+
 
 def _trial(service: HardenedService, scenario: Scenario | None) -> Trial:
     """An oracle for :func:`diagnose`: restart the service under a hardening and rerun the scenario (or just start).
@@ -157,17 +169,10 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
                     max_runs: int = 200, max_seconds: float = 900.0,
                     catalogue: Sequence[Step] = CATALOGUE) -> Tightening:
     """The strictest hardening under which ``service``'s spec still starts and passes every scenario."""
-    groups: dict[str, list[str]] = {}
-
-    def syscall_groups() -> dict[str, list[str]]:
-        if not groups:
-            listing = service.machine.run(["systemd-analyze", "syscall-filter", "--no-pager"], purpose="analyze")
-            groups.update(parse_syscall_groups(listing.stdout))
-        return groups
-
     try:
         result = tighten(service.spec.hardening, all_scenarios_trial(service), catalogue=catalogue, keep=keep,
-                         never=never, syscall_groups=syscall_groups, max_runs=max_runs, max_seconds=max_seconds)
+                         never=never, syscall_groups=machine_syscall_groups(service.machine), max_runs=max_runs,
+                         max_seconds=max_seconds)
         if result.after != result.before:
             _verify_enforcement(service, result)
         return result
@@ -181,17 +186,10 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
 def diagnose_failure(service: HardenedService, scenario: Scenario | None, evidence: str, *, max_runs: int = 60,
                      max_seconds: float = 300.0, previous: Sequence[Diagnosis] = ()) -> Diagnosis:
     """Diagnose why ``scenario`` (None: the start) fails under ``service``'s hardening, then restore the service."""
-    groups: dict[str, list[str]] = {}
-
-    def syscall_groups() -> dict[str, list[str]]:
-        if not groups:  # asked of the machine's own systemd, the one that enforces the filter
-            listing = service.machine.run(["systemd-analyze", "syscall-filter", "--no-pager"], purpose="analyze")
-            groups.update(parse_syscall_groups(listing.stdout))
-        return groups
-
     try:
         return diagnose(service.spec.hardening, _trial(service, scenario), evidence=evidence,
-                        syscall_groups=syscall_groups, max_runs=max_runs, max_seconds=max_seconds,
+                        syscall_groups=machine_syscall_groups(service.machine), max_runs=max_runs,
+                        max_seconds=max_seconds,
                         spec_name=service.spec.path.name, previous=previous)
     finally:
         try:

@@ -13,7 +13,6 @@ from pytest_systemd_harden.diagnosis import (
     ddmin,
     diagnose,
     expand_group,
-    parse_syscall_groups,
     paths_in,
 )
 from pytest_systemd_harden.directives import Directive
@@ -177,11 +176,10 @@ def test_paths_in_takes_denied_paths_and_their_ancestors() -> None:
     assert paths_in(evidence) == ["/var/lib/app/cache", "/var/lib/app", "/var/lib"]
 
 
-def test_parse_syscall_groups_reads_systemd_analyze_output() -> None:
-    listing = "@memlock\n    # Memory locking control\n    mlock\n    mlock2\n\n@known\n    @memlock\n    read\n"
-    groups = parse_syscall_groups(listing)
-    assert groups == {"@memlock": ["mlock", "mlock2"], "@known": ["@memlock", "read"]}
+def test_expand_group_resolves_nested_groups_once() -> None:
+    groups = {"@memlock": ["mlock", "mlock2"], "@known": ["@memlock", "read", "mlock"]}
     assert expand_group("@known", groups) == ["mlock", "mlock2", "read"]
+    assert expand_group("read", groups) == ["read"]
 
 
 def test_a_directive_from_the_profile_is_dropped_with_null_not_deleted() -> None:
