@@ -21,9 +21,10 @@ from pathlib import Path
 from .errors import BackendUnavailable, ImageBuildError
 
 # Bump when the recipe below changes, so old caches are not reused for a different image.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 SUITE = "bookworm"
-BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "libnss-systemd", "python3", "iproute2", "procps")
+BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "libnss-systemd", "python3", "iproute2", "procps",
+                 "strace")  # strace: tighten observes what the scenarios use in one traced run
 # Units a test machine has no use for: they slow the boot or wake up during a run.
 MASKED_UNITS = (
     "console-getty.service", "getty@.service", "container-getty@.service", "apt-daily.timer",
