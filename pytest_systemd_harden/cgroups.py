@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 OUR_SUBTREE = "pytest-systemd-harden"
@@ -128,3 +131,62 @@ def reap_orphans(root: Path = CGROUP_ROOT) -> list[str]:
         OwnedCgroup(name, trees).kill_and_remove()
         reaped.append(name)
     return reaped
+
+
+_JOIN_CGROUPS_AND_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 1; shift; done; shift; exec "$@"'
+
+
+def host_runs_systemd() -> bool:
+    return Path("/run/systemd/system").is_dir() and Path("/proc/1/comm").read_text().strip() == "systemd"
+
+
+@dataclass
+class Contained:
+    """A machine's process tree (nspawn, qemu) in a cgroup of its own: killed with it, reaped if we die."""
+
+    process: subprocess.Popen[bytes]
+    scope: str | None  # the host systemd's scope unit, where PID 1 is systemd
+    cgroup: OwnedCgroup | None  # our own cgroup, where it is not
+
+    @classmethod
+    def start(cls, command: list[str], label: str, name: str, **popen: Any) -> Contained:
+        """Start ``command``; the new process tree is shut down when the calling thread dies (pdeathsig)."""
+        scope: str | None = None
+        cgroup: OwnedCgroup | None = None
+        if host_runs_systemd():
+            # Let the host's systemd give the machine a scope of its own instead of our raw cgroup.
+            scope = f"{name}.scope"
+            command = ["systemd-run", "--scope", "--quiet", "--collect", f"--unit={scope}",
+                       "--property=Delegate=yes", *command]
+        else:
+            cgroup = OwnedCgroup.create(label)
+            # Join the cgroup before exec'ing, in the child: no Python runs between fork and exec (the bus
+            # threads make preexec_fn unsafe).
+            procs = [str(path / "cgroup.procs") for path in cgroup.paths]
+            command = ["/bin/sh", "-c", _JOIN_CGROUPS_AND_EXEC, "sh", *procs, "--", *command]
+        command = ["setpriv", "--pdeathsig", "TERM", "--", *command]
+        try:
+            process = subprocess.Popen(command, start_new_session=True, **popen)
+        except BaseException:
+            if cgroup is not None:
+                cgroup.kill_and_remove()
+            raise
+        return cls(process, scope, cgroup)
+
+    def pids(self) -> set[int]:
+        return self.cgroup.pids() if self.cgroup is not None else set()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM (a container powers off), then SIGKILL, then remove every trace. Idempotent."""
+        process = self.process
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        if self.scope is not None:
+            subprocess.run(["systemctl", "stop", self.scope], capture_output=True, check=False)
+        if self.cgroup is not None:
+            self.cgroup.kill_and_remove()

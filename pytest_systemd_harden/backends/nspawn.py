@@ -10,22 +10,17 @@ from __future__ import annotations
 import collections
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cgroups import OwnedCgroup
+from ..cgroups import Contained, host_runs_systemd
 from ..errors import BackendUnavailable, MachineError
-from .base import Machine, Progress
+from .base import Machine, Progress, proportional_set_size
 
-_JOIN_CGROUPS_AND_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 1; shift; done; shift; exec "$@"'
-
-
-def host_runs_systemd() -> bool:
-    return Path("/run/systemd/system").is_dir() and Path("/proc/1/comm").read_text().strip() == "systemd"
+__all__ = ["NspawnMachine", "check_available", "host_runs_systemd"]
 
 
 def check_available() -> None:
@@ -42,8 +37,7 @@ def check_available() -> None:
 class NspawnMachine(Machine):
     NAME = "nspawn"
 
-    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-    _cgroup: OwnedCgroup | None = field(default=None, init=False, repr=False)
+    _contained: Contained | None = field(default=None, init=False, repr=False)
     _console: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200), init=False,
                                              repr=False)
     leader: int | None = field(default=None, init=False)
@@ -69,21 +63,9 @@ class NspawnMachine(Machine):
             if not Path(host).exists():
                 raise MachineError(f"file to bind at {dest} does not exist on the host: {host}")
         image = self.image_cache.get(self.config.packages, progress)
-        command = self.command_line(image.rootfs)
-        if host_runs_systemd():
-            # Let the host's systemd give the container a scope of its own instead of our raw cgroup.
-            command = ["systemd-run", "--scope", "--quiet", "--collect", f"--unit={self.name}",
-                       "--property=Delegate=yes", *command]
-        else:
-            self._cgroup = OwnedCgroup.create("machine")
-            # Join the container's cgroup before exec'ing nspawn, in the child: no Python runs between fork and
-            # exec (the bus threads make preexec_fn unsafe).
-            procs = [str(path / "cgroup.procs") for path in self._cgroup.paths]
-            command = ["/bin/sh", "-c", _JOIN_CGROUPS_AND_EXEC, "sh", *procs, "--", *command]
         # If the test process dies without cleaning up, the container is shut down with it.
-        command = ["setpriv", "--pdeathsig", "TERM", "--", *command]
-        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self._contained = Contained.start(self.command_line(image.rootfs), "machine", self.name,
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         threading.Thread(target=self._collect_console, name=f"console {self.name}", daemon=True).start()
         try:
             return self._wait_for_bus()
@@ -92,8 +74,8 @@ class NspawnMachine(Machine):
             raise
 
     def _collect_console(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        for raw in self._process.stdout:
+        assert self._contained is not None and self._contained.process.stdout is not None
+        for raw in self._contained.process.stdout:
             self._console.append(raw.decode(errors="replace").rstrip())
 
     def boot_log(self) -> str:
@@ -102,26 +84,20 @@ class NspawnMachine(Machine):
     def resident_memory(self) -> int | None:
         """PSS of every process in the container's cgroup: shared pages (the cached image's libraries, mapped by
         every container) are counted in proportion, so machines can be summed."""
-        if self._cgroup is None:
+        if self._contained is None or self._contained.cgroup is None:
             return None
-        total = 0
-        for pid in self._cgroup.pids():
-            try:
-                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-            except OSError:
-                continue
-            total += next((int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:")), 0)
-        return total
+        return proportional_set_size(self._contained.pids())
 
     def _wait_for_bus(self) -> str:
-        assert self._process is not None
+        assert self._contained is not None
+        process = self._contained.process
         deadline = time.monotonic() + self.boot_timeout
         own_pidns = os.readlink("/proc/self/ns/pid")
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise MachineError(f"systemd-nspawn exited with status {self._process.returncode} before the "
+            if process.poll() is not None:
+                raise MachineError(f"systemd-nspawn exited with status {process.returncode} before the "
                                    f"container booted:\n{self.boot_log()}")
-            for pid in _descendants(self._process.pid):
+            for pid in _descendants(process.pid):
                 try:
                     if os.readlink(f"/proc/{pid}/ns/pid") == own_pidns:
                         continue
@@ -136,19 +112,9 @@ class NspawnMachine(Machine):
                            f"{self.boot_log()}")
 
     def _stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)  # nspawn asks the container's systemd to power off
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-        if host_runs_systemd():
-            subprocess.run(["systemctl", "stop", f"{self.name}.scope"], capture_output=True, check=False)
-        cgroup, self._cgroup = self._cgroup, None
-        if cgroup is not None:
-            cgroup.kill_and_remove()
+        contained, self._contained = self._contained, None
+        if contained is not None:
+            contained.stop()  # SIGTERM: nspawn asks the container's systemd to power off
         self.leader = None
 
 
