@@ -4,6 +4,10 @@ Every backend hands this client a bus address (the container's system bus socket
 host's own); everything systemd-specific is written here once: starting transient units, waiting for their
 jobs, running a command as a unit with its stdio passed as file descriptors, stopping and collecting units.
 
+A bus relayed as a byte stream (a VM's, over virtio-serial) cannot carry file descriptors. There a command's
+stdin travels in the unit itself (``StandardInputData=``) and its stdout and stderr go to files in the machine,
+which the backend's :class:`OutputFiles` reads back; everything else is the same conversation.
+
 dbus-next is asyncio-only; the plugin is synchronous. The client therefore owns a private event loop running
 in a daemon thread and every public method is a blocking call into it. That keeps it independent of whatever
 event loop the user's tests run.
@@ -15,9 +19,9 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import BusType, MessageType
@@ -63,12 +67,30 @@ class ProcessOutcome:
     timed_out: bool = False
 
 
-class SystemdClient:
-    """A blocking client for one systemd manager, reached at ``address`` (a D-Bus address string)."""
+class OutputFiles(Protocol):
+    """Where a command's output goes when the bus cannot pass file descriptors, and how it comes back."""
 
-    def __init__(self, address: str, *, call_timeout: float = 30.0) -> None:
+    directory: str  # in the machine; must exist and be root's
+
+    def read(self, path: str) -> bytes:
+        """The contents of ``path`` in the machine."""
+
+
+class SystemdClient:
+    """A blocking client for one systemd manager, reached at ``address`` (a D-Bus address string).
+
+    ``output_files`` is for buses that cannot pass file descriptors (see the module's docstring).
+    """
+
+    def __init__(self, address: str, *, call_timeout: float = 30.0, output_files: OutputFiles | None = None) -> None:
         self.address = address
         self.call_timeout = call_timeout
+        self.output_files = output_files
+        # Output file names are reused (StandardOutput=truncate: empties them), one pair per command running at
+        # the same time, so a VM's /run does not fill up with one pair per command ever run.
+        self._free_slots: list[int] = []
+        self._slots = 0
+        self._slot_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"systemd-bus {address}", daemon=True)
         self._thread.start()
@@ -92,7 +114,8 @@ class SystemdClient:
         self._run(self._connect())
 
     async def _connect(self) -> None:
-        bus = MessageBus(bus_address=self.address, bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+        bus = MessageBus(bus_address=self.address, bus_type=BusType.SYSTEM,
+                         negotiate_unix_fd=self.output_files is None)
         await bus.connect()
         bus.add_message_handler(self._on_message)
         await self._call_on(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
@@ -258,52 +281,91 @@ class SystemdClient:
         """Run ``argv`` as the oneshot transient service ``unit`` and wait for it to end.
 
         The command's stdin, stdout and stderr are memory files passed to systemd as file descriptors,
-        so output of any size is collected without pipes to drain and nothing is written on either side's disk.
+        so output of any size is collected without pipes to drain and nothing is written on either side's disk
+        (or, without fd passing, files in the machine: see the module's docstring).
         ``properties`` add to (and may override) the defaults: that is how hardening is applied.
         """
+        base: list[Property] = [
+            ("Description", Variant("s", f"pytest-systemd-harden: {' '.join(argv)[:200]}")),
+            ("Type", Variant("s", "oneshot")),
+            # systemd expands $VAR and ${VAR} in ExecStart= arguments before exec; "$$" is a literal "$". A
+            # command is run as given (a shell sees its own ${1%/*}, $((1+1)), ...), so every "$" is escaped.
+            ("ExecStart", Variant("a(sasb)", [[argv[0], [arg.replace("$", "$$") for arg in argv], False]])),
+            # Keep the unit loaded until we have read its result, and let it go if we die.
+            ("AddRef", Variant("b", True)),
+            ("CollectMode", Variant("s", "inactive-or-failed")),
+        ]
+        if self.output_files is None:
+            return self._run_with_memfds(unit, base, properties, stdin, timeout)
+        return self._run_with_files(unit, base, properties, stdin, timeout, self.output_files)
+
+    def _run_with_memfds(self, unit: str, base: list[Property], properties: Sequence[Property], stdin: bytes,
+                         timeout: float) -> ProcessOutcome:
         stdin_fd, stdout_fd, stderr_fd = (os.memfd_create(name) for name in ("stdin", "stdout", "stderr"))
         try:
             if stdin:
                 os.write(stdin_fd, stdin)
                 os.lseek(stdin_fd, 0, os.SEEK_SET)
-            base: list[Property] = [
-                ("Description", Variant("s", f"pytest-systemd-harden: {' '.join(argv)[:200]}")),
-                ("Type", Variant("s", "oneshot")),
-                # systemd expands $VAR and ${VAR} in ExecStart= arguments before exec; "$$" is a literal "$". A
-                # command is run as given (a shell sees its own ${1%/*}, $((1+1)), ...), so every "$" is escaped.
-                ("ExecStart", Variant("a(sasb)", [[argv[0], [arg.replace("$", "$$") for arg in argv], False]])),
+            stdio: list[Property] = [
                 ("StandardInputFileDescriptor", Variant("h", 0)),
                 ("StandardOutputFileDescriptor", Variant("h", 1)),
                 ("StandardErrorFileDescriptor", Variant("h", 2)),
-                # Keep the unit loaded until we have read its result, and let it go if we die.
-                ("AddRef", Variant("b", True)),
-                ("CollectMode", Variant("s", "inactive-or-failed")),
             ]
-            started = time.monotonic()
-            job_result = self._run(self._start_and_wait(unit, [*base, *properties], (stdin_fd, stdout_fd, stderr_fd),
-                                                        timeout), timeout + 10)
-            duration = time.monotonic() - started
-            timed_out = job_result == "timeout-waiting"
-            if timed_out:
-                self.stop_unit(unit)
-            try:
-                service = self._run(self._unit_properties(unit, SERVICE_IFACE))
-            finally:
-                self._run(self._unref(unit))
-            code, status = service.get("ExecMainCode", 0), service.get("ExecMainStatus", 0)
-            return ProcessOutcome(
-                unit=unit,
-                result="timeout" if timed_out else str(service.get("Result", job_result)),
-                exit_status=status if code == CLD_EXITED else None,
-                signal=status if code in (CLD_KILLED, CLD_DUMPED) else None,
-                stdout=_read_all(stdout_fd),
-                stderr=_read_all(stderr_fd),
-                duration=duration,
-                timed_out=timed_out,
-            )
+            return self._run_unit(unit, [*base, *stdio, *properties], (stdin_fd, stdout_fd, stderr_fd), timeout,
+                                  lambda _service: (_read_all(stdout_fd), _read_all(stderr_fd)))
         finally:
             for fd in (stdin_fd, stdout_fd, stderr_fd):
                 os.close(fd)
+
+    def _run_with_files(self, unit: str, base: list[Property], properties: Sequence[Property], stdin: bytes,
+                        timeout: float, files: OutputFiles) -> ProcessOutcome:
+        with self._slot_lock:
+            slot = self._free_slots.pop() if self._free_slots else self._slots
+            self._slots = max(self._slots, slot + 1)
+        stdout_path, stderr_path = (f"{files.directory}/{slot}.{name}" for name in ("stdout", "stderr"))
+        try:
+            # systemd opens these (as root, before the sandbox is set up), so the sandbox does not change them.
+            stdio: list[Property] = [
+                ("StandardInput", Variant("s", "data" if stdin else "null")),
+                *([("StandardInputData", Variant("ay", stdin))] if stdin else []),
+                ("StandardOutput", Variant("s", f"truncate:{stdout_path}")),
+                ("StandardError", Variant("s", f"truncate:{stderr_path}")),
+            ]
+
+            def collect(service: dict[str, Any]) -> tuple[bytes, bytes]:
+                if not service.get("ExecMainStartTimestampMonotonic"):
+                    return b"", b""  # no process ever started: the files still hold an earlier command's output
+                return files.read(stdout_path), files.read(stderr_path)
+
+            return self._run_unit(unit, [*base, *stdio, *properties], (), timeout, collect)
+        finally:
+            with self._slot_lock:
+                self._free_slots.append(slot)
+
+    def _run_unit(self, unit: str, properties: list[Property], unix_fds: Sequence[int], timeout: float,
+                  collect: Callable[[dict[str, Any]], tuple[bytes, bytes]]) -> ProcessOutcome:
+        started = time.monotonic()
+        job_result = self._run(self._start_and_wait(unit, properties, unix_fds, timeout), timeout + 10)
+        duration = time.monotonic() - started
+        timed_out = job_result == "timeout-waiting"
+        if timed_out:
+            self.stop_unit(unit)
+        try:
+            service = self._run(self._unit_properties(unit, SERVICE_IFACE))
+        finally:
+            self._run(self._unref(unit))
+        code, status = service.get("ExecMainCode", 0), service.get("ExecMainStatus", 0)
+        stdout, stderr = collect(service)
+        return ProcessOutcome(
+            unit=unit,
+            result="timeout" if timed_out else str(service.get("Result", job_result)),
+            exit_status=status if code == CLD_EXITED else None,
+            signal=status if code in (CLD_KILLED, CLD_DUMPED) else None,
+            stdout=stdout,
+            stderr=stderr,
+            duration=duration,
+            timed_out=timed_out,
+        )
 
     async def _unref(self, unit: str) -> None:
         try:

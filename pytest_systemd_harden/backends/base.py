@@ -12,13 +12,14 @@ import itertools
 import os
 import shlex
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from ..images import ImageCache
 from ..result import CommandResult
-from ..systemd import Property, SystemdClient
+from ..systemd import OutputFiles, Property, SystemdClient
 
 Progress = Callable[[str], None]
 
@@ -42,6 +43,19 @@ class MachineConfig:
         if self.files:
             parts.append("files: " + ", ".join(dest for dest, _src in self.files))
         return "; ".join(parts)
+
+
+def proportional_set_size(pids: Iterable[int]) -> int:
+    """The PSS of ``pids``: shared pages (the cached image's libraries, mapped by every machine) are counted in
+    proportion, so machines can be summed."""
+    total = 0
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+    return total
 
 
 @dataclass
@@ -72,6 +86,10 @@ class Machine(abc.ABC):
         """Console output of the boot, for error messages (may be empty)."""
         return ""
 
+    def _output_files(self) -> OutputFiles | None:
+        """How command output comes back where the bus cannot pass file descriptors (None: it can)."""
+        return None
+
     def resident_memory(self) -> int | None:
         """Bytes of memory the running machine uses (proportional set size), or None if unknown here."""
         return None
@@ -79,7 +97,7 @@ class Machine(abc.ABC):
     def boot(self, progress: Progress = lambda line: None) -> None:
         address = self._start(progress)
         try:
-            client = SystemdClient(address)
+            client = SystemdClient(address, output_files=self._output_files())
             self._systemd = client
             client.connect()
             client.wait_until_booted(self.boot_timeout)
