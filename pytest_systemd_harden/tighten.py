@@ -8,6 +8,13 @@ passes. Every step not taken records the scenario that needed it - the documenta
 
 The user's own directives are never removed or loosened; ``keep`` names directives never to touch and ``never``
 names directives never to add.
+
+Given an :class:`~pytest_systemd_harden.observe.Observation` of one traced run, the search is shortcut: each step
+is first tried in the form the observation forecasts to pass (an allow list already holding the families, syscalls
+and capabilities used, the directories written already granted), and steps the observation says conflict with
+what the service does are tried last. The forecast only chooses what to try first: every step is still kept only
+if the scenarios pass, and an item the observation added but cannot prove necessary is confirmed by trying without
+it. :func:`profile_only` is the same forecast applied without any run - what a profiling tool would propose.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass, field
 
 from .diagnosis import BudgetExceeded, Context, Hardening, Oracle, Relaxation, Trial, hardening_key, refine
 from .directives import Directive, render_dropin
+from .observe import CONFLICT, NARROWED, UNKNOWN, Forecast, Observation, forecast
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ STRENGTH: dict[str, tuple[str, ...]] = {
 }
 # Directives whose further assignments add to a list: a step extends them rather than replacing them.
 EXTENDS = frozenset({"SystemCallFilter", "IPAddressAllow", "ExecPaths"})
+# Grants a step may bring along (the directories the service writes): added to the user's own, never replacing it.
+GRANTS = frozenset({"StateDirectory", "CacheDirectory", "LogsDirectory", "RuntimeDirectory", "ReadWritePaths"})
 
 
 @dataclass
@@ -91,6 +101,9 @@ class StepOutcome:
     step: Step
     kept: str  # "added", "narrowed", "skipped" (the spec already has it or is stronger), "rejected", "excluded"
     detail: str = ""
+    forecast: str = ""  # the observation's verdict (observe.FITS, NARROWED, CONFLICT, UNKNOWN); "" without one
+    observed: str = ""  # what the observation saw that made the difference
+    first_time: bool = False  # the first form tried passed
 
 
 @dataclass
@@ -104,6 +117,23 @@ class Tightening:
     seconds: float = 0.0
     note: str = ""
     enforcement_checked: bool = False  # every directive of `after` was checked enforced on the machine
+    observation: Observation | None = None
+    observe_seconds: float = 0.0
+    confirmations: int = 0  # runs spent confirming that an observed item is needed (or dropping it)
+
+    @property
+    def tried(self) -> list[StepOutcome]:
+        """The steps a run was spent on (not skipped or excluded)."""
+        return [o for o in self.outcomes if o.kept in ("added", "narrowed", "rejected")]
+
+    def first_time(self) -> int:
+        """How many steps passed in the first form tried."""
+        return sum(o.first_time for o in self.tried)
+
+    def forecasts_right(self) -> tuple[int, int]:
+        """(right, made): a pass forecast that passed first time, or a conflict that did not."""
+        made = [o for o in self.tried if o.forecast and o.forecast != UNKNOWN]
+        return sum((o.forecast != CONFLICT) == o.first_time for o in made), len(made)
 
     def added(self) -> list[Directive]:
         before = {str(d) for d in self.before}
@@ -114,10 +144,25 @@ class Tightening:
 
     def render(self) -> str:
         lines = [f"tightened in {self.runs} runs, {self.seconds:.1f}s:"]
+        if self.observation is not None:
+            lines.append(f"  observed first ({self.observe_seconds:.1f}s, one run): {self.observation.summary()}")
         for outcome in self.outcomes:
             mark = {"added": "+", "narrowed": "~", "rejected": "-", "skipped": "=", "excluded": "x"}[outcome.kept]
             lines.append(f"  {mark} {outcome.step.name}: {outcome.kept}" + (f" ({outcome.detail})" if outcome.detail
                                                                              else ""))
+            if outcome.observed and outcome.kept in ("added", "narrowed") and outcome.forecast == CONFLICT:
+                lines.append(f"      forecast to conflict, yet every scenario passes: {outcome.observed}")
+            elif outcome.observed and outcome.kept in ("added", "narrowed", "rejected"):
+                lines.append(f"      observed: {outcome.observed}")
+        tried = len(self.tried)
+        summary = f"  {self.first_time()} of {tried} steps tried passed at their first run"
+        if self.observation is not None:
+            right, made = self.forecasts_right()
+            summary += f" (with observations; the forecast was right for {right} of {made}"
+            summary += f", {self.confirmations} runs confirmed observed items)" if self.confirmations else ")"
+        else:
+            summary += " (without observations)"
+        lines.append(summary)
         if self.note:
             lines.append(f"  {self.note}")
         if self.enforcement_checked:
@@ -150,13 +195,20 @@ def _apply(step: Step, hardening: Hardening) -> Hardening:
             out.append(directive)
         elif directive.name in EXTENDS:
             old = out[index]
-            added = directive.assignments[0]
-            last = old.assignments[-1]
-            if directive.name == "SystemCallFilter" and last.startswith("~") and added.startswith("~"):
-                # Two deny lines in a row mean one deny list: write them as one.
-                out[index] = Directive(old.name, (*old.assignments[:-1], f"{last} {added[1:]}"), old.line)
-            else:
-                out[index] = Directive(old.name, old.assignments + directive.assignments, old.line)
+            assignments = list(old.assignments)
+            for added in directive.assignments:
+                last = assignments[-1]
+                if directive.name == "SystemCallFilter" and last.startswith("~") and added.startswith("~"):
+                    # Two deny lines in a row mean one deny list: write them as one.
+                    assignments[-1] = f"{last} {added[1:]}"
+                else:
+                    assignments.append(added)
+            out[index] = Directive(old.name, tuple(assignments), old.line)
+        elif directive.name in GRANTS:
+            old = out[index]
+            have = {word for assignment in old.assignments for word in assignment.split()}
+            new = " ".join(word for word in directive.value.split() if word not in have)
+            out[index] = Directive(old.name, (*old.assignments, new) if new else old.assignments, old.line)
         else:
             out[index] = Directive(directive.name, directive.assignments, out[index].line)
     return tuple(out)
@@ -164,34 +216,59 @@ def _apply(step: Step, hardening: Hardening) -> Hardening:
 
 def tighten(hardening: Hardening, trial: Trial, *, catalogue: Sequence[Step] = CATALOGUE, keep: Sequence[str] = (),
             never: Sequence[str] = (), syscall_groups: Callable[[], dict[str, list[str]]] = dict, max_runs: int = 200,
-            max_seconds: float = 900.0) -> Tightening:
-    """Add the catalogue's steps one at a time, keeping each only if ``trial`` still passes (see the module)."""
+            max_seconds: float = 900.0, observation: Observation | None = None,
+            scenarios_from_outside: bool = True) -> Tightening:
+    """Add the catalogue's steps one at a time, keeping each only if ``trial`` still passes (see the module).
+
+    With an ``observation``, steps are ordered and pre-narrowed by its forecast; ``scenarios_from_outside`` says
+    whether some scenario is a client outside the sandbox (see :func:`pytest_systemd_harden.observe.forecast`).
+    """
     started = time.monotonic()
     oracle = Oracle(trial, max_runs=max_runs, max_seconds=max_seconds)
-    result = Tightening(hardening, hardening)
+    result = Tightening(hardening, hardening, observation=observation)
     current = hardening
+
+    def predict(step: Step, hardening: Hardening) -> Forecast | None:
+        if observation is None:
+            return None
+        return forecast(step.directives, observation, hardening, groups=syscall_groups(), never=never,
+                        scenarios_from_outside=scenarios_from_outside)
+
     try:
         baseline = oracle.result(current)
         if not baseline.passed:
             result.note = f"the spec as written does not pass ({baseline.summary}): fix that first"
             return result
-        for step in catalogue:
+        for step in _plan(catalogue, current, predict):
             reason = _applies(step, current, keep, never)
             if reason:
                 result.outcomes.append(StepOutcome(step, reason))
                 continue
-            candidate = _apply(step, current)
+            predicted = predict(step, current)
+            tried = Step(step.name, predicted.directives, step.why) \
+                if predicted is not None and predicted.verdict == NARROWED else step
+            outcome = StepOutcome(step, "rejected", forecast=predicted.verdict if predicted else "",
+                                  observed=predicted.reason if predicted else "")
+            result.outcomes.append(outcome)
+            candidate = _apply(tried, current)
             attempt = oracle.result(candidate)
             if attempt.passed:
+                outcome.first_time = True
                 current = candidate
-                result.outcomes.append(StepOutcome(step, "added"))
+                outcome.kept, outcome.step = ("narrowed", tried) if tried is not step else ("added", step)
+                if tried is not step:
+                    outcome.detail = "as observed"
+                    assert predicted is not None
+                    current, dropped = _confirm(current, predicted, oracle, result)
+                    if dropped:
+                        outcome.detail += f"; not needed after all: {', '.join(dropped)}"
                 continue
             narrowed = _narrow(step, candidate, oracle, attempt.evidence, syscall_groups)
             if narrowed is not None and hardening_key(narrowed.apply(candidate)) != hardening_key(current):
                 current = narrowed.apply(candidate)
-                result.outcomes.append(StepOutcome(step, "narrowed", narrowed.description))
+                outcome.kept, outcome.detail, outcome.step = "narrowed", narrowed.description, tried
             else:
-                result.outcomes.append(StepOutcome(step, "rejected", attempt.summary))
+                outcome.detail = attempt.summary
     except BudgetExceeded as exc:
         result.note = f"stopped early: {exc}"
     finally:
@@ -199,6 +276,69 @@ def tighten(hardening: Hardening, trial: Trial, *, catalogue: Sequence[Step] = C
         result.runs = oracle.runs
         result.seconds = time.monotonic() - started
     return result
+
+
+def _plan(catalogue: Sequence[Step], hardening: Hardening,
+          predict: Callable[[Step, Hardening], Forecast | None]) -> list[Step]:
+    """The catalogue with the steps forecast to conflict moved last (and, so that a directive's steps keep their
+    order, the later steps of the same directive with them)."""
+    first: list[Step] = []
+    last: list[Step] = []
+    deferred: set[str] = set()
+    for step in catalogue:
+        names = {d.name for d in step.directives}
+        predicted = predict(step, hardening)
+        if names & deferred or (predicted is not None and predicted.verdict == CONFLICT):
+            last.append(step)
+            deferred |= names
+        else:
+            first.append(step)
+    return first + last
+
+
+def _confirm(current: Hardening, predicted: Forecast, oracle: Oracle, result: Tightening) -> tuple[Hardening, list[str]]:
+    """Try without each item the observation added but cannot prove necessary; drop those not needed."""
+    dropped = []
+    for name, item in predicted.extras:
+        candidate = _without_item(current, name, item)
+        if candidate == current:
+            continue
+        result.confirmations += 1
+        if oracle.passes(candidate):
+            current = candidate
+            dropped.append(item)
+    return current, dropped
+
+
+def _without_item(hardening: Hardening, name: str, item: str) -> Hardening:
+    """``hardening`` with ``item`` taken out of the last assignment of directive ``name`` (the one a step wrote)."""
+    out = []
+    for directive in hardening:
+        if directive.name == name and item in directive.assignments[-1].split():
+            last = " ".join(word for word in directive.assignments[-1].split() if word != item)
+            if name == "RestrictNamespaces" and not last:
+                last = "yes"
+            keep_empty = name == "CapabilityBoundingSet" or len(directive.assignments) == 1
+            assignments = (*directive.assignments[:-1], last) if last or keep_empty else directive.assignments[:-1]
+            directive = Directive(directive.name, assignments, directive.line)
+        out.append(directive)
+    return tuple(out)
+
+
+def profile_only(hardening: Hardening, observation: Observation, *, catalogue: Sequence[Step] = CATALOGUE,
+                 keep: Sequence[str] = (), never: Sequence[str] = (), syscall_groups: dict[str, list[str]] | None = None,
+                 scenarios_from_outside: bool = True) -> Hardening:
+    """What a profile-only suggester proposes from the same observed run: every step the forecast does not see
+    conflict, in the form it forecasts, with nothing run to check it."""
+    current = hardening
+    for step in catalogue:
+        if _applies(step, current, keep, never):
+            continue
+        predicted = forecast(step.directives, observation, current, groups=syscall_groups, never=never,
+                             scenarios_from_outside=scenarios_from_outside)
+        if predicted.verdict != CONFLICT:
+            current = _apply(Step(step.name, predicted.directives, step.why), current)
+    return current
 
 
 def revert(result: Tightening, undoing: Sequence[str], why: str) -> list[Step]:

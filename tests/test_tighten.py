@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from simulated_service import GROUPS, World, hardening
 
-from pytest_systemd_harden.tighten import CATALOGUE, Tightening, tighten
+from pytest_systemd_harden.diagnosis import hardening_key
+from pytest_systemd_harden.observe import parse_strace
+from pytest_systemd_harden.tighten import CATALOGUE, Tightening, profile_only, tighten
 
 
 def run(world: World, **kwargs: object) -> Tightening:
     directives = kwargs.pop("directives", ())
-    return tighten(directives, world.trial, syscall_groups=lambda: GROUPS, **kwargs)  # type: ignore[arg-type]
+    kwargs.setdefault("syscall_groups", lambda: NETWORK_GROUPS)
+    return tighten(directives, world.trial, **kwargs)  # type: ignore[arg-type]
 
 
 def outcome(result: Tightening, name: str) -> tuple[str, str]:
@@ -21,6 +24,8 @@ def lines(result: Tightening) -> list[str]:
     return [line for d in result.after for line in d.unit_lines()]
 
 
+# The simulated groups, with the socket calls a real @system-service has (the traces below make them).
+NETWORK_GROUPS = {**GROUPS, "@system-service": [*GROUPS["@system-service"], "bind", "connect"]}
 NEEDY = World(families=["AF_INET"], capabilities=["CAP_NET_BIND_SERVICE"], writes=["/var/lib/app/data"],
               syscalls=["mlock"], network=True)
 
@@ -66,3 +71,55 @@ def test_a_spec_that_does_not_pass_as_written_is_not_tightened() -> None:
     result = run(World(broken_anyway=True), directives=hardening(PrivateTmp=True))
     assert result.after == result.before and result.runs == 1
     assert result.note.startswith("the spec as written does not pass")
+
+
+# --- with observations -------------------------------------------------------------------------------------------
+
+# What strace shows of NEEDY: it serves on port 80, locks memory, writes its state, talks to another host.
+NEEDY_TRACE = """\
+10    socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_IP) = 3<socket:[1]>
+10    bind(3<socket:[1]>, {sa_family=AF_INET, sin_port=htons(80), sin_addr=inet_addr("0.0.0.0")}, 16) = 0
+10    mlock(0x7f0000000000, 4096) = 0
+10    openat(AT_FDCWD</>, "/var/lib/app/data", O_WRONLY|O_CREAT|O_TRUNC, 0600) = 4</var/lib/app/data>
+10    socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_IP) = 5<socket:[2]>
+10    connect(5<socket:[2]>, {sa_family=AF_INET, sin_port=htons(443), sin_addr=inet_addr("192.0.2.1")}, 16) = 0
+"""
+
+
+def test_observations_shortcut_the_search_to_the_same_result() -> None:
+    blind = run(NEEDY)
+    world = World(**{k: getattr(NEEDY, k) for k in ("families", "capabilities", "writes", "syscalls", "network")})
+    observed = run(world, observation=parse_strace(NEEDY_TRACE))
+    assert hardening_key(observed.after) == hardening_key(blind.after)
+    assert observed.runs < blind.runs, (observed.runs, blind.runs)
+    assert observed.first_time() > blind.first_time()
+    assert outcome(observed, "RestrictAddressFamilies=AF_UNIX") == ("narrowed", "as observed")
+    assert outcome(observed, "CapabilityBoundingSet=") == ("narrowed", "as observed")
+    # forecast to conflict (it listens, and reaches 192.0.2.1), still tried, last: the scenarios decide
+    assert [o.step.name for o in observed.outcomes][-1] == "PrivateNetwork=yes"
+    assert outcome(observed, "PrivateNetwork=yes")[0] == "rejected"
+    right, made = observed.forecasts_right()
+    assert made == len(observed.tried) and right >= made - 1
+    text = observed.render()
+    assert "observed: also allows AF_INET" in text and "passed at their first run (with observations" in text
+
+
+def test_a_misleading_observation_costs_runs_not_correctness() -> None:
+    # A run that never exercised the state write nor the memory lock: their steps fail and are narrowed as blind.
+    partial = parse_strace("\n".join(NEEDY_TRACE.splitlines()[:2]))
+    result = run(NEEDY, observation=partial)
+    assert NEEDY.trial(result.after).passed
+    assert hardening_key(result.after) == hardening_key(run(NEEDY).after)
+    # ...while the same observation applied without checking breaks the service
+    suggested = profile_only((), partial, syscall_groups=NETWORK_GROUPS)
+    assert not NEEDY.trial(suggested).passed
+
+
+def test_an_observed_item_the_service_does_without_is_dropped_after_a_check() -> None:
+    # The trace shows an AF_INET6 socket opened (a probe), but the service never needs it.
+    trace = NEEDY_TRACE + "10    socket(AF_INET6, SOCK_DGRAM|SOCK_CLOEXEC, IPPROTO_IP) = 6<socket:[3]>\n"
+    result = run(NEEDY, observation=parse_strace(trace))
+    assert "RestrictAddressFamilies=AF_UNIX AF_INET" in lines(result)
+    assert outcome(result, "RestrictAddressFamilies=AF_UNIX") == (
+        "narrowed", "as observed; not needed after all: AF_INET6")
+    assert result.confirmations >= 1
