@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dbus_next.errors import DBusError
 
 from .backends.base import Machine
 from .diagnosis import Diagnosis, Hardening, Trial, TrialResult, diagnose
+from .directives import Directive
 from .errors import ServiceFailed
+from .observe import Observation, parse_strace
 from .result import CommandResult
 from .service import HardenedService, describe_hardening, indent
 from .spec import Expectation, Scenario
@@ -165,14 +168,116 @@ def _verify_enforcement(service: HardenedService, result: Tightening, rounds: in
             return
 
 
-def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never: Sequence[str] = (),
-                    max_runs: int = 200, max_seconds: float = 900.0,
-                    catalogue: Sequence[Step] = CATALOGUE) -> Tightening:
-    """The strictest hardening under which ``service``'s spec still starts and passes every scenario."""
+# --- observation: one run with strace attached ----------------------------------------------------------------
+
+OBSERVE_DIR = "/run/harden-observe"
+# -D: strace runs as a detached grandchild, so the service's main process is the service itself (Type=notify and
+# MainPID= work as usual) and an inside command ends when it does, not when a daemon it started (gpg-agent) does.
+# -y: paths of file descriptors, so a write through a descriptor names its file. No -yy: that asks netlink, which
+# RestrictAddressFamilies= may deny to the tracer.
+STRACE = ("strace", "-f", "-D", "-qq", "-y")
+
+
+class ObservationFailed(Exception):
+    """The traced run could not be made; tighten then searches without observations."""
+
+
+def observe(service: HardenedService, hardening: Hardening | None = None) -> Observation:
+    """One run of ``service`` under ``hardening`` (default: its spec's) with strace attached to the service and to
+    every ``inside`` scenario, each scenario run once; what they did, as an :class:`Observation`.
+
+    The run keeps the hardening: scenarios that expect a denial still get it, so what they try is seen failing and
+    is not mistaken for a need (run without hardening, ``touch /etc/x`` would ask for ReadWritePaths=/etc). Only
+    what the tracer itself needs is added: its output directory, and ptrace(2) if a syscall filter is set.
+    ``client`` scenarios run unconfined and untraced; what the service does for them is in the service's trace.
+    """
+    machine = service.machine
+    spec = service.spec
+    hardening = spec.hardening if hardening is None else hardening
+    directory = f"{OBSERVE_DIR}/{service.unit.removesuffix('.service')}"
+    script = 'command -v strace >/dev/null || exit 3; rm -rf "$1"; mkdir -p -m 1777 "$1"'
+    prepared = machine.run(["/bin/sh", "-c", script, "sh", directory], purpose="observe")
+    if prepared.exit_status == 3:
+        raise ObservationFailed("strace is not installed on the machine (base images since recipe 3 have it)")
+    if not prepared.ok:
+        raise ObservationFailed(f"could not prepare {directory}: {prepared.stderr.strip()}")
+    traced_hardening = _for_tracer(hardening, directory)
+    traced_spec = replace(spec, hardening=traced_hardening, service=replace(
+        spec.service, exec_start=(*STRACE, "-o", f"{directory}/service", "--", *spec.service.exec_start)))
+    traced = HardenedService(machine, traced_spec, unit=service.unit)
+    runs = [("the service", f"{directory}/service")]
+    problems: list[str] = []
     try:
+        try:
+            traced.start()
+        except (ServiceFailed, DBusError) as exc:
+            raise ObservationFailed(f"the service did not start under strace: {str(exc).splitlines()[0]}") from exc
+        for index, scenario in enumerate(spec.scenarios):
+            if scenario.where == "inside":
+                argv = ["/bin/sh", "-c", scenario.command] if isinstance(scenario.command, str) \
+                    else list(scenario.command)
+                trace = f"{directory}/scenario-{index}"
+                result = traced.inside([*STRACE, "-o", trace, "--", *argv], scenario.timeout)
+                runs.append((f"scenario {scenario.name!r}", trace))
+            else:
+                result = traced.client(scenario.command, scenario.timeout)
+            problems += [f"scenario {scenario.name!r} {p}" for p in mismatches(scenario.expect, result)]
+    finally:
+        traced.stop()
+    observation = Observation()
+    for run, path in runs:
+        text = machine.run(["cat", path], purpose="observe", timeout=120)
+        if text.ok:
+            observation = observation.merge(parse_strace(text.stdout, run, cwd=spec.service.working_directory or "/"))
+    if observation.execs:  # NoNewPrivileges= stops the privileges of setuid programs: which ran?
+        found = machine.run(["find", *observation.execs, "-maxdepth", "0", "-perm", "/6000"], purpose="observe")
+        observation.setuid_execs = {path: observation.execs[path] for path in found.stdout.split()
+                                    if path in observation.execs}
+    machine.run(["rm", "-rf", directory], purpose="observe")
+    observation.notes += [f"while traced, {p}" for p in problems]
+    return observation
+
+
+def _for_tracer(hardening: Hardening, directory: str) -> Hardening:
+    """``hardening`` plus what strace needs: its output directory writable, ptrace(2) through a syscall filter."""
+    out = list(hardening)
+    grant = f"-{directory}"
+    for index, directive in enumerate(out):
+        if directive.name == "SystemCallFilter":
+            out[index] = Directive(directive.name, (*directive.assignments, "ptrace"), directive.line)
+        elif directive.name == "ReadWritePaths":
+            out[index] = Directive(directive.name, (*directive.assignments, grant), directive.line)
+            grant = ""
+    if grant:
+        out.append(Directive("ReadWritePaths", (grant,)))
+    return tuple(out)
+
+
+def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never: Sequence[str] = (),
+                    max_runs: int = 200, max_seconds: float = 900.0, catalogue: Sequence[Step] = CATALOGUE,
+                    observations: bool = True) -> Tightening:
+    """The strictest hardening under which ``service``'s spec still starts and passes every scenario.
+
+    With ``observations`` (the default), one traced run first (:func:`observe`) orders and pre-narrows the search.
+    """
+    try:
+        observation, note, started = None, "", time.monotonic()
+        if observations:
+            try:
+                observation = observe(service)
+            except ObservationFailed as exc:
+                note = f"searched without observations: {exc}"
+        observed_in = time.monotonic() - started
+        groups = machine_syscall_groups(service.machine)
         result = tighten(service.spec.hardening, all_scenarios_trial(service), catalogue=catalogue, keep=keep,
-                         never=never, syscall_groups=machine_syscall_groups(service.machine), max_runs=max_runs,
-                         max_seconds=max_seconds)
+                         never=never, syscall_groups=groups, max_runs=max_runs, max_seconds=max_seconds,
+                         observation=observation,
+                         scenarios_from_outside=any(s.where == "client" for s in service.spec.scenarios))
+        if observations:  # the traced run is part of the cost
+            result.runs += 1 if observation is not None else 0
+            result.observe_seconds = observed_in
+            result.seconds += observed_in
+            result.note = "; ".join(filter(None, [result.note, note]))
         if result.after != result.before:
             _verify_enforcement(service, result)
         return result
