@@ -183,7 +183,8 @@ def _tighten(args: argparse.Namespace) -> int:
             return 1
         before = exposure.score(machine, spec)
         tightened = tighten_service(service, keep=(*spec.tighten_keep, *args.keep),
-                                    never=(*spec.tighten_never, *args.never), max_runs=args.max_runs)
+                                    never=(*spec.tighten_never, *args.never), max_runs=args.max_runs,
+                                    observations=not args.no_observe)
         return tightened, before, exposure.score(machine, spec.with_hardening(tightened.after))
 
     found = _on_machine(args, "tighten", work)
@@ -246,6 +247,9 @@ def parser() -> argparse.ArgumentParser:
     tighten.add_argument("--never", action="append", default=[], metavar="DIRECTIVE",
                          help="never add this directive (adds to the spec's tighten: never:)")
     tighten.add_argument("--max-runs", type=int, default=200, metavar="N", help="at most N service restarts")
+    tighten.add_argument("--no-observe", action="store_true",
+                         help="skip the first run under strace that orders and pre-narrows the search (slower "
+                              "search, same kind of result; for comparison)")
     tighten.add_argument("--cache-dir", metavar="DIR", help="image cache (default: $HARDEN_CACHE_DIR or "
                                                             "~/.cache/pytest-systemd-harden)")
     tighten.set_defaults(run=_tighten)
