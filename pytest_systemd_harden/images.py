@@ -147,3 +147,135 @@ def _customize(rootfs: Path) -> None:
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to("/dev/null")
+
+
+# --- virtual machine disks ------------------------------------------------------------------------------------
+
+# What a VM needs on top of a container's rootfs: a kernel (the cloud flavour: virtio built in or in its
+# initramfs, no firmware or sound), the guest agent that reads a command's output files back, and nothing else.
+VM_PACKAGES = ("linux-image-cloud-amd64", "qemu-guest-agent")
+# Bump when the disk recipe below (or the bus bridge shipped into it) changes.
+VM_RECIPE_VERSION = 1
+BUS_PORT = "org.pytest_systemd_harden.bus"  # the virtio-serial port the system bus is relayed over
+OUTPUT_DIR = "/run/harden-io"  # where a command's stdout and stderr are written inside a VM
+GUEST_HELPER = "/usr/local/libexec/harden-guest"  # backends/qemu_guest.py
+FILES_LABEL = "harden-files"  # the read-only disk of a machine section's files:, see qemu_guest.bind_files
+# systemd's names for the port's device and the files disk's device (a "-" in a path is escaped as \x2d).
+_PORT_DEVICE = r"dev-virtio\x2dports-" + BUS_PORT.replace("-", r"\x2d") + ".device"
+_FILES_DEVICE = r"dev-disk-by\x2dlabel-" + FILES_LABEL.replace("-", r"\x2d") + ".device"
+# Units of the VM image: (name, text, where it is wanted). The bridge starts when its port appears.
+_GUEST_UNITS = (
+    ("harden-bus-bridge.service", f"""\
+[Unit]
+Description=pytest-systemd-harden: the system bus, relayed to the host over virtio-serial
+After=dbus.socket
+Requires=dbus.socket
+
+[Service]
+ExecStart=/usr/bin/python3 -I -S {GUEST_HELPER} bridge
+Restart=always
+RestartSec=100ms
+""", _PORT_DEVICE),
+    ("harden-files.service", f"""\
+[Unit]
+Description=pytest-systemd-harden: files bound in from the host, read-only
+DefaultDependencies=no
+ConditionKernelCommandLine=harden.files
+Requires={_FILES_DEVICE}
+After={_FILES_DEVICE} local-fs.target
+Before=sysinit.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/bin/python3 -I -S {GUEST_HELPER} bind-files
+""", "sysinit.target"),
+)
+
+
+@dataclass(frozen=True)
+class VmImage:
+    """A bootable disk (ext4, the whole device is the root filesystem) with the kernel and initramfs beside it."""
+
+    key: str
+    disk: Path
+    kernel: Path
+    initrd: Path
+
+
+def _guest_source() -> bytes:
+    return (Path(__file__).parent / "backends" / "qemu_guest.py").read_bytes()
+
+
+def vm_image(cache: ImageCache, packages: Iterable[str], progress: Progress = lambda line: None) -> VmImage:
+    """The disk of a VM with ``packages``: the cached rootfs (built first if needed) plus a kernel, made into an
+    ext4 image once and cached beside it. A VM boots it with ``snapshot=on``: the file is never written."""
+    wanted = tuple(sorted(set(packages) | set(VM_PACKAGES)))
+    image = cache.get(wanted, progress)
+    recipe = hashlib.sha256(json.dumps([_GUEST_UNITS, VM_RECIPE_VERSION]).encode() + _guest_source())
+    folder = image.rootfs.parent / f"vm-{recipe.hexdigest()[:12]}"
+    found = _vm_files(folder)
+    if found is not None:
+        return found
+    with open(image.rootfs.parent / "vm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = _vm_files(folder)
+        if found is None:
+            _build_disk(image.rootfs, folder, progress)
+            found = _vm_files(folder)
+            assert found is not None
+    return found
+
+
+def _vm_files(folder: Path) -> VmImage | None:
+    if not (folder / "disk.ext4").exists():
+        return None
+    return VmImage(folder.name, folder / "disk.ext4", folder / "vmlinuz", folder / "initrd.img")
+
+
+def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
+    started = time.monotonic()
+    progress(f"making a VM disk from {rootfs.parent.name} into {folder}")
+    kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise ImageBuildError(f"no kernel in {rootfs}/boot: the image was built without {VM_PACKAGES[0]}")
+    release = kernels[-1].name.removeprefix("vmlinuz-")
+    # The guest helper, its units, and the directory command output goes to. They are added to this VM-only
+    # rootfs (its package set includes a kernel, so no container boots it).
+    helper = rootfs / GUEST_HELPER.lstrip("/")
+    helper.parent.mkdir(parents=True, exist_ok=True)
+    helper.write_bytes(_guest_source())
+    units = rootfs / "etc" / "systemd" / "system"
+    for name, text, wanted_by in _GUEST_UNITS:
+        (units / name).write_text(text)
+        wants = units / f"{wanted_by}.wants"
+        wants.mkdir(exist_ok=True)
+        link = wants / name
+        if not link.is_symlink():
+            link.symlink_to(f"../{name}")
+    (rootfs / "etc" / "tmpfiles.d").mkdir(exist_ok=True)
+    (rootfs / "etc" / "tmpfiles.d" / "harden-io.conf").write_text(f"d {OUTPUT_DIR} 0700 root root -\n")
+    serial_getty = units / "serial-getty@.service"  # the console is for reading boot messages, not logins
+    if not serial_getty.is_symlink():
+        serial_getty.symlink_to("/dev/null")
+
+    staging = folder.with_name(f"{folder.name}.building-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        used = sum(entry.stat(follow_symlinks=False).st_blocks * 512 for entry in rootfs.rglob("*"))
+        size_mib = used // 2**20 + 1024  # room for what tests write; the file is sparse
+        made = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "harden", "-d", str(rootfs),
+                               str(staging / "disk.ext4"), f"{size_mib}M"], check=False, capture_output=True,
+                              text=True)
+        if made.returncode != 0:
+            raise ImageBuildError(f"mkfs.ext4 failed making {staging / 'disk.ext4'}:\n{made.stderr.strip()}\n"
+                                  "hint: mkfs.ext4 -d needs e2fsprogs 1.43 or later (apt-get install e2fsprogs)")
+        shutil.copyfile(kernels[-1], staging / "vmlinuz")
+        shutil.copyfile(rootfs / "boot" / f"initrd.img-{release}", staging / "initrd.img")
+        (staging / "manifest.json").write_text(json.dumps({"kernel": release, "recipe": VM_RECIPE_VERSION,
+                                                           "size_mib": size_mib}, indent=2))
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    progress(f"made the VM disk ({size_mib} MiB, kernel {release}) in {time.monotonic() - started:.0f}s")

@@ -328,8 +328,8 @@ class SystemdClient:
             stdio: list[Property] = [
                 ("StandardInput", Variant("s", "data" if stdin else "null")),
                 *([("StandardInputData", Variant("ay", stdin))] if stdin else []),
-                ("StandardOutput", Variant("s", f"truncate:{stdout_path}")),
-                ("StandardError", Variant("s", f"truncate:{stderr_path}")),
+                ("StandardOutputFileToTruncate", Variant("s", stdout_path)),
+                ("StandardErrorFileToTruncate", Variant("s", stderr_path)),
             ]
 
             def collect(service: dict[str, Any]) -> tuple[bytes, bytes]:

@@ -12,6 +12,7 @@ __all__ = ["BACKENDS", "Machine", "MachineConfig", "check_available", "machine_c
 
 BACKENDS = {
     "nspawn": "pytest_systemd_harden.backends.nspawn:NspawnMachine",
+    "qemu": "pytest_systemd_harden.backends.qemu:QemuMachine",
 }
 
 
