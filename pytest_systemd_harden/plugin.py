@@ -31,7 +31,8 @@ DEFAULT_SPEC_PATTERNS = ["harden.yaml", "harden-*.yaml", "*.harden.yaml"]
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("systemd-harden", "systemd hardening regression tests (pytest-systemd-harden)")
     group.addoption("--harden-backend", default=None, metavar="NAME",
-                    help="run every spec on this backend (default: what each spec says; nspawn)")
+                    help="run every spec on this backend: nspawn, qemu, host or auto (default: what each spec says; "
+                         "auto: host where PID 1 is systemd and you are root, else nspawn)")
     group.addoption("--harden-require-backend", action="store_true", default=False,
                     help="a backend that cannot run here is an error, not a skip (use this in CI)")
     group.addoption("--harden-strict-enforcement", action="store_true", default=False,

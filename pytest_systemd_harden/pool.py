@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -38,7 +39,8 @@ class MachinePool:
         atexit.register(self.close)
 
     def effective_config(self, config: MachineConfig) -> MachineConfig:
-        return replace(config, backend=self.backend) if self.backend else config
+        """``config`` on the backend this run uses: ``--harden-backend``, else the spec's, with ``auto`` resolved."""
+        return replace(config, backend=backends.resolve(self.backend or config.backend))
 
     def machine_for(self, config: MachineConfig) -> Machine:
         config = self.effective_config(config)
@@ -56,11 +58,13 @@ class MachinePool:
             cls = backends.machine_class(config.backend)
             machine = cls(config, boot_timeout=self.boot_timeout, image_cache=self.image_cache)
             self.progress(f"booting {config.backend} machine {machine.name} ({config.describe()})")
+            started = time.monotonic()
             try:
                 machine.boot(self.progress)
             except HardenError as exc:
                 self._failures[config] = exc
                 raise
+            self.progress(f"{machine.name} booted in {time.monotonic() - started:.1f}s ({machine.describe()})")
             self._machines[config] = machine
             return machine
 

@@ -32,7 +32,7 @@ import yaml
 from dbus_next.signature import Variant
 
 from . import profiles
-from .backends.base import MachineConfig
+from .backends.base import AUTO, MachineConfig
 from .directives import KNOWN, Directive, DirectiveError, Property, _closest_hint, render_dropin
 from .errors import SpecError
 from .probes.catalogue import Denial, DenialError, parse_denial
@@ -452,12 +452,12 @@ def _parse_machine(check: _Checker, section: _Mapping) -> MachineConfig:
                 raise check.error(mapping, dest, dotted, f"{src!r} does not exist",
                                   f"paths are relative to the spec's directory ({check.path.parent})")
             files.append((str(dest), str(host)))
-    backend = check.string(section, "backend", "machine.backend") if "backend" in section else "nspawn"
+    backend = check.string(section, "backend", "machine.backend") if "backend" in section else AUTO
     from .backends import BACKENDS
 
-    if backend not in BACKENDS:
+    if backend not in (*BACKENDS, AUTO):
         raise check.error(section, "backend", "machine.backend", f"unknown backend {backend!r}",
-                          _closest_hint(backend, list(BACKENDS)) or f"one of {', '.join(BACKENDS)}")
+                          _closest_hint(backend, [*BACKENDS, AUTO]) or f"one of {', '.join([*BACKENDS, AUTO])}")
     return MachineConfig(tuple(sorted(set(packages))), tuple(sorted(files)), backend)
 
 

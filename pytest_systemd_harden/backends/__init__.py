@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from ..errors import BackendUnavailable
-from .base import Machine, MachineConfig
+import os
 
-__all__ = ["BACKENDS", "Machine", "MachineConfig", "check_available", "machine_class"]
+from ..cgroups import host_runs_systemd
+from ..errors import BackendUnavailable
+from .base import AUTO, Machine, MachineConfig
+
+__all__ = ["AUTO", "BACKENDS", "Machine", "MachineConfig", "check_available", "machine_class", "resolve"]
 
 BACKENDS = {
     "nspawn": "pytest_systemd_harden.backends.nspawn:NspawnMachine",
@@ -32,3 +35,11 @@ def machine_class(name: str) -> type[Machine]:
 def check_available(name: str) -> None:
     """Raise BackendUnavailable, with the command that fixes it, when ``name`` cannot run here."""
     _module_for(name).check_available()
+
+
+def resolve(name: str) -> str:
+    """The backend ``auto`` means here: the host's own systemd where PID 1 is systemd and we are root (no
+    container needed: a CI runner), else an nspawn container. Any other name is itself."""
+    if name != AUTO:
+        return name
+    return "host" if host_runs_systemd() and os.geteuid() == 0 else "nspawn"

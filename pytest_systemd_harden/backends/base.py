@@ -25,6 +25,7 @@ Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
+AUTO = "auto"
 class MachineConfig:
     """What a machine must have: extra Debian packages and files bound in from the host.
 
@@ -34,7 +35,7 @@ class MachineConfig:
     packages: tuple[str, ...] = ()
     # (path on the machine, absolute path on the host), bound read-only.
     files: tuple[tuple[str, str], ...] = ()
-    backend: str = "nspawn"
+    backend: str = "auto"  # see backends.resolve()
 
     def describe(self) -> str:
         parts = [self.backend]
@@ -89,6 +90,10 @@ class Machine(abc.ABC):
     def _output_files(self) -> OutputFiles | None:
         """How command output comes back where the bus cannot pass file descriptors (None: it can)."""
         return None
+    def describe(self) -> str:
+        """The backend, and what matters about how it runs here (a VM's accelerator), for reports."""
+        return self.NAME
+
 
     def resident_memory(self) -> int | None:
         """Bytes of memory the running machine uses (proportional set size), or None if unknown here."""
