@@ -190,7 +190,7 @@ class Observation:
     unreadable: int = 0  # calls whose arguments strace could not read (a non-dumpable process, e.g. gpg-agent)
     lines: int = 0
     runs: list[str] = field(default_factory=list)  # the traced runs this was read from
-    notes: list[str] = field(default_factory=list)  # what went differently in the traced run (a scenario failed)
+    failures: list[str] = field(default_factory=list)  # scenarios that failed while traced
 
     def merge(self, other: Observation) -> Observation:
         """Both observations in one (the first sighting of each item wins)."""
@@ -214,7 +214,7 @@ class Observation:
                 f"{len(self.execs)} programs run")
         if self.unreadable:
             text += f"; the arguments of {self.unreadable} calls were unreadable (non-dumpable processes)"
-        return "; ".join([text, *self.notes])
+        return "; ".join([text, *(f"while traced, {failure}" for failure in self.failures)])
 
 
 class _Process:

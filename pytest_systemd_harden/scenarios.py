@@ -234,7 +234,7 @@ def observe(service: HardenedService, hardening: Hardening | None = None) -> Obs
         observation.setuid_execs = {path: observation.execs[path] for path in found.stdout.split()
                                     if path in observation.execs}
     machine.run(["rm", "-rf", directory], purpose="observe")
-    observation.notes += [f"while traced, {p}" for p in problems]
+    observation.failures += problems
     return observation
 
 
@@ -255,10 +255,11 @@ def _for_tracer(hardening: Hardening, directory: str) -> Hardening:
 
 def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never: Sequence[str] = (),
                     max_runs: int = 200, max_seconds: float = 900.0, catalogue: Sequence[Step] = CATALOGUE,
-                    observations: bool = True) -> Tightening:
+                    observations: bool = True, together: bool | None = None) -> Tightening:
     """The strictest hardening under which ``service``'s spec still starts and passes every scenario.
 
-    With ``observations`` (the default), one traced run first (:func:`observe`) orders and pre-narrows the search.
+    With ``observations`` (the default), one traced run first (:func:`observe`) orders and pre-narrows the search,
+    and the steps it forecasts to fit are tried together (``together``: see :func:`tighten`).
     """
     try:
         observation, note, started = None, "", time.monotonic()
@@ -269,9 +270,11 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
                 note = f"searched without observations: {exc}"
         observed_in = time.monotonic() - started
         groups = machine_syscall_groups(service.machine)
+        # The traced run was the spec's own hardening with every scenario: when all passed, it is the baseline.
+        baseline = TrialResult(True, "passed while traced") if observation and not observation.failures else None
         result = tighten(service.spec.hardening, all_scenarios_trial(service), catalogue=catalogue, keep=keep,
                          never=never, syscall_groups=groups, max_runs=max_runs, max_seconds=max_seconds,
-                         observation=observation,
+                         observation=observation, baseline=baseline, together=together,
                          scenarios_from_outside=any(s.where == "client" for s in service.spec.scenarios))
         if observations:  # the traced run is part of the cost
             result.runs += 1 if observation is not None else 0

@@ -23,7 +23,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .diagnosis import BudgetExceeded, Context, Hardening, Oracle, Relaxation, Trial, hardening_key, refine
+from .diagnosis import (
+    BudgetExceeded,
+    Context,
+    Hardening,
+    Oracle,
+    Relaxation,
+    Trial,
+    TrialResult,
+    hardening_key,
+    refine,
+)
 from .directives import Directive, render_dropin
 from .observe import CONFLICT, NARROWED, UNKNOWN, Forecast, Observation, forecast
 
@@ -216,72 +226,143 @@ def _apply(step: Step, hardening: Hardening) -> Hardening:
 
 def tighten(hardening: Hardening, trial: Trial, *, catalogue: Sequence[Step] = CATALOGUE, keep: Sequence[str] = (),
             never: Sequence[str] = (), syscall_groups: Callable[[], dict[str, list[str]]] = dict, max_runs: int = 200,
-            max_seconds: float = 900.0, observation: Observation | None = None,
-            scenarios_from_outside: bool = True) -> Tightening:
-    """Add the catalogue's steps one at a time, keeping each only if ``trial`` still passes (see the module).
+            max_seconds: float = 900.0, observation: Observation | None = None, scenarios_from_outside: bool = True,
+            baseline: TrialResult | None = None, together: bool | None = None) -> Tightening:
+    """Add the catalogue's steps, keeping each only if ``trial`` still passes (see the module).
 
     With an ``observation``, steps are ordered and pre-narrowed by its forecast; ``scenarios_from_outside`` says
     whether some scenario is a client outside the sandbox (see :func:`pytest_systemd_harden.observe.forecast`).
+    ``together`` (default: with an observation) tries the steps not forecast to conflict in one run, splitting the
+    group in halves only where it fails; otherwise each step is one run. ``baseline`` is the spec's own result when
+    already known (the traced run passed every scenario), saving that run.
     """
     started = time.monotonic()
     oracle = Oracle(trial, max_runs=max_runs, max_seconds=max_seconds)
     result = Tightening(hardening, hardening, observation=observation)
+    search = _Search(oracle, result, keep, never, syscall_groups, observation, scenarios_from_outside)
     current = hardening
-
-    def predict(step: Step, hardening: Hardening) -> Forecast | None:
-        if observation is None:
-            return None
-        return forecast(step.directives, observation, hardening, groups=syscall_groups(), never=never,
-                        scenarios_from_outside=scenarios_from_outside)
-
+    if baseline is not None:
+        oracle.cache[hardening_key(hardening)] = baseline
     try:
-        baseline = oracle.result(current)
-        if not baseline.passed:
-            result.note = f"the spec as written does not pass ({baseline.summary}): fix that first"
+        first = oracle.result(current)
+        if not first.passed:
+            result.note = f"the spec as written does not pass ({first.summary}): fix that first"
             return result
-        for step in _plan(catalogue, current, predict):
-            reason = _applies(step, current, keep, never)
-            if reason:
-                result.outcomes.append(StepOutcome(step, reason))
-                continue
-            predicted = predict(step, current)
-            tried = Step(step.name, predicted.directives, step.why) \
-                if predicted is not None and predicted.verdict == NARROWED else step
-            outcome = StepOutcome(step, "rejected", forecast=predicted.verdict if predicted else "",
-                                  observed=predicted.reason if predicted else "")
-            result.outcomes.append(outcome)
-            candidate = _apply(tried, current)
-            attempt = oracle.result(candidate)
-            if attempt.passed:
-                outcome.first_time = True
-                current = candidate
-                outcome.kept, outcome.step = ("narrowed", tried) if tried is not step else ("added", step)
-                if tried is not step:
-                    outcome.detail = "as observed"
-                    assert predicted is not None
-                    current, dropped = _confirm(current, predicted, oracle, result)
-                    if dropped:
-                        outcome.detail += f"; not needed after all: {', '.join(dropped)}"
-                continue
-            narrowed = _narrow(step, candidate, oracle, attempt.evidence, syscall_groups)
-            if narrowed is not None and hardening_key(narrowed.apply(candidate)) != hardening_key(current):
-                current = narrowed.apply(candidate)
-                outcome.kept, outcome.detail, outcome.step = "narrowed", narrowed.description, tried
-            else:
-                outcome.detail = attempt.summary
+        likely, unlikely = _plan(catalogue, current, search.predict)
+        if together if together is not None else observation is not None:
+            current = search.group(likely, current)
+        else:
+            for step in likely:
+                current = search.one(step, current)
+        for step in unlikely:
+            current = search.one(step, current)
     except BudgetExceeded as exc:
         result.note = f"stopped early: {exc}"
     finally:
-        result.after = current
+        result.after = search.current if search.current is not None else current
         result.runs = oracle.runs
         result.seconds = time.monotonic() - started
     return result
 
 
+class _Search:
+    """The steps of one tighten: each tried alone (:meth:`one`) or several in one run (:meth:`group`)."""
+
+    def __init__(self, oracle: Oracle, result: Tightening, keep: Sequence[str], never: Sequence[str],
+                 syscall_groups: Callable[[], dict[str, list[str]]], observation: Observation | None,
+                 scenarios_from_outside: bool) -> None:
+        self.oracle = oracle
+        self.result = result
+        self.keep = keep
+        self.never = never
+        self.syscall_groups = syscall_groups
+        self.observation = observation
+        self.outside = scenarios_from_outside
+        self.current: Hardening | None = None  # the last hardening known to pass, should the budget run out
+
+    def predict(self, step: Step, hardening: Hardening) -> Forecast | None:
+        if self.observation is None:
+            return None
+        return forecast(step.directives, self.observation, hardening, groups=self.syscall_groups(), never=self.never,
+                        scenarios_from_outside=self.outside)
+
+    def _form(self, step: Step, hardening: Hardening) -> tuple[Step, Forecast | None]:
+        """The form to try first: the forecast's narrowed one, or the step as it is."""
+        predicted = self.predict(step, hardening)
+        if predicted is not None and predicted.verdict == NARROWED:
+            return Step(step.name, predicted.directives, step.why), predicted
+        return step, predicted
+
+    def _kept(self, step: Step, tried: Step, predicted: Forecast | None, current: Hardening) -> Hardening:
+        """Record ``step`` kept at its first run in the form ``tried``; confirm what the observation added."""
+        outcome = StepOutcome(tried, "narrowed" if tried is not step else "added",
+                              forecast=predicted.verdict if predicted else "",
+                              observed=predicted.reason if predicted else "", first_time=True)
+        self.result.outcomes.append(outcome)
+        self.current = current
+        if tried is not step and predicted is not None:
+            outcome.detail = "as observed"
+            current, dropped = _confirm(current, predicted, self.oracle, self.result)
+            self.current = current
+            if dropped:
+                outcome.detail += f"; not needed after all: {', '.join(dropped)}"
+        return current
+
+    def one(self, step: Step, current: Hardening) -> Hardening:
+        """Try ``step`` alone; if it fails, its smallest relaxation that still tightens."""
+        self.current = current
+        reason = _applies(step, current, self.keep, self.never)
+        if reason:
+            self.result.outcomes.append(StepOutcome(step, reason))
+            return current
+        tried, predicted = self._form(step, current)
+        candidate = _apply(tried, current)
+        attempt = self.oracle.result(candidate)
+        if attempt.passed:
+            return self._kept(step, tried, predicted, candidate)
+        outcome = StepOutcome(step, "rejected", attempt.summary, forecast=predicted.verdict if predicted else "",
+                              observed=predicted.reason if predicted else "")
+        self.result.outcomes.append(outcome)
+        narrowed = _narrow(step, candidate, self.oracle, attempt.evidence, self.syscall_groups)
+        if narrowed is not None and hardening_key(narrowed.apply(candidate)) != hardening_key(current):
+            current = narrowed.apply(candidate)
+            outcome.kept, outcome.detail, outcome.step = "narrowed", narrowed.description, tried
+            self.current = current
+        return current
+
+    def group(self, steps: Sequence[Step], current: Hardening) -> Hardening:
+        """Try ``steps`` in one run; where that fails, each half (group testing), down to single steps."""
+        self.current = current
+        forms: list[tuple[Step, Step | None, Forecast | None, str]] = []
+        state = current
+        for step in steps:
+            reason = _applies(step, state, self.keep, self.never)
+            if reason:
+                forms.append((step, None, None, reason))
+                continue
+            tried, predicted = self._form(step, state)
+            state = _apply(tried, state)
+            forms.append((step, tried, predicted, ""))
+        if sum(tried is not None for _s, tried, _p, _r in forms) < 2:
+            for step in steps:
+                current = self.one(step, current)
+            return current
+        if self.oracle.passes(state):
+            for step, form, expected, reason in forms:
+                if form is None:
+                    self.result.outcomes.append(StepOutcome(step, reason))
+                else:
+                    current = self._kept(step, form, expected, _apply(form, current))
+            return current
+        half = len(steps) // 2
+        current = self.group(steps[:half], current)
+        return self.group(steps[half:], current)
+
+
 def _plan(catalogue: Sequence[Step], hardening: Hardening,
-          predict: Callable[[Step, Hardening], Forecast | None]) -> list[Step]:
-    """The catalogue with the steps forecast to conflict moved last (and, so that a directive's steps keep their
-    order, the later steps of the same directive with them)."""
+          predict: Callable[[Step, Hardening], Forecast | None]) -> tuple[list[Step], list[Step]]:
+    """The catalogue split in two: the steps to try first, and those forecast to conflict (with, so that a
+    directive's steps keep their order, the later steps of the same directive)."""
     first: list[Step] = []
     last: list[Step] = []
     deferred: set[str] = set()
@@ -293,7 +374,7 @@ def _plan(catalogue: Sequence[Step], hardening: Hardening,
             deferred |= names
         else:
             first.append(step)
-    return first + last
+    return first, last
 
 
 def _confirm(current: Hardening, predicted: Forecast, oracle: Oracle, result: Tightening) -> tuple[Hardening, list[str]]:

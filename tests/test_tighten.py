@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from simulated_service import GROUPS, World, hardening
 
-from pytest_systemd_harden.diagnosis import hardening_key
+from pytest_systemd_harden.diagnosis import TrialResult, hardening_key
 from pytest_systemd_harden.observe import parse_strace
 from pytest_systemd_harden.tighten import CATALOGUE, Tightening, profile_only, tighten
 
@@ -123,3 +123,21 @@ def test_an_observed_item_the_service_does_without_is_dropped_after_a_check() ->
     assert outcome(result, "RestrictAddressFamilies=AF_UNIX") == (
         "narrowed", "as observed; not needed after all: AF_INET6")
     assert result.confirmations >= 1
+
+
+def test_steps_forecast_to_fit_are_tried_together_and_a_failing_group_is_split() -> None:
+    partial = parse_strace("\n".join(NEEDY_TRACE.splitlines()[:2]))  # misses the state write and the peer
+    together = run(NEEDY, observation=partial)
+    alone = run(NEEDY, observation=partial, together=False)
+    assert hardening_key(together.after) == hardening_key(alone.after) == hardening_key(run(NEEDY).after)
+    assert together.runs < alone.runs, (together.runs, alone.runs)
+    # the split found the step the observation got wrong (no write seen), and refined it as a lone step would be
+    assert outcome(together, "ProtectSystem=strict") == (
+        "narrowed", "let systemd create and grant /var/lib/app with StateDirectory=app")
+
+
+def test_a_known_baseline_saves_its_run() -> None:
+    observation = parse_strace(NEEDY_TRACE)
+    measured = run(NEEDY, observation=observation)
+    known = run(NEEDY, observation=observation, baseline=TrialResult(True, "passed while traced"))
+    assert known.runs == measured.runs - 1 and known.after == measured.after

@@ -93,7 +93,7 @@ def test_one_traced_run_under_the_specs_own_hardening(machine: Machine, make_spe
     spec = make_spec(SUID)
     service = HardenedService(machine, spec)
     observation = observe(service)
-    assert observation.notes == []  # every scenario passed while traced, the denial included
+    assert observation.failures == []  # every scenario passed while traced, the denial included
     assert observation.binds == {"127.0.0.1:8091": "python3 (the service)"}
     assert observation.setuid_execs == {"/usr/bin/su": "sh (scenario 'runs a setuid program')"}
     assert "/etc/observed-was-here" not in observation.writes  # denied under the spec: not a need

@@ -96,7 +96,7 @@ def capture(name: str, spec_path: Path, pool: MachinePool) -> None:
     service.stop()
     runs = {("service" if i == 0 else f"scenario-{i}"): run for i, run in enumerate(seen)}
     (target / "runs.json").write_text(json.dumps({"runs": runs, "setuid_execs": observation.setuid_execs,
-                                                  "notes": observation.notes}, indent=2) + "\n")
+                                                  "failures": observation.failures}, indent=2) + "\n")
     print(f"{name}: {observation.summary()}")
 
 
