@@ -1,8 +1,8 @@
 """Tighten: the strictest spec that still passes every scenario, found and verified.
 
 The other direction of the diagnosis, with the same oracle: "does the service start and pass every scenario under
-this hardening?". Tightenings from a catalogue are tried one at a time, strongest payoff first, and a step is kept
-only if the oracle says yes. A step that fails is not simply dropped: the diagnosis' refinement looks for its
+this hardening?". Tightenings from a catalogue are tried in order, strongest payoff first, and a step is kept only
+if the oracle says yes. A step that fails is not simply dropped: the diagnosis' refinement looks for its
 smallest relaxation (an allow list narrowed to what the scenarios need, a path granted), which is kept if it
 passes. Every step not taken records the scenario that needed it - the documentation a reviewer wants.
 
@@ -11,10 +11,12 @@ names directives never to add.
 
 Given an :class:`~pytest_systemd_harden.observe.Observation` of one traced run, the search is shortcut: each step
 is first tried in the form the observation forecasts to pass (an allow list already holding the families, syscalls
-and capabilities used, the directories written already granted), and steps the observation says conflict with
-what the service does are tried last. The forecast only chooses what to try first: every step is still kept only
-if the scenarios pass, and an item the observation added but cannot prove necessary is confirmed by trying without
-it. :func:`profile_only` is the same forecast applied without any run - what a profiling tool would propose.
+and capabilities used, the directories written already granted); the steps forecast to fit are tried together in
+one run, a failing group split in halves down to the failing step (group testing); the steps forecast to conflict
+with what the service does come last, one at a time. The forecast only chooses what to try first: a step is kept
+only in a run where every scenario passed, and an item the observation added but cannot prove necessary is
+confirmed by trying without it. :func:`profile_only` is the same forecast applied without any run - what a
+profiling tool would propose from the same observed run.
 """
 
 from __future__ import annotations
