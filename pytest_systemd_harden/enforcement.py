@@ -626,6 +626,10 @@ for _name in LIMIT_LABELS:
     BUILDERS[f"Limit{_name}"] = _limit
 
 
+# How far beyond MemoryMax= the allocation probe goes: past what the kernel reclaims from the page cache.
+MEMORY_MARGIN = 64 << 20
+
+
 @expects("MemoryMax", "TasksMax")
 def _cgroup_limit(d: Directive, ctx: Context) -> Expectations:
     controller, shown = ("memory", "memory.max") if d.name == "MemoryMax" else ("pids", "pids.max")
@@ -634,8 +638,17 @@ def _cgroup_limit(d: Directive, ctx: Context) -> Expectations:
         wanted = "max"
     else:
         wanted = str(value - value % 4096) if d.name == "MemoryMax" else str(value)  # systemd rounds to pages
-    return [Check(Probe("cgroup", controller), f"its cgroup's {shown} is {wanted}",
-                  lambda observed, _machine: observed.facts.get("value") == wanted)]
+    checks = [Check(Probe("cgroup", controller), f"its cgroup's {shown} is {wanted}",
+                    lambda observed, _machine: observed.facts.get("value") == wanted)]
+    if value is not None:  # and the kernel holds it: what the limit is for
+        if d.name == "MemoryMax":
+            over = value + MEMORY_MARGIN
+            checks.append(denial(Probe("allocate", str(over)), ("SIGKILL", "ENOMEM"),
+                                 f"touching {over >> 20} MiB gets it killed (the cgroup's OOM killer: SIGKILL)"))
+        else:
+            checks.append(denial(Probe("tasks", str(value + 1)), ("EAGAIN",),
+                                 f"thread {value + 1} cannot start (clone fails with EAGAIN)"))
+    return checks
 
 
 @expects("RestrictNamespaces")
@@ -1097,6 +1110,11 @@ def unenforceable_reason(directive: Directive, facts: MachineFacts) -> str:
         return f"{name}= needs BPF cgroup programs: cgroup v2 for the unit, and bpf() allowed in the container"
     if name == "RestrictFileSystems":
         return "RestrictFileSystems= needs the BPF LSM (lsm=...,bpf on the kernel command line)"
+    if name in ("MemoryMax", "TasksMax"):
+        controller = "memory" if name == "MemoryMax" else "pids"
+        return (f"{name}= needs the {controller} controller on the unit's cgroup; a container on a host with hybrid "
+                f"cgroups (the {controller} controller on cgroup v1) has none: a VM (--harden-backend=qemu) or a "
+                "host with unified cgroups enforces it")
     if name == "ProtectHome" and directive.value == "tmpfs":
         return ("systemd mounts the tmpfs read-write, not read-only as documented "
                 f"(https://github.com/systemd/systemd/issues/34825); {same_on_hosts}")

@@ -49,6 +49,8 @@ def standard_catalogue() -> list[Probe]:
     probes += [Probe("namespace", kind) for kind in NAMESPACES]
     probes += [Probe("memory", "wx"), Probe("memory", "mprotect"), Probe("personality"), Probe("realtime"),
                Probe("setuid-bit", "suid"), Probe("setuid-bit", "sgid"), Probe("abi32")]
+    # What MemoryMax=64M and TasksMax=64 are checked with (the size and count follow the spec's values).
+    probes += [Probe("allocate", str(128 << 20)), Probe("tasks", "65")]
     return probes
 
 

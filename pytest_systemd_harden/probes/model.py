@@ -34,6 +34,8 @@ class Probe:
             "identity": f"stat {self.arg}", "interfaces": "list network interfaces",
             "filesystem": f"open {self.arg} (a directory on its filesystem type)",
             "block-devices": "list block devices in /dev",
+            "allocate": f"allocate and touch {int(self.arg) >> 20 if self.arg.isdigit() else self.arg} MiB",
+            "tasks": f"start {self.arg} threads",
         }
         return described.get(self.kind, self.key)
 
