@@ -1185,6 +1185,12 @@ def _verdict(host: ProbeHost, plan_: Plan, subject: Subject, runs: Runs, user: s
     status = aggregate(outcomes)
     if status != NOT_ENFORCED:
         return Verdict(subject, status, outcomes, spec_name=spec_name)
+    named = subject.directive.name if subject.directive is not None else ""
+    unenforced = host.facts().unenforced.get(named)
+    if unenforced is not None:  # measured when the machine started: it does not enforce this directive at all
+        return Verdict(subject, UNVERIFIABLE, outcomes, spec_name=spec_name,
+                       reason=f"not enforced even with only {named}= on this machine (measured when it started): "
+                              f"{unenforced}")
     failed = [o for o in outcomes if o.status == NOT_ENFORCED]
     if subject.denial is not None:
         covering = deniers(subject.denial, plan_.directives)
@@ -1225,7 +1231,10 @@ class ServiceHost:
         self.service = service
 
     def facts(self) -> MachineFacts:
-        return machine_facts(self.service.machine)
+        from .capabilities import machine_capabilities  # it judges with this module's checks
+
+        machine = self.service.machine
+        return replace(machine_facts(machine), unenforced=machine_capabilities(machine).unenforced())
 
     def sandbox(self, probes: Sequence[Probe]) -> Batch:
         return run_batch(lambda argv, stdin: self.service.inside(list(argv), timeout=120, stdin=stdin), probes,

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from . import backends, cgroups
 from .backends.base import Machine, MachineConfig
+from .capabilities import machine_capabilities
 from .errors import HardenError
 from .images import ImageCache
 from .service import HardenedService
@@ -66,7 +67,12 @@ class MachinePool:
                 raise
             self.progress(f"{machine.name} booted in {time.monotonic() - started:.1f}s ({machine.describe()})")
             self._machines[config] = machine
-            return machine
+        # Measured now, not assumed from the backend: what this machine can enforce (see capabilities.py).
+        try:
+            self.progress(f"{machine.name} {machine_capabilities(machine).summary()}")
+        except HardenError as exc:
+            self.progress(f"{machine.name}: could not measure what it enforces ({exc})")
+        return machine
 
     def service_for(self, spec: Spec, *, start: bool = True) -> HardenedService:
         """The spec's service on its machine, (re)started clean; a different service there is stopped first."""

@@ -122,6 +122,8 @@ def parse_groups(text: str) -> dict[str, frozenset[str]]:
             current = None
 
     @functools.cache
+    # Directive name -> what showed the machine does not enforce it, and why (measured: see capabilities.py).
+    unenforced: dict[str, str] = field(default_factory=dict, compare=False)
     def resolve(group: str, seen: tuple[str, ...] = ()) -> frozenset[str]:
         names: set[str] = set()
         for member in direct.get(group, []):
