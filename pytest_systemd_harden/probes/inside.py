@@ -15,6 +15,17 @@ the clock and host name are "set" with invalid arguments (so the kernel refuses 
 reboot/init_module get invalid magic/empty images, mounts target a path that does not exist, sockets only touch
 loopback and are never listened on, and nothing is ever signalled but the probe's own child.
 
+Careful mode (``"careful": true`` in the request) is for a machine that is somebody's real host, not a disposable
+container: the host backend sets it on every batch it runs. Then nothing ever gets a name on a filesystem (a
+scratch file is unnamed, ``O_TMPFILE``, and vanishes when closed, or the kernel is only asked, with ``access(2)``),
+no file is opened for writing, no device or FIFO is opened (a watchdog starts when opened; a FIFO's writer would
+lose its data), no kernel file under /proc or /sys is read (reading /proc/kmsg takes the messages from the log
+daemon), nothing is executed from a scratch copy (the noexec mount flag decides), the umask is read from
+/proc/self/status, no socket is made of an address family whose kernel module is not loaded (``socket(2)``
+would load it), and no allocation beyond a quarter of the host's available memory, nor more than 512 threads, is
+tried. A probe that cannot be done so is not tried: its result is an error whose detail starts with
+``CAREFUL_REFUSAL``, which leaves its checks unverifiable, never passed.
+
 Probes that make a syscall a seccomp filter may kill (SIGSYS) run in a forked child, so one kill never ends the
 batch. Those that leave the process as it was share one child, one after another: a kill is the verdict of the
 probe it interrupted, and the rest go on in a new child. Those that change the process (a namespace, the
@@ -42,6 +53,22 @@ Result = dict[str, Any]
 FS_DENIALS = ("EROFS", "EACCES", "EPERM")
 SCRATCH_PREFIX = ".harden-probe-"
 CHILD_TIMEOUT = 10  # seconds a forked probe may take before it is killed by its own alarm
+
+# Careful mode (see the module docstring): set by main() from the request, inherited by the probes' children.
+CAREFUL = False
+CAREFUL_REFUSAL = "not tried on the host backend: "
+# O_TMPFILE errnos that mean "this filesystem (or kernel) has no unnamed files", not "you may not create one".
+NO_TMPFILE = ("EOPNOTSUPP", "EISDIR")
+# Address families the kernel cannot lack: socket(2) never loads a module for them.
+BUILT_IN_FAMILIES = ("AF_UNIX", "AF_INET", "AF_NETLINK")
+# Others: the kernel module socket(2) would load, and its protocol names in /proc/net/protocols once it is loaded.
+FAMILY_MODULES = {"AF_INET6": ("ipv6", ("TCPv6", "UDPv6")), "AF_PACKET": ("af_packet", ("PACKET",)),
+                  "AF_VSOCK": ("vsock", ("AF_VSOCK",))}
+PROTOCOLS_FILE = "/proc/net/protocols"
+MODULES_DIR = "/sys/module"
+# Careful mode loads the host with at most a quarter of its available memory, and this many threads.
+CAREFUL_MEMORY_SHARE = 4
+CAREFUL_MAX_TASKS = 512
 
 CLONE_FLAGS = {
     "mnt": 0x00020000, "cgroup": 0x02000000, "uts": 0x04000000, "ipc": 0x08000000,
@@ -77,6 +104,11 @@ def from_oserror(exc: OSError, denials: tuple[str, ...], what: str, **facts: Any
     if errno_name(number) in denials:
         return denied(number, f"{what}: {os.strerror(number)}", **facts)
     return error(f"{what}: {os.strerror(number)}", number, **facts)
+
+
+def refused(why: str) -> Result:
+    """A probe careful mode does not try: an error, so that nothing is concluded from it."""
+    return error(CAREFUL_REFUSAL + why)
 
 
 # --- the C library, for syscalls Python does not wrap -------------------------------------------------------
@@ -283,6 +315,33 @@ def _scratch_name(directory: str, tag: str) -> str:
     return os.path.join(directory, f"{SCRATCH_PREFIX}{tag}-{secrets.token_hex(4)}")
 
 
+def _access(path: str, mode: int) -> int:
+    """access(2) of ``path`` for ``mode`` (os.R_OK, ...): 0 or the errno (EROFS for a write on a read-only mount)."""
+    ctypes.set_errno(0)
+    if libc().access(os.fsencode(path), mode) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EACCES
+
+
+def _unnamed_file(directory: str) -> int:
+    """A file in ``directory`` that has no name (O_TMPFILE): it never shows in the directory and vanishes at close."""
+    return os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600)
+
+
+def _careful_create_in(directory: str, what: str, facts: dict[str, Any]) -> Result:
+    """May a file be created in ``directory``? Careful mode: an unnamed file, or access(2) where there are none."""
+    try:
+        os.close(_unnamed_file(directory))
+        return allowed(f"created an unnamed file (O_TMPFILE) in {directory}", **facts)
+    except OSError as exc:
+        if errno_name(exc.errno or 0) not in NO_TMPFILE:
+            return from_oserror(exc, FS_DENIALS, what, **facts)
+    err = _access(directory, os.W_OK | os.X_OK)  # a read-only mount answers EROFS here too
+    if err:
+        return from_oserror(OSError(err, os.strerror(err)), FS_DENIALS, what, **facts)
+    return allowed(f"{directory} is writable (access(2); this filesystem has no unnamed files)", **facts)
+
+
 @probe("write")
 def probe_write(path: str, tag: str) -> Result:
     """Create (and remove) a scratch file in a directory; open an existing file for writing without writing."""
@@ -294,6 +353,8 @@ def probe_write(path: str, tag: str) -> Result:
         return from_oserror(exc, FS_DENIALS, f"stat {path}")
     if mode is not None and stat.S_ISDIR(mode):
         facts = _mount_flags(path)
+        if CAREFUL:
+            return _careful_create_in(path, f"create a file in {path}", facts)
         scratch = _scratch_name(path, tag)
         try:
             os.close(os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -309,6 +370,11 @@ def probe_write(path: str, tag: str) -> Result:
         return denied("EACCES", f"{path} is not writable (access(2))", **facts)
     if mode is not None:
         facts = _mount_flags(path)
+        if CAREFUL:  # not even opened: closing a file opened for writing wakes inotify watchers (path units)
+            err = _access(path, os.W_OK)
+            if err:
+                return from_oserror(OSError(err, os.strerror(err)), FS_DENIALS, f"open {path} for writing", **facts)
+            return allowed(f"{path} is writable (access(2); never opened on the host)", **facts)
         try:  # no O_TRUNC and no write(): the file is left exactly as it was
             os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOCTTY | os.O_NONBLOCK))
         except OSError as exc:
@@ -317,6 +383,8 @@ def probe_write(path: str, tag: str) -> Result:
     parent = os.path.dirname(path.rstrip("/")) or "/"
     # The parent's mount decides whether the file may be created; "exists" keeps that apart from the path's own.
     facts = dict(_mount_flags(parent), exists=False)
+    if CAREFUL:  # an unnamed file in the parent: the path itself is never created on the host
+        return _careful_create_in(parent, f"create {path}", facts)
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as exc:
@@ -340,16 +408,31 @@ def probe_read(path: str, tag: str) -> Result:
         if stat.S_ISDIR(info.st_mode):
             entries = len(os.listdir(path))
             return allowed(f"listed {path}: {entries} entries", object=where, size=entries)
+        if CAREFUL and not stat.S_ISREG(info.st_mode):
+            # Opening acts on the host: a watchdog device starts its countdown, a FIFO's waiting writer is let in
+            # and then loses what it writes. Only ask the kernel (access(2) sees the device cgroup too).
+            err = _access(path, os.R_OK)
+            if err:
+                return from_oserror(OSError(err, os.strerror(err)), denials, f"read {path}", object=where)
+            return allowed(f"{path} is readable (access(2); devices and FIFOs are never opened on the host)",
+                           object=where, size=None)
         fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
         try:
             if not stat.S_ISREG(info.st_mode):  # devices and FIFOs are only opened, never read
                 return allowed(f"opened {path}", object=where, size=None)
+            if CAREFUL and _kernel_file(path):  # reading /proc/kmsg takes its messages from the log daemon
+                return allowed(f"opened {path} (a kernel file: never read on the host)", object=where, size=None)
             size = len(os.read(fd, 64))
         finally:
             os.close(fd)
         return allowed(f"read {size} bytes of {path}", object=where, size=size)
     except OSError as exc:
         return from_oserror(exc, denials, f"read {path}", object=where)
+
+
+def _kernel_file(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(real == top or real.startswith(top + "/") for top in ("/proc", "/sys"))
 
 
 def _execute(program: str) -> Result:
@@ -380,6 +463,12 @@ def probe_exec(path: str, tag: str) -> Result:
         if os.access(path, os.X_OK):
             return allowed(f"{path} is executable (access(2))", **facts)
         return denied("EACCES", f"{path} is not executable (access(2))", **facts)
+    if CAREFUL:  # no program is placed, let alone run, on the host: the mount's noexec flag decides
+        if "noexec" not in facts:
+            return error(f"statvfs {path} failed: its noexec flag is unknown")
+        if facts["noexec"]:
+            return denied("EACCES", f"{path} is mounted noexec", **facts)
+        return allowed(f"{path} is not mounted noexec (nothing is placed or run there on the host)", **facts)
     scratch = _scratch_name(path, tag)
     try:
         shutil.copyfile("/bin/true", scratch)
@@ -431,6 +520,10 @@ def probe_socket(family_name: str, tag: str) -> Result:
     family = getattr(socket, family_name, None)
     if not isinstance(family, int):
         return error(f"unknown address family {family_name}")
+    if CAREFUL and not _family_loaded(family_name):
+        module = FAMILY_MODULES.get(family_name, ("", ()))[0]
+        return refused(f"socket({family_name}) would make the host's kernel load the module of {family_name}, "
+                       "which is not loaded" + (f" (modprobe {module} first to have it probed)" if module else ""))
     last: OSError | None = None
     for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM, socket.SOCK_RAW, socket.SOCK_SEQPACKET):
         try:
@@ -442,6 +535,29 @@ def probe_socket(family_name: str, tag: str) -> Result:
             last = exc  # a type the family lacks: try the next one
     assert last is not None
     return error(f"socket({family_name}): {last.strerror}", last.errno)
+
+
+def _family_loaded(name: str) -> bool:
+    """Whether the kernel has address family ``name`` already, so that socket(2) loads no module for it."""
+    if name in BUILT_IN_FAMILIES:
+        return True
+    module, protocols = FAMILY_MODULES.get(name, ("", ()))
+    try:
+        with open(PROTOCOLS_FILE) as table:
+            if set(protocols) & {line.split(maxsplit=1)[0] for line in table if line.strip()}:
+                return True
+    except OSError:  # no /proc/net here (ProcSubset=pid): the module directory may still tell
+        pass
+    return bool(module) and os.path.isdir(os.path.join(MODULES_DIR, module))
+
+
+def _not_loopback(host: str) -> Result | None:
+    """Careful mode sends and binds on loopback only (the spec loader allows nothing else either)."""
+    import ipaddress
+
+    if CAREFUL and not ipaddress.ip_address(host).is_loopback:
+        return refused(f"{host} is not a loopback address: nothing is sent or bound beyond the host's loopback")
+    return None
 
 
 def _address(arg: str) -> tuple[int, str, int, int]:
@@ -464,6 +580,8 @@ def probe_connect(arg: str, tag: str) -> Result:
     Nobody listening (connection refused) still means the packet was allowed out.
     """
     family, host, port, kind = _address(arg if arg.startswith(("udp:", "tcp:")) else f"udp:{arg}")
+    if (refusal := _not_loopback(host)) is not None:
+        return refusal
     with socket.socket(family, kind) as sock:
         sock.settimeout(1)
         try:
@@ -487,6 +605,8 @@ def probe_connect(arg: str, tag: str) -> Result:
 def probe_bind(arg: str, tag: str) -> Result:
     """Bind a loopback address and port, then close without listening; in use still means the bind was allowed."""
     family, host, port, kind = _address(arg)
+    if (refusal := _not_loopback(host)) is not None:
+        return refusal
     with socket.socket(family, kind) as sock:
         try:
             sock.bind((host, port))
@@ -574,6 +694,8 @@ def probe_setuid_bit(bit: str, tag: str) -> Result:
     directory = scratch_directory()
     if directory is None:
         return error("no writable directory for a scratch file")
+    if CAREFUL:
+        return _careful_setuid_bit(bit, directory)
     scratch = _scratch_name(directory, tag)
     os.close(os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
@@ -583,6 +705,25 @@ def probe_setuid_bit(bit: str, tag: str) -> Result:
     finally:
         os.unlink(scratch)
     return allowed(f"set the {bit} bit on a scratch file in {directory}", scratch=directory)
+
+
+def _careful_setuid_bit(bit: str, directory: str) -> Result:
+    """fchmod u+s (or g+s) on an unnamed file: no setuid file ever has a name on the host, and it is gone at close.
+    RestrictSUIDSGID= filters fchmod(2) as it does chmod(2)."""
+    try:
+        fd = _unnamed_file(directory)
+    except OSError as exc:
+        if errno_name(exc.errno or 0) in NO_TMPFILE:
+            return refused(f"{directory} has no unnamed files (O_TMPFILE), and no named scratch file is made on "
+                           "the host")
+        return error(f"an unnamed scratch file in {directory}: {exc.strerror}", exc.errno)
+    try:
+        os.fchmod(fd, 0o4700 if bit == "suid" else 0o2700)
+    except OSError as exc:
+        return from_oserror(exc, ("EPERM", "EACCES"), f"fchmod {'u' if bit == 'suid' else 'g'}+s", scratch=directory)
+    finally:
+        os.close(fd)
+    return allowed(f"set the {bit} bit on an unnamed scratch file in {directory}", scratch=directory)
 
 
 @probe("abi32", where=CHILD)
@@ -639,6 +780,14 @@ def probe_status(arg: str, tag: str) -> Result:
 @probe("umask")
 def probe_umask(arg: str, tag: str) -> Result:
     """The mode a new file gets (created with 0666, so the umask shows), in a scratch directory."""
+    if CAREFUL:  # no file at all: the process's umask, which is what UMask= sets
+        with open("/proc/self/status") as status:
+            found = [line.split()[1] for line in status if line.startswith("Umask:")]
+        if not found:
+            return refused("this kernel shows no Umask in /proc/self/status, and no file is created on the host")
+        umask = int(found[0], 8)
+        return allowed(f"a new file gets mode {0o666 & ~umask:04o} (umask {umask:04o} in /proc/self/status)",
+                       file_mode=0o666 & ~umask)
     directory = scratch_directory()
     if directory is None:
         return error("no writable directory for a scratch file")
@@ -867,6 +1016,9 @@ def probe_allocate(size: str, tag: str) -> Result:
     if wanted > available * 3 // 4:
         return error(f"{wanted >> 20} MiB is more than this machine can spare ({available >> 20} MiB available): "
                      "the machine's own OOM killer would decide, not the limit")
+    if CAREFUL and wanted > available // CAREFUL_MEMORY_SHARE:
+        return refused(f"touching {wanted >> 20} MiB would take more than a quarter of the {available >> 20} MiB "
+                       "this host has available: its other processes could be swapped out or OOM-killed")
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         pid = os.fork()
@@ -903,6 +1055,9 @@ def probe_tasks(count: str, tag: str) -> Result:
     import threading
 
     wanted = int(count)
+    if CAREFUL and wanted > CAREFUL_MAX_TASKS:
+        return refused(f"{wanted} threads could use up the host's task limits while its other processes need them "
+                       f"(at most {CAREFUL_MAX_TASKS} are started on the host)")
     release = threading.Event()
     started: list[threading.Thread] = []
     try:
@@ -921,7 +1076,9 @@ def probe_tasks(count: str, tag: str) -> Result:
 
 
 def main(argv: list[str]) -> int:
+    global CAREFUL
     request = json.loads(argv[1])
+    CAREFUL = request.get("careful") is True
     tag = secrets.token_hex(4)
     probes = [(str(kind), str(arg)) for kind, arg in request["probes"]]
 

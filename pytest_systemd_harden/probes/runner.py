@@ -31,10 +31,30 @@ def inside_script() -> bytes:
     return Path(__file__).with_name("inside.py").read_bytes()
 
 
-def batch_argv(probes: Sequence[Probe]) -> list[str]:
+def batch_argv(probes: Sequence[Probe], *, careful: bool = False) -> list[str]:
+    """The command of a batch; ``careful`` for a machine that is somebody's real host (see :mod:`.inside`)."""
     # -I -S: the image's own stdlib only, no site-packages or environment that could change what a probe does.
-    request = json.dumps({"probes": [[probe.kind, probe.arg] for probe in probes]})
-    return [INTERPRETER, "-I", "-S", "-", request]
+    request: dict[str, object] = {"probes": [[probe.kind, probe.arg] for probe in probes]}
+    if careful:
+        request["careful"] = True
+    return [INTERPRETER, "-I", "-S", "-", json.dumps(request)]
+
+
+def careful_batch(argv: Sequence[str]) -> list[str] | None:
+    """``argv`` in careful mode if it is a probe batch, else None.
+
+    The host backend passes every command it runs through this, so no caller can run a batch on the host in the
+    ordinary mode (which creates named scratch files and opens devices) by forgetting to ask for careful mode.
+    """
+    if len(argv) != 5 or list(argv[:4]) != [INTERPRETER, "-I", "-S", "-"]:
+        return None
+    try:
+        request = json.loads(argv[4])
+    except ValueError:
+        return None
+    if not isinstance(request, dict) or "probes" not in request:
+        return None
+    return [*argv[:4], json.dumps({**request, "careful": True})]
 
 
 def unique(probes: Iterable[Probe]) -> list[Probe]:
@@ -102,6 +122,8 @@ class MachineFacts:
     version: int
     features: frozenset[str]  # "+SECCOMP", "-BPF_FRAMEWORK", ...
     syscall_groups: dict[str, frozenset[str]] = field(compare=False)
+    # Directive name -> what showed the machine does not enforce it, and why (measured: see capabilities.py).
+    unenforced: dict[str, str] = field(default_factory=dict, compare=False)
 
     def lacks(self, feature: str) -> bool:
         return f"-{feature}" in self.features
@@ -122,8 +144,6 @@ def parse_groups(text: str) -> dict[str, frozenset[str]]:
             current = None
 
     @functools.cache
-    # Directive name -> what showed the machine does not enforce it, and why (measured: see capabilities.py).
-    unenforced: dict[str, str] = field(default_factory=dict, compare=False)
     def resolve(group: str, seen: tuple[str, ...] = ()) -> frozenset[str]:
         names: set[str] = set()
         for member in direct.get(group, []):
