@@ -31,7 +31,8 @@ from .errors import MachineError
 from .service import unit_name_for
 from .spec import Spec
 
-# Where rendered units (and the policy) are written inside the machine: /run is a tmpfs, gone at shutdown.
+# Where rendered units (and the policy) are written inside the machine: /run is a tmpfs, gone at shutdown (the
+# host backend, whose /run is the host's, removes its own directories when it stops).
 UNIT_DIR = "/run/harden-exposure"
 
 # systemd's badness_table: the band of an exposure (0-100 scale) is the first whose floor it reaches.
@@ -161,6 +162,7 @@ class Exposure:
     systemd: str = ""  # "systemd 252 (252.39-1~deb12u2)"
     policy: str | None = None  # the host path of a custom --security-policy
     warnings: tuple[str, ...] = field(default=())  # what systemd said about the unit file (lines it ignored)
+    unit_path: str = ""  # where the rendered unit was scored, in the machine
 
     @property
     def score(self) -> float:
@@ -209,7 +211,8 @@ def score(machine: Machine, spec: Spec, policy: Path | None = None) -> Exposure:
     """Render ``spec`` as a unit file, write it into ``machine`` and score it with the machine's systemd."""
     unit = unit_name_for(spec)
     unit_text = render_unit(spec)
-    directory = f"{UNIT_DIR}/{unit.removesuffix('.service')}"
+    # The machine's name for the unit: unique where runs share a systemd (the host backend), so they never meet.
+    directory = f"{UNIT_DIR}/{machine.service_unit(unit).removesuffix('.service')}"
     unit_path = f"{directory}/{unit}"
     _copy_in(machine, unit_path, unit_text.encode())
     analyze = ["systemd-analyze", "security", "--offline=yes", "--no-pager"]
@@ -234,14 +237,15 @@ def score(machine: Machine, spec: Spec, policy: Path | None = None) -> Exposure:
     # What systemd says while loading the unit ("Failed to parse ..., ignoring") means a line was not scored.
     warnings = tuple(line.strip() for line in table.stderr.splitlines() if line.strip())
     return Exposure(tenths, checks, unit, unit_text, version[0] if version else "", str(policy) if policy else None,
-                    warnings)
+                    warnings, unit_path)
 
 
 def analyze_command(exposure: Exposure) -> str:
     """The command that scores the same unit by hand, inside the machine (for messages and docs)."""
-    directory = f"{UNIT_DIR}/{exposure.unit_name.removesuffix('.service')}"
+    unit_path = exposure.unit_path or f"{UNIT_DIR}/{exposure.unit_name.removesuffix('.service')}/{exposure.unit_name}"
+    directory = unit_path.rsplit("/", 1)[0]
     policy = [f"--security-policy={directory}/policy.json"] if exposure.policy else []
-    return shlex.join(["systemd-analyze", "security", "--offline=yes", *policy, f"{directory}/{exposure.unit_name}"])
+    return shlex.join(["systemd-analyze", "security", "--offline=yes", *policy, unit_path])
 
 
 def check_policy(path: Path) -> None:

@@ -89,7 +89,7 @@ class HardenedService:
     def __init__(self, machine: Machine, spec: Spec, unit: str | None = None) -> None:
         self.machine = machine
         self.spec = spec
-        self.unit = unit or unit_name_for(spec)
+        self.unit = unit or machine.service_unit(unit_name_for(spec))
         dynamic = spec.directive("DynamicUser")
         explicit_user = spec.directive("User")
         # Units that share a User= name share the dynamic uid, so inside commands run as the service does.
@@ -135,6 +135,7 @@ class HardenedService:
     def start(self) -> None:
         """(Re)start the service clean under the spec, and wait until it is ready; ServiceFailed if not."""
         self.stop()
+        self.machine.check_service(self.spec)
         systemd = self.machine.systemd
         started = time.monotonic()
         job = systemd.start_transient_unit(self.unit, self.service_properties(), timeout=self.spec.service.start_timeout)

@@ -15,11 +15,14 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..images import ImageCache
 from ..result import CommandResult
 from ..systemd import OutputFiles, Property, SystemdClient
+
+if TYPE_CHECKING:
+    from ..spec import Spec
 
 Progress = Callable[[str], None]
 
@@ -133,6 +136,15 @@ class Machine(abc.ABC):
     def unit_name(self, purpose: str) -> str:
         """A unit name unique on this machine, readable in its journal."""
         return f"harden-{purpose}-{os.getpid()}-{next(self._units)}.service"
+
+    def service_unit(self, unit: str) -> str:
+        """The name a spec's service unit (``harden-NAME.service``) gets on this machine: the same on a machine of
+        our own; the host backend makes it unique on a systemd that other runs share."""
+        return unit
+
+    def check_service(self, spec: Spec) -> None:
+        """Raise BackendUnavailable, saying why, if starting ``spec``'s service here could harm the machine's owner
+        (the host backend: a state directory that another service owns). A machine of our own allows anything."""
 
     def run(self, command: str | Sequence[str], properties: Sequence[Property] = (), *, stdin: bytes = b"",
             timeout: float = 60.0, purpose: str = "cmd", where: str | None = None) -> CommandResult:
