@@ -15,6 +15,7 @@ __all__ = ["AUTO", "BACKENDS", "Machine", "MachineConfig", "check_available", "m
 
 BACKENDS = {
     "nspawn": "pytest_systemd_harden.backends.nspawn:NspawnMachine",
+    "host": "pytest_systemd_harden.backends.host:HostMachine",
     "qemu": "pytest_systemd_harden.backends.qemu:QemuMachine",
 }
 
