@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
-
 import os
+from types import ModuleType
 
 from ..cgroups import host_runs_systemd
 from ..errors import BackendUnavailable

@@ -25,10 +25,10 @@ if TYPE_CHECKING:
     from ..spec import Spec
 
 Progress = Callable[[str], None]
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
-AUTO = "auto"
 class MachineConfig:
     """What a machine must have: extra Debian packages and files bound in from the host.
 
@@ -90,13 +90,13 @@ class Machine(abc.ABC):
         """Console output of the boot, for error messages (may be empty)."""
         return ""
 
-    def _output_files(self) -> OutputFiles | None:
-        """How command output comes back where the bus cannot pass file descriptors (None: it can)."""
-        return None
     def describe(self) -> str:
         """The backend, and what matters about how it runs here (a VM's accelerator), for reports."""
         return self.NAME
 
+    def _output_files(self) -> OutputFiles | None:
+        """How command output comes back where the bus cannot pass file descriptors (None: it can)."""
+        return None
 
     def resident_memory(self) -> int | None:
         """Bytes of memory the running machine uses (proportional set size), or None if unknown here."""

@@ -853,6 +853,83 @@ def probe_cgroup(controller: str, tag: str) -> Result:
     return error(f"unknown cgroup controller {controller}")
 
 
+PAGE = 4096
+ALLOCATE_TIMEOUT = 60  # touching a few hundred MiB page by page takes seconds on an emulated (TCG) CPU
+
+
+@probe("allocate")
+def probe_allocate(size: str, tag: str) -> Result:
+    """Allocate ``size`` bytes and touch every page, in a child: denied if the kernel kills it (a MemoryMax= beyond
+    which nothing can be reclaimed ends in the cgroup's OOM killer, SIGKILL).
+
+    The child's death is an OOM kill in the unit, and systemd's default OOMPolicy=stop then stops the unit with
+    SIGTERM. This process ignores SIGTERM while it waits, so it can still report the kill; it exits right after.
+    """
+    wanted = int(size)
+    with open("/proc/meminfo") as meminfo:
+        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    if wanted > available * 3 // 4:
+        return error(f"{wanted >> 20} MiB is more than this machine can spare ({available >> 20} MiB available): "
+                     "the machine's own OOM killer would decide, not the limit")
+    if CAREFUL and wanted > available // CAREFUL_MEMORY_SHARE:
+        return refused(f"touching {wanted >> 20} MiB would take more than a quarter of the {available >> 20} MiB "
+                       "this host has available: its other processes could be swapped out or OOM-killed")
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.alarm(ALLOCATE_TIMEOUT)
+                memory = bytearray(wanted)  # calloc'd: zero pages are only mapped, so write one byte per page
+                for offset in range(0, wanted, PAGE):
+                    memory[offset] = 1
+                code = 0
+            except MemoryError:
+                code = 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if os.WIFSIGNALED(status):
+        name = _signal_name(os.WTERMSIG(status))
+        if name == "SIGALRM":
+            return error(f"touching {wanted >> 20} MiB took longer than {ALLOCATE_TIMEOUT}s")
+        return {"status": "denied", "signal": name, "detail": f"killed by {name} after touching part of "
+                f"{wanted >> 20} MiB", "facts": {}}
+    if os.waitstatus_to_exitcode(status) == 3:
+        return denied(errno.ENOMEM, f"allocating {wanted >> 20} MiB failed (MemoryError)")
+    return allowed(f"allocated and touched {wanted >> 20} MiB")
+
+
+@probe("tasks", where=OWN_CHILD)
+def probe_tasks(count: str, tag: str) -> Result:
+    """Start ``count`` threads, each a task of the cgroup: denied (EAGAIN) if the cgroup's pids limit stops one."""
+    import threading
+
+    wanted = int(count)
+    if CAREFUL and wanted > CAREFUL_MAX_TASKS:
+        return refused(f"{wanted} threads could use up the host's task limits while its other processes need them "
+                       f"(at most {CAREFUL_MAX_TASKS} are started on the host)")
+    release = threading.Event()
+    started: list[threading.Thread] = []
+    try:
+        for _ in range(wanted):
+            thread = threading.Thread(target=release.wait, daemon=True)
+            thread.start()
+            started.append(thread)
+    except RuntimeError as exc:  # "can't start new thread": clone() failed with EAGAIN
+        return denied(errno.EAGAIN, f"thread {len(started) + 1} of {wanted} could not start ({exc})",
+                      started=len(started))
+    finally:
+        release.set()
+        for thread in started:
+            thread.join()
+    return allowed(f"started {wanted} threads", started=wanted)
+
+
 @probe("identity")
 def probe_identity(path: str, tag: str) -> Result:
     """Which object a path is (device:inode): tells a private /tmp, /dev or namespace from the machine's."""
@@ -996,83 +1073,6 @@ def no_core_dumps() -> None:
         resource.prlimit(0, resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     except (OSError, ValueError):
         pass
-
-
-PAGE = 4096
-ALLOCATE_TIMEOUT = 60  # touching a few hundred MiB page by page takes seconds on an emulated (TCG) CPU
-
-
-@probe("allocate")
-def probe_allocate(size: str, tag: str) -> Result:
-    """Allocate ``size`` bytes and touch every page, in a child: denied if the kernel kills it (a MemoryMax= beyond
-    which nothing can be reclaimed ends in the cgroup's OOM killer, SIGKILL).
-
-    The child's death is an OOM kill in the unit, and systemd's default OOMPolicy=stop then stops the unit with
-    SIGTERM. This process ignores SIGTERM while it waits, so it can still report the kill; it exits right after.
-    """
-    wanted = int(size)
-    with open("/proc/meminfo") as meminfo:
-        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    if wanted > available * 3 // 4:
-        return error(f"{wanted >> 20} MiB is more than this machine can spare ({available >> 20} MiB available): "
-                     "the machine's own OOM killer would decide, not the limit")
-    if CAREFUL and wanted > available // CAREFUL_MEMORY_SHARE:
-        return refused(f"touching {wanted >> 20} MiB would take more than a quarter of the {available >> 20} MiB "
-                       "this host has available: its other processes could be swapped out or OOM-killed")
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.alarm(ALLOCATE_TIMEOUT)
-                memory = bytearray(wanted)  # calloc'd: zero pages are only mapped, so write one byte per page
-                for offset in range(0, wanted, PAGE):
-                    memory[offset] = 1
-                code = 0
-            except MemoryError:
-                code = 3
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if os.WIFSIGNALED(status):
-        name = _signal_name(os.WTERMSIG(status))
-        if name == "SIGALRM":
-            return error(f"touching {wanted >> 20} MiB took longer than {ALLOCATE_TIMEOUT}s")
-        return {"status": "denied", "signal": name, "detail": f"killed by {name} after touching part of "
-                f"{wanted >> 20} MiB", "facts": {}}
-    if os.waitstatus_to_exitcode(status) == 3:
-        return denied(errno.ENOMEM, f"allocating {wanted >> 20} MiB failed (MemoryError)")
-    return allowed(f"allocated and touched {wanted >> 20} MiB")
-
-
-@probe("tasks", where=OWN_CHILD)
-def probe_tasks(count: str, tag: str) -> Result:
-    """Start ``count`` threads, each a task of the cgroup: denied (EAGAIN) if the cgroup's pids limit stops one."""
-    import threading
-
-    wanted = int(count)
-    if CAREFUL and wanted > CAREFUL_MAX_TASKS:
-        return refused(f"{wanted} threads could use up the host's task limits while its other processes need them "
-                       f"(at most {CAREFUL_MAX_TASKS} are started on the host)")
-    release = threading.Event()
-    started: list[threading.Thread] = []
-    try:
-        for _ in range(wanted):
-            thread = threading.Thread(target=release.wait, daemon=True)
-            thread.start()
-            started.append(thread)
-    except RuntimeError as exc:  # "can't start new thread": clone() failed with EAGAIN
-        return denied(errno.EAGAIN, f"thread {len(started) + 1} of {wanted} could not start ({exc})",
-                      started=len(started))
-    finally:
-        release.set()
-        for thread in started:
-            thread.join()
-    return allowed(f"started {wanted} threads", started=wanted)
 
 
 def main(argv: list[str]) -> int:
