@@ -139,9 +139,16 @@ class HardenedService:
         systemd = self.machine.systemd
         started = time.monotonic()
         job = systemd.start_transient_unit(self.unit, self.service_properties(), timeout=self.spec.service.start_timeout)
-        if job != "done":
-            raise self.failure(f"failed to start (start job: {job})")
         ready = self.spec.service.ready
+        if job != "done":
+            # A main process that exits at once can end before systemd finishes the start job, which then fails
+            # too: that is the service's own exit, not a sandbox systemd could not set up (a 2xx exit code).
+            state = self.state()
+            exited = state["ExecMainCode"] == CLD_EXITED and state["ExecMainStatus"] not in SYSTEMD_EXIT_CODES
+            if exited and self.spec.service.type != "oneshot":
+                raise self.failure("exited right after it started" if ready.kind == "active"
+                                   else f"exited before it was ready ({ready.describe()})")
+            raise self.failure(f"failed to start (start job: {job})")
         if ready.kind == "active":
             state = self.state()
             if state["ActiveState"] == "failed" or (state["ActiveState"] == "inactive"
