@@ -1,0 +1,133 @@
+"""The QEMU backend: its command line and guest-agent client (pure), and one real VM.
+
+The live test boots a single VM (under TCG here, about 20 s): the gpg-signing example's spec passes on it, and
+a second spec with the same machine section shows MemoryMax= and TasksMax= enforced for real, which nspawn on
+this host reports unenforced (tests/test_capabilities.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from pytest_systemd_harden.backends.base import MachineConfig
+from pytest_systemd_harden.backends.guest_agent import GuestAgent
+from pytest_systemd_harden.backends.qemu import Accelerator, QemuMachine, _AcceleratorCache
+from pytest_systemd_harden.images import VmImage
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_the_vm_has_no_network_device_and_never_writes_its_image(tmp_path: Path) -> None:
+    machine = QemuMachine(MachineConfig(backend="qemu"))
+    image = VmImage("k", tmp_path / "disk.ext4", tmp_path / "vmlinuz", tmp_path / "initrd.img")
+    command = machine.command_line(image, tmp_path, "tcg", tmp_path / "files.ext4")
+    joined = " ".join(command)
+    assert "-nodefaults" in command and "-netdev" not in command and "-nic" not in command
+    assert f"file={tmp_path / 'disk.ext4'},format=raw,if=none,snapshot=on" in joined
+    assert f"file={tmp_path / 'files.ext4'},format=raw,if=none,readonly=on" in joined
+    assert command[command.index("-accel") + 1].startswith("tcg,") and "harden.files" in joined
+    kvm = machine.command_line(image, tmp_path, "kvm", None)
+    assert kvm[kvm.index("-accel") + 1] == "kvm" and "harden.files" not in " ".join(kvm)
+
+
+def test_the_kvm_verdict_is_kept_per_host_and_survives_a_broken_file(tmp_path: Path) -> None:
+    cache = _AcceleratorCache(tmp_path / "accel.json")
+    assert cache.get("host-a") is None
+    cache.put("host-a", Accelerator("tcg", "KVM failed here: qemu exited"))
+    cache.put("host-b", Accelerator("kvm", "the kernel booted under KVM"))
+    assert cache.get("host-a") == Accelerator("tcg", "KVM failed here: qemu exited")
+    assert cache.get("host-b") is not None and cache.get("host-b").name == "kvm"  # type: ignore[union-attr]
+    (tmp_path / "accel.json").write_text("{not json")
+    assert cache.get("host-a") is None  # measured again, not a crash
+
+
+class FakeAgent:
+    """qemu-guest-agent's side of the protocol, on a unix socket, with a stale reply left in the stream."""
+
+    def __init__(self, path: Path, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(path))
+        self.server.listen(1)
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        conn, _ = self.server.accept()
+        stream = conn.makefile("rwb")
+        stream.write(b'{"return": "stale reply of an earlier, timed-out request"}\n')
+        handles: dict[int, bytes] = {}
+        for line in stream:
+            request = json.loads(line)
+            args = request.get("arguments", {})
+            if request["execute"] == "guest-sync-delimited":
+                reply = b"\xff" + json.dumps({"return": args["id"]}).encode()
+            elif request["execute"] == "guest-file-open":
+                if args["path"] not in self.files:
+                    reply = json.dumps({"error": {"class": "GenericError", "desc": "No such file"}}).encode()
+                else:
+                    handles[7] = self.files[args["path"]]
+                    reply = json.dumps({"return": 7}).encode()
+            elif request["execute"] == "guest-file-read":
+                chunk, handles[7] = handles[7][:3], handles[7][3:]  # tiny chunks: the client must loop
+                reply = json.dumps({"return": {"count": len(chunk), "buf-b64": base64.b64encode(chunk).decode(),
+                                               "eof": not handles[7]}}).encode()
+            else:
+                reply = json.dumps({"return": {}}).encode()
+            stream.write(reply + b"\n")
+            stream.flush()
+
+
+def test_the_guest_agent_client_syncs_past_stale_replies_and_reads_whole_files(tmp_path: Path) -> None:
+    FakeAgent(tmp_path / "agent.sock", {"/run/harden-io/0.stdout": b"hello, world\n"})
+    agent = GuestAgent(str(tmp_path / "agent.sock"))
+    agent.connect(timeout=5)
+    try:
+        assert agent.read_file("/run/harden-io/0.stdout") == b"hello, world\n"
+        with pytest.raises(Exception, match="guest-file-open: No such file"):
+            agent.read_file("/nowhere")
+    finally:
+        agent.close()
+
+
+LIMITS = """
+name: limits
+service:
+  exec_start: /bin/sleep infinity
+machine:
+  packages: [gnupg, curl]
+  files: {/opt/signer: app/}   # the gpg-signing example's machine section: one VM for both specs
+hardening:
+  DynamicUser: yes
+  MemoryMax: 200M
+  TasksMax: 64
+"""
+
+
+def test_the_example_passes_and_memory_and_task_limits_are_enforced_in_a_vm(pytester: pytest.Pytester) -> None:
+    shutil.copytree(EXAMPLES / "gpg-signing" / "app", pytester.path / "app")
+    shutil.copy(EXAMPLES / "gpg-signing" / "harden.yaml", pytester.path / "harden.yaml")
+    (pytester.path / "harden-limits.yaml").write_text(LIMITS)
+    result = pytester.runpytest("-v", "-rs", "-p", "no:cacheprovider", "--harden-require-backend",
+                                "--harden-backend=qemu", "--harden-diagnose=off")
+    output = result.stdout.str()
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, output
+    result.stdout.fnmatch_lines([  # in collection order
+        "*harden-limits.yaml::MemoryMax=200M is enforced PASSED*",
+        "*harden-limits.yaml::TasksMax=64 is enforced PASSED*",
+        "*harden.yaml::sign a payload through the API PASSED*",
+        "*harden.yaml::gpg works inside the sandbox PASSED*",
+    ])
+    assert output.count("booting qemu machine") == 1, output  # both specs shared one VM
+    assert "(qemu, TCG (" in output or "(qemu, KVM (" in output  # the report says how it ran
+    left = subprocess.run(["pgrep", "-f", "qemu-system-x86_64 -name harden-"], capture_output=True, text=True,
+                          check=False)
+    assert left.stdout == "", f"a VM was left running: {left.stdout}"
