@@ -186,6 +186,7 @@ class Observation:
     personality: dict[str, str] = field(default_factory=dict)  # execution domains switched to
     non_native: dict[str, str] = field(default_factory=dict)  # processes run in another ABI (32-bit)
     setuid_execs: dict[str, str] = field(default_factory=dict)  # setuid/setgid programs executed (see observe())
+    private_reads: dict[str, str] = field(default_factory=dict)  # files read that others may not read (observe())
     pids: set[int] = field(default_factory=set)
     unreadable: int = 0  # calls whose arguments strace could not read (a non-dumpable process, e.g. gpg-agent)
     lines: int = 0
@@ -645,6 +646,12 @@ class _Context:
                                                      f"{'; '.join(needs_root.values())}")
         if self.obs.setuid_execs:
             return Forecast(CONFLICT, (directive,), f"runs setuid programs: {_first(self.obs.setuid_execs)}")
+        # A dynamic user is nobody's owner or group: what only they may read is lost (its own directories are
+        # handed to it, and a file the service made there is its own).
+        own = ("/var/lib/", "/var/cache/", "/var/log/")
+        private = {p: w for p, w in self.obs.private_reads.items() if not _under(p, own)}
+        if private:
+            return Forecast(CONFLICT, (directive,), f"reads files others may not: {_first(private)}")
         writes = self._writes_needing_grants()
         try:
             grants, reason = self._grants(writes, dynamic_user=True)

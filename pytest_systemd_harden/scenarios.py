@@ -231,8 +231,14 @@ def observe(service: HardenedService, hardening: Hardening | None = None) -> Obs
             observation = observation.merge(parse_strace(text.stdout, run, cwd=spec.service.working_directory or "/"))
     if observation.execs:  # NoNewPrivileges= stops the privileges of setuid programs: which ran?
         found = machine.run(["find", *observation.execs, "-maxdepth", "0", "-perm", "/6000"], purpose="observe")
-        observation.setuid_execs = {path: observation.execs[path] for path in found.stdout.split()
+        observation.setuid_execs = {path: observation.execs[path] for path in found.stdout.splitlines()
                                     if path in observation.execs}
+    files = [path for path in observation.reads if not path.startswith(("/proc/", "/sys/", "/dev/", OBSERVE_DIR))]
+    if files:  # a dynamic user could not read what only the owner and group may
+        found = machine.run(["find", *files, "-maxdepth", "0", "!", "-type", "l", "!", "-perm", "-o=r"],
+                            purpose="observe")
+        observation.private_reads = {path: observation.reads[path] for path in found.stdout.splitlines()
+                                     if path in observation.reads}
     machine.run(["rm", "-rf", directory], purpose="observe")
     observation.failures += problems
     return observation

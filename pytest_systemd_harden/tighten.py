@@ -291,9 +291,7 @@ class _Search:
     def _form(self, step: Step, hardening: Hardening) -> tuple[Step, Forecast | None]:
         """The form to try first: the forecast's narrowed one, or the step as it is."""
         predicted = self.predict(step, hardening)
-        if predicted is not None and predicted.verdict == NARROWED:
-            return Step(step.name, predicted.directives, step.why), predicted
-        return step, predicted
+        return _narrowed_form(step, predicted, self.keep, self.never), predicted
 
     def _kept(self, step: Step, tried: Step, predicted: Forecast | None, current: Hardening) -> Hardening:
         """Record ``step`` kept at its first run in the form ``tried``; confirm what the observation added."""
@@ -325,7 +323,8 @@ class _Search:
         outcome = StepOutcome(step, "rejected", attempt.summary, forecast=predicted.verdict if predicted else "",
                               observed=predicted.reason if predicted else "")
         self.result.outcomes.append(outcome)
-        narrowed = _narrow(step, candidate, self.oracle, attempt.evidence, self.syscall_groups)
+        narrowed = _narrow(step, candidate, self.oracle, attempt.evidence, self.syscall_groups,
+                           (*self.keep, *self.never))
         if narrowed is not None and hardening_key(narrowed.apply(candidate)) != hardening_key(current):
             current = narrowed.apply(candidate)
             outcome.kept, outcome.detail, outcome.step = "narrowed", narrowed.description, tried
@@ -359,6 +358,16 @@ class _Search:
         half = len(steps) // 2
         current = self.group(steps[:half], current)
         return self.group(steps[half:], current)
+
+
+def _narrowed_form(step: Step, predicted: Forecast | None, keep: Sequence[str], never: Sequence[str]) -> Step:
+    """The forecast's narrowed form of ``step``, unless it brings a grant the user excluded (then the step as is)."""
+    if predicted is None or predicted.verdict != NARROWED:
+        return step
+    own = {d.name for d in step.directives}
+    if any(d.name not in own and (d.name in keep or d.name in never) for d in predicted.directives):
+        return step
+    return Step(step.name, predicted.directives, step.why)
 
 
 def _plan(catalogue: Sequence[Step], hardening: Hardening,
@@ -420,7 +429,7 @@ def profile_only(hardening: Hardening, observation: Observation, *, catalogue: S
         predicted = forecast(step.directives, observation, current, groups=syscall_groups, never=never,
                              scenarios_from_outside=scenarios_from_outside)
         if predicted.verdict != CONFLICT:
-            current = _apply(Step(step.name, predicted.directives, step.why), current)
+            current = _apply(_narrowed_form(step, predicted, keep, never), current)
     return current
 
 
@@ -439,13 +448,28 @@ def revert(result: Tightening, undoing: Sequence[str], why: str) -> list[Step]:
     return reverted
 
 
+@dataclass
+class _Respecting(Context):
+    """A refinement context that never tries a relaxation touching a directive the user excluded."""
+
+    excluded: frozenset[str] = frozenset()
+
+    def try_(self, relaxation: Relaxation) -> bool:
+        if any(name in self.excluded for name in relaxation.changed_names()):
+            return False
+        return super().try_(relaxation)
+
+
 def _narrow(step: Step, candidate: Hardening, oracle: Oracle, evidence: str,
-            syscall_groups: Callable[[], dict[str, list[str]]]) -> Relaxation | None:
-    """The smallest relaxation of a failed step that passes, if it still tightens (not a plain removal)."""
+            syscall_groups: Callable[[], dict[str, list[str]]], excluded: Sequence[str] = ()) -> Relaxation | None:
+    """The smallest relaxation of a failed step that passes, if it still tightens (not a plain removal) and
+    touches nothing in ``excluded`` (the user's keep and never lists) but the step's own directive."""
     if len(step.directives) != 1:
         return None
     directive = next(d for d in candidate if d.name == step.directives[0].name)
-    relaxation = refine(directive, Context(oracle, candidate, evidence, syscall_groups))
+    context = _Respecting(oracle, candidate, evidence, syscall_groups,
+                          excluded=frozenset(excluded) - {directive.name})
+    relaxation = refine(directive, context)
     if relaxation is None or relaxation.description.startswith("remove "):
         return None
     return relaxation

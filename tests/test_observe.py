@@ -194,6 +194,20 @@ def test_forecasts_for_what_directives_forbid() -> None:
         assert predict("behaviours", **{directive: True})[0] == FITS, directive
 
 
+def test_a_dynamic_user_cannot_read_what_only_the_owner_may() -> None:
+    obs = observed("web").merge(Observation())
+    obs.private_reads = {"/etc/app/key.pem": "python3 (the service)"}
+    verdict, _, reason = forecast_text(obs, DynamicUser=True)
+    assert verdict == CONFLICT and reason == "reads files others may not: /etc/app/key.pem (python3 (the service))"
+    obs.private_reads = {"/var/lib/web/entry": "python3 (the service)"}  # its state directory is handed to it
+    assert forecast_text(obs, DynamicUser=True)[0] == NARROWED
+
+
+def forecast_text(obs: Observation, **step: object) -> tuple[str, str, str]:
+    found = forecast(Step.of("", **step).directives, obs, (), groups=groups())
+    return found.verdict, " ".join(str(d) for d in found.directives), found.reason
+
+
 def test_a_grant_extends_the_users_own_directive() -> None:
     mine = (Directive.parse("StateDirectory", "signer"),)
     verdict, lines, _ = predict("web", mine, DynamicUser=True)

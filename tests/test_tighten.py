@@ -141,3 +141,13 @@ def test_a_known_baseline_saves_its_run() -> None:
     measured = run(NEEDY, observation=observation)
     known = run(NEEDY, observation=observation, baseline=TrialResult(True, "passed while traced"))
     assert known.runs == measured.runs - 1 and known.after == measured.after
+
+
+def test_a_grant_the_user_excluded_is_neither_forecast_nor_refined() -> None:
+    for observation in (parse_strace(NEEDY_TRACE), None):
+        result = run(NEEDY, observation=observation, never=["StateDirectory"])
+        assert not any(line.startswith("StateDirectory=") for line in lines(result))
+        assert NEEDY.trial(result.after).passed
+    # (the last, blind:) the refinement passed over the excluded grant, to the next one it knows
+    assert outcome(result, "DynamicUser=yes") == (
+        "narrowed", "grant /var/lib/app/data with ReadWritePaths=-/var/lib/app/data")

@@ -83,6 +83,8 @@ scenarios:
     client: python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8091/')"
   - name: runs a setuid program
     inside: su --help
+  - name: reads what only root may
+    inside: head -c1 /etc/shadow
   - name: the system stays read-only
     inside: touch /etc/observed-was-here
     expect: {exit: 1, stderr: Read-only file system}
@@ -96,6 +98,7 @@ def test_one_traced_run_under_the_specs_own_hardening(machine: Machine, make_spe
     assert observation.failures == []  # every scenario passed while traced, the denial included
     assert observation.binds == {"127.0.0.1:8091": "python3 (the service)"}
     assert observation.setuid_execs == {"/usr/bin/su": "sh (scenario 'runs a setuid program')"}
+    assert "/etc/shadow" in observation.private_reads  # mode 0640: a dynamic user could not read it
     assert "/etc/observed-was-here" not in observation.writes  # denied under the spec: not a need
     assert "/usr/bin/touch" in observation.execs and "mlock" not in observation.syscalls
     # nothing left behind: the traces are removed and the traced service stopped
