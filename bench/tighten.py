@@ -1,7 +1,8 @@
 """Benchmark: tighten with observations vs without, and vs a profile-only suggestion from the same observed run.
 
-For each example spec, and for each example stripped bare (its configuration only - StateDirectory=,
-AmbientCapabilities=, ... - no profile, and only the scenarios that pass so, its features), in one run on the same
+For each example spec, for each example stripped bare (its configuration only - StateDirectory=,
+AmbientCapabilities=, ... - no profile, and only the scenarios that pass so, its features), and for a bare
+``python3 -m http.server`` spec that keeps a cache (the one of tests/test_tighten_live.py), in one run on the same
 machine:
 
 - tighten without observations, one step per run (the baseline): restarts, wall time, steps that passed at their
@@ -28,6 +29,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,6 +48,19 @@ from pytest_systemd_harden.spec import Spec, load_spec
 from pytest_systemd_harden.tighten import Tightening, profile_only
 
 ROOT = Path(__file__).resolve().parent.parent
+WEB = """
+name: web
+service:
+  exec_start: /usr/bin/python3 -m http.server --bind 127.0.0.1 8090
+  ready: {tcp: 8090}
+hardening:
+  PrivateTmp: yes
+scenarios:
+  - name: serves
+    client: python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8090/')"
+  - name: keeps a cache
+    inside: sh -c 'mkdir -p /var/lib/web && touch /var/lib/web/entry'
+"""
 
 
 @dataclass
@@ -146,6 +161,10 @@ def main(argv: list[str]) -> int:
             if not args.no_bare:
                 stripped = bare(spec, pool.service_for(spec))
                 rows.append(measure(f"{name} (bare)", stripped, pool, args.rounds))
+        if not args.examples and not args.no_bare:
+            with tempfile.TemporaryDirectory() as directory:
+                (Path(directory) / "web.yaml").write_text(WEB)
+                rows.append(measure("http.server (bare)", load_spec(Path(directory) / "web.yaml"), pool, args.rounds))
     finally:
         pool.close()
     print(f"tighten with and without observations; {args.rounds} round(s), medians; {os.cpu_count()} cores, "
