@@ -171,7 +171,8 @@ class Observation:
     writes: dict[str, str] = field(default_factory=dict)  # paths created, written, removed, renamed, chmod'ed
     created: dict[str, str] = field(default_factory=dict)  # paths created (a subset of writes)
     directories: dict[str, str] = field(default_factory=dict)  # directories made (a subset of created)
-    reads: dict[str, str] = field(default_factory=dict)  # paths opened for reading or looked up
+    reads: dict[str, str] = field(default_factory=dict)  # paths opened for reading (files and directories)
+    lookups: dict[str, str] = field(default_factory=dict)  # paths only looked up: stat(), access(), chdir()...
     execs: dict[str, str] = field(default_factory=dict)  # programs executed
     exec_maps: dict[str, str] = field(default_factory=dict)  # files mapped executable (shared libraries)
     binds: dict[str, str] = field(default_factory=dict)  # "127.0.0.1:8080" bound (IPv4/IPv6)
@@ -338,8 +339,10 @@ def _record(obs: Observation, proc: _Process, pid: int, name: str, argtext: str,
                 obs.directories.setdefault(path, where)
         elif action == "exec":
             obs.execs.setdefault(path, where)
-        else:
+        elif action == "read":
             obs.reads.setdefault(path, where)
+        else:
+            obs.lookups.setdefault(path, where)
         if name in ("chmod", "fchmodat") and len(args) > index + 1:
             mode = _mode(args[index + 1])
             if mode is not None and mode & 0o6000:
@@ -696,7 +699,7 @@ class _Context:
 
     def _ProtectHome(self, directive: Directive) -> Forecast:
         writes = {p: w for p, w in self.obs.writes.items() if _under(p, _HOMES)}
-        reads = {p: w for p, w in {**self.obs.reads, **self.obs.execs}.items() if _under(p, _HOMES)
+        reads = {p: w for p, w in {**self.obs.lookups, **self.obs.reads, **self.obs.execs}.items() if _under(p, _HOMES)
                  and p.rstrip("/") not in ("/home", "/root", "/run/user")}
         if writes:
             return Forecast(CONFLICT, (directive,), f"writes {_first(writes)}")
@@ -790,7 +793,7 @@ class _Context:
                         f"allows {_first(self.obs.namespaces, 3)}", tuple((directive.name, n) for n in used))
 
     def _PrivateTmp(self, directive: Directive) -> Forecast:
-        shared = {p: w for p, w in {**self.obs.reads, **self.obs.unix_peers}.items()
+        shared = {p: w for p, w in {**self.obs.lookups, **self.obs.reads, **self.obs.unix_peers}.items()
                   if _under(p, _TMP) and p not in self.obs.created and p.rstrip("/") not in ("/tmp", "/var/tmp")}
         if shared:
             return Forecast(CONFLICT, (directive,), f"uses {_first(shared)}, made outside its sandbox")
@@ -798,7 +801,7 @@ class _Context:
 
     def _ProtectProc(self, directive: Directive) -> Forecast:
         own = {str(pid) for pid in self.obs.pids} | {"self", "thread-self"}
-        others = {p: w for p, w in {**self.obs.reads, **self.obs.writes}.items()
+        others = {p: w for p, w in {**self.obs.lookups, **self.obs.reads, **self.obs.writes}.items()
                   if re.match(r"^/proc/\d+(/|$)", p) and p.split("/")[2] not in own}
         if others:
             return Forecast(CONFLICT, (directive,), f"reads other processes' {_first(others)}")
@@ -807,7 +810,7 @@ class _Context:
     def _ProcSubset(self, directive: Directive) -> Forecast:
         if directive.value != "pid":
             return Forecast(FITS, (directive,))
-        hit = {p: w for p, w in {**self.obs.reads, **self.obs.writes}.items()
+        hit = {p: w for p, w in {**self.obs.lookups, **self.obs.reads, **self.obs.writes}.items()
                if p.startswith("/proc/") and p.split("/")[2] not in ("self", "thread-self")
                and not p.split("/")[2].isdigit()}
         if hit:
@@ -877,7 +880,7 @@ def _group_of(syscall: str, groups: Mapping[str, Sequence[str]], assignments: Se
 
 
 def _devices(obs: Observation) -> str:
-    hit = {p: w for p, w in {**obs.reads, **obs.writes}.items()
+    hit = {p: w for p, w in {**obs.lookups, **obs.reads, **obs.writes}.items()
            if p.startswith("/dev/") and not _under(p, _PRIVATE_DEVICES)}
     return f"opens {_first(hit)}" if hit else ""
 
@@ -887,7 +890,7 @@ def _paths_or_calls(prefixes: tuple[str, ...], calls: tuple[str, ...], *, writes
     def check(obs: Observation) -> str:
         found = [f"calls {_first({c: obs.syscalls[c] for c in calls if c in obs.syscalls})}"] \
             if any(c in obs.syscalls for c in calls) else []
-        seen = obs.writes if writes_only else {**obs.reads, **obs.writes, **obs.execs}
+        seen = obs.writes if writes_only else {**obs.lookups, **obs.reads, **obs.writes, **obs.execs}
         hit = {p: w for p, w in seen.items() if _under(p, prefixes)}
         if hit:
             found.append(f"{'writes' if writes_only else 'uses'} {_first(hit)}")

@@ -388,7 +388,8 @@ def _plan(catalogue: Sequence[Step], hardening: Hardening,
     return first, last
 
 
-def _confirm(current: Hardening, predicted: Forecast, oracle: Oracle, result: Tightening) -> tuple[Hardening, list[str]]:
+def _confirm(current: Hardening, predicted: Forecast, oracle: Oracle,
+             result: Tightening) -> tuple[Hardening, list[str]]:
     """Try without each item the observation added but cannot prove necessary; drop those not needed."""
     dropped = []
     for name, item in predicted.extras:
@@ -418,8 +419,8 @@ def _without_item(hardening: Hardening, name: str, item: str) -> Hardening:
 
 
 def profile_only(hardening: Hardening, observation: Observation, *, catalogue: Sequence[Step] = CATALOGUE,
-                 keep: Sequence[str] = (), never: Sequence[str] = (), syscall_groups: dict[str, list[str]] | None = None,
-                 scenarios_from_outside: bool = True) -> Hardening:
+                 keep: Sequence[str] = (), never: Sequence[str] = (),
+                 syscall_groups: dict[str, list[str]] | None = None, scenarios_from_outside: bool = True) -> Hardening:
     """What a profile-only suggester proposes from the same observed run: every step the forecast does not see
     conflict, in the form it forecasts, with nothing run to check it."""
     current = hardening

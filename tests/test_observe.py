@@ -70,6 +70,8 @@ def test_a_web_server_and_its_inside_scenario() -> None:
                           "/var/lib/web/entry": "touch (scenario 'keeps a cache')"}
     assert "/var/lib/web" in obs.directories and "/var/lib/web/entry" not in obs.directories
     assert "/usr/bin/touch" in obs.execs
+    # listing / stat()s /root: a look-up, which a 0700 directory allows anyone, not a read
+    assert "/root" in obs.lookups and "/root" not in obs.reads and "/" in obs.reads
     assert {"accept4", "bind", "listen", "mkdir", "utimensat"} <= set(obs.syscalls)
     assert not obs.capabilities and not obs.wx_memory and not obs.namespaces
 

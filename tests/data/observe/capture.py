@@ -109,7 +109,8 @@ def main() -> int:
             (Path(tmp) / "behaviours" / "behaviours.py").write_text(BEHAVIOURS_PY)
             (Path(tmp) / "behaviours.yaml").write_text(BEHAVIOURS)
             specs = {"web": Path(tmp) / "web.yaml", "behaviours": Path(tmp) / "behaviours.yaml"}
-            specs |= {name: EXAMPLES / name / "harden.yaml" for name in ("gpg-signing", "dns-client", "privileged-port")}
+            examples = ("gpg-signing", "dns-client", "privileged-port")
+            specs |= {name: EXAMPLES / name / "harden.yaml" for name in examples}
             for name, path in specs.items():
                 capture(name, path, pool)
             machine = pool.machine_for(load_spec(specs["web"]).machine)
