@@ -289,6 +289,8 @@ def _join_unfinished(text: str) -> list[tuple[int, str, str, tuple[str, str, str
         args = body[:returns[-1].start()]
         fd_path = (result.group(2) or "")[1:-1]
         out.append((pid, call.group(1), args, (result.group(1), fd_path, result.group(3) or "")))
+    # A call never resumed: its process was killed in it (by the run's end, or by SIGSYS). Still an attempt.
+    out += [(pid, name, head, ("?", "", "")) for pid, (name, head) in pending.items()]
     return out
 
 

@@ -125,12 +125,14 @@ def test_strace_line_forms() -> None:
         12    --- SIGCHLD {si_signo=SIGCHLD, si_code=CLD_EXITED, si_pid=13} ---
         [ Process PID=14 runs in 32 bit mode. ]
         13    +++ exited with 0 +++
+        15    mlock(0x7f0000000000, 4096 <unfinished ...>
+        15    +++ killed by SIGSYS (core dumped) +++
         """)
     obs = parse_strace(text, "a test")
     assert obs.writes == {"/srv/out/a": "a test"}  # the failed mkdir is not a write
     assert obs.created == {"/srv/out/a": "a test"}
     assert obs.peers == {"192.0.2.7:443": "a test"}  # a non-blocking connect under way counts
-    assert obs.non_native and set(obs.syscalls) == {"openat", "write", "utimensat", "mkdir", "connect"}
+    assert obs.non_native and set(obs.syscalls) == {"openat", "write", "utimensat", "mkdir", "connect", "mlock"}
     assert split_args('3</a, b>, "x, \\"y\\"", {a=1, b=[2, 3]}, NULL') == [
         "3</a, b>", '"x, \\"y\\""', "{a=1, b=[2, 3]}", "NULL"]
 
