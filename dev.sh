@@ -19,6 +19,8 @@ install_system_packages() {
     command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
     command -v pgrep >/dev/null || missing+=(procps)
     command -v chromium >/dev/null || missing+=(chromium)  # the HTML report's test renders it in a real browser
+    command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)  # the qemu backend
+    command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)  # makes the VM disk
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "dev.sh: installing ${missing[*]}"

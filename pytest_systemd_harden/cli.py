@@ -8,6 +8,7 @@
     systemd-harden exposure SPEC          boot the spec's machine and score the unit (systemd-analyze security)
     systemd-harden test SPEC [ARGS...]    run the spec's scenarios: pytest on that one file, ARGS passed on
     systemd-harden cache-key SPEC...      one key for the machine images the specs need (a CI cache key)
+    systemd-harden backends [NAME...]     boot each backend and print which directives it enforces here
 
 Exit status: 0 fine, 1 a spec error (or, for ``exposure``, a score above the spec's ``max_exposure``), 2 the
 machine could not run (not root, no systemd-nspawn); ``test`` exits with pytest's status.
@@ -205,6 +206,44 @@ def _tighten(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backends(args: argparse.Namespace) -> int:
+    from . import backends
+    from .backends.base import MachineConfig
+    from .capabilities import Capabilities, machine_capabilities
+
+    names = args.names or sorted(backends.BACKENDS)
+    measured: dict[str, tuple[str, Capabilities]] = {}
+    for name in names:
+        def measure(pool: MachinePool, name: str = name) -> tuple[str, Capabilities]:
+            machine = pool.machine_for(MachineConfig(backend=name))
+            return machine.describe(), machine_capabilities(machine)
+        found = _on_machine(args, "backends", measure)
+        if found is not None:
+            measured[name] = found
+    if not measured:
+        return 2
+    directives = list(dict.fromkeys(d for _, caps in measured.values() for d in caps.by_name))
+    if args.markdown:
+        print("| directive | " + " | ".join(measured) + " |")
+        print("|---|" + "---|" * len(measured))
+        for directive in directives:
+            cells = []
+            for _, caps in measured.values():
+                found_cap = caps.by_name.get(directive)
+                cells.append("-" if found_cap is None else {"enforced": "yes", "not enforced": "**no**"}.get(
+                    found_cap.status, "can't tell"))
+            print(f"| {directive}= | " + " | ".join(cells) + " |")
+        return 0
+    for name, (described, caps) in measured.items():
+        print(f"{name}: {described}")
+        for capability in caps.by_name.values():
+            print(f"  {capability.directive:<34} {capability.status}")
+            detail = capability.why or capability.evidence
+            if capability.status != "enforced" and detail:
+                print(f"      {detail}")
+    return 0 if len(measured) == len(names) else 2
+
+
 def parser() -> argparse.ArgumentParser:
     main_parser = argparse.ArgumentParser(
         prog="systemd-harden", description="Hardening specs outside pytest: lint, render, score and test them.")
@@ -258,6 +297,14 @@ def parser() -> argparse.ArgumentParser:
                                                 "cache of HARDEN_CACHE_DIR)")
     key.add_argument("specs", nargs="+", metavar="SPEC")
     key.set_defaults(run=_cache_key)
+
+    backends = commands.add_parser("backends", help="boot each backend that can run here and print which "
+                                                    "directives it enforces, measured (needs root)")
+    backends.add_argument("names", nargs="*", metavar="NAME", help="nspawn, qemu, host (default: all)")
+    backends.add_argument("--markdown", action="store_true", help="print a table (docs/backends.md has one)")
+    backends.add_argument("--cache-dir", metavar="DIR", help="image cache (default: $HARDEN_CACHE_DIR or "
+                                                             "~/.cache/pytest-systemd-harden)")
+    backends.set_defaults(run=_backends)
     return main_parser
 
 
