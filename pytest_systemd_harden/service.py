@@ -104,6 +104,10 @@ class HardenedService:
         props = [p for d in self.spec.hardening if d.name not in NOT_FOR_COMMANDS for p in d.properties()]
         if self.user and not self.spec.directive("User"):
             props.append(("User", Variant("s", self.user)))
+        if self.spec.directive("RuntimeDirectory"):
+            # The command's unit shares the service's /run/NAME; without this, its stop would remove the directory
+            # from under the running service. The service's own stop still removes it.
+            props.append(("RuntimeDirectoryPreserve", Variant("s", "yes")))
         return props
 
     def service_properties(self) -> list[Property]:

@@ -146,3 +146,17 @@ def test_a_long_spec_name_still_gets_a_dynamic_user_inside_shares(machine: Machi
         assert service.inside("id -u").stdout.strip() == uid
     finally:
         service.stop()
+
+
+def test_an_inside_command_leaves_the_services_runtime_directory_alone(started, machine: Machine) -> None:  # type: ignore[no-untyped-def]
+    service = started("""
+service:
+  exec_start: /bin/sh -c 'touch /run/app/ready; exec sleep infinity'
+hardening:
+  DynamicUser: yes
+  RuntimeDirectory: app
+""")
+    assert service.inside("test -e /run/app/ready").ok  # the command shares the service's /run/app
+    assert service.client("test -e /run/app/ready").ok, "the inside command's stop removed /run/app"
+    service.stop()
+    assert machine.run("test ! -e /run/app").ok  # the service's own stop still removes it
