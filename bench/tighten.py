@@ -36,6 +36,7 @@ from pathlib import Path
 
 from pytest_systemd_harden import exposure
 from pytest_systemd_harden.diagnosis import RESTRICTING
+from pytest_systemd_harden.observe import CONFLICT, UNKNOWN
 from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.scenarios import (
     all_scenarios_trial,
@@ -71,6 +72,7 @@ class Search:
     tried: int
     exposure: str
     forecast_right: tuple[int, int] = (0, 0)
+    forecast_wrong: tuple[str, ...] = ()
 
 
 SEARCHES = ("one at a time", "grouped", "observed")
@@ -108,8 +110,10 @@ def search(service: HardenedService, spec: Spec, kind: str) -> tuple[Search, Tig
     if result.note.startswith("the spec as written"):
         raise SystemExit(f"{spec.path}: {result.note}")
     score = exposure.score(service.machine, spec.with_hardening(result.after))
+    wrong = tuple(f"{o.step.name} ({o.forecast}, {o.kept})" for o in result.tried
+                  if o.forecast and o.forecast != UNKNOWN and (o.forecast != CONFLICT) != o.first_time)
     return Search(result.runs, wall, result.first_time(), len(result.tried), score.describe(),
-                  result.forecasts_right()), result
+                  result.forecasts_right(), wrong), result
 
 
 def measure(name: str, spec: Spec, pool: MachinePool, rounds: int) -> Row:
@@ -189,6 +193,16 @@ def main(argv: list[str]) -> int:
         scores = [row.searches[kind][0].exposure.split(" (")[0] for kind in SEARCHES]
         print(f"{row.name:24} {row.before.split(' (')[0]:16} {scores[0]:16} {scores[1]:16} {scores[2]:16} "
               f"{row.profile_exposure.split(' (')[0]:16} {'yes' if row.profile_passes else 'NO':>20}")
+    print()
+    print("where the profile-only suggestion and the tightened spec differ, and the forecasts that were wrong")
+    for row in rows:
+        suggested, tightened = set(row.profile_only_lines), set(row.tightened_lines)
+        only_tightened = sorted(tightened - suggested)
+        only_suggested = sorted(suggested - tightened)
+        wrong = row.searches["observed"][0].forecast_wrong
+        if only_tightened or only_suggested or wrong:
+            print(f"{row.name:24} tightened only: {'; '.join(only_tightened) or '-'}  |  profile-only only: "
+                  f"{'; '.join(only_suggested) or '-'}  |  forecast wrong: {'; '.join(wrong) or '-'}")
     if args.json:
         Path(args.json).write_text(json.dumps([{
             "spec": row.name, "before": row.before,
