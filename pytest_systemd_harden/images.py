@@ -160,9 +160,8 @@ BUS_PORT = "org.pytest_systemd_harden.bus"  # the virtio-serial port the system 
 OUTPUT_DIR = "/run/harden-io"  # where a command's stdout and stderr are written inside a VM
 GUEST_HELPER = "/usr/local/libexec/harden-guest"  # backends/qemu_guest.py
 FILES_LABEL = "harden-files"  # the read-only disk of a machine section's files:, see qemu_guest.bind_files
-# systemd's names for the port's device and the files disk's device (a "-" in a path is escaped as \x2d).
+# systemd's name for the port's device (a "-" in a path is escaped as \x2d).
 _PORT_DEVICE = r"dev-virtio\x2dports-" + BUS_PORT.replace("-", r"\x2d") + ".device"
-_FILES_DEVICE = r"dev-disk-by\x2dlabel-" + FILES_LABEL.replace("-", r"\x2d") + ".device"
 # Units of the VM image: (name, text, where it is wanted). The bridge starts when its port appears.
 _GUEST_UNITS = (
     ("harden-bus-bridge.service", f"""\
@@ -181,8 +180,9 @@ RestartSec=100ms
 Description=pytest-systemd-harden: files bound in from the host, read-only
 DefaultDependencies=no
 ConditionKernelCommandLine=harden.files
-Requires={_FILES_DEVICE}
-After={_FILES_DEVICE} local-fs.target
+# Not Requires= on the disk's device unit: that job would be queued whatever the condition says, and a VM without
+# a files disk would wait out the device timeout (90 s). The helper waits for the disk itself.
+After=systemd-udev-trigger.service local-fs.target
 Before=sysinit.target
 
 [Service]

@@ -155,7 +155,11 @@ class QemuMachine(Machine):
             self.accelerator = self._boot_vm(image, files_disk, progress)
             timeout = self.boot_timeout * (TCG_SLOWDOWN if self.accelerator.name == "tcg" else 1)
             self._agent = GuestAgent(str(self._runtime / "agent.sock"))
-            self._agent.connect(timeout)
+            try:
+                self._agent.connect(timeout)
+            except MachineError as exc:
+                raise MachineError(f"VM {self.name} did not come up ({self.accelerator.describe()}): {exc}\n"
+                                   f"console:\n{self.boot_log()}") from None
             # The system bus is up once the manager answers; Machine.boot waits for the boot to finish.
             self.boot_timeout = timeout
             return f"unix:path={self._runtime / 'bus.sock'}"

@@ -72,7 +72,11 @@ def bridge() -> None:
 def bind_files() -> None:
     """Mount the files disk and bind its entries (listed in its binds.json: [[entry, destination], ...])."""
     os.makedirs(FILES_MOUNT, exist_ok=True)
-    subprocess.run(["mount", "-o", "ro", f"LABEL={FILES_LABEL}", FILES_MOUNT], check=True)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["mount", "-o", "ro", f"LABEL={FILES_LABEL}", FILES_MOUNT], check=False).returncode:
+        if time.monotonic() > deadline:  # the disk was given (harden.files is on the command line): it must come
+            sys.exit(f"no disk labelled {FILES_LABEL} appeared within 60 s")
+        time.sleep(0.2)
     with open(os.path.join(FILES_MOUNT, "binds.json")) as manifest:
         binds = json.load(manifest)
     for entry, destination in binds:
