@@ -43,6 +43,23 @@ CPUS = 2
 KVM_TRIAL_SECONDS = 10.0
 # TCG is a software CPU: a boot takes ~15 s where KVM takes ~2 s, so the boot timeout stretches with it.
 TCG_SLOWDOWN = 3.0
+# The kernel prints without pause until it starts init (about 3 s under TCG); this long a silence is a hang.
+EARLY_BOOT_STALL_SECONDS = 20.0
+
+
+def host_tsc_khz() -> int | None:
+    """The host's TSC frequency, where it is constant (the kernel then shows it as "cpu MHz")."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    if "constant_tsc" not in cpuinfo:
+        return None
+    mhz = next((line.split(":")[1] for line in cpuinfo.splitlines() if line.startswith("cpu MHz")), None)
+    try:
+        return round(float(mhz) * 1000) if mhz else None
+    except ValueError:
+        return None
 
 
 def check_available() -> None:
@@ -123,6 +140,11 @@ class QemuMachine(Machine):
     def command_line(self, image: VmImage, runtime: Path, accelerator: str, files_disk: Path | None) -> list[str]:
         cpu = "host" if accelerator == "kvm" else "max"
         append = "console=ttyS0 root=/dev/vda rw systemd.firstboot=off" + (" harden.files" if files_disk else "")
+        khz = host_tsc_khz() if accelerator == "tcg" else None
+        if khz:
+            # Under TCG the guest's TSC is the host's. Without its frequency the kernel calibrates it against the
+            # emulated PIT, which fails now and then on a loaded host, and then hangs calibrating its delay loop.
+            append += f" tsc_early_khz={khz}"
         accel = "kvm" if accelerator == "kvm" else f"tcg,tb-size={TCG_CACHE_MIB}"
         command = [
             QEMU, "-name", self.name, "-machine", "microvm", "-accel", accel, "-cpu", cpu,
@@ -153,6 +175,14 @@ class QemuMachine(Machine):
         try:
             files_disk = self._files_disk(self._runtime) if self.config.files else None
             self.accelerator = self._boot_vm(image, files_disk, progress)
+            stalled = self._early_boot_stall()
+            if stalled:  # a kernel stuck before init does not recover: boot once more, and say so
+                progress(f"{self.name}: {stalled}; booting it again")
+                self._kill_vm()
+                self._launch(image, files_disk, self.accelerator.name)
+                stalled = self._early_boot_stall()
+                if stalled:
+                    raise MachineError(f"VM {self.name}: {stalled}, twice\nconsole:\n{self.boot_log()}")
             timeout = self.boot_timeout * (TCG_SLOWDOWN if self.accelerator.name == "tcg" else 1)
             self._agent = GuestAgent(str(self._runtime / "agent.sock"))
             try:
@@ -201,6 +231,22 @@ class QemuMachine(Machine):
         progress(f"{self.name}: {verdict.describe()}")
         cache.put(fingerprint, verdict)
         return verdict
+
+    def _early_boot_stall(self) -> str | None:
+        """None once the kernel runs init; what happened if its console stops growing before that."""
+        assert self._contained is not None
+        last_size, last_change = -1, time.monotonic()
+        while "Run /init" not in (text := self._console_text()):
+            if self._contained.process.poll() is not None:
+                return f"qemu exited ({next(reversed(self._stderr), 'no message')})"
+            now = time.monotonic()
+            if len(text) != last_size:
+                last_size, last_change = len(text), now
+            elif now - last_change > EARLY_BOOT_STALL_SECONDS:
+                tail = text.strip().splitlines()[-1:] or ["nothing"]
+                return f"the kernel printed nothing for {EARLY_BOOT_STALL_SECONDS:.0f}s after: {tail[0]}"
+            time.sleep(0.1)
+        return None
 
     def _kvm_failure(self) -> str | None:
         """None once the kernel under KVM prints its banner; why not, if QEMU dies or the kernel stays silent."""
