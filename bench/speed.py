@@ -1,10 +1,10 @@
 """Benchmark: what a hardening test costs on the default (nspawn) backend, measured side by side in one run.
 
-    sudo .venv/bin/python bench/speed.py [--rounds N]
+    sudo .venv/bin/python bench/speed.py [--rounds N] [--vm-rounds N]
 
 Prints, with absolute medians and ratios against a baseline measured in the same run:
 1. time to the first scenario result: cold boot of a container (image cached) + service start + one command;
-   beside it, a VM boot of the same image where a QEMU backend exists (not yet: reported as such);
+   beside it, the same on a VM of the same image (the qemu backend: what a VM-per-test driver pays);
 2. per-command overhead: our inside()/client() (a transient unit over D-Bus from the host) vs
    `systemd-run --wait --pipe` invoked inside the same container;
 3. the example suite serially vs with `pytest -n 2`;
@@ -57,13 +57,16 @@ def median_ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:7.1f} ms"
 
 
-def time_to_first_result(spec_path: Path, rounds: int) -> tuple[list[float], list[float], list[int]]:
+def time_to_first_result(spec_path: Path, rounds: int, backend: str = "nspawn",
+                         ) -> tuple[list[float], list[float], list[int], str]:
     first, boots, memory = [], [], []
+    described = backend
     for _ in range(rounds):
         pool = MachinePool()
         try:
             started = time.monotonic()
-            machine = pool.machine_for(MachineConfig())
+            machine = pool.machine_for(MachineConfig(backend=backend))
+            described = machine.describe()
             booted = time.monotonic()
             service = HardenedService(machine, load_spec(spec_path))
             service.start()
@@ -74,7 +77,7 @@ def time_to_first_result(spec_path: Path, rounds: int) -> tuple[list[float], lis
             memory.append(machine.resident_memory() or 0)
         finally:
             pool.close()
-    return first, boots, memory
+    return first, boots, memory, described
 
 
 def command_overhead(spec_path: Path, rounds: int) -> tuple[list[float], list[float], list[float], list[float]]:
@@ -122,12 +125,17 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="repetitions of the boot measurement (default 5)")
     parser.add_argument("--commands", type=int, default=30, help="commands per overhead measurement (default 30)")
     parser.add_argument("--suite-rounds", type=int, default=2, help="runs of the example suite each way (default 2)")
+    parser.add_argument("--vm-rounds", type=int, default=2, help="repetitions of the VM boot (default 2; 0: skip)")
     args = parser.parse_args()
     spec_path = Path(tempfile.mkdtemp(prefix="harden-bench-")) / "harden.yaml"
     spec_path.write_text(SPEC)
     MachinePool().machine_for(MachineConfig()).shutdown()  # warm: the image is built and cached before timing
+    if args.vm_rounds:
+        MachinePool().machine_for(MachineConfig(backend="qemu")).shutdown()  # and the VM's disk, and KVM's verdict
 
-    first, boots, memory = time_to_first_result(spec_path, args.rounds)
+    first, boots, memory, _ = time_to_first_result(spec_path, args.rounds)
+    vm_first, vm_boots, vm_memory, vm_described = (time_to_first_result(spec_path, args.vm_rounds, "qemu")
+                                                   if args.vm_rounds else ([], [], [], ""))
     client, inside, systemd_run, systemd_run_sandboxed = command_overhead(spec_path, args.commands)
     serial, parallel = [], []
     for _ in range(args.suite_rounds):  # alternate, so drift in the machine's speed hits both alike
@@ -137,7 +145,10 @@ def main() -> int:
     print(f"pytest-systemd-harden speed, nspawn backend, {args.rounds} boots, {args.commands} commands, "
           f"{args.suite_rounds} example-suite runs each way (medians)")
     print(f"1. first scenario result (boot+start+command): {median_ms(first)}   of which boot: {median_ms(boots)}")
-    print("   VM boot of the same image:                   not measured: no QEMU backend yet (issue 6)")
+    if vm_first:
+        print(f"   the same on a VM of that image:              {median_ms(vm_first)}   of which boot: "
+              f"{median_ms(vm_boots)}   ratio VM/nspawn: {statistics.median(vm_first) / statistics.median(first):.1f}"
+              f"   ({vm_described}; {args.vm_rounds} boots)")
     print(f"2. client() (transient unit over D-Bus):        {median_ms(client)}")
     print(f"   systemd-run --wait --pipe inside:            {median_ms(systemd_run)}   "
           f"ratio client()/systemd-run: {statistics.median(client) / statistics.median(systemd_run):.2f}")
@@ -147,7 +158,8 @@ def main() -> int:
     print(f"3. example suite serial:                       {statistics.median(serial):7.1f} s")
     print(f"   example suite -n 2:                         {statistics.median(parallel):7.1f} s   "
           f"ratio -n 2/serial: {statistics.median(parallel) / statistics.median(serial):.2f}")
-    print(f"4. resident memory of one booted machine (PSS): {statistics.median(memory) / 2**20:6.1f} MiB")
+    print(f"4. resident memory of one booted machine (PSS): {statistics.median(memory) / 2**20:6.1f} MiB"
+          + (f"   a VM: {statistics.median(vm_memory) / 2**20:6.1f} MiB" if vm_memory else ""))
     return 0
 
 
