@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 # it sees the service's /tmp, network and IPC without being confined by the rest of the hardening.
 NAMESPACE_DIRECTIVES = ("PrivateTmp", "PrivateNetwork", "PrivateIPC")
 # Settings that describe *this* unit, not its sandbox: an inside command must not inherit them.
+# How long a service with `ready: active` is watched after its start job: a program that exits in that time is
+# reported as exiting right after it started.
+ACTIVE_SETTLE_SECONDS = 0.1
 NOT_FOR_COMMANDS = ("Restart", "RestartSec", "RemainAfterExit", "NotifyAccess", "TimeoutStartSec", "TimeoutStopSec",
                     "RuntimeMaxSec", "KillMode", "SyslogIdentifier", "Delegate")
 
@@ -154,11 +157,17 @@ class HardenedService:
                                    else f"exited before it was ready ({ready.describe()})")
             raise self.failure(f"failed to start (start job: {job})")
         if ready.kind == "active":
-            state = self.state()
-            if state["ActiveState"] == "failed" or (state["ActiveState"] == "inactive"
-                                                    and self.spec.service.type != "oneshot"):
-                raise self.failure("exited right after it started")
-            return
+            # The start job is done once the program runs; one that exits at once may not have yet. Watch it
+            # briefly, so "exited right after it started" does not depend on who answers first.
+            settle = time.monotonic() + ACTIVE_SETTLE_SECONDS
+            while True:
+                state = self.state()
+                if state["ActiveState"] == "failed" or (state["ActiveState"] == "inactive"
+                                                        and self.spec.service.type != "oneshot"):
+                    raise self.failure("exited right after it started")
+                if time.monotonic() >= settle:
+                    return
+                time.sleep(0.02)
         deadline = started + ready.timeout
         while True:
             state = self.state()
