@@ -9,6 +9,8 @@ the spec (the naive search's average case). Prints reruns and wall time for each
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -58,6 +60,7 @@ def naive(service: HardenedService, hardening: Hardening) -> tuple[int, float]:
 def main() -> int:
     pool = MachinePool(progress=lambda line: print(f"  [{line}]", file=sys.stderr))
     workdir = Path(tempfile.mkdtemp(prefix="harden-bench-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     rows = []
     try:
         machine = pool.machine_for(MachineConfig())

@@ -9,6 +9,8 @@ unconfined, the same batch inside a hardened service's sandbox, and a spec's ful
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -58,6 +60,7 @@ def main() -> int:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
     pool = MachinePool(progress=lambda line: print(f"  [{line}]", file=sys.stderr))
     workdir = Path(tempfile.mkdtemp(prefix="harden-bench-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     (workdir / "harden.yaml").write_text(SPEC)
     try:
         machine = pool.machine_for(MachineConfig())

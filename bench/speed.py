@@ -14,7 +14,9 @@ Prints, with absolute medians and ratios against a baseline measured in the same
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -128,6 +130,7 @@ def main() -> int:
     parser.add_argument("--vm-rounds", type=int, default=2, help="repetitions of the VM boot (default 2; 0: skip)")
     args = parser.parse_args()
     spec_path = Path(tempfile.mkdtemp(prefix="harden-bench-")) / "harden.yaml"
+    atexit.register(shutil.rmtree, spec_path.parent, ignore_errors=True)
     spec_path.write_text(SPEC)
     MachinePool().machine_for(MachineConfig()).shutdown()  # warm: the image is built and cached before timing
     if args.vm_rounds:
