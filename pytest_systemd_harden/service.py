@@ -183,13 +183,8 @@ class HardenedService:
 
     def stop(self) -> None:
         """Stop the service and forget its state (failed status, State/Cache/Logs/RuntimeDirectory contents)."""
-        systemd = self.machine.systemd
-        systemd.stop_unit(self.unit)
-        systemd.wait_settled(self.unit)
-        systemd.reset_failed(self.unit)  # systemd 252 cleans only inactive units, not failed ones
-        if any(self.spec.directive(d) for d in ("StateDirectory", "CacheDirectory", "LogsDirectory", "RuntimeDirectory")):
-            systemd.clean_unit(self.unit)
-        systemd.unref_unit(self.unit)
+        self.machine.systemd.retire_unit(self.unit, clean=any(
+            self.spec.directive(d) for d in ("StateDirectory", "CacheDirectory", "LogsDirectory", "RuntimeDirectory")))
 
     # -- commands -----------------------------------------------------------------------------------------
 

@@ -272,6 +272,16 @@ class SystemdClient:
                 raise MachineError(f"cleaning {unit} took longer than {timeout:.0f}s")
             time.sleep(0.01)
 
+    def retire_unit(self, unit: str, *, clean: bool) -> None:
+        """Stop ``unit`` and forget it: its failed state, with ``clean`` its State/Cache/Logs/RuntimeDirectory=
+        contents, and our reference, so systemd unloads it. The next unit of that name starts from nothing."""
+        self.stop_unit(unit)
+        self.wait_settled(unit)
+        self.reset_failed(unit)  # systemd 252 cleans only inactive units, not failed ones
+        if clean:
+            self.clean_unit(unit)
+        self.unref_unit(unit)
+
     def unref_unit(self, unit: str) -> None:
         """Drop our AddRef reference, so an inactive transient unit is unloaded."""
         self._run(self._unref(unit))

@@ -186,12 +186,7 @@ class HostMachine(Machine):
 
     def _stop_units(self, client: SystemdClient, *, clean: bool) -> None:
         for unit, _active, _sub in client.list_units(f"{self.name}-*"):
-            client.stop_unit(unit)
-            client.wait_settled(unit)
-            client.reset_failed(unit)
-            if clean:
-                client.clean_unit(unit)  # only a unit we still reference is loaded now: the service
-            client.unref_unit(unit)
+            client.retire_unit(unit, clean=clean)  # with clean: only a unit we still reference is loaded: the service
 
     # -- names and commands -------------------------------------------------------------------------------
 
