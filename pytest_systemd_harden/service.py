@@ -25,10 +25,10 @@ if TYPE_CHECKING:
 # Only these directives make the namespaces that JoinsNamespaceOf= shares; a "peer" of the service copies them so
 # it sees the service's /tmp, network and IPC without being confined by the rest of the hardening.
 NAMESPACE_DIRECTIVES = ("PrivateTmp", "PrivateNetwork", "PrivateIPC")
-# Settings that describe *this* unit, not its sandbox: an inside command must not inherit them.
 # How long a service with `ready: active` is watched after its start job: a program that exits in that time is
 # reported as exiting right after it started.
 ACTIVE_SETTLE_SECONDS = 0.1
+# Settings that describe *this* unit, not its sandbox: an inside command must not inherit them.
 NOT_FOR_COMMANDS = ("Restart", "RestartSec", "RemainAfterExit", "NotifyAccess", "TimeoutStartSec", "TimeoutStopSec",
                     "RuntimeMaxSec", "KillMode", "SyslogIdentifier", "Delegate")
 
