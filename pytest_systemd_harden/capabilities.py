@@ -25,13 +25,11 @@ from .enforcement import (
     NOT_ENFORCED,
     UNVERIFIABLE,
     Context,
-    Runs,
     Status,
     Subject,
     aggregate,
-    denial_ways,
     directive_subject,
-    judge,
+    judge_alone,
     unenforceable_reason,
 )
 from .probes.runner import Batch, machine_facts, on_machine, run_batch, unique
@@ -109,8 +107,7 @@ def measure(machine: Machine) -> Capabilities:
                          "on the machine without hardening")
 
     def solo_run(subject: Subject) -> Batch:
-        alone = (*subject.companions, subject.directive) if subject.directive is not None else ()
-        return run_batch(on_machine(machine, [p for d in alone for p in d.properties()], purpose="capability"),
+        return run_batch(on_machine(machine, [p for d in subject.alone for p in d.properties()], purpose="capability"),
                          subject.probes, f"as root with only {subject.directive}")
 
     # The solo runs are independent units: run side by side (a VM under TCG takes seconds per batch).
@@ -120,10 +117,7 @@ def measure(machine: Machine) -> Capabilities:
     for subject, solo in zip(subjects, solos, strict=True):
         assert subject.directive is not None
         directive = subject.directive
-        alone = (*subject.companions, directive)
-        ways = denial_ways(alone, facts, solo.results)
-        outcomes = [o for check in subject.checks
-                    if (o := judge(check, Runs(solo, baseline), ways.get(check.probe, check.ways))) is not None]
+        outcomes = [o for o in judge_alone(subject.checks, subject.alone, solo, baseline, facts) if o is not None]
         status = aggregate(outcomes) if outcomes else UNVERIFIABLE
         why = ""
         if status == NOT_ENFORCED:

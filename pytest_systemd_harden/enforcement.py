@@ -129,6 +129,11 @@ class Subject:
     def probes(self) -> list[Probe]:
         return unique(check.probe for check in self.checks)
 
+    @property
+    def alone(self) -> tuple[Directive, ...]:
+        """What a solo run of the directive sets: it and its companions, nothing else."""
+        return (*self.companions, self.directive) if self.directive is not None else ()
+
 
 def denial(probe: Probe, ways: Iterable[str], expected: str | None = None) -> Check:
     ways = frozenset(ways)
@@ -1011,6 +1016,15 @@ class Verdict:
         return "\n".join(lines)
 
 
+def judge_alone(checks: Sequence[Check], alone: Sequence[Directive], solo: Batch, machine: Batch,
+                facts: MachineFacts) -> list[CheckOutcome | None]:
+    """How ``checks`` came out in ``solo``, a batch with only the directives ``alone`` set, against ``machine``
+    without hardening; a denial counts in the ways those directives deny by themselves."""
+    ways = denial_ways(alone, facts, solo.results)
+    runs = Runs(solo, machine)
+    return [judge(check, runs, ways.get(check.probe, check.ways)) for check in checks]
+
+
 def aggregate(outcomes: Sequence[CheckOutcome]) -> Status:
     if any(o.status == NOT_ENFORCED for o in outcomes):
         return NOT_ENFORCED
@@ -1199,11 +1213,9 @@ def _verdict(host: ProbeHost, plan_: Plan, subject: Subject, runs: Runs, user: s
     assert subject.directive is not None
     # Set alone (as the service's user), is the directive enforced here at all? If not, the machine cannot
     # enforce it: unverifiable, with the reason. If it is, something in the spec undoes it: a real failure.
-    alone = (*subject.companions, subject.directive)
+    alone = subject.alone
     solo_batch = host.as_user(unique(o.check.probe for o in failed), user, alone)
-    solo_runs = Runs(solo_batch, runs.machine)
-    solo_ways = denial_ways(alone, host.facts(), solo_batch.results)
-    solo = [judge(o.check, solo_runs, solo_ways.get(o.check.probe, o.check.ways)) for o in failed]
+    solo = judge_alone([o.check for o in failed], alone, solo_batch, runs.machine, host.facts())
     shown_alone = "; ".join(str(d) for d in alone)
     as_whom = f"as {user}" if user else "as root"
     suspects = tuple(suspects_for(subject, failed, plan_.directives))
