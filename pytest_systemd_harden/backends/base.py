@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from ..errors import MachineError
 from ..images import ImageCache
 from ..result import CommandResult
 from ..systemd import OutputFiles, Property, SystemdClient
@@ -39,6 +40,12 @@ class MachineConfig:
     # (path on the machine, absolute path on the host), bound read-only.
     files: tuple[tuple[str, str], ...] = ()
     backend: str = "auto"  # see backends.resolve()
+
+    def check_files(self) -> None:
+        """Raise MachineError for a ``files:`` source that is gone from the host since the spec was loaded."""
+        for dest, source in self.files:
+            if not Path(source).exists():
+                raise MachineError(f"file to bind at {dest} does not exist on the host: {source}")
 
     def describe(self) -> str:
         parts = [self.backend]

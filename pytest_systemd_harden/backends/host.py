@@ -79,7 +79,7 @@ from pathlib import Path
 
 from dbus_next.errors import DBusError
 
-from ..errors import BackendUnavailable, MachineError
+from ..errors import BackendUnavailable
 from ..exposure import UNIT_DIR as EXPOSURE_DIR
 from ..probes.runner import INTERPRETER, careful_batch
 from ..result import CommandResult
@@ -144,6 +144,7 @@ class HostMachine(Machine):
             raise BackendUnavailable(f"the host backend uses this host as it is, and it lacks packages that "
                                      f"machine.packages lists: {shown}; install them (sudo apt-get install -y "
                                      f"{shown}) or use --harden-backend=nspawn")
+        self.config.check_files()
         for dest, source in self.config.files:
             check_file(dest, source)
         return f"unix:path={BUS_SOCKET}"
@@ -243,9 +244,8 @@ def missing_packages(packages: Sequence[str]) -> list[str]:
 
 
 def check_file(dest: str, source: str) -> None:
-    """Raise unless ``dest`` on the host already is ``source`` (the same file, or the same content)."""
-    if not Path(source).exists():
-        raise MachineError(f"file to bind at {dest} does not exist on the host: {source}")
+    """Raise unless ``dest`` on the host already is ``source`` (an existing file: MachineConfig.check_files), the
+    same file or the same content."""
     difference = content_difference(Path(dest), Path(source))
     if difference is None:
         return

@@ -59,9 +59,7 @@ class NspawnMachine(Machine):
 
     def _start(self, progress: Progress) -> str:
         check_available()
-        for dest, host in self.config.files:
-            if not Path(host).exists():
-                raise MachineError(f"file to bind at {dest} does not exist on the host: {host}")
+        self.config.check_files()
         image = self.image_cache.get(self.config.packages, progress)
         # If the test process dies without cleaning up, the container is shut down with it.
         self._contained = Contained.start(self.command_line(image.rootfs), "machine", self.name,

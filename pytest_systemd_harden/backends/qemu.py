@@ -291,10 +291,9 @@ class QemuMachine(Machine):
         tree = runtime / "files"
         tree.mkdir()
         binds = []
+        self.config.check_files()
         for number, (destination, source) in enumerate(self.config.files):
             host = Path(source)
-            if not host.exists():
-                raise MachineError(f"file to bind at {destination} does not exist on the host: {source}")
             entry = str(number)
             if host.is_dir():
                 shutil.copytree(host, tree / entry, symlinks=True)
