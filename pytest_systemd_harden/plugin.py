@@ -371,6 +371,16 @@ class SpecItem(pytest.Item):
     def reportinfo(self) -> tuple[Path, int | None, str]:
         return self.path, None, f"{self.path.name}: {self.name}"
 
+    def started_service(self, failure: type[Exception]) -> HardenedService:
+        """The spec's service for an item that needs it running; if it did not start, ``failure`` pointing at the
+        start item, which reports why (this item would only repeat it)."""
+        try:
+            return self.parent.service()
+        except (HardenError, pytest.fail.Exception) as exc:
+            reason = "no backend" if isinstance(exc, pytest.fail.Exception) else type(exc).__name__
+            raise failure(f"not run: the service did not start ({reason}; see "
+                          f"'{self.parent.name}::service starts under hardening')") from None
+
 
 class StartItem(SpecItem):
     """The service starts and becomes ready under the spec's hardening."""
@@ -397,12 +407,7 @@ class ScenarioItem(SpecItem):
         self.scenario = scenario
 
     def runtest(self) -> None:
-        try:
-            service = self.parent.service()
-        except (HardenError, pytest.fail.Exception) as exc:
-            reason = "no backend" if isinstance(exc, pytest.fail.Exception) else type(exc).__name__
-            raise ScenarioFailed(f"not run: the service did not start ({reason}; see "
-                                 f"'{self.parent.name}::service starts under hardening')") from None
+        service = self.started_service(ScenarioFailed)
         outcome = run_scenario(service, self.scenario)
         self.record = self.new_record(check="scenario", scenario=self.scenario.name, diagnosis=None)
         if not outcome.passed:
@@ -439,12 +444,7 @@ class EnforcementItem(SpecItem):
     def runtest(self) -> None:
         from .enforcement import ENFORCED, UNVERIFIABLE, EnforcementFailed, verify_service
 
-        try:
-            service = self.parent.service()
-        except (HardenError, pytest.fail.Exception) as exc:
-            reason = "no backend" if isinstance(exc, pytest.fail.Exception) else type(exc).__name__
-            raise EnforcementFailed(f"not run: the service did not start ({reason}; see "
-                                    f"'{self.parent.name}::service starts under hardening')") from None
+        service = self.started_service(EnforcementFailed)
         report = self.parent.stash.get(ENFORCEMENT_REPORT, None)
         if report is None:
             report = verify_service(service)

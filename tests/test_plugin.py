@@ -188,3 +188,23 @@ scenarios:
         if match:
             workers.setdefault(match.group(2), set()).add(match.group(1))
     assert {spec: len(found) for spec, found in workers.items()} == {"first": 1, "second": 1}
+
+
+def test_items_of_a_service_that_did_not_start_point_at_the_start_item(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".yaml", harden="""
+service:
+  exec_start: /bin/sh -c 'exit 7'
+hardening:
+  ProtectSystem: strict
+scenarios:
+  - name: anything
+    client: "true"
+""")
+    result = pytester.runpytest("-v", "--harden-diagnose=off")
+    result.stdout.fnmatch_lines([
+        "*harden.yaml::service starts under hardening FAILED*",
+        "*harden.yaml::anything FAILED*",
+        "*harden.yaml::ProtectSystem=strict is enforced FAILED*",
+    ])
+    assert result.stdout.str().count("not run: the service did not start (ServiceFailed; see 'harden.yaml::service "
+                                      "starts under hardening')") == 2
