@@ -34,7 +34,7 @@ from pytest_systemd_harden.plugin import HardenSession
 from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.probes import inside
 from pytest_systemd_harden.probes.model import Probe, ProbeResult
-from pytest_systemd_harden.probes.runner import batch_argv, careful_batch, inside_script, on_machine, run_batch
+from pytest_systemd_harden.probes.runner import batch_argv, guarded_batch, inside_script, on_machine, run_batch
 from pytest_systemd_harden.service import HardenedService, dynamic_user_name
 from pytest_systemd_harden.spec import Spec
 from pytest_systemd_harden.systemd import ProcessOutcome, SystemdClient
@@ -114,18 +114,20 @@ def test_every_probe_batch_on_the_host_runs_in_careful_mode_whoever_builds_it() 
     machine.run("echo '{\"probes\": []}'")
     batch, other, shell = systemd.argvs
     assert batch[:4] == ["/usr/bin/python3", "-I", "-S", "-"]
-    assert json.loads(batch[4]) == {"probes": [["write", "/etc"]], "careful": True}
+    request = json.loads(batch[4])
+    assert request.pop("loaded_families") == [f for f in inside.FAMILY_MODULES if inside.family_loaded(f)]
+    assert request == {"probes": [["write", "/etc"]], "guard": "host"}
     assert other == ["/usr/bin/python3", "-c", "print(1)"]
     assert shell == ["/bin/sh", "-c", "echo '{\"probes\": []}'"]
-    assert careful_batch(["/usr/bin/python3", "-I", "-S", "-", "not json"]) is None
+    assert guarded_batch(["/usr/bin/python3", "-I", "-S", "-", "not json"], "host") is None
 
 
-def run_locally(probes: list[Probe], *, careful: bool, scratch: Path | None = None) -> dict[Probe, ProbeResult]:
+def run_locally(probes: list[Probe], *, guard: str | None, scratch: Path | None = None) -> dict[Probe, ProbeResult]:
     """The inside script on this test host, as a batch would run it; only on the test's own paths."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     if scratch is not None:
         env["RUNTIME_DIRECTORY"] = str(scratch)  # where the umask and setuid-bit probes put their scratch file
-    argv = batch_argv(probes, careful=careful)
+    argv = batch_argv(probes, guard=guard)
     done = subprocess.run([sys.executable, *argv[1:]], input=inside_script(), capture_output=True, check=True,
                           env=env, umask=0o027)
     results = [ProbeResult.from_json(json.loads(line)) for line in done.stdout.decode().splitlines()]
@@ -141,14 +143,14 @@ def test_careful_probes_leave_a_directory_untouched_even_its_mtime(tmp_path: Pat
         os.utime(path, ns=(past, past))
     probes = [Probe("write", str(directory)), Probe("write", f"{directory}/missing"), Probe("write", f"{directory}/file"),
               Probe("exec", str(directory)), Probe("umask"), Probe("setuid-bit", "suid"), Probe("setuid-bit", "sgid")]
-    results = run_locally(probes, careful=True, scratch=directory)
+    results = run_locally(probes, guard="host", scratch=directory)
     assert all(results[p].allowed for p in probes), [results[p].describe() for p in probes]
     assert results[Probe("umask")].facts["file_mode"] == 0o640  # 0666 under the umask 027 it ran with
     assert sorted(os.listdir(directory)) == ["file"]
     assert (directory / "file").read_text() == "as it was\n"
     assert [os.stat(path).st_mtime_ns for path in (directory, directory / "file")] == [past, past]
     # The ordinary mode names a scratch file, which the directory's mtime shows: this test would see it.
-    run_locally([Probe("write", str(directory))], careful=False)
+    run_locally([Probe("write", str(directory))], guard=None)
     assert os.stat(directory).st_mtime_ns != past
 
 
@@ -159,12 +161,12 @@ def test_careful_reads_never_open_a_fifo_whose_writer_waits(tmp_path: Path) -> N
     writer = threading.Thread(target=lambda: opened.append(os.open(fifo, os.O_WRONLY)), daemon=True)
     writer.start()  # blocked in open() until a reader comes: opening the FIFO to read would let it in
     try:
-        result = run_locally([Probe("read", str(fifo))], careful=True)[Probe("read", str(fifo))]
+        result = run_locally([Probe("read", str(fifo))], guard="host")[Probe("read", str(fifo))]
         assert result.allowed and "never opened" in result.detail, result.describe()
         writer.join(timeout=1)
         assert writer.is_alive() and opened == []
         # The ordinary mode opens it, and the writer gets in: this test would see it.
-        run_locally([Probe("read", str(fifo))], careful=False)
+        run_locally([Probe("read", str(fifo))], guard=None)
         writer.join(timeout=5)
         assert opened
     finally:
@@ -180,7 +182,8 @@ def test_careful_sockets_of_families_not_loaded_are_not_tried(monkeypatch: pytes
     protocols.write_text("protocol  size sockets  memory press maxhdr  slab module     cl co di ac io in de sh ss gs se "
                          "re sp bi br ha uh gp em\nUNIX       1024     12      -1   NI       0   yes  kernel\n")
     modules.mkdir()
-    monkeypatch.setattr(inside, "CAREFUL", True)
+    monkeypatch.setattr(inside, "CAREFUL", True)  # as main() sets both for {"guard": "host"}
+    monkeypatch.setattr(inside, "SHARED_KERNEL", True)
     monkeypatch.setattr(inside, "PROTOCOLS_FILE", str(protocols))
     monkeypatch.setattr(inside, "MODULES_DIR", str(modules))
     refused = inside.probe_socket("AF_VSOCK", "tag")
@@ -188,23 +191,24 @@ def test_careful_sockets_of_families_not_loaded_are_not_tried(monkeypatch: pytes
         f"{inside.CAREFUL_REFUSAL}socket(AF_VSOCK) would make the host's kernel load the module of AF_VSOCK, which is "
         "not loaded (modprobe vsock first to have it probed)")
     assert inside.probe_socket("AF_ALG", "tag")["detail"].startswith(inside.CAREFUL_REFUSAL)  # no module known
-    assert inside._family_loaded("AF_UNIX") and inside._family_loaded("AF_NETLINK")  # built into every kernel
+    assert inside.family_loaded("AF_UNIX") and inside.family_loaded("AF_NETLINK")  # built into every kernel
     (modules / "vsock").mkdir()
-    assert inside._family_loaded("AF_VSOCK")
+    assert inside.family_loaded("AF_VSOCK")
     protocols.write_text(protocols.read_text() + "PACKET     1024      0      -1   NI       0   no   kernel\n")
-    assert inside._family_loaded("AF_PACKET")
+    assert inside.family_loaded("AF_PACKET")
     assert inside.probe_connect("10.1.2.3:53", "tag")["detail"].startswith(inside.CAREFUL_REFUSAL)
     assert inside.probe_bind("192.0.2.1:80", "tag")["detail"].startswith(inside.CAREFUL_REFUSAL)
 
 
 def test_careful_mode_asks_the_host_for_a_share_of_its_memory_and_tasks_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(inside, "CAREFUL", True)
+    monkeypatch.setattr(inside, "CAREFUL", True)  # as main() sets both for {"guard": "host"}
+    monkeypatch.setattr(inside, "SHARED_KERNEL", True)
     with open("/proc/meminfo") as meminfo:
         available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
     half = inside.probe_allocate(str(available // 2), "tag")  # refused before anything is allocated
     assert half["status"] == "error" and half["detail"].startswith(
         f"{inside.CAREFUL_REFUSAL}touching {(available // 2) >> 20} MiB would take more than a quarter"), half
-    many = inside.probe_tasks(str(inside.CAREFUL_MAX_TASKS + 1), "tag")
+    many = inside.probe_tasks(str(inside.HOST_MAX_TASKS + 1), "tag")
     assert many["detail"].startswith(inside.CAREFUL_REFUSAL), many
     assert inside.probe_tasks("3", "tag")["status"] == "allowed"
 

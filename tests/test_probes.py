@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,83 @@ def test_bad_deny_and_enforcement_keys_are_one_line_errors(make_spec: MakeSpec, 
     with pytest.raises(SpecError) as caught:
         make_spec("service:\n  exec_start: /bin/true\n" + tail)
     assert f"/{message}" in str(caught.value), str(caught.value)
+
+
+# --- guards: where the kernel is the host's -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("backend", "guard"), [("nspawn", "kernel"), ("host", "host"), ("qemu", None)])
+def test_each_backend_runs_every_probe_batch_under_its_guard_whoever_builds_it(backend: str,
+                                                                               guard: str | None) -> None:
+    from pytest_systemd_harden import backends
+    from pytest_systemd_harden.backends.base import MachineConfig
+    from pytest_systemd_harden.systemd import ProcessOutcome
+
+    ran: list[list[str]] = []
+
+    class RecordingSystemd:
+        def run(self, unit: str, argv: list[str], properties: object, *, stdin: bytes = b"",
+                timeout: float = 60.0) -> ProcessOutcome:
+            ran.append(list(argv))
+            return ProcessOutcome(unit, "success", 0, None, b"", b"", 0.0)
+
+    machine = backends.machine_class(backend)(MachineConfig(backend=backend))
+    machine._systemd = RecordingSystemd()  # type: ignore[assignment]
+    machine.run(batch_argv([Probe("socket", "AF_VSOCK")]))  # built without a guard
+    machine.run(["/usr/bin/python3", "-c", "print(1)"])  # not a batch: as it is
+    batch, other = ran
+    request = json.loads(batch[4])
+    if guard is None:
+        assert request == {"probes": [["socket", "AF_VSOCK"]]}
+    else:  # with the families this kernel has, seen from here: the sandbox may not see them
+        assert request == {"probes": [["socket", "AF_VSOCK"]], "guard": guard,
+                           "loaded_families": [f for f in inside.FAMILY_MODULES if inside.family_loaded(f)]}
+    assert other == ["/usr/bin/python3", "-c", "print(1)"]
+
+
+def test_on_the_hosts_kernel_no_module_is_loaded_and_no_large_share_taken(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    # As main() sets them for {"guard": "kernel"}: a container, whose files are its own but whose kernel is not.
+    monkeypatch.setattr(inside, "SHARED_KERNEL", True)
+    monkeypatch.setattr(inside, "CAREFUL", False)
+    protocols, modules = tmp_path / "protocols", tmp_path / "module"
+    protocols.write_text("protocol  size sockets  memory press maxhdr  slab module     cl co di ac io in de sh ss gs se "
+                         "re sp bi br ha uh gp em\nUNIX       1024     12      -1   NI       0   yes  kernel\n")
+    modules.mkdir()
+    monkeypatch.setattr(inside, "PROTOCOLS_FILE", str(protocols))
+    monkeypatch.setattr(inside, "MODULES_DIR", str(modules))
+    refused = inside.probe_socket("AF_PACKET", "tag")
+    assert refused["status"] == "error" and refused["detail"] == (
+        "not tried in a container, whose kernel is the host's: socket(AF_PACKET) would make the host's kernel load "
+        "the module of AF_PACKET, which is not loaded (modprobe af_packet first to have it probed)")
+    assert inside.probe_socket("AF_UNIX", "tag")["status"] == "allowed"  # built in: nothing to load
+    with open("/proc/meminfo") as meminfo:
+        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    half = inside.probe_allocate(str(available // 2), "tag")
+    assert half["detail"].startswith(f"{inside.KERNEL_REFUSAL}touching {(available // 2) >> 20} MiB"), half
+    assert inside.probe_tasks(str(inside.HOST_MAX_TASKS + 1), "tag")["detail"].startswith(inside.KERNEL_REFUSAL)
+    # Files are the container's own: a scratch file is made as in the ordinary mode, not an unnamed one.
+    written = inside.probe_write(str(tmp_path), "tag")
+    assert written["status"] == "allowed" and "unnamed" not in written["detail"], written
+    assert sorted(tmp_path.iterdir()) == [modules, protocols]  # and removed again
+
+
+def test_a_sandbox_that_sees_neither_proc_net_nor_sys_module_goes_by_the_requests_families(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(inside, "SHARED_KERNEL", True)
+    monkeypatch.setattr(inside, "PROTOCOLS_FILE", str(tmp_path / "hidden"))  # ProcSubset=pid, PrivateNetwork=
+    monkeypatch.setattr(inside, "MODULES_DIR", str(tmp_path / "hidden"))  # ProtectKernelModules=
+    monkeypatch.setattr(inside, "LOADED_FAMILIES", frozenset({"AF_INET6"}))
+    assert inside.family_loaded("AF_INET6") and not inside.family_loaded("AF_VSOCK")
+    assert inside.probe_socket("AF_VSOCK", "tag")["detail"].startswith(inside.KERNEL_REFUSAL)
+    assert not inside.probe_socket("AF_INET6", "tag")["detail"].startswith(inside.REFUSALS)
+
+
+@pytest.mark.parametrize(("guard", "prefix"), [("kernel", inside.KERNEL_REFUSAL), ("host", inside.CAREFUL_REFUSAL)])
+def test_the_script_takes_its_guard_from_the_request(guard: str, prefix: str) -> None:
+    with open("/proc/meminfo") as meminfo:
+        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    # Half of what this machine has free: refused under either guard before anything is allocated.
+    argv = batch_argv([Probe("allocate", str(available // 2))], guard=guard)
+    done = subprocess.run([sys.executable, *argv[1:]], input=inside_script(), capture_output=True, check=True)
+    result = json.loads(done.stdout)
+    assert result["status"] == "error" and result["detail"].startswith(prefix), result

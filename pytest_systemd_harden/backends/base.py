@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import MachineError
 from ..images import ImageCache
+from ..probes.runner import guarded_batch
 from ..result import CommandResult
 from ..systemd import OutputFiles, Property, SystemdClient
 
@@ -74,6 +75,9 @@ class Machine(abc.ABC):
     """A booted systemd. Subclasses implement :meth:`_start` and :meth:`_stop`; the rest is shared."""
 
     NAME: ClassVar[str]
+    # How careful a probe batch must be here (probes.inside): GUARD_KERNEL where the kernel is the host's (a
+    # container), GUARD_HOST where the machine is the host; None for a machine with a kernel of its own (a VM).
+    PROBE_GUARD: ClassVar[str | None] = None
 
     config: MachineConfig
     name: str = field(default_factory=lambda: f"harden-{uuid.uuid4().hex[:8]}")
@@ -155,8 +159,12 @@ class Machine(abc.ABC):
 
     def run(self, command: str | Sequence[str], properties: Sequence[Property] = (), *, stdin: bytes = b"",
             timeout: float = 60.0, purpose: str = "cmd", where: str | None = None) -> CommandResult:
-        """Run ``command`` (a shell string or an argv) as a transient unit with ``properties``."""
+        """Run ``command`` (a shell string or an argv) as a transient unit with ``properties``.
+
+        A probe batch runs under this machine's :attr:`PROBE_GUARD`, whoever built it."""
         argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+        if self.PROBE_GUARD is not None:
+            argv = guarded_batch(argv, self.PROBE_GUARD) or argv
         shown = command if isinstance(command, str) else shlex.join(argv)
         outcome = self.systemd.run(self.unit_name(purpose), argv, properties, stdin=stdin, timeout=timeout)
         stderr = outcome.stderr.decode(errors="replace")

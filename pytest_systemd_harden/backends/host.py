@@ -27,8 +27,8 @@ unit of a live run always carries its run's reference, and the host's own units 
 * ``RemoveIPC=`` (implied by ``DynamicUser=``) with ``User=`` or ``Group=`` an account of the host: stopping the
   service would remove every IPC object of that account, those of its real processes included.
 
-**Probes.** Every probe batch this machine runs is switched to careful mode (:func:`~..probes.runner.careful_batch`,
-applied in :meth:`HostMachine.run`, so no caller can forget it). The control runs are unconfined root on the real
+**Probes.** Every probe batch this machine runs is switched to careful mode (its ``PROBE_GUARD``, applied by
+:meth:`Machine.run <.base.Machine.run>` to every batch, so no caller can forget it). The control runs are unconfined root on the real
 host, and the sandbox runs are no safer where the spec is weak, so careful mode applies to every batch. The
 argument, per probe kind (the ordinary mode is in ``docs/probes.md``):
 
@@ -81,7 +81,8 @@ from dbus_next.errors import DBusError
 
 from ..errors import BackendUnavailable
 from ..exposure import UNIT_DIR as EXPOSURE_DIR
-from ..probes.runner import INTERPRETER, careful_batch
+from ..probes.inside import GUARD_HOST
+from ..probes.runner import INTERPRETER
 from ..result import CommandResult
 from ..spec import Spec
 from ..systemd import Property, SystemdClient
@@ -128,6 +129,7 @@ def check_available() -> None:
 @dataclass
 class HostMachine(Machine):
     NAME = "host"
+    PROBE_GUARD = GUARD_HOST
 
     name: str = field(default_factory=lambda: f"{FAMILY}{secrets.token_hex(3)}")
     # Host paths of *Directory= directives that did not exist when a service of ours first asked for them: made by
@@ -199,9 +201,7 @@ class HostMachine(Machine):
 
     def run(self, command: str | Sequence[str], properties: Sequence[Property] = (), *, stdin: bytes = b"",
             timeout: float = 60.0, purpose: str = "cmd", where: str | None = None) -> CommandResult:
-        """As on any machine, but a probe batch always runs in careful mode (see the module docstring)."""
-        if not isinstance(command, str):
-            command = careful_batch(command) or command
+        """As on any machine, but saying that it runs on this host."""
         return super().run(command, properties, stdin=stdin, timeout=timeout, purpose=purpose,
                            where=where or f"on this host, unconfined (machine {self.name})")
 

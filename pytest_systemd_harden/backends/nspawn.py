@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..cgroups import Contained, host_runs_systemd
 from ..errors import BackendUnavailable, MachineError
+from ..probes.inside import GUARD_KERNEL
 from .base import Machine, Progress, proportional_set_size
 
 __all__ = ["NspawnMachine", "check_available", "host_runs_systemd"]
@@ -36,6 +37,9 @@ def check_available() -> None:
 @dataclass
 class NspawnMachine(Machine):
     NAME = "nspawn"
+    # The container's kernel is the host's: a probe must not load a module into it, nor take its memory (see
+    # probes.inside).
+    PROBE_GUARD = GUARD_KERNEL
 
     _contained: Contained | None = field(default=None, init=False, repr=False)
     _console: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200), init=False,

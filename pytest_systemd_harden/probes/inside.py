@@ -15,16 +15,19 @@ the clock and host name are "set" with invalid arguments (so the kernel refuses 
 reboot/init_module get invalid magic/empty images, mounts target a path that does not exist, sockets only touch
 loopback and are never listened on, and nothing is ever signalled but the probe's own child.
 
-Careful mode (``"careful": true`` in the request) is for a machine that is somebody's real host, not a disposable
-container: the host backend sets it on every batch it runs. Then nothing ever gets a name on a filesystem (a
+Two guards, named by the request's ``"guard"``, keep a probe from touching the host where the machine is not a world
+of its own. ``"kernel"`` is for a container, whose kernel is the host's: no socket is made of an address family
+whose kernel module is not loaded (``socket(2)`` would load it into the host's kernel, from any container), and no
+allocation beyond a quarter of the host's available memory, nor more than 512 threads, is tried (a container's
+limits may not be enforced, and the memory and tasks are the host's). ``"host"``, careful mode, is for a machine
+that is somebody's real host: the host backend sets it on every batch it runs. It guards what ``"kernel"`` does,
+and more: nothing ever gets a name on a filesystem (a
 scratch file is unnamed, ``O_TMPFILE``, and vanishes when closed, or the kernel is only asked, with ``access(2)``),
 no file is opened for writing, no device or FIFO is opened (a watchdog starts when opened; a FIFO's writer would
 lose its data), no kernel file under /proc or /sys is read (reading /proc/kmsg takes the messages from the log
 daemon), nothing is executed from a scratch copy (the noexec mount flag decides), the umask is read from
-/proc/self/status, no socket is made of an address family whose kernel module is not loaded (``socket(2)``
-would load it), and no allocation beyond a quarter of the host's available memory, nor more than 512 threads, is
-tried. A probe that cannot be done so is not tried: its result is an error whose detail starts with
-``CAREFUL_REFUSAL``, which leaves its checks unverifiable, never passed.
+/proc/self/status. A probe a guard does not allow is not tried: its result is an error whose detail starts with
+one of ``REFUSALS`` (:func:`refused`), which leaves its checks unverifiable, never passed.
 
 Probes that make a syscall a seccomp filter may kill (SIGSYS) run in a forked child, so one kill never ends the
 batch. Those that leave the process as it was share one child, one after another: a kill is the verdict of the
@@ -54,9 +57,16 @@ FS_DENIALS = ("EROFS", "EACCES", "EPERM")
 SCRATCH_PREFIX = ".harden-probe-"
 CHILD_TIMEOUT = 10  # seconds a forked probe may take before it is killed by its own alarm
 
-# Careful mode (see the module docstring): set by main() from the request, inherited by the probes' children.
+# The guards (see the module docstring), set by main() from the request and inherited by the probes' children.
+# SHARED_KERNEL: the machine runs on the host's kernel (a container, or the host); CAREFUL: it is the host.
+SHARED_KERNEL = False
 CAREFUL = False
+GUARD_KERNEL, GUARD_HOST = "kernel", "host"
 CAREFUL_REFUSAL = "not tried on the host backend: "
+KERNEL_REFUSAL = "not tried in a container, whose kernel is the host's: "
+REFUSALS = (CAREFUL_REFUSAL, KERNEL_REFUSAL)
+# The families the kernel has, as the machine saw them from outside the sandbox (the request's "loaded_families").
+LOADED_FAMILIES: frozenset[str] | None = None
 # O_TMPFILE errnos that mean "this filesystem (or kernel) has no unnamed files", not "you may not create one".
 NO_TMPFILE = ("EOPNOTSUPP", "EISDIR")
 # Address families the kernel cannot lack: socket(2) never loads a module for them.
@@ -66,9 +76,9 @@ FAMILY_MODULES = {"AF_INET6": ("ipv6", ("TCPv6", "UDPv6")), "AF_PACKET": ("af_pa
                   "AF_VSOCK": ("vsock", ("AF_VSOCK",))}
 PROTOCOLS_FILE = "/proc/net/protocols"
 MODULES_DIR = "/sys/module"
-# Careful mode loads the host with at most a quarter of its available memory, and this many threads.
-CAREFUL_MEMORY_SHARE = 4
-CAREFUL_MAX_TASKS = 512
+# On the host's kernel, a probe loads the host with at most a quarter of its available memory, and this many threads.
+HOST_MEMORY_SHARE = 4
+HOST_MAX_TASKS = 512
 
 CLONE_FLAGS = {
     "mnt": 0x00020000, "cgroup": 0x02000000, "uts": 0x04000000, "ipc": 0x08000000,
@@ -107,8 +117,8 @@ def from_oserror(exc: OSError, denials: tuple[str, ...], what: str, **facts: Any
 
 
 def refused(why: str) -> Result:
-    """A probe careful mode does not try: an error, so that nothing is concluded from it."""
-    return error(CAREFUL_REFUSAL + why)
+    """A probe the batch's guard does not allow: an error, so that nothing is concluded from it."""
+    return error((CAREFUL_REFUSAL if CAREFUL else KERNEL_REFUSAL) + why)
 
 
 # --- the C library, for syscalls Python does not wrap -------------------------------------------------------
@@ -520,7 +530,7 @@ def probe_socket(family_name: str, tag: str) -> Result:
     family = getattr(socket, family_name, None)
     if not isinstance(family, int):
         return error(f"unknown address family {family_name}")
-    if CAREFUL and not _family_loaded(family_name):
+    if SHARED_KERNEL and not family_loaded(family_name):
         module = FAMILY_MODULES.get(family_name, ("", ()))[0]
         return refused(f"socket({family_name}) would make the host's kernel load the module of {family_name}, "
                        "which is not loaded" + (f" (modprobe {module} first to have it probed)" if module else ""))
@@ -537,16 +547,20 @@ def probe_socket(family_name: str, tag: str) -> Result:
     return error(f"socket({family_name}): {last.strerror}", last.errno)
 
 
-def _family_loaded(name: str) -> bool:
-    """Whether the kernel has address family ``name`` already, so that socket(2) loads no module for it."""
+def family_loaded(name: str) -> bool:
+    """Whether the kernel has address family ``name`` already, so that socket(2) loads no module for it.
+
+    Told by the request where the machine looked from outside (a sandbox may see neither /proc/net nor /sys)."""
     if name in BUILT_IN_FAMILIES:
         return True
+    if LOADED_FAMILIES is not None:
+        return name in LOADED_FAMILIES
     module, protocols = FAMILY_MODULES.get(name, ("", ()))
     try:
         with open(PROTOCOLS_FILE) as table:
             if set(protocols) & {line.split(maxsplit=1)[0] for line in table if line.strip()}:
                 return True
-    except OSError:  # no /proc/net here (ProcSubset=pid): the module directory may still tell
+    except OSError:  # no /proc/net here: the module directory may still tell
         pass
     return bool(module) and os.path.isdir(os.path.join(MODULES_DIR, module))
 
@@ -871,7 +885,7 @@ def probe_allocate(size: str, tag: str) -> Result:
     if wanted > available * 3 // 4:
         return error(f"{wanted >> 20} MiB is more than this machine can spare ({available >> 20} MiB available): "
                      "the machine's own OOM killer would decide, not the limit")
-    if CAREFUL and wanted > available // CAREFUL_MEMORY_SHARE:
+    if SHARED_KERNEL and wanted > available // HOST_MEMORY_SHARE:
         return refused(f"touching {wanted >> 20} MiB would take more than a quarter of the {available >> 20} MiB "
                        "this host has available: its other processes could be swapped out or OOM-killed")
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -910,9 +924,9 @@ def probe_tasks(count: str, tag: str) -> Result:
     import threading
 
     wanted = int(count)
-    if CAREFUL and wanted > CAREFUL_MAX_TASKS:
+    if SHARED_KERNEL and wanted > HOST_MAX_TASKS:
         return refused(f"{wanted} threads could use up the host's task limits while its other processes need them "
-                       f"(at most {CAREFUL_MAX_TASKS} are started on the host)")
+                       f"(at most {HOST_MAX_TASKS} are started on the host's kernel)")
     release = threading.Event()
     started: list[threading.Thread] = []
     try:
@@ -1076,9 +1090,12 @@ def no_core_dumps() -> None:
 
 
 def main(argv: list[str]) -> int:
-    global CAREFUL
+    global CAREFUL, SHARED_KERNEL, LOADED_FAMILIES
     request = json.loads(argv[1])
-    CAREFUL = request.get("careful") is True
+    CAREFUL = request.get("guard") == GUARD_HOST
+    SHARED_KERNEL = CAREFUL or request.get("guard") == GUARD_KERNEL
+    if isinstance(request.get("loaded_families"), list):
+        LOADED_FAMILIES = frozenset(request["loaded_families"])
     tag = secrets.token_hex(4)
     probes = [(str(kind), str(arg)) for kind, arg in request["probes"]]
 

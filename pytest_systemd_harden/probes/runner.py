@@ -13,11 +13,15 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..backends.base import Machine
 from ..result import CommandResult
 from ..systemd import Property
+from . import inside
 from .model import Probe, ProbeResult
+
+if TYPE_CHECKING:  # the backends run batches through guarded_batch: no import of them at run time
+    from ..backends.base import Machine
 
 INTERPRETER = "/usr/bin/python3"
 
@@ -31,20 +35,22 @@ def inside_script() -> bytes:
     return Path(__file__).with_name("inside.py").read_bytes()
 
 
-def batch_argv(probes: Sequence[Probe], *, careful: bool = False) -> list[str]:
-    """The command of a batch; ``careful`` for a machine that is somebody's real host (see :mod:`.inside`)."""
+def batch_argv(probes: Sequence[Probe], *, guard: str | None = None) -> list[str]:
+    """The command of a batch; ``guard`` (:data:`.inside.GUARD_KERNEL` or ``GUARD_HOST``) for a machine that shares
+    the host's kernel or is the host (see :mod:`.inside`)."""
     # -I -S: the image's own stdlib only, no site-packages or environment that could change what a probe does.
     request: dict[str, object] = {"probes": [[probe.kind, probe.arg] for probe in probes]}
-    if careful:
-        request["careful"] = True
+    if guard is not None:
+        request["guard"] = guard
     return [INTERPRETER, "-I", "-S", "-", json.dumps(request)]
 
 
-def careful_batch(argv: Sequence[str]) -> list[str] | None:
-    """``argv`` in careful mode if it is a probe batch, else None.
+def guarded_batch(argv: Sequence[str], guard: str) -> list[str] | None:
+    """``argv`` under ``guard`` if it is a probe batch, else None.
 
-    The host backend passes every command it runs through this, so no caller can run a batch on the host in the
-    ordinary mode (which creates named scratch files and opens devices) by forgetting to ask for careful mode.
+    A machine that shares the host's kernel, or is the host, passes every command it runs through this (see
+    :meth:`Machine.run <pytest_systemd_harden.backends.base.Machine.run>`), so no caller can run a batch there
+    unguarded by forgetting to ask. Only such a machine: this process runs on the kernel the batch will.
     """
     if len(argv) != 5 or list(argv[:4]) != [INTERPRETER, "-I", "-S", "-"]:
         return None
@@ -54,7 +60,9 @@ def careful_batch(argv: Sequence[str]) -> list[str] | None:
         return None
     if not isinstance(request, dict) or "probes" not in request:
         return None
-    return [*argv[:4], json.dumps({**request, "careful": True})]
+    # Seen from here, whose kernel it is: a sandbox may see neither /proc/net/protocols nor /sys/module.
+    loaded = [family for family in inside.FAMILY_MODULES if inside.family_loaded(family)]
+    return [*argv[:4], json.dumps({**request, "guard": guard, "loaded_families": loaded})]
 
 
 def unique(probes: Iterable[Probe]) -> list[Probe]:
