@@ -76,10 +76,13 @@ class Capabilities:
 
     def summary(self) -> str:
         """One line for the progress output: what is enforced and what is not (the reasons come with the items)."""
-        def names(*statuses: str) -> str:
-            return ", ".join(f"{c.name}=" for c in self.by_name.values() if c.status in statuses) or "-"
-        return (f"enforces {names(ENFORCED)}; does NOT enforce {names(NOT_ENFORCED)}; cannot tell here "
-                f"{names(UNVERIFIABLE)}")
+        def names(status: str) -> str:
+            return ", ".join(f"{c.name}=" for c in self.by_name.values() if c.status == status)
+
+        parts = [(f"{label} {listed}") for label, listed in (
+            ("enforces", names(ENFORCED)), ("does NOT enforce", names(NOT_ENFORCED)),
+            ("cannot tell here", names(UNVERIFIABLE))) if listed]
+        return "; ".join(parts) or "nothing measured"
 
 
 _MEASURED: dict[str, Capabilities] = {}

@@ -25,3 +25,16 @@ def test_a_container_here_enforces_namespaces_seccomp_and_bpf_firewalls_but_not_
         assert "BPF_FRAMEWORK" in capabilities.unenforced()["SocketBindDeny"]
     assert set(capabilities.unenforced()) == {name for name, s in status.items() if s == NOT_ENFORCED}
     assert machine_capabilities(machine) is capabilities  # measured once per machine
+
+
+def test_the_boot_line_names_only_what_was_seen() -> None:
+    from pytest_systemd_harden.capabilities import Capabilities, Capability
+    from pytest_systemd_harden.enforcement import UNVERIFIABLE
+
+    def measured(*statuses: tuple[str, str]) -> Capabilities:
+        return Capabilities("qemu", {name: Capability(f"{name}=x", name, status, "seen") for name, status in statuses})
+
+    assert measured(("MemoryMax", ENFORCED), ("SocketBindDeny", NOT_ENFORCED)).summary() == \
+        "enforces MemoryMax=; does NOT enforce SocketBindDeny="  # no "cannot tell here -" on a VM
+    assert measured(("ProtectKernelModules", UNVERIFIABLE)).summary() == "cannot tell here ProtectKernelModules="
+    assert measured().summary() == "nothing measured"
