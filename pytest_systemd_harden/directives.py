@@ -16,7 +16,7 @@ import errno
 import ipaddress
 import re
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,25 @@ NAMESPACE_FLAGS = {
 ALL_NAMESPACES = sum(NAMESPACE_FLAGS.values())
 
 ADDRESS_FAMILY_RE = re.compile(r"^AF_[A-Z0-9_]+$")
+# systemd ignores a syscall group or an address family it does not know, with only a line in its log: the filter
+# then differs from what the spec says, silently. So names are checked against these lists when the spec loads
+# (the syscalls themselves against the machine's systemd when the service starts, see ignored_by_systemd).
+# systemd.exec(5), "System Call Filtering": the groups of systemd 252, and @sandbox (253).
+SYSCALL_GROUPS = (
+    "@aio", "@basic-io", "@chown", "@clock", "@cpu-emulation", "@debug", "@default", "@file-system", "@io-event",
+    "@ipc", "@keyring", "@known", "@memlock", "@module", "@mount", "@network-io", "@obsolete", "@pkey",
+    "@privileged", "@process", "@raw-io", "@reboot", "@resources", "@sandbox", "@setuid", "@signal", "@swap",
+    "@sync", "@system-service", "@timer",
+)
+# Linux's address families (include/linux/socket.h), the names systemd's RestrictAddressFamilies= reads.
+ADDRESS_FAMILIES = (
+    "AF_UNIX", "AF_LOCAL", "AF_INET", "AF_AX25", "AF_IPX", "AF_APPLETALK", "AF_NETROM", "AF_BRIDGE", "AF_ATMPVC",
+    "AF_X25", "AF_INET6", "AF_ROSE", "AF_DECnet", "AF_NETBEUI", "AF_SECURITY", "AF_KEY", "AF_NETLINK", "AF_ROUTE",
+    "AF_PACKET", "AF_ASH", "AF_ECONET", "AF_ATMSVC", "AF_RDS", "AF_SNA", "AF_IRDA", "AF_PPPOX", "AF_WANPIPE",
+    "AF_LLC", "AF_IB", "AF_MPLS", "AF_CAN", "AF_TIPC", "AF_BLUETOOTH", "AF_IUCV", "AF_RXRPC", "AF_ISDN",
+    "AF_PHONET", "AF_IEEE802154", "AF_CAIF", "AF_ALG", "AF_NFC", "AF_VSOCK", "AF_KCM", "AF_QIPCRTR", "AF_SMC",
+    "AF_XDP", "AF_MCTP",
+)
 SYSCALL_NAME_RE = re.compile(r"^@?[a-z0-9_-]+(:[A-Za-z0-9_]+)?$")
 AF_INET, AF_INET6 = 2, 10
 
@@ -189,11 +208,20 @@ def _split_polarity(value: Any, check: Callable[[str], None]) -> list[str]:
 def _check_syscall(name: str) -> None:
     if not SYSCALL_NAME_RE.match(name):
         raise DirectiveError(f"{name!r} is not a syscall or @group name", "e.g. @system-service, ~@mount, mlock")
+    group = name.partition(":")[0]  # "@mount:EPERM": the errno is checked by systemd's own parser
+    if group.startswith("@") and group not in SYSCALL_GROUPS:
+        raise DirectiveError(f"{group!r} is not a syscall group of systemd, which would ignore it",
+                             _closest_hint(group, SYSCALL_GROUPS) or "systemd-analyze syscall-filter lists them")
 
 
 def _check_family(name: str) -> None:
-    if name != "none" and not ADDRESS_FAMILY_RE.match(name):
+    if name == "none":
+        return
+    if not ADDRESS_FAMILY_RE.match(name) and name not in ADDRESS_FAMILIES:
         raise DirectiveError(f"{name!r} is not an address family", "e.g. AF_UNIX, AF_INET, AF_INET6, AF_NETLINK")
+    if name not in ADDRESS_FAMILIES:
+        raise DirectiveError(f"{name!r} is not an address family of Linux, and systemd would ignore it",
+                             _closest_hint(name, ADDRESS_FAMILIES) or "e.g. AF_UNIX, AF_INET, AF_INET6, AF_NETLINK")
 
 
 def _bas(text: str) -> list[Any]:
@@ -578,6 +606,30 @@ _TABLE: list[DirectiveType] = [
     DirectiveType("RestartSec", TIMESPAN, bus_name="RestartUSec"),
 ]
 KNOWN: dict[str, DirectiveType] = {d.name: d for d in _TABLE}
+
+
+def ignored_by_systemd(directives: Iterable[Directive], groups: Collection[str], known_syscalls: Collection[str],
+                       systemd: str = "the machine's systemd") -> list[tuple[Directive, str, str]]:
+    """What ``systemd``, with these syscall ``groups`` and ``known_syscalls``, would ignore in ``directives``'
+    SystemCallFilter= and SystemCallLog=: (directive, problem, hint) for each name it does not know. It logs
+    "Failed to parse system call, ignoring" and starts the service with a filter other than the spec's."""
+    problems = []
+    for directive in directives:
+        if lookup(directive.name).kind is not SYSCALLS:
+            continue
+        for assignment in directive.assignments:
+            for word in assignment.lstrip("~").split():
+                name = word.partition(":")[0]
+                table = groups if name.startswith("@") else known_syscalls
+                if not table or name in table:  # nothing known to check against (systemd < 248: no @known)
+                    continue
+                what = "syscall group" if name.startswith("@") else "syscall"
+                hint = "a newer systemd has it: list its syscalls instead" if name in SYSCALL_GROUPS else \
+                    _closest_hint(name, sorted(table)) or "systemd-analyze syscall-filter lists them"
+                problem = (f"{systemd} does not know the {what} {name!r} and would ignore it: the filter would "
+                           "not be the one written here")
+                problems.append((directive, problem, hint))
+    return problems
 
 
 def _closest_hint(word: str, candidates: Sequence[str]) -> str:

@@ -12,7 +12,9 @@ from dbus_next.errors import DBusError
 from dbus_next.signature import Variant
 
 from .backends.base import Machine
-from .errors import ServiceFailed
+from .directives import ignored_by_systemd
+from .errors import ServiceFailed, SpecError
+from .probes.runner import machine_facts
 from .result import SYSTEMD_EXIT_CODES, CommandResult, signal_name
 from .spec import Spec
 from .systemd import CLD_DUMPED, CLD_EXITED, CLD_KILLED, SERVICE_IFACE, Property
@@ -143,6 +145,7 @@ class HardenedService:
         """(Re)start the service clean under the spec, and wait until it is ready; ServiceFailed if not."""
         self.stop()
         self.machine.check_service(self.spec)
+        self._check_known_to_systemd()
         systemd = self.machine.systemd
         started = time.monotonic()
         job = systemd.start_transient_unit(self.unit, self.service_properties(), timeout=self.spec.service.start_timeout)
@@ -180,6 +183,14 @@ class HardenedService:
                 return
             if time.monotonic() >= deadline:
                 raise self.failure(f"was not ready within {ready.timeout:g}s (waiting until {ready.describe()})")
+
+    def _check_known_to_systemd(self) -> None:
+        """SpecError for a syscall the machine's systemd does not know: it would ignore it, silently (the spec
+        loader knows the groups; which syscalls a systemd knows depends on its version and libseccomp)."""
+        facts = machine_facts(self.machine)
+        for directive, problem, hint in ignored_by_systemd(self.spec.hardening, facts.syscall_groups,
+                                                           facts.known_syscalls, f"systemd {facts.version} here"):
+            raise SpecError(str(self.spec.path), directive.line, f"hardening.{directive.name}", problem, hint)
 
     def stop(self) -> None:
         """Stop the service and forget its state (failed status, State/Cache/Logs/RuntimeDirectory contents)."""

@@ -188,6 +188,30 @@ def test_bad_syscall_name() -> None:
     assert error.hint == "e.g. @system-service, ~@mount, mlock"
 
 
+def test_a_syscall_group_systemd_does_not_have_is_refused_not_ignored() -> None:
+    # systemd would log "Failed to parse system call, ignoring" and start the service with a weaker filter.
+    error = directive_error("SystemCallFilter", ["@system-service", "~@privlieged"])
+    assert error.problem == "'@privlieged' is not a syscall group of systemd, which would ignore it"
+    assert error.hint == "did you mean @privileged?"
+    assert directive_error("SystemCallLog", "@nosuchgroupatall").hint == "systemd-analyze syscall-filter lists them"
+    assert assignments("SystemCallFilter", "~@mount:EPERM @sandbox") == ("~@mount:EPERM @sandbox",)
+
+
+def test_syscalls_the_machines_systemd_does_not_know_are_named_with_the_closest_it_does() -> None:
+    from pytest_systemd_harden.directives import Directive, ignored_by_systemd
+
+    hardening = [Directive.parse("SystemCallFilter", ["@system-service", "~mlokc:EPERM"], line=7),
+                 Directive.parse("SystemCallLog", "@sandbox"), Directive.parse("ProtectSystem", "strict")]
+    problems = ignored_by_systemd(hardening, {"@system-service", "@mount"}, {"mlock", "mount"}, "systemd 252 here")
+    assert [(d.name, d.line, problem, hint) for d, problem, hint in problems] == [
+        ("SystemCallFilter", 7, ("systemd 252 here does not know the syscall 'mlokc' and would ignore it: the "
+                                 "filter would not be the one written here"), "did you mean mlock?"),
+        ("SystemCallLog", None, ("systemd 252 here does not know the syscall group '@sandbox' and would ignore it: "
+                                 "the filter would not be the one written here"),
+         "a newer systemd has it: list its syscalls instead")]
+    assert ignored_by_systemd(hardening, set(), set()) == []  # a systemd that does not say: nothing to check
+
+
 def test_address_families() -> None:
     value = ["AF_UNIX", "AF_INET", "AF_INET6"]
     assert assignments("RestrictAddressFamilies", value) == ("AF_UNIX AF_INET AF_INET6",)
@@ -209,6 +233,13 @@ def test_bad_address_family() -> None:
     error = directive_error("RestrictAddressFamilies", ["AF_UNIX", "inet"])
     assert error.problem == "'inet' is not an address family"
     assert error.hint == "e.g. AF_UNIX, AF_INET, AF_INET6, AF_NETLINK"
+
+
+def test_an_address_family_linux_does_not_have_is_refused_not_ignored() -> None:
+    error = directive_error("RestrictAddressFamilies", ["AF_UNIX", "AF_INTE"])
+    assert error.problem == "'AF_INTE' is not an address family of Linux, and systemd would ignore it"
+    assert error.hint == "did you mean AF_INET?"
+    assert assignments("RestrictAddressFamilies", "AF_DECnet AF_XDP") == ("AF_DECnet AF_XDP",)
 
 
 def test_restrict_file_systems() -> None:

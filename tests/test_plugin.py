@@ -190,6 +190,22 @@ scenarios:
     assert {spec: len(found) for spec, found in workers.items()} == {"first": 1, "second": 1}
 
 
+def test_a_syscall_the_machines_systemd_would_ignore_fails_the_start_with_the_line(
+        pytester: pytest.Pytester) -> None:
+    pytester.makefile(".yaml", harden="""
+service:
+  exec_start: /bin/sleep infinity
+hardening:
+  SystemCallFilter: ["@system-service", "~@privileged mlokc"]
+""")
+    result = pytester.runpytest("-v", "--harden-diagnose=off")
+    result.stdout.fnmatch_lines([
+        "*harden.yaml::service starts under hardening FAILED*",
+        ("*harden.yaml:4: hardening.SystemCallFilter: systemd * here does not know the syscall 'mlokc' and would "
+         "ignore it: the filter would not be the one written here (did you mean mlock?)"),
+    ])
+
+
 def test_items_of_a_service_that_did_not_start_point_at_the_start_item(pytester: pytest.Pytester) -> None:
     pytester.makefile(".yaml", harden="""
 service:

@@ -16,7 +16,13 @@ from pytest_systemd_harden.errors import SpecError
 from pytest_systemd_harden.probes import inside
 from pytest_systemd_harden.probes.catalogue import SYSCALLS, Denial, DenialError, parse_denial, standard_catalogue
 from pytest_systemd_harden.probes.model import Probe, ProbeResult
-from pytest_systemd_harden.probes.runner import batch_argv, inside_script, parse_groups, parse_version
+from pytest_systemd_harden.probes.runner import (
+    batch_argv,
+    inside_script,
+    parse_groups,
+    parse_known_syscalls,
+    parse_version,
+)
 from pytest_systemd_harden.spec import Spec
 
 MakeSpec = Callable[..., Spec]
@@ -77,6 +83,11 @@ def test_syscall_groups_are_resolved_through_nested_groups() -> None:
     groups = parse_groups(text)
     assert groups["@system-service"] == {"brk", "exit", "socket"}
     assert groups["@privileged"] == {"mount", "reboot"}
+    assert parse_known_syscalls(text) == frozenset()  # no @known (systemd < 248): nothing to check names against
+    known = parse_known_syscalls(text.replace("@privileged\n", "@known\n    brk\n    mount\n@privileged\n") +
+                                 "# Unlisted system calls (supported by the local kernel, but not in any group):\n"
+                                 "#   osf_mount\n#   syslog\n")
+    assert known == {"brk", "exit", "socket", "mount", "reboot", "osf_mount", "syslog"}
     version, features = parse_version("systemd 252 (252.39-1~deb12u2)\n+PAM +SECCOMP -BPF_FRAMEWORK default-hierarchy=unified")
     assert version == 252 and {"+SECCOMP", "-BPF_FRAMEWORK"} <= features
 

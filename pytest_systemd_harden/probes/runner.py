@@ -130,6 +130,8 @@ class MachineFacts:
     version: int
     features: frozenset[str]  # "+SECCOMP", "-BPF_FRAMEWORK", ...
     syscall_groups: dict[str, frozenset[str]] = field(compare=False)
+    # Every syscall name it accepts (in a group, or listed as known but in none); empty where it does not say.
+    known_syscalls: frozenset[str] = field(default=frozenset(), compare=False)
     # Directive name -> what showed the machine does not enforce it, and why (measured: see capabilities.py).
     unenforced: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -172,6 +174,16 @@ def parse_version(text: str) -> tuple[int, frozenset[str]]:
     return (int(match.group(1)) if match else 0), features
 
 
+def parse_known_syscalls(text: str) -> frozenset[str]:
+    """Every syscall ``systemd-analyze syscall-filter`` names: those of its groups (@known holds them all since
+    systemd 248) and those it lists, commented, as known to the kernel but in no group. Empty if it has no @known."""
+    groups = parse_groups(text)
+    if "@known" not in groups:
+        return frozenset()
+    ungrouped = re.findall(r"^#\s+([a-z0-9_]+)\s*$", text, re.MULTILINE)
+    return frozenset().union(*groups.values(), ungrouped)
+
+
 _FACTS: dict[str, MachineFacts] = {}
 
 
@@ -181,5 +193,6 @@ def machine_facts(machine: Machine) -> MachineFacts:
         version = machine.run(["systemctl", "--version"], purpose="facts")
         groups = machine.run(["systemd-analyze", "syscall-filter", "--no-pager"], purpose="facts")
         number, features = parse_version(version.stdout)
-        _FACTS[machine.name] = MachineFacts(number, features, parse_groups(groups.stdout))
+        _FACTS[machine.name] = MachineFacts(number, features, parse_groups(groups.stdout),
+                                            parse_known_syscalls(groups.stdout))
     return _FACTS[machine.name]
