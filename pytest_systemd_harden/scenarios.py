@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +41,24 @@ def mismatches(expect: Expectation, result: CommandResult) -> list[str]:
     return found
 
 
+# How /bin/sh (dash) and bash say a command does not exist; the exit status is then 127.
+_NOT_FOUND = re.compile(r"^(?:/bin/sh: \d+: |bash: (?:line \d+: )?)?(\S+): (?:not found|command not found)$", re.MULTILINE)
+
+
+def missing_command_hint(result: CommandResult, spec_name: str, inside: bool) -> str | None:
+    """For a scenario whose command does not exist where it ran: the fix (the machine lacks its package), or
+    None."""
+    found = _NOT_FOUND.search(result.stderr) if result.exit_status == 127 else None
+    if found is None:
+        return None
+    command = found.group(1)
+    hint = (f"hint: {command} is not on the machine: add the Debian package that has it to machine.packages in "
+            f"{spec_name}")
+    if inside:  # the sandbox may hide what the machine has (InaccessiblePaths=, TemporaryFileSystem=)
+        hint += ", unless the hardening hides it (the diagnosis, if on, tells)"
+    return hint
+
+
 @dataclass(frozen=True)
 class ScenarioOutcome:
     scenario: Scenario
@@ -63,6 +82,9 @@ def failure_report(service: HardenedService, outcome: ScenarioOutcome) -> str:
     where = f"{service.spec.path.name}:{scenario.line}" if scenario.line else service.spec.path.name
     lines = [f"scenario {scenario.name!r} failed under hardening ({where})"]
     lines += [f"  {problem}" for problem in outcome.problems]
+    hint = missing_command_hint(outcome.result, service.spec.path.name, scenario.where == "inside")
+    if hint:
+        lines.append(f"  {hint}")
     lines.append(f"expected: {scenario.expect.describe()}")
     lines.append(outcome.result.describe())
     lines.append(f"service {service.unit}: {service.state_text()}")

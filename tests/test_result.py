@@ -167,3 +167,16 @@ def test_mismatch_status_and_output_together() -> None:
 
 def test_mismatch_did_not_finish() -> None:
     assert mismatches(Expectation(), result(None, None)) == ["expected exit status 0, got did not finish"]
+
+
+@pytest.mark.parametrize("stderr", ["/bin/sh: 1: curl: not found", "bash: curl: command not found",
+                                    "bash: line 1: curl: command not found"])
+def test_a_command_missing_from_the_machine_gets_the_fix(stderr: str) -> None:
+    from pytest_systemd_harden.scenarios import missing_command_hint
+
+    assert missing_command_hint(result(127, stderr=stderr), "harden.yaml", inside=False) == \
+        "hint: curl is not on the machine: add the Debian package that has it to machine.packages in harden.yaml"
+    assert missing_command_hint(result(127, stderr=stderr), "harden.yaml", inside=True).endswith(  # type: ignore[union-attr]
+        ", unless the hardening hides it (the diagnosis, if on, tells)")
+    assert missing_command_hint(result(1, stderr=stderr), "harden.yaml", inside=False) is None
+    assert missing_command_hint(result(127, stderr="gpg: not found: key 1234"), "harden.yaml", inside=False) is None
