@@ -555,10 +555,13 @@ def _under(path: str, prefixes: Iterable[str]) -> bool:
 
 def filter_allows(assignments: Sequence[str], syscall: str, groups: Mapping[str, Sequence[str]]) -> bool:
     """systemd's SystemCallFilter= semantics: the first line sets allow or deny mode, later lines of the other
-    kind take names out again."""
+    kind take names out again; an empty line resets."""
     allow_mode: bool | None = None
     listed: set[str] = set()
     for assignment in assignments:
+        if not assignment.strip():
+            allow_mode, listed = None, set()
+            continue
         deny = assignment.startswith("~")
         names = {s for name in assignment.lstrip("~").split() for s in expand_group(name, _groups(groups))}
         if allow_mode is None:
@@ -568,6 +571,25 @@ def filter_allows(assignments: Sequence[str], syscall: str, groups: Mapping[str,
         else:
             listed -= names
     return True if allow_mode is None else (syscall in listed) == allow_mode
+
+
+def filter_adding(assignments: Sequence[str], added: Sequence[str]) -> tuple[str, ...]:
+    """SystemCallFilter= lines ``assignments`` restricted further by the lines ``added`` (one step's, in order).
+
+    The first line decides allow or deny mode (see :func:`filter_allows`). After a deny list, an allow list would
+    only take its names out of the deny list: it goes first instead, and the deny lines after it still take their
+    names out of it. Anything else goes last, two deny lines in a row written as one. (An allow list added to an
+    allow list would widen it: tighten adds none.)
+    """
+    if assignments and added and assignments[0].startswith("~") and not added[0].startswith("~"):
+        return (*added, *assignments)
+    out = list(assignments)
+    for line in added:
+        if out and out[-1].startswith("~") and line.startswith("~"):
+            out[-1] = f"{out[-1]} {line[1:]}"
+        else:
+            out.append(line)
+    return tuple(out)
 
 
 class _Context:
@@ -745,7 +767,7 @@ class _Context:
         attempted = {s: w for s, w in self.obs.syscalls.items() if filter_allows(before, s, self.groups)}
         known = set(self.groups.get("@known", ()))
         assignments = directive.assignments
-        after = (*before, *assignments)
+        after = filter_adding(before, assignments)
         blocked = {s: w for s, w in attempted.items() if not filter_allows(after, s, self.groups)}
         if not blocked:
             return Forecast(FITS, (directive,))

@@ -33,11 +33,21 @@ from .diagnosis import (
     Relaxation,
     Trial,
     TrialResult,
+    expand_group,
     hardening_key,
     refine,
 )
 from .directives import Directive, render_dropin
-from .observe import CONFLICT, NARROWED, UNKNOWN, Forecast, Observation, forecast
+from .observe import (
+    CONFLICT,
+    NARROWED,
+    UNKNOWN,
+    Forecast,
+    Observation,
+    filter_adding,
+    filter_allows,
+    forecast,
+)
 
 
 @dataclass(frozen=True)
@@ -152,7 +162,14 @@ class Tightening:
         return [d for d in self.after if str(d) not in before]
 
     def dropin(self) -> str:
-        return render_dropin(self.after, header="Tightened by pytest-systemd-harden: every scenario passes under it")
+        # A drop-in's lines come after the unit's own. Where the result does not begin with the user's own lines (an
+        # allow list put before their deny list), the empty assignment first resets those, as in the diagnosis. A
+        # value strengthened (ProtectSystem=full to strict) needs none: there the last assignment wins.
+        own = {d.name: d.assignments for d in self.before}
+        directives = [Directive(d.name, ("", *d.assignments), d.line)
+                      if d.name in own and d.name not in STRENGTH and d.assignments[:len(own[d.name])] != own[d.name]
+                      else d for d in self.after]
+        return render_dropin(directives, header="Tightened by pytest-systemd-harden: every scenario passes under it")
 
     def render(self) -> str:
         lines = [f"tightened in {self.runs} runs, {self.seconds:.1f}s:"]
@@ -189,6 +206,10 @@ def _applies(step: Step, hardening: Hardening, keep: Sequence[str], never: Seque
         if directive.name in never or directive.name in keep:
             return "excluded"
         existing = present.get(directive.name)
+        if existing is not None and directive.name == "SystemCallFilter" and not directive.value.startswith("~"):
+            if existing.assignments[0].startswith("~"):
+                continue  # the spec's is a deny list: the allow list goes before it (see observe.filter_adding)
+            return "skipped"  # the spec's is an allow list already: a second one would only widen it
         if existing is None or directive.name in EXTENDS and directive.assignments[0] not in existing.assignments:
             continue
         order = STRENGTH.get(directive.name)
@@ -205,17 +226,12 @@ def _apply(step: Step, hardening: Hardening) -> Hardening:
         index = next((i for i, d in enumerate(out) if d.name == directive.name), None)
         if index is None:
             out.append(directive)
+        elif directive.name == "SystemCallFilter":
+            old = out[index]
+            out[index] = Directive(old.name, filter_adding(old.assignments, directive.assignments), old.line)
         elif directive.name in EXTENDS:
             old = out[index]
-            assignments = list(old.assignments)
-            for added in directive.assignments:
-                last = assignments[-1]
-                if directive.name == "SystemCallFilter" and last.startswith("~") and added.startswith("~"):
-                    # Two deny lines in a row mean one deny list: write them as one.
-                    assignments[-1] = f"{last} {added[1:]}"
-                else:
-                    assignments.append(added)
-            out[index] = Directive(old.name, tuple(assignments), old.line)
+            out[index] = Directive(old.name, (*old.assignments, *directive.assignments), old.line)
         elif directive.name in GRANTS:
             old = out[index]
             have = {word for assignment in old.assignments for word in assignment.split()}
@@ -293,8 +309,10 @@ class _Search:
         predicted = self.predict(step, hardening)
         return _narrowed_form(step, predicted, self.keep, self.never), predicted
 
-    def _kept(self, step: Step, tried: Step, predicted: Forecast | None, current: Hardening) -> Hardening:
-        """Record ``step`` kept at its first run in the form ``tried``; confirm what the observation added."""
+    def _kept(self, step: Step, tried: Step, predicted: Forecast | None, previous: Hardening,
+              current: Hardening) -> Hardening:
+        """Record ``step`` kept at its first run in the form ``tried`` (``previous`` to ``current``); confirm what
+        the observation added."""
         outcome = StepOutcome(tried, "narrowed" if tried is not step else "added",
                               forecast=predicted.verdict if predicted else "",
                               observed=predicted.reason if predicted else "", first_time=True)
@@ -302,7 +320,7 @@ class _Search:
         self.current = current
         if tried is not step and predicted is not None:
             outcome.detail = "as observed"
-            current, dropped = _confirm(current, predicted, self.oracle, self.result)
+            current, dropped = _confirm(previous, current, predicted, self.oracle, self.result)
             self.current = current
             if dropped:
                 outcome.detail += f"; not needed after all: {', '.join(dropped)}"
@@ -319,12 +337,12 @@ class _Search:
         candidate = _apply(tried, current)
         attempt = self.oracle.result(candidate)
         if attempt.passed:
-            return self._kept(step, tried, predicted, candidate)
+            return self._kept(step, tried, predicted, current, candidate)
         outcome = StepOutcome(step, "rejected", attempt.summary, forecast=predicted.verdict if predicted else "",
                               observed=predicted.reason if predicted else "")
         self.result.outcomes.append(outcome)
         narrowed = _narrow(step, candidate, self.oracle, attempt.evidence, self.syscall_groups,
-                           (*self.keep, *self.never))
+                           (*self.keep, *self.never), own=self.result.before)
         if narrowed is not None and hardening_key(narrowed.apply(candidate)) != hardening_key(current):
             current = narrowed.apply(candidate)
             outcome.kept, outcome.detail, outcome.step = "narrowed", narrowed.description, tried
@@ -353,7 +371,7 @@ class _Search:
                 if form is None:
                     self.result.outcomes.append(StepOutcome(step, reason))
                 else:
-                    current = self._kept(step, form, expected, _apply(form, current))
+                    current = self._kept(step, form, expected, current, _apply(form, current))
             return current
         half = len(steps) // 2
         current = self.group(steps[:half], current)
@@ -388,12 +406,13 @@ def _plan(catalogue: Sequence[Step], hardening: Hardening,
     return first, last
 
 
-def _confirm(current: Hardening, predicted: Forecast, oracle: Oracle,
+def _confirm(previous: Hardening, current: Hardening, predicted: Forecast, oracle: Oracle,
              result: Tightening) -> tuple[Hardening, list[str]]:
-    """Try without each item the observation added but cannot prove necessary; drop those not needed."""
+    """Try without each item the observation added but cannot prove necessary; drop those not needed.
+    ``previous`` is the hardening before the step: what it had is not the step's to drop."""
     dropped = []
     for name, item in predicted.extras:
-        candidate = _without_item(current, name, item)
+        candidate = _without_item(current, previous, name, item)
         if candidate == current:
             continue
         result.confirmations += 1
@@ -403,18 +422,30 @@ def _confirm(current: Hardening, predicted: Forecast, oracle: Oracle,
     return current, dropped
 
 
-def _without_item(hardening: Hardening, name: str, item: str) -> Hardening:
-    """``hardening`` with ``item`` taken out of the last assignment of directive ``name`` (the one a step wrote)."""
+def _without_item(hardening: Hardening, previous: Hardening, name: str, item: str) -> Hardening:
+    """``hardening`` with ``item`` taken out of the line of directive ``name`` that the step wrote: a line
+    ``previous`` (the hardening before it) did not have. That is mostly the last one, but an allow list put before
+    the user's deny list is the first (see observe.filter_adding)."""
+    had = [line for d in previous if d.name == name for line in d.assignments]
     out = []
     for directive in hardening:
-        if directive.name == name and item in directive.assignments[-1].split():
-            last = " ".join(word for word in directive.assignments[-1].split() if word != item)
-            if name == "RestrictNamespaces" and not last:
-                last = "yes"
-            keep_empty = name == "CapabilityBoundingSet" or len(directive.assignments) == 1
-            assignments = (*directive.assignments[:-1], last) if last or keep_empty else directive.assignments[:-1]
-            directive = Directive(directive.name, assignments, directive.line)
-        out.append(directive)
+        if directive.name != name:
+            out.append(directive)
+            continue
+        lines = list(directive.assignments)
+        for index, line in enumerate(lines):
+            if line in had:
+                had.remove(line)
+            elif item in line.split():
+                rest = " ".join(word for word in line.split() if word != item)
+                if name == "RestrictNamespaces" and not rest:
+                    rest = "yes"
+                if rest or name == "CapabilityBoundingSet" or len(lines) == 1:
+                    lines[index] = rest
+                else:
+                    del lines[index]
+                break
+        out.append(Directive(directive.name, tuple(lines), directive.line))
     return tuple(out)
 
 
@@ -462,9 +493,11 @@ class _Respecting(Context):
 
 
 def _narrow(step: Step, candidate: Hardening, oracle: Oracle, evidence: str,
-            syscall_groups: Callable[[], dict[str, list[str]]], excluded: Sequence[str] = ()) -> Relaxation | None:
-    """The smallest relaxation of a failed step that passes, if it still tightens (not a plain removal) and
-    touches nothing in ``excluded`` (the user's keep and never lists) but the step's own directive."""
+            syscall_groups: Callable[[], dict[str, list[str]]], excluded: Sequence[str] = (),
+            own: Hardening = ()) -> Relaxation | None:
+    """The smallest relaxation of a failed step that passes, if it still tightens (not a plain removal), loosens
+    nothing of the user's own directives ``own``, and touches nothing in ``excluded`` (the user's keep and never
+    lists) but the step's own directive."""
     if len(step.directives) != 1:
         return None
     directive = next(d for d in candidate if d.name == step.directives[0].name)
@@ -473,4 +506,24 @@ def _narrow(step: Step, candidate: Hardening, oracle: Oracle, evidence: str,
     relaxation = refine(directive, context)
     if relaxation is None or relaxation.description.startswith("remove "):
         return None
+    narrowed = next(d for d in relaxation.apply(candidate) if d.name == directive.name)
+    mine = next((d for d in own if d.name == directive.name), None)
+    # The refinement may stop denying, or allow a group holding, what the user's own filter denies.
+    if mine is not None and mine.name == "SystemCallFilter" and _allows_more(narrowed, mine, syscall_groups()):
+        return None
     return relaxation
+
+
+# Stands for every syscall no line of two filters names: an allow list denies it, a deny list allows it.
+_UNNAMED = "(any syscall not named)"
+
+
+def _allows_more(narrowed: Directive, own: Directive, groups: dict[str, list[str]]) -> bool:
+    """Whether the SystemCallFilter= ``narrowed`` allows a syscall the user's own ``own`` denies (without the
+    machine's groups it cannot be told: then it may)."""
+    if not groups:
+        return True
+    named = {syscall for d in (narrowed, own) for line in d.assignments for name in line.lstrip("~").split()
+             for syscall in expand_group(name, groups)}
+    return any(filter_allows(narrowed.assignments, s, groups) and not filter_allows(own.assignments, s, groups)
+               for s in (*named, _UNNAMED))

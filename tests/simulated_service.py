@@ -34,13 +34,15 @@ GPG_LIKE = {
 
 
 def syscall_allowed(directives: Sequence[Directive], syscall: str) -> bool:
-    """systemd's SystemCallFilter= semantics: the first line sets the mode, later lines of the other kind remove."""
+    """systemd's SystemCallFilter= semantics: the first line sets the mode, later lines of the other kind remove,
+    an empty line resets."""
     found = [d for d in directives if d.name == "SystemCallFilter"]
-    if not found:
-        return True
     allow_mode: bool | None = None
     listed: set[str] = set()
-    for assignment in found[0].assignments:
+    for assignment in found[0].assignments if found else ():
+        if not assignment.strip():
+            allow_mode, listed = None, set()
+            continue
         deny = assignment.startswith("~")
         names = {s for name in assignment.lstrip("~").split() for s in expand_group(name, GROUPS)}
         if allow_mode is None:
@@ -49,6 +51,8 @@ def syscall_allowed(directives: Sequence[Directive], syscall: str) -> bool:
             listed |= names
         else:
             listed -= names
+    if allow_mode is None:
+        return True
     return syscall in listed if allow_mode else syscall not in listed
 
 

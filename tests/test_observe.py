@@ -173,6 +173,22 @@ def test_a_syscall_the_spec_answers_with_an_errno_is_re_allowed_but_confirmed() 
                     groups=groups()).extras == ()  # killed with SIGSYS otherwise: an attempt is proof
 
 
+def test_an_allow_list_for_a_spec_with_a_deny_list_is_forecast_as_tighten_writes_it() -> None:
+    # Tighten puts @system-service before the spec's ~@memlock (the first line decides allow or deny), so
+    # settimeofday (in @clock only) is blocked: appended after the deny list, the allow list would block nothing.
+    obs = parse_strace("10    settimeofday({tv_sec=0, tv_usec=0}, NULL) = -1 EPERM (Operation not permitted)\n")
+    mine = (Directive.parse("SystemCallFilter", "~@memlock"),)
+    verdict, lines, reason = predict_from(obs, mine, SystemCallFilter="@system-service")
+    assert (verdict, lines) == (NARROWED, ["SystemCallFilter=@system-service settimeofday"])
+    assert reason == "also allows settimeofday (in @clock) by the service"
+    assert predict_from(obs, (), SystemCallFilter="@system-service")[:2] == (verdict, lines)
+
+
+def predict_from(obs: Observation, hardening: tuple[Directive, ...], **step: object) -> tuple[str, list[str], str]:
+    found = forecast(Step.of("", **step).directives, obs, hardening, groups=groups())
+    return found.verdict, [line for d in found.directives for line in d.unit_lines()], found.reason
+
+
 def test_capabilities_and_the_dynamic_user() -> None:
     port = hardening_of("privileged-port")
     without_cap = tuple(d for d in port if d.name != "CapabilityBoundingSet")
@@ -235,6 +251,7 @@ def test_remote_addresses_are_allowed_by_name() -> None:
     (["~@memlock", "mlock"], "mlock", True),
     (["~@memlock"], "read", True),
     ([], "reboot", True),
+    (["~@memlock", "", "@system-service"], "reboot", False),  # the empty line resets, then an allow list
 ])
 def test_filter_semantics(assignments: list[str], syscall: str, allowed: bool) -> None:
     assert filter_allows(assignments, syscall, groups()) is allowed

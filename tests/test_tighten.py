@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from simulated_service import GROUPS, World, hardening
+from simulated_service import GROUPS, World, hardening, syscall_allowed
 
 from pytest_systemd_harden.diagnosis import TrialResult, hardening_key
-from pytest_systemd_harden.observe import parse_strace
+from pytest_systemd_harden.directives import Directive
+from pytest_systemd_harden.observe import filter_allows, parse_strace
 from pytest_systemd_harden.tighten import CATALOGUE, Tightening, profile_only, tighten
 
 
@@ -151,3 +152,65 @@ def test_a_grant_the_user_excluded_is_neither_forecast_nor_refined() -> None:
     # (the last, blind:) the refinement passed over the excluded grant, to the next one it knows
     assert outcome(result, "DynamicUser=yes") == (
         "narrowed", "grant /var/lib/app/data with ReadWritePaths=-/var/lib/app/data")
+
+
+# --- the user's own directives are never loosened ------------------------------------------------------------------
+
+def filter_lines(result: Tightening) -> list[str]:
+    return [line for line in lines(result) if line.startswith("SystemCallFilter=")]
+
+
+def test_an_allow_list_goes_before_the_users_deny_list_which_keeps_denying() -> None:
+    # The first SystemCallFilter= line decides allow or deny: after ~@memlock, a line @system-service would take
+    # @system-service (and mlock with it) out of the deny list.
+    mine = hardening(SystemCallFilter="~@memlock")
+    for observation in (None, parse_strace(NEEDY_TRACE)):
+        result = run(World(syscalls=["read"]), directives=mine, observation=observation)
+        assert outcome(result, "SystemCallFilter=@system-service")[0] == "added"
+        assert filter_lines(result) == [
+            "SystemCallFilter=@system-service", "SystemCallFilter=~@memlock @privileged @resources"]
+        assert not syscall_allowed(result.after, "mlock") and syscall_allowed(result.after, "read")
+        # a drop-in comes after the unit's own SystemCallFilter=~@memlock: it resets that first
+        assert "[Service]\nSystemCallFilter=\nSystemCallFilter=@system-service\nSystemCallFilter=~@memlock" \
+            in result.dropin()
+
+
+def test_an_observed_syscall_is_confirmed_in_the_allow_list_put_before_the_users_deny_list() -> None:
+    # With SystemCallErrorNumber= the service may cope with a denied acct(): the allow list holds it until tried away.
+    mine = hardening(SystemCallFilter="~@memlock", SystemCallErrorNumber="EPERM")
+    trace = '10    acct(NULL) = -1 EPERM (Operation not permitted)\n10    read(3</etc/hosts>, "", 1) = 0\n'
+    result = run(World(syscalls=["read"]), directives=mine, observation=parse_strace(trace))
+    assert outcome(result, "SystemCallFilter=@system-service") == ("narrowed", "as observed; not needed after all: acct")
+    assert filter_lines(result) == [
+        "SystemCallFilter=@system-service", "SystemCallFilter=~@memlock @privileged @resources"]
+
+
+def test_a_spec_with_an_allow_list_gets_no_second_one_which_would_widen_it() -> None:
+    result = run(World(syscalls=["read"]), directives=hardening(SystemCallFilter="read write openat mmap"))
+    assert outcome(result, "SystemCallFilter=@system-service")[0] == "skipped"
+    assert filter_lines(result) == ["SystemCallFilter=read write openat mmap", "SystemCallFilter=~@privileged @resources"]
+    assert not syscall_allowed(result.after, "mlock")
+
+
+def test_an_allow_list_is_not_refined_into_re_allowing_what_the_user_denies() -> None:
+    # acct is in @privileged only, which holds @chown too: "also allow @privileged" would undo the user's ~@chown.
+    result = run(World(syscalls=["acct"]), directives=hardening(SystemCallFilter="~@chown"))
+    assert outcome(result, "SystemCallFilter=@system-service") == ("rejected", "acct: SIGSYS")
+    assert not syscall_allowed(result.after, "chown") and syscall_allowed(result.after, "acct")
+
+
+def test_the_simulated_filter_reads_mixed_lines_in_order_as_systemd_does() -> None:
+    cases = [
+        (["@system-service", "~@memlock"], "mlock", False),  # allow list first: a deny line takes names out
+        (["@system-service", "~@memlock"], "read", True),
+        (["@system-service", "~@memlock", "mlock"], "mlock", True),  # and an allow line puts them back
+        (["~@memlock", "@system-service"], "mlock", True),  # deny list first: an allow line takes names out of it
+        (["~@memlock", "mlock"], "mlock", True),
+        (["~@memlock", "mlock"], "munlock", False),
+        (["~@memlock", "", "@chown"], "read", False),  # the empty line resets: then an allow list of @chown
+        (["@chown", "", "~@memlock"], "read", True),  # or a deny list of @memlock
+    ]
+    for assignments, syscall, allowed in cases:
+        directives = (Directive("SystemCallFilter", tuple(assignments)),)
+        assert syscall_allowed(directives, syscall) is allowed, (assignments, syscall)
+        assert filter_allows(assignments, syscall, GROUPS) is allowed, (assignments, syscall)
