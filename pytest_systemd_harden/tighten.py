@@ -37,7 +37,7 @@ from .diagnosis import (
     hardening_key,
     refine,
 )
-from .directives import Directive, render_dropin
+from .directives import CAPABILITIES, NAMESPACE_FLAGS, Directive, render_dropin
 from .observe import (
     CONFLICT,
     NARROWED,
@@ -112,6 +112,8 @@ STRENGTH: dict[str, tuple[str, ...]] = {
     "ProtectProc": ("default", "ptraceable", "invisible", "noaccess"),
     "ProcSubset": ("all", "pid"),
 }
+# The value a directive has when it is not set (systemd.exec): a step narrowed to it tightens nothing.
+DEFAULTS: dict[str, str] = {**{name: order[0] for name, order in STRENGTH.items()}, "UMask": "0022"}
 # Directives whose further assignments add to a list: a step extends them rather than replacing them.
 EXTENDS = frozenset({"SystemCallFilter", "IPAddressAllow", "ExecPaths"})
 # Grants a step may bring along (the directories the service writes): added to the user's own, never replacing it.
@@ -507,11 +509,23 @@ def _narrow(step: Step, candidate: Hardening, oracle: Oracle, evidence: str,
     if relaxation is None or relaxation.description.startswith("remove "):
         return None
     narrowed = next(d for d in relaxation.apply(candidate) if d.name == directive.name)
+    if _restricts_nothing(narrowed):  # e.g. weakened to ProcSubset=all: the step is rejected, not narrowed
+        return None
     mine = next((d for d in own if d.name == directive.name), None)
     # The refinement may stop denying, or allow a group holding, what the user's own filter denies.
     if mine is not None and mine.name == "SystemCallFilter" and _allows_more(narrowed, mine, syscall_groups()):
         return None
     return relaxation
+
+
+def _restricts_nothing(directive: Directive) -> bool:
+    """The directive as weak as when it is not set: its default value, or an allow list of everything it knows."""
+    words = set(directive.value.split())
+    if directive.name == "RestrictNamespaces":
+        return words == {"no"} or words >= set(NAMESPACE_FLAGS)
+    if directive.name == "CapabilityBoundingSet":
+        return words >= set(CAPABILITIES)
+    return DEFAULTS.get(directive.name) == directive.value
 
 
 # Stands for every syscall no line of two filters names: an allow list denies it, a deny list allows it.

@@ -65,6 +65,10 @@ class World:
     capabilities: Sequence[str] = ()
     writes: Sequence[str] = ()
     network: bool = False  # talks to another host: PrivateNetwork= cuts it off
+    reads_proc: bool = False  # reads /proc/meminfo: ProcSubset=pid hides it
+    shares_files: bool = False  # others read the files it makes: a UMask= without their read bit breaks it
+    group_reads: bool = False  # its group reads the files it makes
+    namespaces: Sequence[str] = ()  # namespace types it makes (cgroup, ipc, net, ...)
     broken_anyway: bool = False
     flaky: bool = False
     runs: list[tuple[str, ...]] = field(default_factory=list)
@@ -83,6 +87,10 @@ class World:
             allowed = by_name["RestrictAddressFamilies"].value.split()
             if any(f not in allowed for f in self.families):
                 return TrialResult(False, "EAFNOSUPPORT")
+        if "RestrictNamespaces" in by_name:
+            types = by_name["RestrictNamespaces"].value
+            if any(not (types == "no" or n in types.split()) for n in self.namespaces):
+                return TrialResult(False, "unshare: EPERM")
         if "CapabilityBoundingSet" in by_name:
             allowed = by_name["CapabilityBoundingSet"].value.split()
             if any(c not in allowed for c in self.capabilities):
@@ -92,6 +100,13 @@ class World:
                 return TrialResult(False, f"{path}: EROFS", f"touch: cannot touch '{path}': Read-only file system")
         if self.network and "PrivateNetwork" in by_name:
             return TrialResult(False, "ECONNREFUSED")
+        if self.reads_proc and "ProcSubset" in by_name and by_name["ProcSubset"].value == "pid":
+            return TrialResult(False, "/proc/meminfo: ENOENT")
+        umask = int(by_name["UMask"].value, 8) if "UMask" in by_name else 0o022
+        if self.shares_files and umask & 0o004:
+            return TrialResult(False, "EACCES: others cannot read its files")
+        if self.group_reads and umask & 0o040:
+            return TrialResult(False, "EACCES: its group cannot read its files")
         return TrialResult(True)
 
     @staticmethod

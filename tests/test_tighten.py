@@ -5,7 +5,7 @@ from __future__ import annotations
 from simulated_service import GROUPS, World, hardening, syscall_allowed
 
 from pytest_systemd_harden.diagnosis import TrialResult, hardening_key
-from pytest_systemd_harden.directives import Directive
+from pytest_systemd_harden.directives import NAMESPACE_FLAGS, Directive
 from pytest_systemd_harden.observe import filter_allows, parse_strace
 from pytest_systemd_harden.tighten import CATALOGUE, Tightening, profile_only, tighten
 
@@ -214,3 +214,22 @@ def test_the_simulated_filter_reads_mixed_lines_in_order_as_systemd_does() -> No
         directives = (Directive("SystemCallFilter", tuple(assignments)),)
         assert syscall_allowed(directives, syscall) is allowed, (assignments, syscall)
         assert filter_allows(assignments, syscall, GROUPS) is allowed, (assignments, syscall)
+
+
+# --- a narrowing that tightens nothing is a rejection ----------------------------------------------------------
+
+def test_a_step_that_passes_only_at_the_directives_default_is_rejected_not_narrowed() -> None:
+    result = run(World(reads_proc=True, shares_files=True))
+    assert outcome(result, "ProcSubset=pid") == ("rejected", "/proc/meminfo: ENOENT")  # ProcSubset=all is the default
+    assert outcome(result, "UMask=0077") == ("rejected", "EACCES: others cannot read its files")  # 0022 too
+    assert not any(line.startswith(("ProcSubset=", "UMask=")) for line in lines(result))
+    # a weaker value that still tightens is a narrowing
+    assert outcome(run(World(group_reads=True)), "UMask=0077") == ("narrowed", "weaken UMask=0077 to UMask=0027")
+
+
+def test_an_allow_list_narrowed_to_everything_there_is_is_rejected_not_narrowed() -> None:
+    every = run(World(namespaces=list(NAMESPACE_FLAGS)))
+    assert outcome(every, "RestrictNamespaces=yes") == ("rejected", "unshare: EPERM")  # as if not set
+    assert not any(line.startswith("RestrictNamespaces=") for line in lines(every))
+    assert outcome(run(World(namespaces=["net"])), "RestrictNamespaces=yes") == (
+        "narrowed", "also allow net in RestrictNamespaces=")
