@@ -22,6 +22,7 @@ profiling tool would propose from the same observed run.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -128,6 +129,7 @@ class StepOutcome:
     forecast: str = ""  # the observation's verdict (observe.FITS, NARROWED, CONFLICT, UNKNOWN); "" without one
     observed: str = ""  # what the observation saw that made the difference
     first_time: bool = False  # the first form tried passed
+    change: tuple[Hardening, Hardening] | None = None  # kept: the hardening before the step and after it (revert())
 
 
 @dataclass
@@ -320,10 +322,12 @@ class _Search:
                               observed=predicted.reason if predicted else "", first_time=True)
         self.result.outcomes.append(outcome)
         self.current = current
+        outcome.change = (previous, current)
         if tried is not step and predicted is not None:
             outcome.detail = "as observed"
             current, dropped = _confirm(previous, current, predicted, self.oracle, self.result)
             self.current = current
+            outcome.change = (previous, current)
             if dropped:
                 outcome.detail += f"; not needed after all: {', '.join(dropped)}"
         return current
@@ -346,6 +350,7 @@ class _Search:
         narrowed = _narrow(step, candidate, self.oracle, attempt.evidence, self.syscall_groups,
                            (*self.keep, *self.never), own=self.result.before)
         if narrowed is not None and hardening_key(narrowed.apply(candidate)) != hardening_key(current):
+            outcome.change = (current, narrowed.apply(candidate))
             current = narrowed.apply(candidate)
             outcome.kept, outcome.detail, outcome.step = "narrowed", narrowed.description, tried
             self.current = current
@@ -468,18 +473,79 @@ def profile_only(hardening: Hardening, observation: Observation, *, catalogue: S
 
 
 def revert(result: Tightening, undoing: Sequence[str], why: str) -> list[Step]:
-    """Undo the steps that added any directive named in ``undoing`` (never the user's own); return them."""
-    before = {d.name for d in result.before}
+    """Undo the kept steps that added any directive named in ``undoing`` (never the user's own); return them.
+
+    ``result.after`` becomes what it would be had they never been kept: what each wrote is taken out, grants added
+    to a directive already there included, and a value it replaced is put back; the user's directives and what
+    other kept steps wrote stay, and what a run showed unneeded stays out.
+    """
+    own = {d.name for d in result.before}
     reverted = []
     for outcome in result.outcomes:
-        if outcome.kept not in ("added", "narrowed"):
+        if outcome.kept not in ("added", "narrowed") or outcome.change is None:
             continue
-        added = {d.name for d in outcome.step.directives} - before
-        if added & set(undoing):
+        was, became = outcome.change
+        if (_changed(was, became) - own) & set(undoing):
             outcome.kept, outcome.detail = "rejected", why
             reverted.append(outcome.step)
-            result.after = tuple(d for d in result.after if d.name not in added)
+            result.after = _taken_back(result.after, was, became)
     return reverted
+
+
+def _changed(was: Hardening, became: Hardening) -> set[str]:
+    """The names of the directives that differ between two hardenings."""
+    before = {d.name: d.assignments for d in was}
+    after = {d.name: d.assignments for d in became}
+    return {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
+
+
+def _taken_back(hardening: Hardening, was: Hardening, became: Hardening) -> Hardening:
+    """``hardening`` without the change one step made from ``was`` to ``became``.
+
+    Words, not lines: later steps' words may have been merged into the step's line (two deny lists written as
+    one), and the step's into the user's directive (a grant). A directive left without words is as it was before
+    the step (a value it replaced, ProtectSystem=full for strict), or gone if the step added it.
+    """
+    before = {d.name: d for d in was}
+    after = {d.name: d for d in became}
+    out = []
+    for directive in hardening:
+        old, new = before.get(directive.name), after.get(directive.name)
+        if new is None or old is not None and old.assignments == new.assignments:
+            out.append(directive)
+            continue
+        lines = _without_words(directive.assignments, _words(new) - _words(old))
+        if lines:
+            out.append(Directive(directive.name, lines, directive.line))
+        elif old is not None:
+            out.append(Directive(old.name, old.assignments, directive.line))
+    return tuple(out)
+
+
+def _words(directive: Directive | None) -> Counter[tuple[bool, str]]:
+    """A directive's words, each with whether its line denies (~), counted; an empty line counts as one word."""
+    words: Counter[tuple[bool, str]] = Counter()
+    for line in directive.assignments if directive else ():
+        deny = line.startswith("~")
+        words.update((deny, word) for word in (line[1:] if deny else line).split() or [""])
+    return words
+
+
+def _without_words(lines: Sequence[str], words: Counter[tuple[bool, str]]) -> tuple[str, ...]:
+    """``lines`` without ``words``, each taken from the last line that holds it; a line left without words goes."""
+    remaining = Counter(words)
+    out = []
+    for line in reversed(lines):
+        deny = line.startswith("~")
+        kept = []
+        for word in reversed((line[1:] if deny else line).split() or [""]):
+            if remaining[(deny, word)] > 0:
+                remaining[(deny, word)] -= 1
+            else:
+                kept.append(word)
+        if kept:
+            out.append(("~" if deny else "") + " ".join(reversed(kept)))
+    return tuple(reversed(out))
 
 
 @dataclass

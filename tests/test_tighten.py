@@ -7,7 +7,7 @@ from simulated_service import GROUPS, World, hardening, syscall_allowed
 from pytest_systemd_harden.diagnosis import TrialResult, hardening_key
 from pytest_systemd_harden.directives import NAMESPACE_FLAGS, Directive
 from pytest_systemd_harden.observe import filter_allows, parse_strace
-from pytest_systemd_harden.tighten import CATALOGUE, Tightening, profile_only, tighten
+from pytest_systemd_harden.tighten import CATALOGUE, Step, Tightening, profile_only, revert, tighten
 
 
 def run(world: World, **kwargs: object) -> Tightening:
@@ -233,3 +233,53 @@ def test_an_allow_list_narrowed_to_everything_there_is_is_rejected_not_narrowed(
     assert not any(line.startswith("RestrictNamespaces=") for line in lines(every))
     assert outcome(run(World(namespaces=["net"])), "RestrictNamespaces=yes") == (
         "narrowed", "also allow net in RestrictNamespaces=")
+
+
+# --- revert: as if the step had never been kept --------------------------------------------------------------------
+
+def reverted(result: Tightening, *undoing: str) -> Tightening:
+    assert revert(result, undoing, "undoes something (enforcement check)")
+    return result
+
+
+def test_revert_takes_back_the_grant_a_step_added_to_the_users_own_directive() -> None:
+    world = World(writes=["/var/lib/app/data"])
+    mine = hardening(StateDirectory="signer")
+    result = run(world, directives=mine, never=["ProtectSystem"])
+    assert "StateDirectory=app" in lines(result)  # DynamicUser= brought it
+    reverted(result, "DynamicUser")
+    never_kept = run(world, directives=mine, never=["ProtectSystem", "DynamicUser"])
+    assert hardening_key(result.after) == hardening_key(never_kept.after)
+    assert [d for d in result.after if d.name == "StateDirectory"] == list(mine)
+    assert outcome(result, "DynamicUser=yes") == ("rejected", "undoes something (enforcement check)")
+
+
+# Steps that write into the same directives: what revert takes back of the one must leave the other's.
+A = Step.of("a", ProtectClock=True, IPAddressAllow="192.0.2.1", SystemCallFilter="~@privileged")
+B = Step.of("b", ProtectHostname=True, IPAddressAllow="192.0.2.2", SystemCallFilter="~@resources")
+
+
+def test_revert_leaves_what_another_kept_step_wrote_into_the_same_directive() -> None:
+    result = reverted(run(World(), catalogue=[A, B]), "ProtectClock")
+    assert lines(result) == ["IPAddressAllow=192.0.2.2", "SystemCallFilter=~@resources", "ProtectHostname=yes"]
+    assert hardening_key(result.after) == hardening_key(run(World(), catalogue=[B]).after)
+    result = reverted(run(World(), catalogue=[A, B]), "ProtectHostname")
+    assert hardening_key(result.after) == hardening_key(run(World(), catalogue=[A]).after)
+
+
+def test_revert_puts_back_the_users_value_a_step_replaced() -> None:
+    mine = hardening(ProtectSystem="full")
+    strict = Step.of("strict, with a private /tmp", ProtectSystem="strict", PrivateTmp=True)
+    result = reverted(run(World(), directives=mine, catalogue=[strict, B]), "PrivateTmp")
+    assert lines(result) == ["ProtectSystem=full", "ProtectHostname=yes", "IPAddressAllow=192.0.2.2",
+                             "SystemCallFilter=~@resources"]
+
+
+def test_revert_brings_back_no_item_a_run_showed_unneeded() -> None:
+    # AF_INET6 and 192.0.2.1 were observed, tried away and dropped: reverting a step brings neither back.
+    trace = NEEDY_TRACE + "10    socket(AF_INET6, SOCK_DGRAM|SOCK_CLOEXEC, IPPROTO_IP) = 6<socket:[3]>\n"
+    result = reverted(run(NEEDY, observation=parse_strace(trace)), "StateDirectory")  # ProtectSystem=strict's grant
+    assert not any(line.startswith(("ProtectSystem=", "StateDirectory=")) for line in lines(result))
+    assert {"RestrictAddressFamilies=AF_UNIX AF_INET", "IPAddressAllow=localhost"} <= set(lines(result))
+    result = reverted(run(NEEDY, observation=parse_strace(trace)), "IPAddressDeny")
+    assert not any(line.startswith("IPAddress") for line in lines(result))
