@@ -154,7 +154,7 @@ def test_a_grant_the_user_excluded_is_neither_forecast_nor_refined() -> None:
         "narrowed", "grant /var/lib/app/data with ReadWritePaths=-/var/lib/app/data")
 
 
-# --- the user's own directives are never loosened ------------------------------------------------------------------
+# --- the user's own directives are never loosened ----------------------------------------------------------------
 
 def filter_lines(result: Tightening) -> list[str]:
     return [line for line in lines(result) if line.startswith("SystemCallFilter=")]
@@ -216,7 +216,7 @@ def test_the_simulated_filter_reads_mixed_lines_in_order_as_systemd_does() -> No
         assert filter_allows(assignments, syscall, GROUPS) is allowed, (assignments, syscall)
 
 
-# --- a narrowing that tightens nothing is a rejection ----------------------------------------------------------
+# --- a narrowing that tightens nothing is a rejection ------------------------------------------------------------
 
 def test_a_step_that_passes_only_at_the_directives_default_is_rejected_not_narrowed() -> None:
     result = run(World(reads_proc=True, shares_files=True))
@@ -235,7 +235,7 @@ def test_an_allow_list_narrowed_to_everything_there_is_is_rejected_not_narrowed(
         "narrowed", "also allow net in RestrictNamespaces=")
 
 
-# --- revert: as if the step had never been kept --------------------------------------------------------------------
+# --- revert: as if the step had never been kept ------------------------------------------------------------------
 
 def reverted(result: Tightening, *undoing: str) -> Tightening:
     assert revert(result, undoing, "undoes something (enforcement check)")
