@@ -18,7 +18,7 @@ from .observe import Observation, parse_strace
 from .result import CommandResult
 from .service import HardenedService, describe_hardening, indent
 from .spec import Expectation, Scenario
-from .tighten import CATALOGUE, Step, Tightening, revert, tighten
+from .tighten import CATALOGUE, Step, Tightening, fall_back, revert, tighten
 
 
 def mismatches(expect: Expectation, result: CommandResult) -> list[str]:
@@ -167,7 +167,8 @@ def all_scenarios_trial(service: HardenedService) -> Trial:
 
 def _verify_enforcement(service: HardenedService, result: Tightening, rounds: int = 3) -> None:
     """Scenarios cannot see a step that quietly undoes another directive (on systemd 252, ExecPaths= reopens a
-    read-only /usr): check every directive of the result is enforced, and revert the steps found undoing one."""
+    read-only /usr): check every directive of the result is enforced, and revert the steps found undoing one. A
+    revert is checked by the scenarios too: a later step may have needed what the reverted one brought."""
     from .enforcement import NOT_ENFORCED, verify_service
 
     for _ in range(rounds):
@@ -188,6 +189,10 @@ def _verify_enforcement(service: HardenedService, result: Tightening, rounds: in
         if not reverted:
             result.note = "not enforced after tightening: " + "; ".join(v.subject.name for v in broken)
             return
+        check = all_scenarios_trial(service)(result.after)
+        result.runs += 1
+        if not check.passed:
+            fall_back(result, check.summary)
 
 
 # --- observation: one run with strace attached ----------------------------------------------------------------

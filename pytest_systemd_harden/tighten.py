@@ -492,6 +492,22 @@ def revert(result: Tightening, undoing: Sequence[str], why: str) -> list[Step]:
     return reverted
 
 
+def fall_back(result: Tightening, failure: str) -> None:
+    """After :func:`revert`, where the result no longer passes (a later step leaned on what a reverted one
+    brought, such as its grant): back to the hardening before the first reverted step, which passed; the steps
+    kept after it go too, since no run passed with them but without it."""
+    reverted = [i for i, o in enumerate(result.outcomes) if o.kept == "rejected" and o.change is not None]
+    if not reverted:
+        return
+    first = result.outcomes[reverted[0]]
+    assert first.change is not None
+    result.after = first.change[0]
+    for outcome in result.outcomes[reverted[0] + 1:]:
+        if outcome.kept in ("added", "narrowed"):
+            outcome.kept, outcome.detail = "rejected", (f"passed only with {first.step.name}, which was reverted; "
+                                                        f"without it: {failure}")
+
+
 def _changed(was: Hardening, became: Hardening) -> set[str]:
     """The names of the directives that differ between two hardenings."""
     before = {d.name: d.assignments for d in was}

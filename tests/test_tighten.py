@@ -7,7 +7,7 @@ from simulated_service import GROUPS, World, hardening, syscall_allowed
 from pytest_systemd_harden.diagnosis import TrialResult, hardening_key
 from pytest_systemd_harden.directives import NAMESPACE_FLAGS, Directive
 from pytest_systemd_harden.observe import filter_allows, parse_strace
-from pytest_systemd_harden.tighten import CATALOGUE, Step, Tightening, profile_only, revert, tighten
+from pytest_systemd_harden.tighten import CATALOGUE, Step, Tightening, fall_back, profile_only, revert, tighten
 
 
 def run(world: World, **kwargs: object) -> Tightening:
@@ -251,6 +251,19 @@ def test_revert_takes_back_the_grant_a_step_added_to_the_users_own_directive() -
     never_kept = run(world, directives=mine, never=["ProtectSystem", "DynamicUser"])
     assert hardening_key(result.after) == hardening_key(never_kept.after)
     assert [d for d in result.after if d.name == "StateDirectory"] == list(mine)
+    assert outcome(result, "DynamicUser=yes") == ("rejected", "undoes something (enforcement check)")
+
+
+def test_a_step_that_passed_only_with_a_reverted_one_goes_with_it() -> None:
+    # ProtectSystem=strict passed without a grant only because DynamicUser= had brought StateDirectory=app.
+    world = World(writes=["/var/lib/app/data"])
+    result = reverted(run(world), "DynamicUser")
+    check = world.trial(result.after)
+    assert not check.passed  # what revert alone leaves: strict, and nowhere to write
+    fall_back(result, check.summary)
+    assert world.trial(result.after).passed and result.after == ()
+    assert outcome(result, "ProtectSystem=strict") == (
+        "rejected", f"passed only with DynamicUser=yes, which was reverted; without it: {check.summary}")
     assert outcome(result, "DynamicUser=yes") == ("rejected", "undoes something (enforcement check)")
 
 
