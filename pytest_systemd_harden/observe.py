@@ -947,5 +947,11 @@ _SIMPLE: dict[str, Callable[[Observation], str]] = {
     "RestrictRealtime": _items("realtime", "asks for realtime scheduling:"),
     "RestrictSUIDSGID": _items("suid", "sets setuid/setgid bits:"),
     "RemoveIPC": lambda obs: "",
+    # Capabilities in a user namespace of its own act on nothing of the host's (a port below 1024, a file's owner).
+    "PrivateUsers": _items("capabilities", "uses capabilities over the host's resources:"),
+    # Its mounts stay its own: a service that mounts for others conflicts.
+    "PrivateMounts": _paths_or_calls((), ("mount", "umount2", "move_mount", "fsmount")),
+    # Its IPC objects stay its own: one it shares with processes outside conflicts (the trace cannot tell).
+    "PrivateIPC": _paths_or_calls(("/dev/mqueue/",), ("shmget", "semget", "msgget", "mq_open")),
     "UMask": lambda obs: "",
 }

@@ -85,6 +85,11 @@ CATALOGUE: tuple[Step, ...] = (
     Step.of("no namespaces of its own", RestrictNamespaces=True),
     Step.of("a private /tmp", PrivateTmp=True),
     Step.of("a private /dev without physical devices", PrivateDevices=True),
+    # Root inside is nobody outside: capabilities then act on the service's own namespaces only (binding a port
+    # below 1024 on the host's network needs one over the host's), which a scenario that needs them shows.
+    Step.of("a user namespace of its own: no capability over the host's resources", PrivateUsers=True),
+    Step.of("mounts of its own, none propagated to or from the host", PrivateMounts=True),
+    Step.of("System V IPC and POSIX message queues of its own", PrivateIPC=True),
     Step.of("kernel tunables read-only", ProtectKernelTunables=True),
     Step.of("no kernel module loading", ProtectKernelModules=True),
     Step.of("no kernel log access", ProtectKernelLogs=True),

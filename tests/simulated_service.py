@@ -95,6 +95,8 @@ class World:
             allowed = by_name["CapabilityBoundingSet"].value.split()
             if any(c not in allowed for c in self.capabilities):
                 return TrialResult(False, "EPERM")
+        if self.capabilities and by_name.get("PrivateUsers") is not None and by_name["PrivateUsers"].value == "yes":
+            return TrialResult(False, "EPERM")  # a capability in a user namespace of its own: not over the host's
         for path in self.writes:
             if not self.writable(by_name, path):
                 return TrialResult(False, f"{path}: EROFS", f"touch: cannot touch '{path}': Read-only file system")
