@@ -391,11 +391,14 @@ class _Search:
 
 
 def _narrowed_form(step: Step, predicted: Forecast | None, keep: Sequence[str], never: Sequence[str]) -> Step:
-    """The forecast's narrowed form of ``step``, unless it brings a grant the user excluded (then the step as is)."""
+    """The forecast's narrowed form of ``step``, unless it brings a grant the user excluded, or narrows the step
+    to nothing (every namespace type observed): then the step as is, whose run shows what needs it."""
     if predicted is None or predicted.verdict != NARROWED:
         return step
     own = {d.name for d in step.directives}
     if any(d.name not in own and (d.name in keep or d.name in never) for d in predicted.directives):
+        return step
+    if any(d.name in own and _restricts_nothing(d) for d in predicted.directives):
         return step
     return Step(step.name, predicted.directives, step.why)
 

@@ -235,6 +235,16 @@ def test_an_allow_list_narrowed_to_everything_there_is_is_rejected_not_narrowed(
         "narrowed", "also allow net in RestrictNamespaces=")
 
 
+def test_an_observation_that_narrows_a_step_to_nothing_is_not_taken_as_a_narrowing() -> None:
+    # Every namespace type observed: the forecast's form would allow them all, as if RestrictNamespaces= were unset.
+    world = World(namespaces=list(NAMESPACE_FLAGS))
+    trace = "10    unshare(CLONE_NEWNS|CLONE_NEWUTS|CLONE_NEWIPC|CLONE_NEWUSER|CLONE_NEWPID|CLONE_NEWNET|" \
+            "CLONE_NEWCGROUP) = 0\n"
+    result = run(world, observation=parse_strace(trace))
+    assert outcome(result, "RestrictNamespaces=yes") == ("rejected", "unshare: EPERM")
+    assert not any(line.startswith("RestrictNamespaces=") for line in lines(result))
+
+
 # --- revert: as if the step had never been kept ------------------------------------------------------------------
 
 def reverted(result: Tightening, *undoing: str) -> Tightening:
