@@ -203,8 +203,7 @@ def test_careful_sockets_of_families_not_loaded_are_not_tried(monkeypatch: pytes
 def test_careful_mode_asks_the_host_for_a_share_of_its_memory_and_tasks_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(inside, "CAREFUL", True)  # as main() sets both for {"guard": "host"}
     monkeypatch.setattr(inside, "SHARED_KERNEL", True)
-    with open("/proc/meminfo") as meminfo:
-        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    available = inside.available_memory()
     half = inside.probe_allocate(str(available // 2), "tag")  # refused before anything is allocated
     assert half["status"] == "error" and half["detail"].startswith(
         f"{inside.CAREFUL_REFUSAL}touching {(available // 2) >> 20} MiB would take more than a quarter"), half

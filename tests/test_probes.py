@@ -201,8 +201,7 @@ def test_on_the_hosts_kernel_no_module_is_loaded_and_no_large_share_taken(monkey
         "not tried in a container, whose kernel is the host's: socket(AF_PACKET) would make the host's kernel load "
         "the module of AF_PACKET, which is not loaded (modprobe af_packet first to have it probed)")
     assert inside.probe_socket("AF_UNIX", "tag")["status"] == "allowed"  # built in: nothing to load
-    with open("/proc/meminfo") as meminfo:
-        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    available = inside.available_memory()
     half = inside.probe_allocate(str(available // 2), "tag")
     assert half["detail"].startswith(f"{inside.KERNEL_REFUSAL}touching {(available // 2) >> 20} MiB"), half
     assert inside.probe_tasks(str(inside.HOST_MAX_TASKS + 1), "tag")["detail"].startswith(inside.KERNEL_REFUSAL)
@@ -225,8 +224,7 @@ def test_a_sandbox_that_sees_neither_proc_net_nor_sys_module_goes_by_the_request
 
 @pytest.mark.parametrize(("guard", "prefix"), [("kernel", inside.KERNEL_REFUSAL), ("host", inside.CAREFUL_REFUSAL)])
 def test_the_script_takes_its_guard_from_the_request(guard: str, prefix: str) -> None:
-    with open("/proc/meminfo") as meminfo:
-        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    available = inside.available_memory()
     # Half of what this machine has free: refused under either guard before anything is allocated.
     argv = batch_argv([Probe("allocate", str(available // 2))], guard=guard)
     done = subprocess.run([sys.executable, *argv[1:]], input=inside_script(), capture_output=True, check=True)

@@ -871,6 +871,12 @@ PAGE = 4096
 ALLOCATE_TIMEOUT = 60  # touching a few hundred MiB page by page takes seconds on an emulated (TCG) CPU
 
 
+def available_memory() -> int:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable:)."""
+    with open("/proc/meminfo") as meminfo:
+        return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+
+
 @probe("allocate")
 def probe_allocate(size: str, tag: str) -> Result:
     """Allocate ``size`` bytes and touch every page, in a child: denied if the kernel kills it (a MemoryMax= beyond
@@ -880,8 +886,7 @@ def probe_allocate(size: str, tag: str) -> Result:
     SIGTERM. This process ignores SIGTERM while it waits, so it can still report the kill; it exits right after.
     """
     wanted = int(size)
-    with open("/proc/meminfo") as meminfo:
-        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    available = available_memory()
     if wanted > available * 3 // 4:
         return error(f"{wanted >> 20} MiB is more than this machine can spare ({available >> 20} MiB available): "
                      "the machine's own OOM killer would decide, not the limit")
