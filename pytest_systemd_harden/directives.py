@@ -215,13 +215,12 @@ def _check_syscall(name: str) -> None:
 
 
 def _check_family(name: str) -> None:
-    if name == "none":
+    if name == "none" or name in ADDRESS_FAMILIES:
         return
-    if not ADDRESS_FAMILY_RE.match(name) and name not in ADDRESS_FAMILIES:
-        raise DirectiveError(f"{name!r} is not an address family", "e.g. AF_UNIX, AF_INET, AF_INET6, AF_NETLINK")
-    if name not in ADDRESS_FAMILIES:
+    if ADDRESS_FAMILY_RE.match(name):
         raise DirectiveError(f"{name!r} is not an address family of Linux, and systemd would ignore it",
                              _closest_hint(name, ADDRESS_FAMILIES) or "e.g. AF_UNIX, AF_INET, AF_INET6, AF_NETLINK")
+    raise DirectiveError(f"{name!r} is not an address family", "e.g. AF_UNIX, AF_INET, AF_INET6, AF_NETLINK")
 
 
 def _bas(text: str) -> list[Any]:
