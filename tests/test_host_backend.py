@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from dbus_next.signature import Variant
+from fakes import RecordingSystemd, guard_in_process, kernel_without_family_modules
 
 from pytest_systemd_harden import backends, exposure
 from pytest_systemd_harden.backends import host
@@ -37,7 +38,7 @@ from pytest_systemd_harden.probes.model import Probe, ProbeResult
 from pytest_systemd_harden.probes.runner import batch_argv, guarded_batch, inside_script, on_machine, run_batch
 from pytest_systemd_harden.service import HardenedService, dynamic_user_name
 from pytest_systemd_harden.spec import Spec
-from pytest_systemd_harden.systemd import ProcessOutcome, SystemdClient
+from pytest_systemd_harden.systemd import SystemdClient
 
 REPO = Path(__file__).resolve().parent.parent
 MakeSpec = Callable[..., Spec]
@@ -93,18 +94,6 @@ def test_units_are_named_after_their_machine_so_runs_sharing_a_systemd_never_mee
 
 
 # --- careful probes ----------------------------------------------------------------------------------------------
-
-class RecordingSystemd:
-    """Stands in for a machine's SystemdClient: records what would run and says it succeeded."""
-
-    def __init__(self) -> None:
-        self.argvs: list[list[str]] = []
-
-    def run(self, unit: str, argv: list[str], properties: Any, *, stdin: bytes = b"",
-            timeout: float = 60.0) -> ProcessOutcome:
-        self.argvs.append(list(argv))
-        return ProcessOutcome(unit, "success", 0, None, b"", b"", 0.0)
-
 
 def test_every_probe_batch_on_the_host_runs_in_careful_mode_whoever_builds_it() -> None:
     machine, systemd = host_machine(), RecordingSystemd()
@@ -178,14 +167,8 @@ def test_careful_reads_never_open_a_fifo_whose_writer_waits(tmp_path: Path) -> N
 
 
 def test_careful_sockets_of_families_not_loaded_are_not_tried(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    protocols, modules = tmp_path / "protocols", tmp_path / "module"
-    protocols.write_text("protocol  size sockets  memory press maxhdr  slab module     cl co di ac io in de sh ss gs se "
-                         "re sp bi br ha uh gp em\nUNIX       1024     12      -1   NI       0   yes  kernel\n")
-    modules.mkdir()
-    monkeypatch.setattr(inside, "CAREFUL", True)  # as main() sets both for {"guard": "host"}
-    monkeypatch.setattr(inside, "SHARED_KERNEL", True)
-    monkeypatch.setattr(inside, "PROTOCOLS_FILE", str(protocols))
-    monkeypatch.setattr(inside, "MODULES_DIR", str(modules))
+    guard_in_process(monkeypatch, inside.GUARD_HOST)
+    protocols, modules = kernel_without_family_modules(monkeypatch, tmp_path)
     refused = inside.probe_socket("AF_VSOCK", "tag")
     assert refused["status"] == "error" and refused["detail"] == (
         f"{inside.CAREFUL_REFUSAL}socket(AF_VSOCK) would make the host's kernel load the module of AF_VSOCK, which is "
@@ -201,8 +184,7 @@ def test_careful_sockets_of_families_not_loaded_are_not_tried(monkeypatch: pytes
 
 
 def test_careful_mode_asks_the_host_for_a_share_of_its_memory_and_tasks_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(inside, "CAREFUL", True)  # as main() sets both for {"guard": "host"}
-    monkeypatch.setattr(inside, "SHARED_KERNEL", True)
+    guard_in_process(monkeypatch, inside.GUARD_HOST)
     available = inside.available_memory()
     half = inside.probe_allocate(str(available // 2), "tag")  # refused before anything is allocated
     assert half["status"] == "error" and half["detail"].startswith(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fakes import RecordingSystemd, guard_in_process, kernel_without_family_modules
 
 from pytest_systemd_harden.errors import SpecError
 from pytest_systemd_harden.probes import inside
@@ -161,21 +162,12 @@ def test_each_backend_runs_every_probe_batch_under_its_guard_whoever_builds_it(b
                                                                                guard: str | None) -> None:
     from pytest_systemd_harden import backends
     from pytest_systemd_harden.backends.base import MachineConfig
-    from pytest_systemd_harden.systemd import ProcessOutcome
 
-    ran: list[list[str]] = []
-
-    class RecordingSystemd:
-        def run(self, unit: str, argv: list[str], properties: object, *, stdin: bytes = b"",
-                timeout: float = 60.0) -> ProcessOutcome:
-            ran.append(list(argv))
-            return ProcessOutcome(unit, "success", 0, None, b"", b"", 0.0)
-
-    machine = backends.machine_class(backend)(MachineConfig(backend=backend))
-    machine._systemd = RecordingSystemd()  # type: ignore[assignment]
+    machine, systemd = backends.machine_class(backend)(MachineConfig(backend=backend)), RecordingSystemd()
+    machine._systemd = systemd  # type: ignore[assignment]
     machine.run(batch_argv([Probe("socket", "AF_VSOCK")]))  # built without a guard
     machine.run(["/usr/bin/python3", "-c", "print(1)"])  # not a batch: as it is
-    batch, other = ran
+    batch, other = systemd.argvs
     request = json.loads(batch[4])
     if guard is None:
         assert request == {"probes": [["socket", "AF_VSOCK"]]}
@@ -187,15 +179,8 @@ def test_each_backend_runs_every_probe_batch_under_its_guard_whoever_builds_it(b
 
 def test_on_the_hosts_kernel_no_module_is_loaded_and_no_large_share_taken(monkeypatch: pytest.MonkeyPatch,
                                                                         tmp_path: Path) -> None:
-    # As main() sets them for {"guard": "kernel"}: a container, whose files are its own but whose kernel is not.
-    monkeypatch.setattr(inside, "SHARED_KERNEL", True)
-    monkeypatch.setattr(inside, "CAREFUL", False)
-    protocols, modules = tmp_path / "protocols", tmp_path / "module"
-    protocols.write_text("protocol  size sockets  memory press maxhdr  slab module     cl co di ac io in de sh ss gs se "
-                         "re sp bi br ha uh gp em\nUNIX       1024     12      -1   NI       0   yes  kernel\n")
-    modules.mkdir()
-    monkeypatch.setattr(inside, "PROTOCOLS_FILE", str(protocols))
-    monkeypatch.setattr(inside, "MODULES_DIR", str(modules))
+    guard_in_process(monkeypatch, inside.GUARD_KERNEL)  # a container: its files are its own, its kernel is not
+    protocols, modules = kernel_without_family_modules(monkeypatch, tmp_path)
     refused = inside.probe_socket("AF_PACKET", "tag")
     assert refused["status"] == "error" and refused["detail"] == (
         "not tried in a container, whose kernel is the host's: socket(AF_PACKET) would make the host's kernel load "
@@ -213,7 +198,7 @@ def test_on_the_hosts_kernel_no_module_is_loaded_and_no_large_share_taken(monkey
 
 def test_a_sandbox_that_sees_neither_proc_net_nor_sys_module_goes_by_the_requests_families(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(inside, "SHARED_KERNEL", True)
+    guard_in_process(monkeypatch, inside.GUARD_KERNEL)
     monkeypatch.setattr(inside, "PROTOCOLS_FILE", str(tmp_path / "hidden"))  # ProcSubset=pid, PrivateNetwork=
     monkeypatch.setattr(inside, "MODULES_DIR", str(tmp_path / "hidden"))  # ProtectKernelModules=
     monkeypatch.setattr(inside, "LOADED_FAMILIES", frozenset({"AF_INET6"}))
