@@ -22,7 +22,7 @@ OUR_SUBTREE = "pytest-systemd-harden"
 _sequence = itertools.count(1)
 
 
-def _process_start_time(pid: int) -> str | None:
+def process_start_time(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -55,7 +55,7 @@ class OwnedCgroup:
     @classmethod
     def create(cls, label: str, root: Path = CGROUP_ROOT) -> OwnedCgroup:
         pid = os.getpid()
-        name = f"{label}-{pid}-{_process_start_time(pid)}-{next(_sequence)}"
+        name = f"{label}-{pid}-{process_start_time(pid)}-{next(_sequence)}"
         group = cls(name, hierarchies(root))
         for path in group.paths:
             for _attempt in range(5):  # another run may remove the shared parent just as we create in it
@@ -126,11 +126,20 @@ def reap_orphans(root: Path = CGROUP_ROOT) -> list[str]:
     reaped = []
     for name in sorted(names):
         parts = name.rsplit("-", 3)
-        if len(parts) == 4 and parts[1].isdigit() and _process_start_time(int(parts[1])) == parts[2]:
+        if len(parts) == 4 and parts[1].isdigit() and process_start_time(int(parts[1])) == parts[2]:
             continue  # its owner is alive (maybe another xdist worker): not ours to touch
         OwnedCgroup(name, trees).kill_and_remove()
         reaped.append(name)
     return reaped
+
+
+def stop_leftovers(name: str) -> None:
+    """Kill what is left of a dead run's :class:`Contained` process tree called ``name``: its scope where the host
+    runs systemd, else every cgroup whose owner is gone."""
+    if host_runs_systemd():
+        subprocess.run(["systemctl", "stop", f"{name}.scope"], capture_output=True, check=False)
+    else:
+        reap_orphans()
 
 
 _JOIN_CGROUPS_AND_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 1; shift; done; shift; exec "$@"'

@@ -1,8 +1,10 @@
 """Debian root filesystems for the test machines: built once per package set, cached, never modified.
 
 A machine boots its image with ``--volatile=overlay``, so the cached tree is shared read-only by every
-container, run and xdist worker. Builds happen under a lock, into a temporary directory renamed into place only
-when complete, so a concurrent or interrupted build never leaves a half-made image behind.
+container, run and xdist worker. Builds happen under a lock, into a staging directory renamed into place only
+when complete, so a concurrent or interrupted build never leaves a half-made image behind; the builder runs in a
+mount namespace of its own and in a cgroup of its own, so whatever ends it, no mount of its reaches the host and
+no process of it outlives the build (see staging.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cgroups import Contained
 from .errors import BackendUnavailable, ImageBuildError
+from .staging import clean_leftovers, remove_tree, staging_dir
 
 # Bump when the recipe below changes, so old caches are not reused for a different image.
 RECIPE_VERSION = 3
@@ -83,13 +87,13 @@ class ImageCache:
         final.parent.mkdir(parents=True, exist_ok=True)
         with open(final.parent / f"{key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be building the same image
+            clean_leftovers(final.parent, progress)
             if not (final / "rootfs" / "usr" / "lib" / "systemd" / "systemd").exists():
                 self._build(final, extra, progress)
         return Image(key, final / "rootfs", extra)
 
     def _build(self, final: Path, extra: tuple[str, ...], progress: Progress) -> None:
-        staging = final.with_name(f"{final.name}.building-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = staging_dir(final)
         staging.mkdir(parents=True)
         rootfs = staging / "rootfs"
         packages = sorted(set(BASE_PACKAGES) | set(extra))
@@ -97,19 +101,20 @@ class ImageCache:
         progress(f"building {label} ({SUITE}, {len(packages)} packages) into {final}")
         started = time.monotonic()
         try:
-            builder = self._run_builder(rootfs, packages, progress)
+            builder = self._run_builder(staging, rootfs, packages, progress)
             _customize(rootfs)
             (staging / "manifest.json").write_text(json.dumps({
                 "suite": SUITE, "packages": packages, "builder": builder, "mirror": self.mirror,
                 "recipe": RECIPE_VERSION, "seconds": round(time.monotonic() - started, 1),
             }, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
+            remove_tree(staging / "tmp")
+            remove_tree(final)
             staging.rename(final)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
         progress(f"built {label} in {time.monotonic() - started:.0f}s")
 
-    def _run_builder(self, rootfs: Path, packages: list[str], progress: Progress) -> str:
+    def _run_builder(self, staging: Path, rootfs: Path, packages: list[str], progress: Progress) -> str:
         if shutil.which("mmdebstrap"):
             command = ["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE, str(rootfs),
                        self.mirror]
@@ -118,21 +123,41 @@ class ImageCache:
                        self.mirror]
         else:
             raise BackendUnavailable("neither mmdebstrap nor debootstrap is installed: apt-get install mmdebstrap")
+        # The builder's temporary files (mmdebstrap's gpg home, apt config) stay inside the staging directory.
+        tmp = staging / "tmp"
+        tmp.mkdir()
+        builder = Contained.start(_privately(command), "build", staging.name, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "TMPDIR": str(tmp)})
         tail: list[str] = []
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              errors="replace") as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip()
+        try:
+            assert builder.process.stdout is not None
+            for raw in builder.process.stdout:
+                line = raw.decode(errors="replace").rstrip()
                 tail = [*tail[-29:], line]
                 if line.startswith(("I:", "E:", "W:")):
                     progress(f"  {command[0]}: {line}")
-        if proc.returncode != 0:
-            raise ImageBuildError(f"{command[0]} failed (exit status {proc.returncode}) building {rootfs}:\n"
-                               + "\n".join(tail)
-                               + "\nhint: is every package name a Debian bookworm package? Is the mirror "
-                               f"{self.mirror} reachable? (set HARDEN_MIRROR to use another)")
+            builder.process.wait()
+        finally:
+            # Interrupted or not: every process of the build is gone before anyone removes its directory.
+            builder.stop(grace=5.0)
+        if builder.process.returncode != 0:
+            raise ImageBuildError(f"{command[0]} failed (exit status {builder.process.returncode}) building "
+                                  f"{rootfs}:\n" + "\n".join(tail)
+                                  + "\nhint: is every package name a Debian bookworm package? Is the mirror "
+                                  f"{self.mirror} reachable? (set HARDEN_MIRROR to use another)")
         return command[0]
+
+
+# Run in a mount namespace of its own, with a tmpfs of its own on /dev/shm: the builder's mounts (proc, sysfs, the
+# device binds, its bind of /dev/shm) are invisible to the host and vanish with the build's last process, and no
+# bind reaches a host file.
+_PRIVATE_MOUNTS = 'mount -t tmpfs -o mode=1777,nosuid,nodev harden-build-shm /dev/shm && exec "$@"'
+
+
+def _privately(command: list[str]) -> list[str]:
+    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _PRIVATE_MOUNTS, "sh",
+            *command]
 
 
 def _customize(rootfs: Path) -> None:
@@ -259,8 +284,8 @@ def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
     if not serial_getty.is_symlink():
         serial_getty.symlink_to("/dev/null")
 
-    staging = folder.with_name(f"{folder.name}.building-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    clean_leftovers(folder.parent, progress)
+    staging = staging_dir(folder)
     staging.mkdir(parents=True)
     try:
         used = sum(entry.stat(follow_symlinks=False).st_blocks * 512 for entry in rootfs.rglob("*"))
@@ -277,5 +302,5 @@ def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
                                                            "size_mib": size_mib}, indent=2))
         staging.rename(folder)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
     progress(f"made the VM disk ({size_mib} MiB, kernel {release}) in {time.monotonic() - started:.0f}s")

@@ -85,6 +85,7 @@ from ..probes.inside import GUARD_HOST
 from ..probes.runner import INTERPRETER
 from ..result import CommandResult
 from ..spec import Spec
+from ..staging import remove_tree
 from ..systemd import Property, SystemdClient
 from .base import Machine, Progress
 from .nspawn import host_runs_systemd
@@ -181,7 +182,7 @@ class HostMachine(Machine):
                 client.close()
         finally:
             for path in Path(EXPOSURE_DIR).glob(f"{self.name}-*"):
-                shutil.rmtree(path, ignore_errors=True)
+                remove_tree(path)
             try:
                 Path(EXPOSURE_DIR).rmdir()  # once no run's units are left in it
             except OSError:

@@ -29,6 +29,7 @@ from pathlib import Path
 from ..cgroups import Contained
 from ..errors import BackendUnavailable, ImageBuildError, MachineError
 from ..images import BUS_PORT, FILES_LABEL, OUTPUT_DIR, VmImage, vm_image
+from ..staging import remove_tree
 from ..systemd import OutputFiles
 from .base import Machine, Progress, proportional_set_size
 from .guest_agent import GuestAgent
@@ -307,7 +308,7 @@ class QemuMachine(Machine):
                                f"{used // 2**20 + 16}M"], capture_output=True, text=True, check=False)
         if made.returncode != 0:
             raise ImageBuildError(f"mkfs.ext4 failed making the disk of the machine's files:\n{made.stderr.strip()}")
-        shutil.rmtree(tree)
+        remove_tree(tree)
         return disk
 
     def _console_text(self) -> str:
@@ -345,4 +346,4 @@ class QemuMachine(Machine):
         self._kill_vm()
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
-            shutil.rmtree(runtime, ignore_errors=True)
+            remove_tree(runtime)

@@ -1,0 +1,189 @@
+"""Image builds never touch the host: interrupted or killed at any point, a build leaves no mount, no process and
+no staging directory behind once the next run has started, and it never removes a file outside the cache.
+
+The builds here are real (mmdebstrap from the Debian mirror) and interrupted a few seconds in; the mount tests run
+in a private mount namespace of their own (``unshare --mount``), so nothing they mount is ever seen by the host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_systemd_harden import cgroups
+from pytest_systemd_harden.staging import clean_leftovers, mounts_under
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BUILD = textwrap.dedent("""\
+    import sys
+    from pathlib import Path
+    from pytest_systemd_harden.images import ImageCache
+    ImageCache(Path(sys.argv[1])).get(["hello"], lambda line: print(line, flush=True))
+    print("BUILT", flush=True)
+""")
+
+
+def _needs_root_and_builder() -> None:
+    if os.geteuid() != 0 or not (shutil.which("mmdebstrap") or shutil.which("debootstrap")):
+        pytest.fail("these tests build real images: run as root with mmdebstrap installed (./dev.sh test)")
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and "pytest" not in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+@pytest.fixture
+def canary() -> object:
+    """A file of our own in the host's /dev/shm, the directory an interrupted build used to delete."""
+    path = Path("/dev/shm") / f"harden-canary-{os.getpid()}"
+    path.write_text("must survive")
+    yield path
+    assert path.read_text() == "must survive", "an image build removed or changed a file in the host's /dev/shm"
+    path.unlink()
+
+
+def _start_build(cache: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", BUILD, str(cache)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+
+def _wait_for(build: subprocess.Popen[str], marker: str, timeout: float = 240.0) -> list[str]:
+    """Read the build's progress until a line contains ``marker``."""
+    assert build.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    for line in build.stdout:
+        seen.append(line.rstrip())
+        if marker in line:
+            return seen
+        assert time.monotonic() < deadline, f"the build never reached {marker!r}:\n" + "\n".join(seen)
+    pytest.fail(f"the build ended before {marker!r}:\n" + "\n".join(seen))
+
+
+def _assert_nothing_left(cache: Path) -> None:
+    images = cache / "images"
+    assert not mounts_under(cache), "a mount of the build is visible on the host"
+    assert not [p.name for p in images.iterdir() if ".building-" in p.name]
+    assert not _processes_mentioning(str(cache)), "a process of the build outlived it"
+
+
+# Points of a build: before any mount, and while its mounts (proc, sysfs, the /dev binds) are in place.
+POINTS = ["downloading packages", "installing essential packages"]
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_ctrl_c_during_a_build_cleans_up_at_once(tmp_path: Path, canary: Path, point: str) -> None:
+    _needs_root_and_builder()
+    build = _start_build(tmp_path)
+    _wait_for(build, point)
+    build.send_signal(signal.SIGINT)
+    output, _ = build.communicate(timeout=60)
+    assert build.returncode != 0 and "BUILT" not in output
+    _assert_nothing_left(tmp_path)
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_a_killed_build_is_cleaned_by_the_next_run(tmp_path: Path, canary: Path, point: str) -> None:
+    _needs_root_and_builder()
+    build = _start_build(tmp_path)
+    _wait_for(build, point)
+    build.kill()
+    build.communicate(timeout=30)
+    images = tmp_path / "images"
+    left = [p for p in images.iterdir() if ".building-" in p.name]
+    assert left, "SIGKILL gives the build no chance to clean up: its staging directory is expected here"
+    assert not mounts_under(tmp_path), "the killed build's mounts are visible on the host"
+    # What the next run does before it builds: reap the dead run's cgroups, then its staging directories.
+    cgroups.reap_orphans()
+    assert clean_leftovers(images) == left
+    _assert_nothing_left(tmp_path)
+
+
+def test_the_run_after_a_killed_build_builds_the_image(tmp_path: Path, canary: Path) -> None:
+    _needs_root_and_builder()
+    build = _start_build(tmp_path)
+    _wait_for(build, POINTS[-1])
+    build.kill()
+    build.communicate(timeout=30)
+    again = _start_build(tmp_path)
+    output, _ = again.communicate(timeout=600)
+    assert again.returncode == 0 and "BUILT" in output, output
+    assert "left by a build that was killed" in output
+    _assert_nothing_left(tmp_path)
+
+
+# -- removal never crosses a mount: run in a private mount namespace, as a script -----------------------------
+
+PRIVATE = textwrap.dedent("""\
+    import os, subprocess, sys
+    from pathlib import Path
+    from pytest_systemd_harden.errors import ImageBuildError
+    from pytest_systemd_harden.staging import clean_leftovers, remove_tree
+    work = Path(sys.argv[1])
+    outside = work / "outside"            # stands for the host's /dev/shm
+    outside.mkdir()
+    (outside / "precious").write_text("host file")
+    images = work / "images"
+    # A build of an older version, killed: its pid is long gone, its bind of 'outside' still mounted.
+    staging = images / "0123456789abcdef.building-4194999"
+    (staging / "rootfs" / "dev" / "shm").mkdir(parents=True)
+    (staging / "rootfs" / "etc").mkdir()
+    (staging / "rootfs" / "etc" / "hostname").write_text("x")
+    subprocess.run(["mount", "--bind", str(outside), str(staging / "rootfs" / "dev" / "shm")], check=True)
+    try:
+        remove_tree(staging)
+    except ImageBuildError as exc:
+        print("REFUSED", exc)
+    assert (outside / "precious").exists()
+    print("CLEANED", [p.name for p in clean_leftovers(images)])
+    assert not staging.exists()
+    assert (outside / "precious").read_text() == "host file"
+    # A symbolic link in a tree leads nowhere: only the link is removed.
+    tree = work / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "link").symlink_to(outside)
+    remove_tree(tree)
+    assert not tree.exists() and (outside / "precious").exists()
+    print("OK")
+""")
+
+
+def test_removal_never_crosses_a_mount_and_old_leftovers_are_unmounted_first(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts (in a private mount namespace): run as root (./dev.sh test)")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", PRIVATE,
+                           str(tmp_path)], check=False, capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "REFUSED not removing" in done.stdout and "is mounted there" in done.stdout
+    assert "CLEANED ['0123456789abcdef.building-4194999']" in done.stdout
+    assert done.stdout.rstrip().endswith("OK")
+
+
+def test_a_live_build_of_another_process_is_left_alone(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    ours = images / f"abc.building-{os.getpid()}-{cgroups.process_start_time(os.getpid())}-0000"
+    ours.mkdir(parents=True)
+    dead = images / "abc.building-4194999-1-0000"
+    dead.mkdir()
+    assert clean_leftovers(images) == [dead]
+    assert ours.exists()
