@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .directives import CAPABILITIES, NAMESPACE_FLAGS, Directive
+from .directives import BOOL, CAPABILITIES, NAMESPACE_FLAGS, Directive, lookup
 
 Hardening = tuple[Directive, ...]
 T = TypeVar("T")
@@ -154,6 +154,12 @@ class Relaxation:
     add: tuple[Directive, ...] = ()
     needs: str = ""  # what the service was found to need, e.g. "mlock (in @memlock)"
 
+    def __post_init__(self) -> None:
+        # A replacement left with no assignment (every denied name dropped) is a removal: the spec has no empty
+        # form of it ("SystemCallFilter: []" does not load) and the drop-in resets it.
+        object.__setattr__(self, "replace", tuple((name, None if new is not None and not any(new.assignments)
+                                                   else new) for name, new in self.replace))
+
     def apply(self, hardening: Sequence[Directive]) -> Hardening:
         replaced = dict(self.replace)
         out: list[Directive] = []
@@ -181,8 +187,12 @@ class Relaxation:
         after = {d.name: d for d in self.apply(hardening)}
         lines = ["[Service]"]
         for name in dict.fromkeys(self.changed_names()):
-            lines.append(f"{name}=")  # drop-ins add to list settings; the empty assignment resets first
-            if name in after:
+            if name not in after:
+                lines.append(f"{name}={DROPIN_RESETS.get(name, '')}")
+            elif explicit_default(name) is not None:
+                lines.extend(after[name].unit_lines())  # a single value replaces; an empty one is not a reset
+            else:
+                lines.append(f"{name}=")  # drop-ins add to list settings; the empty assignment resets first
                 lines.extend(after[name].unit_lines())
         return "\n".join(lines) + "\n"
 
@@ -210,7 +220,35 @@ def yaml_value(directive: Directive) -> str:
     return "[" + ", ".join(f'"{a}"' for a in directive.assignments) + "]"
 
 
+# What sets a single-valued directive back to systemd's default, written out: in a drop-in an empty assignment
+# does not (systemd ignores an empty boolean, "Failed to parse boolean value, ignoring"), and in the spec the
+# explicit value overrides a profile's line too. The relaxation is tried with exactly this value, so the printed
+# drop-in is the tested one.
+EXPLICIT_DEFAULTS: dict[str, str] = {
+    "ProtectSystem": "no", "ProtectHome": "no", "ProtectProc": "default", "ProcSubset": "all",
+    "RestrictNamespaces": "no", "UMask": "0022", "DevicePolicy": "auto",
+}
+# Where an empty assignment means something other than the default: CapabilityBoundingSet= empties the bounding
+# set (systemd's config_parse_capability_set), "~" (all but none) is every capability. The spec has no such
+# value; there the line is removed.
+DROPIN_RESETS: dict[str, str] = {"CapabilityBoundingSet": "~"}
+
+
+def explicit_default(name: str) -> str | None:
+    """The value that sets ``name`` to systemd's default, for single-valued directives; None for lists, where the
+    empty assignment resets."""
+    if lookup(name).kind is BOOL:
+        return "no"
+    return EXPLICIT_DEFAULTS.get(name)
+
+
 def removal(directive: Directive) -> Relaxation:
+    """Take ``directive`` back to systemd's default: by its explicit default value where it has one (a boolean's
+    ``no``), else by removing it."""
+    default = explicit_default(directive.name)
+    if default is not None:
+        return Relaxation(f"set {directive.name}={default} (systemd's default)",
+                          replace=((directive.name, Directive(directive.name, (default,), directive.line)),))
     return Relaxation(f"remove {directive.name}=", replace=((directive.name, None),))
 
 

@@ -113,7 +113,8 @@ class World:
 
     @staticmethod
     def writable(by_name: dict[str, Directive], path: str) -> bool:
-        read_only = "ProtectSystem" in by_name or ("DynamicUser" in by_name and by_name["DynamicUser"].value == "yes")
+        protect_system = by_name["ProtectSystem"].value if "ProtectSystem" in by_name else "no"
+        read_only = protect_system != "no" or ("DynamicUser" in by_name and by_name["DynamicUser"].value == "yes")
         if not read_only:
             return True
         granted = [f"/var/lib/{n}" for n in by_name.get("StateDirectory", Directive("x", ())).value.split()]

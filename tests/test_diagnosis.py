@@ -191,3 +191,42 @@ def test_a_directive_from_the_profile_is_dropped_with_null_not_deleted() -> None
     assert relaxation.spec_change(directives) == "PrivateUsers: null    # drops it from profile maximum-2026"
     own = Relaxation("remove PrivateTmp=", replace=(("PrivateTmp", None),))
     assert own.spec_change(directives) == "PrivateTmp: (remove this line)"
+
+
+# --- the printed fix is the tried fix -------------------------------------------------------------------------------
+
+def test_a_boolean_is_relaxed_with_its_explicit_no_in_both_drop_in_and_spec() -> None:
+    # systemd ignores an empty boolean assignment ("Failed to parse boolean value, ignoring"): a drop-in saying
+    # "PrivateUsers=" would change nothing in the real unit.
+    directives = hardening(PrivateUsers=True, PrivateTmp=True)
+    diagnosis = run(World(capabilities=["CAP_CHOWN"]), directives)
+    assert [f.culprit.name for f in diagnosis.findings] == ["PrivateUsers"] and diagnosis.verified
+    assert diagnosis.combined.description == "set PrivateUsers=no (systemd's default)"
+    assert diagnosis.combined.dropin(directives) == "[Service]\nPrivateUsers=no\n"
+    assert diagnosis.combined.spec_change(directives) == "PrivateUsers: no"
+    tried = diagnosis.combined.apply(directives)
+    assert Directive("PrivateUsers", ("no",), 10) in tried  # what the rerun verified is what is printed
+
+
+def test_an_enum_relaxed_to_the_default_is_written_out() -> None:
+    directives = hardening(ProcSubset="pid")
+    diagnosis = run(World(reads_proc=True), directives)
+    assert diagnosis.combined.dropin(directives) == "[Service]\nProcSubset=all\n"
+    assert diagnosis.combined.spec_change(directives) == "ProcSubset: all"
+
+
+def test_removing_the_capability_bounding_set_restores_every_capability_not_none() -> None:
+    # An empty CapabilityBoundingSet= is the empty set in systemd: the opposite of removing the line.
+    directives = hardening(CapabilityBoundingSet="CAP_CHOWN")
+    relaxation = Relaxation("remove CapabilityBoundingSet=", replace=(("CapabilityBoundingSet", None),))
+    assert relaxation.dropin(directives) == "[Service]\nCapabilityBoundingSet=~\n"
+    assert relaxation.spec_change(directives) == "CapabilityBoundingSet: (remove this line)"
+
+
+def test_a_replacement_with_nothing_left_is_a_removal_the_loader_accepts() -> None:
+    directives = hardening(SystemCallFilter="~@memlock")
+    emptied = Relaxation("stop denying @memlock", replace=(("SystemCallFilter", Directive("SystemCallFilter", ())),))
+    assert emptied.replace == (("SystemCallFilter", None),)
+    assert emptied.spec_change(directives) == "SystemCallFilter: (remove this line)"  # not "SystemCallFilter: []"
+    assert emptied.dropin(directives) == "[Service]\nSystemCallFilter=\n"
+    assert emptied.apply(directives) == ()
