@@ -8,6 +8,7 @@
     systemd-harden exposure SPEC          boot the spec's machine and score the unit (systemd-analyze security)
     systemd-harden test SPEC [ARGS...]    run the spec's scenarios: pytest on that one file, ARGS passed on
     systemd-harden cache-key SPEC...      one key for the machine images the specs need (a CI cache key)
+    systemd-harden cache list|prune       the cached images; remove the superseded and the unused
     systemd-harden backends [NAME...]     boot each backend and print which directives it enforces here
 
 Exit status: 0 fine, 1 a spec error (or, for ``exposure``, a score above the spec's ``max_exposure``), 2 the
@@ -20,11 +21,13 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from .errors import BackendUnavailable, HardenError, SpecError
+from .images import BASE_PACKAGES
 from .service import unit_name_for
 from .spec import Spec, load_spec
 
@@ -160,10 +163,35 @@ def _cache_key(args: argparse.Namespace) -> int:
     specs = [_load(path) for path in args.specs]
     if any(spec is None for spec in specs):
         return 1
-    # The image cache is content-addressed (recipe, suite, packages): the same images, the same key.
-    keys = sorted({ImageCache.key_for(spec.machine.packages) for spec in specs if spec is not None})
+    # The image cache is content-addressed (recipe, release, packages, local .debs): the same images, the same key.
+    # The archive's state is left out: a restored cache whose archive moved on is refreshed by the run itself.
+    keys = sorted({ImageCache.key_for(spec.machine.packages, spec.machine.release, spec.machine.debs)
+                   for spec in specs if spec is not None})
     print(hashlib.sha256(" ".join(keys).encode()).hexdigest()[:16])
     return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .images import cached_images, default_cache_dir, prune
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.action == "prune":
+        removed = prune(cache_dir, args.unused_days, progress=print)
+        print(f"removed {len(removed)} image(s) from {cache_dir}")
+        return 0
+    found = cached_images(cache_dir)
+    if not found:
+        print(f"no image in {cache_dir}")
+    for image in found:
+        extra = [p for p in image.packages if p not in BASE_PACKAGES] + list(image.debs)
+        print(f"{image.key}  {image.release:<9} built {_day(image.built)}  used {_day(image.used)}  "
+              f"{image.size() / 2**20:5.0f} MiB  {'superseded  ' if image.superseded else ''}"
+              f"{', '.join(extra) or '(base)'}")
+    return 0
+
+
+def _day(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d", time.localtime(timestamp))
 
 
 def _tighten(args: argparse.Namespace) -> int:
@@ -297,6 +325,14 @@ def parser() -> argparse.ArgumentParser:
                                                 "cache of HARDEN_CACHE_DIR)")
     key.add_argument("specs", nargs="+", metavar="SPEC")
     key.set_defaults(run=_cache_key)
+
+    cache = commands.add_parser("cache", help="list the cached machine images, or prune the superseded and unused")
+    cache.add_argument("action", choices=("list", "prune"))
+    cache.add_argument("--unused-days", type=float, default=30.0, metavar="DAYS",
+                       help="prune: also remove images no run has booted for DAYS (default: %(default)s)")
+    cache.add_argument("--cache-dir", metavar="DIR", help="image cache (default: $HARDEN_CACHE_DIR or "
+                                                          "~/.cache/pytest-systemd-harden)")
+    cache.set_defaults(run=_cache)
 
     backends = commands.add_parser("backends", help="boot each backend that can run here and print which "
                                                     "directives it enforces, measured (needs root)")

@@ -9,24 +9,28 @@ no process of it outlives the build (see staging.py).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from .cgroups import Contained
 from .errors import BackendUnavailable, ImageBuildError
 from .staging import clean_leftovers, remove_tree, staging_dir
 
 # Bump when the recipe below changes, so old caches are not reused for a different image.
-RECIPE_VERSION = 3
-SUITE = "bookworm"
+RECIPE_VERSION = 4
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "libnss-systemd", "python3", "iproute2", "procps",
                  "strace")  # strace: tighten observes what the scenarios use in one traced run
 # Units a test machine has no use for: they slow the boot or wake up during a run.
@@ -36,8 +40,29 @@ MASKED_UNITS = (
     "systemd-tmpfiles-clean.timer",
 )
 HOSTNAME = "harden"
+# An image whose archive was last checked longer ago than this is checked again: a new upload gives a new image.
+DEFAULT_MAX_AGE_DAYS = 7.0
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Release:
+    """A Debian release an image is built from, with the suites users get updates from."""
+
+    name: str
+    version: str  # "12", "13", "testing", "unstable": for messages
+    updates: bool  # has NAME-updates
+    security: bool  # has NAME-security
+
+
+RELEASES: dict[str, Release] = {r.name: r for r in (
+    Release("bookworm", "12", updates=True, security=True),
+    Release("trixie", "13", updates=True, security=True),
+    Release("forky", "testing", updates=False, security=False),
+    Release("sid", "unstable", updates=False, security=False),
+)}
+DEFAULT_RELEASE = "bookworm"
 
 
 def default_cache_dir() -> Path:
@@ -52,6 +77,16 @@ def default_mirror() -> str:
     return os.environ.get("HARDEN_MIRROR", "http://deb.debian.org/debian")
 
 
+def default_security_mirror(mirror: str) -> str | None:
+    """Where the security suites are: $HARDEN_SECURITY_MIRROR, else beside Debian's own mirror; None for another
+    mirror (a local one may have no security suite)."""
+    explicit = os.environ.get("HARDEN_SECURITY_MIRROR")
+    if explicit is not None:
+        return explicit or None
+    return mirror.removesuffix("/debian") + "/debian-security" if mirror.endswith("deb.debian.org/debian") \
+        else None
+
+
 @dataclass(frozen=True)
 class Image:
     """A built root filesystem and what went into it."""
@@ -59,68 +94,183 @@ class Image:
     key: str
     rootfs: Path
     packages: tuple[str, ...]
+    release: str = DEFAULT_RELEASE
+    # Every installed package's version, as dpkg records it in the image ({} for images of an older recipe).
+    versions: Mapping[str, str] = field(default_factory=dict)
+    debs: tuple[str, ...] = ()  # the local .deb files installed on top, as given
+
+    @property
+    def systemd_version(self) -> str | None:
+        return self.versions.get("systemd")
+
+
+def deb_digest(path: str) -> str:
+    """The content hash of a local .deb: a rebuilt package is a new image even under the same file name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as deb:
+        for block in iter(lambda: deb.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ImageCache:
-    """Builds and finds images under ``cache_dir/images/<key>/rootfs``."""
+    """Builds and finds images under ``cache_dir/images/<key>/rootfs``.
 
-    def __init__(self, cache_dir: Path | None = None, mirror: str | None = None) -> None:
+    An image's key covers the recipe, the release, the package set, the content of every local .deb and the state
+    of the archive (the date of each suite's Release file): a new upload to the archive, once seen, or a rebuilt
+    .deb always gives a new image. The archive is looked at again when the last look is older than ``max_age``
+    days, or at once with ``refresh`` (--harden-refresh-images); without a network the last state seen is used.
+    """
+
+    def __init__(self, cache_dir: Path | None = None, mirror: str | None = None, *,
+                 max_age_days: float = DEFAULT_MAX_AGE_DAYS, refresh: bool = False) -> None:
         self.cache_dir = cache_dir or default_cache_dir()
         self.mirror = mirror or default_mirror()
+        self.security_mirror = default_security_mirror(self.mirror)
+        self.max_age = max_age_days * 86400
+        self.refresh = refresh
+        self._archive_states: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._held: dict[str, IO[str]] = {}
+
+    def _hold(self, final: Path) -> None:
+        """Mark the image in use for as long as this process lives (a shared lock on its key's lock file, which
+        the kernel drops when the process ends, however it ends): prune skips it."""
+        with self._lock:
+            if final.name not in self._held:
+                lock = open(final.parent / f"{final.name}.lock", "a")  # noqa: SIM115 (held until exit)
+                fcntl.flock(lock, fcntl.LOCK_SH)
+                self._held[final.name] = lock
+
+    def sources(self, release: str) -> list[str]:
+        """The apt source lines an image of ``release`` is built from."""
+        info = RELEASES[release]
+        lines = [f"deb {self.mirror} {release} main"]
+        if info.updates:
+            lines.append(f"deb {self.mirror} {release}-updates main")
+        if info.security and self.security_mirror:
+            lines.append(f"deb {self.security_mirror} {release}-security main")
+        return lines
+
+    def archive_state(self, release: str, progress: Progress = lambda line: None) -> str:
+        """A fingerprint of the archive's suites for ``release`` (their Release files' dates), looked up at most
+        once per ``max_age`` (each run with ``refresh``); the last one seen where the archive cannot be reached."""
+        with self._lock:
+            if release in self._archive_states:
+                return self._archive_states[release]
+            record = self.cache_dir / "archive" / f"{release}.json"
+            try:
+                known = json.loads(record.read_text())
+            except (OSError, ValueError):
+                known = None
+            fresh = known is not None and not self.refresh and time.time() - known["checked"] < self.max_age
+            if fresh:
+                state = str(known["state"])
+            else:
+                try:
+                    state = self._fetch_archive_state(release)
+                except OSError as exc:
+                    if known is None:
+                        state = "unknown"
+                        progress(f"could not read the {release} archive's state ({exc}); building from it as it is")
+                    else:
+                        state = str(known["state"])
+                        progress(f"could not read the {release} archive's state ({exc}); using the state seen "
+                                 f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(known['checked']))}")
+                else:
+                    record.parent.mkdir(parents=True, exist_ok=True)
+                    _write_atomically(record, json.dumps({"state": state, "checked": time.time()}))
+            self._archive_states[release] = state
+            return state
+
+    def _fetch_archive_state(self, release: str) -> str:
+        dates = []
+        for line in self.sources(release):
+            _deb, mirror, suite, _component = line.split()
+            request = urllib.request.Request(f"{mirror}/dists/{suite}/InRelease", headers={"Range": "bytes=0-4095"})
+            with urllib.request.urlopen(request, timeout=15) as answer:
+                head = answer.read(4096).decode(errors="replace")
+            date = next((ln.split(":", 1)[1].strip() for ln in head.splitlines() if ln.startswith("Date:")), "")
+            dates.append(f"{suite}={date}")
+        return hashlib.sha256("\n".join(dates).encode()).hexdigest()[:12]
 
     @staticmethod
-    def key_for(packages: Iterable[str]) -> str:
+    def key_for(packages: Iterable[str], release: str = DEFAULT_RELEASE, debs: Iterable[str] = (),
+                archive: str = "") -> str:
         wanted = sorted(set(BASE_PACKAGES) | set(packages))
-        text = json.dumps({"recipe": RECIPE_VERSION, "suite": SUITE, "packages": wanted}, sort_keys=True)
+        text = json.dumps({"recipe": RECIPE_VERSION, "release": release, "packages": wanted,
+                           "debs": sorted(deb_digest(d) for d in debs), "archive": archive}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def path_for(self, packages: Iterable[str]) -> Path:
-        return self.cache_dir / "images" / self.key_for(packages)
-
-    def get(self, packages: Iterable[str], progress: Progress = lambda line: None) -> Image:
-        """The image with ``packages`` on top of the base set, built first if it is not cached."""
+    def get(self, packages: Iterable[str], progress: Progress = lambda line: None, *,
+            release: str = DEFAULT_RELEASE, debs: Iterable[str] = ()) -> Image:
+        """The image of ``release`` with ``packages`` and the local ``debs`` on top of the base set, built first if
+        it is not cached."""
+        if release not in RELEASES:
+            raise ImageBuildError(f"unknown Debian release {release!r}; known: {', '.join(RELEASES)}")
         extra = tuple(sorted(set(packages)))
-        key = self.key_for(extra)
+        debs = tuple(debs)
+        missing = [deb for deb in debs if not os.path.isfile(deb)]
+        if missing:
+            raise ImageBuildError(f"local package {missing[0]} does not exist (machine.debs)")
+        key = self.key_for(extra, release, debs, self.archive_state(release, progress))
         final = self.cache_dir / "images" / key
-        if (final / "rootfs" / "usr" / "lib" / "systemd" / "systemd").exists():
-            return Image(key, final / "rootfs", extra)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with open(final.parent / f"{key}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be building the same image
-            clean_leftovers(final.parent, progress)
-            if not (final / "rootfs" / "usr" / "lib" / "systemd" / "systemd").exists():
-                self._build(final, extra, progress)
-        return Image(key, final / "rootfs", extra)
+        if not _complete(final):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with open(final.parent / f"{key}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be building the same image
+                clean_leftovers(final.parent, progress)
+                if not _complete(final):
+                    self._build(final, extra, release, debs, progress)
+        manifest = json.loads((final / "manifest.json").read_text())
+        self._hold(final)
+        with contextlib.suppress(OSError):  # a read-only cache (restored in CI) is still usable
+            os.utime(final / "manifest.json")  # its mtime says when the image was last used (cache list, prune)
+        return Image(key, final / "rootfs", extra, release, manifest.get("versions", {}), debs)
 
-    def _build(self, final: Path, extra: tuple[str, ...], progress: Progress) -> None:
+    def _build(self, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
+               progress: Progress) -> None:
         staging = staging_dir(final)
         staging.mkdir(parents=True)
         rootfs = staging / "rootfs"
         packages = sorted(set(BASE_PACKAGES) | set(extra))
-        label = "base image" + (f" + {', '.join(extra)}" if extra else "")
-        progress(f"building {label} ({SUITE}, {len(packages)} packages) into {final}")
+        label = "base image" + (f" + {', '.join(extra)}" if extra else "") + \
+            (f" + {', '.join(os.path.basename(d) for d in debs)}" if debs else "")
+        progress(f"building {label} (Debian {release}, {len(packages) + len(debs)} packages) into {final}")
         started = time.monotonic()
         try:
-            builder = self._run_builder(staging, rootfs, packages, progress)
+            builder = self._run_builder(staging, rootfs, packages, release, debs, progress)
             _customize(rootfs)
+            versions = installed_versions(rootfs)
             (staging / "manifest.json").write_text(json.dumps({
-                "suite": SUITE, "packages": packages, "builder": builder, "mirror": self.mirror,
-                "recipe": RECIPE_VERSION, "seconds": round(time.monotonic() - started, 1),
+                "release": release, "packages": packages, "debs": [os.path.basename(d) for d in debs],
+                "builder": builder, "sources": self.sources(release), "recipe": RECIPE_VERSION,
+                "seconds": round(time.monotonic() - started, 1), "built": time.time(), "versions": versions,
             }, indent=2))
             remove_tree(staging / "tmp")
             remove_tree(final)
             staging.rename(final)
         finally:
             remove_tree(staging)
-        progress(f"built {label} in {time.monotonic() - started:.0f}s")
+        shown = ", ".join(f"{name} {versions[name]}" for name in ("systemd", *extra) if name in versions)
+        progress(f"built {label} in {time.monotonic() - started:.0f}s ({shown})")
 
-    def _run_builder(self, staging: Path, rootfs: Path, packages: list[str], progress: Progress) -> str:
+    def _run_builder(self, staging: Path, rootfs: Path, packages: list[str], release: str, debs: tuple[str, ...],
+                     progress: Progress) -> str:
+        foreign = sorted({p.partition(":")[2] for p in packages if ":" in p})
         if shutil.which("mmdebstrap"):
-            command = ["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE, str(rootfs),
+            command = ["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}",
+                       *(f"--include={deb}" for deb in debs), release, str(rootfs), *self.sources(release)]
+            if foreign:
+                command.insert(1, f"--architectures={','.join([_native_architecture(), *foreign])}")
+            if debs:  # dpkg in the chroot must see the .deb files at the same paths
+                command.insert(1, "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount")
+        elif shutil.which("debootstrap") and not debs and not foreign:
+            command = ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", release, str(rootfs),
                        self.mirror]
         elif shutil.which("debootstrap"):
-            command = ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE, str(rootfs),
-                       self.mirror]
+            raise BackendUnavailable("machine.debs and foreign-architecture packages need mmdebstrap: "
+                                     "apt-get install mmdebstrap")
         else:
             raise BackendUnavailable("neither mmdebstrap nor debootstrap is installed: apt-get install mmdebstrap")
         # The builder's temporary files (mmdebstrap's gpg home, apt config) stay inside the staging directory.
@@ -142,9 +292,12 @@ class ImageCache:
             # Interrupted or not: every process of the build is gone before anyone removes its directory.
             builder.stop(grace=5.0)
         if builder.process.returncode != 0:
-            raise ImageBuildError(f"{command[0]} failed (exit status {builder.process.returncode}) building "
+            verdict = apt_verdict(tail)
+            raise ImageBuildError((f"Debian {release}: {verdict}\n" if verdict else "")
+                                  + f"{command[0]} failed (exit status {builder.process.returncode}) building "
                                   f"{rootfs}:\n" + "\n".join(tail)
-                                  + "\nhint: is every package name a Debian bookworm package? Is the mirror "
+                                  + f"\nhint: is every package name a Debian {release} package, and does every "
+                                  "local .deb's dependency exist there? Is the mirror "
                                   f"{self.mirror} reachable? (set HARDEN_MIRROR to use another)")
         return command[0]
 
@@ -158,6 +311,121 @@ _PRIVATE_MOUNTS = 'mount -t tmpfs -o mode=1777,nosuid,nodev harden-build-shm /de
 def _privately(command: list[str]) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _PRIVATE_MOUNTS, "sh",
             *command]
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    """An image in the cache, as ``systemd-harden cache list`` shows it."""
+
+    key: str
+    path: Path
+    release: str
+    packages: tuple[str, ...]
+    debs: tuple[str, ...]
+    built: float
+    used: float  # when a run last booted it
+    superseded: bool  # a newer image of the same release, packages and .deb names exists
+
+    def size(self) -> int:
+        return sum(entry.lstat().st_blocks * 512 for entry in self.path.rglob("*"))
+
+
+def cached_images(cache_dir: Path) -> list[CachedImage]:
+    """Every complete image under ``cache_dir``, oldest first."""
+    found = []
+    for folder in sorted((cache_dir / "images").glob("*")):
+        if not folder.is_dir() or not _complete(folder):
+            continue
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            used = (folder / "manifest.json").stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        found.append((manifest, folder, used))
+    found.sort(key=lambda entry: entry[0].get("built", 0))
+    newest: dict[tuple[object, ...], str] = {}
+    for manifest, folder, _used in found:
+        what = (manifest.get("release", manifest.get("suite")), tuple(manifest.get("packages", ())),
+                tuple(manifest.get("debs", ())))
+        newest[what] = folder.name
+    return [CachedImage(folder.name, folder, str(manifest.get("release", manifest.get("suite", "?"))),
+                        tuple(manifest.get("packages", ())), tuple(manifest.get("debs", ())),
+                        float(manifest.get("built", used)), used,
+                        newest[(manifest.get("release", manifest.get("suite")), tuple(manifest.get("packages", ())),
+                                tuple(manifest.get("debs", ())))] != folder.name)
+            for manifest, folder, used in found]
+
+
+def prune(cache_dir: Path, unused_days: float = 30.0, progress: Progress = lambda line: None) -> list[CachedImage]:
+    """Remove superseded images and images no run has booted for ``unused_days``; never one in use (a run holds
+    it) or being built. Return what was removed."""
+    removed = []
+    for image in cached_images(cache_dir):
+        if not image.superseded and time.time() - image.used < unused_days * 86400:
+            continue
+        with open(image.path.parent / f"{image.key}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                progress(f"kept {image.key}: a run is using it")
+                continue
+            remove_tree(image.path)
+        progress(f"removed {image.key} (Debian {image.release}"
+                 f"{', superseded' if image.superseded else ''}, last used "
+                 f"{time.strftime('%Y-%m-%d', time.localtime(image.used))})")
+        removed.append(image)
+    return removed
+
+
+# What apt says when a package set cannot be installed, in the words a user acts on.
+_APT_PROBLEMS = (
+    re.compile(r"^\s*(?P<what>\S+ : (Pre)?Depends: .+)$"),
+    re.compile(r"^E: (?P<what>Unable to locate package .+)$"),
+    re.compile(r"^E: (?P<what>Package '?\S+?'? has no installation candidate)$"),
+    re.compile(r"^E: (?P<what>Version '.+' for '.+' was not found)$"),
+)
+
+
+def apt_verdict(lines: Iterable[str]) -> str:
+    """The lines of apt's output that say why the packages cannot be installed, joined; empty if none do."""
+    found = []
+    for line in lines:
+        for pattern in _APT_PROBLEMS:
+            match = pattern.match(line)
+            if match:
+                found.append(" ".join(match["what"].split()))
+                break
+    return "; ".join(dict.fromkeys(found))
+
+
+def _complete(final: Path) -> bool:
+    return (final / "manifest.json").exists() and (final / "rootfs" / "usr" / "lib" / "systemd" / "systemd").exists()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    temporary.write_text(text)
+    temporary.rename(path)
+
+
+def _native_architecture() -> str:
+    return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def installed_versions(rootfs: Path) -> dict[str, str]:
+    """Every package installed in ``rootfs`` and its version, read from its dpkg database (a foreign-architecture
+    package as NAME:ARCH)."""
+    status = (rootfs / "var" / "lib" / "dpkg" / "status").read_text(errors="replace")
+    versions: dict[str, str] = {}
+    native = _native_architecture()
+    for stanza in status.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
+        if "Package" in fields and "Version" in fields and fields.get("Status", "").endswith(" installed"):
+            arch = fields.get("Architecture", native)
+            name = fields["Package"] if arch in (native, "all") else f"{fields['Package']}:{arch}"
+            versions[name] = fields["Version"]
+    return versions
 
 
 def _customize(rootfs: Path) -> None:
@@ -232,11 +500,13 @@ def _guest_source() -> bytes:
     return (Path(__file__).parent / "backends" / "qemu_guest.py").read_bytes()
 
 
-def vm_image(cache: ImageCache, packages: Iterable[str], progress: Progress = lambda line: None) -> VmImage:
-    """The disk of a VM with ``packages``: the cached rootfs (built first if needed) plus a kernel, made into an
-    ext4 image once and cached beside it. A VM boots it with ``snapshot=on``: the file is never written."""
+def vm_image(cache: ImageCache, packages: Iterable[str], progress: Progress = lambda line: None, *,
+             release: str = DEFAULT_RELEASE, debs: Iterable[str] = ()) -> VmImage:
+    """The disk of a VM of ``release`` with ``packages`` and ``debs``: the cached rootfs (built first if needed)
+    plus that release's kernel, made into an ext4 image once and cached beside it. A VM boots it with
+    ``snapshot=on``: the file is never written."""
     wanted = tuple(sorted(set(packages) | set(VM_PACKAGES)))
-    image = cache.get(wanted, progress)
+    image = cache.get(wanted, progress, release=release, debs=debs)
     recipe = hashlib.sha256(json.dumps([_GUEST_UNITS, VM_RECIPE_VERSION]).encode() + _guest_source())
     folder = image.rootfs.parent / f"vm-{recipe.hexdigest()[:12]}"
     found = _vm_files(folder)

@@ -17,7 +17,7 @@ import pytest
 from .baseline import Baseline
 from .diagnosis import Diagnosis
 from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
-from .images import ImageCache
+from .images import DEFAULT_MAX_AGE_DAYS, ImageCache
 from .pool import MachinePool
 from .scenarios import diagnose_failure, failure_report, run_scenario, tighten_service
 from .service import HardenedService
@@ -41,6 +41,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--harden-cache-dir", default=None, metavar="DIR",
                     help="where built machine images are cached (default: $HARDEN_CACHE_DIR, else "
                          "$XDG_CACHE_HOME/pytest-systemd-harden, else ~/.cache/pytest-systemd-harden)")
+    group.addoption("--harden-refresh-images", action="store_true", default=False,
+                    help="look at the Debian archive now: an image whose packages have newer versions there is "
+                         "built again (otherwise looked at once the last look is older than --harden-image-max-age)")
+    group.addoption("--harden-image-max-age", type=float, default=DEFAULT_MAX_AGE_DAYS, metavar="DAYS",
+                    help="how long the archive's state seen last stays trusted before images are checked against it "
+                         "again (default: %(default)s days)")
     group.addoption("--harden-diagnose", choices=("on", "off"), default="on",
                     help="when a scenario fails under hardening, find the directive that broke it and the smallest "
                          "verified relaxation (costs reruns; default: on)")
@@ -116,7 +122,10 @@ class HardenSession:
         if self._pool is None:
             cache_dir = self.config.getoption("harden_cache_dir")
             self._pool = MachinePool(backend=self.config.getoption("harden_backend"),
-                                     image_cache=ImageCache(Path(cache_dir) if cache_dir else None),
+                                     image_cache=ImageCache(
+                                         Path(cache_dir) if cache_dir else None,
+                                         max_age_days=self.config.getoption("harden_image_max_age"),
+                                         refresh=self.config.getoption("harden_refresh_images")),
                                      progress=self.progress)
         return self._pool
 

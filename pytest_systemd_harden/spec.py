@@ -21,6 +21,7 @@ before any machine starts.
 
 from __future__ import annotations
 
+import glob
 import re
 import shlex
 from collections.abc import Sequence
@@ -35,11 +36,13 @@ from . import profiles
 from .backends.base import AUTO, MachineConfig
 from .directives import KNOWN, Directive, DirectiveError, Property, _closest_hint, render_dropin
 from .errors import SpecError
+from .images import DEFAULT_RELEASE, RELEASES
 from .probes.catalogue import Denial, DenialError, parse_denial
 
 SERVICE_TYPES = ("simple", "exec", "notify", "oneshot", "forking")
 READY_KINDS = ("tcp", "unix", "file", "active")
-PACKAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+# A Debian package name, optionally of another architecture (multiarch: busybox-static:i386).
+PACKAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?$")
 
 
 # --- YAML with line numbers ---------------------------------------------------------------------------------
@@ -249,7 +252,7 @@ TOP_KEYS = ("name", "profile", "service", "machine", "hardening", "scenarios", "
             "tighten")
 TIGHTEN_KEYS = ("keep", "never")
 SERVICE_KEYS = ("exec_start", "type", "ready", "environment", "working_directory", "start_timeout")
-MACHINE_KEYS = ("packages", "files", "backend")
+MACHINE_KEYS = ("packages", "files", "backend", "release", "debs")
 SCENARIO_KEYS = ("name", "client", "inside", "expect", "timeout")
 EXPECT_KEYS = ("exit", "signal", "stdout", "stderr")
 
@@ -458,7 +461,42 @@ def _parse_machine(check: _Checker, section: _Mapping) -> MachineConfig:
     if backend not in (*BACKENDS, AUTO):
         raise check.error(section, "backend", "machine.backend", f"unknown backend {backend!r}",
                           _closest_hint(backend, [*BACKENDS, AUTO]) or f"one of {', '.join([*BACKENDS, AUTO])}")
-    return MachineConfig(tuple(sorted(set(packages))), tuple(sorted(files)), backend)
+    return MachineConfig(tuple(sorted(set(packages))), tuple(sorted(files)), backend,
+                         release=_parse_release(check, section), debs=_parse_debs(check, section))
+
+
+def _parse_release(check: _Checker, section: _Mapping) -> str:
+    if "release" not in section:
+        return DEFAULT_RELEASE
+    release = check.string(section, "release", "machine.release")
+    if release not in RELEASES:
+        raise check.error(section, "release", "machine.release", f"unknown Debian release {release!r}",
+                          _closest_hint(release, list(RELEASES)) or f"one of {', '.join(RELEASES)}")
+    return release
+
+
+def _parse_debs(check: _Checker, section: _Mapping) -> tuple[str, ...]:
+    """Local .deb files (paths or globs, relative to the spec), as absolute paths, each found now."""
+    if "debs" not in section:
+        return ()
+    raw = section["debs"]
+    if not isinstance(raw, list) or not raw:
+        raise check.error(section, "debs", "machine.debs", "expected a list of .deb files",
+                          "paths or globs relative to the spec, e.g. [../build/*.deb]")
+    found: list[str] = []
+    for index, entry in enumerate(raw):
+        dotted = f"machine.debs[{index}]"
+        if not isinstance(entry, str) or not entry.endswith(".deb"):
+            raise check.error(raw, index, dotted, f"{entry!r} is not a .deb file", "e.g. ../build/foo_1.1_amd64.deb")
+        matches = sorted(str(p.resolve()) for p in check.path.parent.glob(entry)) if glob.has_magic(entry) \
+            else [str((check.path.parent / entry).resolve())]
+        matches = [m for m in matches if Path(m).is_file()]
+        if not matches:
+            raise check.error(raw, index, dotted, f"{entry!r} matches no file",
+                              f"paths are relative to the spec's directory ({check.path.parent}); build the package "
+                              "first")
+        found.extend(matches)
+    return tuple(dict.fromkeys(found))
 
 
 def _parse_profile(check: _Checker, doc: _Mapping) -> profiles.Profile | None:

@@ -187,3 +187,51 @@ def test_a_live_build_of_another_process_is_left_alone(tmp_path: Path) -> None:
     dead.mkdir()
     assert clean_leftovers(images) == [dead]
     assert ours.exists()
+
+
+# -- the maintainer's own build: machine.debs ---------------------------------------------------------------------
+
+def build_deb(folder: Path, version: str, depends: str = "") -> Path:
+    """A tiny package built with dpkg-deb, byte for byte the same for the same version (fixed times), so the
+    image cache finds it again in the next run."""
+    root = folder / f"harden-demo-{version}"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "usr" / "share" / "harden-demo").mkdir(parents=True)
+    (root / "usr" / "share" / "harden-demo" / "VERSION").write_text(version + "\n")
+    control = (f"Package: harden-demo\nVersion: {version}\nArchitecture: all\nMaintainer: Test <t@example.org>\n"
+               f"Description: a package of the plugin's own tests\n" + (f"Depends: {depends}\n" if depends else ""))
+    (root / "DEBIAN" / "control").write_text(control)
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, (1700000000, 1700000000))
+    deb = folder / f"harden-demo_{version}_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(deb)], check=True,
+                   capture_output=True, env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"})
+    return deb
+
+
+def test_a_local_deb_is_installed_and_a_new_build_gives_a_new_image(tmp_path: Path) -> None:
+    from pytest_systemd_harden.images import ImageCache, default_cache_dir
+
+    _needs_root_and_builder()
+    cache = ImageCache(default_cache_dir())
+    first = cache.get([], release="bookworm", debs=[str(build_deb(tmp_path / "a", "1.0"))])
+    assert first.versions["harden-demo"] == "1.0"
+    assert (first.rootfs / "usr/share/harden-demo/VERSION").read_text() == "1.0\n"
+    again = cache.get([], release="bookworm", debs=[str(build_deb(tmp_path / "b", "1.0"))])
+    assert again.key == first.key  # the same package built again: the cached image
+    bumped = cache.get([], release="bookworm", debs=[str(build_deb(tmp_path / "c", "1.1"))])
+    assert bumped.key != first.key and bumped.versions["harden-demo"] == "1.1"
+    assert bumped.systemd_version and bumped.systemd_version.startswith("252")
+
+
+def test_a_local_deb_whose_dependency_is_missing_fails_in_one_line(tmp_path: Path) -> None:
+    from pytest_systemd_harden.errors import ImageBuildError
+    from pytest_systemd_harden.images import ImageCache
+
+    _needs_root_and_builder()
+    deb = build_deb(tmp_path, "2.0", depends="harden-no-such-package")
+    with pytest.raises(ImageBuildError) as raised:
+        ImageCache(tmp_path / "cache").get([], release="bookworm", debs=[str(deb)])
+    first_line = str(raised.value).splitlines()[0]
+    assert "harden-demo" in first_line and "harden-no-such-package" in first_line, str(raised.value)
+    _assert_nothing_left(tmp_path / "cache")

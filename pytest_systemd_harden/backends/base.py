@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import MachineError
-from ..images import ImageCache
+from ..images import DEFAULT_RELEASE, ImageCache
 from ..probes.runner import guarded_batch
 from ..result import CommandResult
 from ..systemd import OutputFiles, Property, SystemdClient
@@ -41,15 +41,23 @@ class MachineConfig:
     # (path on the machine, absolute path on the host), bound read-only.
     files: tuple[tuple[str, str], ...] = ()
     backend: str = "auto"  # see backends.resolve()
+    release: str = DEFAULT_RELEASE  # the Debian release the image is built from (images.RELEASES)
+    # Local .deb files installed on top of the image (absolute paths on the host): the maintainer's new build.
+    debs: tuple[str, ...] = ()
 
     def check_files(self) -> None:
         """Raise MachineError for a ``files:`` source that is gone from the host since the spec was loaded."""
         for dest, source in self.files:
             if not Path(source).exists():
                 raise MachineError(f"file to bind at {dest} does not exist on the host: {source}")
+        for deb in self.debs:
+            if not Path(deb).is_file():
+                raise MachineError(f"local package {deb} (machine.debs) does not exist on the host any more")
 
     def describe(self) -> str:
-        parts = [self.backend]
+        parts = [self.backend, f"Debian {self.release}"]
+        if self.debs:
+            parts.append("debs: " + ", ".join(Path(deb).name for deb in self.debs))
         if self.packages:
             parts.append("packages: " + ", ".join(self.packages))
         if self.files:

@@ -147,6 +147,10 @@ class HostMachine(Machine):
             raise BackendUnavailable(f"the host backend uses this host as it is, and it lacks packages that "
                                      f"machine.packages lists: {shown}; install them (sudo apt-get install -y "
                                      f"{shown}) or use --harden-backend=nspawn")
+        if self.config.debs:
+            raise BackendUnavailable("the host backend uses this host as it is and installs nothing: machine.debs "
+                                     f"({', '.join(Path(d).name for d in self.config.debs)}) needs "
+                                     "--harden-backend=nspawn or qemu, or install them here yourself and drop debs:")
         self.config.check_files()
         for dest, source in self.config.files:
             check_file(dest, source)

@@ -64,7 +64,8 @@ class NspawnMachine(Machine):
     def _start(self, progress: Progress) -> str:
         check_available()
         self.config.check_files()
-        image = self.image_cache.get(self.config.packages, progress)
+        image = self.image_cache.get(self.config.packages, progress, release=self.config.release,
+                                     debs=self.config.debs)
         # If the test process dies without cleaning up, the container is shut down with it.
         self._contained = Contained.start(self.command_line(image.rootfs), "machine", self.name,
                                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -171,7 +171,8 @@ class QemuMachine(Machine):
 
     def _start(self, progress: Progress) -> str:
         check_available()
-        image = vm_image(self.image_cache, self.config.packages, progress)
+        image = vm_image(self.image_cache, self.config.packages, progress, release=self.config.release,
+                         debs=self.config.debs)
         self._runtime = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=os.environ.get("TMPDIR", "/tmp")))
         try:
             files_disk = self._files_disk(self._runtime) if self.config.files else None

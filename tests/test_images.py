@@ -1,0 +1,122 @@
+"""The image cache's keys, the archive's state and the versions an image records (no image is built here)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_systemd_harden import images
+from pytest_systemd_harden.errors import SpecError
+from pytest_systemd_harden.images import ImageCache, installed_versions
+from pytest_systemd_harden.spec import load_spec
+
+
+def test_the_key_follows_release_packages_deb_content_and_archive(tmp_path: Path) -> None:
+    deb = tmp_path / "app_1.0_all.deb"
+    deb.write_bytes(b"version 1.0")
+    key = ImageCache.key_for(["gnupg"], "trixie", [str(deb)], "state-a")
+    assert key == ImageCache.key_for(["gnupg"], "trixie", [str(deb)], "state-a")
+    assert key != ImageCache.key_for(["gnupg"], "bookworm", [str(deb)], "state-a")
+    assert key != ImageCache.key_for(["gnupg", "curl"], "trixie", [str(deb)], "state-a")
+    assert key != ImageCache.key_for(["gnupg"], "trixie", [str(deb)], "state-b")  # a new upload to the archive
+    deb.write_bytes(b"version 1.1")  # the same file name, rebuilt
+    assert key != ImageCache.key_for(["gnupg"], "trixie", [str(deb)], "state-a")
+
+
+def test_the_archive_is_asked_once_per_max_age_and_its_last_state_serves_offline(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    answers = iter(["s1", "s2", "s3"])
+
+    def fetch(self: ImageCache, release: str) -> str:
+        asked.append(release)
+        return next(answers)
+
+    monkeypatch.setattr(ImageCache, "_fetch_archive_state", fetch)
+    assert ImageCache(tmp_path).archive_state("trixie") == "s1"
+    assert ImageCache(tmp_path).archive_state("trixie") == "s1"  # a new run within the max age: no look-up
+    assert asked == ["trixie"]
+    record = tmp_path / "archive" / "trixie.json"
+    record.write_text(json.dumps({"state": "s1", "checked": time.time() - 8 * 86400}))
+    assert ImageCache(tmp_path).archive_state("trixie") == "s2"  # older than 7 days: asked again
+    assert ImageCache(tmp_path, refresh=True).archive_state("trixie") == "s3"  # --harden-refresh-images: asked now
+    assert asked == ["trixie"] * 3
+
+    def offline(self: ImageCache, release: str) -> str:
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(ImageCache, "_fetch_archive_state", offline)
+    said: list[str] = []
+    assert ImageCache(tmp_path, refresh=True).archive_state("trixie", said.append) == "s3"
+    assert "could not read the trixie archive's state (Network is unreachable); using the state seen" in said[0]
+
+
+def test_sources_include_updates_and_security_where_the_release_has_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HARDEN_SECURITY_MIRROR", raising=False)
+    cache = ImageCache(Path("/nonexistent"), "http://deb.debian.org/debian")
+    assert cache.sources("trixie") == ["deb http://deb.debian.org/debian trixie main",
+                                       "deb http://deb.debian.org/debian trixie-updates main",
+                                       "deb http://deb.debian.org/debian-security trixie-security main"]
+    assert cache.sources("sid") == ["deb http://deb.debian.org/debian sid main"]
+    local = ImageCache(Path("/nonexistent"), "http://127.0.0.1:8000/debian")
+    assert local.sources("bookworm") == ["deb http://127.0.0.1:8000/debian bookworm main",
+                                         "deb http://127.0.0.1:8000/debian bookworm-updates main"]
+
+
+def test_installed_versions_reads_the_image_dpkg_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "_native_architecture", lambda: "amd64")
+    status = tmp_path / "var" / "lib" / "dpkg" / "status"
+    status.parent.mkdir(parents=True)
+    status.write_text("Package: systemd\nStatus: install ok installed\nArchitecture: amd64\nVersion: 257.9-1\n"
+                      "Description: x\n multi-line: not a field\n\n"
+                      "Package: busybox-static\nStatus: install ok installed\nArchitecture: i386\nVersion: 1:1.37-1\n\n"
+                      "Package: gone\nStatus: deinstall ok config-files\nArchitecture: amd64\nVersion: 1\n\n"
+                      "Package: tzdata\nStatus: install ok installed\nArchitecture: all\nVersion: 2025b\n")
+    assert installed_versions(tmp_path) == {"systemd": "257.9-1", "busybox-static:i386": "1:1.37-1",
+                                            "tzdata": "2025b"}
+
+
+def spec_at(tmp_path: Path, machine: str) -> Path:
+    path = tmp_path / "harden.yaml"
+    path.write_text("service:\n  exec_start: /bin/sleep infinity\nmachine:\n" + machine)
+    return path
+
+
+def test_machine_release_and_debs_in_the_spec(tmp_path: Path) -> None:
+    (tmp_path / "build").mkdir()
+    for name in ("app_1.1_all.deb", "app-doc_1.1_all.deb"):
+        (tmp_path / "build" / name).write_bytes(b"!<arch>")
+    spec = load_spec(spec_at(tmp_path, "  release: trixie\n  debs: [build/*.deb]\n"
+                                       "  packages: [busybox-static:i386]\n"))
+    assert spec.machine.release == "trixie"
+    assert spec.machine.debs == (str(tmp_path / "build" / "app-doc_1.1_all.deb"),
+                                 str(tmp_path / "build" / "app_1.1_all.deb"))
+    assert spec.machine.packages == ("busybox-static:i386",)
+    assert load_spec(spec_at(tmp_path, "  packages: [curl]\n")).machine.release == images.DEFAULT_RELEASE
+
+
+@pytest.mark.parametrize(("machine", "message"), [
+    ("  release: trixy\n", "harden.yaml:4: machine.release: unknown Debian release 'trixy' (did you mean trixie?)"),
+    ("  debs: [build/*.deb]\n", "harden.yaml:4: machine.debs[0]: 'build/*.deb' matches no file (paths are relative to"),
+    ("  debs: [app.tar]\n", "harden.yaml:4: machine.debs[0]: 'app.tar' is not a .deb file"),
+    ("  debs: app.deb\n", "harden.yaml:4: machine.debs: expected a list of .deb files"),
+])
+def test_bad_release_and_debs_are_one_line_errors(tmp_path: Path, machine: str, message: str) -> None:
+    with pytest.raises(SpecError) as raised:
+        load_spec(spec_at(tmp_path, machine))
+    assert str(raised.value).startswith(str(tmp_path / message.split(":")[0]) + ":" + message.split(":", 1)[1]), \
+        str(raised.value)
+
+
+def test_apt_verdict_names_what_cannot_be_installed() -> None:
+    from pytest_systemd_harden.images import apt_verdict
+
+    lines = ["The following packages have unmet dependencies:",
+             " harden-demo : Depends: harden-no-such-package but it is not installable",
+             "E: Unable to locate package gnupgg", "E: Unable to correct problems, you have held broken packages."]
+    assert apt_verdict(lines) == ("harden-demo : Depends: harden-no-such-package but it is not installable; "
+                                  "Unable to locate package gnupgg")
+    assert apt_verdict(["I: success"]) == ""
