@@ -36,15 +36,16 @@ def staging_dir(final: Path) -> Path:
 
 
 def _owner_alive(staging: Path) -> bool:
-    """Whether the process that named ``staging`` still runs. Names from before owners were recorded
-    (``KEY.building-PID``) count as dead unless that pid is this process."""
+    """Whether the process that named ``staging`` still runs. A name from before owners were recorded
+    (``KEY.building-PID``, an older version of the plugin, maybe running beside this one) counts as alive while a
+    process with that pid exists."""
     owner = staging.name.split(_MARK, 1)[1].split("-")
     if not owner[0].isdigit():
         return False
     pid = int(owner[0])
     if len(owner) >= 2:
         return process_start_time(pid) == owner[1]
-    return pid == os.getpid()
+    return process_start_time(pid) is not None
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -90,7 +91,10 @@ def _remove_contents(directory: str, device: int, crossed: list[str]) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         for entry in os.scandir(fd):
-            info = entry.stat(follow_symlinks=False)
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # gone already
             if stat.S_ISDIR(info.st_mode):
                 if info.st_dev != device:
                     crossed.append(os.path.join(directory, entry.name))
