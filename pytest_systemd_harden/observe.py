@@ -586,7 +586,9 @@ def filter_adding(assignments: Sequence[str], added: Sequence[str]) -> tuple[str
     out = list(assignments)
     for line in added:
         if out and out[-1].startswith("~") and line.startswith("~"):
-            out[-1] = f"{out[-1]} {line[1:]}"
+            have = out[-1][1:].split()
+            new = [word for word in line[1:].split() if word not in have]  # never a name twice
+            out[-1] = " ".join([out[-1], *new])
         else:
             out.append(line)
     return tuple(out)

@@ -308,7 +308,8 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
         result = tighten(service.spec.hardening, all_scenarios_trial(service), catalogue=catalogue, keep=keep,
                          never=never, syscall_groups=groups, max_runs=max_runs, max_seconds=max_seconds,
                          observation=observation, baseline=baseline, together=together,
-                         scenarios_from_outside=any(s.where == "client" for s in service.spec.scenarios))
+                         scenarios_from_outside=any(s.where == "client" for s in service.spec.scenarios),
+                         offline=service.spec.tighten_offline)
         if observations:  # the traced run is part of the cost
             result.runs += 1 if observation is not None else 0
             result.observe_seconds = observed_in

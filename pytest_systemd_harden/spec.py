@@ -223,6 +223,7 @@ class Spec:
     # For `systemd-harden tighten`: directives never to touch, and directives never to add.
     tighten_keep: tuple[str, ...] = ()
     tighten_never: tuple[str, ...] = ()
+    tighten_offline: bool = False  # tighten: {offline: true}: the service needs no network (tighten.policy_exclusions)
 
     @property
     def label(self) -> str:
@@ -250,7 +251,7 @@ class Spec:
 
 TOP_KEYS = ("name", "profile", "service", "machine", "hardening", "scenarios", "deny", "enforcement", "max_exposure",
             "tighten")
-TIGHTEN_KEYS = ("keep", "never")
+TIGHTEN_KEYS = ("keep", "never", "offline")
 SERVICE_KEYS = ("exec_start", "type", "ready", "environment", "working_directory", "start_timeout")
 MACHINE_KEYS = ("packages", "files", "backend", "release", "debs")
 SCENARIO_KEYS = ("name", "client", "inside", "expect", "timeout")
@@ -346,7 +347,21 @@ def parse_spec(document: Any, path: Path) -> Spec:
     keep, never = _parse_tighten(check, doc)
     return Spec(path, service, machine, hardening, scenarios, name, denials=denials, enforcement=enforcement,
                 profile=profile.name if profile else "",
-                max_exposure=max_exposure, tighten_keep=keep, tighten_never=never)
+                max_exposure=max_exposure, tighten_keep=keep, tighten_never=never,
+                tighten_offline=_parse_tighten_offline(check, doc))
+
+
+def _parse_tighten_offline(check: _Checker, doc: _Mapping) -> bool:
+    """``tighten: {offline: true}``: the service needs no network beyond its machine, so tighten may add network
+    restrictions that the offline machine cannot show to be harmless otherwise."""
+    section = doc.get("tighten")
+    if not isinstance(section, dict) or "offline" not in section:
+        return False
+    value = section["offline"]
+    if not isinstance(value, bool):
+        raise check.error(section, "offline", "tighten.offline", f"{value!r} is not a boolean",
+                          "true if the service needs no network beyond its own machine")
+    return value
 
 
 def _parse_tighten(check: _Checker, doc: _Mapping) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -356,7 +371,7 @@ def _parse_tighten(check: _Checker, doc: _Mapping) -> tuple[tuple[str, ...], tup
     section = check.mapping(doc["tighten"], doc, "tighten", "tighten")
     check.known_keys(section, TIGHTEN_KEYS, "tighten.")
     lists: dict[str, tuple[str, ...]] = {}
-    for key in TIGHTEN_KEYS:
+    for key in ("keep", "never"):
         raw = section.get(key, [])
         names = raw if isinstance(raw, list) else [raw]
         for index, name in enumerate(names):

@@ -208,6 +208,28 @@ class Tightening:
         return "\n".join(lines)
 
 
+# Steps the scenarios cannot justify on an offline machine: they would cut traffic to other hosts that no scenario
+# makes (a resolver's upstream servers), so they are tried only for a service declared to need no network.
+NETWORK_STEPS = frozenset({"IPAddressDeny", "IPAddressAllow", "PrivateNetwork"})
+
+
+def policy_exclusions(hardening: Hardening, *, offline: bool = False, own_user: bool = False) -> dict[str, str]:
+    """Directives tighten never adds, and why: network restrictions unless the spec says the service needs no
+    network (``tighten: {offline: true}``), and DynamicUser= for a service with a User= of its own (in the spec
+    or the unit), which it would replace."""
+    why: dict[str, str] = {}
+    if not offline:
+        why.update(dict.fromkeys(NETWORK_STEPS, "the machine is offline, so no scenario shows the network the service "
+                                                "needs; add tighten: {offline: true} to the spec if it needs none"))
+    if own_user or any(d.name == "User" for d in hardening):
+        why["DynamicUser"] = "the service runs as a User= of its own, which DynamicUser= would replace"
+    return why
+
+
+def _words_of(assignments: Sequence[str], deny: bool) -> set[str]:
+    return {word for a in assignments if a.startswith("~") == deny for word in a.lstrip("~").split()}
+
+
 def _applies(step: Step, hardening: Hardening, keep: Sequence[str], never: Sequence[str]) -> str:
     """Why a step is not tried ("" when it is): excluded by the user, or the spec already as strict."""
     present = {d.name: d for d in hardening}
@@ -219,7 +241,12 @@ def _applies(step: Step, hardening: Hardening, keep: Sequence[str], never: Seque
             if existing.assignments[0].startswith("~"):
                 continue  # the spec's is a deny list: the allow list goes before it (see observe.filter_adding)
             return "skipped"  # the spec's is an allow list already: a second one would only widen it
-        if existing is None or directive.name in EXTENDS and directive.assignments[0] not in existing.assignments:
+        if existing is not None and directive.name in EXTENDS:
+            deny = directive.value.startswith("~")
+            if not _words_of(directive.assignments, deny) <= _words_of(existing.assignments, deny):
+                continue  # some of the step's words are new to the spec's list
+            return "skipped"
+        if existing is None:
             continue
         order = STRENGTH.get(directive.name)
         if order and existing.value in order and directive.value in order \
@@ -254,19 +281,23 @@ def _apply(step: Step, hardening: Hardening) -> Hardening:
 def tighten(hardening: Hardening, trial: Trial, *, catalogue: Sequence[Step] = CATALOGUE, keep: Sequence[str] = (),
             never: Sequence[str] = (), syscall_groups: Callable[[], dict[str, list[str]]] = dict, max_runs: int = 200,
             max_seconds: float = 900.0, observation: Observation | None = None, scenarios_from_outside: bool = True,
-            baseline: TrialResult | None = None, together: bool | None = None) -> Tightening:
+            baseline: TrialResult | None = None, together: bool | None = None, offline: bool = False,
+            own_user: bool = False) -> Tightening:
     """Add the catalogue's steps, keeping each only if ``trial`` still passes (see the module).
 
     With an ``observation``, steps are ordered and pre-narrowed by its forecast; ``scenarios_from_outside`` says
     whether some scenario is a client outside the sandbox (see :func:`pytest_systemd_harden.observe.forecast`).
     ``together`` (default: with an observation) tries the steps not forecast to conflict in one run, splitting the
     group in halves only where it fails; otherwise each step is one run. ``baseline`` is the spec's own result when
-    already known (the traced run passed every scenario), saving that run.
+    already known (the traced run passed every scenario), saving that run. ``offline`` (the spec's
+    ``tighten: {offline: true}``) allows the network steps; ``own_user`` says the unit runs as a User= of its own
+    (see :func:`policy_exclusions`).
     """
     started = time.monotonic()
     oracle = Oracle(trial, max_runs=max_runs, max_seconds=max_seconds)
     result = Tightening(hardening, hardening, observation=observation)
-    search = _Search(oracle, result, keep, never, syscall_groups, observation, scenarios_from_outside)
+    search = _Search(oracle, result, keep, never, syscall_groups, observation, scenarios_from_outside,
+                     policy_exclusions(hardening, offline=offline, own_user=own_user))
     current = hardening
     if baseline is not None:
         oracle.cache[hardening_key(hardening)] = baseline
@@ -297,11 +328,12 @@ class _Search:
 
     def __init__(self, oracle: Oracle, result: Tightening, keep: Sequence[str], never: Sequence[str],
                  syscall_groups: Callable[[], dict[str, list[str]]], observation: Observation | None,
-                 scenarios_from_outside: bool) -> None:
+                 scenarios_from_outside: bool, why: dict[str, str] | None = None) -> None:
         self.oracle = oracle
         self.result = result
         self.keep = keep
-        self.never = never
+        self.why = why or {}  # directives excluded by policy, and why (policy_exclusions)
+        self.never = (*never, *self.why)
         self.syscall_groups = syscall_groups
         self.observation = observation
         self.outside = scenarios_from_outside
@@ -337,12 +369,16 @@ class _Search:
                 outcome.detail += f"; not needed after all: {', '.join(dropped)}"
         return current
 
+    def excluded(self, step: Step, reason: str) -> StepOutcome:
+        why = next((self.why[d.name] for d in step.directives if reason == "excluded" and d.name in self.why), "")
+        return StepOutcome(step, reason, why)
+
     def one(self, step: Step, current: Hardening) -> Hardening:
         """Try ``step`` alone; if it fails, its smallest relaxation that still tightens."""
         self.current = current
         reason = _applies(step, current, self.keep, self.never)
         if reason:
-            self.result.outcomes.append(StepOutcome(step, reason))
+            self.result.outcomes.append(self.excluded(step, reason))
             return current
         tried, predicted = self._form(step, current)
         candidate = _apply(tried, current)
@@ -381,7 +417,7 @@ class _Search:
         if self.oracle.passes(state):
             for step, form, expected, reason in forms:
                 if form is None:
-                    self.result.outcomes.append(StepOutcome(step, reason))
+                    self.result.outcomes.append(self.excluded(step, reason))
                 else:
                     current = self._kept(step, form, expected, current, _apply(form, current))
             return current

@@ -13,6 +13,9 @@ from pytest_systemd_harden.tighten import CATALOGUE, Step, Tightening, fall_back
 def run(world: World, **kwargs: object) -> Tightening:
     directives = kwargs.pop("directives", ())
     kwargs.setdefault("syscall_groups", lambda: NETWORK_GROUPS)
+    # The search itself, over every step of the catalogue: offline=True lets the network steps in (the policy that
+    # keeps them out by default has tests of its own, below).
+    kwargs.setdefault("offline", True)
     return tighten(directives, world.trial, **kwargs)  # type: ignore[arg-type]
 
 
@@ -306,3 +309,35 @@ def test_revert_brings_back_no_item_a_run_showed_unneeded() -> None:
     assert {"RestrictAddressFamilies=AF_UNIX AF_INET", "IPAddressAllow=localhost"} <= set(lines(result))
     result = reverted(run(NEEDY, observation=parse_strace(trace)), "IPAddressDeny")
     assert not any(line.startswith("IPAddress") for line in lines(result))
+
+
+# --- what tighten never proposes -------------------------------------------------------------------------------------
+
+def test_network_restrictions_need_the_spec_to_say_the_service_needs_no_network() -> None:
+    # An offline machine never shows a resolver's upstream traffic: IPAddressDeny=any would pass every scenario and
+    # break the service in production.
+    result = run(World(families=["AF_INET"]), offline=False)
+    for name in ("IPAddressDeny=any", "PrivateNetwork=yes"):
+        kept, detail = outcome(result, name)
+        assert kept == "excluded" and "tighten: {offline: true}" in detail, (name, kept, detail)
+    assert not {d.name for d in result.after} & {"IPAddressDeny", "IPAddressAllow", "PrivateNetwork"}
+    declared = run(World(families=["AF_INET"]), offline=True)
+    assert "IPAddressDeny=any" in lines(declared)
+
+
+def test_dynamic_user_is_never_stacked_on_a_user_of_the_service() -> None:
+    result = run(World(), directives=hardening(User="app"))
+    kept, detail = outcome(result, "DynamicUser=yes")
+    assert kept == "excluded" and "User=" in detail
+    assert "DynamicUser" not in {d.name for d in result.after}
+    from_unit = run(World(), own_user=True)  # User= in the unit file rather than the spec
+    assert outcome(from_unit, "DynamicUser=yes")[0] == "excluded"
+
+
+def test_a_deny_list_never_repeats_a_name() -> None:
+    mine = hardening(SystemCallFilter="~@privileged @resources")
+    result = run(World(), directives=mine)
+    assert outcome(result, "SystemCallFilter=~@privileged")[0] == "skipped"
+    (syscall_filter,) = [d for d in result.after if d.name == "SystemCallFilter"]
+    words = [w for a in syscall_filter.assignments for w in a.lstrip("~").split()]
+    assert len(words) == len(set(words)), syscall_filter.assignments
