@@ -56,6 +56,16 @@ VALUE_LADDERS: dict[str, tuple[str, ...]] = {
 IMPLIED_BY_DYNAMIC_USER = ("ProtectSystem=strict", "ProtectHome=read-only", "PrivateTmp=yes", "RemoveIPC=yes",
                            "NoNewPrivileges=yes", "RestrictSUIDSGID=yes")
 
+# systemd.exec, NoNewPrivileges=: a process without CAP_SYS_ADMIN (a service with a User= of its own) gets it
+# whatever NoNewPrivileges= says when any of these is on, since they install seccomp filters (systemd 247 and later:
+# every release this plugin boots); DynamicUser=yes always sets it. Under it setuid and file capabilities are
+# ignored: sudo says "effective uid is not 0", ping cannot open its socket.
+IMPLIES_NO_NEW_PRIVILEGES = frozenset({
+    "SystemCallFilter", "SystemCallArchitectures", "SystemCallLog", "RestrictAddressFamilies", "RestrictNamespaces",
+    "PrivateDevices", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectClock",
+    "ProtectHostname", "MemoryDenyWriteExecute", "RestrictRealtime", "RestrictSUIDSGID", "LockPersonality",
+})
+
 ADDRESS_FAMILIES = ("AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET", "AF_ALG", "AF_VSOCK", "AF_KEY",
                     "AF_BLUETOOTH", "AF_CAN", "AF_XDP", "AF_TIPC", "AF_QIPCRTR")
 
@@ -525,12 +535,74 @@ def _refine_paths(culprit: Directive, context: Context) -> Relaxation | None:
     return None
 
 
+# --- implied settings ----------------------------------------------------------------------------------------------
+
+def _is_on(directive: Directive) -> bool:
+    default = explicit_default(directive.name)
+    return any(directive.assignments) and directive.value != default
+
+
+def runs_unprivileged(hardening: Sequence[Directive]) -> bool:
+    """Whether the service runs without CAP_SYS_ADMIN, as systemd decides NoNewPrivileges= implications: a User=
+    other than root, or DynamicUser=yes."""
+    by_name = {d.name: d for d in hardening}
+    user = by_name.get("User")
+    dynamic = by_name.get("DynamicUser")
+    return (user is not None and user.value not in ("root", "0")) or (dynamic is not None and dynamic.value == "yes")
+
+
+def no_new_privileges_sources(hardening: Sequence[Directive], unprivileged: bool | None = None) -> list[Directive]:
+    """The directives of ``hardening`` that put NoNewPrivileges= in force, explicit or implied (see
+    IMPLIES_NO_NEW_PRIVILEGES); ``unprivileged`` defaults to :func:`runs_unprivileged`."""
+    if unprivileged is None:
+        unprivileged = runs_unprivileged(hardening)
+    found = []
+    for directive in hardening:
+        if not _is_on(directive):
+            continue
+        if directive.name in ("NoNewPrivileges", "DynamicUser") or \
+                (unprivileged and directive.name in IMPLIES_NO_NEW_PRIVILEGES):
+            found.append(directive)
+    return found
+
+
+def _implied_culprit(group: Sequence[Directive], others_removed: Hardening, oracle: Oracle) -> bool:
+    """Whether ``group`` (the sources of NoNewPrivileges=) breaks the check through what its members share - the
+    implied NoNewPrivileges= - rather than through one member's own effect: true when each of two members alone
+    (the rest of the group removed) still fails. Two reruns."""
+    implying = [d for d in group if d.name != "NoNewPrivileges"]
+    if len(implying) < 2:
+        return False
+    for kept in implying[:2]:
+        if oracle.passes(tuple(d for d in others_removed if d not in group or d is kept)):
+            return False
+    return True
+
+
+def _implied_relaxation(group: Sequence[Directive], unprivileged: bool) -> Relaxation:
+    named = ", ".join(f"{d.name}=" for d in group if d.name != "NoNewPrivileges")
+    replace: list[tuple[str, Directive | None]] = [
+        (d.name, removal(d).replace[0][1]) for d in group if d.name != "NoNewPrivileges"]
+    explicit = next((d for d in group if d.name == "NoNewPrivileges"), None)
+    off = Directive("NoNewPrivileges", ("no",), explicit.line if explicit else None)
+    if explicit is not None:
+        replace.insert(0, ("NoNewPrivileges", off))
+    why = "for a service that runs as a User= of its own" if unprivileged else "always"
+    return Relaxation(f"NoNewPrivileges= is in force, implied by {named} ({why}): set NoNewPrivileges=no and "
+                      f"turn off every directive that implies it", replace=tuple(replace),
+                      # Written out even where the spec never set it: the unit itself may say NoNewPrivileges=yes.
+                      add=() if explicit else (off,),
+                      needs="privileges gained through a setuid or file-capability program (NoNewPrivileges= off)")
+
+
 # --- the whole diagnosis -------------------------------------------------------------------------------------------
 
 @dataclass
 class Finding:
     culprit: Directive
     relaxation: Relaxation | None
+    # For an implied setting (NoNewPrivileges=yes that the spec may not even write): the directives that imply it.
+    implied_by: tuple[Directive, ...] = ()
 
 
 @dataclass
@@ -557,6 +629,12 @@ class Diagnosis:
         for finding in self.findings:
             where = f" ({self.spec_name}:{finding.culprit.line})" if finding.culprit.line else ""
             lines.append(f"  culprit: {'; '.join(finding.culprit.unit_lines())}{where}")
+            if finding.implied_by:
+                lines.append("    in force through: " + ", ".join(
+                    f"{d.name}={d.value}" + (f" ({self.spec_name}:{d.line})" if d.line else "")
+                    for d in finding.implied_by))
+                lines.append("    (systemd turns NoNewPrivileges= on for an unprivileged service whenever one of these "
+                             "is set: setting NoNewPrivileges=no alone changes nothing)")
             if finding.relaxation and finding.relaxation.needs:
                 lines.append(f"    the service needs: {finding.relaxation.needs}")
             if finding.relaxation:
@@ -576,6 +654,7 @@ class Diagnosis:
             "verified": self.verified,
             "culprits": [{
                 "directive": f.culprit.name, "lines": f.culprit.unit_lines(), "spec_line": f.culprit.line,
+                "implied_by": [f"{d.name}={d.value}" for d in f.implied_by],
                 "needs": f.relaxation.needs if f.relaxation else None,
                 "relaxation": f.relaxation.description if f.relaxation else None,
             } for f in self.findings],
@@ -586,7 +665,8 @@ class Diagnosis:
 
 def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
              syscall_groups: Callable[[], dict[str, list[str]]] = dict, max_runs: int = 60,
-             max_seconds: float = 300.0, spec_name: str = "", previous: Sequence[Diagnosis] = ()) -> Diagnosis:
+             max_seconds: float = 300.0, spec_name: str = "", previous: Sequence[Diagnosis] = (),
+             unprivileged: bool | None = None) -> Diagnosis:
     """Find the directives that break a scenario and the smallest verified relaxation (see the module docstring).
 
     ``previous`` diagnoses of the same spec are tried first: one cause often breaks several scenarios, and
@@ -596,7 +676,7 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
     oracle = Oracle(trial, max_runs=max_runs, max_seconds=max_seconds)
     diagnosis = Diagnosis("inconclusive", hardening=hardening, spec_name=spec_name)
     try:
-        _diagnose(hardening, oracle, evidence, syscall_groups, diagnosis, previous)
+        _diagnose(hardening, oracle, evidence, syscall_groups, diagnosis, previous, unprivileged)
     except BudgetExceeded as exc:
         diagnosis.verdict = "budget" if diagnosis.verdict == "inconclusive" else diagnosis.verdict
         diagnosis.note = (diagnosis.note + f" Stopped early: {exc}.").strip()
@@ -607,7 +687,7 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
 
 def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
               syscall_groups: Callable[[], dict[str, list[str]]], diagnosis: Diagnosis,
-              previous: Sequence[Diagnosis]) -> None:
+              previous: Sequence[Diagnosis], unprivileged: bool | None = None) -> None:
     if oracle.passes(hardening):
         diagnosis.note = "the scenario passed when rerun: it is flaky, not (only) over-hardened"
         return
@@ -625,19 +705,42 @@ def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
             diagnosis.findings, diagnosis.combined = earlier.findings, earlier.combined
             diagnosis.note = "the relaxation found for an earlier failure of this spec fixes this one too"
             return
-    def passes_without(removed: list[Directive]) -> bool:
-        return oracle.passes(tuple(d for d in hardening if d not in removed))
+    # The directives that put NoNewPrivileges= in force search as one: a setuid helper breaks while any of them is
+    # left, so no single removal passes, and ddmin over them one by one would spend the budget on the obvious.
+    unprivileged = runs_unprivileged(hardening) if unprivileged is None else unprivileged
+    group = tuple(no_new_privileges_sources(candidates, unprivileged))
+    grouped = len(group) > 1
+    units = ([group] if grouped else []) + [(d,) for d in candidates if not grouped or d not in group]
 
-    culprits = ddmin(candidates, passes_without)
+    def passes_without(removed: list[tuple[Directive, ...]]) -> bool:
+        gone = {id(d) for unit in removed for d in unit}
+        return oracle.passes(tuple(d for d in hardening if id(d) not in gone))
+
+    culprit_units = ddmin(units, passes_without)
+    context = Context(oracle, hardening, evidence, syscall_groups)
+    relaxations: list[Relaxation] = []
+    culprits = [d for unit in culprit_units if unit is not group for d in unit]
+    base = hardening  # what the other culprits are refined on: with the implied setting relaxed, if it is one
+    if grouped and group in culprit_units:
+        others_removed = tuple(d for d in hardening if d not in culprits)
+        if _implied_culprit(group, others_removed, oracle):
+            implied = _implied_relaxation(group, unprivileged)
+            explicit = next((d for d in group if d.name == "NoNewPrivileges"), None)
+            diagnosis.findings.append(Finding(explicit or Directive("NoNewPrivileges", ("yes",)), implied,
+                                              implied_by=tuple(d for d in group if d.name != "NoNewPrivileges")))
+            relaxations.append(implied)
+            base = implied.apply(hardening)
+        else:  # one member's own effect (a syscall the filter denies): find which, one by one
+            def passes_without_members(removed: list[Directive]) -> bool:
+                return oracle.passes(tuple(d for d in others_removed if d not in group or d not in removed))
+            culprits = ddmin(list(group), passes_without_members) + culprits
     diagnosis.verdict = "found"
     if any(c.name == "DynamicUser" for c in culprits):
         diagnosis.note = f"DynamicUser=yes implies {', '.join(IMPLIED_BY_DYNAMIC_USER)}."
-    context = Context(oracle, hardening, evidence, syscall_groups)
-    relaxations: list[Relaxation] = []
     for culprit in culprits:
         # Refine each culprit with the other culprits already relaxed, so their effects do not mask each other.
         others = [c for c in culprits if c is not culprit]
-        context.hardening = tuple(d for d in hardening if d not in others)
+        context.hardening = tuple(d for d in base if d not in others)
         relaxation = refine(culprit, context)
         diagnosis.findings.append(Finding(culprit, relaxation))
         relaxations.append(relaxation or removal(culprit))

@@ -56,6 +56,23 @@ def syscall_allowed(directives: Sequence[Directive], syscall: str) -> bool:
     return syscall in listed if allow_mode else syscall not in listed
 
 
+# man systemd.exec, NoNewPrivileges=: what turns it on for a service without CAP_SYS_ADMIN (kept apart from the
+# plugin's own table: this is the test's oracle).
+SECCOMP_LIKE = ("SystemCallFilter", "SystemCallArchitectures", "RestrictAddressFamilies", "RestrictNamespaces",
+                "PrivateDevices", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectClock",
+                "ProtectHostname", "MemoryDenyWriteExecute", "RestrictRealtime", "RestrictSUIDSGID", "LockPersonality",
+                "SystemCallLog")
+
+
+def no_new_privileges(by_name: dict[str, Directive]) -> bool:
+    def on(name: str) -> bool:
+        return name in by_name and by_name[name].value not in ("", "no")
+
+    dynamic = on("DynamicUser")
+    unprivileged = dynamic or ("User" in by_name and by_name["User"].value != "root")
+    return on("NoNewPrivileges") or dynamic or (unprivileged and any(on(name) for name in SECCOMP_LIKE))
+
+
 @dataclass
 class World:
     """A service with needs; a trial passes when the hardening grants all of them."""
@@ -69,6 +86,7 @@ class World:
     shares_files: bool = False  # others read the files it makes: a UMask= without their read bit breaks it
     group_reads: bool = False  # its group reads the files it makes
     namespaces: Sequence[str] = ()  # namespace types it makes (cgroup, ipc, net, ...)
+    setuid: bool = False  # runs a setuid helper (sudo): NoNewPrivileges=, set or implied, breaks it
     broken_anyway: bool = False
     flaky: bool = False
     runs: list[tuple[str, ...]] = field(default_factory=list)
@@ -80,6 +98,10 @@ class World:
         if self.flaky:  # the failure seen in the test run does not come back
             return TrialResult(True)
         by_name = {d.name: d for d in directives}
+        if self.setuid and no_new_privileges(by_name):
+            return TrialResult(False, "sudo: effective uid is not 0",
+                               "sudo: effective uid is not 0, is /usr/bin/sudo on a file system with the 'nosuid' "
+                               "option set or an NFS file system without root privileges?")
         for syscall in self.syscalls:
             if not syscall_allowed(directives, syscall):
                 return TrialResult(False, f"{syscall}: SIGSYS")

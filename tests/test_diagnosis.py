@@ -8,11 +8,13 @@ from collections.abc import Callable
 from simulated_service import GPG_LIKE, GROUPS, World, hardening
 
 from pytest_systemd_harden.diagnosis import (
+    RESTRICTING,
     Diagnosis,
     Relaxation,
     ddmin,
     diagnose,
     expand_group,
+    no_new_privileges_sources,
     paths_in,
 )
 from pytest_systemd_harden.directives import Directive
@@ -230,3 +232,63 @@ def test_a_replacement_with_nothing_left_is_a_removal_the_loader_accepts() -> No
     assert emptied.spec_change(directives) == "SystemCallFilter: (remove this line)"  # not "SystemCallFilter: []"
     assert emptied.dropin(directives) == "[Service]\nSystemCallFilter=\n"
     assert emptied.apply(directives) == ()
+
+
+# --- implied settings -------------------------------------------------------------------------------------------------
+
+# A realistic unit of a job runner that calls sudo, with 20 restricting directives and a user of its own.
+RUNNER = {
+    "User": "runner", "ProtectSystem": "strict", "ProtectHome": True, "PrivateTmp": True, "PrivateDevices": True,
+    "ProtectHostname": True, "ProtectClock": True, "ProtectKernelTunables": True, "ProtectKernelModules": True,
+    "ProtectKernelLogs": True, "ProtectControlGroups": True, "LockPersonality": True, "MemoryDenyWriteExecute": True,
+    "RestrictRealtime": True, "RestrictSUIDSGID": True, "RestrictNamespaces": True, "NoNewPrivileges": True,
+    "SystemCallArchitectures": "native", "SystemCallFilter": "@system-service",
+    "RestrictAddressFamilies": ["AF_UNIX", "AF_INET", "AF_INET6"], "UMask": "0077",
+}
+
+
+def test_a_setuid_helper_under_implied_no_new_privileges_is_named_as_such_within_budget() -> None:
+    directives = hardening(**RUNNER)
+    assert sum(d.name in RESTRICTING for d in directives) == 20
+    diagnosis = run(World(setuid=True), directives, max_runs=40)
+    assert diagnosis.verdict == "found" and diagnosis.verified, diagnosis.render()
+    assert diagnosis.runs <= 12, diagnosis.runs
+    (finding,) = diagnosis.findings
+    assert finding.culprit.name == "NoNewPrivileges"
+    implied = {d.name for d in finding.implied_by}
+    assert {"SystemCallFilter", "RestrictAddressFamilies", "PrivateDevices", "ProtectClock"} <= implied
+    assert "ProtectSystem" not in implied and "UMask" not in implied  # they imply nothing
+    text = diagnosis.render()
+    assert "in force through: " in text and "setting NoNewPrivileges=no alone changes nothing" in text
+    dropin = diagnosis.combined.dropin(directives)
+    assert "NoNewPrivileges=no\n" in dropin and "PrivateDevices=no\n" in dropin and "SystemCallFilter=\n" in dropin
+    # What the rerun verified is the printed change: NoNewPrivileges=no alone would not have passed.
+    assert World(setuid=True).trial(diagnosis.combined.apply(directives)).passed
+    alone = Relaxation("", replace=(("NoNewPrivileges", Directive("NoNewPrivileges", ("no",))),))
+    assert not World(setuid=True).trial(alone.apply(directives)).passed
+
+
+def test_no_new_privileges_never_set_in_the_spec_is_named_and_written_out() -> None:
+    runner = {k: v for k, v in RUNNER.items() if k != "NoNewPrivileges"}
+    directives = hardening(**runner)
+    diagnosis = run(World(setuid=True), directives)
+    (finding,) = diagnosis.findings
+    assert finding.culprit == Directive("NoNewPrivileges", ("yes",)) and finding.implied_by
+    assert diagnosis.verified and "NoNewPrivileges=no" in diagnosis.combined.dropin(directives)
+
+
+def test_a_member_of_the_group_breaking_on_its_own_is_still_found_alone() -> None:
+    # The job runner calls mlock: SystemCallFilter= is the culprit, not what it implies.
+    runner = {**RUNNER, "SystemCallFilter": ["@system-service", "~@memlock"]}
+    diagnosis = run(World(syscalls=["mlock"]), hardening(**runner))
+    assert [f.culprit.name for f in diagnosis.findings] == ["SystemCallFilter"] and diagnosis.verified
+    assert not diagnosis.findings[0].implied_by
+
+
+def test_a_root_service_has_no_implied_no_new_privileges() -> None:
+    root = hardening(**{k: v for k, v in RUNNER.items() if k not in ("User", "NoNewPrivileges")})
+    assert no_new_privileges_sources(root) == []
+    assert [d.name for d in no_new_privileges_sources(hardening(**RUNNER))][:3] == [
+        "PrivateDevices", "ProtectHostname", "ProtectClock"]
+    dynamic = hardening(DynamicUser=True, ProtectClock=True, ProtectKernelLogs=False)
+    assert [d.name for d in no_new_privileges_sources(dynamic)] == ["DynamicUser", "ProtectClock"]
