@@ -102,8 +102,8 @@ scenarios:
     assert "Traceback" not in result.stdout.str()
     result.stdout.fnmatch_lines([
         "*= systemd hardening teardown =*",
-        "harden.yaml: harden-harden.service was still running 5s after SIGTERM, so every process of its unit was "
-        "killed with SIGKILL*",
+        ("harden.yaml: harden-harden.service was still running 5s after SIGTERM, so every process of its unit was "
+         "killed with SIGKILL*"),
     ])
     assert took < 45, f"took {took:.1f}s"
 
