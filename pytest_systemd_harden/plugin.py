@@ -110,6 +110,7 @@ class HardenSession:
         self.diagnoses: dict[Path, list[Diagnosis]] = {}  # verified ones, per spec, to try first next time
         self.baseline: Baseline | None = None  # --harden-baseline, loaded by check_report_options()
         self.security_policy: Path | None = None  # --harden-security-policy
+        self.stop_notes: list[str] = []  # services that had to be killed at teardown, for the summary
 
     @staticmethod
     def of(config: pytest.Config) -> HardenSession:
@@ -138,6 +139,17 @@ class HardenSession:
             return
         with capture.global_and_fixture_disabled() if capture else nullcontext():
             reporter.write_line(f"[harden] {message}")
+
+    def release(self, service: HardenedService) -> None:
+        """Stop ``service`` at teardown. One that had to be killed is noted for the summary; one that could not be
+        stopped at all fails the teardown with the reason (no traceback: it is the machine's state, not code)."""
+        try:
+            note = self.pool.release(service)
+        except HardenError as exc:
+            pytest.fail(f"infrastructure error (not your unit's fault): stopping {service.unit}: {exc}", pytrace=False)
+        if note:
+            self.stop_notes.append(f"{service.spec.path.name}: {note}")
+            self.progress(note)
 
     def unavailable(self, exc: BackendUnavailable) -> NoReturn:
         if self.config.getoption("harden_require_backend"):
@@ -245,6 +257,10 @@ class HardenSession:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         from . import report
 
+        if self.stop_notes:
+            terminalreporter.write_sep("=", "systemd hardening teardown")
+            for note in self.stop_notes:
+                terminalreporter.write_line(note)
         reports = report.summarize(self.records, self.config.rootpath)
         if not reports:
             return
@@ -303,7 +319,7 @@ def hardened_service(request: pytest.FixtureRequest, harden_spec: Spec) -> Itera
     session = HardenSession.of(request.config)
     service = session.start(harden_spec)
     yield service
-    session.pool.release(service)
+    session.release(service)
 
 
 # --- YAML specs as tests ------------------------------------------------------------------------------------
@@ -355,7 +371,7 @@ class SpecFile(pytest.File):
                 session.progress(f"tightening {self.path.name} (restarting the service under stricter hardening)")
                 session.tightenings.append((self.spec, tighten_service(
                     service, keep=self.spec.tighten_keep, never=self.spec.tighten_never)))
-            session.pool.release(service)
+            session.release(service)
 
 
 class ScenarioFailed(AssertionError):

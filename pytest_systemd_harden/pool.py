@@ -56,6 +56,11 @@ class MachinePool:
                 self._reaped = True
                 for name in cgroups.reap_orphans():
                     self.progress(f"removed container {name} left behind by a killed run")
+                if config.backend == "nspawn":
+                    from .backends.nspawn import sweep_runtime_leftovers
+
+                    for path in sweep_runtime_leftovers():
+                        self.progress(f"removed {path} left behind by a killed run")
             cls = backends.machine_class(config.backend)
             machine = cls(config, boot_timeout=self.boot_timeout, image_cache=self.image_cache)
             self.progress(f"booting {config.backend} machine {machine.name} ({config.describe()})")
@@ -86,12 +91,14 @@ class MachinePool:
             service.start()
         return service
 
-    def release(self, service: HardenedService) -> None:
-        """Stop ``service`` if it is the one running on its machine."""
+    def release(self, service: HardenedService) -> str | None:
+        """Stop ``service`` if it is the one running on its machine; say so if it had to be killed
+        (:meth:`HardenedService.stop`)."""
         if self._services.get(service.machine.name) is service:
             del self._services[service.machine.name]
         if service.machine.running:
-            service.stop()
+            return service.stop()
+        return None
 
     def close(self) -> None:
         with self._lock:

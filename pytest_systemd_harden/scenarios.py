@@ -11,13 +11,13 @@ from dataclasses import dataclass, replace
 from dbus_next.errors import DBusError
 
 from .backends.base import Machine
-from .diagnosis import Diagnosis, Hardening, Trial, TrialResult, diagnose
+from .diagnosis import BudgetExceeded, Diagnosis, Hardening, Trial, TrialResult, diagnose
 from .directives import Directive
 from .errors import ServiceFailed
 from .observe import Observation, parse_strace
 from .result import CommandResult
 from .service import HardenedService, describe_hardening, indent
-from .spec import Expectation, Scenario
+from .spec import Expectation, Scenario, Spec
 from .tighten import CATALOGUE, Step, Tightening, fall_back, revert, tighten
 
 
@@ -70,10 +70,56 @@ class ScenarioOutcome:
         return not self.problems
 
 
-def run_scenario(service: HardenedService, scenario: Scenario) -> ScenarioOutcome:
+def run_scenario(service: HardenedService, scenario: Scenario, deadline: Deadline | None = None) -> ScenarioOutcome:
+    """Run ``scenario`` against ``service``; with a ``deadline``, its timeout is capped by the time left."""
     run = service.inside if scenario.where == "inside" else service.client
-    result = run(scenario.command, scenario.timeout)
+    result = run(scenario.command, deadline.cap(scenario.timeout) if deadline else scenario.timeout)
     return ScenarioOutcome(scenario, result, mismatches(scenario.expect, result))
+
+
+class Deadline:
+    """The end of a diagnosis' or tighten's time budget. Every wait of a rerun (the service's start and readiness,
+    each scenario's timeout) is capped by the time left, so the budget bounds the whole search, not only the
+    decision to start one more rerun: a rerun that hangs is stopped at the deadline, not at its scenario's timeout.
+    """
+
+    def __init__(self, seconds: float, what: str, hint: str = "") -> None:
+        self.end = time.monotonic() + seconds
+        self.what = what  # "diagnosis"
+        self.hint = hint  # "raise it with --harden-diagnose-seconds"
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def exceeded(self) -> BudgetExceeded:
+        return BudgetExceeded(f"the time budget for {self.what} is spent" + (f" ({self.hint})" if self.hint else ""))
+
+    def check(self) -> None:
+        if self.left() <= 0:
+            raise self.exceeded()
+
+    def cap(self, seconds: float) -> float:
+        """``seconds``, or the time left if that is shorter (at least a second: a command needs some time)."""
+        return max(1.0, min(seconds, self.left()))
+
+    def spec(self, spec: Spec) -> Spec:
+        """``spec`` with its service's start and readiness waits capped."""
+        service = spec.service
+        return replace(spec, service=replace(service, start_timeout=self.cap(service.start_timeout),
+                                             ready=replace(service.ready, timeout=self.cap(service.ready.timeout))))
+
+    def bounded(self, trial: Trial) -> Trial:
+        """``trial`` refused once the time is spent. A rerun that failed at the deadline is no verdict on its
+        hardening (a capped wait may be what failed it): it ends the search instead of misleading it."""
+
+        def run(hardening: Hardening) -> TrialResult:
+            self.check()
+            result = trial(hardening)
+            if not result.passed and self.left() <= 0:
+                raise self.exceeded()
+            return result
+
+        return run
 
 
 def failure_report(service: HardenedService, outcome: ScenarioOutcome) -> str:
@@ -108,17 +154,19 @@ def machine_syscall_groups(machine: Machine) -> Callable[[], dict[str, list[str]
     return groups
 
 
-def _trial(service: HardenedService, scenario: Scenario | None) -> Trial:
+def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadline | None = None) -> Trial:
     """An oracle for :func:`diagnose`: restart the service under a hardening and rerun the scenario (or just start).
 
     The scenarios before ``scenario`` in the spec are replayed first, outcome ignored: they share one service,
-    and a later scenario may need what an earlier one made (a key, an account, a cache entry).
+    and a later scenario may need what an earlier one made (a key, an account, a cache entry). With a
+    ``deadline``, every wait is capped by it (:class:`Deadline`).
     """
     scenarios = list(service.spec.scenarios)
     preceding = scenarios[:scenarios.index(scenario)] if scenario in scenarios else []
 
     def trial(hardening: Hardening) -> TrialResult:
-        candidate = HardenedService(service.machine, service.spec.with_hardening(hardening), unit=service.unit)
+        spec = service.spec.with_hardening(hardening)
+        candidate = HardenedService(service.machine, deadline.spec(spec) if deadline else spec, unit=service.unit)
         try:
             candidate.start()
         except ServiceFailed as exc:
@@ -130,22 +178,24 @@ def _trial(service: HardenedService, scenario: Scenario | None) -> Trial:
             if scenario is None:
                 return TrialResult(True)
             for earlier in preceding:
-                run_scenario(candidate, earlier)
-            outcome = run_scenario(candidate, scenario)
+                run_scenario(candidate, earlier, deadline)
+            outcome = run_scenario(candidate, scenario, deadline)
             if outcome.passed:
                 return TrialResult(True)
             return TrialResult(False, "; ".join(outcome.problems), failure_report(candidate, outcome))
         finally:
             candidate.stop()
 
-    return trial
+    return deadline.bounded(trial) if deadline else trial
 
 
-def all_scenarios_trial(service: HardenedService) -> Trial:
-    """An oracle for :func:`tighten`: the service starts under a hardening and every scenario passes, in order."""
+def all_scenarios_trial(service: HardenedService, deadline: Deadline | None = None) -> Trial:
+    """An oracle for :func:`tighten`: the service starts under a hardening and every scenario passes, in order.
+    With a ``deadline``, every wait is capped by it (:class:`Deadline`)."""
 
     def trial(hardening: Hardening) -> TrialResult:
-        candidate = HardenedService(service.machine, service.spec.with_hardening(hardening), unit=service.unit)
+        spec = service.spec.with_hardening(hardening)
+        candidate = HardenedService(service.machine, deadline.spec(spec) if deadline else spec, unit=service.unit)
         try:
             try:
                 candidate.start()
@@ -154,7 +204,7 @@ def all_scenarios_trial(service: HardenedService) -> Trial:
             except DBusError as exc:
                 return TrialResult(False, f"systemd rejected this hardening: {exc.text}")
             for scenario in service.spec.scenarios:
-                outcome = run_scenario(candidate, scenario)
+                outcome = run_scenario(candidate, scenario, deadline)
                 if not outcome.passed:
                     return TrialResult(False, f"scenario {scenario.name!r}: {'; '.join(outcome.problems)}",
                                        failure_report(candidate, outcome))
@@ -162,10 +212,11 @@ def all_scenarios_trial(service: HardenedService) -> Trial:
         finally:
             candidate.stop()
 
-    return trial
+    return deadline.bounded(trial) if deadline else trial
 
 
-def _verify_enforcement(service: HardenedService, result: Tightening, rounds: int = 3) -> None:
+def _verify_enforcement(service: HardenedService, result: Tightening, deadline: Deadline | None = None,
+                        rounds: int = 3) -> None:
     """Scenarios cannot see a step that quietly undoes another directive (on systemd 252, ExecPaths= reopens a
     read-only /usr): check every directive of the result is enforced, and revert the steps found undoing one. A
     revert is checked by the scenarios too: a later step may have needed what the reverted one brought."""
@@ -189,7 +240,7 @@ def _verify_enforcement(service: HardenedService, result: Tightening, rounds: in
         if not reverted:
             result.note = "not enforced after tightening: " + "; ".join(v.subject.name for v in broken)
             return
-        check = all_scenarios_trial(service)(result.after)
+        check = all_scenarios_trial(service, deadline)(result.after)
         result.runs += 1
         if not check.passed:
             fall_back(result, check.summary)
@@ -209,7 +260,8 @@ class ObservationFailed(Exception):
     """The traced run could not be made; tighten then searches without observations."""
 
 
-def observe(service: HardenedService, hardening: Hardening | None = None) -> Observation:
+def observe(service: HardenedService, hardening: Hardening | None = None, *,
+            deadline: Deadline | None = None) -> Observation:
     """One run of ``service`` under ``hardening`` (default: its spec's) with strace attached to the service and to
     every ``inside`` scenario, each scenario run once; what they did, as an :class:`Observation`.
 
@@ -217,6 +269,7 @@ def observe(service: HardenedService, hardening: Hardening | None = None) -> Obs
     is not mistaken for a need (run without hardening, ``touch /etc/x`` would ask for ReadWritePaths=/etc). Only
     what the tracer itself needs is added: its output directory, and ptrace(2) if a syscall filter is set.
     ``client`` scenarios run unconfined and untraced; what the service does for them is in the service's trace.
+    With a ``deadline``, the scenarios' timeouts are capped by it.
     """
     machine = service.machine
     spec = service.spec
@@ -231,7 +284,7 @@ def observe(service: HardenedService, hardening: Hardening | None = None) -> Obs
     traced_hardening = _for_tracer(hardening, directory)
     traced_spec = replace(spec, hardening=traced_hardening, service=replace(
         spec.service, exec_start=(*STRACE, "-o", f"{directory}/service", "--", *spec.service.exec_start)))
-    traced = HardenedService(machine, traced_spec, unit=service.unit)
+    traced = HardenedService(machine, deadline.spec(traced_spec) if deadline else traced_spec, unit=service.unit)
     runs = [("the service", f"{directory}/service")]
     problems: list[str] = []
     try:
@@ -244,10 +297,12 @@ def observe(service: HardenedService, hardening: Hardening | None = None) -> Obs
                 argv = ["/bin/sh", "-c", scenario.command] if isinstance(scenario.command, str) \
                     else list(scenario.command)
                 trace = f"{directory}/scenario-{index}"
-                result = traced.inside([*STRACE, "-o", trace, "--", *argv], scenario.timeout)
+                timeout = deadline.cap(scenario.timeout) if deadline else scenario.timeout
+                result = traced.inside([*STRACE, "-o", trace, "--", *argv], timeout)
                 runs.append((f"scenario {scenario.name!r}", trace))
             else:
-                result = traced.client(scenario.command, scenario.timeout)
+                result = traced.client(scenario.command, deadline.cap(scenario.timeout) if deadline
+                                       else scenario.timeout)
             problems += [f"scenario {scenario.name!r} {p}" for p in mismatches(scenario.expect, result)]
     finally:
         traced.stop()
@@ -296,17 +351,20 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
     """
     try:
         observation, note, started = None, "", time.monotonic()
+        # One budget for the whole tighten, the traced run and the enforcement check included.
+        deadline = Deadline(max_seconds, f"tighten ({max_seconds:g}s)")
         if observations:
             try:
-                observation = observe(service)
+                observation = observe(service, deadline=deadline)
             except ObservationFailed as exc:
                 note = f"searched without observations: {exc}"
         observed_in = time.monotonic() - started
         groups = machine_syscall_groups(service.machine)
         # The traced run was the spec's own hardening with every scenario: when all passed, it is the baseline.
         baseline = TrialResult(True, "passed while traced") if observation and not observation.failures else None
-        result = tighten(service.spec.hardening, all_scenarios_trial(service), catalogue=catalogue, keep=keep,
-                         never=never, syscall_groups=groups, max_runs=max_runs, max_seconds=max_seconds,
+        result = tighten(service.spec.hardening, all_scenarios_trial(service, deadline), catalogue=catalogue,
+                         keep=keep, never=never, syscall_groups=groups, max_runs=max_runs,
+                         max_seconds=max(0.0, deadline.left()),
                          observation=observation, baseline=baseline, together=together,
                          scenarios_from_outside=any(s.where == "client" for s in service.spec.scenarios),
                          offline=service.spec.tighten_offline)
@@ -316,7 +374,11 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
             result.seconds += observed_in
             result.note = "; ".join(filter(None, [result.note, note]))
         if result.after != result.before:
-            _verify_enforcement(service, result)
+            try:
+                deadline.check()
+                _verify_enforcement(service, result, deadline)
+            except BudgetExceeded as exc:
+                result.note = "; ".join(filter(None, [result.note, f"enforcement not checked: {exc}"]))
         return result
     finally:
         try:
@@ -328,8 +390,9 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
 def diagnose_failure(service: HardenedService, scenario: Scenario | None, evidence: str, *, max_runs: int = 60,
                      max_seconds: float = 300.0, previous: Sequence[Diagnosis] = ()) -> Diagnosis:
     """Diagnose why ``scenario`` (None: the start) fails under ``service``'s hardening, then restore the service."""
+    deadline = Deadline(max_seconds, "diagnosis", "raise it with --harden-diagnose-seconds")
     try:
-        return diagnose(service.spec.hardening, _trial(service, scenario), evidence=evidence,
+        return diagnose(service.spec.hardening, _trial(service, scenario, deadline), evidence=evidence,
                         syscall_groups=machine_syscall_groups(service.machine), max_runs=max_runs,
                         max_seconds=max_seconds,
                         spec_name=service.spec.path.name, previous=previous)

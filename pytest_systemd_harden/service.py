@@ -17,7 +17,7 @@ from .errors import ServiceFailed, SpecError
 from .probes.runner import machine_facts
 from .result import SYSTEMD_EXIT_CODES, CommandResult, signal_name
 from .spec import Spec
-from .systemd import CLD_DUMPED, CLD_EXITED, CLD_KILLED, SERVICE_IFACE, Property
+from .systemd import CLD_DUMPED, CLD_EXITED, CLD_KILLED, SERVICE_IFACE, SERVICE_STOP_GRACE, Property
 
 if TYPE_CHECKING:
     import testinfra.host
@@ -192,10 +192,17 @@ class HardenedService:
                                                            facts.known_syscalls, f"systemd {facts.version} here"):
             raise SpecError(str(self.spec.path), directive.line, f"hardening.{directive.name}", problem, hint)
 
-    def stop(self) -> None:
-        """Stop the service and forget its state (failed status, State/Cache/Logs/RuntimeDirectory contents)."""
-        self.machine.systemd.retire_unit(self.unit, clean=any(
+    def stop(self) -> str | None:
+        """Stop the service and forget its state (failed status, State/Cache/Logs/RuntimeDirectory contents).
+
+        A service still running :data:`~.systemd.SERVICE_STOP_GRACE` seconds after SIGTERM is killed with SIGKILL,
+        every process of its unit; the return value then says so (None when it stopped by itself)."""
+        how = self.machine.systemd.retire_unit(self.unit, clean=any(
             self.spec.directive(d) for d in ("StateDirectory", "CacheDirectory", "LogsDirectory", "RuntimeDirectory")))
+        if how != "killed":
+            return None
+        return (f"{self.unit} was still running {SERVICE_STOP_GRACE:g}s after SIGTERM, so every process of its unit "
+                "was killed with SIGKILL (does it ignore SIGTERM, or take that long to stop?)")
 
     # -- commands -----------------------------------------------------------------------------------------
 

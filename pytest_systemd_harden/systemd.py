@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -41,8 +42,23 @@ PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 # ExecMainCode values (waitid()'s si_code): how the main process ended.
 CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
 
+# Seconds between SIGTERM and SIGKILL for a command's unit: at its timeout, and for the processes it leaves behind
+# when its main process ends (they may hold its output open; systemd stops a oneshot unit then). systemd's default
+# (TimeoutStopSec=90s) let a command that ignores SIGTERM outlive its timeout by that much.
+COMMAND_KILL_GRACE = 2.0
+# Seconds a service gets to stop at teardown before every process of its unit is sent SIGKILL. Our own wait, not
+# the unit's TimeoutStopSec=, which is the service's own (a spec's service is left as it would run for real).
+SERVICE_STOP_GRACE = 5.0
+# Seconds to wait for a unit's processes to go after SIGKILL (only a process stuck in the kernel takes longer).
+AFTER_SIGKILL = 10.0
+
 T = TypeVar("T")
 Property = tuple[str, Variant]
+
+
+def usec(seconds: float) -> int:
+    """systemd's microseconds for a (positive) number of seconds."""
+    return max(1, round(seconds * 1_000_000))
 
 
 def unit_object_path(unit: str) -> str:
@@ -218,17 +234,30 @@ class SystemdClient:
                 pass
         return self._job_results.pop(job, "timeout-waiting")
 
-    def stop_unit(self, unit: str, *, timeout: float = 30.0) -> None:
-        """Stop ``unit`` and wait for it; a unit that is not loaded counts as stopped."""
+    def stop_unit(self, unit: str, *, grace: float = SERVICE_STOP_GRACE) -> str:
+        """Stop ``unit`` and wait for it: its stop job (SIGTERM), then SIGKILL to every process it still has after
+        ``grace`` seconds. Return "stopped", "killed" (it needed the SIGKILL) or "not loaded"; MachineError if
+        processes outlive SIGKILL (stuck in the kernel)."""
         try:
-            self._run(self._stop(unit, timeout), timeout + 5)
+            how = self._run(self._stop_escalating(unit, grace), grace + AFTER_SIGKILL + 10)
         except DBusError as exc:
-            if exc.type not in ("org.freedesktop.systemd1.NoSuchUnit",):
+            if exc.type != "org.freedesktop.systemd1.NoSuchUnit":
                 raise
+            return "not loaded"
+        if how == "unkillable":
+            raise MachineError(f"{unit} still has processes {grace + AFTER_SIGKILL:.0f}s after it was stopped, "
+                               f"{AFTER_SIGKILL:.0f}s after SIGKILL (stuck in the kernel?)")
+        return how
 
-    async def _stop(self, unit: str, timeout: float) -> str:
+    async def _stop_escalating(self, unit: str, grace: float) -> str:
         (job,) = await self._call(MANAGER_PATH, MANAGER_IFACE, "StopUnit", "ss", [unit, "replace"])
-        return await self._wait_job(job, timeout)
+        if await self._wait_job(job, grace) != "timeout-waiting":
+            return "stopped"
+        try:
+            await self._call(MANAGER_PATH, MANAGER_IFACE, "KillUnit", "ssi", [unit, "all", int(signal.SIGKILL)])
+        except DBusError:
+            pass  # it stopped meanwhile; the job says so
+        return "killed" if await self._wait_job(job, AFTER_SIGKILL) != "timeout-waiting" else "unkillable"
 
     def wait_settled(self, unit: str, *, timeout: float = 30.0) -> None:
         """Wait until ``unit`` is inactive or failed with no job queued (what CleanUnit and a fresh start need)."""
@@ -272,15 +301,17 @@ class SystemdClient:
                 raise MachineError(f"cleaning {unit} took longer than {timeout:.0f}s")
             time.sleep(0.01)
 
-    def retire_unit(self, unit: str, *, clean: bool) -> None:
-        """Stop ``unit`` and forget it: its failed state, with ``clean`` its State/Cache/Logs/RuntimeDirectory=
-        contents, and our reference, so systemd unloads it. The next unit of that name starts from nothing."""
-        self.stop_unit(unit)
-        self.wait_settled(unit)
+    def retire_unit(self, unit: str, *, clean: bool, grace: float = SERVICE_STOP_GRACE) -> str:
+        """Stop ``unit`` (SIGKILL after ``grace`` seconds, see :meth:`stop_unit`) and forget it: its failed state,
+        with ``clean`` its State/Cache/Logs/RuntimeDirectory= contents, and our reference, so systemd unloads it.
+        The next unit of that name starts from nothing. Return how it stopped (:meth:`stop_unit`)."""
+        how = self.stop_unit(unit, grace=grace)
+        self.wait_settled(unit, timeout=AFTER_SIGKILL)
         self.reset_failed(unit)  # systemd 252 cleans only inactive units, not failed ones
         if clean:
             self.clean_unit(unit)
         self.unref_unit(unit)
+        return how
 
     def unref_unit(self, unit: str) -> None:
         """Drop our AddRef reference, so an inactive transient unit is unloaded."""
@@ -304,6 +335,11 @@ class SystemdClient:
             # Keep the unit loaded until we have read its result, and let it go if we die.
             ("AddRef", Variant("b", True)),
             ("CollectMode", Variant("s", "inactive-or-failed")),
+            # systemd itself ends the command at its timeout (a oneshot's start is its run): SIGTERM to every
+            # process of the unit, SIGKILL after the grace. The same grace bounds the stop that follows the main
+            # process's end, when processes it left (a killed child's child holding its output) are killed.
+            ("TimeoutStartUSec", Variant("t", usec(timeout))),
+            ("TimeoutStopUSec", Variant("t", usec(COMMAND_KILL_GRACE))),
         ]
         if self.output_files is None:
             return self._run_with_memfds(unit, base, properties, stdin, timeout)
@@ -355,15 +391,22 @@ class SystemdClient:
     def _run_unit(self, unit: str, properties: list[Property], unix_fds: Sequence[int], timeout: float,
                   collect: Callable[[dict[str, Any]], tuple[bytes, bytes]]) -> ProcessOutcome:
         started = time.monotonic()
-        job_result = self._run(self._start_and_wait(unit, properties, unix_fds, timeout), timeout + 10)
+        # systemd ends the run within timeout + 2 graces (SIGTERM, SIGKILL, then it gives up on what survives);
+        # the margin is for a manager too busy to say so. Past it, we stop the unit ourselves.
+        bound = timeout + 2 * COMMAND_KILL_GRACE + 5
+        job_result = self._run(self._start_and_wait(unit, properties, unix_fds, bound), bound + 10)
         duration = time.monotonic() - started
-        timed_out = job_result == "timeout-waiting"
-        if timed_out:
-            self.stop_unit(unit)
+        if job_result == "timeout-waiting":
+            self.stop_unit(unit, grace=COMMAND_KILL_GRACE)
         try:
             service = self._run(self._unit_properties(unit, SERVICE_IFACE))
         finally:
             self._run(self._unref(unit))
+        # Result=timeout is also what a stop that needed SIGKILL gives: the leftovers of a main process that ended on
+        # its own, early. Only a main process that ran until the timeout was ended by it.
+        ran = service.get("ExecMainExitTimestampMonotonic", 0) - service.get("ExecMainStartTimestampMonotonic", 0)
+        timed_out = job_result == "timeout-waiting" or (service.get("Result") == "timeout"
+                                                         and ran >= 0.95 * usec(timeout))
         code, status = service.get("ExecMainCode", 0), service.get("ExecMainStatus", 0)
         stdout, stderr = collect(service)
         return ProcessOutcome(

@@ -11,6 +11,7 @@ import abc
 import itertools
 import os
 import shlex
+import signal
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from ..errors import MachineError
 from ..images import DEFAULT_RELEASE, ImageCache
 from ..probes.runner import guarded_batch
 from ..result import CommandResult
-from ..systemd import OutputFiles, Property, SystemdClient
+from ..systemd import COMMAND_KILL_GRACE, OutputFiles, Property, SystemdClient
 
 if TYPE_CHECKING:
     from ..spec import Spec
@@ -63,6 +64,13 @@ class MachineConfig:
         if self.files:
             parts.append("files: " + ", ".join(dest for dest, _src in self.files))
         return "; ".join(parts)
+
+
+def timeout_note(timeout: float, killed_by: int | None) -> str:
+    """What a command's stderr gets when it was killed at its timeout: how, and whether it ignored SIGTERM."""
+    how = (f"it ignored SIGTERM, so SIGKILL followed {COMMAND_KILL_GRACE:g}s later" if killed_by == signal.SIGKILL
+           else "SIGTERM to every process of its unit")
+    return f"[pytest-systemd-harden: killed at its {timeout:g}s timeout: {how}]"
 
 
 def proportional_set_size(pids: Iterable[int]) -> int:
@@ -177,7 +185,7 @@ class Machine(abc.ABC):
         outcome = self.systemd.run(self.unit_name(purpose), argv, properties, stdin=stdin, timeout=timeout)
         stderr = outcome.stderr.decode(errors="replace")
         if outcome.timed_out:
-            stderr += f"\n[pytest-systemd-harden: stopped after the {timeout:g}s timeout]"
+            stderr += "\n" + timeout_note(timeout, outcome.signal)
         return CommandResult(
             command=shown,
             exit_status=outcome.exit_status,

@@ -8,7 +8,9 @@ of its own that is killed and removed on shutdown (and by the next run, if this 
 from __future__ import annotations
 
 import collections
+import itertools
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -21,7 +23,16 @@ from ..errors import BackendUnavailable, MachineError
 from ..probes.inside import GUARD_KERNEL
 from .base import Machine, Progress, proportional_set_size
 
-__all__ = ["NspawnMachine", "check_available", "host_runs_systemd"]
+__all__ = ["NspawnMachine", "check_available", "host_runs_systemd", "remove_runtime_directory",
+           "sweep_runtime_leftovers"]
+
+# What systemd-nspawn keeps on the host per machine while it runs, removed when it exits cleanly: the directory
+# through which mounts propagate into the container (/run/host/incoming there). One that is SIGKILLed (a container
+# that would not power off in time, a killed run) leaves it.
+NSPAWN_RUNTIME = Path("/run/systemd/nspawn")
+RUNTIME_KINDS = ("propagate", "unix-export")
+# Our machines' names (Machine.name): only such directories are ever removed.
+OUR_MACHINE = re.compile(r"harden-[0-9a-f]{8}")
 
 
 def check_available() -> None:
@@ -117,7 +128,8 @@ class NspawnMachine(Machine):
     def _stop(self) -> None:
         contained, self._contained = self._contained, None
         if contained is not None:
-            contained.stop()  # SIGTERM: nspawn asks the container's systemd to power off
+            contained.stop()  # SIGTERM: nspawn asks the container's systemd to power off; SIGKILL if it hangs
+            remove_runtime_directory(self.name)  # nspawn is gone: what it left is ours to remove
         self.leader = None
 
 
@@ -134,3 +146,69 @@ def _descendants(pid: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def _mounts_at_or_under(path: Path) -> list[str]:
+    """Mount points (in our mount namespace) at ``path`` or below it."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return [str(path)]  # cannot tell: treat as mounted
+    top = str(path)
+    # Field 5 is the mount point, with spaces and the like escaped as octal.
+    points = [line.split()[4].encode().decode("unicode_escape") for line in lines if len(line.split()) > 4]
+    return [point for point in points if point == top or point.startswith(top + "/")]
+
+
+def remove_runtime_directory(name: str, runtime: Path = NSPAWN_RUNTIME) -> list[str]:
+    """Remove what systemd-nspawn keeps on the host for machine ``name`` (which must not run); return the paths
+    removed. Never one of another name than ours, and never across a mount point (it is left, and named)."""
+    if not OUR_MACHINE.fullmatch(name):
+        return []
+    removed = []
+    for kind in RUNTIME_KINDS:
+        path = runtime / kind / name
+        if not path.is_dir() or path.is_symlink():
+            continue
+        mounted = _mounts_at_or_under(path)
+        if mounted:
+            raise MachineError(f"not removing {path}: {', '.join(mounted)} is mounted there (umount it, then remove "
+                               "the directory)")
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(str(path))
+    return removed
+
+
+def _running_machines() -> set[str]:
+    """Names of the machines a systemd-nspawn process runs now (``--machine NAME`` on its command line)."""
+    names = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for flag, value in itertools.pairwise(argv):
+            if flag in (b"--machine", b"-M"):
+                names.add(value.decode(errors="replace"))
+            elif flag.startswith(b"--machine="):
+                names.add(flag.split(b"=", 1)[1].decode(errors="replace"))
+    return names
+
+
+def sweep_runtime_leftovers(runtime: Path = NSPAWN_RUNTIME) -> list[str]:
+    """Remove nspawn runtime directories of our machines that no systemd-nspawn runs any more (left by a killed
+    run); return the paths removed. Machines of live runs (other xdist workers, other CI jobs) are not touched."""
+    leftovers = {entry.name for kind in RUNTIME_KINDS if (runtime / kind).is_dir()
+                 for entry in (runtime / kind).iterdir() if OUR_MACHINE.fullmatch(entry.name)}
+    if not leftovers:
+        return []
+    alive = _running_machines()  # listed after the directories: a machine started meanwhile is not among them
+    removed = []
+    for name in sorted(leftovers - alive):
+        try:
+            removed += remove_runtime_directory(name, runtime)
+        except MachineError:
+            continue  # a mount there: left as it is, for a person to look at
+    return removed
