@@ -6,6 +6,7 @@ All logic lives in plain modules (spec, pool, service, scenarios); this file onl
 from __future__ import annotations
 
 import fnmatch
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -14,6 +15,7 @@ from typing import Any, NoReturn
 
 import pytest
 
+from .backends.base import Machine
 from .baseline import Baseline
 from .diagnosis import Diagnosis
 from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
@@ -178,9 +180,14 @@ class HardenSession:
             earlier.append(diagnosis)
         return diagnosis
 
-    @pytest.hookimpl
+    @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        # Items pass their record in user_properties: it survives xdist and shows in JUnit XML.
+        # Items pass their record in user_properties: it survives xdist and shows in JUnit XML, which writes a
+        # property's str(): JSON text then, not a Python repr (first, before the junitxml plugin reads it). Not on an
+        # xdist worker, which sends the report on with execnet, and that serializes plain dicts only.
+        if not hasattr(self.config, "workerinput"):
+            report.user_properties = [(name, JsonRecord(value) if name == "harden" and isinstance(value, dict)
+                                       else value) for name, value in report.user_properties]
         for name, record in report.user_properties:
             if name == "harden" and isinstance(record, dict) and report.when == "call":
                 self.records.append({**record, "nodeid": report.nodeid, "outcome": report.outcome,
@@ -374,6 +381,15 @@ class SpecFile(pytest.File):
             session.release(service)
 
 
+class JsonRecord(dict[str, Any]):
+    """An item's ``harden`` record that prints as JSON (JUnit XML properties are their values' str())."""
+
+    def __str__(self) -> str:
+        return json.dumps(self, sort_keys=True, default=str)
+
+    __repr__ = __str__
+
+
 class ScenarioFailed(AssertionError):
     """A scenario did not do what its spec expects; the message is the whole report."""
 
@@ -413,15 +429,25 @@ class StartItem(SpecItem):
     def runtest(self) -> None:
         self.record = self.new_record(check="start", diagnosis=None)
         try:
-            self.parent.service()
+            started = self.parent.service()
         except ServiceFailed as exc:
             service = HardenedService(HardenSession.of(self.config).pool.machine_for(self.parent.spec.machine),
                                       self.parent.spec)
+            self.record["tested"] = _tested(service.machine)
             diagnosis = HardenSession.of(self.config).diagnose(service, None, str(exc))
             if diagnosis is None:
                 raise
             self.record["diagnosis"] = diagnosis.as_dict()
             raise ServiceFailed(f"{exc}\n{diagnosis.render()}") from None
+        self.record["tested"] = _tested(started.machine)
+
+
+def _tested(machine: Machine) -> dict[str, Any]:
+    """What the reports say was tested (Machine.tested); a machine that cannot say does not fail the item."""
+    try:
+        return machine.tested()
+    except HardenError as exc:
+        return {"backend": machine.NAME, "error": str(exc)}
 
 
 class ScenarioItem(SpecItem):
@@ -562,7 +588,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
         records = [record for name, record in item.user_properties if name == "harden" and isinstance(record, dict)]
         for record in records:
-            item.user_properties.extend(junit_properties(record))
+            item.user_properties.extend(junit_properties(record, item.config.rootpath))
     yield
 
 

@@ -57,6 +57,13 @@ class SpecReport:
     baseline: Mapping[str, Any] | None = None  # the baseline item's record
     messages: dict[str, str] = field(default_factory=dict)  # item -> failure message
     items: list[str] = field(default_factory=list)  # start and scenario items, in run order
+    tested: Mapping[str, Any] | None = None  # what the machine was (Machine.tested), from the start item's record
+
+    def tested_text(self) -> str:
+        """One line: "nspawn, Debian trixie, systemd 257.9-1~deb13u1, kernel 6.18.44; memcached 1.6.38-1"."""
+        if not self.tested:
+            return ""
+        return tested_text(self.tested)
 
     @property
     def passed(self) -> int:
@@ -107,7 +114,7 @@ class SpecReport:
     def as_dict(self) -> dict[str, Any]:
         """The spec's entry in the JSON report's ``specs`` list."""
         return {
-            "spec": self.path, "name": self.name, "exposure": self.exposure.get("exposure") if self.exposure else None,
+            "spec": self.label, "name": self.name, "exposure": self.exposure.get("exposure") if self.exposure else None,
             "band": self.exposure.get("band") if self.exposure else None,
             "max_exposure": self.exposure.get("max_exposure") if self.exposure else None,
             "costliest": list(self.exposure.get("costliest") or []) if self.exposure else [],
@@ -120,7 +127,20 @@ class SpecReport:
             "diagnoses": [{"item": d.item, "verdict": d.verdict, "culprits": list(d.culprits),
                            "relaxation": d.relaxation, "verified": d.verified} for d in self.diagnoses],
             "baseline": dict(self.baseline) if self.baseline else None,
+            "tested": dict(self.tested) if self.tested else None,
         }
+
+
+def tested_text(tested: Mapping[str, Any]) -> str:
+    """What a machine was, as one line of a report."""
+    if tested.get("error"):
+        return f"{tested.get('backend', '?')} (could not tell: {tested['error']})"
+    text = (f"{tested.get('backend', '?')}, Debian {tested.get('release', '?')}, systemd {tested.get('systemd', '?')}, "
+            f"kernel {tested.get('kernel', '?')}")
+    packages = tested.get("packages") or {}
+    if packages:
+        text += "; " + ", ".join(f"{name} {version}" for name, version in sorted(packages.items()))
+    return text
 
 
 def _display(path: str, root: Path | None) -> str:
@@ -152,6 +172,8 @@ def summarize(records: Sequence[Record], root: Path | None = None,
         for record in spec_records:
             check, name = record.get("check"), item_name(record)
             item = START if check == "start" else str(record.get("scenario") or name)
+            if check == "start" and isinstance(record.get("tested"), dict):
+                report.tested = record["tested"]
             if check in ("start", "scenario"):
                 report.items.append(item)
                 if isinstance(record.get("diagnosis"), dict):
@@ -177,6 +199,7 @@ def summary_lines(reports: Sequence[SpecReport]) -> list[str]:
                          r.directives_text(), r.diagnoses_text(), r.baseline_text()) for r in reports]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines += [f"tested {r.label}: {r.tested_text()}" for r in reports if r.tested]
     for report in reports:
         changes = report.baseline or {}
         for title, key, mark in (("regressions", "regressions", "-"), ("improvements", "improvements", "+")):
@@ -188,10 +211,18 @@ def summary_lines(reports: Sequence[SpecReport]) -> list[str]:
 
 # --- JUnit XML ---------------------------------------------------------------------------------------------------
 
-def junit_properties(record: Record) -> list[tuple[str, str]]:
-    """Flat, readable properties for a JUnit ``<properties>`` block, from an item's ``harden`` record."""
-    props: list[tuple[str, str]] = [("harden_spec", str(record.get("spec", ""))),
+def junit_properties(record: Record, root: Path | None = None) -> list[tuple[str, str]]:
+    """Flat, readable properties for a JUnit ``<properties>`` block, from an item's ``harden`` record (the spec's
+    path relative to ``root``, the run's root directory, when inside it)."""
+    props: list[tuple[str, str]] = [("harden_spec", _display(str(record.get("spec", "")), root)),
                                     ("harden_check", str(record.get("check", "")))]
+    tested = record.get("tested")
+    if isinstance(tested, dict):
+        for key in ("backend", "release", "systemd", "kernel"):
+            if tested.get(key):
+                props.append((f"harden_{key}", str(tested[key])))
+        if tested.get("packages"):
+            props.append(("harden_packages", json.dumps(tested["packages"], sort_keys=True)))
     if record.get("scenario"):
         props.append(("harden_scenario", str(record["scenario"])))
     if isinstance(record.get("exposure"), (int, float)):
@@ -305,6 +336,8 @@ def render_html(reports: Sequence[SpecReport], title: str = "systemd hardening r
 def _spec_section(index: int, report: SpecReport) -> list[str]:
     out = [f'<section id="spec-{index}" data-spec="{_e(report.path)}">',
            f"<h2>{_e(report.name)} <small><code>{_e(report.label)}</code></small></h2>"]
+    if report.tested:
+        out.append(f'<p class="tested">Tested on: {_e(report.tested_text())}</p>')
     if report.exposure is not None:
         out.append(f"<p>Exposure (systemd-analyze security): <b>{_e(report.exposure_text())}</b>, "
                    f"{_e(report.exposure.get('systemd', ''))}</p>")
@@ -364,4 +397,7 @@ def _matrix(index: int, report: SpecReport) -> list[str]:
 def json_report(records: Sequence[Record], root: Path | None = None) -> str:
     """The ``--harden-json`` document: every item's record, and a summary per spec."""
     reports = summarize(records, root)
-    return json.dumps({"items": list(records), "specs": [r.as_dict() for r in reports]}, indent=2, default=str) + "\n"
+    # Spec paths relative to the run's root directory, as every other report shows them: the file travels.
+    items = [{**record, "spec": _display(str(record["spec"]), root)} if record.get("spec") else dict(record)
+             for record in records]
+    return json.dumps({"items": items, "specs": [r.as_dict() for r in reports]}, indent=2, default=str) + "\n"

@@ -4,6 +4,7 @@ its scenarios x directives matrix - built from one real run, and the page checke
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,7 @@ def test_the_summary_table_shows_the_spec(real_run: Run) -> None:
     assert f"{spec['exposure']:.1f} {spec['band']} (max 9.5)" in row
     assert f"{spec['passed']} passed, 1 failed" in row
     assert ", ".join(sorted({c for d in spec["diagnoses"] for c in d["culprits"]})) in row
+    assert f"tested harden.yaml: nspawn, Debian bookworm, systemd {spec['tested']['systemd']}, kernel " in real_run.stdout
 
 
 def test_the_json_report_keeps_items_and_adds_specs(real_run: Run) -> None:
@@ -182,7 +184,11 @@ def test_the_json_report_keeps_items_and_adds_specs(real_run: Run) -> None:
     checks = [item["check"] for item in data["items"]]
     assert checks[0] == "start" and "scenario" in checks and "exposure" in checks
     (spec,) = data["specs"]
-    assert spec["spec"] == str(real_run.file("harden.yaml"))
+    assert spec["spec"] == "harden.yaml"  # relative to the run's root directory, so the report travels
+    assert {item["spec"] for item in data["items"]} == {"harden.yaml"}
+    tested = spec["tested"]
+    assert tested["backend"] == "nspawn" and tested["release"] == "bookworm"
+    assert tested["systemd"].startswith("252.") and tested["kernel"] == os.uname().release
     assert spec["outcomes"]["writes its cache"] == "failed"
     assert spec["outcomes"][START] == "passed"
     exposure_item = next(item for item in data["items"] if item["check"] == "exposure")
@@ -211,7 +217,11 @@ def test_junit_has_flat_harden_properties(real_run: Run) -> None:
     assert exposure_case["harden_exposure"] == [f"{spec['exposure']:.1f}"]
     assert exposure_case["harden_max_exposure"] == ["9.5"]
     failing = cases["writes its cache"]
-    assert failing["harden_spec"] == [str(real_run.file("harden.yaml"))]
+    assert failing["harden_spec"] == ["harden.yaml"]
+    start = cases["service starts under hardening"]
+    assert start["harden_release"] == ["bookworm"] and start["harden_systemd"][0].startswith("252.")
+    record = json.loads(start["harden"][0])  # the whole record as JSON text, not a Python repr
+    assert record["check"] == "start" and record["tested"]["systemd"] == start["harden_systemd"][0]
     assert failing["harden_scenario"] == ["writes its cache"]
     assert failing["harden_culprit"] == [", ".join(spec["diagnoses"][0]["culprits"])]
     assert cases["the system is read-only"]["harden_check"] == ["scenario"]
@@ -262,6 +272,7 @@ def test_the_html_report_is_self_contained_with_the_matrix(real_run: Run) -> Non
     page = real_run.file("report.html").read_text()
     assert_self_contained(page)
     check_matrix(page, real_run)
+    assert '<p class="tested">Tested on: nspawn, Debian bookworm, systemd 252.' in page
 
 
 def chromium() -> str:

@@ -12,11 +12,12 @@ import itertools
 import os
 import shlex
 import signal
+import subprocess
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import MachineError
 from ..images import DEFAULT_RELEASE, ImageCache
@@ -73,6 +74,12 @@ def timeout_note(timeout: float, killed_by: int | None) -> str:
     return f"[pytest-systemd-harden: killed at its {timeout:g}s timeout: {how}]"
 
 
+def deb_package_name(path: str) -> str:
+    """The package a local .deb file holds (its control file's Package:), or the file name's first part."""
+    found = subprocess.run(["dpkg-deb", "-f", path, "Package"], capture_output=True, text=True, check=False)
+    return found.stdout.strip() or Path(path).name.split("_", 1)[0]
+
+
 def proportional_set_size(pids: Iterable[int]) -> int:
     """The PSS of ``pids``: shared pages (the cached image's libraries, mapped by every machine) are counted in
     proportion, so machines can be summed."""
@@ -102,6 +109,7 @@ class Machine(abc.ABC):
     image_cache: ImageCache = field(default_factory=ImageCache)
     _systemd: SystemdClient | None = field(default=None, init=False, repr=False)
     _units: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False, repr=False)
+    _tested: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -195,6 +203,23 @@ class Machine(abc.ABC):
             where=where or f"on machine {self.name} (unconfined)",
             duration=outcome.duration,
         )
+
+    def tested(self) -> dict[str, Any]:
+        """What this machine is, as reports say what was tested: backend, Debian release, systemd and kernel, and
+        the installed version of every package the machine section names (``packages`` and the ``debs``' own).
+        Asked of the machine itself once, so it is true on every backend (the host's own packages included)."""
+        if self._tested is None:
+            names = [*self.config.packages, *(deb_package_name(deb) for deb in self.config.debs)]
+            script = ('uname -r; . /etc/os-release; echo "${VERSION_CODENAME:-$ID}"; '
+                      "dpkg-query -W -f '${binary:Package}\\t${Version}\\n' \"$@\" 2>/dev/null; true")
+            result = self.run(["/bin/sh", "-c", script, "sh", *names], purpose="tested")
+            kernel, release, *rows = result.stdout.splitlines() + ["", ""]
+            installed = dict(row.split("\t", 1) for row in rows if "\t" in row)
+            wanted = {name: installed.get(name) or installed.get(name.partition(":")[0]) or "not installed"
+                      for name in names}
+            self._tested = {"backend": self.NAME, "release": release, "kernel": kernel,
+                            "systemd": str(self.systemd.manager_property("Version")), "packages": wanted}
+        return self._tested
 
     def journal(self, unit: str, lines: int = 25, invocation: str | None = None) -> str:
         """The last ``lines`` journal lines of ``unit`` on this machine; only one run of it, given ``invocation``."""
