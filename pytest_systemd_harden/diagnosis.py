@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .directives import CAPABILITIES, NAMESPACE_FLAGS, Directive
+from .directives import CAPABILITIES, NAMESPACE_FLAGS, Directive, render_assignments
 
 Hardening = tuple[Directive, ...]
 T = TypeVar("T")
@@ -179,12 +179,12 @@ class Relaxation:
     def dropin(self, hardening: Sequence[Directive]) -> str:
         """A drop-in to paste: each changed directive reset (an empty assignment) and written anew."""
         after = {d.name: d for d in self.apply(hardening)}
-        lines = ["[Service]"]
+        assignments: list[tuple[str, str]] = []
         for name in dict.fromkeys(self.changed_names()):
-            lines.append(f"{name}=")  # drop-ins add to list settings; the empty assignment resets first
+            assignments.append((name, ""))  # drop-ins add to list settings; the empty assignment resets first
             if name in after:
-                lines.extend(after[name].unit_lines())
-        return "\n".join(lines) + "\n"
+                assignments.extend((name, value) for value in after[name].assignments)
+        return render_assignments(assignments)
 
     def spec_change(self, hardening: Sequence[Directive]) -> str:
         """The same change as it would read in the spec's ``hardening:`` section."""
