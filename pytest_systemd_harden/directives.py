@@ -184,10 +184,10 @@ def path_problem(path: str) -> str:
     return ""
 
 
-def _absolute(word: str, what: str = "path") -> str:
+def _absolute(word: str, what: str = "path", example: str = "/var/lib/app") -> str:
     problem = path_problem(word)
     if problem:
-        raise DirectiveError(f"{word!r} {problem}", f"an absolute, normalized {what}, e.g. /var/lib/app")
+        raise DirectiveError(f"{word!r} {problem}", f"an absolute, normalized {what}, e.g. {example}")
     return word
 
 
@@ -221,7 +221,7 @@ def _user_assign(value: Any) -> list[str]:
 def _working_directory_assign(value: Any) -> list[str]:
     text = _scalar(value)
     if text and text not in ("~", "-~"):
-        _absolute(text.removeprefix("-"), "directory (or ~)")
+        _absolute(text.removeprefix("-"), "directory (or ~)", "/opt/app")
     return [text]
 
 
@@ -253,7 +253,7 @@ def _check_unset(word: str) -> None:
 
 def _check_temporary_fs(word: str) -> None:
     path, _, _options = word.partition(":")
-    _absolute(path, "mount point")
+    _absolute(path, "mount point", "/var:ro")
 
 
 # seccomp_arch_from_string() in src/shared/seccomp-util.c: the names SystemCallArchitectures= takes.
@@ -703,7 +703,7 @@ def _device_assign(value: Any) -> list[str]:
         if not (path.startswith(("/dev/", "char-", "block-"))) or access.strip(" rwm"):
             raise DirectiveError(f"{text!r} is not a device rule", "a /dev path, char-GROUP or block-GROUP, then r, w, m")
         if path.startswith("/"):
-            _absolute(path, "device path")
+            _absolute(path, "device path", "/dev/null")
         out.append(text)
     return out
 

@@ -54,7 +54,7 @@ PACKAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 # would make loading slow (a 3.7 MB file took 18 s with the pure-Python parser) or blow the stack.
 MAX_SPEC_BYTES = 1024 * 1024
 MAX_DEPTH = 16  # a real spec nests 5 deep (scenarios[0].expect.stdout)
-MAX_VALUES = 100_000  # values after aliases are expanded: `*a` repeated is a "billion laughs" otherwise
+MAX_VALUES = 10_000  # values after aliases are expanded (`*a` repeated is a "billion laughs"); a spec has hundreds
 
 # libyaml's parser is C and about 20 times faster than PyYAML's own; its nodes carry the same line marks.
 _BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader) if yaml.__with_libyaml__ \
@@ -333,7 +333,8 @@ class _Checker:
         """A number of seconds: positive, finite and at most ``maximum`` (a wait that never ends is a hang)."""
         value = mapping[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= maximum:
-            shown = getattr(value, "source", repr(value))
+            shown = str(getattr(value, "source", repr(value)))
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
             raise self.error(mapping, key, dotted, f"expected a number of seconds above 0 and at most {maximum:g}, "
                                                    f"got {shown}", "e.g. 30 or 2.5")
         return float(value)
@@ -341,8 +342,8 @@ class _Checker:
     def absolute_path(self, mapping: Any, key: Any, dotted: str, text: str, what: str = "path") -> str:
         problem = path_problem(text)
         if problem:
-            raise self.error(mapping, key, dotted, f"{text!r}: {problem}", f"an absolute, normalized {what}, "
-                                                                           "e.g. /opt/app")
+            raise self.error(mapping, key, dotted, f"{text!r} {problem}", f"an absolute, normalized {what}, "
+                                                                          "e.g. /opt/app")
         return text
 
 
@@ -379,6 +380,8 @@ def load_spec(path: str | Path, root: Path | None = None) -> Spec:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark else None
             problem = exc.problem or exc.context
+            if isinstance(exc, yaml.composer.ComposerError) and exc.context and exc.problem:
+                problem = f"{exc.context}, {exc.problem}"  # "expected a single document in the stream, but ..."
         else:  # e.g. a ReaderError: it has a position in the byte stream, not a mark
             position = getattr(exc, "position", None)
             line = raw.count(b"\n", 0, position) + 1 if isinstance(position, int) else None
@@ -608,8 +611,10 @@ def _argv(check: _Checker, mapping: _Mapping, key: str, dotted: str) -> list[str
     if isinstance(raw, list):
         for index, word in enumerate(raw):
             if isinstance(word, (dict, list, bool)) or word is None:
-                raise check.error(raw, index, f"{dotted}[{index}]", f"expected a word (text or a number), got "
-                                  f"{'null' if word is None else type(word).__name__}", "quote it")
+                what = "null" if word is None else "a boolean" if isinstance(word, bool) else \
+                    "a mapping" if isinstance(word, dict) else "a list"
+                raise check.error(raw, index, f"{dotted}[{index}]", f"expected a word (text or a number), got {what}",
+                                  "write one flat list of words; quote words YAML would read otherwise")
         return [str(getattr(word, "source", word)) for word in raw]
     try:
         return shlex.split(check.string(mapping, key, dotted))
