@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import errno
 import ipaddress
+import platform
 import re
 import shlex
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -96,6 +97,14 @@ ERRNO_MAX = 4095  # systemd's ERRNO_MAX: the highest errno it accepts
 MS_REC = 16384
 
 
+# Personality= takes only what the host can run (systemd answers "Invalid Personality setting: arm64" on x86-64):
+# the machine shares the host's kernel, so its architecture decides.
+ALL_PERSONALITIES = ("x86", "x86-64", "arm64", "arm64-be", "arm", "arm-be", "ppc", "ppc64", "ppc64-le", "s390",
+                     "s390x", "mips", "mips-le")
+PERSONALITIES = {"x86_64": ("x86", "x86-64"), "i686": ("x86",), "aarch64": ("arm64", "arm"),
+                 "s390x": ("s390x", "s390"), "ppc64le": ("ppc64-le",), "ppc64": ("ppc64", "ppc")}
+
+
 # --- YAML value -> unit-file assignments --------------------------------------------------------------------
 
 def _words(value: Any) -> list[str]:
@@ -171,6 +180,7 @@ def _string_assign(value: Any) -> list[str]:
 
 
 PATH_MAX = 4096
+NAME_MAX = 255
 
 
 def path_problem(path: str) -> str:
@@ -181,6 +191,8 @@ def path_problem(path: str) -> str:
         return f"is longer than PATH_MAX ({PATH_MAX} bytes)"
     if any(part in (".", "..") for part in path.split("/")):
         return "is not normalized (no . or .. components: systemd refuses them)"
+    if any(len(part.encode()) > NAME_MAX for part in path.split("/")):
+        return f"has a component longer than NAME_MAX ({NAME_MAX} bytes)"
     return ""
 
 
@@ -196,6 +208,11 @@ def _relative_directory(word: str) -> None:
     if word.startswith("/") or any(part in ("", ".", "..") for part in word.split("/")):
         raise DirectiveError(f"{word!r} is not a directory name below the base directory",
                              "relative and normalized, e.g. app or app/cache (no /, ., .. or //)")
+    if any(len(part.encode()) > NAME_MAX for part in word.split("/")):
+        raise DirectiveError(f"{word[:40]!r}... has a component longer than NAME_MAX ({NAME_MAX} bytes)",
+                             "systemd refuses it: path is not normalized")
+    if word.split("/")[0] == "private":  # systemd keeps /var/lib/private etc. for DynamicUser=
+        raise DirectiveError(f"{word!r}: 'private' is reserved by systemd", "choose another name, e.g. app")
 
 
 def _check_user(name: str) -> None:
@@ -256,9 +273,15 @@ def _check_temporary_fs(word: str) -> None:
     _absolute(path, "mount point", "/var:ro")
 
 
-# seccomp_arch_from_string() in src/shared/seccomp-util.c: the names SystemCallArchitectures= takes.
+def _temporary_fs_bus(text: str) -> list[Any]:
+    """TemporaryFileSystem= on the bus is a(ss): (mount point, options); systemd-run splits PATH:OPTIONS."""
+    return [list(word.partition(":")[::2]) for word in text.split()]
+
+
+# seccomp_arch_from_string() in src/shared/seccomp-util.c: the names SystemCallArchitectures= takes, as the
+# machine's systemd (252, Debian bookworm) has them: loongarch64 came later, and 252 answers "Invalid argument".
 ARCHITECTURE_NAMES = (
-    "native", "x86", "x86-64", "x32", "arm", "arm64", "loongarch64", "mips", "mips64", "mips64-n32", "mips-le",
+    "native", "x86", "x86-64", "x32", "arm", "arm64", "mips", "mips64", "mips64-n32", "mips-le",
     "mips64-le", "mips64-le-n32", "parisc", "parisc64", "ppc", "ppc64", "ppc64-le", "riscv64", "s390", "s390x",
 )
 
@@ -314,6 +337,11 @@ def _split_polarity(value: Any, check: Callable[[str], None]) -> list[str]:
         names = text.lstrip("~").split()
         for name in names:
             check(name)
+            if ":" in name and not deny:
+                # seccomp_parse_syscall_filter(): an errno only means something for a denied call; systemd
+                # answers "Invalid argument" over D-Bus and ignores the line in a unit file.
+                raise DirectiveError(f"{name!r}: an errno is only allowed in a deny list",
+                                     f"write it as a deny item, e.g. \"~{name}\", or use SystemCallErrorNumber")
         if assignments and assignments[-1].startswith("~") == deny:
             assignments[-1] += " " + " ".join(names)
         else:
@@ -503,6 +531,16 @@ def _time_assign(value: Any) -> list[str]:
     return [text]
 
 
+def _timeout_assign(value: Any) -> list[str]:
+    """A time span that must not be 0: a unit file reads TimeoutStartSec=0 and TimeoutStopSec=0 as "no timeout"
+    (parse_sec_fix_0), D-Bus as an immediate one, so the test would not be the unit shipped; RuntimeMaxSec=0
+    stops the service at once either way."""
+    assignments = _time_assign(value)
+    if assignments[0] != "infinity" and _time_bus(assignments[0]) == 0:
+        raise DirectiveError(f"{assignments[0]!r} is a timeout of 0", "write infinity for no timeout")
+    return assignments
+
+
 def _time_bus(text: str) -> int:
     if text == "infinity":
         return UINT64_MAX
@@ -680,7 +718,7 @@ DIRECTORIES = Kind("as", _words_each(_relative_directory), _single(_strv_bus))
 GROUPS = Kind("as", _words_each(_check_user), _single(_strv_bus))
 ENV_NAMES = Kind("as", _words_each(_check_env_name), _single(_strv_bus))
 UNSET_ENV = Kind("as", _words_each(_check_unset), _single(_strv_bus))
-TEMPORARY_FS = Kind("as", _words_each(_check_temporary_fs), _single(_strv_bus))
+TEMPORARY_FS = Kind("a(ss)", _words_each(_check_temporary_fs), _single(_temporary_fs_bus))
 CAPS = Kind("t", _caps_assign, _single(_caps_bus))
 NAMESPACES = Kind("t", _namespaces_assign, _single(_namespaces_bus))
 ERRNO = Kind("i", _errno_assign, _single(_errno_bus))
@@ -692,6 +730,7 @@ SIZE = Kind("t", _size_assign_for(zero_allowed=False), _single(_size_bus))
 SIZE_OR_ZERO = Kind("t", _size_assign_for(zero_allowed=True), _single(_size_bus))
 TASKS = Kind("t", _tasks_assign, _single(lambda t: UINT64_MAX if t == "infinity" else int(t)))
 TIMESPAN = Kind("t", _time_assign, _single(_time_bus))
+TIMEOUT = Kind("t", _timeout_assign, _single(_time_bus))
 IP_PREFIXES = Kind("a(iayu)", _ip_assign, _single(_ip_bus))
 BINDS = Kind("a(ssbt)", _bind_assign, _single(_bind_bus))
 def _device_assign(value: Any) -> list[str]:
@@ -758,8 +797,7 @@ _TABLE: list[DirectiveType] = [
     _enum("KeyringMode", "inherit", "private", "shared"),
     _enum("NotifyAccess", "none", "main", "exec", "all"),
     _enum("Restart", "no", "on-success", "on-failure", "on-abnormal", "on-watchdog", "on-abort", "always"),
-    _enum("Personality", "x86", "x86-64", "arm64", "arm64-be", "arm", "arm-be", "ppc", "ppc64", "ppc64-le", "s390",
-          "s390x", "mips", "mips-le"),
+    _enum("Personality", *PERSONALITIES.get(platform.machine(), ALL_PERSONALITIES)),
     *(DirectiveType(n, USER) for n in ("User", "Group")),
     DirectiveType("WorkingDirectory", WORKING_DIRECTORY),
     *(DirectiveType(n, ABSOLUTE) for n in ("RootDirectory", "RootImage")),
@@ -799,9 +837,9 @@ _TABLE: list[DirectiveType] = [
     DirectiveType("SocketBindDeny", SOCKET_BIND),
     DirectiveType("Nice", NICE),
     DirectiveType("OOMScoreAdjust", OOM_SCORE),
-    DirectiveType("TimeoutStartSec", TIMESPAN, bus_name="TimeoutStartUSec"),
-    DirectiveType("TimeoutStopSec", TIMESPAN, bus_name="TimeoutStopUSec"),
-    DirectiveType("RuntimeMaxSec", TIMESPAN, bus_name="RuntimeMaxUSec"),
+    DirectiveType("TimeoutStartSec", TIMEOUT, bus_name="TimeoutStartUSec"),
+    DirectiveType("TimeoutStopSec", TIMEOUT, bus_name="TimeoutStopUSec"),
+    DirectiveType("RuntimeMaxSec", TIMEOUT, bus_name="RuntimeMaxUSec"),
     DirectiveType("RestartSec", TIMESPAN, bus_name="RestartUSec"),
 ]
 KNOWN: dict[str, DirectiveType] = {d.name: d for d in _TABLE}

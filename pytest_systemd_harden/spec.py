@@ -40,6 +40,7 @@ from .probes.catalogue import Denial, DenialError, parse_denial
 SERVICE_TYPES = ("simple", "exec", "notify", "oneshot", "forking")
 # The longest wait a spec may ask for (timeouts, in seconds): a day. NaN, infinity and 1e300 would never end.
 MAX_SECONDS = 86400.0
+MAX_LABEL = 100  # characters of a spec's name in its unit's name (systemd's own limits are 180-248, see below)
 # systemd's env_name_is_valid(): what a shell can name (src/basic/env-util.c).
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # pytest's configuration files, to find the project's root as pytest would when no rootdir is given.
@@ -534,11 +535,31 @@ def parse_spec(document: Any, path: Path, root: Path | None = None) -> Spec:
     denials = _parse_denials(check, doc.get("deny"), doc)
     enforcement = _parse_enforcement(check, doc, hardening)
     name = check.string(doc, "name", "name", empty=False) if "name" in doc else ""
+    _check_unit_name(check, doc, name or path.stem, hardening)
     max_exposure = _parse_max_exposure(check, doc) if "max_exposure" in doc else None
     keep, never = _parse_tighten(check, doc)
     return Spec(path, service, machine, hardening, scenarios, name, denials=denials, enforcement=enforcement,
                 profile=profile.name if profile else "",
                 max_exposure=max_exposure, tighten_keep=keep, tighten_never=never)
+
+
+def _check_unit_name(check: _Checker, doc: _Mapping, label: str, hardening: Sequence[Directive]) -> None:
+    """The service runs as harden-<label>.service, and with DynamicUser= (and no User=) as the user of that name:
+    what systemd refuses there would fail the start, so it is refused here."""
+    source = "name" if "name" in doc else f"the file name {check.path.name!r}"
+    unit = unit_name(label)
+    if len(unit) - len("harden-.service") > MAX_LABEL:
+        # unit_name_is_valid() stops at 255; a dynamic user's files fail with "File name too long" from ~190.
+        raise check.error(doc, "name" if "name" in doc else None, "name",
+                          f"{source} is {len(label)} characters long, too long for the unit name {unit[:30]}...",
+                          f"at most {MAX_LABEL}; give the spec a shorter name:")
+    dynamic = next((d for d in hardening if d.name == "DynamicUser"), None)
+    user = next((d for d in hardening if d.name == "User"), None)
+    if dynamic is not None and dynamic.assignments[-1:] == ("yes",) and user is None and "." in label:
+        raise check.error(doc, "name" if "name" in doc else None, "name",
+                          f"with DynamicUser: yes the service's user is named after the unit ({unit.removesuffix('.service')}), "
+                          "and systemd refuses a . in a dynamic user's name",
+                          "give the spec a name: without dots, or set User:")
 
 
 def _parse_tighten(check: _Checker, doc: _Mapping) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -667,6 +688,13 @@ def _parse_ready(check: _Checker, section: _Mapping) -> Readiness:
                               "(107 bytes)", "use a shorter path, e.g. /run/app/app.sock")
     timeout = check.number(ready, "timeout", "service.ready.timeout") if "timeout" in ready else 30.0
     return Readiness(kind, target, timeout)
+
+
+def unit_name(label: str) -> str:
+    """The transient unit a spec's service runs as: harden-<label>.service, with characters systemd does not
+    take in a unit name replaced by -."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "service"
+    return f"harden-{slug}.service"
 
 
 def project_root(start: Path) -> Path | None:

@@ -97,7 +97,7 @@ hardening:
   SupplementaryGroups: [adm, "1001"]
   StateDirectory: app/cache
   SyslogIdentifier: 100%-app
-  SystemCallFilter: ["@system-service", "_llseek", "mlock:EPERM"]
+  SystemCallFilter: ["@system-service", "_llseek", "~mlock:EPERM"]
   SystemCallArchitectures: native
   RestrictFileSystems: ["@basic-api", ext4]
   TimeoutStopSec: 1min 30s
@@ -113,6 +113,13 @@ scenarios:
     spec = load_spec(path)
     assert spec.directive("SyslogIdentifier") is not None
     assert "SyslogIdentifier=100%%-app" in spec.dropin()  # a unit file would read % as a specifier
+
+
+def test_temporary_file_systems_go_over_the_bus_as_path_and_options() -> None:
+    # systemd takes a(ss) here; a list of strings was "Unexpected message contents" at StartTransientUnit
+    ((name, value),) = Directive.parse("TemporaryFileSystem", ["/var:ro,size=10M", "/srv"]).properties()
+    assert (name, value.signature, value.value) == ("TemporaryFileSystem", "a(ss)",
+                                                     [["/var", "ro,size=10M"], ["/srv", ""]])
 
 
 def test_files_outside_the_project_need_the_spec_to_ask(tmp_path: Path) -> None:
