@@ -427,8 +427,11 @@ def _read_bounded(path: Path) -> bytes:
 
 def _decode(raw: bytes, path: Path) -> str:
     """The file as text: UTF-8 only (YAML's own default), with one message naming what the file is instead."""
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (b"\x00" in raw[:64] and raw[:64].count(b"\x00") * 4 >= len(
-            raw[:64])):
+    head = raw[:64]
+    # UTF-16 and UTF-32 text that is mostly ASCII has a NUL in every other byte (at odd or even offsets); a binary
+    # file has NULs too, but not in that pattern.
+    wide = len(head) >= 4 and any(not any(head[start::2]) and any(head[1 - start::2]) for start in (0, 1))
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or wide:
         raise SpecError(str(path), None, "", "the spec is UTF-16 or UTF-32 encoded, not UTF-8",
                         "save it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8")
     if b"\x00" in raw:

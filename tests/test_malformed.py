@@ -75,6 +75,15 @@ def test_a_huge_spec_is_refused_by_its_size_before_it_is_parsed(tmp_path: Path,
     assert out == f"{path}: the spec is larger than 1 MiB (a spec is a page of YAML; is this the right file?)\n"
 
 
+def test_a_binary_file_is_named_as_one(tmp_path: Path) -> None:
+    path = tmp_path / "harden.yaml"
+    path.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(57) + bytes(range(256)))  # no room for an expect: header
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == f"{path}:1: the spec is not a text file (it contains NUL bytes) (a spec is a YAML " \
+                              "text file; is this the right file?)"
+
+
 def test_a_spec_just_under_the_cap_loads(tmp_path: Path) -> None:
     path = tmp_path / "big.yaml"
     body = SERVICE + "# " + "x" * 100 + "\n"
