@@ -79,10 +79,17 @@ def _lint(args: argparse.Namespace) -> int:
 
 
 def _dropin(args: argparse.Namespace) -> int:
+    from .directives import DropinMismatch
+
     spec = _load(args.spec)
     if spec is None:
         return 1
-    sys.stdout.write(spec.dropin())
+    try:
+        text = spec.dropin()
+    except DropinMismatch as exc:  # never print a drop-in that would not mean what was tested
+        print(f"{spec.path}: hardening: the drop-in does not read back as the spec's directives: {exc}")
+        return 1
+    sys.stdout.write(text)
     return 0
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .directives import BOOL, CAPABILITIES, NAMESPACE_FLAGS, Directive, lookup
+from .directives import BOOL, CAPABILITIES, NAMESPACE_FLAGS, Directive, lookup, render_assignments
 
 Hardening = tuple[Directive, ...]
 T = TypeVar("T")
@@ -195,16 +195,17 @@ class Relaxation:
     def dropin(self, hardening: Sequence[Directive]) -> str:
         """A drop-in to paste: each changed directive reset (an empty assignment) and written anew."""
         after = {d.name: d for d in self.apply(hardening)}
-        lines = ["[Service]"]
+        assignments: list[tuple[str, str]] = []
         for name in dict.fromkeys(self.changed_names()):
             if name not in after:
-                lines.append(f"{name}={DROPIN_RESETS.get(name, '')}")
+                assignments.append((name, DROPIN_RESETS.get(name, "")))
             elif explicit_default(name) is not None:
-                lines.extend(after[name].unit_lines())  # a single value replaces; an empty one is not a reset
+                # A single value replaces; an empty one is not a reset.
+                assignments.extend((name, value) for value in after[name].assignments)
             else:
-                lines.append(f"{name}=")  # drop-ins add to list settings; the empty assignment resets first
-                lines.extend(after[name].unit_lines())
-        return "\n".join(lines) + "\n"
+                assignments.append((name, ""))  # drop-ins add to list settings; the empty assignment resets first
+                assignments.extend((name, value) for value in after[name].assignments)
+        return render_assignments(assignments)
 
     def spec_change(self, hardening: Sequence[Directive]) -> str:
         """The same change as it would read in the spec's ``hardening:`` section."""

@@ -15,6 +15,8 @@ A service that fails to start or a scenario that fails is the user's business: t
 
 from __future__ import annotations
 
+import re
+
 
 class HardenError(Exception):
     """Base class of every error this plugin raises on purpose."""
@@ -33,7 +35,11 @@ class SpecError(HardenError):
         text = f"{where}: {key}: {problem}" if key else f"{where}: {problem}"
         if hint:
             text += f" ({hint})"
-        super().__init__(text)
+        # One line whatever the spec holds: a key or a file name may carry a newline or a control character.
+        super().__init__(_CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text))
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class BackendUnavailable(HardenError):

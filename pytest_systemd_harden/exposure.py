@@ -92,7 +92,7 @@ def render_unit(spec: Spec) -> str:
               for key, value in service.environment]
     if service.working_directory:
         lines.append(f"WorkingDirectory={service.working_directory}")
-    lines += [line for directive in spec.hardening for line in directive.unit_lines()]
+    lines += [line for directive in spec.hardening for line in directive.dropin_lines()]  # % escaped
     return "\n".join(lines) + "\n"
 
 

@@ -303,7 +303,7 @@ def harden_spec(request: pytest.FixtureRequest) -> Spec:
         raise pytest.UsageError(f"{request.node.nodeid}: hardened_service needs @pytest.mark.harden('spec.yaml')")
     path = Path(request.node.path).parent / str(marker.args[0])
     try:
-        return load_spec(path)
+        return load_spec(path, request.config.rootpath)
     except SpecError as exc:
         pytest.fail(str(exc), pytrace=False)
 
@@ -340,7 +340,7 @@ class SpecFile(pytest.File):
 
     def collect(self) -> Iterator[pytest.Item]:
         try:
-            self.spec = load_spec(self.path)
+            self.spec = load_spec(self.path, self.config.rootpath)  # machine.files may come from the project
         except SpecError as exc:
             raise self.CollectError(str(exc)) from None
         yield StartItem.from_parent(self, name="service starts under hardening")

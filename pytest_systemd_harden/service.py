@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,7 @@ from .directives import ignored_by_systemd
 from .errors import ServiceFailed, SpecError
 from .probes.runner import machine_facts
 from .result import SYSTEMD_EXIT_CODES, CommandResult, signal_name
-from .spec import Spec
+from .spec import Spec, unit_name
 from .systemd import CLD_DUMPED, CLD_EXITED, CLD_KILLED, SERVICE_IFACE, SERVICE_STOP_GRACE, Property
 
 if TYPE_CHECKING:
@@ -75,8 +74,7 @@ def dynamic_user_name(unit: str) -> str:
 
 
 def unit_name_for(spec: Spec) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.label).strip("-") or "service"
-    return f"harden-{slug}.service"
+    return unit_name(spec.label)
 
 
 class HardenedService:

@@ -34,18 +34,40 @@ from dbus_next.signature import Variant
 
 from . import profiles
 from .backends.base import AUTO, MachineConfig
-from .directives import KNOWN, Directive, DirectiveError, Property, _closest_hint, render_dropin
+from .directives import KNOWN, Directive, DirectiveError, Property, _closest_hint, path_problem, render_dropin
 from .errors import SpecError
 from .images import DEFAULT_RELEASE, RELEASES
 from .probes.catalogue import Denial, DenialError, parse_denial
 
 SERVICE_TYPES = ("simple", "exec", "notify", "oneshot", "forking")
+# The longest wait a spec may ask for (timeouts, in seconds): a day. NaN, infinity and 1e300 would never end.
+MAX_SECONDS = 86400.0
+MAX_LABEL = 100  # characters of a spec's name in its unit's name (systemd's own limits are 180-248, see below)
+# systemd's env_name_is_valid(): what a shell can name (src/basic/env-util.c).
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# pytest's configuration files, to find the project's root as pytest would when no rootdir is given.
+PROJECT_MARKERS = ("pytest.ini", ".pytest.ini", "pyproject.toml", "tox.ini", "setup.cfg")
 READY_KINDS = ("tcp", "unix", "file", "active")
 # A Debian package name, optionally of another architecture (multiarch: busybox-static:i386).
 PACKAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?$")
 
 
 # --- YAML with line numbers ---------------------------------------------------------------------------------
+
+# What a spec file may be. A spec is a page of YAML: these bounds are far above any real one and far below what
+# would make loading slow (a 3.7 MB file took 18 s with the pure-Python parser) or blow the stack.
+MAX_SPEC_BYTES = 1024 * 1024
+MAX_DEPTH = 16  # a real spec nests 5 deep (scenarios[0].expect.stdout)
+MAX_VALUES = 10_000  # values after aliases are expanded (`*a` repeated is a "billion laughs"); a spec has hundreds
+
+# libyaml's parser is C and about 20 times faster than PyYAML's own; its nodes carry the same line marks.
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader) if yaml.__with_libyaml__ \
+    else yaml.SafeLoader
+
+# Characters YAML itself does not allow in a file (YAML 1.1 "printable"): C0 and C1 controls but tab, line feed,
+# carriage return and NEL, and the non-characters U+FFFE and U+FFFF.
+_UNPRINTABLE = re.compile("[^\t\n\r\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
 
 class _Mapping(dict[Any, Any]):
     """A YAML mapping that remembers the line of each key (1-based)."""
@@ -59,9 +81,10 @@ class _Sequence(list[Any]):
     item_lines: list[int]
 
 
-class _LineLoader(yaml.SafeLoader):
-    def __init__(self, stream: str) -> None:
+class _LineLoader(_BaseLoader):  # type: ignore[valid-type,misc]
+    def __init__(self, stream: bytes, spec_path: str) -> None:
         super().__init__(stream)
+        self.spec_path = spec_path
         # Keys and [indexes] from the document root to the node being constructed, for dotted keys in errors.
         self._path: list[str] = []
 
@@ -82,11 +105,18 @@ class _LineLoader(yaml.SafeLoader):
         mapping.key_lines = {}
         for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                # A list or mapping as a key cannot be hashed; a number, yes/no or null as a key is YAML 1.1
+                # reading text the user meant as a name (an environment variable ON, a path).
+                shown = f"{key!r}" if not isinstance(key, (dict, list)) else type(key).__name__
+                raise SpecError(self.spec_path, line, self._dotted(shown), f"a key must be text, not {shown}",
+                                "quote it, e.g. 'ON': or '8080':")
             if key in mapping:
-                raise SpecError(self.name, key_node.start_mark.line + 1, self._dotted(key), "duplicate key",
+                raise SpecError(self.spec_path, line, self._dotted(key), "duplicate key",
                                 "YAML would silently keep only the last one")
-            mapping[key] = self._construct_at(str(key), value_node)
-            mapping.key_lines[key] = key_node.start_mark.line + 1
+            mapping[key] = self._construct_at(key, value_node)
+            mapping.key_lines[key] = line
         return mapping
 
     def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> list[Any]:
@@ -103,13 +133,26 @@ class SourceInt(int):
     source: str
 
 
+class SourceFloat(float):
+    """A float that remembers how it was written (1e3, not 1000.0; .nan), for the same reason as SourceInt."""
+
+    source: str
+
+
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     value = SourceInt(loader.construct_yaml_int(node))
     value.source = str(node.value)
     return value
 
 
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    value = SourceFloat(loader.construct_yaml_float(node))
+    value.source = str(node.value)
+    return value
+
+
 _LineLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_LineLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _LineLoader.construct_mapping)
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _LineLoader.construct_sequence)
 
@@ -253,7 +296,7 @@ TOP_KEYS = ("name", "profile", "service", "machine", "hardening", "scenarios", "
             "tighten")
 TIGHTEN_KEYS = ("keep", "never", "offline")
 SERVICE_KEYS = ("exec_start", "type", "ready", "environment", "working_directory", "start_timeout")
-MACHINE_KEYS = ("packages", "files", "backend", "release", "debs")
+MACHINE_KEYS = ("packages", "files", "backend", "release", "debs", "files_outside_project")
 SCENARIO_KEYS = ("name", "client", "inside", "expect", "timeout")
 EXPECT_KEYS = ("exit", "signal", "stdout", "stderr")
 
@@ -261,8 +304,9 @@ EXPECT_KEYS = ("exit", "signal", "stdout", "stderr")
 class _Checker:
     """Validation helpers that know the file, so every error carries file and line."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, root: Path | None = None) -> None:
         self.path = path
+        self.root = root
 
     def error(self, container: Any, key: Any, dotted: str, problem: str, hint: str = "") -> SpecError:
         return SpecError(str(self.path), _line_of(container, key), dotted, problem, hint)
@@ -278,17 +322,34 @@ class _Checker:
                 raise self.error(mapping, key, f"{prefix}{key}", "unknown field",
                                  _closest_hint(str(key), allowed) or f"known fields: {', '.join(allowed)}")
 
-    def string(self, mapping: _Mapping, key: str, dotted: str) -> str:
+    def string(self, mapping: Any, key: Any, dotted: str, empty: bool = True) -> str:
         value = mapping[key]
         if isinstance(value, (dict, list)) or value is None:
             raise self.error(mapping, key, dotted, "expected a string")
-        return str(value)
+        if isinstance(value, bool):  # YAML 1.1 reads yes, no, on, off as booleans
+            raise self.error(mapping, key, dotted, f"expected a string, got the boolean {value}",
+                             "quote it: YAML reads yes, no, on and off as true and false")
+        text = str(getattr(value, "source", value))
+        if not empty and not text.strip():
+            raise self.error(mapping, key, dotted, "is empty")
+        return text
 
-    def number(self, mapping: _Mapping, key: str, dotted: str) -> float:
+    def number(self, mapping: _Mapping, key: str, dotted: str, maximum: float = MAX_SECONDS) -> float:
+        """A number of seconds: positive, finite and at most ``maximum`` (a wait that never ends is a hang)."""
         value = mapping[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise self.error(mapping, key, dotted, f"expected a positive number of seconds, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= maximum:
+            shown = str(getattr(value, "source", repr(value)))
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise self.error(mapping, key, dotted, f"expected a number of seconds above 0 and at most {maximum:g}, "
+                                                   f"got {shown}", "e.g. 30 or 2.5")
         return float(value)
+
+    def absolute_path(self, mapping: Any, key: Any, dotted: str, text: str, what: str = "path") -> str:
+        problem = path_problem(text)
+        if problem:
+            raise self.error(mapping, key, dotted, f"{text!r} {problem}", f"an absolute, normalized {what}, "
+                                                                          "e.g. /opt/app")
+        return text
 
 
 def _as_mapping(value: dict[Any, Any]) -> _Mapping:
@@ -298,39 +359,177 @@ def _as_mapping(value: dict[Any, Any]) -> _Mapping:
     return mapping
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Load and validate the spec at ``path``; raise SpecError (file:line: key: problem (hint)) if it is wrong."""
+def load_spec(path: str | Path, root: Path | None = None) -> Spec:
+    """Load and validate the spec at ``path``; raise SpecError (file:line: key: problem (hint)) if it is wrong.
+
+    ``root`` is the project's root (pytest's rootdir): ``machine.files`` may come from under it or from the spec's
+    own directory. Without it, the nearest directory above the spec holding a pytest configuration file counts.
+    """
     path = Path(path).resolve()
+    raw = _read_bounded(path)
+    text = _decode(raw, path)
+    bad = _UNPRINTABLE.search(text)
+    if bad:
+        raise SpecError(str(path), text.count("\n", 0, bad.start()) + 1, "", f"control character U+{ord(bad.group()):04X} in the file",
+                        "remove it: YAML allows only printable text")
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(str(path), None, "", f"cannot read the spec: {exc.strerror}") from None
-    try:
-        loader = _LineLoader(text)
-        loader.name = str(path)
+        _check_nesting(raw, path)
+        loader = _LineLoader(raw, str(path))
         try:
             document = loader.get_single_data()
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
+        exc = _python_parser_error(raw, exc)
         if isinstance(exc, yaml.MarkedYAMLError):
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark else None
             problem = exc.problem or exc.context
-        else:  # e.g. a ReaderError for a control character: it has a position, not a mark
+            if isinstance(exc, yaml.composer.ComposerError) and exc.context and exc.problem:
+                problem = f"{exc.context}, {exc.problem}"  # "expected a single document in the stream, but ..."
+        else:  # e.g. a ReaderError: it has a position in the byte stream, not a mark
             position = getattr(exc, "position", None)
-            line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
+            line = raw.count(b"\n", 0, position) + 1 if isinstance(position, int) else None
             problem = str(exc).splitlines()[0]
         raise SpecError(str(path), line, "", f"not valid YAML: {problem}",
                         "check indentation and quoting; values starting with @ or ~ need quotes") from None
-    return parse_spec(document, path)
+    return parse_spec(document, path, root)
 
 
-def parse_spec(document: Any, path: Path) -> Spec:
+def _python_parser_error(raw: bytes, error: yaml.YAMLError) -> yaml.YAMLError:
+    """PyYAML's own message for a syntax error libyaml found: it names the character ("found character '@'
+    that cannot start any token"), libyaml's does not. Only for a file of normal size: the pure-Python parser is
+    slow, and only its message is wanted."""
+    if not yaml.__with_libyaml__ or len(raw) > 64 * 1024 or isinstance(error, yaml.constructor.ConstructorError):
+        return error
+    loader = yaml.SafeLoader(raw)
+    try:
+        while loader.check_event():
+            loader.get_event()  # type: ignore[no-untyped-call]
+    except yaml.YAMLError as exc:
+        return exc
+    finally:
+        loader.dispose()
+    return error
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The file's bytes, refusing more than MAX_SPEC_BYTES before reading them."""
+    too_big = SpecError(str(path), None, "", f"the spec is larger than {MAX_SPEC_BYTES // 1024 // 1024} MiB",
+                        "a spec is a page of YAML; is this the right file?")
+    try:
+        with path.open("rb") as file:
+            if path.stat().st_size > MAX_SPEC_BYTES:
+                raise too_big
+            raw = file.read(MAX_SPEC_BYTES + 1)  # a file that grows while read, or a pipe, has no honest size
+    except OSError as exc:
+        raise SpecError(str(path), None, "", f"cannot read the spec: {exc.strerror}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise too_big
+    return raw
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    """The file as text: UTF-8 only (YAML's own default), with one message naming what the file is instead."""
+    head = raw[:64]
+    # UTF-16 and UTF-32 text that is mostly ASCII has a NUL in every other byte (at odd or even offsets); a binary
+    # file has NULs too, but not in that pattern.
+    wide = len(head) >= 4 and any(not any(head[start::2]) and any(head[1 - start::2]) for start in (0, 1))
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or wide:
+        raise SpecError(str(path), None, "", "the spec is UTF-16 or UTF-32 encoded, not UTF-8",
+                        "save it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8")
+    if b"\x00" in raw:
+        line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
+        raise SpecError(str(path), line, "", "the spec is not a text file (it contains NUL bytes)",
+                        "a spec is a YAML text file; is this the right file?")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise SpecError(str(path), line, "", f"the spec is not UTF-8 (byte 0x{raw[exc.start]:02X} cannot be decoded)",
+                        "save it as UTF-8; Latin-1 text, e.g., converts with iconv -f LATIN1 -t UTF-8") from None
+
+
+def _check_nesting(raw: bytes, path: Path) -> None:
+    """Refuse nesting deeper than MAX_DEPTH while reading events, before anything recursive sees the document
+    (the composer and constructor recurse once per level: 100000 [ would exhaust the stack)."""
+    loader = _BaseLoader(raw)
+    try:
+        depth = 0
+        while loader.check_event():
+            event = loader.get_event()  # type: ignore[no-untyped-call]
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise SpecError(str(path), event.start_mark.line + 1 if event.start_mark else None, "",
+                                    f"nested more than {MAX_DEPTH} levels deep",
+                                    "a spec nests a few levels; check the brackets and indentation")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    finally:
+        loader.dispose()
+
+
+# Where a newline in a value is meant: a scenario's command (a script) and the output it must print. Every other
+# value ends up in a unit file, a drop-in or a D-Bus property read as one line, where a newline would start a new
+# directive that was never tested.
+_MULTILINE_KEYS = re.compile(r"^scenarios\[\d+\]\.(client|inside|expect\.stdout|expect\.stderr)(\[\d+\])?$")
+# Control characters never belong in a spec's values: a NUL cannot pass D-Bus or an argv, the others end or
+# garble a unit-file line. Tab and newline are decided separately.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _check_values(document: Any, path: Path) -> None:
+    """Every value of the document: plain YAML types only, no control characters, newlines only in scripts, a
+    bounded depth and count (aliases included)."""
+    stack: list[tuple[Any, Any, Any, str, int]] = [(document, None, None, "", 0)]
+    seen = 0
+    while stack:
+        value, container, key, dotted, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES or depth > MAX_DEPTH:
+            problem = f"more than {MAX_VALUES} values" if seen > MAX_VALUES else f"nested more than {MAX_DEPTH} " \
+                "levels deep"
+            raise SpecError(str(path), _line_of(container, key), dotted, problem,
+                            "aliases (*name) count once per use; a spec is a page of YAML")
+        if isinstance(value, dict):
+            for child_key, child in value.items():
+                child_dotted = f"{dotted}.{child_key}" if dotted else str(child_key)
+                if isinstance(child_key, str):
+                    _check_text(child_key, value, child_key, child_dotted, path, multiline=False)
+                stack.append((child, value, child_key, child_dotted, depth + 1))
+        elif isinstance(value, list):
+            for index, child in enumerate(value):
+                stack.append((child, value, index, f"{dotted}[{index}]", depth + 1))
+        elif isinstance(value, str):
+            _check_text(value, container, key, dotted, path, multiline=bool(_MULTILINE_KEYS.match(dotted)))
+        elif not isinstance(value, _SCALARS):
+            what = {"date": "a date", "datetime": "a date and time", "bytes": "binary data (!!binary)",
+                    "set": "a set (!!set)", "tuple": "a pair"}.get(type(value).__name__, type(value).__name__)
+            raise SpecError(str(path), _line_of(container, key), dotted, f"{what} is not a value a spec takes",
+                            "quote it to make it text")
+
+
+def _check_text(text: str, container: Any, key: Any, dotted: str, path: Path, multiline: bool) -> None:
+    bad = _CONTROL.search(text)
+    if bad is None and not multiline and "\n" in text:
+        raise SpecError(str(path), _line_of(container, key), dotted, "contains a newline",
+                        "this value ends up on one line of a unit file, where a newline would start another "
+                        "directive; only scenario commands and expected output may span lines")
+    if bad is not None:
+        name = {"\x00": "a NUL byte", "\r": "a carriage return"}.get(bad.group(), f"control character "
+                                                                                   f"U+{ord(bad.group()):04X}")
+        raise SpecError(str(path), _line_of(container, key), dotted, f"contains {name}",
+                        "no value may hold control characters: D-Bus, argv and unit files cannot carry them")
+
+
+def parse_spec(document: Any, path: Path, root: Path | None = None) -> Spec:
     """Validate an already-parsed YAML document (see :func:`load_spec`)."""
-    check = _Checker(path)
+    check = _Checker(path, root)
     if not isinstance(document, dict):
         raise SpecError(str(path), 1, "", "a spec must be a YAML mapping", "start with `service:`")
+    _check_values(document, path)
     doc = check.mapping(document, None, None, "")
     check.known_keys(doc, TOP_KEYS, "")
     if "service" not in doc:
@@ -342,7 +541,8 @@ def parse_spec(document: Any, path: Path) -> Spec:
     scenarios = _parse_scenarios(check, doc.get("scenarios"), doc)
     denials = _parse_denials(check, doc.get("deny"), doc)
     enforcement = _parse_enforcement(check, doc, hardening)
-    name = str(doc["name"]) if "name" in doc else ""
+    name = check.string(doc, "name", "name", empty=False) if "name" in doc else ""
+    _check_unit_name(check, doc, name or path.stem, hardening)
     max_exposure = _parse_max_exposure(check, doc) if "max_exposure" in doc else None
     keep, never = _parse_tighten(check, doc)
     return Spec(path, service, machine, hardening, scenarios, name, denials=denials, enforcement=enforcement,
@@ -362,6 +562,25 @@ def _parse_tighten_offline(check: _Checker, doc: _Mapping) -> bool:
         raise check.error(section, "offline", "tighten.offline", f"{value!r} is not a boolean",
                           "true if the service needs no network beyond its own machine")
     return value
+
+
+def _check_unit_name(check: _Checker, doc: _Mapping, label: str, hardening: Sequence[Directive]) -> None:
+    """The service runs as harden-<label>.service, and with DynamicUser= (and no User=) as the user of that name:
+    what systemd refuses there would fail the start, so it is refused here."""
+    source = "name" if "name" in doc else f"the file name {check.path.name!r}"
+    unit = unit_name(label)
+    if len(unit) - len("harden-.service") > MAX_LABEL:
+        # unit_name_is_valid() stops at 255; a dynamic user's files fail with "File name too long" from ~190.
+        raise check.error(doc, "name" if "name" in doc else None, "name",
+                          f"{source} is {len(label)} characters long, too long for the unit name {unit[:30]}...",
+                          f"at most {MAX_LABEL}; give the spec a shorter name:")
+    dynamic = next((d for d in hardening if d.name == "DynamicUser"), None)
+    user = next((d for d in hardening if d.name == "User"), None)
+    if dynamic is not None and dynamic.assignments[-1:] == ("yes",) and user is None and "." in label:
+        raise check.error(doc, "name" if "name" in doc else None, "name",
+                          f"with DynamicUser: yes the service's user is named after the unit ({unit.removesuffix('.service')}), "
+                          "and systemd refuses a . in a dynamic user's name",
+                          "give the spec a name: without dots, or set User:")
 
 
 def _parse_tighten(check: _Checker, doc: _Mapping) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -400,14 +619,13 @@ def _parse_service(check: _Checker, section: _Mapping) -> ServiceConfig:
     if "exec_start" not in section:
         raise check.error(section, None, "service.exec_start", "missing",
                           "the command that starts the service, e.g. /usr/bin/python3 /opt/app/server.py")
-    raw = section["exec_start"]
-    argv = [str(a) for a in raw] if isinstance(raw, list) else shlex.split(check.string(section, "exec_start",
-                                                                                         "service.exec_start"))
+    argv = _argv(check, section, "exec_start", "service.exec_start")
     if not argv:
         raise check.error(section, "exec_start", "service.exec_start", "is empty")
     if not argv[0].startswith("/"):
         raise check.error(section, "exec_start", "service.exec_start", f"{argv[0]!r} is not an absolute path",
                           f"systemd needs the full path, e.g. /usr/bin/{argv[0]}")
+    check.absolute_path(section, "exec_start", "service.exec_start", argv[0], "program path")
     service_type = check.string(section, "type", "service.type") if "type" in section else "exec"
     if service_type not in SERVICE_TYPES:
         raise check.error(section, "type", "service.type", f"{service_type!r} is not a service type",
@@ -416,12 +634,50 @@ def _parse_service(check: _Checker, section: _Mapping) -> ServiceConfig:
     environment: tuple[tuple[str, str], ...] = ()
     if "environment" in section:
         env = check.mapping(section["environment"], section, "environment", "service.environment")
-        environment = tuple((str(k), str(v)) for k, v in env.items())
-    workdir = check.string(section, "working_directory", "service.working_directory") \
-        if "working_directory" in section else None
+        environment = tuple((name, _environment_value(check, env, name, f"service.environment.{name}"))
+                            for name in env)
+    workdir = None
+    if "working_directory" in section:
+        workdir = check.string(section, "working_directory", "service.working_directory")
+        if workdir != "~":  # systemd's WorkingDirectory= takes ~ for the user's home
+            check.absolute_path(section, "working_directory", "service.working_directory", workdir.removeprefix("-"),
+                                "directory")
     start_timeout = check.number(section, "start_timeout", "service.start_timeout") if "start_timeout" in section \
         else 30.0
     return ServiceConfig(tuple(argv), service_type, ready, environment, workdir, start_timeout)
+
+
+def _argv(check: _Checker, mapping: _Mapping, key: str, dotted: str) -> list[str]:
+    """A command as a list of words, or a string split like a shell would (without running one)."""
+    raw = mapping[key]
+    if isinstance(raw, list):
+        for index, word in enumerate(raw):
+            if isinstance(word, (dict, list, bool)) or word is None:
+                what = "null" if word is None else "a boolean" if isinstance(word, bool) else \
+                    "a mapping" if isinstance(word, dict) else "a list"
+                raise check.error(raw, index, f"{dotted}[{index}]", f"expected a word (text or a number), got {what}",
+                                  "write one flat list of words; quote words YAML would read otherwise")
+        return [str(getattr(word, "source", word)) for word in raw]
+    try:
+        return shlex.split(check.string(mapping, key, dotted))
+    except ValueError as exc:  # "No closing quotation": the command would not run at all
+        raise check.error(mapping, key, dotted, f"cannot be split into words: {str(exc).lower()}",
+                          "balance the quotes, or write the command as a list of words") from None
+
+
+def _environment_value(check: _Checker, env: _Mapping, name: Any, dotted: str) -> str:
+    """One environment variable, checked as systemd checks them (env_name_is_valid, env_value_is_valid)."""
+    if not ENV_NAME_RE.match(str(name)):
+        raise check.error(env, name, dotted, f"{name!r} is not an environment variable name",
+                          "letters, digits and _, not starting with a digit, e.g. APP_MODE")
+    value = env[name]
+    if value is None:
+        raise check.error(env, name, dotted, "has no value", "write '' for an empty value")
+    text = check.string(env, name, dotted)
+    if "\t" in text:
+        raise check.error(env, name, dotted, "contains a tab", "systemd refuses control characters in an "
+                                                               "environment value; use spaces")
+    return text
 
 
 def _parse_ready(check: _Checker, section: _Mapping) -> Readiness:
@@ -436,13 +692,39 @@ def _parse_ready(check: _Checker, section: _Mapping) -> Readiness:
         raise check.error(section, "ready", "service.ready", f"expected one of {', '.join(READY_KINDS)}",
                           "e.g. {tcp: 8080}, {unix: /run/app.sock}, {file: /run/app/ready} or active")
     kind = kinds[0]
-    target = str(ready[kind])
-    if kind == "tcp" and not (target.isdigit() and 0 < int(target) < 65536):
+    if kind == "active":
+        raise check.error(ready, kind, "service.ready.active", "is a word, not a key", "write ready: active")
+    raw = ready[kind]
+    target = str(raw)
+    if kind == "tcp" and (isinstance(raw, bool) or not re.fullmatch(r"[0-9]{1,5}", target)
+                          or not 0 < int(target) < 65536):
         raise check.error(ready, kind, "service.ready.tcp", f"{target!r} is not a TCP port", "a number 1-65535")
-    if kind in ("unix", "file") and not target.startswith("/"):
-        raise check.error(ready, kind, f"service.ready.{kind}", f"{target!r} is not an absolute path")
+    if kind in ("unix", "file"):
+        target = check.string(ready, kind, f"service.ready.{kind}")
+        if not target.startswith("/"):
+            raise check.error(ready, kind, f"service.ready.{kind}", f"{target!r} is not an absolute path")
+        check.absolute_path(ready, kind, f"service.ready.{kind}", target)
+        if kind == "unix" and len(target.encode()) > 107:  # sun_path holds 108 bytes with the NUL
+            raise check.error(ready, kind, "service.ready.unix", "is longer than a unix socket path can be "
+                              "(107 bytes)", "use a shorter path, e.g. /run/app/app.sock")
     timeout = check.number(ready, "timeout", "service.ready.timeout") if "timeout" in ready else 30.0
     return Readiness(kind, target, timeout)
+
+
+def unit_name(label: str) -> str:
+    """The transient unit a spec's service runs as: harden-<label>.service, with characters systemd does not
+    take in a unit name replaced by -."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "service"
+    return f"harden-{slug}.service"
+
+
+def project_root(start: Path) -> Path | None:
+    """The nearest directory from ``start`` up that holds a pytest configuration file, as pytest finds its
+    rootdir; None if there is none."""
+    for directory in (start, *start.parents):
+        if any((directory / marker).is_file() for marker in PROJECT_MARKERS):
+            return directory
+    return None
 
 
 def _parse_machine(check: _Checker, section: _Mapping) -> MachineConfig:
@@ -458,18 +740,45 @@ def _parse_machine(check: _Checker, section: _Mapping) -> MachineConfig:
                 raise check.error(raw, index, f"machine.packages[{index}]", f"{package!r} is not a Debian package name",
                                   "lowercase letters, digits, +, - and ., e.g. gnupg")
             packages.append(package)
+    outside = False
+    if "files_outside_project" in section:
+        outside = section["files_outside_project"]
+        if not isinstance(outside, bool):
+            raise check.error(section, "files_outside_project", "machine.files_outside_project",
+                              f"expected true or false, got {outside!r}")
     files: list[tuple[str, str]] = []
     if "files" in section:
         mapping = check.mapping(section["files"], section, "files", "machine.files")
-        for dest, src in mapping.items():
+        spec_dir = check.path.parent
+        root = check.root or project_root(spec_dir)
+        allowed = [spec_dir, *([root] if root else [])]
+        destinations: set[str] = set()
+        for dest in mapping:
             dotted = f"machine.files.{dest}"
-            if not str(dest).startswith("/"):
+            if not isinstance(dest, str) or not dest.startswith("/"):
                 raise check.error(mapping, dest, dotted, "the path on the machine must be absolute", "e.g. /opt/app")
-            host = (check.path.parent / str(src)).resolve()
+            check.absolute_path(mapping, dest, dotted, dest)
+            if dest == "/" or ":" in dest:
+                raise check.error(mapping, dest, dotted, "cannot be bound there", "not / itself, and no : in the "
+                                  "path (it separates source and destination on nspawn's command line)")
+            if dest.rstrip("/") in destinations:
+                raise check.error(mapping, dest, dotted, "is bound twice", "one source per path on the machine")
+            destinations.add(dest.rstrip("/"))
+            src = check.string(mapping, dest, dotted, empty=False)
+            host = (spec_dir / src).resolve()
             if not host.exists():
                 raise check.error(mapping, dest, dotted, f"{src!r} does not exist",
-                                  f"paths are relative to the spec's directory ({check.path.parent})")
-            files.append((str(dest), str(host)))
+                                  f"paths are relative to the spec's directory ({spec_dir})")
+            if not outside and not any(host == base or host.is_relative_to(base) for base in allowed):
+                where = f"the spec's directory ({spec_dir})" + (f" or the project ({root})" if root and
+                                                                 root != spec_dir else "")
+                raise check.error(mapping, dest, dotted, f"{src!r} is {host}, outside {where}",
+                                  "a spec may bind only its own project's files; move them into the project, or set "
+                                  "machine.files_outside_project: true to bind this path anyway")
+            if ":" in str(host):
+                raise check.error(mapping, dest, dotted, f"{host} contains a :",
+                                  "nspawn's --bind-ro= separates source and destination with :; rename the path")
+            files.append((dest, str(host)))
     backend = check.string(section, "backend", "machine.backend") if "backend" in section else AUTO
     from .backends import BACKENDS
 
@@ -605,7 +914,7 @@ def _parse_scenarios(check: _Checker, section: Any, doc: _Mapping) -> tuple[Scen
         check.known_keys(entry, SCENARIO_KEYS, f"{dotted}.")
         if "name" not in entry:
             raise check.error(section, index, f"{dotted}.name", "missing", "give every scenario a name")
-        name = check.string(entry, "name", f"{dotted}.name")
+        name = check.string(entry, "name", f"{dotted}.name", empty=False)
         if name in names:
             raise check.error(entry, "name", f"{dotted}.name", f"another scenario is already named {name!r}",
                               "scenario names must be unique: they name the tests")
@@ -617,10 +926,12 @@ def _parse_scenarios(check: _Checker, section: Any, doc: _Mapping) -> tuple[Scen
         where = places[0]
         raw_command = entry[where]
         command: str | tuple[str, ...]
-        if isinstance(raw_command, list) and raw_command and all(isinstance(a, (str, int)) for a in raw_command):
-            command = tuple(str(a) for a in raw_command)  # argv: no shell, so signals are the command's own
+        if isinstance(raw_command, list):
+            command = tuple(_argv(check, entry, where, f"{dotted}.{where}"))  # argv: no shell, so signals are the
+            if not command or not command[0]:                                # command's own
+                raise check.error(entry, where, f"{dotted}.{where}", "is empty", "a command, e.g. [/bin/true]")
         else:
-            command = check.string(entry, where, f"{dotted}.{where}")
+            command = check.string(entry, where, f"{dotted}.{where}", empty=False)
         expect = _parse_expect(check, entry, dotted)
         timeout = check.number(entry, "timeout", f"{dotted}.timeout") if "timeout" in entry else 60.0
         scenarios.append(Scenario(name, command, where, expect, timeout, _line_of(section, index)))
@@ -656,6 +967,6 @@ def _parse_expect(check: _Checker, entry: _Mapping, dotted: str) -> Expectation:
                               "0-255, or any")
         else:
             exit_status = value
-    stdout = str(expect["stdout"]) if "stdout" in expect else None
-    stderr = str(expect["stderr"]) if "stderr" in expect else None
+    stdout = check.string(expect, "stdout", f"{dotted}.expect.stdout") if "stdout" in expect else None
+    stderr = check.string(expect, "stderr", f"{dotted}.expect.stderr") if "stderr" in expect else None
     return Expectation(exit_status, signal_name, stdout, stderr)

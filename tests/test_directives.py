@@ -386,7 +386,7 @@ def test_limit_infinity_and_suffix() -> None:
 def test_bad_limit() -> None:
     error = directive_error("LimitNOFILE", "lots")
     assert error.problem == "'lots' is not a limit"
-    assert error.hint == "a number, infinity, or soft:hard"
+    assert error.hint == "a plain number (no K/M/G suffix for this limit), infinity, or soft:hard"
 
 
 @pytest.mark.parametrize(("value", "size"), [
