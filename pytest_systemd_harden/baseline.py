@@ -56,6 +56,8 @@ class Snapshot:
     unenforced: frozenset[str] | None = None
     denied: frozenset[str] | None = None  # probe keys; None: no denial check ran
     allowed: frozenset[str] | None = None
+    # What was tested: backend, release, systemd and each named package's version (not the kernel: CI hosts vary).
+    tested: Mapping[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """The baseline-file form: sorted, and without what is unknown."""
@@ -70,13 +72,16 @@ class Snapshot:
             value: frozenset[str] | None = getattr(self, name)
             if value is not None:
                 out[name] = sorted(value)
+        if self.tested:
+            out["tested"] = dict(sorted(self.tested.items()))
         return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Snapshot:
         if not isinstance(data, dict):
             raise BaselineError(f"{where}: expected a mapping, got {type(data).__name__}")
-        unknown = set(data) - {"exposure", "scenarios", "hardening", "enforced", "unenforced", "denied", "allowed"}
+        unknown = set(data) - {"exposure", "scenarios", "hardening", "enforced", "unenforced", "denied", "allowed",
+                               "tested"}
         if unknown:
             raise BaselineError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         exposure = data.get("exposure")
@@ -98,7 +103,7 @@ class Snapshot:
             return frozenset(str(v) for v in value)
 
         return cls(float(exposure) if exposure is not None else None, mapping("scenarios"), mapping("hardening"),
-                   names("enforced"), names("unenforced"), names("denied"), names("allowed"))
+                   names("enforced"), names("unenforced"), names("denied"), names("allowed"), mapping("tested"))
 
     def merged_over(self, older: Snapshot | None, spec: Spec | None) -> Snapshot:
         """This (possibly partial) observation, completed from ``older`` where this run did not look.
@@ -117,11 +122,21 @@ class Snapshot:
             enforced=self.enforced if self.enforced is not None else older.enforced,
             unenforced=self.unenforced if self.unenforced is not None else older.unenforced,
             denied=self.denied if self.denied is not None else older.denied,
-            allowed=self.allowed if self.allowed is not None else older.allowed)
+            allowed=self.allowed if self.allowed is not None else older.allowed,
+            tested=self.tested or older.tested)
 
 
 def _directive_name(text: str) -> str:
     return text.split("=", 1)[0].strip()
+
+
+def tested_versions(tested: Mapping[str, Any]) -> dict[str, str]:
+    """A start record's ``tested`` (Machine.tested) as the baseline keeps it: flat, without the kernel."""
+    if tested.get("error"):
+        return {}
+    flat = {key: str(tested[key]) for key in ("backend", "release", "systemd") if tested.get(key)}
+    flat.update({f"package {name}": str(version) for name, version in (tested.get("packages") or {}).items()})
+    return flat
 
 
 def item_name(record: Mapping[str, Any]) -> str:
@@ -138,11 +153,14 @@ def observe(records: Iterable[Mapping[str, Any]], spec: Spec | None) -> Snapshot
     unenforced: set[str] | None = None
     denied: set[str] | None = None
     allowed: set[str] | None = None
+    tested: dict[str, str] = {}
     for record in records:
         outcome = str(record.get("outcome", ""))
         check = record.get("check")
         if check == "start":
             scenarios[START] = outcome
+            if isinstance(record.get("tested"), dict):
+                tested = tested_versions(record["tested"])
         elif check == "scenario":
             scenarios[str(record.get("scenario") or item_name(record))] = outcome
         elif check == "exposure" and isinstance(record.get("exposure"), (int, float)):
@@ -167,7 +185,7 @@ def observe(records: Iterable[Mapping[str, Any]], spec: Spec | None) -> Snapshot
         return frozenset(names) if names is not None else None
 
     return Snapshot(exposure, scenarios, hardening, frozen(enforced), frozen(unenforced), frozen(denied),
-                    frozen(allowed))
+                    frozen(allowed), tested)
 
 
 # --- comparing ---------------------------------------------------------------------------------------------------
@@ -179,14 +197,20 @@ class Changes:
     regressions: list[str] = field(default_factory=list)
     improvements: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)  # what was tested then and now: "systemd 252.39 -> 257.9"
 
     def as_dict(self) -> dict[str, list[str]]:
-        return {"regressions": self.regressions, "improvements": self.improvements, "notes": self.notes}
+        return {"regressions": self.regressions, "improvements": self.improvements, "notes": self.notes,
+                "versions": self.versions}
 
 
 def compare(old: Snapshot, new: Snapshot, spec: Spec | None = None) -> Changes:
     """Regressions, improvements and notes of ``new`` against the baseline ``old`` (see the module docstring)."""
     changes = Changes()
+    if old.tested and new.tested:
+        changes.versions = [f"{name} {old.tested.get(name, '(none)')} -> {new.tested.get(name, '(none)')}"
+                            for name in sorted(set(old.tested) | set(new.tested))
+                            if old.tested.get(name) != new.tested.get(name)]
     _compare_scenarios(old, new, spec, changes)
     if old.exposure is not None and new.exposure is not None:
         # Compare in tenths, as systemd prints them: 1.8 vs 2.3, not 1.7999999.
@@ -330,6 +354,9 @@ def render(changes: Changes, spec_name: str, baseline: Path, *, update_hint: boo
     """The failure message of a spec's baseline item."""
     lines = [f"{len(changes.regressions)} regression(s) against the baseline {baseline} for {spec_name}:"]
     lines += [f"  - {regression}" for regression in changes.regressions]
+    if changes.versions:  # a regression that came with a version bump points at the bump
+        lines.append("what was tested changed since the baseline:")
+        lines += [f"    {version}" for version in changes.versions]
     if changes.improvements:
         lines.append("improvements:")
         lines += [f"  + {improvement}" for improvement in changes.improvements]

@@ -206,6 +206,8 @@ def summary_lines(reports: Sequence[SpecReport]) -> list[str]:
             if changes.get(key):
                 lines.append(f"baseline {title} of {report.label}:")
                 lines += [f"  {mark} {entry}" for entry in changes[key]]
+        if changes.get("versions"):  # beside the regressions: what changed in what was tested
+            lines.append(f"tested since the baseline of {report.label}: " + "; ".join(changes["versions"]))
     return lines
 
 

@@ -375,3 +375,24 @@ def test_a_real_enforcement_check_that_now_fails_is_a_regression(pytester: pytes
                                    "  - ProtectSystem was enforced in the baseline, now its enforcement check fails"])
     pytester.makefile(".yaml", harden=strict)
     assert pytester.runpytest("--harden-baseline=baseline.yaml").ret == 0
+
+
+def test_what_was_tested_is_kept_and_a_version_change_is_shown_beside_a_regression(tmp_path: Path) -> None:
+    from pytest_systemd_harden.baseline import Snapshot, compare, observe, render
+
+    tested_old = {"backend": "nspawn", "release": "bookworm", "kernel": "6.1", "systemd": "252.39-1",
+                  "packages": {"harden-demo": "1.0"}}
+    tested_new = {**tested_old, "kernel": "6.18", "packages": {"harden-demo": "1.1"}}
+    old = observe([{"check": "start", "outcome": "passed", "tested": tested_old},
+                   {"check": "scenario", "scenario": "works", "outcome": "passed"}], None)
+    assert old.tested == {"backend": "nspawn", "release": "bookworm", "systemd": "252.39-1",
+                          "package harden-demo": "1.0"}  # no kernel: CI hosts differ
+    assert Snapshot.from_dict(old.as_dict(), "x").tested == old.tested  # through the file and back
+    new = observe([{"check": "start", "outcome": "passed", "tested": tested_new},
+                   {"check": "scenario", "scenario": "works", "outcome": "failed"}], None)
+    changes = compare(old, new)
+    assert changes.regressions == ["scenario 'works' passed in the baseline, now it fails"]
+    assert changes.versions == ["package harden-demo 1.0 -> 1.1"]
+    message = render(changes, "harden.yaml", tmp_path / "baseline.yaml")
+    assert "what was tested changed since the baseline:\n    package harden-demo 1.0 -> 1.1" in message
+    assert compare(old, old).versions == []
