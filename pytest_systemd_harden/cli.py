@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from .errors import BackendUnavailable, HardenError, SpecError
-from .images import BASE_PACKAGES
+from .images import BASE_PACKAGES, DEFAULT_RELEASE
 from .service import unit_name_for
 from .spec import Spec, load_spec
 
@@ -172,7 +172,8 @@ def _cache_key(args: argparse.Namespace) -> int:
         return 1
     # The image cache is content-addressed (recipe, release, packages, local .debs): the same images, the same key.
     # The archive's state is left out: a restored cache whose archive moved on is refreshed by the run itself.
-    keys = sorted({ImageCache.key_for(spec.machine.packages, spec.machine.release, spec.machine.debs)
+    keys = sorted({ImageCache.key_for(spec.machine.packages, spec.machine.release or DEFAULT_RELEASE,
+                                      spec.machine.debs)
                    for spec in specs if spec is not None})
     print(hashlib.sha256(" ".join(keys).encode()).hexdigest()[:16])
     return 0

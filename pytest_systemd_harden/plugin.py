@@ -5,6 +5,7 @@ All logic lives in plain modules (spec, pool, service, scenarios); this file onl
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
 import sys
@@ -19,7 +20,7 @@ from .backends.base import Machine
 from .baseline import Baseline
 from .diagnosis import Diagnosis
 from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
-from .images import DEFAULT_MAX_AGE_DAYS, ImageCache
+from .images import DEFAULT_MAX_AGE_DAYS, DEFAULT_RELEASE, RELEASES, ImageCache
 from .pool import MachinePool
 from .scenarios import diagnose_failure, failure_report, run_scenario, tighten_service
 from .service import HardenedService
@@ -43,6 +44,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--harden-cache-dir", default=None, metavar="DIR",
                     help="where built machine images are cached (default: $HARDEN_CACHE_DIR, else "
                          "$XDG_CACHE_HOME/pytest-systemd-harden, else ~/.cache/pytest-systemd-harden)")
+    group.addoption("--harden-release", default=None, metavar="RELEASE",
+                    help="the Debian release of the machines of specs that name none in machine.release (default: "
+                         f"{DEFAULT_RELEASE}; one of {', '.join(RELEASES)})")
     group.addoption("--harden-refresh-images", action="store_true", default=False,
                     help="look at the Debian archive now: an image whose packages have newer versions there is "
                          "built again (otherwise looked at once the last look is older than --harden-image-max-age)")
@@ -125,6 +129,7 @@ class HardenSession:
         if self._pool is None:
             cache_dir = self.config.getoption("harden_cache_dir")
             self._pool = MachinePool(backend=self.config.getoption("harden_backend"),
+                                     default_release=self.config.getoption("harden_release"),
                                      image_cache=ImageCache(
                                          Path(cache_dir) if cache_dir else None,
                                          max_age_days=self.config.getoption("harden_image_max_age"),
@@ -215,6 +220,12 @@ class HardenSession:
     def check_report_options(self) -> None:
         """Fail fast, before collection, on report options that cannot work; load the baseline."""
         option = self.config.getoption
+        release = option("harden_release")
+        if release and release not in RELEASES:
+            close = difflib.get_close_matches(release, list(RELEASES), n=1)
+            raise pytest.UsageError(f"--harden-release: unknown Debian release {release!r}"
+                                    + (f" (did you mean {close[0]}?)" if close else "")
+                                    + f"; one of {', '.join(RELEASES)}")
         if option("harden_baseline_update") and not option("harden_baseline"):
             raise pytest.UsageError("--harden-baseline-update needs the file to write: add --harden-baseline=PATH")
         policy = option("harden_security_policy")

@@ -12,7 +12,7 @@ from . import backends, cgroups
 from .backends.base import Machine, MachineConfig
 from .capabilities import machine_capabilities
 from .errors import HardenError
-from .images import ImageCache
+from .images import DEFAULT_RELEASE, ImageCache
 from .service import HardenedService
 from .spec import Spec
 
@@ -27,8 +27,11 @@ class MachinePool:
     """
 
     def __init__(self, *, backend: str | None = None, image_cache: ImageCache | None = None,
-                 progress: Progress = lambda line: None, boot_timeout: float = 60.0) -> None:
+                 progress: Progress = lambda line: None, boot_timeout: float = 60.0,
+                 default_release: str | None = None) -> None:
         self.backend = backend
+        # The Debian release of specs that name none (--harden-release), else images.DEFAULT_RELEASE.
+        self.default_release = default_release or DEFAULT_RELEASE
         self.image_cache = image_cache or ImageCache()
         self.progress = progress
         self.boot_timeout = boot_timeout
@@ -41,7 +44,8 @@ class MachinePool:
 
     def effective_config(self, config: MachineConfig) -> MachineConfig:
         """``config`` on the backend this run uses: ``--harden-backend``, else the spec's, with ``auto`` resolved."""
-        return replace(config, backend=backends.resolve(self.backend or config.backend))
+        return replace(config, backend=backends.resolve(self.backend or config.backend),
+                       release=config.release or self.default_release)
 
     def machine_for(self, config: MachineConfig) -> Machine:
         config = self.effective_config(config)

@@ -36,7 +36,7 @@ from . import profiles
 from .backends.base import AUTO, MachineConfig
 from .directives import KNOWN, Directive, DirectiveError, Property, _closest_hint, path_problem, render_dropin
 from .errors import SpecError
-from .images import DEFAULT_RELEASE, RELEASES
+from .images import RELEASES
 from .probes.catalogue import Denial, DenialError, parse_denial
 
 SERVICE_TYPES = ("simple", "exec", "notify", "oneshot", "forking")
@@ -791,7 +791,7 @@ def _parse_machine(check: _Checker, section: _Mapping) -> MachineConfig:
 
 def _parse_release(check: _Checker, section: _Mapping) -> str:
     if "release" not in section:
-        return DEFAULT_RELEASE
+        return ""  # the session's: --harden-release, else images.DEFAULT_RELEASE
     release = check.string(section, "release", "machine.release")
     if release not in RELEASES:
         raise check.error(section, "release", "machine.release", f"unknown Debian release {release!r}",

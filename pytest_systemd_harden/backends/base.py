@@ -43,7 +43,9 @@ class MachineConfig:
     # (path on the machine, absolute path on the host), bound read-only.
     files: tuple[tuple[str, str], ...] = ()
     backend: str = "auto"  # see backends.resolve()
-    release: str = DEFAULT_RELEASE  # the Debian release the image is built from (images.RELEASES)
+    # The Debian release the image is built from (images.RELEASES); "" until the pool fills in the session's
+    # default (--harden-release, else images.DEFAULT_RELEASE) for a spec that names none.
+    release: str = ""
     # Local .deb files installed on top of the image (absolute paths on the host): the maintainer's new build.
     debs: tuple[str, ...] = ()
 
@@ -57,7 +59,7 @@ class MachineConfig:
                 raise MachineError(f"local package {deb} (machine.debs) does not exist on the host any more")
 
     def describe(self) -> str:
-        parts = [self.backend, f"Debian {self.release}"]
+        parts = [self.backend, f"Debian {self.release or DEFAULT_RELEASE}"]
         if self.debs:
             parts.append("debs: " + ", ".join(Path(deb).name for deb in self.debs))
         if self.packages:
