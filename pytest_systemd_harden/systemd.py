@@ -218,6 +218,18 @@ class SystemdClient:
                 pass
         return self._job_results.pop(job, "timeout-waiting")
 
+    def start_unit(self, unit: str, *, timeout: float = 90.0) -> str:
+        """Start a unit systemd loads from its files and wait for the start job; return the job result."""
+        return self._run(self._start_unit(unit, timeout), timeout + 5)
+
+    async def _start_unit(self, unit: str, timeout: float) -> str:
+        (job,) = await self._call(MANAGER_PATH, MANAGER_IFACE, "StartUnit", "ss", [unit, "replace"])
+        return await self._wait_job(job, timeout)
+
+    def reload(self) -> None:
+        """``systemctl daemon-reload``: systemd reads unit files and drop-ins again (the call returns when done)."""
+        self._run(self._call(MANAGER_PATH, MANAGER_IFACE, "Reload", "", []), 120)
+
     def stop_unit(self, unit: str, *, timeout: float = 30.0) -> None:
         """Stop ``unit`` and wait for it; a unit that is not loaded counts as stopped."""
         try:
@@ -272,14 +284,14 @@ class SystemdClient:
                 raise MachineError(f"cleaning {unit} took longer than {timeout:.0f}s")
             time.sleep(0.01)
 
-    def retire_unit(self, unit: str, *, clean: bool) -> None:
-        """Stop ``unit`` and forget it: its failed state, with ``clean`` its State/Cache/Logs/RuntimeDirectory=
-        contents, and our reference, so systemd unloads it. The next unit of that name starts from nothing."""
+    def retire_unit(self, unit: str, *, clean: bool, what: Sequence[str] = ("all",)) -> None:
+        """Stop ``unit`` and forget it: its failed state, with ``clean`` the ``what`` of its directories
+        (``CleanUnit``), and our reference, so systemd unloads it. The next unit of that name starts from nothing."""
         self.stop_unit(unit)
         self.wait_settled(unit)
         self.reset_failed(unit)  # systemd 252 cleans only inactive units, not failed ones
         if clean:
-            self.clean_unit(unit)
+            self.clean_unit(unit, what)
         self.unref_unit(unit)
 
     def unref_unit(self, unit: str) -> None:
