@@ -10,7 +10,7 @@ GREETING = os.environ.get("NOTES_GREETING", "notes")
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+    def do_GET(self) -> None:
         name = self.path.strip("/") or "index"
         path = STATE / name
         body = path.read_bytes() if path.is_file() else f"{GREETING}: no note {name}\n".encode()
@@ -18,7 +18,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         (STATE / (self.path.strip("/") or "index")).write_bytes(data)
         self.send_response(201)
