@@ -184,6 +184,11 @@ class UnitUnderTest(abc.ABC):
         """The unit as systemd sees it (``systemctl cat``), or "" when there is no file to show."""
         return ""
 
+    def as_one_file(self) -> str:
+        """The unit and the spec's drop-in as one unit file (for ``systemd-analyze security --offline``), or ""
+        when the spec itself is the unit (a transient unit: the caller renders it)."""
+        return ""
+
 
 def _properties(directive: Directive) -> list[Property]:
     try:
@@ -325,6 +330,14 @@ class LoadedUnit(UnitUnderTest):
 
     def describe(self) -> str:
         return f"unit: {self.name} as systemd loads it, with the hardening as {self.dropin_path}"
+
+    def as_one_file(self) -> str:
+        # A section may appear twice in a unit file: the drop-in's [Service] after the unit's reads as it would.
+        text = self.effective() if self.spec.service.unit_file is None else self.spec.service.unit_file.read_text()
+        if not text:
+            raise self._not_found()
+        ours = f"# {self.dropin_path}\n"
+        return text.split(ours, 1)[0].rstrip("\n") + "\n\n" + self.spec.dropin()
 
 
 class UnitFileUnit(LoadedUnit):
