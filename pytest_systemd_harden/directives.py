@@ -893,6 +893,8 @@ class Directive:
     name: str
     assignments: tuple[str, ...]
     line: int | None = None
+    # The file it is written in, when that is not the spec: a unit file (a unit's own hardening, see unit.py).
+    source: str = ""
 
     @classmethod
     def parse(cls, name: str, value: Any, line: int | None = None) -> Directive:

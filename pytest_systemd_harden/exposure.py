@@ -30,6 +30,7 @@ from .backends.base import Machine
 from .errors import MachineError
 from .service import unit_name_for
 from .spec import Spec
+from .unit import unit_under_test
 
 # Where rendered units (and the policy) are written inside the machine: /run is a tmpfs, gone at shutdown (the
 # host backend, whose /run is the host's, removes its own directories when it stops).
@@ -209,8 +210,10 @@ def _copy_in(machine: Machine, path: str, content: bytes) -> None:
 
 def score(machine: Machine, spec: Spec, policy: Path | None = None) -> Exposure:
     """Render ``spec`` as a unit file, write it into ``machine`` and score it with the machine's systemd."""
-    unit = unit_name_for(spec)
-    unit_text = render_unit(spec)
+    # A unit file or a package's unit is scored as it ships: the unit with the spec's drop-in on top.
+    under_test = unit_under_test(machine, spec, unit_name_for(spec), list)
+    unit = under_test.name
+    unit_text = under_test.as_one_file() or render_unit(spec)
     # The machine's name for the unit: unique where runs share a systemd (the host backend), so they never meet.
     directory = f"{UNIT_DIR}/{machine.service_unit(unit).removesuffix('.service')}"
     unit_path = f"{directory}/{unit}"

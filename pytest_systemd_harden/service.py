@@ -5,18 +5,20 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dbus_next.errors import DBusError
 from dbus_next.signature import Variant
 
 from .backends.base import Machine
-from .directives import ignored_by_systemd
+from .directives import Directive, ignored_by_systemd
 from .errors import ServiceFailed, SpecError
 from .probes.runner import machine_facts
 from .result import SYSTEMD_EXIT_CODES, CommandResult, signal_name
 from .spec import Spec, unit_name
 from .systemd import CLD_DUMPED, CLD_EXITED, CLD_KILLED, SERVICE_IFACE, SERVICE_STOP_GRACE, Property
+from .unit import UnitUnderTest, unit_under_test
 
 if TYPE_CHECKING:
     import testinfra.host
@@ -92,22 +94,28 @@ class HardenedService:
     def __init__(self, machine: Machine, spec: Spec, unit: str | None = None) -> None:
         self.machine = machine
         self.spec = spec
-        self.unit = unit or machine.service_unit(unit_name_for(spec))
+        self.unit = unit or spec.service.unit_name or machine.service_unit(unit_name_for(spec))
         dynamic = spec.directive("DynamicUser")
         explicit_user = spec.directive("User")
         # Units that share a User= name share the dynamic uid, so inside commands run as the service does.
         self.user = explicit_user.value if explicit_user else (
-            dynamic_user_name(self.unit) if dynamic and dynamic.value == "yes" else None)
+            dynamic_user_name(self.unit) if dynamic and dynamic.value == "yes" and not spec.service.unit_name
+            else None)
         self._host: testinfra.host.Host | None = None
         self._sandbox_host: testinfra.host.Host | None = None
+        # What the spec tests: a transient unit, a unit file beside the spec, or a package's unit (see unit.py).
+        self.under_test: UnitUnderTest = unit_under_test(machine, spec, self.unit, self.service_properties)
 
     # -- properties ---------------------------------------------------------------------------------------
 
     def _sandbox_properties(self) -> list[Property]:
-        props = [p for d in self.spec.hardening if d.name not in NOT_FOR_COMMANDS for p in d.properties()]
+        # The unit's own settings first, then the spec's hardening: the order of unit file and drop-in.
+        props = self.under_test.command_properties()
+        props += [p for d in self.spec.hardening if d.name not in NOT_FOR_COMMANDS for p in d.properties()]
         if self.user and not self.spec.directive("User"):
             props.append(("User", Variant("s", self.user)))
-        if self.spec.directive("RuntimeDirectory"):
+        if self.spec.directive("RuntimeDirectory") or any(d.name == "RuntimeDirectory"
+                                                          for d in self.under_test.own_directives()):
             # The command's unit shares the service's /run/NAME; without this, its stop would remove the directory
             # from under the running service. The service's own stop still removes it.
             props.append(("RuntimeDirectoryPreserve", Variant("s", "yes")))
@@ -135,7 +143,8 @@ class HardenedService:
         return props + joined
 
     def _peer_properties(self) -> list[Property]:
-        return self._joined([p for d in self.spec.hardening if d.name in NAMESPACE_DIRECTIVES for p in d.properties()])
+        return self._joined([p for d in (*self.under_test.own_directives(), *self.spec.hardening)
+                             if d.name in NAMESPACE_DIRECTIVES for p in d.properties()])
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -144,9 +153,8 @@ class HardenedService:
         self.stop()
         self.machine.check_service(self.spec)
         self._check_known_to_systemd()
-        systemd = self.machine.systemd
         started = time.monotonic()
-        job = systemd.start_transient_unit(self.unit, self.service_properties(), timeout=self.spec.service.start_timeout)
+        job = self.under_test.start()
         ready = self.spec.service.ready
         if job != "done":
             # A main process that exits at once can end before systemd finishes the start job, which then fails
@@ -195,8 +203,7 @@ class HardenedService:
 
         A service still running :data:`~.systemd.SERVICE_STOP_GRACE` seconds after SIGTERM is killed with SIGKILL,
         every process of its unit; the return value then says so (None when it stopped by itself)."""
-        how = self.machine.systemd.retire_unit(self.unit, clean=any(
-            self.spec.directive(d) for d in ("StateDirectory", "CacheDirectory", "LogsDirectory", "RuntimeDirectory")))
+        how = self.under_test.retire()
         if how != "killed":
             return None
         return (f"{self.unit} was still running {SERVICE_STOP_GRACE:g}s after SIGTERM, so every process of its unit "
@@ -305,9 +312,11 @@ class HardenedService:
         return ServiceFailed(
             f"{self.unit} {what} under the hardening of {self.spec.path.name}\n"
             f"state: {self.state_text()}\n"
-            f"command: {' '.join(self.spec.service.exec_start)}\n"
+            f"{self.under_test.describe()}\n"
             f"journal of {self.unit} (last lines):\n{indent(self.journal() or '(empty)')}\n"
-            f"hardening in force:\n{indent(describe_hardening(self.spec))}"
+            f"hardening in force:\n{indent(describe_hardening(self.spec, self.under_test.own_directives()))}"
+            + (f"\neffective unit (systemctl cat {self.unit}):\n{indent(effective)}"
+               if (effective := self.under_test.effective().rstrip()) else "")
         )
 
     # -- testinfra ----------------------------------------------------------------------------------------
@@ -335,8 +344,11 @@ def indent(text: str, prefix: str = "  | ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
 
-def describe_hardening(spec: Spec) -> str:
-    if not spec.hardening:
+def describe_hardening(spec: Spec, own: Sequence[Directive] = ()) -> str:
+    """Every directive in force, each with the file and line it comes from: the unit's own, then the spec's."""
+    directives = [*own, *spec.hardening]
+    if not directives:
         return "(none)"
-    return "\n".join(f"{line}" + (f"    ({spec.path.name}:{d.line})" if d.line else "")
-                     for d in spec.hardening for line in d.unit_lines())
+    return "\n".join(f"{line}" + (f"    ({Path(d.source).name if d.source else spec.path.name}:{d.line})"
+                                  if d.line else "")
+                     for d in directives for line in d.unit_lines())

@@ -215,6 +215,10 @@ class Scenario:
 
 @dataclass(frozen=True)
 class ServiceConfig:
+    """What the unit under test is (see :mod:`pytest_systemd_harden.unit`): a transient unit made from
+    ``exec_start`` and the fields below, a unit file kept beside the spec (``unit_file``), or a unit a package
+    installs (``unit``). The last two are started as systemd loads them, with the hardening as a drop-in."""
+
     exec_start: tuple[str, ...]
     # exec, not simple: the start job then fails when systemd cannot set up the sandbox or exec the program
     # (217/USER, 203/EXEC, 226/NAMESPACE), instead of "starting" a service that never ran.
@@ -223,6 +227,18 @@ class ServiceConfig:
     environment: tuple[tuple[str, str], ...] = ()
     working_directory: str | None = None
     start_timeout: float = 30.0
+    unit: str = ""  # a unit name installed on the machine (by a package), e.g. redis-server.service
+    unit_file: Path | None = None  # a unit file on the host, installed into the machine's /etc/systemd/system
+    instance: str = ""  # for a template (foo@.service): the instance to start
+    line: int | None = None  # where `unit:`/`unit_file:` is written in the spec, for errors about the unit
+
+    @property
+    def unit_name(self) -> str:
+        """The name systemd knows the unit by ("" for a transient unit): foo.service, or foo@INSTANCE.service."""
+        name = self.unit or (self.unit_file.name if self.unit_file else "")
+        if self.instance:
+            return name.replace("@.", f"@{self.instance}.", 1)
+        return name
 
     def properties(self) -> list[Property]:
         props: list[Property] = [
@@ -295,7 +311,11 @@ class Spec:
 TOP_KEYS = ("name", "profile", "service", "machine", "hardening", "scenarios", "deny", "enforcement", "max_exposure",
             "tighten")
 TIGHTEN_KEYS = ("keep", "never", "offline")
-SERVICE_KEYS = ("exec_start", "type", "ready", "environment", "working_directory", "start_timeout")
+SERVICE_KEYS = ("exec_start", "type", "ready", "environment", "working_directory", "start_timeout", "unit",
+                "unit_file", "instance")
+# Fields that describe how to make a transient unit: a unit that exists already (unit/unit_file) says all that itself.
+TRANSIENT_ONLY_KEYS = ("exec_start", "type", "environment", "working_directory")
+UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.service$")
 MACHINE_KEYS = ("packages", "files", "backend", "release", "debs", "files_outside_project")
 SCENARIO_KEYS = ("name", "client", "inside", "expect", "timeout")
 EXPECT_KEYS = ("exit", "signal", "stdout", "stderr")
@@ -616,6 +636,11 @@ def _parse_max_exposure(check: _Checker, doc: _Mapping) -> float:
 
 def _parse_service(check: _Checker, section: _Mapping) -> ServiceConfig:
     check.known_keys(section, SERVICE_KEYS, "service.")
+    if "unit" in section or "unit_file" in section:
+        return _parse_unit_service(check, section)
+    if "instance" in section:
+        raise check.error(section, "instance", "service.instance", "only a template unit has instances",
+                          "e.g. unit_file: foo@.service with instance: main")
     if "exec_start" not in section:
         raise check.error(section, None, "service.exec_start", "missing",
                           "the command that starts the service, e.g. /usr/bin/python3 /opt/app/server.py")
@@ -678,6 +703,46 @@ def _environment_value(check: _Checker, env: _Mapping, name: Any, dotted: str) -
         raise check.error(env, name, dotted, "contains a tab", "systemd refuses control characters in an "
                                                                "environment value; use spaces")
     return text
+
+
+def _parse_unit_service(check: _Checker, section: _Mapping) -> ServiceConfig:
+    """``unit: NAME.service`` (installed by a package) or ``unit_file: path`` (beside the spec): an existing unit,
+    so the fields that would describe a transient one are refused rather than silently ignored."""
+    if "unit" in section and "unit_file" in section:
+        raise check.error(section, "unit_file", "service.unit_file", "cannot be given with unit",
+                          "unit: a unit a package installs; unit_file: a unit file beside the spec")
+    key = "unit" if "unit" in section else "unit_file"
+    for other in TRANSIENT_ONLY_KEYS:
+        if other in section:
+            raise check.error(section, other, f"service.{other}", f"cannot be given with {key}",
+                              "the unit file says it; change the unit, or a drop-in's setting under hardening:")
+    value = check.string(section, key, f"service.{key}")
+    name = Path(value).name
+    if not UNIT_NAME_RE.match(name):
+        raise check.error(section, key, f"service.{key}", f"{name!r} is not a service unit name",
+                          "e.g. redis-server.service, or foo@.service with instance:")
+    unit_file = None
+    if key == "unit_file":
+        unit_file = (check.path.parent / value).resolve()
+        if not unit_file.is_file():
+            raise check.error(section, key, "service.unit_file", f"{value!r} does not exist",
+                              f"paths are relative to the spec's directory ({check.path.parent})")
+    template = name.endswith("@.service")
+    instance = check.string(section, "instance", "service.instance") if "instance" in section else ""
+    if template and not instance:
+        raise check.error(section, key, f"service.{key}", f"{name} is a template",
+                          "say which instance to start, e.g. instance: main")
+    if instance and not template:
+        raise check.error(section, "instance", "service.instance", f"{name} is not a template",
+                          "only a unit named foo@.service has instances")
+    if instance and not re.match(r"^[A-Za-z0-9:_.\\-]+$", instance):
+        raise check.error(section, "instance", "service.instance", f"{instance!r} is not a unit instance name",
+                          "letters, digits, and : _ . \\ -; systemd-escape makes one of any string")
+    ready = _parse_ready(check, section)
+    start_timeout = check.number(section, "start_timeout", "service.start_timeout") if "start_timeout" in section \
+        else 30.0
+    return ServiceConfig((), "", ready, (), None, start_timeout, unit=name if key == "unit" else "",
+                         unit_file=unit_file, instance=instance, line=_line_of(section, key))
 
 
 def _parse_ready(check: _Checker, section: _Mapping) -> Readiness:

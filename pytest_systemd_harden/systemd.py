@@ -234,6 +234,18 @@ class SystemdClient:
                 pass
         return self._job_results.pop(job, "timeout-waiting")
 
+    def start_unit(self, unit: str, *, timeout: float = 90.0) -> str:
+        """Start a unit systemd loads from its files and wait for the start job; return the job result."""
+        return self._run(self._start_unit(unit, timeout), timeout + 5)
+
+    async def _start_unit(self, unit: str, timeout: float) -> str:
+        (job,) = await self._call(MANAGER_PATH, MANAGER_IFACE, "StartUnit", "ss", [unit, "replace"])
+        return await self._wait_job(job, timeout)
+
+    def reload(self) -> None:
+        """``systemctl daemon-reload``: systemd reads unit files and drop-ins again (the call returns when done)."""
+        self._run(self._call(MANAGER_PATH, MANAGER_IFACE, "Reload", "", []), 120)
+
     def stop_unit(self, unit: str, *, grace: float = SERVICE_STOP_GRACE) -> str:
         """Stop ``unit`` and wait for it: its stop job (SIGTERM), then SIGKILL to every process it still has after
         ``grace`` seconds. Return "stopped", "killed" (it needed the SIGKILL) or "not loaded"; MachineError if
@@ -301,15 +313,16 @@ class SystemdClient:
                 raise MachineError(f"cleaning {unit} took longer than {timeout:.0f}s")
             time.sleep(0.01)
 
-    def retire_unit(self, unit: str, *, clean: bool, grace: float = SERVICE_STOP_GRACE) -> str:
+    def retire_unit(self, unit: str, *, clean: bool, what: Sequence[str] = ("all",),
+                    grace: float = SERVICE_STOP_GRACE) -> str:
         """Stop ``unit`` (SIGKILL after ``grace`` seconds, see :meth:`stop_unit`) and forget it: its failed state,
-        with ``clean`` its State/Cache/Logs/RuntimeDirectory= contents, and our reference, so systemd unloads it.
+        with ``clean`` the ``what`` of its directories (``CleanUnit``), and our reference, so systemd unloads it.
         The next unit of that name starts from nothing. Return how it stopped (:meth:`stop_unit`)."""
         how = self.stop_unit(unit, grace=grace)
         self.wait_settled(unit, timeout=AFTER_SIGKILL)
         self.reset_failed(unit)  # systemd 252 cleans only inactive units, not failed ones
         if clean:
-            self.clean_unit(unit)
+            self.clean_unit(unit, what)
         self.unref_unit(unit)
         return how
 

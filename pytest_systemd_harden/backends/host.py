@@ -214,6 +214,9 @@ class HostMachine(Machine):
 
     def check_service(self, spec: Spec) -> None:
         problems = [*self._foreign_directories(spec), *ipc_problems(spec, ours=self.name)]
+        if spec.service.unit_name:
+            problems.append(f"{spec.service.unit_name} would be tested with a drop-in written into this host's "
+                            "/etc/systemd/system, which the host backend never writes")
         if problems:
             raise BackendUnavailable(
                 f"the host backend will not start the service of {spec.path.name} on this host:\n"

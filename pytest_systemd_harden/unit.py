@@ -1,0 +1,408 @@
+"""The unit under test: one interface for the three kinds a spec can name.
+
+* :class:`TransientUnit` -- ``service: {exec_start: ...}``: made from the spec with StartTransientUnit.
+* :class:`UnitFileUnit` -- ``service: {unit_file: foo.service}``: a unit file kept beside the spec, installed into
+  the machine's ``/etc/systemd/system``.
+* :class:`InstalledUnit` -- ``service: {unit: foo.service}``: the unit a package in ``machine.packages`` installs.
+
+The last two are started as systemd loads them, with the spec's hardening written as a real drop-in
+(``/etc/systemd/system/NAME.d/harden.conf``), so systemd parses exactly what a maintainer would ship. Files go
+into the machine through the machine (a command run by its systemd), into its volatile overlay: the cached image
+is never written. Everything the test wrote is removed again when the unit is retired; nothing else is.
+
+The rest of the pipeline asks a unit only what every kind can answer: :meth:`UnitUnderTest.start`,
+:meth:`~UnitUnderTest.retire`, :meth:`~UnitUnderTest.own_settings` (what an inside command must inherit besides
+the spec's hardening) and :meth:`~UnitUnderTest.effective` (the unit as systemd sees it, for reports).
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dbus_next.errors import DBusError
+from dbus_next.signature import Variant
+
+from .directives import CAPS, KNOWN, NAMESPACES, Directive, DirectiveError
+from .errors import MachineError, SpecError
+from .systemd import AFTER_SIGKILL, Property
+
+if TYPE_CHECKING:
+    from .backends.base import Machine
+    from .spec import Spec
+
+DROPIN_NAME = "harden.conf"
+UNIT_DIR = "/etc/systemd/system"
+# What CleanUnit may remove for a unit the test made: never "configuration" (ConfigurationDirectory= is the
+# package's or the admin's, e.g. /etc/unbound) and never a unit that exists without the test (see retire()).
+CLEANABLE = ("state", "cache", "logs", "runtime")
+# Settings of a unit file that describe the unit's own process or lifecycle, not its sandbox: an inside command
+# (a unit of its own, running a different program) must not take them over.
+_NOT_SANDBOX = ("Restart", "RestartSec", "RemainAfterExit", "NotifyAccess", "TimeoutStartSec", "TimeoutStopSec",
+                "RuntimeMaxSec", "KillMode", "SyslogIdentifier", "Delegate")
+_WRITE_FILE = 'mkdir -p "$(dirname "$1")" && cat > "$1"'
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ``Key=value`` line of a unit as systemd loads it: the file and line it comes from."""
+
+    key: str
+    value: str
+    source: str
+    line: int
+
+
+def parse_systemctl_cat(text: str) -> list[Setting]:
+    """The ``[Service]`` settings of ``systemctl cat`` output, in the order systemd applies them (the unit file,
+    then its drop-ins), each with its file and line. Continuation lines (a trailing backslash) are joined."""
+    settings: list[Setting] = []
+    source, section, number = "", "", 0
+    pending: tuple[str, int] | None = None
+    for raw in text.splitlines():
+        if raw.startswith("# /"):
+            source, section, number, pending = raw[2:].strip(), "", 0, None
+            continue
+        number += 1
+        line = raw.strip()
+        if pending is not None:
+            text_so_far, start = pending
+            line = text_so_far + " " + line
+            number_of_setting = start
+        else:
+            number_of_setting = number
+        if line.endswith("\\"):
+            pending = (line[:-1].rstrip(), number_of_setting)
+            continue
+        pending = None
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        if section == "Service" and "=" in line:
+            key, value = line.split("=", 1)
+            settings.append(Setting(key.strip(), value.strip(), source, number_of_setting))
+    return settings
+
+
+def expand_specifiers(value: str, unit: str) -> str:
+    """The unit-name specifiers systemd expands in a unit file (%n %N %p %P %i %I %%), as systemd.unit(5) defines
+    them; the others (host, user, paths) are left as they are, and said so by to_bus if they matter."""
+    name = unit
+    stem = name.rsplit(".", 1)[0]
+    prefix, _, instance = stem.partition("@")
+    unescape = _unescape
+    table = {"n": name, "N": stem, "p": prefix, "P": unescape(prefix), "i": instance, "I": unescape(instance),
+             "%": "%"}
+    return re.sub(r"%(.)", lambda m: table.get(m.group(1), m.group(0)), value)
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text).replace("-", "/")
+
+
+def own_directives(settings: list[Setting], unit: str) -> tuple[Directive, ...]:
+    """The unit's own sandbox settings (as :class:`Directive` s naming their file and line): what systemd applies
+    after reading the unit file and its drop-ins. An empty assignment resets a list, as in systemd."""
+    found: dict[str, Directive] = {}
+    for setting in settings:
+        if setting.key not in KNOWN or setting.key in _NOT_SANDBOX:
+            continue
+        value = expand_specifiers(setting.value, unit)
+        previous = found.get(setting.key)
+        if value == "":
+            found.pop(setting.key, None)
+            continue
+        assignments = (*previous.assignments, value) if previous is not None and _accumulates(setting.key) \
+            else (value,)
+        found[setting.key] = Directive(setting.key, assignments, setting.line, setting.source)
+    return tuple(found.values())
+
+
+def _accumulates(name: str) -> bool:
+    """Whether a second assignment adds to the first (lists, filters, capability and namespace sets) rather than
+    replacing it (a boolean, a string, a number), as systemd reads a unit file."""
+    kind = KNOWN[name].kind
+    return kind.signature.startswith(("a", "(")) or kind in (CAPS, NAMESPACES)
+
+
+def environment_files(settings: list[Setting], unit: str) -> list[Property]:
+    """EnvironmentFile= lines as the transient property (path, ignore errors): a ``-`` prefix ignores a missing
+    file, as in a unit file."""
+    files: list[list[str | bool]] = []
+    for setting in settings:
+        if setting.key == "EnvironmentFile":
+            value = expand_specifiers(setting.value, unit)
+            if value == "":
+                files = []
+            else:
+                files.append([value.lstrip("-"), value.startswith("-")])
+    return [("EnvironmentFiles", Variant("a(sb)", files))] if files else []
+
+
+class UnitUnderTest(abc.ABC):
+    """The unit a spec tests, on one machine. Every kind answers the same questions; no caller asks which kind."""
+
+    def __init__(self, machine: Machine, spec: Spec, name: str) -> None:
+        self.machine = machine
+        self.spec = spec
+        self.name = name
+        self._settings: list[Setting] | None = None
+
+    @abc.abstractmethod
+    def start(self) -> str:
+        """Start the unit under the spec's hardening; return systemd's start job result ("done", "failed", ...)."""
+
+    @abc.abstractmethod
+    def retire(self) -> str:
+        """Stop the unit and undo what the test made (only that); the next start begins from the same place.
+        Return how it stopped: "stopped", "killed" (SIGKILL after the stop grace) or "not loaded"."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """What runs, for failure messages: the command, or the unit file it comes from."""
+
+    def own_settings(self) -> list[Setting]:
+        """The unit's ``[Service]`` settings as systemd loaded them (none for a transient unit: the spec is all)."""
+        return []
+
+    def own_directives(self) -> tuple[Directive, ...]:
+        """The unit's own hardening directives, each naming its file and line (the spec's are not among them)."""
+        return own_directives(self.own_settings(), self.name)
+
+    def command_properties(self) -> list[Property]:
+        """What an inside command inherits from the unit itself, besides the spec's hardening (which comes after,
+        as the drop-in comes after the unit file)."""
+        props = [p for d in self.own_directives() for p in _properties(d)]
+        return props + environment_files(self.own_settings(), self.name)
+
+    def effective(self) -> str:
+        """The unit as systemd sees it (``systemctl cat``), or "" when there is no file to show."""
+        return ""
+
+    def as_one_file(self) -> str:
+        """The unit and the spec's drop-in as one unit file (for ``systemd-analyze security --offline``), or ""
+        when the spec itself is the unit (a transient unit: the caller renders it)."""
+        return ""
+
+
+def _properties(directive: Directive) -> list[Property]:
+    try:
+        return directive.properties()
+    except DirectiveError:
+        return []  # a value only systemd's own parser reads (e.g. an unexpanded specifier): the unit still has it
+
+
+class TransientUnit(UnitUnderTest):
+    """``service: {exec_start: ...}``: a transient unit made from the spec."""
+
+    def __init__(self, machine: Machine, spec: Spec, name: str, properties: Callable[[], list[Property]]) -> None:
+        super().__init__(machine, spec, name)
+        self.properties = properties  # asked at each start: they may depend on the machine (the host backend)
+
+    def start(self) -> str:
+        systemd = self.machine.systemd
+        try:
+            return systemd.start_transient_unit(self.name, self.properties(), timeout=self.spec.service.start_timeout)
+        except DBusError as exc:
+            if exc.type != "org.freedesktop.systemd1.UnitExists":
+                raise
+        # Loaded still (a killed run's, or one whose stop we did not see): reset it and start once more.
+        self.retire()
+        try:
+            return systemd.start_transient_unit(self.name, self.properties(), timeout=self.spec.service.start_timeout)
+        except DBusError as exc:
+            raise MachineError(f"{self.name} is still loaded on {self.machine.name} after being stopped and reset "
+                               f"({exc.text}); a unit of that name is held by something else") from None
+
+    def retire(self) -> str:
+        clean = any(self.spec.directive(d) for d in ("StateDirectory", "CacheDirectory", "LogsDirectory",
+                                                      "RuntimeDirectory"))
+        return self.machine.systemd.retire_unit(self.name, clean=clean, what=CLEANABLE)
+
+    def describe(self) -> str:
+        return "command: " + shlex.join(self.spec.service.exec_start)
+
+
+@dataclass
+class _Written:
+    """The files the test put into the machine, to take back out."""
+
+    paths: list[str] = field(default_factory=list)
+
+
+class LoadedUnit(UnitUnderTest):
+    """A unit systemd loads from files, started with the spec's hardening as a drop-in on top."""
+
+    # Whether the unit exists only because the test installed it: then its State/Cache/Logs/Runtime directories
+    # are the test's too, and are cleaned like a transient unit's.
+    made_by_test = False
+
+    def __init__(self, machine: Machine, spec: Spec, name: str, file_name: str) -> None:
+        super().__init__(machine, spec, name)
+        # The drop-in sits beside the unit's own name: for a template, the template's (as a package ships it).
+        self.file_name = file_name
+        self.dropin_path = f"{UNIT_DIR}/{file_name}.d/{DROPIN_NAME}"
+        self._written = _Written()
+
+    def command_properties(self) -> list[Property]:
+        props = super().command_properties()
+        own = {d.name: d for d in (*self.own_directives(), *self.spec.hardening)}
+        if "DynamicUser" in own and own["DynamicUser"].value == "yes" and "User" not in own:
+            # systemd names a unit's dynamic user after the unit's prefix (user_from_unit_name()); an inside command
+            # of that User= name shares the service's uid and so its StateDirectory=.
+            props.append(("User", Variant("s", self.name.split("@", 1)[0].rsplit(".", 1)[0])))
+        return props
+
+    def _spec_error(self, problem: str, hint: str = "") -> SpecError:
+        key = "service.unit_file" if self.spec.service.unit_file else "service.unit"
+        return SpecError(str(self.spec.path), self.spec.service.line, key, problem, hint)
+
+    def _write(self, path: str, text: str) -> None:
+        result = self.machine.run(["/bin/sh", "-c", _WRITE_FILE, "sh", path], stdin=text.encode(), purpose="install")
+        if not result.ok:
+            raise MachineError(f"could not write {path} on {self.machine.name}: {result.stderr.strip()}")
+        self._written.paths.append(path)
+
+    def _install(self) -> None:
+        """Put the unit's files in place (the drop-in; a unit file of the spec's), then daemon-reload."""
+        self._write(self.dropin_path, self.spec.dropin())
+
+    def start(self) -> str:
+        try:
+            self._install()
+            self.machine.systemd.reload()
+            self._settings = None
+            self._check_loaded()
+        except SpecError:
+            self.retire()  # a unit the test cannot run leaves nothing behind either
+            raise
+        return self.machine.systemd.start_unit(self.name, timeout=self.spec.service.start_timeout)
+
+    def _check_loaded(self) -> None:
+        props = self.machine.systemd.unit_properties(self.name)
+        state = props.get("LoadState", "")
+        if state == "loaded":
+            return
+        if state == "not-found":
+            raise self._not_found()
+        error = props.get("LoadError", ["", ""])
+        raise self._spec_error(f"systemd cannot load {self.name} ({state}: {error[1] or error[0]})",
+                               f"see systemctl status {self.name} on the machine")
+
+    @abc.abstractmethod
+    def _not_found(self) -> SpecError:
+        """The error for a unit systemd does not find."""
+
+    def retire(self) -> str:
+        systemd = self.machine.systemd
+        how = systemd.stop_unit(self.name)
+        systemd.wait_settled(self.name, timeout=AFTER_SIGKILL)
+        systemd.reset_failed(self.name)
+        if self.made_by_test:
+            systemd.clean_unit(self.name, CLEANABLE)
+        # A unit that exists without the test keeps its state: /var/lib, /etc and /var/cache belong to its package
+        # (its postinst made them); only the files the test wrote go.
+        if self._written.paths:
+            dropin_dir = self.dropin_path.rsplit("/", 1)[0]
+            script = 'rm -f -- "$@" && { ! test -d "$0" || rmdir --ignore-fail-on-non-empty -- "$0"; }'
+            result = self.machine.run(["sh", "-c", script, dropin_dir, *self._written.paths], purpose="uninstall")
+            if not result.ok:
+                raise MachineError(f"could not remove {', '.join(self._written.paths)}: {result.stderr.strip()}")
+            self._written.paths.clear()
+            systemd.reload()
+        return how
+
+    def own_settings(self) -> list[Setting]:
+        if self._settings is None:
+            # Without the drop-in: the spec's hardening is applied as the spec's, after the unit's own.
+            text = self.effective()
+            ours = {self.dropin_path}
+            self._settings = [s for s in parse_systemctl_cat(text) if s.source not in ours]
+        return self._settings
+
+    def effective(self) -> str:
+        result = self.machine.run(["systemctl", "cat", "--no-pager", "--", self.name], purpose="cat")
+        return result.stdout if result.ok else ""
+
+    def describe(self) -> str:
+        return f"unit: {self.name} as systemd loads it, with the hardening as {self.dropin_path}"
+
+    def as_one_file(self) -> str:
+        # A section may appear twice in a unit file: the drop-in's [Service] after the unit's reads as it would.
+        text = self.effective() if self.spec.service.unit_file is None else self.spec.service.unit_file.read_text()
+        if not text:
+            raise self._not_found()
+        ours = f"# {self.dropin_path}\n"
+        return text.split(ours, 1)[0].rstrip("\n") + "\n\n" + self.spec.dropin()
+
+
+class UnitFileUnit(LoadedUnit):
+    """``service: {unit_file: foo.service}``: a unit file beside the spec, installed as a real unit file."""
+
+    made_by_test = True
+
+    def _install(self) -> None:
+        assert self.spec.service.unit_file is not None
+        self._write(f"{UNIT_DIR}/{self.file_name}", self.spec.service.unit_file.read_text())
+        self._check_syntax()
+        super()._install()
+
+    def _check_syntax(self) -> None:
+        """systemd's own verdict on the file (``systemd-analyze verify``, in the machine), as a one-line error
+        naming the spec's file and line: a setting systemd ignores is a test of a different unit."""
+        path = f"{UNIT_DIR}/{self.name}"  # a template is verified as the instance that runs
+        result = self.machine.run(["systemd-analyze", "verify", "--man=no", "--", path], purpose="verify")
+        ours = f"{UNIT_DIR}/{self.file_name}:"
+        for line in result.stderr.splitlines():
+            if line.startswith(ours):
+                assert self.spec.service.unit_file is not None
+                where, _, message = line[len(UNIT_DIR) + 1:].partition(": ")
+                line_number = where.rsplit(":", 1)[-1]
+                raise SpecError(str(self.spec.service.unit_file), int(line_number) if line_number.isdigit() else None,
+                                "", message.strip(), "systemd-analyze verify, on the machine")
+
+    def _not_found(self) -> SpecError:
+        return self._spec_error(f"systemd does not find {self.name} after installing {self.file_name}")
+
+    def describe(self) -> str:
+        assert self.spec.service.unit_file is not None
+        return f"unit: {self.name} from {self.spec.service.unit_file.name}, with the hardening as {self.dropin_path}"
+
+
+class InstalledUnit(LoadedUnit):
+    """``service: {unit: foo.service}``: the unit a package installs, as installed."""
+
+    def _not_found(self) -> SpecError:
+        packages = self.spec.machine.packages
+        if not packages:
+            return self._spec_error(f"no unit {self.file_name} on the machine",
+                                    "add the package that ships it to machine.packages")
+        shipped = self._units_shipped(packages)
+        listing = "; ".join(f"{p} ships {', '.join(u) or 'no service unit'}" for p, u in shipped.items())
+        return self._spec_error(f"no package in machine.packages ships {self.file_name}", listing)
+
+    def _units_shipped(self, packages: tuple[str, ...]) -> dict[str, list[str]]:
+        shipped: dict[str, list[str]] = {}
+        for package in packages:
+            result = self.machine.run(["dpkg-query", "-L", package], purpose="dpkg")
+            shipped[package] = sorted(
+                line.rsplit("/", 1)[-1] for line in result.stdout.splitlines()
+                if re.search(r"/systemd/system/[^/]+\.service$", line))
+        return shipped
+
+
+def unit_under_test(machine: Machine, spec: Spec, transient_name: str,
+                    properties: Callable[[], list[Property]]) -> UnitUnderTest:
+    """The unit ``spec`` tests on ``machine``: the one place that looks at which kind it is."""
+    service = spec.service
+    if service.unit_file is not None:
+        return UnitFileUnit(machine, spec, service.unit_name, service.unit_file.name)
+    if service.unit:
+        return InstalledUnit(machine, spec, service.unit_name, service.unit)
+    return TransientUnit(machine, spec, transient_name, properties)

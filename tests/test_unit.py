@@ -1,0 +1,117 @@
+"""The unit under test: `unit:` and `unit_file:` specs, how a loaded unit's settings are read, and (live) a unit
+file installed, started with its drop-in, and taken out again without a trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_systemd_harden.backends.base import Machine
+from pytest_systemd_harden.errors import SpecError
+from pytest_systemd_harden.service import HardenedService
+from pytest_systemd_harden.spec import load_spec
+from pytest_systemd_harden.unit import expand_specifiers, own_directives, parse_systemctl_cat
+
+UNIT = """\
+[Unit]
+Description=echo %i
+
+[Service]
+DynamicUser=yes
+StateDirectory=echo-%i
+ExecStart=/usr/bin/python3 -m http.server --bind 127.0.0.1 %i
+PrivateTmp=yes
+"""
+
+
+def spec_with(tmp_path: Path, service: str, unit_text: str = UNIT, name: str = "echo@.service") -> Path:
+    (tmp_path / name).write_text(unit_text)
+    (tmp_path / "harden.yaml").write_text(f"service: {service}\nhardening:\n  ProtectHome: yes\n")
+    return tmp_path / "harden.yaml"
+
+
+def test_a_unit_file_is_found_beside_the_spec_and_names_its_instance(tmp_path: Path) -> None:
+    spec = load_spec(spec_with(tmp_path, "{unit_file: echo@.service, instance: '8081'}"))
+    assert spec.service.unit_file == tmp_path / "echo@.service"
+    assert spec.service.unit_name == "echo@8081.service"
+    assert load_spec(spec_with(tmp_path, "{unit: redis-server.service}")).service.unit_name == "redis-server.service"
+
+
+@pytest.mark.parametrize(("service", "message"), [
+    ("{unit_file: missing.service}", "service.unit_file: 'missing.service' does not exist"),
+    ("{unit_file: echo@.service}", "service.unit_file: echo@.service is a template (say which instance"),
+    ("{unit: redis.service, instance: a}", "service.instance: redis.service is not a template"),
+    ("{unit: redis.service, exec_start: /bin/true}", "service.exec_start: cannot be given with unit"),
+    ("{unit: redis.socket}", "service.unit: 'redis.socket' is not a service unit name"),
+    ("{unit: a.service, unit_file: echo@.service}", "service.unit_file: cannot be given with unit"),
+    ("{exec_start: /bin/true, instance: a}", "service.instance: only a template unit has instances"),
+])
+def test_what_a_unit_spec_cannot_say_is_one_line_with_its_line(tmp_path: Path, service: str, message: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        load_spec(spec_with(tmp_path, service))
+    assert f"harden.yaml:1: {message}" in str(caught.value)
+
+
+def test_systemctl_cat_gives_each_setting_its_file_and_line() -> None:
+    text = ("# /lib/systemd/system/a.service\n[Unit]\nDescription=a\n\n[Service]\nExecStart=/bin/a \\\n  --flag\n"
+            "PrivateTmp=yes\n\n# /etc/systemd/system/a.service.d/x.conf\n[Service]\nPrivateTmp=no\n")
+    settings = parse_systemctl_cat(text)
+    assert [(s.key, s.value, s.source, s.line) for s in settings] == [
+        ("ExecStart", "/bin/a --flag", "/lib/systemd/system/a.service", 5),
+        ("PrivateTmp", "yes", "/lib/systemd/system/a.service", 7),
+        ("PrivateTmp", "no", "/etc/systemd/system/a.service.d/x.conf", 2),
+    ]
+
+
+def test_specifiers_expand_as_systemd_defines_them() -> None:
+    assert expand_specifiers("%n %N %p %i %I %% %H", "echo@a-b.service") == \
+        "echo@a-b.service echo@a-b echo a-b a/b % %H"
+
+
+def test_own_directives_keep_the_last_assignment_and_an_empty_one_resets_a_list() -> None:
+    text = ("# /x/a.service\n[Service]\nReadWritePaths=/a\nReadWritePaths=/b\nProtectSystem=full\nExecStart=/bin/a\n"
+            "# /x/a.service.d/y.conf\n[Service]\nReadWritePaths=\nReadWritePaths=/c\nProtectSystem=strict\n")
+    found = {d.name: d for d in own_directives(parse_systemctl_cat(text), "a.service")}
+    assert set(found) == {"ReadWritePaths", "ProtectSystem"}  # ExecStart is the unit's, not its sandbox
+    assert found["ReadWritePaths"].assignments == ("/c",)
+    assert (found["ProtectSystem"].value, found["ProtectSystem"].source, found["ProtectSystem"].line) == \
+        ("strict", "/x/a.service.d/y.conf", 4)
+
+
+# --- live: a unit file on a real systemd -------------------------------------------------------------------
+
+def test_a_unit_file_runs_with_its_dropin_and_leaves_nothing_behind(machine: Machine, tmp_path: Path) -> None:
+    spec = load_spec(spec_with(tmp_path, "{unit_file: echo@.service, instance: '8081', ready: {tcp: 8081}}"))
+    service = HardenedService(machine, spec)
+    before = service.client("ls -a /etc/systemd/system /var/lib /var/lib/private 2>&1").stdout
+    service.start()
+    try:
+        loaded = machine.systemd.unit_properties("echo@8081.service")
+        assert loaded["DropInPaths"] == ["/etc/systemd/system/echo@.service.d/harden.conf"]
+        # An inside command has the unit's own settings (its user, its StateDirectory=) and the drop-in's.
+        inside = service.inside("id -un; touch /var/lib/echo-8081/x && echo wrote; ls /home 2>&1 | head -1")
+        assert inside.stdout.splitlines()[:2] == ["echo", "wrote"], inside
+        assert "ProtectHome=yes    (harden.yaml:3)" in str(service.failure("is checked"))
+        assert "StateDirectory=echo-8081    (echo@.service:6)" in str(service.failure("is checked"))
+    finally:
+        service.stop()
+    assert service.client("ls -a /etc/systemd/system /var/lib /var/lib/private 2>&1").stdout == before
+
+
+def test_a_unit_file_systemd_rejects_is_one_line_naming_its_line(machine: Machine, tmp_path: Path) -> None:
+    broken = UNIT.replace("PrivateTmp=yes", "PrivateTmp yes")
+    spec = load_spec(spec_with(tmp_path, "{unit_file: echo@.service, instance: '8082'}", broken))
+    with pytest.raises(SpecError) as caught:
+        HardenedService(machine, spec).start()
+    assert str(caught.value).startswith(f"{tmp_path / 'echo@.service'}:8: ")
+    assert "Missing '='" in str(caught.value) and "\n" not in str(caught.value)
+    assert not machine.run(["test", "-e", "/etc/systemd/system/echo@.service"]).ok
+
+
+def test_a_unit_no_package_ships_is_one_line(machine: Machine, tmp_path: Path) -> None:
+    spec = load_spec(spec_with(tmp_path, "{unit: no-such-daemon.service}"))
+    with pytest.raises(SpecError) as caught:
+        HardenedService(machine, spec).start()
+    assert str(caught.value) == (f"{tmp_path / 'harden.yaml'}:1: service.unit: no unit no-such-daemon.service on "
+                                 "the machine (add the package that ships it to machine.packages)")
