@@ -521,6 +521,34 @@ class BaselineItem(SpecItem):
             raise ScenarioFailed(baseline.render(changes, str(spec.path.name), session.baseline.path))
 
 
+class MachineCapHit(ScenarioFailed):
+    """The machine as a whole hit its memory or tasks cap during an item (a fork bomb, a leak): the item fails with
+    that reason first, whatever else it reported."""
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """A spec item during which its machine hit a cap fails, saying so (cgroups.Caps)."""
+    if not isinstance(item, SpecItem):
+        return (yield)
+    pool = HardenSession.of(item.config).pool
+    machine = pool.running_machine(item.parent.spec.machine)
+    before = machine.cap_counters() if machine is not None else {}  # a machine booted by this item starts at 0
+    failure: BaseException | None = None
+    try:
+        yield
+    except BaseException as exc:  # noqa: BLE001  (re-raised below, with the cap's reason first if one was hit)
+        failure = exc
+    machine = machine or pool.running_machine(item.parent.spec.machine)
+    hits = machine.caps_hit(before) if machine is not None else []
+    if hits and not isinstance(failure, (KeyboardInterrupt, pytest.skip.Exception)):
+        shown = "" if failure is None else "\n\n" + (str(failure) or type(failure).__name__)
+        raise MachineCapHit("\n".join(hits) + shown) from None
+    if failure is not None:
+        raise failure
+    return None
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Baseline items compare what every other item of their spec recorded, so they run after all of them

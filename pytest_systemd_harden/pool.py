@@ -43,6 +43,11 @@ class MachinePool:
         """``config`` on the backend this run uses: ``--harden-backend``, else the spec's, with ``auto`` resolved."""
         return replace(config, backend=backends.resolve(self.backend or config.backend))
 
+    def running_machine(self, config: MachineConfig) -> Machine | None:
+        """The machine booted for ``config``, if there is one yet (never boots one)."""
+        with self._lock:
+            return self._machines.get(self.effective_config(config))
+
     def machine_for(self, config: MachineConfig) -> Machine:
         config = self.effective_config(config)
         with self._lock:

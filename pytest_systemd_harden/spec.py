@@ -249,7 +249,7 @@ TOP_KEYS = ("name", "profile", "service", "machine", "hardening", "scenarios", "
             "tighten")
 TIGHTEN_KEYS = ("keep", "never")
 SERVICE_KEYS = ("exec_start", "type", "ready", "environment", "working_directory", "start_timeout")
-MACHINE_KEYS = ("packages", "files", "backend")
+MACHINE_KEYS = ("packages", "files", "backend", "privileged")
 SCENARIO_KEYS = ("name", "client", "inside", "expect", "timeout")
 EXPECT_KEYS = ("exit", "signal", "stdout", "stderr")
 
@@ -458,7 +458,11 @@ def _parse_machine(check: _Checker, section: _Mapping) -> MachineConfig:
     if backend not in (*BACKENDS, AUTO):
         raise check.error(section, "backend", "machine.backend", f"unknown backend {backend!r}",
                           _closest_hint(backend, [*BACKENDS, AUTO]) or f"one of {', '.join([*BACKENDS, AUTO])}")
-    return MachineConfig(tuple(sorted(set(packages))), tuple(sorted(files)), backend)
+    privileged = section.get("privileged", False)
+    if not isinstance(privileged, bool):
+        raise check.error(section, "privileged", "machine.privileged", f"expected true or false, got {privileged!r}",
+                          "true runs an nspawn container without a user namespace: its root is root on the host")
+    return MachineConfig(tuple(sorted(set(packages))), tuple(sorted(files)), backend, privileged)
 
 
 def _parse_profile(check: _Checker, doc: _Mapping) -> profiles.Profile | None:
