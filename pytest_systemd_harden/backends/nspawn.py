@@ -53,10 +53,14 @@ class NspawnMachine(Machine):
     leader: int | None = field(default=None, init=False)
     # The host uid of the container's root (None: privileged, no user namespace).
     uid_base: int | None = field(default=None, init=False)
+    # Bound files keep their owners inside (idmapped binds), unless the host filesystem cannot idmap: then they
+    # show as nobody, readable only where their modes let anyone read them.
+    idmapped_files: bool = field(default=True, init=False)
     _bus_socket: Path | None = field(default=None, init=False, repr=False)
 
     def command_line(self, rootfs: Path) -> list[str]:
-        binds = [f"--bind-ro={host}:{dest}" for dest, host in self.config.files]
+        idmap = ":idmap" if self.uid_base is not None and self.idmapped_files else ""
+        binds = [f"--bind-ro={host}:{dest}{idmap}" for dest, host in self.config.files]
         users = [] if self.uid_base is None else [
             f"--private-users={self.uid_base}:{userns.RANGE}", "--private-users-ownership=off"]
         return [
@@ -81,6 +85,19 @@ class NspawnMachine(Machine):
         if not self.config.privileged:
             self.uid_base = userns.base_for(image.key)
             rootfs = userns.shifted_rootfs(image.rootfs, self.uid_base)
+        try:
+            return self._launch(rootfs)
+        except MachineError:
+            unmappable = "Failed to map ids for bind mount" in self.boot_log()
+            if not (self.uid_base is not None and self.config.files and unmappable):
+                raise
+        progress(f"{self.name}: the filesystem of machine.files cannot be idmapped: bound files show as owned by "
+                 "nobody in the machine")
+        self.idmapped_files = False
+        return self._launch(rootfs)
+
+    def _launch(self, rootfs: Path) -> str:
+        self._console.clear()
         # If the test process dies without cleaning up, the container is shut down with it.
         self._contained = Contained.start(self.command_line(rootfs), "machine", self.name,
                                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
