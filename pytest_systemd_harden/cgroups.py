@@ -202,7 +202,7 @@ class OwnedCgroup:
     def pids(self) -> set[int]:
         found: set[int] = set()
         for path in self.paths:
-            for procs in path.rglob("cgroup.procs") if path.exists() else ():
+            for procs in (Path(d) / "cgroup.procs" for d in _subgroups(path)):
                 try:
                     found.update(int(line) for line in procs.read_text().split())
                 except OSError:
@@ -247,12 +247,18 @@ def _field(path: Path, name: str) -> int | None:
     return None
 
 
+def _subgroups(path: Path) -> list[str]:
+    """``path`` and every group below it, deepest last. os.walk, not rglob: nspawn removes its own subgroups
+    (payload, supervisor) while we look, and a group gone meanwhile is skipped, not an error."""
+    return [directory for directory, _dirs, _files in os.walk(path)]
+
+
 def _remove_tree(path: Path) -> None:
     if not path.exists():
         return
-    for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    for child in reversed(_subgroups(path)[1:]):
         try:
-            child.rmdir()
+            os.rmdir(child)
         except OSError:
             pass
     try:
