@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,29 +176,11 @@ class OwnedCgroup:
 
     def cap_counters(self) -> dict[str, int]:
         """How often the group hit each cap so far: {"memory": OOM kills, "pids": refused forks}."""
-        found: dict[str, int] = {}
-        for path in self.paths:
-            events = {"memory": _field(path / "memory.events", "oom_kill")
-                      or _field(path / "memory.oom_control", "oom_kill"),
-                      "pids": _field(path / "pids.events", "max")}
-            for kind, count in events.items():
-                if count is not None:
-                    found[kind] = max(found.get(kind, 0), count)
-        return found
+        return cap_counters(self.paths)
 
     def caps_hit(self, before: dict[str, int], caps: Caps) -> list[str]:
         """Sentences for the caps hit since ``before`` (an earlier :meth:`cap_counters`)."""
-        hit = []
-        for kind, count in self.cap_counters().items():
-            if count > before.get(kind, 0):
-                if kind == "memory":
-                    limit = "none" if caps.memory is None else _size(caps.memory)
-                    hit.append(f"the machine hit its memory cap of {limit} ({count - before.get(kind, 0)} process(es) "
-                               f"killed by the cgroup's OOM killer; raise it with ${MEMORY_CAP_ENV})")
-                else:
-                    hit.append(f"the machine hit its tasks cap of {caps.tasks} ({count - before.get(kind, 0)} fork(s) "
-                               f"or thread(s) refused; raise it with ${TASKS_CAP_ENV})")
-        return hit
+        return caps_hit(self.cap_counters(), before, caps)
 
     def pids(self) -> set[int]:
         found: set[int] = set()
@@ -232,6 +215,53 @@ class OwnedCgroup:
                 path.parent.rmdir()  # the shared parent, once no container of any run is left in it
             except OSError:
                 pass
+
+
+def cap_counters(paths: Iterable[Path]) -> dict[str, int]:
+    """How often the groups at ``paths`` (one machine's, in every hierarchy) hit each cap so far."""
+    found: dict[str, int] = {}
+    for path in paths:
+        events = {"memory": _field(path / "memory.events", "oom_kill")
+                  or _field(path / "memory.oom_control", "oom_kill"),
+                  "pids": _field(path / "pids.events", "max")}
+        for kind, count in events.items():
+            if count is not None:
+                found[kind] = max(found.get(kind, 0), count)
+    return found
+
+
+def caps_hit(now: dict[str, int], before: dict[str, int], caps: Caps) -> list[str]:
+    """Sentences for the caps hit between two :func:`cap_counters`."""
+    hit = []
+    for kind, count in now.items():
+        new = count - before.get(kind, 0)
+        if new <= 0:
+            continue
+        if kind == "memory":
+            limit = "none" if caps.memory is None else _size(caps.memory)
+            hit.append(f"the machine hit its memory cap of {limit} ({new} process(es) killed by the cgroup's OOM "
+                       f"killer; raise it with ${MEMORY_CAP_ENV})")
+        else:
+            hit.append(f"the machine hit its tasks cap of {caps.tasks} ({new} fork(s) or thread(s) refused; raise it "
+                       f"with ${TASKS_CAP_ENV})")
+    return hit
+
+
+def scope_paths(proc_cgroup: str, scope: str, root: Path = CGROUP_ROOT) -> list[Path]:
+    """The groups of the host systemd's ``scope`` unit, in every hierarchy, from the ``/proc/PID/cgroup`` of a
+    process in it (or below it)."""
+    lines = proc_cgroup.splitlines()
+    unified = (root / "cgroup.controllers").exists()
+    found = []
+    for line in lines:
+        _number, controllers, path = line.split(":", 2)
+        if scope not in path:
+            continue
+        path = path[:path.index(scope) + len(scope)].lstrip("/")  # nspawn moves itself into a subgroup
+        if not controllers:
+            found.append(root / path if unified else root / "unified" / path)
+        found += [root / c / path for c in controllers.split(",") if c in ("memory", "pids")]
+    return found
 
 
 def _field(path: Path, name: str) -> int | None:
@@ -332,11 +362,19 @@ class Contained:
         return self.cgroup.pids() if self.cgroup is not None else set()
 
     def cap_counters(self) -> dict[str, int]:
-        """See :meth:`OwnedCgroup.cap_counters` (empty under the host's systemd: its scope reports itself)."""
-        return self.cgroup.cap_counters() if self.cgroup is not None else {}
+        """See :func:`cap_counters`: of our own group, or of the host systemd's scope."""
+        if self.cgroup is not None:
+            return self.cgroup.cap_counters()
+        if self.scope is not None:
+            try:
+                proc_cgroup = Path(f"/proc/{self.process.pid}/cgroup").read_text()
+            except OSError:  # gone: nothing more to count
+                return {}
+            return cap_counters(scope_paths(proc_cgroup, self.scope))
+        return {}
 
     def caps_hit(self, before: dict[str, int]) -> list[str]:
-        return self.cgroup.caps_hit(before, self.caps) if self.cgroup is not None else []
+        return caps_hit(self.cap_counters(), before, self.caps)
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM (a container powers off), then SIGKILL, then remove every trace. Idempotent."""

@@ -86,3 +86,24 @@ def test_each_image_gets_its_own_uid_range_in_nspawns_container_range() -> None:
     bases = {userns.base_for(f"{n:016x}") for n in range(1000)}
     assert len(bases) > 900
     assert all(b % userns.RANGE == 0 and 0x00080000 <= b and b + userns.RANGE <= 0x6FFF0000 for b in bases)
+
+
+
+def test_a_scope_of_the_host_systemd_is_found_in_every_hierarchy(tmp_path: Path) -> None:
+    """Where the host's PID 1 is systemd the caps are its scope's (MemoryMax=, TasksMax=): the counters are read from
+    the scope's own groups, not from the subgroup nspawn moves itself into."""
+    proc_cgroup = ("12:pids:/machine.slice/harden-1234abcd.scope\n4:memory:/machine.slice/harden-1234abcd.scope\n"
+                   "1:name=systemd:/machine.slice/harden-1234abcd.scope/supervisor\n"
+                   "0::/machine.slice/harden-1234abcd.scope/supervisor\n")
+    hybrid = cgroups.scope_paths(proc_cgroup, "harden-1234abcd.scope", tmp_path)
+    assert hybrid == [tmp_path / "pids/machine.slice/harden-1234abcd.scope",
+                      tmp_path / "memory/machine.slice/harden-1234abcd.scope",
+                      tmp_path / "unified/machine.slice/harden-1234abcd.scope"]
+    (tmp_path / "cgroup.controllers").write_text("memory pids\n")
+    unified = cgroups.scope_paths("0::/machine.slice/harden-1234abcd.scope/payload\n", "harden-1234abcd.scope", tmp_path)
+    assert unified == [tmp_path / "machine.slice/harden-1234abcd.scope"]
+    group = unified[0]
+    group.mkdir(parents=True)
+    (group / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n")
+    (group / "pids.events").write_text("max 0\n")
+    assert cgroups.cap_counters(unified) == {"memory": 1, "pids": 0}
