@@ -117,7 +117,7 @@ class NspawnMachine(Machine):
         return "\n".join(self._console)
 
     def describe(self) -> str:
-        caps = f"; {self._contained.caps.describe()}" if self._contained is not None and self._contained.cgroup else ""
+        caps = f"; {self._contained.caps.describe()}" if self._contained is not None else ""
         if self.uid_base is None:
             return ("nspawn, PRIVILEGED: no user namespace, container root is host root (machine.privileged: for "
                     f"the directives that need host BPF){caps}")
