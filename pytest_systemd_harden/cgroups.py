@@ -4,6 +4,12 @@ Where the host's PID 1 is not systemd nobody else will give a container a cgroup
 hierarchy systemd cares about: the cgroup2 tree (``/sys/fs/cgroup/unified`` on hybrid hosts, ``/sys/fs/cgroup``
 on unified ones) and, on hybrid hosts, the ``name=systemd`` v1 tree. Each group is named after the owning
 process (pid and start time), so a later run can tell a live owner from a dead one and reap the orphans.
+
+Every container is also capped as a whole, from the host side, so a fork bomb or a leak in a service under test
+cannot exhaust the host: memory and pids limits on its own group (cgroup2 ``memory.max``/``pids.max`` on a unified
+host; on a hybrid one, the v1 ``memory`` and ``pids`` hierarchies, where the group is made under this process's own
+group so that any limit the invoker has stays above it). The container cannot raise them: the limit files of its
+own group are the host's. A machine that hits a cap says so (:meth:`OwnedCgroup.caps_hit`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,58 @@ from typing import Any
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 OUR_SUBTREE = "pytest-systemd-harden"
 _sequence = itertools.count(1)
+
+MEMORY_CAP_ENV = "HARDEN_MACHINE_MEMORY_MAX"
+TASKS_CAP_ENV = "HARDEN_MACHINE_TASKS_MAX"
+DEFAULT_TASKS_CAP = 4096  # a booted machine runs ~30 tasks; the host here allows 32768 in all
+DEFAULT_MEMORY_FRACTION = 4  # a quarter of the host's RAM per machine: a 24 GiB runner keeps 18 GiB
+_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+@dataclass(frozen=True)
+class Caps:
+    """The limits every machine's group gets: bytes of memory and number of tasks (None: no cap)."""
+
+    memory: int | None
+    tasks: int | None
+
+    @classmethod
+    def from_environment(cls) -> Caps:
+        """The caps of ``$HARDEN_MACHINE_MEMORY_MAX`` (bytes, or with a K/M/G suffix) and
+        ``$HARDEN_MACHINE_TASKS_MAX`` (``infinity`` for none), else the defaults."""
+        return cls(_parse_cap(MEMORY_CAP_ENV, _default_memory_cap()), _parse_cap(TASKS_CAP_ENV, DEFAULT_TASKS_CAP))
+
+    def describe(self) -> str:
+        memory = "no memory cap" if self.memory is None else f"memory cap {_size(self.memory)}"
+        tasks = "no tasks cap" if self.tasks is None else f"tasks cap {self.tasks}"
+        return f"{memory}, {tasks}"
+
+
+def _default_memory_cap() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024 // DEFAULT_MEMORY_FRACTION
+    return 4 << 30
+
+
+def _parse_cap(variable: str, default: int) -> int | None:
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    if text in ("infinity", "max"):
+        return None
+    number, multiplier = (text[:-1], _SUFFIXES[text[-1].upper()]) if text[-1].upper() in _SUFFIXES else (text, 1)
+    if not number.isdigit() or int(number) <= 0:
+        raise ValueError(f"${variable}={text!r}: expected a positive number (with a K, M or G suffix for memory) "
+                         "or 'infinity'")
+    return int(number) * multiplier
+
+
+def _size(count: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} bytes"
 
 
 def process_start_time(pid: int) -> str | None:
@@ -41,22 +100,48 @@ def hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:
     return found
 
 
+def limit_hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:
+    """The v1 memory and pids trees of a hybrid host, each at this process's own group in it (empty on a unified
+    host: cgroup2 has both controllers)."""
+    if (root / "cgroup.controllers").exists():
+        return []
+    found = []
+    for controller in ("memory", "pids"):
+        tree = root / controller
+        if (tree / "cgroup.procs").exists():
+            found.append(tree / _own_group(controller).lstrip("/"))
+    return found
+
+
+def _own_group(controller: str) -> str:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _number, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return path
+    return "/"
+
+
+def bases(root: Path = CGROUP_ROOT) -> list[Path]:
+    """Where our containers' groups are made, in every hierarchy: ``<tree>/pytest-systemd-harden``."""
+    return [tree / OUR_SUBTREE for tree in (*hierarchies(root), *limit_hierarchies(root))]
+
+
 @dataclass
 class OwnedCgroup:
-    """One container's cgroup, the same relative path in every hierarchy."""
+    """One container's cgroup, the same name in every hierarchy."""
 
     name: str
-    trees: list[Path]
+    bases: list[Path]
 
     @property
     def paths(self) -> list[Path]:
-        return [tree / OUR_SUBTREE / self.name for tree in self.trees]
+        return [base / self.name for base in self.bases]
 
     @classmethod
-    def create(cls, label: str, root: Path = CGROUP_ROOT) -> OwnedCgroup:
+    def create(cls, label: str, caps: Caps | None = None, root: Path = CGROUP_ROOT) -> OwnedCgroup:
         pid = os.getpid()
         name = f"{label}-{pid}-{process_start_time(pid)}-{next(_sequence)}"
-        group = cls(name, hierarchies(root))
+        group = cls(name, bases(root))
         for path in group.paths:
             for _attempt in range(5):  # another run may remove the shared parent just as we create in it
                 try:
@@ -64,12 +149,43 @@ class OwnedCgroup:
                     break
                 except FileNotFoundError:
                     continue
+        if caps is not None:
+            try:
+                group.set_caps(caps)
+            except OSError as exc:
+                group.kill_and_remove()
+                raise OSError(exc.errno, f"could not cap the machine's cgroup ({caps.describe()}): {exc}") from None
         return group
+
+    def set_caps(self, caps: Caps) -> None:
+        """Write ``caps`` into the group's limit files (cgroup2 memory.max/pids.max, or the v1 files)."""
+        for path in self.paths:
+            if (path.parent / "cgroup.subtree_control").exists() and (path.parent.parent / "cgroup.controllers").exists():
+                # cgroup2: the controllers must be enabled on our shared parent first.
+                wanted = {"memory", "pids"} & set((path.parent / "cgroup.controllers").read_text().split())
+                if wanted:
+                    (path.parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(wanted)))
+            limits = {
+                "memory.max": caps.memory, "pids.max": caps.tasks,  # cgroup2, or v1 pids
+                "memory.limit_in_bytes": caps.memory,  # v1 memory
+            }
+            for file, value in limits.items():
+                if (path / file).exists():
+                    (path / file).write_text("max" if value is None and file != "memory.limit_in_bytes"
+                                             else "-1" if value is None else str(value))
+
+    def cap_counters(self) -> dict[str, int]:
+        """How often the group hit each cap so far: {"memory": OOM kills, "pids": refused forks}."""
+        return cap_counters(self.paths)
+
+    def caps_hit(self, before: dict[str, int], caps: Caps) -> list[str]:
+        """Sentences for the caps hit since ``before`` (an earlier :meth:`cap_counters`)."""
+        return caps_hit(self.cap_counters(), before, caps)
 
     def pids(self) -> set[int]:
         found: set[int] = set()
         for path in self.paths:
-            for procs in path.rglob("cgroup.procs") if path.exists() else ():
+            for procs in (Path(d) / "cgroup.procs" for d in _subgroups(path)):
                 try:
                     found.update(int(line) for line in procs.read_text().split())
                 except OSError:
@@ -101,12 +217,78 @@ class OwnedCgroup:
                 pass
 
 
+def cap_counters(paths: Iterable[Path]) -> dict[str, int]:
+    """How often the groups at ``paths`` (one machine's, in every hierarchy) hit each cap so far."""
+    found: dict[str, int] = {}
+    for path in paths:
+        events = {"memory": _field(path / "memory.events", "oom_kill")
+                  or _field(path / "memory.oom_control", "oom_kill"),
+                  "pids": _field(path / "pids.events", "max")}
+        for kind, count in events.items():
+            if count is not None:
+                found[kind] = max(found.get(kind, 0), count)
+    return found
+
+
+def caps_hit(now: dict[str, int], before: dict[str, int], caps: Caps) -> list[str]:
+    """Sentences for the caps hit between two :func:`cap_counters`."""
+    hit = []
+    for kind, count in now.items():
+        new = count - before.get(kind, 0)
+        if new <= 0:
+            continue
+        if kind == "memory":
+            limit = "none" if caps.memory is None else _size(caps.memory)
+            hit.append(f"the machine hit its memory cap of {limit} ({new} process(es) killed by the cgroup's OOM "
+                       f"killer; raise it with ${MEMORY_CAP_ENV})")
+        else:
+            hit.append(f"the machine hit its tasks cap of {caps.tasks} ({new} fork(s) or thread(s) refused; raise it "
+                       f"with ${TASKS_CAP_ENV})")
+    return hit
+
+
+def scope_paths(proc_cgroup: str, scope: str, root: Path = CGROUP_ROOT) -> list[Path]:
+    """The groups of the host systemd's ``scope`` unit, in every hierarchy, from the ``/proc/PID/cgroup`` of a
+    process in it (or below it)."""
+    lines = proc_cgroup.splitlines()
+    unified = (root / "cgroup.controllers").exists()
+    found = []
+    for line in lines:
+        _number, controllers, path = line.split(":", 2)
+        if scope not in path:
+            continue
+        path = path[:path.index(scope) + len(scope)].lstrip("/")  # nspawn moves itself into a subgroup
+        if not controllers:
+            found.append(root / path if unified else root / "unified" / path)
+        found += [root / c / path for c in controllers.split(",") if c in ("memory", "pids")]
+    return found
+
+
+def _field(path: Path, name: str) -> int | None:
+    """The number after ``name`` in a flat keyed cgroup file (memory.events, pids.events), or None."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == name and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def _subgroups(path: Path) -> list[str]:
+    """``path`` and every group below it, deepest last. os.walk, not rglob: nspawn removes its own subgroups
+    (payload, supervisor) while we look, and a group gone meanwhile is skipped, not an error."""
+    return [directory for directory, _dirs, _files in os.walk(path)]
+
+
 def _remove_tree(path: Path) -> None:
     if not path.exists():
         return
-    for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    for child in reversed(_subgroups(path)[1:]):
         try:
-            child.rmdir()
+            os.rmdir(child)
         except OSError:
             pass
     try:
@@ -117,10 +299,9 @@ def _remove_tree(path: Path) -> None:
 
 def reap_orphans(root: Path = CGROUP_ROOT) -> list[str]:
     """Kill and remove containers left by runs whose owner process is gone; return their names."""
-    trees = hierarchies(root)
+    our_bases = bases(root)
     names: set[str] = set()
-    for tree in trees:
-        base = tree / OUR_SUBTREE
+    for base in our_bases:
         if base.is_dir():
             names.update(p.name for p in base.iterdir() if p.is_dir())
     reaped = []
@@ -128,7 +309,7 @@ def reap_orphans(root: Path = CGROUP_ROOT) -> list[str]:
         parts = name.rsplit("-", 3)
         if len(parts) == 4 and parts[1].isdigit() and process_start_time(int(parts[1])) == parts[2]:
             continue  # its owner is alive (maybe another xdist worker): not ours to touch
-        OwnedCgroup(name, trees).kill_and_remove()
+        OwnedCgroup(name, our_bases).kill_and_remove()
         reaped.append(name)
     return reaped
 
@@ -156,19 +337,23 @@ class Contained:
     process: subprocess.Popen[bytes]
     scope: str | None  # the host systemd's scope unit, where PID 1 is systemd
     cgroup: OwnedCgroup | None  # our own cgroup, where it is not
+    caps: Caps = Caps(None, None)
 
     @classmethod
-    def start(cls, command: list[str], label: str, name: str, **popen: Any) -> Contained:
-        """Start ``command``; the new process tree is shut down when the calling thread dies (pdeathsig)."""
+    def start(cls, command: list[str], label: str, name: str, caps: Caps | None = None, **popen: Any) -> Contained:
+        """Start ``command`` under ``caps`` (default: :meth:`Caps.from_environment`); the new process tree is shut
+        down when the calling thread dies (pdeathsig)."""
+        caps = caps or Caps.from_environment()
         scope: str | None = None
         cgroup: OwnedCgroup | None = None
         if host_runs_systemd():
             # Let the host's systemd give the machine a scope of its own instead of our raw cgroup.
             scope = f"{name}.scope"
             command = ["systemd-run", "--scope", "--quiet", "--collect", f"--unit={scope}",
-                       "--property=Delegate=yes", *command]
+                       "--property=Delegate=yes", f"--property=MemoryMax={caps.memory or 'infinity'}",
+                       f"--property=TasksMax={caps.tasks or 'infinity'}", *command]
         else:
-            cgroup = OwnedCgroup.create(label)
+            cgroup = OwnedCgroup.create(label, caps)
             # Join the cgroup before exec'ing, in the child: no Python runs between fork and exec (the bus
             # threads make preexec_fn unsafe).
             procs = [str(path / "cgroup.procs") for path in cgroup.paths]
@@ -180,10 +365,25 @@ class Contained:
             if cgroup is not None:
                 cgroup.kill_and_remove()
             raise
-        return cls(process, scope, cgroup)
+        return cls(process, scope, cgroup, caps)
 
     def pids(self) -> set[int]:
         return self.cgroup.pids() if self.cgroup is not None else set()
+
+    def cap_counters(self) -> dict[str, int]:
+        """See :func:`cap_counters`: of our own group, or of the host systemd's scope."""
+        if self.cgroup is not None:
+            return self.cgroup.cap_counters()
+        if self.scope is not None:
+            try:
+                proc_cgroup = Path(f"/proc/{self.process.pid}/cgroup").read_text()
+            except OSError:  # gone: nothing more to count
+                return {}
+            return cap_counters(scope_paths(proc_cgroup, self.scope))
+        return {}
+
+    def caps_hit(self, before: dict[str, int]) -> list[str]:
+        return caps_hit(self.cap_counters(), before, self.caps)
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM (a container powers off), then SIGKILL, then remove every trace. Idempotent."""

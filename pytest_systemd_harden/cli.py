@@ -242,16 +242,22 @@ def _tighten(args: argparse.Namespace) -> int:
     return 0
 
 
+# The nspawn backend without its user namespace (machine: {privileged: true}), measured as a backend of its own.
+PRIVILEGED_NSPAWN = "nspawn-privileged"
+
+
 def _backends(args: argparse.Namespace) -> int:
     from . import backends
     from .backends.base import MachineConfig
     from .capabilities import Capabilities, machine_capabilities
 
-    names = args.names or sorted(backends.BACKENDS)
+    names = args.names or [*sorted(backends.BACKENDS), PRIVILEGED_NSPAWN]
     measured: dict[str, tuple[str, Capabilities]] = {}
     for name in names:
         def measure(pool: MachinePool, name: str = name) -> tuple[str, Capabilities]:
-            machine = pool.machine_for(MachineConfig(backend=name))
+            config = MachineConfig(backend="nspawn", privileged=True) if name == PRIVILEGED_NSPAWN \
+                else MachineConfig(backend=name)
+            machine = pool.machine_for(config)
             return machine.describe(), machine_capabilities(machine)
         found = _on_machine(args, "backends", measure)
         if found is not None:
@@ -344,7 +350,7 @@ def parser() -> argparse.ArgumentParser:
 
     backends = commands.add_parser("backends", help="boot each backend that can run here and print which "
                                                     "directives it enforces, measured (needs root)")
-    backends.add_argument("names", nargs="*", metavar="NAME", help="nspawn, qemu, host (default: all)")
+    backends.add_argument("names", nargs="*", metavar="NAME", help=f"nspawn, {PRIVILEGED_NSPAWN}, qemu, host (default: all)")
     backends.add_argument("--markdown", action="store_true", help="print a table (docs/backends.md has one)")
     backends.add_argument("--cache-dir", metavar="DIR", help="image cache (default: $HARDEN_CACHE_DIR or "
                                                              "~/.cache/pytest-systemd-harden)")

@@ -1120,6 +1120,11 @@ def unenforceable_reason(directive: Directive, facts: MachineFacts) -> str:
     if name in ("SocketBindDeny", "SocketBindAllow", "RestrictFileSystems") and facts.lacks("BPF_FRAMEWORK"):
         return (f"the machine's systemd {facts.version} is built without BPF_FRAMEWORK (-BPF_FRAMEWORK in "
                 f"systemctl --version), so it ignores {name}=; {same_on_hosts}")
+    if name in ("SocketBindDeny", "SocketBindAllow", "IPAddressDeny", "IPAddressAllow", "DeviceAllow",
+                "DevicePolicy", "RestrictFileSystems") and facts.user_namespaced:
+        return (f"{name}= needs BPF programs on the host's kernel, and the container's root is root of a user "
+                "namespace only (no CAP_BPF there): machine: {privileged: true} (no user namespace) or the qemu "
+                "backend enforces it")
     if name in ("SocketBindDeny", "SocketBindAllow", "IPAddressDeny", "IPAddressAllow"):
         return f"{name}= needs BPF cgroup programs: cgroup v2 for the unit, and bpf() allowed in the container"
     if name == "RestrictFileSystems":
@@ -1208,6 +1213,14 @@ def _verdict(host: ProbeHost, plan_: Plan, subject: Subject, runs: Runs, user: s
     failed = [o for o in outcomes if o.status == NOT_ENFORCED]
     if subject.denial is not None:
         covering = deniers(subject.denial, plan_.directives)
+        # A directive that would deny it on a host but that this machine does not enforce at all: whether the spec
+        # denies it cannot be told here.
+        blind = [(d, host.facts().unenforced[d.name]) for d in covering if d.name in host.facts().unenforced]
+        if blind:
+            directive, why = blind[0]
+            return Verdict(subject, UNVERIFIABLE, outcomes, spec_name=spec_name,
+                           reason=f"it would be denied by {directive}, which this machine does not enforce even "
+                                  f"alone (measured when it started): {why}")
         return Verdict(subject, NOT_ENFORCED, outcomes, deniers=tuple(covering), spec_name=spec_name,
                        suspects=tuple(d for d in suspects_for(subject, failed, plan_.directives) if d not in covering))
     assert subject.directive is not None

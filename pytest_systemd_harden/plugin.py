@@ -405,8 +405,37 @@ class ScenarioFailed(AssertionError):
     """A scenario did not do what its spec expects; the message is the whole report."""
 
 
+class MachineCapHit(ScenarioFailed):
+    """The machine as a whole hit its memory or tasks cap during an item (a fork bomb, a leak): the item fails with
+    that reason first, whatever else it reported."""
+
+
 class SpecItem(pytest.Item):
     parent: SpecFile
+
+    def run_item(self) -> None:
+        raise NotImplementedError
+
+    def runtest(self) -> None:
+        """:meth:`run_item`; if the spec's machine hit a cap meanwhile (cgroups.Caps), the item fails saying so."""
+        pool = HardenSession.of(self.config).pool
+        machine = pool.running_machine(self.parent.spec.machine)
+        before = machine.cap_counters() if machine is not None else {}  # a machine booted by this item starts at 0
+        try:
+            self.run_item()
+        except (KeyboardInterrupt, pytest.skip.Exception):
+            raise
+        except BaseException as exc:
+            self._fail_if_capped(machine, before, exc)
+            raise
+        self._fail_if_capped(machine, before, None)
+
+    def _fail_if_capped(self, machine: Machine | None, before: dict[str, int], failure: BaseException | None) -> None:
+        machine = machine or HardenSession.of(self.config).pool.running_machine(self.parent.spec.machine)
+        hits = machine.caps_hit(before) if machine is not None else []
+        if hits:
+            shown = "" if failure is None else "\n\n" + (str(failure) or type(failure).__name__)
+            raise MachineCapHit("\n".join(hits) + shown) from None
 
     def new_record(self, **fields: Any) -> dict[str, Any]:
         """This item's entry in the JSON report (--harden-json), filled in as the item runs."""
@@ -437,7 +466,7 @@ class SpecItem(pytest.Item):
 class StartItem(SpecItem):
     """The service starts and becomes ready under the spec's hardening."""
 
-    def runtest(self) -> None:
+    def run_item(self) -> None:
         self.record = self.new_record(check="start", diagnosis=None)
         try:
             started = self.parent.service()
@@ -468,7 +497,7 @@ class ScenarioItem(SpecItem):
         super().__init__(**kwargs)
         self.scenario = scenario
 
-    def runtest(self) -> None:
+    def run_item(self) -> None:
         service = self.started_service(ScenarioFailed)
         outcome = run_scenario(service, self.scenario)
         self.record = self.new_record(check="scenario", scenario=self.scenario.name, diagnosis=None)
@@ -503,7 +532,7 @@ class EnforcementItem(SpecItem):
         self.subject = subject
         self.line = line
 
-    def runtest(self) -> None:
+    def run_item(self) -> None:
         from .enforcement import ENFORCED, UNVERIFIABLE, EnforcementFailed, verify_service
 
         service = self.started_service(EnforcementFailed)
@@ -544,7 +573,7 @@ class EnforcementItem(SpecItem):
 class ExposureItem(SpecItem):
     """The spec's unit, scored by ``systemd-analyze security`` on the spec's machine; fails above max_exposure."""
 
-    def runtest(self) -> None:
+    def run_item(self) -> None:
         from . import exposure
 
         spec, session = self.parent.spec, HardenSession.of(self.config)
@@ -562,7 +591,7 @@ class ExposureItem(SpecItem):
 class BaselineItem(SpecItem):
     """This run of the spec against the --harden-baseline file: regressions fail, improvements are reported."""
 
-    def runtest(self) -> None:
+    def run_item(self) -> None:
         from . import baseline
 
         session = HardenSession.of(self.config)

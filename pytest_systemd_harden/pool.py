@@ -47,6 +47,11 @@ class MachinePool:
         return replace(config, backend=backends.resolve(self.backend or config.backend),
                        release=config.release or self.default_release)
 
+    def running_machine(self, config: MachineConfig) -> Machine | None:
+        """The machine booted for ``config``, if there is one yet (never boots one)."""
+        with self._lock:
+            return self._machines.get(self.effective_config(config))
+
     def machine_for(self, config: MachineConfig) -> Machine:
         config = self.effective_config(config)
         with self._lock:

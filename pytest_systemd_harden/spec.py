@@ -316,7 +316,7 @@ SERVICE_KEYS = ("exec_start", "type", "ready", "environment", "working_directory
 # Fields that describe how to make a transient unit: a unit that exists already (unit/unit_file) says all that itself.
 TRANSIENT_ONLY_KEYS = ("exec_start", "type", "environment", "working_directory")
 UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.service$")
-MACHINE_KEYS = ("packages", "files", "backend", "release", "debs", "files_outside_project")
+MACHINE_KEYS = ("packages", "files", "backend", "release", "debs", "files_outside_project", "privileged")
 SCENARIO_KEYS = ("name", "client", "inside", "expect", "timeout")
 EXPECT_KEYS = ("exit", "signal", "stdout", "stderr")
 
@@ -850,7 +850,11 @@ def _parse_machine(check: _Checker, section: _Mapping) -> MachineConfig:
     if backend not in (*BACKENDS, AUTO):
         raise check.error(section, "backend", "machine.backend", f"unknown backend {backend!r}",
                           _closest_hint(backend, [*BACKENDS, AUTO]) or f"one of {', '.join([*BACKENDS, AUTO])}")
-    return MachineConfig(tuple(sorted(set(packages))), tuple(sorted(files)), backend,
+    privileged = section.get("privileged", False)
+    if not isinstance(privileged, bool):
+        raise check.error(section, "privileged", "machine.privileged", f"expected true or false, got {privileged!r}",
+                          "true runs an nspawn container without a user namespace: its root is root on the host")
+    return MachineConfig(tuple(sorted(set(packages))), tuple(sorted(files)), backend, privileged=privileged,
                          release=_parse_release(check, section), debs=_parse_debs(check, section))
 
 

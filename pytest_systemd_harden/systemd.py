@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -31,6 +32,25 @@ from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from .errors import MachineError
+
+# Connects a socket to a bus where the plain path would authenticate as the wrong user (a user-namespaced
+# container's bus sees host root as nobody: see backends.nspawn).
+SocketConnector = Callable[[], socket.socket]
+
+
+class _ConnectedBus(MessageBus):
+    """A MessageBus on a socket connected by a :data:`SocketConnector` instead of by path."""
+
+    def __init__(self, connector: SocketConnector, **kwargs: Any) -> None:
+        self._connector = connector
+        super().__init__(**kwargs)
+
+    def _setup_socket(self) -> None:
+        sock = self._connector()
+        self._sock = sock
+        self._stream = sock.makefile("rwb")
+        self._fd = sock.fileno()
+        sock.setblocking(False)
 
 SYSTEMD = "org.freedesktop.systemd1"
 MANAGER_PATH = "/org/freedesktop/systemd1"
@@ -98,8 +118,10 @@ class SystemdClient:
     ``output_files`` is for buses that cannot pass file descriptors (see the module's docstring).
     """
 
-    def __init__(self, address: str, *, call_timeout: float = 30.0, output_files: OutputFiles | None = None) -> None:
+    def __init__(self, address: str, *, call_timeout: float = 30.0, output_files: OutputFiles | None = None,
+                 connector: SocketConnector | None = None) -> None:
         self.address = address
+        self.connector = connector
         self.call_timeout = call_timeout
         self.output_files = output_files
         # Output file names are reused (StandardOutput=truncate: empties them), one pair per command running at
@@ -130,8 +152,9 @@ class SystemdClient:
         self._run(self._connect())
 
     async def _connect(self) -> None:
-        bus = MessageBus(bus_address=self.address, bus_type=BusType.SYSTEM,
-                         negotiate_unix_fd=self.output_files is None)
+        options: dict[str, Any] = {"bus_address": self.address, "bus_type": BusType.SYSTEM,
+                                   "negotiate_unix_fd": self.output_files is None}
+        bus = _ConnectedBus(self.connector, **options) if self.connector else MessageBus(**options)
         await bus.connect()
         bus.add_message_handler(self._on_message)
         await self._call_on(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",

@@ -40,7 +40,10 @@ print("scopes left:", left or "none")
 def test_nspawn_runs_in_a_scope_of_the_hosts_systemd_and_leaves_none(harden_pool: MachinePool) -> None:
     host = harden_pool.machine_for(MachineConfig(
         packages=("python3-dbus-next", "python3-testinfra", "python3-yaml", "systemd-container"),
-        files=(("/src", str(REPO)), ("/cache", str(default_cache_dir())))))
+        files=(("/src", str(REPO)), ("/cache", str(default_cache_dir()))),
+        # The stand-in host must be able to give its own container a user namespace of 65536 uids at a high base,
+        # as a real host can: in a user-namespaced machine those uids do not exist.
+        privileged=True))
     result = host.run(["/usr/bin/python3", "-c", INSIDE], timeout=300)
     assert result.ok, result.describe(40)
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())

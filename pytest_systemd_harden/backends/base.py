@@ -23,7 +23,7 @@ from ..errors import MachineError
 from ..images import DEFAULT_RELEASE, ImageCache
 from ..probes.runner import guarded_batch
 from ..result import CommandResult
-from ..systemd import COMMAND_KILL_GRACE, OutputFiles, Property, SystemdClient
+from ..systemd import COMMAND_KILL_GRACE, OutputFiles, Property, SocketConnector, SystemdClient
 
 if TYPE_CHECKING:
     from ..spec import Spec
@@ -48,6 +48,9 @@ class MachineConfig:
     release: str = ""
     # Local .deb files installed on top of the image (absolute paths on the host): the maintainer's new build.
     debs: tuple[str, ...] = ()
+    # nspawn only: run the container without a user namespace (its root is then root on the host) so that the
+    # directives needing host BPF (IPAddressDeny=, DeviceAllow=...) can be enforced. Announced at boot.
+    privileged: bool = False
 
     def check_files(self) -> None:
         """Raise MachineError for a ``files:`` source that is gone from the host since the spec was loaded."""
@@ -66,6 +69,8 @@ class MachineConfig:
             parts.append("packages: " + ", ".join(self.packages))
         if self.files:
             parts.append("files: " + ", ".join(dest for dest, _src in self.files))
+        if self.privileged:
+            parts.append("privileged")
         return "; ".join(parts)
 
 
@@ -135,6 +140,19 @@ class Machine(abc.ABC):
         """How command output comes back where the bus cannot pass file descriptors (None: it can)."""
         return None
 
+    def _bus_connector(self) -> SocketConnector | None:
+        """How to connect to the bus where connecting by its address would authenticate as the wrong user (a
+        user-namespaced container's); None: by address."""
+        return None
+
+    def cap_counters(self) -> dict[str, int]:
+        """How often the machine as a whole hit its memory and tasks caps so far (see cgroups.Caps)."""
+        return {}
+
+    def caps_hit(self, before: dict[str, int]) -> list[str]:
+        """A sentence per cap the machine hit since ``before`` (an earlier :meth:`cap_counters`)."""
+        return []
+
     def resident_memory(self) -> int | None:
         """Bytes of memory the running machine uses (proportional set size), or None if unknown here."""
         return None
@@ -142,7 +160,7 @@ class Machine(abc.ABC):
     def boot(self, progress: Progress = lambda line: None) -> None:
         address = self._start(progress)
         try:
-            client = SystemdClient(address, output_files=self._output_files())
+            client = SystemdClient(address, output_files=self._output_files(), connector=self._bus_connector())
             self._systemd = client
             client.connect()
             client.wait_until_booted(self.boot_timeout)

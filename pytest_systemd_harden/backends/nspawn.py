@@ -3,6 +3,10 @@
 The image is never modified (``--volatile=overlay``), the container has only a loopback interface
 (``--private-network``) so nothing a service or probe does reaches the host's network, and it runs in a cgroup
 of its own that is killed and removed on shutdown (and by the next run, if this one was killed).
+
+The container runs in a user namespace of its own (see :mod:`.userns`): its root has no power over the host's
+kernel, cgroups or bound files. ``machine: {privileged: true}`` turns that off, for the directives that need host
+BPF, and the boot line says so.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 from ..cgroups import Contained, host_runs_systemd
 from ..errors import BackendUnavailable, MachineError
 from ..probes.inside import GUARD_KERNEL
+from ..systemd import SocketConnector
+from . import userns
 from .base import Machine, Progress, proportional_set_size
 
 __all__ = ["NspawnMachine", "check_available", "host_runs_systemd", "remove_runtime_directory",
@@ -56,9 +62,18 @@ class NspawnMachine(Machine):
     _console: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200), init=False,
                                              repr=False)
     leader: int | None = field(default=None, init=False)
+    # The host uid of the container's root (None: privileged, no user namespace).
+    uid_base: int | None = field(default=None, init=False)
+    # Bound files keep their owners inside (idmapped binds), unless the host filesystem cannot idmap: then they
+    # show as nobody, readable only where their modes let anyone read them.
+    idmapped_files: bool = field(default=True, init=False)
+    _bus_socket: Path | None = field(default=None, init=False, repr=False)
 
     def command_line(self, rootfs: Path) -> list[str]:
-        binds = [f"--bind-ro={host}:{dest}" for dest, host in self.config.files]
+        idmap = ":idmap" if self.uid_base is not None and self.idmapped_files else ""
+        binds = [f"--bind-ro={host}:{dest}{idmap}" for dest, host in self.config.files]
+        users = [] if self.uid_base is None else [
+            f"--private-users={self.uid_base}:{userns.RANGE}", "--private-users-ownership=off"]
         return [
             "systemd-nspawn", "--quiet", "--boot",
             "--directory", str(rootfs), "--machine", self.name,
@@ -69,6 +84,7 @@ class NspawnMachine(Machine):
             "--console=read-only",
             # IPAddressDeny= and friends need bpf() inside; nspawn's own filter blocks it by default.
             "--system-call-filter=bpf",
+            *users,
             *binds,
         ]
 
@@ -77,8 +93,25 @@ class NspawnMachine(Machine):
         self.config.check_files()
         image = self.image_cache.get(self.config.packages, progress, release=self.config.release,
                                      debs=self.config.debs)
+        rootfs = image.rootfs
+        if not self.config.privileged:
+            self.uid_base = userns.base_for(image.key)
+            rootfs = userns.shifted_rootfs(image.rootfs, self.uid_base)
+        try:
+            return self._launch(rootfs)
+        except MachineError:
+            unmappable = "Failed to map ids for bind mount" in self.boot_log()
+            if not (self.uid_base is not None and self.config.files and unmappable):
+                raise
+        progress(f"{self.name}: the filesystem of machine.files cannot be idmapped: bound files show as owned by "
+                 "nobody in the machine")
+        self.idmapped_files = False
+        return self._launch(rootfs)
+
+    def _launch(self, rootfs: Path) -> str:
+        self._console.clear()
         # If the test process dies without cleaning up, the container is shut down with it.
-        self._contained = Contained.start(self.command_line(image.rootfs), "machine", self.name,
+        self._contained = Contained.start(self.command_line(rootfs), "machine", self.name,
                                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         threading.Thread(target=self._collect_console, name=f"console {self.name}", daemon=True).start()
         try:
@@ -94,6 +127,25 @@ class NspawnMachine(Machine):
 
     def boot_log(self) -> str:
         return "\n".join(self._console)
+
+    def describe(self) -> str:
+        caps = f"; {self._contained.caps.describe()}" if self._contained is not None else ""
+        if self.uid_base is None:
+            return ("nspawn, PRIVILEGED: no user namespace, container root is host root (machine.privileged: for "
+                    f"the directives that need host BPF){caps}")
+        return f"nspawn, user namespace: container root is uid {self.uid_base} on the host{caps}"
+
+    def _bus_connector(self) -> SocketConnector | None:
+        base, path = self.uid_base, self._bus_socket
+        if base is None or path is None:
+            return None
+        return lambda: userns.connect_as(path, base)
+
+    def cap_counters(self) -> dict[str, int]:
+        return self._contained.cap_counters() if self._contained is not None else {}
+
+    def caps_hit(self, before: dict[str, int]) -> list[str]:
+        return self._contained.caps_hit(before) if self._contained is not None else []
 
     def resident_memory(self) -> int | None:
         """PSS of every process in the container's cgroup: shared pages (the cached image's libraries, mapped by
@@ -118,6 +170,7 @@ class NspawnMachine(Machine):
                     socket = Path(f"/proc/{pid}/root/run/dbus/system_bus_socket")
                     if socket.exists():
                         self.leader = pid
+                        self._bus_socket = socket
                         return f"unix:path={socket}"
                 except OSError:
                     continue
@@ -131,6 +184,7 @@ class NspawnMachine(Machine):
             contained.stop()  # SIGTERM: nspawn asks the container's systemd to power off; SIGKILL if it hangs
             remove_runtime_directory(self.name)  # nspawn is gone: what it left is ours to remove
         self.leader = None
+        self._bus_socket = None
 
 
 def _descendants(pid: int) -> list[int]:

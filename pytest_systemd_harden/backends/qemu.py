@@ -326,6 +326,12 @@ class QemuMachine(Machine):
             lines += ["qemu:", *self._stderr]
         return "\n".join(lines)
 
+    def cap_counters(self) -> dict[str, int]:
+        return self._contained.cap_counters() if self._contained is not None else {}
+
+    def caps_hit(self, before: dict[str, int]) -> list[str]:
+        return self._contained.caps_hit(before) if self._contained is not None else []
+
     def resident_memory(self) -> int | None:
         """PSS of the QEMU process: the guest's memory as far as the guest has touched it, plus QEMU's own."""
         if self._contained is None:

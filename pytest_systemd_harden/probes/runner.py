@@ -134,6 +134,8 @@ class MachineFacts:
     known_syscalls: frozenset[str] = field(default=frozenset(), compare=False)
     # Directive name -> what showed the machine does not enforce it, and why (measured: see capabilities.py).
     unenforced: dict[str, str] = field(default_factory=dict, compare=False)
+    # The machine's root is root of a user namespace (a user-namespaced container): not root on the host's kernel.
+    user_namespaced: bool = field(default=False, compare=False)
 
     def lacks(self, feature: str) -> bool:
         return f"-{feature}" in self.features
@@ -192,7 +194,9 @@ def machine_facts(machine: Machine) -> MachineFacts:
     if machine.name not in _FACTS:
         version = machine.run(["systemctl", "--version"], purpose="facts")
         groups = machine.run(["systemd-analyze", "syscall-filter", "--no-pager"], purpose="facts")
+        uid_map = machine.run(["cat", "/proc/self/uid_map"], purpose="facts")
         number, features = parse_version(version.stdout)
         _FACTS[machine.name] = MachineFacts(number, features, parse_groups(groups.stdout),
-                                            parse_known_syscalls(groups.stdout))
+                                            parse_known_syscalls(groups.stdout),
+                                            user_namespaced=uid_map.stdout.split()[:2] != ["0", "0"])
     return _FACTS[machine.name]

@@ -1,0 +1,109 @@
+"""Machine caps and the user-namespaced image, without booting anything (fake cgroup trees, a tmp tree)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from pytest_systemd_harden import cgroups
+from pytest_systemd_harden.backends import userns
+from pytest_systemd_harden.cgroups import Caps, OwnedCgroup
+
+
+def test_caps_come_from_the_environment_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cgroups.MEMORY_CAP_ENV, raising=False)
+    monkeypatch.delenv(cgroups.TASKS_CAP_ENV, raising=False)
+    total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                 if line.startswith("MemTotal:"))
+    assert Caps.from_environment() == Caps(total // 4, 4096)
+    monkeypatch.setenv(cgroups.MEMORY_CAP_ENV, "512M")
+    monkeypatch.setenv(cgroups.TASKS_CAP_ENV, "infinity")
+    assert Caps.from_environment() == Caps(512 << 20, None)
+    assert Caps.from_environment().describe() == "memory cap 512 MiB, no tasks cap"
+    monkeypatch.setenv(cgroups.MEMORY_CAP_ENV, "lots")
+    with pytest.raises(ValueError, match=r"\$HARDEN_MACHINE_MEMORY_MAX='lots': expected a positive number"):
+        Caps.from_environment()
+
+
+def _fake_v1_group(tmp_path: Path) -> OwnedCgroup:
+    group = OwnedCgroup("machine-1-2-3", [tmp_path / "memory" / "ours", tmp_path / "pids" / "ours"])
+    memory, pids = group.paths
+    memory.mkdir(parents=True)
+    pids.mkdir(parents=True)
+    (memory / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+    (pids / "pids.max").write_text("max\n")
+    (pids / "pids.events").write_text("max 0\n")
+    return group
+
+
+def test_caps_are_written_and_a_hit_is_told_with_the_cap(tmp_path: Path) -> None:
+    group = _fake_v1_group(tmp_path)
+    memory, pids = group.paths
+    caps = Caps(256 << 20, 300)
+    group.set_caps(caps)
+    assert (memory / "memory.limit_in_bytes").read_text() == str(256 << 20)
+    assert (pids / "pids.max").read_text() == "300"
+    before = group.cap_counters()
+    assert before == {"memory": 0, "pids": 0}
+    assert group.caps_hit(before, caps) == []
+    (pids / "pids.events").write_text("max 7\n")
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    assert group.caps_hit(before, caps) == [
+        ("the machine hit its memory cap of 256 MiB (2 process(es) killed by the cgroup's OOM killer; raise it with "
+         "$HARDEN_MACHINE_MEMORY_MAX)"),
+        "the machine hit its tasks cap of 300 (7 fork(s) or thread(s) refused; raise it with $HARDEN_MACHINE_TASKS_MAX)"]
+    assert group.caps_hit(group.cap_counters(), caps) == []  # only what is new since `before`
+
+
+def test_the_image_copy_is_shifted_keeping_setuid_bits_and_file_capabilities(tmp_path: Path) -> None:
+    root = tmp_path / "rootfs"
+    (root / "usr" / "bin").mkdir(parents=True)
+    su = root / "usr" / "bin" / "su"
+    su.write_text("")
+    os.chmod(su, 0o4755)
+    ping = root / "usr" / "bin" / "ping"
+    ping.write_text("")
+    v2 = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)  # cap_net_raw=ep, no root uid
+    os.setxattr(ping, "security.capability", v2)
+    (root / "link").symlink_to("usr/bin/su")
+    base = userns.base_for("00000000000000ff")
+    userns.shift_ownership(root, base)
+    for path in (root, su, ping, root / "usr"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (base, base)
+    assert os.lstat(root / "link").st_uid == base
+    assert su.stat().st_mode & 0o7777 == 0o4755
+    magic, permitted, _inheritable, _p2, _i2, root_uid = struct.unpack("<IIIIII", os.getxattr(ping, "security.capability"))
+    assert (magic, permitted, root_uid) == (0x03000001, 1 << 13, base)
+    userns.shift_ownership(root, base)  # idempotent: an interrupted shift can be run again
+    assert su.stat().st_uid == base
+
+
+def test_each_image_gets_its_own_uid_range_in_nspawns_container_range() -> None:
+    bases = {userns.base_for(f"{n:016x}") for n in range(1000)}
+    assert len(bases) > 900
+    assert all(b % userns.RANGE == 0 and 0x00080000 <= b and b + userns.RANGE <= 0x6FFF0000 for b in bases)
+
+
+
+def test_a_scope_of_the_host_systemd_is_found_in_every_hierarchy(tmp_path: Path) -> None:
+    """Where the host's PID 1 is systemd the caps are its scope's (MemoryMax=, TasksMax=): the counters are read from
+    the scope's own groups, not from the subgroup nspawn moves itself into."""
+    proc_cgroup = ("12:pids:/machine.slice/harden-1234abcd.scope\n4:memory:/machine.slice/harden-1234abcd.scope\n"
+                   "1:name=systemd:/machine.slice/harden-1234abcd.scope/supervisor\n"
+                   "0::/machine.slice/harden-1234abcd.scope/supervisor\n")
+    hybrid = cgroups.scope_paths(proc_cgroup, "harden-1234abcd.scope", tmp_path)
+    assert hybrid == [tmp_path / "pids/machine.slice/harden-1234abcd.scope",
+                      tmp_path / "memory/machine.slice/harden-1234abcd.scope",
+                      tmp_path / "unified/machine.slice/harden-1234abcd.scope"]
+    (tmp_path / "cgroup.controllers").write_text("memory pids\n")
+    unified = cgroups.scope_paths("0::/machine.slice/harden-1234abcd.scope/payload\n", "harden-1234abcd.scope", tmp_path)
+    assert unified == [tmp_path / "machine.slice/harden-1234abcd.scope"]
+    group = unified[0]
+    group.mkdir(parents=True)
+    (group / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n")
+    (group / "pids.events").write_text("max 0\n")
+    assert cgroups.cap_counters(unified) == {"memory": 1, "pids": 0}
