@@ -130,6 +130,18 @@ def _directive_name(text: str) -> str:
     return text.split("=", 1)[0].strip()
 
 
+def spec_key(path: str | Path, release: str | None = None) -> str:
+    """What records, reports and baselines key a spec's run by: its path, with ``[release]`` when the session runs
+    the spec on several Debian releases (--harden-release=bookworm,trixie), one run each."""
+    return f"{path}[{release}]" if release else str(path)
+
+
+def spec_path_of(key: str) -> str:
+    """The spec file of a :func:`spec_key`."""
+    head, bracket, tail = key.rpartition("[")
+    return head if bracket and tail.endswith("]") and tail[:-1].isalnum() else key
+
+
 def tested_versions(tested: Mapping[str, Any]) -> dict[str, str]:
     """A start record's ``tested`` (Machine.tested) as the baseline keeps it: flat, without the kernel."""
     if tested.get("error"):

@@ -172,9 +172,10 @@ def _cache_key(args: argparse.Namespace) -> int:
         return 1
     # The image cache is content-addressed (recipe, release, packages, local .debs): the same images, the same key.
     # The archive's state is left out: a restored cache whose archive moved on is refreshed by the run itself.
-    keys = sorted({ImageCache.key_for(spec.machine.packages, spec.machine.release or DEFAULT_RELEASE,
-                                      spec.machine.debs)
-                   for spec in specs if spec is not None})
+    releases = [r for r in (args.release or "").split(",") if r]
+    keys = sorted({ImageCache.key_for(spec.machine.packages, release, spec.machine.debs)
+                   for spec in specs if spec is not None
+                   for release in (spec.releases or releases or [DEFAULT_RELEASE])})
     print(hashlib.sha256(" ".join(keys).encode()).hexdigest()[:16])
     return 0
 
@@ -338,6 +339,8 @@ def parser() -> argparse.ArgumentParser:
     key = commands.add_parser("cache-key", help="print one key for the machine images the specs need (to key a CI "
                                                 "cache of HARDEN_CACHE_DIR)")
     key.add_argument("specs", nargs="+", metavar="SPEC")
+    key.add_argument("--release", metavar="RELEASE[,RELEASE...]",
+                     help="the release(s) the run will use for specs that pin none (as --harden-release)")
     key.set_defaults(run=_cache_key)
 
     cache = commands.add_parser("cache", help="list the cached machine images, or prune the superseded and unused")

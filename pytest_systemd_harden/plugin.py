@@ -11,13 +11,14 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
 from .backends.base import Machine
-from .baseline import Baseline
+from .baseline import Baseline, spec_key
 from .diagnosis import Diagnosis
 from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
 from .images import DEFAULT_MAX_AGE_DAYS, DEFAULT_RELEASE, RELEASES, ImageCache
@@ -44,9 +45,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--harden-cache-dir", default=None, metavar="DIR",
                     help="where built machine images are cached (default: $HARDEN_CACHE_DIR, else "
                          "$XDG_CACHE_HOME/pytest-systemd-harden, else ~/.cache/pytest-systemd-harden)")
-    group.addoption("--harden-release", default=None, metavar="RELEASE",
-                    help="the Debian release of the machines of specs that name none in machine.release (default: "
-                         f"{DEFAULT_RELEASE}; one of {', '.join(RELEASES)})")
+    group.addoption("--harden-release", default=None, metavar="RELEASE[,RELEASE...]",
+                    help="the Debian release(s) the specs that pin none in machine.release run on; several run "
+                         "every such spec once per release, items named SPEC::RELEASE::ITEM (default: "
+                         f"{DEFAULT_RELEASE}; of {', '.join(RELEASES)})")
     group.addoption("--harden-refresh-images", action="store_true", default=False,
                     help="look at the Debian archive now: an image whose packages have newer versions there is "
                          "built again (otherwise looked at once the last look is older than --harden-image-max-age)")
@@ -129,7 +131,7 @@ class HardenSession:
         if self._pool is None:
             cache_dir = self.config.getoption("harden_cache_dir")
             self._pool = MachinePool(backend=self.config.getoption("harden_backend"),
-                                     default_release=self.config.getoption("harden_release"),
+                                     default_release=self.releases[0] if len(self.releases) == 1 else None,
                                      image_cache=ImageCache(
                                          Path(cache_dir) if cache_dir else None,
                                          max_age_days=self.config.getoption("harden_image_max_age"),
@@ -162,6 +164,18 @@ class HardenSession:
         if self.config.getoption("harden_require_backend"):
             pytest.fail(f"backend unavailable (--harden-require-backend): {exc}", pytrace=False)
         pytest.skip(f"backend unavailable: {exc}")
+
+    @property
+    def releases(self) -> list[str]:
+        """--harden-release, split: the Debian releases every spec that pins none runs on."""
+        return [r.strip() for r in (self.config.getoption("harden_release") or "").split(",") if r.strip()]
+
+    def releases_for(self, spec: Spec) -> list[str]:
+        """The releases ``spec`` runs on in this session, one run each: its own (machine.release), else
+        --harden-release's; "" is the default release."""
+        if spec.releases:
+            return list(spec.releases)
+        return self.releases or [spec.machine.release]
 
     def start(self, spec: Spec) -> HardenedService:
         """The spec's service, started; a backend that cannot run skips (or fails under --harden-require-backend)."""
@@ -220,12 +234,12 @@ class HardenSession:
     def check_report_options(self) -> None:
         """Fail fast, before collection, on report options that cannot work; load the baseline."""
         option = self.config.getoption
-        release = option("harden_release")
-        if release and release not in RELEASES:
-            close = difflib.get_close_matches(release, list(RELEASES), n=1)
-            raise pytest.UsageError(f"--harden-release: unknown Debian release {release!r}"
-                                    + (f" (did you mean {close[0]}?)" if close else "")
-                                    + f"; one of {', '.join(RELEASES)}")
+        for release in self.releases:
+            if release not in RELEASES:
+                close = difflib.get_close_matches(release, list(RELEASES), n=1)
+                raise pytest.UsageError(f"--harden-release: unknown Debian release {release!r}"
+                                        + (f" (did you mean {close[0]}?)" if close else "")
+                                        + f"; one of {', '.join(RELEASES)}")
         if option("harden_baseline_update") and not option("harden_baseline"):
             raise pytest.UsageError("--harden-baseline-update needs the file to write: add --harden-baseline=PATH")
         policy = option("harden_security_policy")
@@ -259,12 +273,12 @@ class HardenSession:
 
     def update_baseline(self, current: Baseline) -> None:
         """Rewrite the baseline file with what this run observed, keeping what it did not look at."""
-        from .baseline import observe, records_by_spec
+        from .baseline import observe, records_by_spec, spec_path_of
 
         observed = {}
         for spec_path, records in records_by_spec(self.records).items():
             try:
-                spec = load_spec(spec_path)
+                spec = load_spec(spec_path_of(spec_path))
             except SpecError:
                 continue  # a spec that no longer loads has no items, and nothing to record
             observed[spec_path] = (observe(records, spec), spec)
@@ -342,18 +356,21 @@ def hardened_service(request: pytest.FixtureRequest, harden_spec: Spec) -> Itera
 
 # --- YAML specs as tests ------------------------------------------------------------------------------------
 
-class SpecFile(pytest.File):
-    """A hardening spec: one item that the service starts, then one item per scenario."""
+class SpecRun:
+    """One run of a spec on one machine: its items, and the service they share. The spec file itself where the
+    session runs one Debian release, else one :class:`ReleaseRun` per release below the file."""
 
     spec: Spec
+    key: str  # records, reports and baselines know this run by it (baseline.spec_key)
     _service: HardenedService | None = None
     _start_error: BaseException | None = None
+    if TYPE_CHECKING:  # what the pytest node it is mixed into has
+        path: Path
+        nodeid: str
+        stash: pytest.Stash
+        config: pytest.Config
 
-    def collect(self) -> Iterator[pytest.Item]:
-        try:
-            self.spec = load_spec(self.path, self.config.rootpath)  # machine.files may come from the project
-        except SpecError as exc:
-            raise self.CollectError(str(exc)) from None
+    def items(self: Any) -> Iterator[pytest.Item]:
         yield StartItem.from_parent(self, name="service starts under hardening")
         for scenario in self.spec.scenarios:
             yield ScenarioItem.from_parent(self, name=scenario.name, scenario=scenario)
@@ -381,7 +398,7 @@ class SpecFile(pytest.File):
                 raise
         return self._service
 
-    def teardown(self) -> None:
+    def teardown(self: Any) -> None:
         service, self._service = self._service, None
         if service is not None:
             session = HardenSession.of(self.config)
@@ -390,6 +407,41 @@ class SpecFile(pytest.File):
                 session.tightenings.append((self.spec, tighten_service(
                     service, keep=self.spec.tighten_keep, never=self.spec.tighten_never)))
             session.release(service)
+
+
+class SpecFile(SpecRun, pytest.File):
+    """A hardening spec: one item that the service starts, then one item per scenario (per release, when the
+    session runs several: ``harden.yaml::trixie::...``)."""
+
+    def collect(self) -> Iterator[pytest.Item | pytest.Collector]:
+        try:
+            spec = load_spec(self.path, self.config.rootpath)  # machine.files may come from the project
+        except SpecError as exc:
+            raise self.CollectError(str(exc)) from None
+        releases = HardenSession.of(self.config).releases_for(spec)
+        if len(releases) == 1:
+            self.spec, self.key = _on_release(spec, releases[0]), spec_key(self.path)
+            yield from self.items()
+            return
+        for release in releases:
+            yield ReleaseRun.from_parent(self, name=release, spec=_on_release(spec, release),
+                                         key=spec_key(self.path, release))
+
+
+class ReleaseRun(SpecRun, pytest.Collector):
+    """A spec on one Debian release, when the session runs several (--harden-release=bookworm,trixie)."""
+
+    def __init__(self, *, spec: Spec, key: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec, self.key = spec, key
+
+    def collect(self) -> Iterator[pytest.Item]:
+        yield from self.items()
+
+
+def _on_release(spec: Spec, release: str) -> Spec:
+    return spec if spec.machine.release == release or not release else \
+        replace(spec, machine=replace(spec.machine, release=release))
 
 
 class JsonRecord(dict[str, Any]):
@@ -411,7 +463,7 @@ class MachineCapHit(ScenarioFailed):
 
 
 class SpecItem(pytest.Item):
-    parent: SpecFile
+    parent: SpecRun  # type: ignore[assignment]  # a SpecFile or a ReleaseRun, both pytest nodes
 
     def run_item(self) -> None:
         raise NotImplementedError
@@ -439,7 +491,9 @@ class SpecItem(pytest.Item):
 
     def new_record(self, **fields: Any) -> dict[str, Any]:
         """This item's entry in the JSON report (--harden-json), filled in as the item runs."""
-        record: dict[str, Any] = {"spec": str(self.parent.path), **fields}
+        record: dict[str, Any] = {"spec": self.parent.key, **fields}
+        if self.parent.key != str(self.parent.path):
+            record["release"] = self.parent.spec.machine.release
         self.user_properties.append(("harden", record))
         return record
 
@@ -460,7 +514,7 @@ class SpecItem(pytest.Item):
         except (HardenError, pytest.fail.Exception) as exc:
             reason = "no backend" if isinstance(exc, pytest.fail.Exception) else type(exc).__name__
             raise failure(f"not run: the service did not start ({reason}; see "
-                          f"'{self.parent.name}::service starts under hardening')") from None
+                          f"'{self.parent.nodeid}::service starts under hardening')") from None
 
 
 class StartItem(SpecItem):
@@ -599,8 +653,8 @@ class BaselineItem(SpecItem):
         spec = self.parent.spec
         updating = bool(self.config.getoption("harden_baseline_update"))
         record = self.new_record(check="baseline", baseline=str(session.baseline.path), updating=updating)
-        observed = baseline.observe([r for r in session.records if r.get("spec") == str(self.parent.path)], spec)
-        old = session.baseline.get(spec.path)
+        observed = baseline.observe([r for r in session.records if r.get("spec") == self.parent.key], spec)
+        old = session.baseline.get(self.parent.key)
         if old is None:
             note = "added to the baseline by this run" if updating else \
                 f"not in the baseline {session.baseline.path}: add it with --harden-baseline-update"

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .baseline import START, Snapshot, item_name, observe, records_by_spec
+from .baseline import START, Snapshot, item_name, observe, records_by_spec, spec_path_of
 from .errors import SpecError
 from .spec import Spec, load_spec
 
@@ -153,7 +153,7 @@ def _display(path: str, root: Path | None) -> str:
 
 def _load_quietly(path: Path) -> Spec | None:
     try:
-        return load_spec(path)
+        return load_spec(spec_path_of(str(path)))
     except SpecError:
         return None  # edited or removed since the run: report what the records say
 
@@ -193,12 +193,31 @@ def summarize(records: Sequence[Record], root: Path | None = None,
 COLUMNS = ("spec", "exposure", "scenarios", "directives", "diagnoses", "baseline")
 
 
+def release_matrix(reports: Sequence[SpecReport]) -> list[str]:
+    """Specs run on several Debian releases (--harden-release=a,b): one row per spec, one column per release."""
+    releases: list[str] = []
+    cells: dict[str, dict[str, str]] = {}
+    for report in reports:
+        path = spec_path_of(report.label)
+        if path == report.label:
+            continue
+        release = report.label[len(path) + 1:-1]
+        releases += [release] if release not in releases else []
+        cells.setdefault(path, {})[release] = f"{report.passed} passed, {report.failed} failed"
+    if len(releases) < 2:
+        return []
+    rows = [("releases", *releases)] + [(path, *(row.get(r, "-") for r in releases)) for path, row in cells.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
 def summary_lines(reports: Sequence[SpecReport]) -> list[str]:
     """The terminal summary: one row per spec, then baseline regressions and improvements spelled out."""
     rows = [COLUMNS] + [(r.label, r.exposure_text(), f"{r.passed} passed, {r.failed} failed",
                          r.directives_text(), r.diagnoses_text(), r.baseline_text()) for r in reports]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines += release_matrix(reports)
     lines += [f"tested {r.label}: {r.tested_text()}" for r in reports if r.tested]
     for report in reports:
         changes = report.baseline or {}

@@ -283,6 +283,8 @@ class Spec:
     tighten_keep: tuple[str, ...] = ()
     tighten_never: tuple[str, ...] = ()
     tighten_offline: bool = False  # tighten: {offline: true}: the service needs no network (tighten.policy_exclusions)
+    # machine.release as written: the Debian releases the spec is pinned to, one run on each; () for the session's.
+    releases: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -555,7 +557,9 @@ def parse_spec(document: Any, path: Path, root: Path | None = None) -> Spec:
     if "service" not in doc:
         raise check.error(doc, None, "service", "missing", "every spec needs `service: {exec_start: /path/to/program ...}`")
     service = _parse_service(check, check.mapping(doc["service"], doc, "service", "service"))
-    machine = _parse_machine(check, check.mapping(doc.get("machine") or _as_mapping({}), doc, "machine", "machine"))
+    machine_section = check.mapping(doc.get("machine") or _as_mapping({}), doc, "machine", "machine")
+    releases = _parse_releases(check, machine_section)
+    machine = _parse_machine(check, machine_section, releases)
     profile = _parse_profile(check, doc)
     hardening = _parse_hardening(check, doc.get("hardening"), doc, profile)
     scenarios = _parse_scenarios(check, doc.get("scenarios"), doc)
@@ -568,7 +572,7 @@ def parse_spec(document: Any, path: Path, root: Path | None = None) -> Spec:
     return Spec(path, service, machine, hardening, scenarios, name, denials=denials, enforcement=enforcement,
                 profile=profile.name if profile else "",
                 max_exposure=max_exposure, tighten_keep=keep, tighten_never=never,
-                tighten_offline=_parse_tighten_offline(check, doc))
+                tighten_offline=_parse_tighten_offline(check, doc), releases=releases)
 
 
 def _parse_tighten_offline(check: _Checker, doc: _Mapping) -> bool:
@@ -792,7 +796,7 @@ def project_root(start: Path) -> Path | None:
     return None
 
 
-def _parse_machine(check: _Checker, section: _Mapping) -> MachineConfig:
+def _parse_machine(check: _Checker, section: _Mapping, releases: tuple[str, ...]) -> MachineConfig:
     check.known_keys(section, MACHINE_KEYS, "machine.")
     packages: list[str] = []
     if "packages" in section:
@@ -855,17 +859,26 @@ def _parse_machine(check: _Checker, section: _Mapping) -> MachineConfig:
         raise check.error(section, "privileged", "machine.privileged", f"expected true or false, got {privileged!r}",
                           "true runs an nspawn container without a user namespace: its root is root on the host")
     return MachineConfig(tuple(sorted(set(packages))), tuple(sorted(files)), backend, privileged=privileged,
-                         release=_parse_release(check, section), debs=_parse_debs(check, section))
+                         release=releases[0] if len(releases) == 1 else "", debs=_parse_debs(check, section))
 
 
-def _parse_release(check: _Checker, section: _Mapping) -> str:
+def _parse_releases(check: _Checker, section: _Mapping) -> tuple[str, ...]:
+    """``machine.release``: one Debian release or a list of them, pinned (the spec runs once on each); () for the
+    session's (--harden-release, else images.DEFAULT_RELEASE)."""
     if "release" not in section:
-        return ""  # the session's: --harden-release, else images.DEFAULT_RELEASE
-    release = check.string(section, "release", "machine.release")
-    if release not in RELEASES:
-        raise check.error(section, "release", "machine.release", f"unknown Debian release {release!r}",
-                          _closest_hint(release, list(RELEASES)) or f"one of {', '.join(RELEASES)}")
-    return release
+        return ()
+    raw = section["release"]
+    names = raw if isinstance(raw, list) else [check.string(section, "release", "machine.release")]
+    if not names:
+        raise check.error(section, "release", "machine.release", "is an empty list",
+                          f"a release or a list of them: {', '.join(RELEASES)}")
+    for index, release in enumerate(names):
+        where, key = (raw, index) if isinstance(raw, list) else (section, "release")
+        dotted = f"machine.release[{index}]" if isinstance(raw, list) else "machine.release"
+        if not isinstance(release, str) or release not in RELEASES:
+            raise check.error(where, key, dotted, f"unknown Debian release {release!r}",
+                              _closest_hint(str(release), list(RELEASES)) or f"one of {', '.join(RELEASES)}")
+    return tuple(dict.fromkeys(names))
 
 
 def _parse_debs(check: _Checker, section: _Mapping) -> tuple[str, ...]:

@@ -95,7 +95,10 @@ def test_machine_release_and_debs_in_the_spec(tmp_path: Path) -> None:
     assert spec.machine.debs == (str(tmp_path / "build" / "app-doc_1.1_all.deb"),
                                  str(tmp_path / "build" / "app_1.1_all.deb"))
     assert spec.machine.packages == ("busybox-static:i386",)
-    assert load_spec(spec_at(tmp_path, "  packages: [curl]\n")).machine.release == images.DEFAULT_RELEASE
+    unpinned = load_spec(spec_at(tmp_path, "  packages: [curl]\n"))
+    assert unpinned.machine.release == "" and unpinned.releases == ()  # the session's (--harden-release)
+    both = load_spec(spec_at(tmp_path, "  release: [bookworm, trixie]\n"))
+    assert both.releases == ("bookworm", "trixie") and both.machine.release == ""
 
 
 @pytest.mark.parametrize(("machine", "message"), [
