@@ -104,6 +104,12 @@ class Image:
         return self.versions.get("systemd")
 
 
+def deb_package_name(path: str) -> str:
+    """The package a local .deb file holds (its control file's Package:), or the file name's first part."""
+    found = subprocess.run(["dpkg-deb", "-f", path, "Package"], capture_output=True, text=True, check=False)
+    return found.stdout.strip() or Path(path).name.split("_", 1)[0]
+
+
 def deb_digest(path: str) -> str:
     """The content hash of a local .deb: a rebuilt package is a new image even under the same file name."""
     digest = hashlib.sha256()
@@ -252,7 +258,8 @@ class ImageCache:
             staging.rename(final)
         finally:
             remove_tree(staging)
-        shown = ", ".join(f"{name} {versions[name]}" for name in ("systemd", *extra) if name in versions)
+        named = ("systemd", *extra, *(deb_package_name(deb) for deb in debs))
+        shown = ", ".join(f"{name} {versions[name]}" for name in named if name in versions)
         progress(f"built {label} in {time.monotonic() - started:.0f}s ({shown})")
 
     def _run_builder(self, staging: Path, rootfs: Path, packages: list[str], release: str, debs: tuple[str, ...],

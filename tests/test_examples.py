@@ -31,8 +31,10 @@ ITEMS = {
                       "harden.yaml::export for accounting (once a month) PASSED"],
     "package-unit": ["harden.yaml::a value is set and read back PASSED", "harden.yaml::the server answers stats PASSED",
                      "test_over_hardening.py::test_the_start_fails_and_the_diagnosis_names_the_drop_ins_line PASSED"],
-    "unit-file": ["harden.yaml::a note is stored and read back PASSED",
-                  "harden.yaml::the state directory is the instance's own, and the sandbox writes there only PASSED"],
+    "unit-file": [f"harden.yaml::{release}::{item} PASSED" for release in ("bookworm", "trixie") for item in (
+        "a note is stored and read back", "the state directory is the instance's own, and the sandbox writes there only")],
+    "version-bump": ["harden.yaml::says hello PASSED", "harden.yaml::says hello again, and counts PASSED",
+                     "test_version_bump.py::test_the_baseline_notices_the_bump_and_the_regression_it_brought PASSED"],
     "privileged-port": ["harden.yaml::redirects plain HTTP to HTTPS PASSED",
                         "harden.yaml::holds exactly CAP_NET_BIND_SERVICE PASSED"],
 }

@@ -12,7 +12,6 @@ import itertools
 import os
 import shlex
 import signal
-import subprocess
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import MachineError
-from ..images import DEFAULT_RELEASE, ImageCache
+from ..images import DEFAULT_RELEASE, ImageCache, deb_package_name
 from ..probes.runner import guarded_batch
 from ..result import CommandResult
 from ..systemd import COMMAND_KILL_GRACE, OutputFiles, Property, SocketConnector, SystemdClient
@@ -79,12 +78,6 @@ def timeout_note(timeout: float, killed_by: int | None) -> str:
     how = (f"it ignored SIGTERM, so SIGKILL followed {COMMAND_KILL_GRACE:g}s later" if killed_by == signal.SIGKILL
            else "SIGTERM to every process of its unit")
     return f"[pytest-systemd-harden: killed at its {timeout:g}s timeout: {how}]"
-
-
-def deb_package_name(path: str) -> str:
-    """The package a local .deb file holds (its control file's Package:), or the file name's first part."""
-    found = subprocess.run(["dpkg-deb", "-f", path, "Package"], capture_output=True, text=True, check=False)
-    return found.stdout.strip() or Path(path).name.split("_", 1)[0]
 
 
 def proportional_set_size(pids: Iterable[int]) -> int:
