@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from .errors import BackendUnavailable, HardenError, SpecError
-from .images import BASE_PACKAGES, DEFAULT_RELEASE
+from .images import BASE_PACKAGES, DEFAULT_RELEASE, RELEASES
 from .service import unit_name_for
 from .spec import Spec, load_spec
 
@@ -256,8 +256,8 @@ def _backends(args: argparse.Namespace) -> int:
     measured: dict[str, tuple[str, Capabilities]] = {}
     for name in names:
         def measure(pool: MachinePool, name: str = name) -> tuple[str, Capabilities]:
-            config = MachineConfig(backend="nspawn", privileged=True) if name == PRIVILEGED_NSPAWN \
-                else MachineConfig(backend=name)
+            config = MachineConfig(backend="nspawn", privileged=True, release=args.release) \
+                if name == PRIVILEGED_NSPAWN else MachineConfig(backend=name, release=args.release)
             machine = pool.machine_for(config)
             return machine.describe(), machine_capabilities(machine)
         found = _on_machine(args, "backends", measure)
@@ -355,6 +355,9 @@ def parser() -> argparse.ArgumentParser:
                                                     "directives it enforces, measured (needs root)")
     backends.add_argument("names", nargs="*", metavar="NAME", help=f"nspawn, {PRIVILEGED_NSPAWN}, qemu, host (default: all)")
     backends.add_argument("--markdown", action="store_true", help="print a table (docs/backends.md has one)")
+    backends.add_argument("--release", default="", choices=[*RELEASES, ""], metavar="RELEASE",
+                          help=f"the Debian release the machines boot (default: {DEFAULT_RELEASE}): what a backend "
+                               "enforces depends on its systemd")
     backends.add_argument("--cache-dir", metavar="DIR", help="image cache (default: $HARDEN_CACHE_DIR or "
                                                              "~/.cache/pytest-systemd-harden)")
     backends.set_defaults(run=_backends)

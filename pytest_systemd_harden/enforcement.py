@@ -1127,8 +1127,15 @@ def unenforceable_reason(directive: Directive, facts: MachineFacts) -> str:
                 "backend enforces it")
     if name in ("SocketBindDeny", "SocketBindAllow", "IPAddressDeny", "IPAddressAllow"):
         return f"{name}= needs BPF cgroup programs: cgroup v2 for the unit, and bpf() allowed in the container"
+    if name == "RestrictFileSystems" and facts.cgroup_fs != "cgroup2fs":
+        return ("RestrictFileSystems= needs the BPF LSM, which systemd uses only on a unified cgroup hierarchy, and "
+                f"the machine's is not ({facts.cgroup_fs} on /sys/fs/cgroup: nspawn gives a container the host's "
+                "hybrid layout): a host or VM with unified cgroups and the BPF LSM enforces it")
     if name == "RestrictFileSystems":
-        return "RestrictFileSystems= needs the BPF LSM (lsm=...,bpf on the kernel command line)"
+        seen = f"the machine's LSMs are {facts.lsms}" if facts.lsms else \
+            "the machine has no /sys/kernel/security/lsm (securityfs not mounted), so systemd cannot tell"
+        return (f"RestrictFileSystems= needs the BPF LSM active ('bpf' in /sys/kernel/security/lsm; lsm=...,bpf on the "
+                f"kernel command line), and {seen}")
     if name in ("MemoryMax", "TasksMax"):
         controller = "memory" if name == "MemoryMax" else "pids"
         return (f"{name}= needs the {controller} controller on the unit's cgroup; a container on a host with hybrid "

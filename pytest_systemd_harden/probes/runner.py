@@ -136,6 +136,10 @@ class MachineFacts:
     unenforced: dict[str, str] = field(default_factory=dict, compare=False)
     # The machine's root is root of a user namespace (a user-namespaced container): not root on the host's kernel.
     user_namespaced: bool = field(default=False, compare=False)
+    # What the machine's systemd sees of the kernel: its cgroup hierarchy ("cgroup2fs" when unified, "tmpfs" when
+    # hybrid or legacy) and the active LSMs (/sys/kernel/security/lsm; "" where securityfs is not mounted).
+    cgroup_fs: str = field(default="cgroup2fs", compare=False)
+    lsms: str = field(default="", compare=False)
 
     def lacks(self, feature: str) -> bool:
         return f"-{feature}" in self.features
@@ -194,9 +198,12 @@ def machine_facts(machine: Machine) -> MachineFacts:
     if machine.name not in _FACTS:
         version = machine.run(["systemctl", "--version"], purpose="facts")
         groups = machine.run(["systemd-analyze", "syscall-filter", "--no-pager"], purpose="facts")
-        uid_map = machine.run(["cat", "/proc/self/uid_map"], purpose="facts")
+        seen = "cat /proc/self/uid_map; stat -fc %T /sys/fs/cgroup; cat /sys/kernel/security/lsm 2>/dev/null; echo"
+        kernel = machine.run(["/bin/sh", "-c", seen], purpose="facts")
+        uid_map, cgroup_fs, lsms = (kernel.stdout.splitlines() + ["", "", ""])[:3]
         number, features = parse_version(version.stdout)
         _FACTS[machine.name] = MachineFacts(number, features, parse_groups(groups.stdout),
                                             parse_known_syscalls(groups.stdout),
-                                            user_namespaced=uid_map.stdout.split()[:2] != ["0", "0"])
+                                            user_namespaced=uid_map.split()[:2] != ["0", "0"],
+                                            cgroup_fs=cgroup_fs.strip(), lsms=lsms.strip())
     return _FACTS[machine.name]
