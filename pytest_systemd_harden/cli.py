@@ -97,7 +97,8 @@ def _on_machine(args: argparse.Namespace, command: str, work: Callable[[MachineP
     from .pool import MachinePool
 
     pool = MachinePool(image_cache=ImageCache(Path(args.cache_dir) if args.cache_dir else None),
-                       progress=lambda line: print(f"[harden] {line}", file=sys.stderr, flush=True))
+                       progress=lambda line: print(f"[harden] {line}", file=sys.stderr, flush=True),
+                       remeasure=getattr(args, "remeasure", False))
     try:
         return work(pool)
     except BackendUnavailable as exc:
@@ -302,6 +303,8 @@ def parser() -> argparse.ArgumentParser:
                                                     "directives it enforces, measured (needs root)")
     backends.add_argument("names", nargs="*", metavar="NAME", help="nspawn, qemu, host (default: all)")
     backends.add_argument("--markdown", action="store_true", help="print a table (docs/backends.md has one)")
+    backends.add_argument("--remeasure", action="store_true",
+                          help="measure again even if the capability cache has this kernel, image and backend")
     backends.add_argument("--cache-dir", metavar="DIR", help="image cache (default: $HARDEN_CACHE_DIR or "
                                                              "~/.cache/pytest-systemd-harden)")
     backends.set_defaults(run=_backends)

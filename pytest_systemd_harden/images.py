@@ -135,6 +135,19 @@ class ImageCache:
         return command[0]
 
 
+def package_version(rootfs: Path, package: str) -> str:
+    """The version of ``package`` installed in ``rootfs`` (from dpkg's database), or "" if it is not installed."""
+    try:
+        status = (rootfs / "var" / "lib" / "dpkg" / "status").read_text(errors="replace")
+    except OSError:
+        return ""
+    for stanza in status.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and line[:1] != " ")
+        if fields.get("Package") == package and fields.get("Status", "").endswith(" installed"):
+            return fields.get("Version", "")
+    return ""
+
+
 def _customize(rootfs: Path) -> None:
     """Make the tree boot fast and quietly as a container."""
     (rootfs / "etc" / "hostname").write_text(HOSTNAME + "\n")

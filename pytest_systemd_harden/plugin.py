@@ -41,6 +41,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--harden-cache-dir", default=None, metavar="DIR",
                     help="where built machine images are cached (default: $HARDEN_CACHE_DIR, else "
                          "$XDG_CACHE_HOME/pytest-systemd-harden, else ~/.cache/pytest-systemd-harden)")
+    group.addoption("--harden-remeasure", action="store_true", default=False,
+                    help="measure what each machine enforces again, even if the capability cache (beside the "
+                         "images) has it for this kernel, image and backend command line")
     group.addoption("--harden-diagnose", choices=("on", "off"), default="on",
                     help="when a scenario fails under hardening, find the directive that broke it and the smallest "
                          "verified relaxation (costs reruns; default: on)")
@@ -117,7 +120,8 @@ class HardenSession:
             cache_dir = self.config.getoption("harden_cache_dir")
             self._pool = MachinePool(backend=self.config.getoption("harden_backend"),
                                      image_cache=ImageCache(Path(cache_dir) if cache_dir else None),
-                                     progress=self.progress)
+                                     progress=self.progress,
+                                     remeasure=self.config.getoption("harden_remeasure"))
         return self._pool
 
     def progress(self, message: str) -> None:

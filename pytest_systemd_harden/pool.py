@@ -23,12 +23,14 @@ class MachinePool:
     """Boots machines lazily, reuses them, and shuts every one down on :meth:`close` (or at exit).
 
     ``backend`` overrides the backend each spec asks for (``--harden-backend``). A machine that failed to boot
-    is not retried for every test: its error is remembered and raised again.
+    is not retried for every test: its error is remembered and raised again. ``remeasure`` measures what each
+    machine enforces even when the capability cache has it (``--harden-remeasure``).
     """
 
     def __init__(self, *, backend: str | None = None, image_cache: ImageCache | None = None,
-                 progress: Progress = lambda line: None, boot_timeout: float = 60.0) -> None:
+                 progress: Progress = lambda line: None, boot_timeout: float = 60.0, remeasure: bool = False) -> None:
         self.backend = backend
+        self.remeasure = remeasure
         self.image_cache = image_cache or ImageCache()
         self.progress = progress
         self.boot_timeout = boot_timeout
@@ -67,9 +69,11 @@ class MachinePool:
                 raise
             self.progress(f"{machine.name} booted in {time.monotonic() - started:.1f}s ({machine.describe()})")
             self._machines[config] = machine
-        # Measured now, not assumed from the backend: what this machine can enforce (see capabilities.py).
+        # Measured, not assumed from the backend: what this machine can enforce (see capabilities.py; cached on
+        # disk per kernel, image and backend command line).
         try:
-            self.progress(f"{machine.name} {machine_capabilities(machine).summary()}")
+            capabilities = machine_capabilities(machine, remeasure=self.remeasure)
+            self.progress(f"{machine.name} {capabilities.summary()} ({capabilities.how})")
         except HardenError as exc:
             self.progress(f"{machine.name}: could not measure what it enforces ({exc})")
         return machine

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..cgroups import Contained, host_runs_systemd
 from ..errors import BackendUnavailable, MachineError
+from ..images import Image, package_version
 from ..probes.inside import GUARD_KERNEL
 from .base import Machine, Progress, proportional_set_size
 
@@ -45,6 +46,7 @@ class NspawnMachine(Machine):
     _console: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200), init=False,
                                              repr=False)
     leader: int | None = field(default=None, init=False)
+    image: Image | None = field(default=None, init=False, repr=False)
 
     def command_line(self, rootfs: Path) -> list[str]:
         binds = [f"--bind-ro={host}:{dest}" for dest, host in self.config.files]
@@ -64,7 +66,7 @@ class NspawnMachine(Machine):
     def _start(self, progress: Progress) -> str:
         check_available()
         self.config.check_files()
-        image = self.image_cache.get(self.config.packages, progress)
+        image = self.image = self.image_cache.get(self.config.packages, progress)
         # If the test process dies without cleaning up, the container is shut down with it.
         self._contained = Contained.start(self.command_line(image.rootfs), "machine", self.name,
                                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -74,6 +76,18 @@ class NspawnMachine(Machine):
         except BaseException:
             self._stop()
             raise
+
+    def capability_identity(self) -> dict[str, object]:
+        # The command line decides what the container may do (namespaces, syscall filter, capabilities, user
+        # namespacing): every flag as it runs, so changing one is a new key. Left out is only what names this one
+        # machine - its name, the rootfs path (the image key stands for it) and the spec's files bound read-only
+        # (their content is not what the kernel enforces).
+        assert self.image is not None, "capability_identity() of a container not started"
+        bound = [source for _dest, source in self.config.files]
+        argv = [arg.replace(str(self.image.rootfs), "{rootfs}").replace(self.name, "{machine}")
+                for arg in self.command_line(self.image.rootfs) if not any(source in arg for source in bound)]
+        return {"backend": self.NAME, "command_line": argv, "image": self.image.key,
+                "systemd": package_version(self.image.rootfs, "systemd")}
 
     def _collect_console(self) -> None:
         assert self._contained is not None and self._contained.process.stdout is not None
