@@ -46,7 +46,7 @@ from .enforcement import (
     judge_alone,
     unenforceable_reason,
 )
-from .probes.runner import Batch, machine_facts, on_machine, run_batch, unique
+from .probes.runner import Batch, MachineFacts, machine_facts, on_machine, remember_facts, run_batch, unique
 
 # (directive, the value it is measured with): what varies between machines and hosts, one of each mechanism.
 MEASURED: tuple[tuple[str, str], ...] = (
@@ -119,13 +119,16 @@ def machine_capabilities(machine: Machine, *, remeasure: bool = False) -> Capabi
         if machine.name not in _MEASURED:
             key = cache_key(machine)
             cache = CapabilityCache(machine.image_cache.cache_dir / "capabilities")
-            found = None if remeasure else cache.load(key)
-            if found is None:
+            cached = None if remeasure else cache.load(key)
+            if cached is not None:
+                found, facts = cached
+                remember_facts(machine, facts)  # the same key decides them: spares the first start two commands
+            else:
                 started = time.monotonic()
                 found = measure(machine)
                 found = replace(found, how=f"measured in {time.monotonic() - started:.1f}s")
                 if found.clean:
-                    cache.store(key, found)
+                    cache.store(key, found, machine_facts(machine))
             _MEASURED[machine.name] = found
         return _MEASURED[machine.name]
 
@@ -177,7 +180,8 @@ class CapabilityCache:
         text = json.dumps(key, sort_keys=True)
         return self.directory / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
 
-    def load(self, key: dict[str, object]) -> Capabilities | None:
+    def load(self, key: dict[str, object]) -> tuple[Capabilities, MachineFacts] | None:
+        """The capabilities stored for ``key``, and the facts of the machine's systemd measured with them."""
         try:
             data = json.loads(self.path_for(key).read_text())
             if data["key"] != json.loads(json.dumps(key)):
@@ -188,15 +192,22 @@ class CapabilityCache:
                     return None
                 by_name[entry["name"]] = Capability(entry["directive"], entry["name"], entry["status"],
                                                     entry["evidence"], entry["why"])
-            return Capabilities(data["backend"], by_name, how="cached")
+            known = data["facts"]
+            facts = MachineFacts(int(known["version"]), frozenset(known["features"]),
+                                 {group: frozenset(names) for group, names in known["syscall_groups"].items()},
+                                 frozenset(known["known_syscalls"]))
+            return Capabilities(data["backend"], by_name, how="cached"), facts
         except (OSError, ValueError, KeyError, TypeError):
             return None  # missing, or written by another version: measure
 
-    def store(self, key: dict[str, object], capabilities: Capabilities) -> None:
+    def store(self, key: dict[str, object], capabilities: Capabilities, facts: MachineFacts) -> None:
         path = self.path_for(key)
         data = {"key": key, "backend": capabilities.backend, "capabilities": [
             {"directive": c.directive, "name": c.name, "status": c.status, "evidence": c.evidence, "why": c.why}
-            for c in capabilities.by_name.values()]}
+            for c in capabilities.by_name.values()],
+            "facts": {"version": facts.version, "features": sorted(facts.features),
+                      "syscall_groups": {group: sorted(names) for group, names in facts.syscall_groups.items()},
+                      "known_syscalls": sorted(facts.known_syscalls)}}
         staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

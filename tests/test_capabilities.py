@@ -12,7 +12,7 @@ from pytest_systemd_harden.capabilities import Capabilities, Capability, Capabil
 from pytest_systemd_harden.enforcement import ENFORCED, NOT_ENFORCED
 from pytest_systemd_harden.images import Image, ImageCache
 from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.probes.runner import machine_facts
+from pytest_systemd_harden.probes.runner import MachineFacts, machine_facts
 
 
 def test_a_container_here_enforces_namespaces_seccomp_and_bpf_firewalls_but_not_what_it_lacks(
@@ -51,10 +51,16 @@ def test_the_cache_gives_back_what_was_stored_and_only_for_its_own_key(tmp_path:
     stored = Capabilities("nspawn", {
         "MemoryMax": Capability("MemoryMax=64M", "MemoryMax", NOT_ENFORCED, "touched 128 MiB", "hybrid cgroups"),
         "ProtectSystem": Capability("ProtectSystem=strict", "ProtectSystem", ENFORCED, "/usr read-only")})
+    facts = MachineFacts(252, frozenset({"+SECCOMP", "-BPF_FRAMEWORK"}), {"@mount": frozenset({"mount", "umount2"})},
+                         frozenset({"mount", "umount2", "read"}))
     assert cache.load(key) is None
-    cache.store(key, stored)
-    found = cache.load(key)
-    assert found == stored and found is not None and found.how == "cached"
+    cache.store(key, stored, facts)
+    loaded = cache.load(key)
+    assert loaded is not None
+    found, found_facts = loaded
+    assert found == stored and found.how == "cached"
+    assert (found_facts, found_facts.syscall_groups, found_facts.known_syscalls) == (
+        facts, facts.syscall_groups, facts.known_syscalls)
     assert cache.load({**key, "kernel": {"release": "6.19"}}) is None
     assert [p.name for p in (tmp_path / "capabilities").iterdir()] == [cache.path_for(key).name]  # no temp files left
     # A file that does not hold its key (a hash collision, another version's format) is measured again.
@@ -102,6 +108,7 @@ def test_a_second_machine_of_the_same_setup_reads_the_cache_and_remeasure_measur
         cached = machine_capabilities(second)
         assert cached.how == "cached", "the first machine's measurement was not stored (a probe batch failed?)"
         assert cached == first
+        assert machine_facts(second) == machine_facts(machine)  # cached with them, not asked again
         del capabilities_module._MEASURED[second.name]
         again = machine_capabilities(second, remeasure=True)
         assert again.how.startswith("measured in") and again == first
