@@ -112,11 +112,15 @@ class ImageCache:
     def _on_cached_base(self, rootfs: Path, extra: tuple[str, ...], progress: Progress) -> str | None:
         """Build ``rootfs`` as the cached base image plus ``extra`` (about a quarter of a full build's time, see
         docs/performance.md); None, and nothing left at ``rootfs``, where a full build must do it: no extra
-        packages, no base cached, a VM's kernel (its initramfs hooks were measured only by full builds), or apt
-        failing on the copy."""
-        base = self.path_for(()) / "rootfs"
-        if not extra or set(extra) & set(VM_PACKAGES) or not (base / "usr" / "lib" / "systemd" / "systemd").exists():
+        packages, a VM's kernel (its initramfs hooks were measured only by full builds), or apt failing on the copy.
+        A base not cached yet is built first: base and packages on top cost about half a full build, and every
+        later package set starts from it (a fresh cache's first image is usually one with packages)."""
+        if not extra or set(extra) & set(VM_PACKAGES):
             return None
+        try:
+            base = self.get((), progress).rootfs
+        except ImageBuildError:
+            return None  # the full build says what is wrong
         progress(f"  installing {', '.join(extra)} on a copy of the cached base image")
         try:
             install_on_base(base, rootfs, extra, progress)
