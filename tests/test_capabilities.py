@@ -63,6 +63,9 @@ def test_the_cache_gives_back_what_was_stored_and_only_for_its_own_key(tmp_path:
         facts, facts.syscall_groups, facts.known_syscalls)
     assert cache.load({**key, "kernel": {"release": "6.19"}}) is None
     assert [p.name for p in (tmp_path / "capabilities").iterdir()] == [cache.path_for(key).name]  # no temp files left
+    read_only = CapabilityCache(Path("/proc/harden-not-writable"))
+    read_only.store(key, stored, facts)  # a cache that cannot be written: measured again next time, no error
+    assert read_only.load(key) is None
     # A file that does not hold its key (a hash collision, another version's format) is measured again.
     cache.path_for(key).write_text('{"key": {"other": 1}, "backend": "nspawn", "capabilities": []}')
     assert cache.load(key) is None
