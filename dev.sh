@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian/Ubuntu machine and run the example suite or the tests.
-#   sudo ./dev.sh examples   # the example hardening suite on the default (nspawn) backend
-#   sudo ./dev.sh test       # the plugin's own tests (pure logic + real containers)
+#   sudo ./dev.sh examples   # the example hardening suite on the default (nspawn) backend (installs only that)
+#   sudo ./dev.sh test       # the plugin's own tests (pure logic + real containers + VMs + the HTML report)
 # Extra arguments go to pytest. Needs root: systemd-nspawn boots real containers.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -13,15 +13,20 @@ need_root() {
     fi
 }
 
+# What a job needs, and nothing more: the main job (examples) boots containers from an image it builds; the
+# plugin's own tests also render the HTML report in a browser and boot VMs, which alone take most of a fresh
+# machine's setup time (chromium, qemu-system-x86).
 install_system_packages() {
-    local missing=()
+    local job=$1 missing=()
     command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
-    command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
-    command -v pgrep >/dev/null || missing+=(procps)
-    command -v chromium >/dev/null || missing+=(chromium)  # the HTML report's test renders it in a real browser
-    command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)  # the qemu backend
-    command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)  # makes the VM disk
+    command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)  # builds the image
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    if [ "$job" = test ]; then
+        command -v pgrep >/dev/null || missing+=(procps)  # tests check that no machine is left running
+        command -v chromium >/dev/null || missing+=(chromium)  # the HTML report's test renders it in a real browser
+        command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)  # the qemu backend
+        command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)  # makes the VM disk
+    fi
     if [ ${#missing[@]} -gt 0 ]; then
         echo "dev.sh: installing ${missing[*]}"
         apt-get update -q
@@ -30,23 +35,33 @@ install_system_packages() {
     fi
 }
 
+# examples: the plugin and its runtime dependencies; test: also the dev tools (xdist, mypy, ruff).
 install_python_packages() {
+    local job=$1
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv
     fi
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[dev]'
+    # An editable install from pyproject.toml needs pip 21.3 or later; a newer one is not worth the download.
+    if ! .venv/bin/python -c 'import sys, pip; sys.exit(tuple(map(int, pip.__version__.split(".")[:2])) < (21, 3))'
+    then
+        .venv/bin/python -m pip install -q --upgrade pip
+    fi
+    if [ "$job" = test ]; then
+        .venv/bin/python -m pip install -q -e '.[dev]'
+    else
+        .venv/bin/python -m pip install -q -e .
+    fi
 }
 
 command=${1:-}
 shift || true
 case "$command" in
     examples)
-        need_root "$command"; install_system_packages; install_python_packages
+        need_root "$command"; install_system_packages examples; install_python_packages examples
         exec .venv/bin/python -m pytest -p no:cacheprovider --harden-require-backend -v examples "$@"
         ;;
     test)
-        need_root "$command"; install_system_packages; install_python_packages
+        need_root "$command"; install_system_packages test; install_python_packages test
         exec .venv/bin/python -m pytest --harden-require-backend tests "$@"
         ;;
     *)

@@ -1,14 +1,18 @@
 """Benchmark: what a hardening test costs on the default (nspawn) backend, measured side by side in one run.
 
-    sudo .venv/bin/python bench/speed.py [--rounds N] [--vm-rounds N]
+    sudo .venv/bin/python bench/speed.py [--rounds N] [--vm-rounds N] [--cold-start]
 
 Prints, with absolute medians and ratios against a baseline measured in the same run:
-1. time to the first scenario result: cold boot of a container (image cached) + service start + one command;
-   beside it, the same on a VM of the same image (the qemu backend: what a VM-per-test driver pays);
+1. time to the first scenario result: cold boot of a container (image and capabilities cached) + service start +
+   one command, against the bare container boot plus one `systemd-run` (the floor); boots with a warm capability
+   cache vs a cold one (measured at boot); beside it, the same on a VM of the same image (the qemu backend: what a
+   VM-per-test driver pays);
 2. per-command overhead: our inside()/client() (a transient unit over D-Bus from the host) vs
    `systemd-run --wait --pipe` invoked inside the same container;
 3. the example suite serially vs with `pytest -n 2`;
-4. the resident memory (PSS) of one booted machine.
+4. the resident memory (PSS) of one booted machine;
+5. with --cold-start: the example suite on a fresh, empty cache (every image built, every capability measured)
+   vs the same suite on the warm cache.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 
 from pytest_systemd_harden.backends.base import MachineConfig
+from pytest_systemd_harden.backends.nspawn import NspawnMachine
 from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.service import HardenedService
 from pytest_systemd_harden.spec import load_spec
@@ -59,12 +65,12 @@ def median_ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:7.1f} ms"
 
 
-def time_to_first_result(spec_path: Path, rounds: int, backend: str = "nspawn",
+def time_to_first_result(spec_path: Path, rounds: int, backend: str = "nspawn", *, remeasure: bool = False,
                          ) -> tuple[list[float], list[float], list[int], str]:
     first, boots, memory = [], [], []
     described = backend
     for _ in range(rounds):
-        pool = MachinePool()
+        pool = MachinePool(remeasure=remeasure)
         try:
             started = time.monotonic()
             machine = pool.machine_for(MachineConfig(backend=backend))
@@ -80,6 +86,18 @@ def time_to_first_result(spec_path: Path, rounds: int, backend: str = "nspawn",
         finally:
             pool.close()
     return first, boots, memory, described
+
+
+def bare_boots(rounds: int) -> list[float]:
+    """The container alone: nspawn started and its systemd booted, nothing measured or started on it."""
+    times = []
+    for _ in range(rounds):
+        machine = NspawnMachine(MachineConfig(backend="nspawn"))
+        started = time.monotonic()
+        machine.boot()
+        times.append(time.monotonic() - started)
+        machine.shutdown()
+    return times
 
 
 def command_overhead(spec_path: Path, rounds: int) -> tuple[list[float], list[float], list[float], list[float]]:
@@ -109,13 +127,14 @@ def command_overhead(spec_path: Path, rounds: int) -> tuple[list[float], list[fl
         pool.close()
 
 
-def example_suite(workers: int | None) -> float:
+def example_suite(workers: int | None, cache_dir: Path | None = None) -> float:
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--harden-require-backend",
                str(ROOT / "examples")]
     if workers:
         command += ["-n", str(workers)]
+    env = {**os.environ, "HARDEN_CACHE_DIR": str(cache_dir)} if cache_dir else None
     started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     elapsed = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"example suite failed ({' '.join(command)}):\n{done.stdout[-3000:]}")
@@ -128,6 +147,8 @@ def main() -> int:
     parser.add_argument("--commands", type=int, default=30, help="commands per overhead measurement (default 30)")
     parser.add_argument("--suite-rounds", type=int, default=2, help="runs of the example suite each way (default 2)")
     parser.add_argument("--vm-rounds", type=int, default=2, help="repetitions of the VM boot (default 2; 0: skip)")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="also run the example suite on a fresh cache (builds every image: minutes)")
     args = parser.parse_args()
     spec_path = Path(tempfile.mkdtemp(prefix="harden-bench-")) / "harden.yaml"
     atexit.register(shutil.rmtree, spec_path.parent, ignore_errors=True)
@@ -136,7 +157,16 @@ def main() -> int:
     if args.vm_rounds:
         MachinePool().machine_for(MachineConfig(backend="qemu")).shutdown()  # and the VM's disk, and KVM's verdict
 
-    first, boots, memory, _ = time_to_first_result(spec_path, args.rounds)
+    first, boots, memory, cold_first, cold_boots, bare = [], [], [], [], [], []
+    for _ in range(args.rounds):  # interleaved, so drift in the machine's speed hits all three alike
+        warm = time_to_first_result(spec_path, 1)
+        first += warm[0]
+        boots += warm[1]
+        memory += warm[2]
+        cold = time_to_first_result(spec_path, 1, remeasure=True)
+        cold_first += cold[0]
+        cold_boots += cold[1]
+        bare += bare_boots(1)
     vm_first, vm_boots, vm_memory, vm_described = (time_to_first_result(spec_path, args.vm_rounds, "qemu")
                                                    if args.vm_rounds else ([], [], [], ""))
     client, inside, systemd_run, systemd_run_sandboxed = command_overhead(spec_path, args.commands)
@@ -144,10 +174,24 @@ def main() -> int:
     for _ in range(args.suite_rounds):  # alternate, so drift in the machine's speed hits both alike
         serial.append(example_suite(None))
         parallel.append(example_suite(2))
+    cold_suite = None
+    if args.cold_start:
+        fresh = Path(tempfile.mkdtemp(prefix="harden-bench-cache-", dir="/var/tmp"))
+        try:
+            cold_suite = example_suite(None, fresh)
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
 
     print(f"pytest-systemd-harden speed, nspawn backend, {args.rounds} boots, {args.commands} commands, "
           f"{args.suite_rounds} example-suite runs each way (medians)")
-    print(f"1. first scenario result (boot+start+command): {median_ms(first)}   of which boot: {median_ms(boots)}")
+    floor = statistics.median(bare) + statistics.median(systemd_run)
+    print(f"1. first scenario result (boot+start+command): {median_ms(first)}   of which boot: {median_ms(boots)}"
+          "   (capabilities cached)")
+    print(f"   bare container boot + one systemd-run:       {floor * 1000:7.1f} ms   "
+          f"ratio first result/that: {statistics.median(first) / floor:.2f}")
+    print(f"   boot, capabilities measured (cold cache):    {median_ms(cold_boots)}   "
+          f"ratio warm/cold boot: {statistics.median(boots) / statistics.median(cold_boots):.2f}   "
+          f"(first result: {median_ms(cold_first).strip()})")
     if vm_first:
         print(f"   the same on a VM of that image:              {median_ms(vm_first)}   of which boot: "
               f"{median_ms(vm_boots)}   ratio VM/nspawn: {statistics.median(vm_first) / statistics.median(first):.1f}"
@@ -163,6 +207,9 @@ def main() -> int:
           f"ratio -n 2/serial: {statistics.median(parallel) / statistics.median(serial):.2f}")
     print(f"4. resident memory of one booted machine (PSS): {statistics.median(memory) / 2**20:6.1f} MiB"
           + (f"   a VM: {statistics.median(vm_memory) / 2**20:6.1f} MiB" if vm_memory else ""))
+    if cold_suite is not None:
+        print(f"5. example suite on a fresh cache (every image built): {cold_suite:7.1f} s   "
+              f"ratio fresh/warm (serial): {cold_suite / statistics.median(serial):.1f}")
     return 0
 
 

@@ -7,16 +7,30 @@ BPF LSM), SystemCallFilter= seccomp, the Protect*/Private* directives mount name
 runs as root on the machine with only that directive (what systemd's own tests call a solo run) and one without
 any, and the enforcement engine's own checks judge it: the same evidence an enforcement item would use.
 
-The result is cached per machine. The enforcement engine uses it to report a directive the machine cannot enforce
+The result is kept per machine, and on disk under the image cache (``capabilities/``), keyed by everything that
+decides it (:func:`cache_key`): the host's kernel (release, build, command line, LSMs, cgroup layout), the
+backend's own description of how it runs the machine (:meth:`Machine.capability_identity
+<pytest_systemd_harden.backends.base.Machine.capability_identity>`: its command line, the image, the systemd in
+it) and the probes' recipe (the source of the code that measures and judges). The same key gives the same answer,
+so a machine booted again measures nothing (about 0.5 s saved per boot); any change of a part is a new key.
+``--harden-remeasure`` (``systemd-harden backends --remeasure``) measures again and rewrites the entry. The
+enforcement engine uses it to report a directive the machine cannot enforce
 as such at once ("the nspawn backend does not enforce MemoryMax= here: ..."), and ``systemd-harden backends``
 prints it for every backend that runs here (the table in docs/backends.md comes from it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import json
+import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from .backends.base import Machine
 from .directives import Directive
@@ -32,7 +46,7 @@ from .enforcement import (
     judge_alone,
     unenforceable_reason,
 )
-from .probes.runner import Batch, machine_facts, on_machine, run_batch, unique
+from .probes.runner import Batch, MachineFacts, machine_facts, on_machine, remember_facts, run_batch, unique
 
 # (directive, the value it is measured with): what varies between machines and hosts, one of each mechanism.
 MEASURED: tuple[tuple[str, str], ...] = (
@@ -69,6 +83,10 @@ class Capabilities:
 
     backend: str
     by_name: dict[str, Capability]
+    # How this answer was got, for the boot line: "measured in 0.6s", "cached".
+    how: str = field(default="", compare=False)
+    # False when a probe batch did not finish normally (a timeout on a loaded machine): not worth keeping.
+    clean: bool = field(default=True, compare=False)
 
     def unenforced(self) -> dict[str, str]:
         """Directive name -> what was seen and why (only the directives seen not enforced)."""
@@ -87,14 +105,117 @@ class Capabilities:
 
 _MEASURED: dict[str, Capabilities] = {}
 _LOCK = threading.Lock()
+# Bump when what a measurement means changes in a way the hashed sources below do not show (a new key part).
+RECIPE_VERSION = 1
+# The code that decides a measurement's answer: the probes, how they run, and the checks that judge them.
+_RECIPE_SOURCES = ("capabilities.py", "enforcement.py", "directives.py", "probes/inside.py", "probes/catalogue.py",
+                   "probes/runner.py", "probes/model.py")
 
 
-def machine_capabilities(machine: Machine) -> Capabilities:
-    """The capabilities of ``machine``, measured on first use (two-digit probe batches: about 2 s on nspawn)."""
+def machine_capabilities(machine: Machine, *, remeasure: bool = False) -> Capabilities:
+    """The capabilities of ``machine``: from the on-disk cache if this key was measured before, else measured
+    (two-digit probe batches: about 0.5 s on nspawn) and stored; ``remeasure`` ignores the cache entry."""
     with _LOCK:
         if machine.name not in _MEASURED:
-            _MEASURED[machine.name] = measure(machine)
+            key = cache_key(machine)
+            cache = CapabilityCache(machine.image_cache.cache_dir / "capabilities")
+            cached = None if remeasure else cache.load(key)
+            if cached is not None:
+                found, facts = cached
+                remember_facts(machine, facts)  # the same key decides them: spares the first start two commands
+            else:
+                started = time.monotonic()
+                found = measure(machine)
+                found = replace(found, how=f"measured in {time.monotonic() - started:.1f}s")
+                if found.clean:
+                    cache.store(key, found, machine_facts(machine))
+            _MEASURED[machine.name] = found
         return _MEASURED[machine.name]
+
+
+@functools.cache
+def _recipe() -> str:
+    package = Path(__file__).parent
+    digest = hashlib.sha256(str(MEASURED).encode())
+    for name in _RECIPE_SOURCES:
+        digest.update((package / name).read_bytes())
+    return f"{RECIPE_VERSION}-{digest.hexdigest()[:16]}"
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def host_kernel() -> dict[str, object]:
+    """What of this host's kernel decides what a machine on it enforces (a VM's too: KVM or not)."""
+    uname = os.uname()
+    cgroups = sorted(
+        (fields[4], line.split(" - ", 1)[1].split()[0], line.split(" - ", 1)[1].split()[-1])
+        for line in _read("/proc/self/mountinfo").splitlines()
+        if (fields := line.split()) and fields[4].startswith("/sys/fs/cgroup") and " - " in line)
+    return {"release": uname.release, "build": uname.version, "cmdline": _read("/proc/cmdline"),
+            "lsm": _read("/sys/kernel/security/lsm"), "cgroups": cgroups}
+
+
+def cache_key(machine: Machine) -> dict[str, object]:
+    """Everything that decides what ``machine`` enforces, as a JSON-able dict (a booted machine: the backend's
+    part names its image)."""
+    return {"recipe": _recipe(), "kernel": host_kernel(), "machine": machine.capability_identity()}
+
+
+class CapabilityCache:
+    """Measured capabilities as ``<directory>/<hash of the key>.json``; each file holds its key, to be checked.
+
+    Written to a temporary file and renamed into place: xdist workers measuring the same key at once each write
+    a whole file, and a reader never sees half of one.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path_for(self, key: dict[str, object]) -> Path:
+        text = json.dumps(key, sort_keys=True)
+        return self.directory / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
+
+    def load(self, key: dict[str, object]) -> tuple[Capabilities, MachineFacts] | None:
+        """The capabilities stored for ``key``, and the facts of the machine's systemd measured with them."""
+        try:
+            data = json.loads(self.path_for(key).read_text())
+            if data["key"] != json.loads(json.dumps(key)):
+                return None
+            by_name = {}
+            for entry in data["capabilities"]:
+                if entry["status"] not in (ENFORCED, NOT_ENFORCED, UNVERIFIABLE):
+                    return None
+                by_name[entry["name"]] = Capability(entry["directive"], entry["name"], entry["status"],
+                                                    entry["evidence"], entry["why"])
+            known = data["facts"]
+            facts = MachineFacts(int(known["version"]), frozenset(known["features"]),
+                                 {group: frozenset(names) for group, names in known["syscall_groups"].items()},
+                                 frozenset(known["known_syscalls"]))
+            return Capabilities(data["backend"], by_name, how="cached"), facts
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # missing, or written by another version: measure
+
+    def store(self, key: dict[str, object], capabilities: Capabilities, facts: MachineFacts) -> None:
+        path = self.path_for(key)
+        data = {"key": key, "backend": capabilities.backend, "capabilities": [
+            {"directive": c.directive, "name": c.name, "status": c.status, "evidence": c.evidence, "why": c.why}
+            for c in capabilities.by_name.values()],
+            "facts": {"version": facts.version, "features": sorted(facts.features),
+                      "syscall_groups": {group: sorted(names) for group, names in facts.syscall_groups.items()},
+                      "known_syscalls": sorted(facts.known_syscalls)}}
+        staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging.write_text(json.dumps(data, indent=1, sort_keys=True))
+            staging.replace(path)
+        except OSError:  # a cache restored read-only (CI, a container binding it): measured again next time
+            with contextlib.suppress(OSError):
+                staging.unlink(missing_ok=True)
 
 
 def measure(machine: Machine) -> Capabilities:
@@ -131,4 +252,6 @@ def measure(machine: Machine) -> Capabilities:
         else:
             evidence = "; ".join(o.reason for o in outcomes) or "none of its checks applies here"
         found[directive.name] = Capability(str(directive), directive.name, status, evidence, why)
-    return Capabilities(machine.NAME, found)
+    # Each batch process itself ends normally whatever its probes saw (they report denials, not die of them).
+    clean = all(batch.command is None or batch.command.ok for batch in (baseline, *solos))
+    return Capabilities(machine.NAME, found, clean=clean)

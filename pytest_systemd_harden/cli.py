@@ -107,7 +107,8 @@ def _on_machine(args: argparse.Namespace, command: str, work: Callable[[MachineP
     from .pool import MachinePool
 
     pool = MachinePool(image_cache=ImageCache(Path(args.cache_dir) if args.cache_dir else None),
-                       progress=lambda line: print(f"[harden] {line}", file=sys.stderr, flush=True))
+                       progress=lambda line: print(f"[harden] {line}", file=sys.stderr, flush=True),
+                       remeasure=getattr(args, "remeasure", False))
     try:
         return work(pool)
     except BackendUnavailable as exc:
@@ -358,6 +359,8 @@ def parser() -> argparse.ArgumentParser:
     backends.add_argument("--release", default="", choices=[*RELEASES, ""], metavar="RELEASE",
                           help=f"the Debian release the machines boot (default: {DEFAULT_RELEASE}): what a backend "
                                "enforces depends on its systemd")
+    backends.add_argument("--remeasure", action="store_true",
+                          help="measure again even if the capability cache has this kernel, image and backend")
     backends.add_argument("--cache-dir", metavar="DIR", help="image cache (default: $HARDEN_CACHE_DIR or "
                                                              "~/.cache/pytest-systemd-harden)")
     backends.set_defaults(run=_backends)

@@ -208,6 +208,10 @@ class ImageCache:
                            "debs": sorted(deb_digest(d) for d in debs), "archive": archive}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def path_for(self, packages: Iterable[str], *, release: str = DEFAULT_RELEASE, debs: Iterable[str] = ()) -> Path:
+        """Where the image of ``release`` with ``packages`` and ``debs`` is (or will be) cached."""
+        return self.cache_dir / "images" / self.key_for(packages, release, debs, self.archive_state(release))
+
     def get(self, packages: Iterable[str], progress: Progress = lambda line: None, *,
             release: str = DEFAULT_RELEASE, debs: Iterable[str] = ()) -> Image:
         """The image of ``release`` with ``packages`` and the local ``debs`` on top of the base set, built first if
@@ -245,7 +249,8 @@ class ImageCache:
         progress(f"building {label} (Debian {release}, {len(packages) + len(debs)} packages) into {final}")
         started = time.monotonic()
         try:
-            builder = self._run_builder(staging, rootfs, packages, release, debs, progress)
+            builder = self._on_cached_base(rootfs, extra, release, debs, progress) or \
+                self._run_builder(staging, rootfs, packages, release, debs, progress)
             _customize(rootfs)
             versions = installed_versions(rootfs)
             (staging / "manifest.json").write_text(json.dumps({
@@ -261,6 +266,32 @@ class ImageCache:
         named = ("systemd", *extra, *(deb_package_name(deb) for deb in debs))
         shown = ", ".join(f"{name} {versions[name]}" for name in named if name in versions)
         progress(f"built {label} in {time.monotonic() - started:.0f}s ({shown})")
+
+    def _on_cached_base(self, rootfs: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
+                        progress: Progress) -> str | None:
+        """Build ``rootfs`` as the cached base image plus ``extra`` (about a quarter of a full build's time, see
+        docs/performance.md); None, and nothing left at ``rootfs``, where a full build must do it: no extra
+        packages, a VM's kernel (its initramfs hooks were measured only by full builds), another architecture's
+        package (mmdebstrap sets up multiarch), or apt failing on the copy. Local .debs are installed with the rest.
+        A base not cached yet is built first: base and packages on top cost about half a full build, and every
+        later package set starts from it (a fresh cache's first image is usually one with packages)."""
+        if not (extra or debs) or set(extra) & set(VM_PACKAGES) or any(":" in p for p in extra):
+            return None
+        try:
+            base = self.get((), progress, release=release).rootfs
+        except ImageBuildError:
+            return None  # the full build says what is wrong
+        shown = [*extra, *(os.path.basename(d) for d in debs)]
+        progress(f"  installing {', '.join(shown)} on a copy of the cached base image")
+        try:
+            install_on_base(base, rootfs, extra, progress, debs=debs)
+        except AptRefused as exc:
+            raise ImageBuildError(f"Debian {release}: {exc}") from None
+        except ImageBuildError as exc:
+            progress(f"  that failed, building the image in full instead: {str(exc).splitlines()[0]}")
+            remove_tree(rootfs)
+            return None
+        return f"apt on the cached base image {base.parent.name}"
 
     def _run_builder(self, staging: Path, rootfs: Path, packages: list[str], release: str, debs: tuple[str, ...],
                      progress: Progress) -> str:
@@ -435,6 +466,14 @@ def installed_versions(rootfs: Path) -> dict[str, str]:
     return versions
 
 
+def package_version(rootfs: Path, package: str) -> str:
+    """The version of ``package`` installed in ``rootfs`` (from dpkg's database), or "" if it is not installed."""
+    try:
+        return installed_versions(rootfs).get(package, "")
+    except OSError:
+        return ""
+
+
 def _customize(rootfs: Path) -> None:
     """Make the tree boot fast and quietly as a container."""
     (rootfs / "etc" / "hostname").write_text(HOSTNAME + "\n")
@@ -581,3 +620,74 @@ def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
     finally:
         remove_tree(staging)
     progress(f"made the VM disk ({size_mib} MiB, kernel {release}) in {time.monotonic() - started:.0f}s")
+
+
+# --- a package set on top of the cached base image (measured against a full build: docs/performance.md) -------
+
+class AptRefused(ImageBuildError):
+    """apt says the packages cannot be installed from this archive (a full build would say the same)."""
+
+
+def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Progress = lambda line: None, *,
+                    debs: Iterable[str] = ()) -> None:
+    """Make ``rootfs`` a copy of the built ``base`` tree with ``extra`` and the local ``debs`` installed by apt in a
+    chroot, from the sources the base was built with.
+
+    apt runs in a mount namespace of its own (its /proc is mounted there only, and goes when apt ends) and in a
+    cgroup of its own (so nothing of it outlives the build, however it ends: see staging.py); /dev is the tree's
+    own device nodes (nothing of the host's bound in). Services are not started (policy-rc.d), the host's
+    resolv.conf is lent for the download and taken back.
+    """
+    made = subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(rootfs)], capture_output=True, text=True,
+                          check=False)
+    if made.returncode != 0:
+        raise ImageBuildError(f"could not copy the base image {base} to {rootfs}: {made.stderr.strip()}")
+    resolv = rootfs / "etc" / "resolv.conf"
+    kept = resolv.read_bytes() if resolv.exists() and not resolv.is_symlink() else None
+    link = os.readlink(resolv) if resolv.is_symlink() else None
+    resolv.unlink(missing_ok=True)
+    shutil.copyfile("/etc/resolv.conf", resolv)
+    policy = rootfs / "usr" / "sbin" / "policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    local = rootfs / "var" / "cache" / "harden-debs"  # apt in the chroot installs the .debs from here
+    local.mkdir(parents=True, exist_ok=True)
+    inside = []
+    for deb in debs:
+        shutil.copyfile(deb, local / os.path.basename(deb))
+        inside.append(f"/var/cache/harden-debs/{os.path.basename(deb)}")
+    apt = 'chroot "$0" apt-get -q'
+    script = f'mount -t proc proc "$0/proc"; {apt} update; {apt} install -y --no-install-recommends "$@"; {apt} clean'
+    tail: list[str] = []
+    installer = Contained.start(["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", script,
+                                 str(rootfs), *extra, *inside], "build", rootfs.parent.name,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    try:
+        assert installer.process.stdout is not None
+        for raw in installer.process.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            tail = [*tail[-29:], line]
+            if " newly installed" in line:
+                progress(f"  apt-get: {line.strip()}")
+        installer.process.wait()
+    finally:
+        installer.stop(grace=5.0)  # every process of it gone before anything here is removed
+        policy.unlink(missing_ok=True)
+        resolv.unlink(missing_ok=True)
+        if link is not None:
+            resolv.symlink_to(link)
+        elif kept is not None:
+            resolv.write_bytes(kept)
+        remove_tree(local)
+    if installer.process.returncode != 0:
+        verdict = apt_verdict(tail)
+        failed = f"apt-get install {' '.join(extra)} on a copy of {base} failed (exit status " \
+            f"{installer.process.returncode}):\n" + "\n".join(tail)
+        raise AptRefused(f"{verdict}\n{failed}") if verdict else ImageBuildError(failed)
+
+    for leftover in (rootfs / "var" / "lib" / "apt" / "lists").glob("*"):  # as mmdebstrap leaves it: no indexes
+        if leftover.is_file():
+            leftover.unlink()
+    for cached in (rootfs / "var" / "cache" / "apt").glob("*.bin"):
+        cached.unlink()

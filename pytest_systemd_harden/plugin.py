@@ -55,6 +55,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--harden-image-max-age", type=float, default=DEFAULT_MAX_AGE_DAYS, metavar="DAYS",
                     help="how long the archive's state seen last stays trusted before images are checked against it "
                          "again (default: %(default)s days)")
+    group.addoption("--harden-remeasure", action="store_true", default=False,
+                    help="measure what each machine enforces again, even if the capability cache (beside the "
+                         "images) has it for this kernel, image and backend command line")
     group.addoption("--harden-diagnose", choices=("on", "off"), default="on",
                     help="when a scenario fails under hardening, find the directive that broke it and the smallest "
                          "verified relaxation (costs reruns; default: on)")
@@ -136,7 +139,8 @@ class HardenSession:
                                          Path(cache_dir) if cache_dir else None,
                                          max_age_days=self.config.getoption("harden_image_max_age"),
                                          refresh=self.config.getoption("harden_refresh_images")),
-                                     progress=self.progress)
+                                     progress=self.progress,
+                                     remeasure=self.config.getoption("harden_remeasure"))
         return self._pool
 
     def progress(self, message: str) -> None:

@@ -23,13 +23,15 @@ class MachinePool:
     """Boots machines lazily, reuses them, and shuts every one down on :meth:`close` (or at exit).
 
     ``backend`` overrides the backend each spec asks for (``--harden-backend``). A machine that failed to boot
-    is not retried for every test: its error is remembered and raised again.
+    is not retried for every test: its error is remembered and raised again. ``remeasure`` measures what each
+    machine enforces even when the capability cache has it (``--harden-remeasure``).
     """
 
     def __init__(self, *, backend: str | None = None, image_cache: ImageCache | None = None,
                  progress: Progress = lambda line: None, boot_timeout: float = 60.0,
-                 default_release: str | None = None) -> None:
+                 default_release: str | None = None, remeasure: bool = False) -> None:
         self.backend = backend
+        self.remeasure = remeasure
         # The Debian release of specs that name none (--harden-release), else images.DEFAULT_RELEASE.
         self.default_release = default_release or DEFAULT_RELEASE
         self.image_cache = image_cache or ImageCache()
@@ -81,9 +83,11 @@ class MachinePool:
                 raise
             self.progress(f"{machine.name} booted in {time.monotonic() - started:.1f}s ({machine.describe()})")
             self._machines[config] = machine
-        # Measured now, not assumed from the backend: what this machine can enforce (see capabilities.py).
+        # Measured, not assumed from the backend: what this machine can enforce (see capabilities.py; cached on
+        # disk per kernel, image and backend command line).
         try:
-            self.progress(f"{machine.name} {machine_capabilities(machine).summary()}")
+            capabilities = machine_capabilities(machine, remeasure=self.remeasure)
+            self.progress(f"{machine.name} {capabilities.summary()} ({capabilities.how})")
         except HardenError as exc:
             self.progress(f"{machine.name}: could not measure what it enforces ({exc})")
         return machine

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pytest_systemd_harden import capabilities as capabilities_module
 from pytest_systemd_harden import cgroups
-from pytest_systemd_harden.backends.base import Machine
-from pytest_systemd_harden.capabilities import machine_capabilities
+from pytest_systemd_harden.backends.base import Machine, MachineConfig
+from pytest_systemd_harden.backends.nspawn import NspawnMachine
+from pytest_systemd_harden.capabilities import Capabilities, Capability, CapabilityCache, machine_capabilities
 from pytest_systemd_harden.enforcement import ENFORCED, NOT_ENFORCED
-from pytest_systemd_harden.probes.runner import machine_facts
+from pytest_systemd_harden.images import Image, ImageCache
+from pytest_systemd_harden.pool import MachinePool
+from pytest_systemd_harden.probes.runner import MachineFacts, machine_facts
 
 
 def test_a_container_here_enforces_namespaces_seccomp_and_bpf_firewalls_but_not_what_it_lacks(
@@ -33,7 +39,6 @@ def test_a_container_here_enforces_namespaces_seccomp_and_bpf_firewalls_but_not_
 
 
 def test_the_boot_line_names_only_what_was_seen() -> None:
-    from pytest_systemd_harden.capabilities import Capabilities, Capability
     from pytest_systemd_harden.enforcement import UNVERIFIABLE
 
     def measured(*statuses: tuple[str, str]) -> Capabilities:
@@ -43,3 +48,77 @@ def test_the_boot_line_names_only_what_was_seen() -> None:
         "enforces MemoryMax=; does NOT enforce SocketBindDeny="  # no "cannot tell here -" on a VM
     assert measured(("ProtectKernelModules", UNVERIFIABLE)).summary() == "cannot tell here ProtectKernelModules="
     assert measured().summary() == "nothing measured"
+
+
+def test_the_cache_gives_back_what_was_stored_and_only_for_its_own_key(tmp_path: Path) -> None:
+    cache = CapabilityCache(tmp_path / "capabilities")
+    key: dict[str, object] = {"recipe": "1-abc", "kernel": {"release": "6.18"}, "machine": {"image": "k1"}}
+    stored = Capabilities("nspawn", {
+        "MemoryMax": Capability("MemoryMax=64M", "MemoryMax", NOT_ENFORCED, "touched 128 MiB", "hybrid cgroups"),
+        "ProtectSystem": Capability("ProtectSystem=strict", "ProtectSystem", ENFORCED, "/usr read-only")})
+    facts = MachineFacts(252, frozenset({"+SECCOMP", "-BPF_FRAMEWORK"}), {"@mount": frozenset({"mount", "umount2"})},
+                         frozenset({"mount", "umount2", "read"}))
+    assert cache.load(key) is None
+    cache.store(key, stored, facts)
+    loaded = cache.load(key)
+    assert loaded is not None
+    found, found_facts = loaded
+    assert found == stored and found.how == "cached"
+    assert (found_facts, found_facts.syscall_groups, found_facts.known_syscalls) == (
+        facts, facts.syscall_groups, facts.known_syscalls)
+    assert cache.load({**key, "kernel": {"release": "6.19"}}) is None
+    assert [p.name for p in (tmp_path / "capabilities").iterdir()] == [cache.path_for(key).name]  # no temp files left
+    read_only = CapabilityCache(Path("/proc/harden-not-writable"))
+    read_only.store(key, stored, facts)  # a cache that cannot be written: measured again next time, no error
+    assert read_only.load(key) is None
+    # A file that does not hold its key (a hash collision, another version's format) is measured again.
+    cache.path_for(key).write_text('{"key": {"other": 1}, "backend": "nspawn", "capabilities": []}')
+    assert cache.load(key) is None
+
+
+def _installed(rootfs: Path, systemd: str) -> Path:
+    (rootfs / "var/lib/dpkg").mkdir(parents=True)
+    (rootfs / "var/lib/dpkg/status").write_text(
+        "Package: libsystemd0\nStatus: install ok installed\nVersion: 1\n\n"
+        f"Package: systemd\nStatus: install ok installed\nPriority: important\nVersion: {systemd}\n"
+        "Description: system and service manager\n systemd is a replacement for sysvinit.\n")
+    return rootfs
+
+
+def test_the_key_follows_the_backend_command_line_image_and_systemd_not_the_machine_name(tmp_path: Path) -> None:
+    def identity(cls: type[NspawnMachine] = NspawnMachine, image: str = "k1", systemd: str = "252.39-1~deb12u1",
+                 files: tuple[tuple[str, str], ...] = ()) -> dict[str, object]:
+        rootfs = _installed(tmp_path / f"{image}-{systemd}-{len(list(tmp_path.iterdir()))}" / "rootfs", systemd)
+        machine = cls(MachineConfig(files=files), image_cache=ImageCache(tmp_path))
+        machine.image = Image(image, rootfs, ())
+        return machine.capability_identity()
+
+    class UserNamespaced(NspawnMachine):
+        def command_line(self, rootfs: Path) -> list[str]:
+            return [*super().command_line(rootfs), "--private-users=pick"]
+
+    base = identity()
+    assert base["systemd"] == "252.39-1~deb12u1"
+    assert identity() == base  # another machine (name, rootfs path) of the same setup
+    assert identity(files=(("/etc/app.conf", str(tmp_path / "app.conf")),)) == base  # the spec's files are content
+    assert identity(UserNamespaced) != base  # any flag of the command line, none listed here
+    assert identity(image="k2") != base
+    assert identity(systemd="252.40-1~deb12u1") != base
+
+
+def test_a_second_machine_of_the_same_setup_reads_the_cache_and_remeasure_measures(
+        machine: Machine, harden_pool: MachinePool) -> None:
+    first = machine_capabilities(machine)
+    assert first.how == "cached" or first.how.startswith("measured in"), first.how
+    second_pool = MachinePool(image_cache=harden_pool.image_cache)
+    try:
+        second = second_pool.machine_for(MachineConfig())
+        cached = machine_capabilities(second)
+        assert cached.how == "cached", "the first machine's measurement was not stored (a probe batch failed?)"
+        assert cached == first
+        assert machine_facts(second) == machine_facts(machine)  # cached with them, not asked again
+        del capabilities_module._MEASURED[second.name]
+        again = machine_capabilities(second, remeasure=True)
+        assert again.how.startswith("measured in") and again == first
+    finally:
+        second_pool.close()

@@ -1,4 +1,5 @@
-"""The image cache's keys, the archive's state and the versions an image records (no image is built here)."""
+"""The image cache's keys, the archive's state and the versions an image records; a new package set built on
+the cached base image, and the machine it makes booting."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from pytest_systemd_harden import images
+from pytest_systemd_harden.backends.base import Machine, MachineConfig
 from pytest_systemd_harden.errors import SpecError
-from pytest_systemd_harden.images import ImageCache, installed_versions
+from pytest_systemd_harden.images import DEFAULT_RELEASE, ImageCache, installed_versions
+from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.spec import load_spec
 
 
@@ -123,3 +126,34 @@ def test_apt_verdict_names_what_cannot_be_installed() -> None:
     assert apt_verdict(lines) == ("harden-demo : Depends: harden-no-such-package but it is not installable; "
                                   "Unable to locate package gnupgg")
     assert apt_verdict(["I: success"]) == ""
+
+
+def test_a_new_package_set_is_installed_on_the_cached_base_image_and_boots(
+        machine: Machine, harden_pool: MachinePool, tmp_path: Path) -> None:
+    base = harden_pool.image_cache.path_for(())  # built: the machine fixture booted it
+    # This cache has the base (and the archive state it was built from), not the package set.
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / f"{DEFAULT_RELEASE}.json").write_text(
+        (harden_pool.image_cache.cache_dir / "archive" / f"{DEFAULT_RELEASE}.json").read_text())
+    cache = ImageCache(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / base.name).symlink_to(base)
+    lines: list[str] = []
+    pool = MachinePool(image_cache=cache, progress=lines.append)
+    try:
+        with_curl = pool.machine_for(MachineConfig(packages=("curl",), backend="nspawn"))
+        result = with_curl.run(["curl", "--version"])
+        assert result.ok, result.describe()
+    finally:
+        pool.close()
+    built = cache.path_for(("curl",))
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["builder"] == f"apt on the cached base image {base.name}", lines
+    assert manifest["versions"]["curl"]  # the versions are read from the image, however it was built
+    rootfs = built / "rootfs"
+    assert not (rootfs / "usr/sbin/policy-rc.d").exists()  # services start again in the booted machine
+    assert not (rootfs / "var/cache/harden-debs").exists()
+    assert not list((rootfs / "var/lib/apt/lists").glob("*Packages*"))
+    base_resolv, resolv = base / "rootfs/etc/resolv.conf", rootfs / "etc/resolv.conf"
+    assert resolv.is_symlink() == base_resolv.is_symlink() and resolv.exists() == base_resolv.exists()
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()  # /proc was mounted in a private namespace

@@ -129,6 +129,12 @@ class Machine(abc.ABC):
         """The backend, and what matters about how it runs here (a VM's accelerator), for reports."""
         return self.NAME
 
+    def capability_identity(self) -> dict[str, object]:
+        """What decides, besides the host's kernel, which directives this machine enforces (the key of its cached
+        capabilities, see capabilities.py): a backend adds how it runs the machine (its command line) and the image.
+        Called once the machine runs. Nothing that names only this one machine: the same setup, the same key."""
+        return {"backend": self.NAME}
+
     def _output_files(self) -> OutputFiles | None:
         """How command output comes back where the bus cannot pass file descriptors (None: it can)."""
         return None

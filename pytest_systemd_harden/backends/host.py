@@ -156,6 +156,11 @@ class HostMachine(Machine):
             check_file(dest, source)
         return f"unix:path={BUS_SOCKET}"
 
+    def capability_identity(self) -> dict[str, object]:
+        # The host's own systemd runs everything (its kernel is in every key already).
+        version = subprocess.run(["systemctl", "--version"], capture_output=True, text=True, check=False)
+        return {"backend": self.NAME, "systemd": version.stdout.split("\n", 1)[0]}
+
     def boot(self, progress: Progress = lambda line: None) -> None:
         super().boot(progress)
         try:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..cgroups import Contained, host_runs_systemd
 from ..errors import BackendUnavailable, MachineError
+from ..images import Image, package_version
 from ..probes.inside import GUARD_KERNEL
 from ..systemd import SocketConnector
 from . import userns
@@ -68,6 +69,7 @@ class NspawnMachine(Machine):
     # show as nobody, readable only where their modes let anyone read them.
     idmapped_files: bool = field(default=True, init=False)
     _bus_socket: Path | None = field(default=None, init=False, repr=False)
+    image: Image | None = field(default=None, init=False, repr=False)
 
     def command_line(self, rootfs: Path) -> list[str]:
         idmap = ":idmap" if self.uid_base is not None and self.idmapped_files else ""
@@ -91,8 +93,8 @@ class NspawnMachine(Machine):
     def _start(self, progress: Progress) -> str:
         check_available()
         self.config.check_files()
-        image = self.image_cache.get(self.config.packages, progress, release=self.config.release,
-                                     debs=self.config.debs)
+        image = self.image = self.image_cache.get(self.config.packages, progress, release=self.config.release,
+                                                  debs=self.config.debs)
         rootfs = image.rootfs
         if not self.config.privileged:
             self.uid_base = userns.base_for(image.key)
@@ -119,6 +121,18 @@ class NspawnMachine(Machine):
         except BaseException:
             self._stop()
             raise
+
+    def capability_identity(self) -> dict[str, object]:
+        # The command line decides what the container may do (namespaces, syscall filter, capabilities, user
+        # namespacing): every flag as it runs, so changing one is a new key. Left out is only what names this one
+        # machine - its name, the rootfs path (the image key stands for it) and the spec's files bound read-only
+        # (their content is not what the kernel enforces).
+        assert self.image is not None, "capability_identity() of a container not started"
+        bound = [source for _dest, source in self.config.files]
+        argv = [arg.replace(str(self.image.rootfs), "{rootfs}").replace(self.name, "{machine}")
+                for arg in self.command_line(self.image.rootfs) if not any(source in arg for source in bound)]
+        return {"backend": self.NAME, "command_line": argv, "image": self.image.key,
+                "systemd": package_version(self.image.rootfs, "systemd")}
 
     def _collect_console(self) -> None:
         assert self._contained is not None and self._contained.process.stdout is not None

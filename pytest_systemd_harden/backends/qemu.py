@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..cgroups import Contained
 from ..errors import BackendUnavailable, ImageBuildError, MachineError
-from ..images import BUS_PORT, FILES_LABEL, OUTPUT_DIR, VmImage, vm_image
+from ..images import BUS_PORT, FILES_LABEL, OUTPUT_DIR, VmImage, package_version, vm_image
 from ..staging import remove_tree
 from ..systemd import OutputFiles
 from .base import Machine, Progress, proportional_set_size
@@ -132,6 +132,7 @@ class QemuMachine(Machine):
     accelerator: Accelerator | None = field(default=None, init=False)
     _contained: Contained | None = field(default=None, init=False, repr=False)
     _runtime: Path | None = field(default=None, init=False, repr=False)
+    _image: VmImage | None = field(default=None, init=False, repr=False)
     _agent: GuestAgent | None = field(default=None, init=False, repr=False)
     _stderr: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=50), init=False,
                                             repr=False)
@@ -171,8 +172,8 @@ class QemuMachine(Machine):
 
     def _start(self, progress: Progress) -> str:
         check_available()
-        image = vm_image(self.image_cache, self.config.packages, progress, release=self.config.release,
-                         debs=self.config.debs)
+        image = self._image = vm_image(self.image_cache, self.config.packages, progress, release=self.config.release,
+                                       debs=self.config.debs)
         self._runtime = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=os.environ.get("TMPDIR", "/tmp")))
         try:
             files_disk = self._files_disk(self._runtime) if self.config.files else None
@@ -198,6 +199,16 @@ class QemuMachine(Machine):
         except BaseException:
             self._stop()
             raise
+
+    def capability_identity(self) -> dict[str, object]:
+        # The guest's kernel and systemd come with the image; the accelerator and the rest of the command line
+        # with QEMU. Left out: this VM's name, its runtime directory and the files disk (the spec's files).
+        assert self._image is not None and self.accelerator is not None, "capability_identity() of a VM not started"
+        built = self._image.disk.parent.parent  # images/<key>/vm-<recipe>/disk.ext4
+        argv = [arg.replace(self.name, "{machine}")
+                for arg in self.command_line(self._image, Path("{runtime}"), self.accelerator.name, None)]
+        return {"backend": self.NAME, "command_line": argv, "image": f"{built.name}/{self._image.key}",
+                "systemd": package_version(built / "rootfs", "systemd")}
 
     def _output_files(self) -> OutputFiles | None:
         assert self._agent is not None

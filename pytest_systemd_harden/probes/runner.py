@@ -193,6 +193,11 @@ def parse_known_syscalls(text: str) -> frozenset[str]:
 _FACTS: dict[str, MachineFacts] = {}
 
 
+def remember_facts(machine: Machine, facts: MachineFacts) -> None:
+    """Use ``facts`` for ``machine`` instead of asking it (they were cached with its capabilities, same key)."""
+    _FACTS.setdefault(machine.name, facts)
+
+
 def machine_facts(machine: Machine) -> MachineFacts:
     """The facts of ``machine``'s systemd, asked once per machine."""
     if machine.name not in _FACTS:
