@@ -195,7 +195,8 @@ class CapabilityCache:
             known = data["facts"]
             facts = MachineFacts(int(known["version"]), frozenset(known["features"]),
                                  {group: frozenset(names) for group, names in known["syscall_groups"].items()},
-                                 frozenset(known["known_syscalls"]))
+                                 frozenset(known["known_syscalls"]), user_namespaced=bool(known["user_namespaced"]),
+                                 cgroup_fs=str(known["cgroup_fs"]), lsms=str(known["lsms"]))
             return Capabilities(data["backend"], by_name, how="cached"), facts
         except (OSError, ValueError, KeyError, TypeError):
             return None  # missing, or written by another version: measure
@@ -207,7 +208,8 @@ class CapabilityCache:
             for c in capabilities.by_name.values()],
             "facts": {"version": facts.version, "features": sorted(facts.features),
                       "syscall_groups": {group: sorted(names) for group, names in facts.syscall_groups.items()},
-                      "known_syscalls": sorted(facts.known_syscalls)}}
+                      "known_syscalls": sorted(facts.known_syscalls), "user_namespaced": facts.user_namespaced,
+                      "cgroup_fs": facts.cgroup_fs, "lsms": facts.lsms}}
         staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
