@@ -144,7 +144,10 @@ class ImageCache:
         the kernel drops when the process ends, however it ends): prune skips it."""
         with self._lock:
             if final.name not in self._held:
-                lock = open(final.parent / f"{final.name}.lock", "a")  # noqa: SIM115 (held until exit)
+                try:
+                    lock = open(final.parent / f"{final.name}.lock", "a")  # noqa: SIM115 (held until exit)
+                except OSError:
+                    return  # a read-only cache (restored, or bound into a machine): nobody prunes it
                 fcntl.flock(lock, fcntl.LOCK_SH)
                 self._held[final.name] = lock
 

@@ -61,7 +61,8 @@ class MachineConfig:
                 raise MachineError(f"local package {deb} (machine.debs) does not exist on the host any more")
 
     def describe(self) -> str:
-        parts = [self.backend, f"Debian {self.release or DEFAULT_RELEASE}"]
+        # The host backend runs the host's own systemd: no Debian release of ours.
+        parts = [self.backend] if self.backend == "host" else [self.backend, f"Debian {self.release or DEFAULT_RELEASE}"]
         if self.debs:
             parts.append("debs: " + ", ".join(Path(deb).name for deb in self.debs))
         if self.packages:
