@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from .directives import BOOL, CAPABILITIES, NAMESPACE_FLAGS, Directive, lookup
@@ -285,24 +285,47 @@ def refine(culprit: Directive, context: Context) -> Relaxation | None:
         "CapabilityBoundingSet": _refine_capabilities,
         "RestrictNamespaces": _refine_namespaces,
         "IPAddressDeny": _refine_ip_deny,
+        "SystemCallArchitectures": _refine_architectures,
     }
     specific = refiners.get(culprit.name)
     if specific is not None:
         found = specific(culprit, context)
         if found is not None:
             return found
-    if culprit.name in ("ProtectSystem", "ProtectHome", "ReadOnlyPaths", "InaccessiblePaths", "DynamicUser",
-                        "TemporaryFileSystem", "PrivateTmp", "NoExecPaths"):
+    if culprit.name in PATH_DIRECTIVES:
         found = _refine_paths(culprit, context)
         if found is not None:
             return found
+    # No grant fits: a weaker value, then removal. What the service needed is still said, from the evidence.
+    needs = _evidence_needs(culprit, context)
     for value in _weaker_values(culprit):
         candidate = Relaxation(f"weaken {culprit.name}={culprit.value} to {culprit.name}={value}",
-                               replace=((culprit.name, Directive(culprit.name, (value,), culprit.line)),))
+                               replace=((culprit.name, Directive(culprit.name, (value,), culprit.line)),),
+                               needs=needs)
         if context.try_(candidate):
             return candidate
     candidate = removal(culprit)
-    return candidate if context.try_(candidate) else None
+    return replace(candidate, needs=needs) if context.try_(candidate) else None
+
+
+# Filesystem directives a path grant can relax instead.
+PATH_DIRECTIVES = ("ProtectSystem", "ProtectHome", "ReadOnlyPaths", "InaccessiblePaths", "DynamicUser",
+                   "TemporaryFileSystem", "PrivateTmp", "NoExecPaths", "PrivateDevices")
+# The trees a directive hides (a file there is brought back with a bind), as opposed to making them read-only.
+HIDDEN_TREES: dict[str, tuple[str, ...]] = {
+    "PrivateTmp": ("/tmp/", "/var/tmp/"), "ProtectHome": ("/home/", "/root/", "/run/user/"),
+    "InaccessiblePaths": ("/",), "TemporaryFileSystem": ("/",),
+}
+_WRITE_DENIALS = ("Read-only file system", "EROFS")
+
+
+def _evidence_needs(culprit: Directive, context: Context) -> str:
+    """What the failure's output says the service was denied, for a culprit relaxed without a grant."""
+    if culprit.name in PATH_DIRECTIVES:
+        denied = paths_in(context.evidence, ancestors=False)
+        if denied:
+            return f"access to {', '.join(denied[:3])} (denied in the failure's output)"
+    return ""
 
 
 def _weaker_values(culprit: Directive) -> list[str]:
@@ -493,18 +516,19 @@ def _refine_ip_deny(culprit: Directive, context: Context) -> Relaxation | None:
     return None
 
 
-def paths_in(evidence: str) -> list[str]:
-    """Absolute paths named in lines that report a denial, deepest first, with their ancestors after them."""
+def paths_in(evidence: str, *, ancestors: bool = True, writes: bool = False) -> list[str]:
+    """Absolute paths named in lines that report a denial, deepest first, with their ancestors after them (unless
+    ``ancestors`` is false); with ``writes``, only lines that report a write refused (a read-only file system)."""
     found: list[str] = []
     for line in evidence.splitlines():
-        if not any(word in line for word in _DENIAL_WORDS):
+        if not any(word in line for word in (_WRITE_DENIALS if writes else _DENIAL_WORDS)):
             continue
         for match in _PATH_RE.findall(line):
             path = match.rstrip("/:")
             if path.count("/") < 2 or path.startswith(("/usr/lib/python", "/proc/self")):
                 continue
             parts = path.split("/")
-            for depth in range(len(parts), 2, -1):
+            for depth in range(len(parts), 2 if ancestors else len(parts) - 1, -1):
                 candidate = "/".join(parts[:depth])
                 if candidate not in found:
                     found.append(candidate)
@@ -512,11 +536,19 @@ def paths_in(evidence: str) -> list[str]:
 
 
 def _refine_paths(culprit: Directive, context: Context) -> Relaxation | None:
-    """Grant the one path the service needs, rather than dropping a filesystem directive.
+    """Grant the one path the service needs, rather than weakening or dropping a filesystem directive.
 
-    A per-service directory (StateDirectory= and friends) is the idiomatic grant, and the only one that works
-    with DynamicUser=, so it is tried for every path first; then ReadWritePaths=, deepest path first.
+    A device hidden by PrivateDevices= is bound in and allowed (BindPaths= + DeviceAllow=); a file hidden by
+    PrivateTmp=, ProtectHome=, InaccessiblePaths= or TemporaryFileSystem= is bound in (BindReadOnlyPaths=, or
+    BindPaths= for a write; under ProtectHome=yes with ProtectHome=tmpfs, since systemd 252 shows no bind inside
+    an inaccessible /home). A path made read-only gets a per-service directory (StateDirectory= and friends, the
+    idiomatic grant and the only one that works with DynamicUser=), tried for every path first; then
+    ReadWritePaths=, deepest path first.
     """
+    if culprit.name == "PrivateDevices":
+        return _grant_device(context)
+    if culprit.name in HIDDEN_TREES:
+        return _bind_hidden_file(culprit, context)
     paths = paths_in(context.evidence)
     for path in paths:
         for prefix, directory_directive in SERVICE_DIRECTORIES:
@@ -530,6 +562,60 @@ def _refine_paths(culprit: Directive, context: Context) -> Relaxation | None:
         grant = "ReadWritePaths" if culprit.name not in ("InaccessiblePaths",) else "BindReadOnlyPaths"
         candidate = Relaxation(f"grant {path} with {grant}=-{path}", add=(Directive(grant, (f"-{path}",)),),
                                needs=f"access to {path}")
+        if context.try_(candidate):
+            return candidate
+    return None
+
+
+def _grant_device(context: Context) -> Relaxation | None:
+    for device in paths_in(context.evidence, ancestors=False):
+        if not device.startswith("/dev/"):
+            continue
+        candidate = Relaxation(f"bind {device} into the private /dev and allow it: BindPaths={device}, "
+                               f"DeviceAllow={device} rw",
+                               add=(Directive("BindPaths", (device,)), Directive("DeviceAllow", (f"{device} rw",))),
+                               needs=f"device {device}")
+        if context.try_(candidate):
+            return candidate
+    return None
+
+
+def _bind_hidden_file(culprit: Directive, context: Context) -> Relaxation | None:
+    trees = HIDDEN_TREES[culprit.name]
+    written = set(paths_in(context.evidence, ancestors=False, writes=True))
+    for path in paths_in(context.evidence, ancestors=False):
+        if not path.startswith(trees) or path.startswith(("/dev/", "/proc/", "/sys/")):
+            continue
+        binds = ["BindPaths"] if path in written else ["BindReadOnlyPaths", "BindPaths"]
+        for bind in binds:
+            access = "read access" if bind == "BindReadOnlyPaths" else "access"
+            grant = Directive(bind, (f"-{path}",))
+            if culprit.name == "ProtectHome" and culprit.value == "yes":
+                candidate = Relaxation(f"show an empty home with ProtectHome=tmpfs and bind {path} into it with "
+                                       f"{bind}=-{path}",
+                                       replace=((culprit.name, Directive(culprit.name, ("tmpfs",), culprit.line)),),
+                                       add=(grant,), needs=f"{access} to {path}")
+            else:
+                candidate = Relaxation(f"bind {path} into the sandbox with {bind}=-{path}", add=(grant,),
+                                       needs=f"{access} to {path}")
+            if context.try_(candidate):
+                return candidate
+    return None
+
+
+# Architectures a 64-bit x86 service may also need, most common first (systemd.exec, SystemCallArchitectures=).
+EXTRA_ARCHITECTURES = ("x86", "x32")
+
+
+def _refine_architectures(culprit: Directive, context: Context) -> Relaxation | None:
+    current = culprit.value.split()
+    for arch in EXTRA_ARCHITECTURES:
+        if arch in current:
+            continue
+        candidate = Relaxation(f"also allow {arch} system calls: SystemCallArchitectures={culprit.value} {arch}",
+                               replace=((culprit.name, Directive(culprit.name, (f"{culprit.value} {arch}",),
+                                                                 culprit.line)),),
+                               needs=f"{arch} system calls ({'32-bit' if arch == 'x86' else 'x32 ABI'})")
         if context.try_(candidate):
             return candidate
     return None
