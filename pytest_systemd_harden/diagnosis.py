@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from .directives import BOOL, CAPABILITIES, NAMESPACE_FLAGS, Directive, lookup
+from .kernel import kernel_syscalls
 
 Hardening = tuple[Directive, ...]
 T = TypeVar("T")
@@ -384,9 +385,17 @@ def _refine_syscall_filter(culprit: Directive, context: Context) -> Relaxation |
         return Relaxation(description, replace=((culprit.name, Directive(
             culprit.name, (*culprit.assignments, " ".join(names)), culprit.line)),))
 
-    if denied and context.try_(dropping(denied)):
+    # The kernel's records name the call: the denied names holding it are tried first, and the call alone.
+    named = kernel_syscalls(context.evidence)
+    hits = [n for n in denied if set(named) & set(expand_group(n, groups))]
+    names: list[str] = []
+    if hits and context.try_(dropping(hits)):
+        names = hits if len(hits) == 1 else ddmin(hits, lambda subset: context.try_(dropping(subset)))
+    elif denied and context.try_(dropping(denied)):
         names = ddmin(denied, lambda subset: context.try_(dropping(subset)))
-        needed = _needed_syscalls(culprit, names, groups, context)
+    if names:
+        needed = _named_syscalls(culprit, names, named, groups, context) or \
+            _needed_syscalls(culprit, names, groups, context)
         needs = _needs_text(needed, names)
         if needed and any(len(expand_group(name, groups)) > LARGE_GROUP for name in names):
             for subgroup in _smallest_groups_containing(needed, names, groups):
@@ -407,6 +416,13 @@ def _refine_syscall_filter(culprit: Directive, context: Context) -> Relaxation |
     def adding(names: Sequence[str]) -> Relaxation:
         return allowing(names, f"also allow {', '.join(names)} in SystemCallFilter=")
 
+    # The smallest group holding what the kernel named, tried before the search over every group.
+    for group in sorted((g for g in candidates if set(named) & set(expand_group(g, groups))),
+                        key=lambda g: len(expand_group(g, groups))):
+        if context.try_(adding([group])):
+            found = [s for s in named if s in expand_group(group, groups)]
+            relaxation = adding([group])
+            return Relaxation(relaxation.description, relaxation.replace, needs=_needs_text(found, [group]))
     if not candidates or not context.try_(adding(candidates)):
         return None
     needed_groups = ddmin(candidates, lambda subset: context.try_(adding(subset)))
@@ -438,6 +454,19 @@ def _smallest_groups_containing(syscalls: Sequence[str], within: Sequence[str],
         if name not in within and set(syscalls) <= members <= denied:
             fitting.append((len(members), name))
     return [name for _size, name in sorted(fitting)]
+
+
+def _named_syscalls(culprit: Directive, names: Sequence[str], named: Sequence[str], groups: dict[str, list[str]],
+                    context: Context) -> list[str]:
+    """The kernel-named syscalls within the denied ``names``, if re-allowing just them (the rest of the groups
+    still denied) passes: one rerun instead of a search."""
+    syscalls = [s for name in names for s in expand_group(name, groups)]
+    needed = [s for s in named if s in syscalls]
+    if not needed or len(syscalls) == len(needed):
+        return needed
+    rest = [s for s in syscalls if s not in needed]
+    passes = context.try_(Relaxation("", replace=((culprit.name, _with_denies(culprit, set(names), rest)),)))
+    return needed if passes else []
 
 
 def _needed_syscalls(culprit: Directive, names: Sequence[str], groups: dict[str, list[str]],
@@ -704,6 +733,7 @@ class Diagnosis:
     note: str = ""
     hardening: Hardening = ()
     spec_name: str = ""
+    kernel: list[str] = field(default_factory=list)  # the kernel's seccomp records of the failing check
 
     def render(self) -> str:
         head = f"diagnosis ({self.runs} reruns, {self.seconds:.1f}s):"
@@ -712,6 +742,7 @@ class Diagnosis:
         lines = [head]
         if self.note:
             lines.append(f"  {self.note}")
+        lines += [f"  {line}" for line in self.kernel]
         for finding in self.findings:
             where = f" ({self.spec_name}:{finding.culprit.line})" if finding.culprit.line else ""
             lines.append(f"  culprit: {'; '.join(finding.culprit.unit_lines())}{where}")
@@ -737,7 +768,7 @@ class Diagnosis:
     def as_dict(self) -> dict[str, object]:
         return {
             "verdict": self.verdict, "runs": self.runs, "seconds": round(self.seconds, 2), "note": self.note,
-            "verified": self.verified,
+            "verified": self.verified, "kernel": self.kernel,
             "culprits": [{
                 "directive": f.culprit.name, "lines": f.culprit.unit_lines(), "spec_line": f.culprit.line,
                 "implied_by": [f"{d.name}={d.value}" for d in f.implied_by],
@@ -774,9 +805,14 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
 def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
               syscall_groups: Callable[[], dict[str, list[str]]], diagnosis: Diagnosis,
               previous: Sequence[Diagnosis], unprivileged: bool | None = None) -> None:
-    if oracle.passes(hardening):
+    confirmed = oracle.result(hardening)
+    if confirmed.passed:
         diagnosis.note = "the scenario passed when rerun: it is flaky, not (only) over-hardened"
         return
+    # The rerun's evidence may hold what the first failure's did not: the kernel's seccomp records.
+    evidence = "\n".join(filter(None, [evidence, confirmed.evidence]))
+    diagnosis.kernel = [line.strip() for line in evidence.splitlines() if kernel_syscalls(line)]
+    diagnosis.kernel = list(dict.fromkeys(diagnosis.kernel))
     # The control keeps what configures the service (StateDirectory=, User=, Environment=, ...): only the
     # restricting directives are hardening, and only they are ever taken away.
     candidates = [d for d in hardening if d.name in RESTRICTING]

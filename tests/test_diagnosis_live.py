@@ -196,3 +196,13 @@ def test_32_bit_calls_get_x86_added_to_the_architectures(machine: Machine, diagn
     assert "SystemCallArchitectures=native x86" in diagnosis.render()
     assert diagnosis.findings[0].relaxation is not None
     assert diagnosis.findings[0].relaxation.needs == "x86 system calls (32-bit)"
+
+
+def test_a_syscall_killed_silently_is_named_from_the_kernel_log(diagnose) -> None:  # type: ignore[no-untyped-def]
+    # The command hides every output of the killed helper: only the kernel's record names the call.
+    diagnosis = diagnose('  SystemCallFilter: ["@system-service", "~@memlock"]\n',
+                         "sh -c \"python3 -c 'import ctypes; ctypes.CDLL(None).mlockall(1)' >/dev/null 2>&1\"")
+    assert culprits(diagnosis) == ["SystemCallFilter"] and diagnosis.verified, diagnosis.render()
+    assert any(line.endswith("(python3) for syscall mlockall") for line in diagnosis.kernel), diagnosis.kernel
+    assert diagnosis.findings[0].relaxation is not None
+    assert diagnosis.findings[0].relaxation.needs == "mlockall (in @memlock)"
