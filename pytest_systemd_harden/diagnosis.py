@@ -273,6 +273,18 @@ class Context:
     hardening: Hardening
     evidence: str  # the failing command's output and the service's journal
     syscall_groups: Callable[[], dict[str, list[str]]] = dict
+    # A traced rerun of the failing check, as evidence lines (denied paths): asked at most once, for a filesystem
+    # culprit when the output names no denied path.
+    observe: Callable[[], str] | None = None
+    observed: bool = False
+
+    def observe_if_silent(self) -> None:
+        if self.observe is None or self.observed or paths_in(self.evidence):
+            return
+        self.observed = True
+        lines = self.observe()
+        if lines:
+            self.evidence = f"{self.evidence}\nobserved rerun (strace):\n{lines}"
 
     def try_(self, relaxation: Relaxation) -> bool:
         return self.oracle.passes(relaxation.apply(self.hardening))
@@ -294,6 +306,7 @@ def refine(culprit: Directive, context: Context) -> Relaxation | None:
         if found is not None:
             return found
     if culprit.name in PATH_DIRECTIVES:
+        context.observe_if_silent()
         found = _refine_paths(culprit, context)
         if found is not None:
             return found
@@ -579,9 +592,13 @@ def _refine_paths(culprit: Directive, context: Context) -> Relaxation | None:
     if culprit.name in HIDDEN_TREES:
         return _bind_hidden_file(culprit, context)
     paths = paths_in(context.evidence)
+    # A service directory is a directory: a path named as the one denied is one only where the line says so
+    # ("cannot create directory"); else it may be a file (/var/log/app.log), whose directory is the grant.
+    files = set(paths_in("\n".join(line for line in context.evidence.splitlines()
+                                   if "mkdir" not in line and "create directory" not in line), ancestors=False))
     for path in paths:
         for prefix, directory_directive in SERVICE_DIRECTORIES:
-            if path.startswith(prefix) and path.count("/") == prefix.count("/"):
+            if path.startswith(prefix) and path.count("/") == prefix.count("/") and path not in files:
                 name = path[len(prefix):]
                 candidate = Relaxation(f"let systemd create and grant {path} with {directory_directive}={name}",
                                        add=(Directive(directory_directive, (name,)),), needs=f"write access to {path}")
@@ -783,7 +800,7 @@ class Diagnosis:
 def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
              syscall_groups: Callable[[], dict[str, list[str]]] = dict, max_runs: int = 60,
              max_seconds: float = 300.0, spec_name: str = "", previous: Sequence[Diagnosis] = (),
-             unprivileged: bool | None = None) -> Diagnosis:
+             unprivileged: bool | None = None, observe: Callable[[], str] | None = None) -> Diagnosis:
     """Find the directives that break a scenario and the smallest verified relaxation (see the module docstring).
 
     ``previous`` diagnoses of the same spec are tried first: one cause often breaks several scenarios, and
@@ -793,7 +810,7 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
     oracle = Oracle(trial, max_runs=max_runs, max_seconds=max_seconds)
     diagnosis = Diagnosis("inconclusive", hardening=hardening, spec_name=spec_name)
     try:
-        _diagnose(hardening, oracle, evidence, syscall_groups, diagnosis, previous, unprivileged)
+        _diagnose(hardening, oracle, evidence, syscall_groups, diagnosis, previous, unprivileged, observe)
     except BudgetExceeded as exc:
         diagnosis.verdict = "budget" if diagnosis.verdict == "inconclusive" else diagnosis.verdict
         diagnosis.note = (diagnosis.note + f" Stopped early: {exc}.").strip()
@@ -804,7 +821,8 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
 
 def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
               syscall_groups: Callable[[], dict[str, list[str]]], diagnosis: Diagnosis,
-              previous: Sequence[Diagnosis], unprivileged: bool | None = None) -> None:
+              previous: Sequence[Diagnosis], unprivileged: bool | None = None,
+              observe: Callable[[], str] | None = None) -> None:
     confirmed = oracle.result(hardening)
     if confirmed.passed:
         diagnosis.note = "the scenario passed when rerun: it is flaky, not (only) over-hardened"
@@ -839,7 +857,7 @@ def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
         return oracle.passes(tuple(d for d in hardening if id(d) not in gone))
 
     culprit_units = ddmin(units, passes_without)
-    context = Context(oracle, hardening, evidence, syscall_groups)
+    context = Context(oracle, hardening, evidence, syscall_groups, observe)
     relaxations: list[Relaxation] = []
     culprits = [d for unit in culprit_units if unit is not group for d in unit]
     base = hardening  # what the other culprits are refined on: with the implied setting relaxed, if it is one

@@ -15,7 +15,7 @@ from .diagnosis import BudgetExceeded, Diagnosis, Hardening, Trial, TrialResult,
 from .directives import Directive
 from .errors import ServiceFailed
 from .kernel import KernelLog, seccomp_records
-from .observe import Observation, parse_strace
+from .observe import Observation, denial_lines, parse_strace
 from .result import CommandResult
 from .service import HardenedService, describe_hardening, indent
 from .spec import Expectation, Scenario, Spec
@@ -408,11 +408,19 @@ def diagnose_failure(service: HardenedService, scenario: Scenario | None, eviden
     """Diagnose why ``scenario`` (None: the start) fails under ``service``'s hardening, then restore the service."""
     deadline = Deadline(max_seconds, "diagnosis", "raise it with --harden-diagnose-seconds")
     kernel_log = KernelLog.open()
+
+    def observed_denials() -> str:
+        """A traced run of the spec (the failing check among its scenarios): the paths its calls were refused."""
+        try:
+            return denial_lines(observe(service, deadline=deadline))
+        except (ObservationFailed, BudgetExceeded):
+            return ""
+
     try:
         return diagnose(service.spec.hardening, _trial(service, scenario, deadline, kernel_log), evidence=evidence,
                         syscall_groups=machine_syscall_groups(service.machine), max_runs=max_runs,
-                        max_seconds=max_seconds,
-                        spec_name=service.spec.path.name, previous=previous)
+                        max_seconds=max_seconds, spec_name=service.spec.path.name, previous=previous,
+                        observe=observed_denials)
     finally:
         if kernel_log is not None:
             kernel_log.close()

@@ -369,10 +369,44 @@ def test_when_no_grant_passes_the_weaker_value_still_says_what_was_denied() -> N
         return TrialResult(directives[0].value in ("yes", "no"))
 
     directives = hardening(ProtectSystem="strict")
-    context = Context(Oracle(trial), directives, "mkdir /etc/new: Read-only file system")
+    context = Context(Oracle(trial), directives, "mkdir: cannot create directory '/etc/new': Read-only file system")
     relaxation = refine(directives[0], context)
     assert relaxation is not None
     assert relaxation.description == "weaken ProtectSystem=strict to ProtectSystem=yes"
     assert relaxation.needs == "access to /etc/new (denied in the failure's output)"
     assert tried == ["ProtectSystem=strict ConfigurationDirectory=new", "ProtectSystem=strict ReadWritePaths=-/etc/new",
                      "ProtectSystem=full", "ProtectSystem=yes"]  # a top-level tree (/etc) is never granted whole
+
+
+def test_a_file_named_as_denied_is_never_made_a_service_directory() -> None:
+    # "LogsDirectory=app.log" would be a directory of that name; the file itself (present) is the grant.
+    directives = hardening(ProtectSystem="strict")
+    evidence = "appd: open /var/log/app.log: Read-only file system"
+    diagnosis = run(World(writes=["/var/log/app.log"], present=["/var/log/app.log"]), directives, evidence)
+    assert diagnosis.combined is not None and diagnosis.verified
+    assert diagnosis.combined.description == "grant /var/log/app.log with ReadWritePaths=-/var/log/app.log"
+    assert not any("LogsDirectory" in run for run in diagnosis_runs(directives, evidence))
+
+
+def diagnosis_runs(directives: tuple[Directive, ...], evidence: str) -> list[str]:
+    world = World(writes=["/var/log/app.log"], present=["/var/log/app.log"])
+    run(world, directives, evidence)
+    return [" ".join(trial) for trial in world.runs]
+
+
+def test_a_silent_failure_is_observed_once_and_the_traced_denial_gives_the_grant() -> None:
+    calls: list[int] = []
+
+    def observe() -> str:
+        calls.append(1)
+        return "strace: openat /srv/data/out.json: EROFS (Read-only file system)"
+
+    directives = hardening(ProtectSystem="strict", PrivateTmp=True)
+    diagnosis = run(World(writes=["/srv/data/out.json"], silent=True), directives, "exit status 1", observe=observe)
+    assert diagnosis.verified and diagnosis.combined is not None
+    assert diagnosis.combined.description == "grant /srv/data with ReadWritePaths=-/srv/data"
+    assert calls == [1]
+    # With a denied path in the output already, no traced run is made.
+    run(World(writes=["/srv/data/out.json"]), directives, "open /srv/data/out.json: Read-only file system",
+        observe=observe)
+    assert calls == [1]

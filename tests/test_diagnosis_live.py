@@ -206,3 +206,11 @@ def test_a_syscall_killed_silently_is_named_from_the_kernel_log(diagnose) -> Non
     assert any(line.endswith("(python3) for syscall mlockall") for line in diagnosis.kernel), diagnosis.kernel
     assert diagnosis.findings[0].relaxation is not None
     assert diagnosis.findings[0].relaxation.needs == "mlockall (in @memlock)"
+
+
+def test_a_write_refused_silently_is_found_by_an_observed_rerun(machine: Machine, diagnose) -> None:  # type: ignore[no-untyped-def]
+    assert machine.run(["mkdir", "-p", "/etc/app"]).ok
+    diagnosis = diagnose("  ProtectSystem: strict\n", "sh -c '{ echo x > /etc/app/app.conf; } 2>/dev/null'")
+    assert culprits(diagnosis) == ["ProtectSystem"] and diagnosis.verified, diagnosis.render()
+    assert diagnosis.combined is not None
+    assert diagnosis.combined.description == "let systemd create and grant /etc/app with ConfigurationDirectory=app"
