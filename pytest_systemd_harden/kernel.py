@@ -7,9 +7,10 @@ status, or a hang - but the record still names the call.
 
 The log is read on the host, from /dev/kmsg: reading it changes no kernel setting and takes no message from
 anyone (unlike /proc/kmsg). A record belongs to the machine when it was written while the check ran and its
-process is the machine's (alive in its cgroup) or already gone; a process that is gone cannot be told apart from
-one of another machine killed in the same moment, so the diagnosis treats a record as a lead to try first, and
-the rerun decides.
+process is the machine's (alive in its cgroup), or is already gone and ran a program the machine has. A process
+that is gone cannot always be told apart from one of another machine on the same host killed in the same moment
+(the same image, the same program), so the diagnosis treats a record as a lead to try first, and the rerun
+decides.
 """
 
 from __future__ import annotations
@@ -105,14 +106,18 @@ class KernelLog:
         os.close(self._fd)
 
 
-def seccomp_records(messages: list[str], machine_pids: Callable[[], set[int] | None]) -> list[SeccompRecord]:
-    """The seccomp records among ``messages`` whose process is the machine's or gone (see the module docstring);
-    ``machine_pids`` gives the host pids of the machine's processes (None: unknown, then only the gone count)."""
+def seccomp_records(messages: list[str], machine_pids: Callable[[], set[int] | None],
+                    machine_has: Callable[[list[str]], set[str]] = lambda exes: set(exes)) -> list[SeccompRecord]:
+    """The seccomp records among ``messages`` whose process is the machine's, or is gone and ran a program the
+    machine has (see the module docstring). ``machine_pids`` gives the host pids of the machine's processes (None:
+    unknown, then only the gone count); ``machine_has`` which of some programs exist in the machine."""
     records = [r for r in (parse_record(m) for m in messages) if r is not None]
     if not records:
         return []
     pids = machine_pids() or set()
-    return [r for r in records if r.pid in pids or not os.path.exists(f"/proc/{r.pid}")]
+    gone = [r for r in records if r.pid not in pids and not os.path.exists(f"/proc/{r.pid}")]
+    present = machine_has(sorted({r.exe for r in gone})) if gone else set()
+    return [r for r in records if r.pid in pids or (r in gone and r.exe in present)]
 
 
 def kernel_syscalls(evidence: str) -> list[str]:

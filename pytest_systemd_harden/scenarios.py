@@ -174,11 +174,16 @@ def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadli
         result = attempt(hardening)
         if result.passed:
             return result
-        records = seccomp_records(kernel_log.drain(), service.machine.host_pids)
+        records = seccomp_records(kernel_log.drain(), service.machine.host_pids, machine_has)
         if not records:
             return result
         lines = list(dict.fromkeys(record.describe() for record in records))
         return TrialResult(False, result.summary, "\n".join([result.evidence, "kernel log (seccomp):", *lines]))
+
+    def machine_has(programs: list[str]) -> set[str]:
+        found = service.machine.run(["/bin/sh", "-c", 'for f; do [ -e "$f" ] && echo "$f"; done', "sh", *programs],
+                                    purpose="kernel-log")
+        return set(found.stdout.splitlines())
 
     def attempt(hardening: Hardening) -> TrialResult:
         spec = service.spec.with_hardening(hardening)

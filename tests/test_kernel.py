@@ -41,6 +41,9 @@ def test_only_the_machines_processes_and_gone_ones_count() -> None:
     gone = KILLED.replace("pid=22879", "pid=4194303")  # above any pid in use here
     assert [r.pid for r in seccomp_records([alive_elsewhere, gone], lambda: set())] == [4194303]
     assert [r.pid for r in seccomp_records([alive_elsewhere], lambda: {os.getpid()})] == [os.getpid()]
+    # A gone process whose program the machine does not have was another machine's (memcached, seen here).
+    assert seccomp_records([gone], lambda: set(), lambda exes: set()) == []
+    assert [r.exe for r in seccomp_records([gone], lambda: set(), lambda exes: {"/usr/bin/gpg"})] == ["/usr/bin/gpg"]
 
 
 def test_the_kernel_log_reader_starts_at_the_end() -> None:
