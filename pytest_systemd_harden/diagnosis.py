@@ -331,12 +331,15 @@ HIDDEN_TREES: dict[str, tuple[str, ...]] = {
     "InaccessiblePaths": ("/",), "TemporaryFileSystem": ("/",),
 }
 _WRITE_DENIALS = ("Read-only file system", "EROFS")
+FILESYSTEM_TOPS = frozenset({"etc", "var", "usr", "srv", "opt", "home", "root", "run", "tmp", "dev", "mnt", "media",
+                             "boot", "lib", "data"})
 
 
 def _evidence_needs(culprit: Directive, context: Context) -> str:
     """What the failure's output says the service was denied, for a culprit relaxed without a grant."""
     if culprit.name in PATH_DIRECTIVES:
-        denied = paths_in(context.evidence, ancestors=False)
+        # Only filesystem paths: a URL path in a request log line ("GET /admin/export ... Permission denied") is not.
+        denied = [p for p in paths_in(context.evidence, ancestors=False) if p.split("/")[1] in FILESYSTEM_TOPS]
         if denied:
             return f"access to {', '.join(denied[:3])} (denied in the failure's output)"
     return ""
@@ -592,10 +595,9 @@ def _refine_paths(culprit: Directive, context: Context) -> Relaxation | None:
     if culprit.name in HIDDEN_TREES:
         return _bind_hidden_file(culprit, context)
     paths = paths_in(context.evidence)
-    # A service directory is a directory: a path named as the one denied is one only where the line says so
-    # ("cannot create directory"); else it may be a file (/var/log/app.log), whose directory is the grant.
-    files = set(paths_in("\n".join(line for line in context.evidence.splitlines()
-                                   if "mkdir" not in line and "create directory" not in line), ancestors=False))
+    # A service directory is a directory: a denied path named like a file (/var/log/app.log, /etc/app.conf) is
+    # granted itself or through its directory, never made a directory of that name.
+    files = {path for path in paths_in(context.evidence, ancestors=False) if "." in path.rsplit("/", 1)[1][1:]}
     for path in paths:
         for prefix, directory_directive in SERVICE_DIRECTORIES:
             if path.startswith(prefix) and path.count("/") == prefix.count("/") and path not in files:
