@@ -20,10 +20,11 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from .directives import BOOL, CAPABILITIES, NAMESPACE_FLAGS, Directive, lookup, render_assignments
+from .kernel import kernel_syscalls
 
 Hardening = tuple[Directive, ...]
 T = TypeVar("T")
@@ -273,6 +274,18 @@ class Context:
     hardening: Hardening
     evidence: str  # the failing command's output and the service's journal
     syscall_groups: Callable[[], dict[str, list[str]]] = dict
+    # A traced rerun of the failing check, as evidence lines (denied paths): asked at most once, for a filesystem
+    # culprit when the output names no denied path.
+    observe: Callable[[], str] | None = None
+    observed: bool = False
+
+    def observe_if_silent(self) -> None:
+        if self.observe is None or self.observed or paths_in(self.evidence):
+            return
+        self.observed = True
+        lines = self.observe()
+        if lines:
+            self.evidence = f"{self.evidence}\nobserved rerun (strace):\n{lines}"
 
     def try_(self, relaxation: Relaxation) -> bool:
         return self.oracle.passes(relaxation.apply(self.hardening))
@@ -286,24 +299,51 @@ def refine(culprit: Directive, context: Context) -> Relaxation | None:
         "CapabilityBoundingSet": _refine_capabilities,
         "RestrictNamespaces": _refine_namespaces,
         "IPAddressDeny": _refine_ip_deny,
+        "SystemCallArchitectures": _refine_architectures,
     }
     specific = refiners.get(culprit.name)
     if specific is not None:
         found = specific(culprit, context)
         if found is not None:
             return found
-    if culprit.name in ("ProtectSystem", "ProtectHome", "ReadOnlyPaths", "InaccessiblePaths", "DynamicUser",
-                        "TemporaryFileSystem", "PrivateTmp", "NoExecPaths"):
+    if culprit.name in PATH_DIRECTIVES:
+        context.observe_if_silent()
         found = _refine_paths(culprit, context)
         if found is not None:
             return found
+    # No grant fits: a weaker value, then removal. What the service needed is still said, from the evidence.
+    needs = _evidence_needs(culprit, context)
     for value in _weaker_values(culprit):
         candidate = Relaxation(f"weaken {culprit.name}={culprit.value} to {culprit.name}={value}",
-                               replace=((culprit.name, Directive(culprit.name, (value,), culprit.line)),))
+                               replace=((culprit.name, Directive(culprit.name, (value,), culprit.line)),),
+                               needs=needs)
         if context.try_(candidate):
             return candidate
     candidate = removal(culprit)
-    return candidate if context.try_(candidate) else None
+    return replace(candidate, needs=needs) if context.try_(candidate) else None
+
+
+# Filesystem directives a path grant can relax instead.
+PATH_DIRECTIVES = ("ProtectSystem", "ProtectHome", "ReadOnlyPaths", "InaccessiblePaths", "DynamicUser",
+                   "TemporaryFileSystem", "PrivateTmp", "NoExecPaths", "PrivateDevices")
+# The trees a directive hides (a file there is brought back with a bind), as opposed to making them read-only.
+HIDDEN_TREES: dict[str, tuple[str, ...]] = {
+    "PrivateTmp": ("/tmp/", "/var/tmp/"), "ProtectHome": ("/home/", "/root/", "/run/user/"),
+    "InaccessiblePaths": ("/",), "TemporaryFileSystem": ("/",),
+}
+_WRITE_DENIALS = ("Read-only file system", "EROFS")
+FILESYSTEM_TOPS = frozenset({"etc", "var", "usr", "srv", "opt", "home", "root", "run", "tmp", "dev", "mnt", "media",
+                             "boot", "lib", "data"})
+
+
+def _evidence_needs(culprit: Directive, context: Context) -> str:
+    """What the failure's output says the service was denied, for a culprit relaxed without a grant."""
+    if culprit.name in PATH_DIRECTIVES:
+        # Only filesystem paths: a URL path in a request log line ("GET /admin/export ... Permission denied") is not.
+        denied = [p for p in paths_in(context.evidence, ancestors=False) if p.split("/")[1] in FILESYSTEM_TOPS]
+        if denied:
+            return f"access to {', '.join(denied[:3])} (denied in the failure's output)"
+    return ""
 
 
 def _weaker_values(culprit: Directive) -> list[str]:
@@ -362,9 +402,17 @@ def _refine_syscall_filter(culprit: Directive, context: Context) -> Relaxation |
         return Relaxation(description, replace=((culprit.name, Directive(
             culprit.name, (*culprit.assignments, " ".join(names)), culprit.line)),))
 
-    if denied and context.try_(dropping(denied)):
+    # The kernel's records name the call: the denied names holding it are tried first, and the call alone.
+    named = kernel_syscalls(context.evidence)
+    hits = [n for n in denied if set(named) & set(expand_group(n, groups))]
+    names: list[str] = []
+    if hits and context.try_(dropping(hits)):
+        names = hits if len(hits) == 1 else ddmin(hits, lambda subset: context.try_(dropping(subset)))
+    elif denied and context.try_(dropping(denied)):
         names = ddmin(denied, lambda subset: context.try_(dropping(subset)))
-        needed = _needed_syscalls(culprit, names, groups, context)
+    if names:
+        needed = _named_syscalls(culprit, names, named, groups, context) or \
+            _needed_syscalls(culprit, names, groups, context)
         needs = _needs_text(needed, names)
         if needed and any(len(expand_group(name, groups)) > LARGE_GROUP for name in names):
             for subgroup in _smallest_groups_containing(needed, names, groups):
@@ -385,6 +433,13 @@ def _refine_syscall_filter(culprit: Directive, context: Context) -> Relaxation |
     def adding(names: Sequence[str]) -> Relaxation:
         return allowing(names, f"also allow {', '.join(names)} in SystemCallFilter=")
 
+    # The smallest group holding what the kernel named, tried before the search over every group.
+    for group in sorted((g for g in candidates if set(named) & set(expand_group(g, groups))),
+                        key=lambda g: len(expand_group(g, groups))):
+        if context.try_(adding([group])):
+            found = [s for s in named if s in expand_group(group, groups)]
+            relaxation = adding([group])
+            return Relaxation(relaxation.description, relaxation.replace, needs=_needs_text(found, [group]))
     if not candidates or not context.try_(adding(candidates)):
         return None
     needed_groups = ddmin(candidates, lambda subset: context.try_(adding(subset)))
@@ -416,6 +471,19 @@ def _smallest_groups_containing(syscalls: Sequence[str], within: Sequence[str],
         if name not in within and set(syscalls) <= members <= denied:
             fitting.append((len(members), name))
     return [name for _size, name in sorted(fitting)]
+
+
+def _named_syscalls(culprit: Directive, names: Sequence[str], named: Sequence[str], groups: dict[str, list[str]],
+                    context: Context) -> list[str]:
+    """The kernel-named syscalls within the denied ``names``, if re-allowing just them (the rest of the groups
+    still denied) passes: one rerun instead of a search."""
+    syscalls = [s for name in names for s in expand_group(name, groups)]
+    needed = [s for s in named if s in syscalls]
+    if not needed or len(syscalls) == len(needed):
+        return needed
+    rest = [s for s in syscalls if s not in needed]
+    passes = context.try_(Relaxation("", replace=((culprit.name, _with_denies(culprit, set(names), rest)),)))
+    return needed if passes else []
 
 
 def _needed_syscalls(culprit: Directive, names: Sequence[str], groups: dict[str, list[str]],
@@ -494,18 +562,19 @@ def _refine_ip_deny(culprit: Directive, context: Context) -> Relaxation | None:
     return None
 
 
-def paths_in(evidence: str) -> list[str]:
-    """Absolute paths named in lines that report a denial, deepest first, with their ancestors after them."""
+def paths_in(evidence: str, *, ancestors: bool = True, writes: bool = False) -> list[str]:
+    """Absolute paths named in lines that report a denial, deepest first, with their ancestors after them (unless
+    ``ancestors`` is false); with ``writes``, only lines that report a write refused (a read-only file system)."""
     found: list[str] = []
     for line in evidence.splitlines():
-        if not any(word in line for word in _DENIAL_WORDS):
+        if not any(word in line for word in (_WRITE_DENIALS if writes else _DENIAL_WORDS)):
             continue
         for match in _PATH_RE.findall(line):
             path = match.rstrip("/:")
             if path.count("/") < 2 or path.startswith(("/usr/lib/python", "/proc/self")):
                 continue
             parts = path.split("/")
-            for depth in range(len(parts), 2, -1):
+            for depth in range(len(parts), 2 if ancestors else len(parts) - 1, -1):
                 candidate = "/".join(parts[:depth])
                 if candidate not in found:
                     found.append(candidate)
@@ -513,15 +582,26 @@ def paths_in(evidence: str) -> list[str]:
 
 
 def _refine_paths(culprit: Directive, context: Context) -> Relaxation | None:
-    """Grant the one path the service needs, rather than dropping a filesystem directive.
+    """Grant the one path the service needs, rather than weakening or dropping a filesystem directive.
 
-    A per-service directory (StateDirectory= and friends) is the idiomatic grant, and the only one that works
-    with DynamicUser=, so it is tried for every path first; then ReadWritePaths=, deepest path first.
+    A device hidden by PrivateDevices= is bound in and allowed (BindPaths= + DeviceAllow=); a file hidden by
+    PrivateTmp=, ProtectHome=, InaccessiblePaths= or TemporaryFileSystem= is bound in (BindReadOnlyPaths=, or
+    BindPaths= for a write; under ProtectHome=yes with ProtectHome=tmpfs, since systemd 252 shows no bind inside
+    an inaccessible /home). A path made read-only gets a per-service directory (StateDirectory= and friends, the
+    idiomatic grant and the only one that works with DynamicUser=), tried for every path first; then
+    ReadWritePaths=, deepest path first.
     """
+    if culprit.name == "PrivateDevices":
+        return _grant_device(context)
+    if culprit.name in HIDDEN_TREES:
+        return _bind_hidden_file(culprit, context)
     paths = paths_in(context.evidence)
+    # A service directory is a directory: a denied path named like a file (/var/log/app.log, /etc/app.conf) is
+    # granted itself or through its directory, never made a directory of that name.
+    files = {path for path in paths_in(context.evidence, ancestors=False) if "." in path.rsplit("/", 1)[1][1:]}
     for path in paths:
         for prefix, directory_directive in SERVICE_DIRECTORIES:
-            if path.startswith(prefix) and path.count("/") == prefix.count("/"):
+            if path.startswith(prefix) and path.count("/") == prefix.count("/") and path not in files:
                 name = path[len(prefix):]
                 candidate = Relaxation(f"let systemd create and grant {path} with {directory_directive}={name}",
                                        add=(Directive(directory_directive, (name,)),), needs=f"write access to {path}")
@@ -531,6 +611,60 @@ def _refine_paths(culprit: Directive, context: Context) -> Relaxation | None:
         grant = "ReadWritePaths" if culprit.name not in ("InaccessiblePaths",) else "BindReadOnlyPaths"
         candidate = Relaxation(f"grant {path} with {grant}=-{path}", add=(Directive(grant, (f"-{path}",)),),
                                needs=f"access to {path}")
+        if context.try_(candidate):
+            return candidate
+    return None
+
+
+def _grant_device(context: Context) -> Relaxation | None:
+    for device in paths_in(context.evidence, ancestors=False):
+        if not device.startswith("/dev/"):
+            continue
+        candidate = Relaxation(f"bind {device} into the private /dev and allow it: BindPaths={device}, "
+                               f"DeviceAllow={device} rw",
+                               add=(Directive("BindPaths", (device,)), Directive("DeviceAllow", (f"{device} rw",))),
+                               needs=f"device {device}")
+        if context.try_(candidate):
+            return candidate
+    return None
+
+
+def _bind_hidden_file(culprit: Directive, context: Context) -> Relaxation | None:
+    trees = HIDDEN_TREES[culprit.name]
+    written = set(paths_in(context.evidence, ancestors=False, writes=True))
+    for path in paths_in(context.evidence, ancestors=False):
+        if not path.startswith(trees) or path.startswith(("/dev/", "/proc/", "/sys/")):
+            continue
+        binds = ["BindPaths"] if path in written else ["BindReadOnlyPaths", "BindPaths"]
+        for bind in binds:
+            access = "read access" if bind == "BindReadOnlyPaths" else "access"
+            grant = Directive(bind, (f"-{path}",))
+            if culprit.name == "ProtectHome" and culprit.value == "yes":
+                candidate = Relaxation(f"show an empty home with ProtectHome=tmpfs and bind {path} into it with "
+                                       f"{bind}=-{path}",
+                                       replace=((culprit.name, Directive(culprit.name, ("tmpfs",), culprit.line)),),
+                                       add=(grant,), needs=f"{access} to {path}")
+            else:
+                candidate = Relaxation(f"bind {path} into the sandbox with {bind}=-{path}", add=(grant,),
+                                       needs=f"{access} to {path}")
+            if context.try_(candidate):
+                return candidate
+    return None
+
+
+# Architectures a 64-bit x86 service may also need, most common first (systemd.exec, SystemCallArchitectures=).
+EXTRA_ARCHITECTURES = ("x86", "x32")
+
+
+def _refine_architectures(culprit: Directive, context: Context) -> Relaxation | None:
+    current = culprit.value.split()
+    for arch in EXTRA_ARCHITECTURES:
+        if arch in current:
+            continue
+        candidate = Relaxation(f"also allow {arch} system calls: SystemCallArchitectures={culprit.value} {arch}",
+                               replace=((culprit.name, Directive(culprit.name, (f"{culprit.value} {arch}",),
+                                                                 culprit.line)),),
+                               needs=f"{arch} system calls ({'32-bit' if arch == 'x86' else 'x32 ABI'})")
         if context.try_(candidate):
             return candidate
     return None
@@ -619,6 +753,7 @@ class Diagnosis:
     note: str = ""
     hardening: Hardening = ()
     spec_name: str = ""
+    kernel: list[str] = field(default_factory=list)  # the kernel's seccomp records of the failing check
 
     def render(self) -> str:
         head = f"diagnosis ({self.runs} reruns, {self.seconds:.1f}s):"
@@ -627,6 +762,7 @@ class Diagnosis:
         lines = [head]
         if self.note:
             lines.append(f"  {self.note}")
+        lines += [f"  {line}" for line in self.kernel]
         for finding in self.findings:
             where = f" ({self.spec_name}:{finding.culprit.line})" if finding.culprit.line else ""
             lines.append(f"  culprit: {'; '.join(finding.culprit.unit_lines())}{where}")
@@ -652,7 +788,7 @@ class Diagnosis:
     def as_dict(self) -> dict[str, object]:
         return {
             "verdict": self.verdict, "runs": self.runs, "seconds": round(self.seconds, 2), "note": self.note,
-            "verified": self.verified,
+            "verified": self.verified, "kernel": self.kernel,
             "culprits": [{
                 "directive": f.culprit.name, "lines": f.culprit.unit_lines(), "spec_line": f.culprit.line,
                 "implied_by": [f"{d.name}={d.value}" for d in f.implied_by],
@@ -667,7 +803,7 @@ class Diagnosis:
 def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
              syscall_groups: Callable[[], dict[str, list[str]]] = dict, max_runs: int = 60,
              max_seconds: float = 300.0, spec_name: str = "", previous: Sequence[Diagnosis] = (),
-             unprivileged: bool | None = None) -> Diagnosis:
+             unprivileged: bool | None = None, observe: Callable[[], str] | None = None) -> Diagnosis:
     """Find the directives that break a scenario and the smallest verified relaxation (see the module docstring).
 
     ``previous`` diagnoses of the same spec are tried first: one cause often breaks several scenarios, and
@@ -677,7 +813,7 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
     oracle = Oracle(trial, max_runs=max_runs, max_seconds=max_seconds)
     diagnosis = Diagnosis("inconclusive", hardening=hardening, spec_name=spec_name)
     try:
-        _diagnose(hardening, oracle, evidence, syscall_groups, diagnosis, previous, unprivileged)
+        _diagnose(hardening, oracle, evidence, syscall_groups, diagnosis, previous, unprivileged, observe)
     except BudgetExceeded as exc:
         diagnosis.verdict = "budget" if diagnosis.verdict == "inconclusive" else diagnosis.verdict
         diagnosis.note = (diagnosis.note + f" Stopped early: {exc}.").strip()
@@ -688,10 +824,16 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
 
 def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
               syscall_groups: Callable[[], dict[str, list[str]]], diagnosis: Diagnosis,
-              previous: Sequence[Diagnosis], unprivileged: bool | None = None) -> None:
-    if oracle.passes(hardening):
+              previous: Sequence[Diagnosis], unprivileged: bool | None = None,
+              observe: Callable[[], str] | None = None) -> None:
+    confirmed = oracle.result(hardening)
+    if confirmed.passed:
         diagnosis.note = "the scenario passed when rerun: it is flaky, not (only) over-hardened"
         return
+    # The rerun's evidence may hold what the first failure's did not: the kernel's seccomp records.
+    evidence = "\n".join(filter(None, [evidence, confirmed.evidence]))
+    diagnosis.kernel = [line.strip() for line in evidence.splitlines() if kernel_syscalls(line)]
+    diagnosis.kernel = list(dict.fromkeys(diagnosis.kernel))
     # The control keeps what configures the service (StateDirectory=, User=, Environment=, ...): only the
     # restricting directives are hardening, and only they are ever taken away.
     candidates = [d for d in hardening if d.name in RESTRICTING]
@@ -718,7 +860,7 @@ def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
         return oracle.passes(tuple(d for d in hardening if id(d) not in gone))
 
     culprit_units = ddmin(units, passes_without)
-    context = Context(oracle, hardening, evidence, syscall_groups)
+    context = Context(oracle, hardening, evidence, syscall_groups, observe)
     relaxations: list[Relaxation] = []
     culprits = [d for unit in culprit_units if unit is not group for d in unit]
     base = hardening  # what the other culprits are refined on: with the implied setting relaxed, if it is one

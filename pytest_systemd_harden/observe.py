@@ -56,6 +56,8 @@ _PATH_CALLS: dict[str, tuple[int | None, int, str]] = {
     "readlink": (None, 0, "stat"), "readlinkat": (0, 1, "stat"), "chdir": (None, 0, "stat"),
     "statfs": (None, 0, "stat"), "getxattr": (None, 0, "stat"), "lgetxattr": (None, 0, "stat"),
 }
+DENIAL_ERRORS = ("EROFS", "EACCES", "EPERM", "ENOENT")
+HIDDEN_BY_SANDBOX = ("/dev/", "/tmp/", "/var/tmp/", "/home/", "/root/", "/run/user/")
 # Calls with two paths, both written: (dirfd, path) pairs.
 _TWO_PATH_CALLS: dict[str, tuple[tuple[int | None, int], ...]] = {
     "rename": ((None, 0), (None, 1)), "renameat": ((0, 1), (2, 3)), "renameat2": ((0, 1), (2, 3)),
@@ -188,6 +190,9 @@ class Observation:
     non_native: dict[str, str] = field(default_factory=dict)  # processes run in another ABI (32-bit)
     setuid_execs: dict[str, str] = field(default_factory=dict)  # setuid/setgid programs executed (see observe())
     private_reads: dict[str, str] = field(default_factory=dict)  # files read that others may not read (observe())
+    # Paths a call was refused on ("openat EROFS"), for the diagnosis: EROFS, EACCES and EPERM anywhere; ENOENT
+    # only where a sandbox hides things (/dev, /tmp, the home trees), not the loader's and importers' probing.
+    denied: dict[str, str] = field(default_factory=dict)
     pids: set[int] = field(default_factory=set)
     unreadable: int = 0  # calls whose arguments strace could not read (a non-dumpable process, e.g. gpg-agent)
     lines: int = 0
@@ -217,6 +222,17 @@ class Observation:
         if self.unreadable:
             text += f"; the arguments of {self.unreadable} calls were unreadable (non-dumpable processes)"
         return "; ".join([text, *(f"while traced, {failure}" for failure in self.failures)])
+
+
+def denial_lines(observation: Observation) -> str:
+    """The refused calls of ``observation`` as evidence lines the diagnosis reads ("strace: openat /etc/x: EROFS")."""
+    words = {"EROFS": "Read-only file system", "EACCES": "Permission denied", "EPERM": "Operation not permitted",
+             "ENOENT": "No such file"}
+    lines = []
+    for path, what in observation.denied.items():
+        call, _, error = what.partition(" ")
+        lines.append(f"strace: {call} {path}: {error} ({words.get(error, error)})")
+    return "\n".join(lines)
 
 
 class _Process:
@@ -316,6 +332,8 @@ def _record(obs: Observation, proc: _Process, pid: int, name: str, argtext: str,
             proc.cwd = path
         if dirfd is not None and index < len(args) and args[dirfd].startswith("AT_FDCWD<"):
             proc.cwd = _fd_path(args[dirfd]) or proc.cwd
+        if path is not None and error in DENIAL_ERRORS and (error != "ENOENT" or path.startswith(HIDDEN_BY_SANDBOX)):
+            obs.denied.setdefault(path, f"{name} {error}")
         if not ok or path is None:
             return
         if name in ("execve", "execveat"):

@@ -122,6 +122,7 @@ class HardenSession:
         self.baseline: Baseline | None = None  # --harden-baseline, loaded by check_report_options()
         self.security_policy: Path | None = None  # --harden-security-policy
         self.stop_notes: list[str] = []  # services that had to be killed at teardown, for the summary
+        self.not_started: dict[str, tuple[str, int]] = {}  # spec -> (why its service did not start, items not run)
 
     @staticmethod
     def of(config: pytest.Config) -> HardenSession:
@@ -163,6 +164,11 @@ class HardenSession:
         if note:
             self.stop_notes.append(f"{service.spec.path.name}: {note}")
             self.progress(note)
+
+    def not_run(self, spec: str, reason: str) -> None:
+        """Count an item of ``spec`` not run because its service did not start (``reason``), for the summary."""
+        _reason, count = self.not_started.get(spec, (reason, 0))
+        self.not_started[spec] = (reason, count + 1)
 
     def unavailable(self, exc: BackendUnavailable) -> NoReturn:
         if self.config.getoption("harden_require_backend"):
@@ -293,6 +299,10 @@ class HardenSession:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         from . import report
 
+        if self.not_started:
+            terminalreporter.write_sep("=", "systemd hardening: services that did not start")
+            for line in report.not_started_lines(self.not_started):
+                terminalreporter.write_line(line)
         if self.stop_notes:
             terminalreporter.write_sep("=", "systemd hardening teardown")
             for note in self.stop_notes:
@@ -373,6 +383,11 @@ class SpecRun:
         nodeid: str
         stash: pytest.Stash
         config: pytest.Config
+
+    @property
+    def label(self) -> str:
+        """The run as summaries name it: the spec file's name, with ``[release]`` for a run of several."""
+        return Path(self.key).name
 
     def items(self: Any) -> Iterator[pytest.Item]:
         yield StartItem.from_parent(self, name="service starts under hardening")
@@ -510,15 +525,18 @@ class SpecItem(pytest.Item):
     def reportinfo(self) -> tuple[Path, int | None, str]:
         return self.path, None, f"{self.path.name}: {self.name}"
 
-    def started_service(self, failure: type[Exception]) -> HardenedService:
-        """The spec's service for an item that needs it running; if it did not start, ``failure`` pointing at the
-        start item, which reports why (this item would only repeat it)."""
+    def started_service(self) -> HardenedService:
+        """The spec's service for an item that needs it running. If it did not start, this item is not run (a skip
+        pointing at the start item, which fails with why and its diagnosis): one cause is one failure, not one per
+        item."""
         try:
             return self.parent.service()
         except (HardenError, pytest.fail.Exception) as exc:
             reason = "no backend" if isinstance(exc, pytest.fail.Exception) else type(exc).__name__
-            raise failure(f"not run: the service did not start ({reason}; see "
-                          f"'{self.parent.nodeid}::service starts under hardening')") from None
+            HardenSession.of(self.config).not_run(self.parent.label, reason)
+            raise pytest.skip.Exception(f"not run: the service did not start ({reason}; see "
+                                        f"'{self.parent.nodeid}::service starts under hardening')",
+                                        _use_item_location=True) from None
 
 
 class StartItem(SpecItem):
@@ -556,7 +574,7 @@ class ScenarioItem(SpecItem):
         self.scenario = scenario
 
     def run_item(self) -> None:
-        service = self.started_service(ScenarioFailed)
+        service = self.started_service()
         outcome = run_scenario(service, self.scenario)
         self.record = self.new_record(check="scenario", scenario=self.scenario.name, diagnosis=None)
         if not outcome.passed:
@@ -593,7 +611,7 @@ class EnforcementItem(SpecItem):
     def run_item(self) -> None:
         from .enforcement import ENFORCED, UNVERIFIABLE, EnforcementFailed, verify_service
 
-        service = self.started_service(EnforcementFailed)
+        service = self.started_service()
         report = self.parent.stash.get(ENFORCEMENT_REPORT, None)
         if report is None:
             report = verify_service(service)

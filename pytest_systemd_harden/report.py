@@ -230,6 +230,13 @@ def summary_lines(reports: Sequence[SpecReport]) -> list[str]:
     return lines
 
 
+def not_started_lines(not_started: Mapping[str, tuple[str, int]]) -> list[str]:
+    """One line per spec whose service did not start: one cause, its items not run, where to look."""
+    return [f"{spec}: 1 cause, the service did not start ({reason}); {count} item{'s' if count != 1 else ''} not run. "
+            f"Fix '{spec}::service starts under hardening' first: its failure has the reason and the diagnosis"
+            for spec, (reason, count) in not_started.items()]
+
+
 # --- JUnit XML ---------------------------------------------------------------------------------------------------
 
 def junit_properties(record: Record, root: Path | None = None) -> list[tuple[str, str]]:

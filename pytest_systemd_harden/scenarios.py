@@ -14,7 +14,8 @@ from .backends.base import Machine
 from .diagnosis import BudgetExceeded, Diagnosis, Hardening, Trial, TrialResult, diagnose
 from .directives import Directive
 from .errors import ServiceFailed
-from .observe import Observation, parse_strace
+from .kernel import KernelLog, seccomp_records
+from .observe import Observation, denial_lines, parse_strace
 from .result import CommandResult
 from .service import HardenedService, describe_hardening, indent
 from .spec import Expectation, Scenario, Spec
@@ -154,17 +155,37 @@ def machine_syscall_groups(machine: Machine) -> Callable[[], dict[str, list[str]
     return groups
 
 
-def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadline | None = None) -> Trial:
+def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadline | None = None,
+           kernel_log: KernelLog | None = None) -> Trial:
     """An oracle for :func:`diagnose`: restart the service under a hardening and rerun the scenario (or just start).
 
     The scenarios before ``scenario`` in the spec are replayed first, outcome ignored: they share one service,
     and a later scenario may need what an earlier one made (a key, an account, a cache entry). With a
-    ``deadline``, every wait is capped by it (:class:`Deadline`).
+    ``deadline``, every wait is capped by it (:class:`Deadline`). With a ``kernel_log``, a failure's evidence
+    ends with the kernel's seccomp records of the machine's processes made during the rerun.
     """
     scenarios = list(service.spec.scenarios)
     preceding = scenarios[:scenarios.index(scenario)] if scenario in scenarios else []
 
     def trial(hardening: Hardening) -> TrialResult:
+        if kernel_log is None:
+            return attempt(hardening)
+        kernel_log.drain()  # what came before this rerun is not its evidence
+        result = attempt(hardening)
+        if result.passed:
+            return result
+        records = seccomp_records(kernel_log.drain(), service.machine.host_pids, machine_has)
+        if not records:
+            return result
+        lines = list(dict.fromkeys(record.describe() for record in records))
+        return TrialResult(False, result.summary, "\n".join([result.evidence, "kernel log (seccomp):", *lines]))
+
+    def machine_has(programs: list[str]) -> set[str]:
+        found = service.machine.run(["/bin/sh", "-c", 'for f; do [ -e "$f" ] && echo "$f"; done', "sh", *programs],
+                                    purpose="kernel-log")
+        return set(found.stdout.splitlines())
+
+    def attempt(hardening: Hardening) -> TrialResult:
         spec = service.spec.with_hardening(hardening)
         candidate = HardenedService(service.machine, deadline.spec(spec) if deadline else spec, unit=service.unit)
         try:
@@ -391,12 +412,23 @@ def diagnose_failure(service: HardenedService, scenario: Scenario | None, eviden
                      max_seconds: float = 300.0, previous: Sequence[Diagnosis] = ()) -> Diagnosis:
     """Diagnose why ``scenario`` (None: the start) fails under ``service``'s hardening, then restore the service."""
     deadline = Deadline(max_seconds, "diagnosis", "raise it with --harden-diagnose-seconds")
+    kernel_log = KernelLog.open()
+
+    def observed_denials() -> str:
+        """A traced run of the spec (the failing check among its scenarios): the paths its calls were refused."""
+        try:
+            return denial_lines(observe(service, deadline=deadline))
+        except (ObservationFailed, BudgetExceeded):
+            return ""
+
     try:
-        return diagnose(service.spec.hardening, _trial(service, scenario, deadline), evidence=evidence,
+        return diagnose(service.spec.hardening, _trial(service, scenario, deadline, kernel_log), evidence=evidence,
                         syscall_groups=machine_syscall_groups(service.machine), max_runs=max_runs,
-                        max_seconds=max_seconds,
-                        spec_name=service.spec.path.name, previous=previous)
+                        max_seconds=max_seconds, spec_name=service.spec.path.name, previous=previous,
+                        observe=observed_denials)
     finally:
+        if kernel_log is not None:
+            kernel_log.close()
         try:
             service.start()  # the scenarios after this one run against the spec as written
         except ServiceFailed:

@@ -87,11 +87,20 @@ class World:
     group_reads: bool = False  # its group reads the files it makes
     namespaces: Sequence[str] = ()  # namespace types it makes (cgroup, ipc, net, ...)
     setuid: bool = False  # runs a setuid helper (sudo): NoNewPrivileges=, set or implied, breaks it
+    devices: Sequence[str] = ()  # device nodes it opens (/dev/net/tun): PrivateDevices= hides them
+    reads: Sequence[str] = ()  # files it reads that exist on the machine (/tmp/x, /root/x, ...)
+    present: Sequence[str] = ()  # files that exist before it starts (a ReadWritePaths=-PATH of a missing PATH is void)
+    x86: bool = False  # makes 32-bit (x86) system calls: SystemCallArchitectures=native kills it
+    silent: bool = False  # swallows its errors: a failure says nothing about why
     broken_anyway: bool = False
     flaky: bool = False
     runs: list[tuple[str, ...]] = field(default_factory=list)
 
     def trial(self, directives: tuple[Directive, ...]) -> TrialResult:
+        result = self._trial(directives)
+        return TrialResult(result.passed, "exit status 1") if self.silent and not result.passed else result
+
+    def _trial(self, directives: tuple[Directive, ...]) -> TrialResult:
         self.runs.append(tuple(str(d) for d in directives))
         if self.broken_anyway:
             return TrialResult(False, "exit status 1")
@@ -105,6 +114,15 @@ class World:
         for syscall in self.syscalls:
             if not syscall_allowed(directives, syscall):
                 return TrialResult(False, f"{syscall}: SIGSYS")
+        if self.x86 and "SystemCallArchitectures" in by_name and "x86" not in _values(by_name, "SystemCallArchitectures"):
+            return TrialResult(False, "exit status 159 (SIGSYS)", "Bad system call")
+        for device in self.devices:
+            if not self.device_usable(by_name, device):
+                return TrialResult(False, f"{device}: ENOENT",
+                                   f"open {device}: No such file or directory")
+        for path in self.reads:
+            if not self.readable(by_name, path):
+                return TrialResult(False, f"{path}: ENOENT", f"cat: {path}: No such file or directory")
         if "RestrictAddressFamilies" in by_name:
             allowed = by_name["RestrictAddressFamilies"].value.split()
             if any(f not in allowed for f in self.families):
@@ -133,13 +151,57 @@ class World:
             return TrialResult(False, "EACCES: its group cannot read its files")
         return TrialResult(True)
 
-    @staticmethod
-    def writable(by_name: dict[str, Directive], path: str) -> bool:
+    def exists(self, path: str) -> bool:
+        """Whether ``path`` exists before the service runs: a present file, or a directory holding one or holding
+        a file the service writes."""
+        return any(p == path or p.startswith(path + "/") for p in self.present) or \
+            any(p.startswith(path + "/") for p in self.writes)
+
+    def writable(self, by_name: dict[str, Directive], path: str) -> bool:
+        # systemd.exec: yes makes /usr and /boot read-only, full adds /etc, strict the whole tree; DynamicUser=yes
+        # implies strict.
         protect_system = by_name["ProtectSystem"].value if "ProtectSystem" in by_name else "no"
-        read_only = protect_system != "no" or ("DynamicUser" in by_name and by_name["DynamicUser"].value == "yes")
-        if not read_only:
+        if "DynamicUser" in by_name and by_name["DynamicUser"].value == "yes":
+            protect_system = "strict"
+        read_only = {"no": (), "yes": ("/usr", "/boot"), "full": ("/usr", "/boot", "/etc"),
+                     "strict": ("/",)}[protect_system]
+        if not any(path.startswith(r.rstrip("/") + "/") for r in read_only):
             return True
-        granted = [f"/var/lib/{n}" for n in by_name.get("StateDirectory", Directive("x", ())).value.split()]
-        granted += [f"/var/cache/{n}" for n in by_name.get("CacheDirectory", Directive("x", ())).value.split()]
-        granted += [p.lstrip("-") for p in by_name.get("ReadWritePaths", Directive("x", ())).value.split()]
+        # A service directory is a directory: a file of the same name cannot be written there.
+        made = [f"/var/lib/{n}" for n in _values(by_name, "StateDirectory")]
+        made += [f"/var/cache/{n}" for n in _values(by_name, "CacheDirectory")]
+        made += [f"/var/log/{n}" for n in _values(by_name, "LogsDirectory")]
+        made += [f"/etc/{n}" for n in _values(by_name, "ConfigurationDirectory")]  # writable too (seen, systemd 252)
+        if any(path.startswith(d + "/") for d in made):
+            return True
+        # A "-" path that does not exist is skipped by systemd; one without "-" fails the start (not modelled).
+        granted = [p.lstrip("-") for p in _values(by_name, "ReadWritePaths")
+                    if not p.startswith("-") or self.exists(p.lstrip("-"))]
         return any(path == g or path.startswith(g + "/") for g in granted)
+
+    @staticmethod
+    def device_usable(by_name: dict[str, Directive], device: str) -> bool:
+        # PrivateDevices=yes: a private /dev of pseudo devices, and DevicePolicy=closed (the device cgroup denies
+        # what DeviceAllow= does not list); BindPaths= brings the node in.
+        if "PrivateDevices" not in by_name or by_name["PrivateDevices"].value != "yes":
+            return True
+        bound = {p.lstrip("-").split(":")[0] for p in _values(by_name, "BindPaths")}
+        allowed = {a.split()[0] for a in by_name["DeviceAllow"].assignments} if "DeviceAllow" in by_name else set()
+        return device in bound and device in allowed
+
+    @staticmethod
+    def readable(by_name: dict[str, Directive], path: str) -> bool:
+        bound = {p.lstrip("-").split(":")[0] for p in _values(by_name, "BindReadOnlyPaths") + _values(by_name, "BindPaths")}
+        if path.startswith(("/tmp/", "/var/tmp/")) and "PrivateTmp" in by_name and by_name["PrivateTmp"].value == "yes":
+            return path in bound
+        if path.startswith(("/home/", "/root/", "/run/user/")) and "ProtectHome" in by_name:
+            # Seen on systemd 252: under =yes the home trees are inaccessible and a bind into them does not appear;
+            # under =tmpfs they are empty but binds show; =read-only hides nothing.
+            mode = by_name["ProtectHome"].value
+            return {"yes": False, "tmpfs": path in bound}.get(mode, True)
+        return True
+
+
+def _values(by_name: dict[str, Directive], name: str) -> list[str]:
+    """Every word of every assignment of ``name`` (paths with spaces are not used here)."""
+    return by_name[name].value.split() if name in by_name else []

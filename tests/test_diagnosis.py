@@ -9,13 +9,17 @@ from simulated_service import GPG_LIKE, GROUPS, World, hardening
 
 from pytest_systemd_harden.diagnosis import (
     RESTRICTING,
+    Context,
     Diagnosis,
+    Oracle,
     Relaxation,
+    TrialResult,
     ddmin,
     diagnose,
     expand_group,
     no_new_privileges_sources,
     paths_in,
+    refine,
 )
 from pytest_systemd_harden.directives import Directive
 
@@ -117,7 +121,8 @@ def test_dynamic_user_keeps_its_sandbox_and_gets_a_path_grant() -> None:
     diagnosis = run(World(writes=["/srv/data/out.json"]), directives, evidence)
     assert [f.culprit.name for f in diagnosis.findings] == ["DynamicUser"]
     assert diagnosis.combined is not None and diagnosis.verified
-    assert diagnosis.combined.description == "grant /srv/data/out.json with ReadWritePaths=-/srv/data/out.json"
+    # out.json does not exist yet: systemd skips a "-" path that is missing, so its directory is the grant.
+    assert diagnosis.combined.description == "grant /srv/data with ReadWritePaths=-/srv/data"
     assert "DynamicUser=yes implies ProtectSystem=strict" in diagnosis.render()
 
 
@@ -292,3 +297,116 @@ def test_a_root_service_has_no_implied_no_new_privileges() -> None:
         "PrivateDevices", "ProtectHostname", "ProtectClock"]
     dynamic = hardening(DynamicUser=True, ProtectClock=True, ProtectKernelLogs=False)
     assert [d.name for d in no_new_privileges_sources(dynamic)] == ["DynamicUser", "ProtectClock"]
+
+
+# --- narrow relaxations first: a grant, then a weaker value, then removal ----------------------------------------------
+
+def test_a_device_under_private_devices_is_bound_in_and_allowed() -> None:
+    directives = hardening(PrivateDevices=True, PrivateTmp=True)
+    evidence = "open /dev/net/tun: No such file or directory"
+    diagnosis = run(World(devices=["/dev/net/tun"]), directives, evidence)
+    assert [f.culprit.name for f in diagnosis.findings] == ["PrivateDevices"] and diagnosis.verified
+    relaxation = diagnosis.findings[0].relaxation
+    assert relaxation is not None and relaxation.needs == "device /dev/net/tun"
+    assert diagnosis.combined.dropin(directives) == (
+        "[Service]\nBindPaths=\nBindPaths=/dev/net/tun\nDeviceAllow=\nDeviceAllow=/dev/net/tun rw\n")
+    assert diagnosis.combined.apply(directives)[0] == directives[0]  # PrivateDevices=yes stays
+
+
+def test_a_file_hidden_by_private_tmp_is_bound_in_read_only() -> None:
+    directives = hardening(PrivateTmp=True, ProtectSystem="strict")
+    diagnosis = run(World(reads=["/tmp/shared.conf"]), directives, "cat: /tmp/shared.conf: No such file or directory")
+    assert diagnosis.verified and diagnosis.combined is not None
+    assert diagnosis.combined.description == "bind /tmp/shared.conf into the sandbox with BindReadOnlyPaths=-/tmp/shared.conf"
+    assert diagnosis.findings[0].relaxation.needs == "read access to /tmp/shared.conf"  # type: ignore[union-attr]
+    assert diagnosis.combined.spec_change(directives) == "BindReadOnlyPaths: -/tmp/shared.conf"
+
+
+def test_a_file_under_protect_home_gets_an_empty_home_and_a_bind_not_a_weaker_value() -> None:
+    directives = hardening(ProtectHome=True, PrivateTmp=True)
+    diagnosis = run(World(reads=["/root/.netrc"]), directives, "cat: /root/.netrc: No such file or directory")
+    assert diagnosis.verified and diagnosis.combined is not None
+    assert diagnosis.combined.dropin(directives) == (
+        "[Service]\nProtectHome=tmpfs\nBindReadOnlyPaths=\nBindReadOnlyPaths=-/root/.netrc\n")
+    assert diagnosis.findings[0].relaxation.needs == "read access to /root/.netrc"  # type: ignore[union-attr]
+    # Without the bind, ProtectHome=read-only (the next weaker value) would have been the answer: a broader one.
+    assert World(reads=["/root/.netrc"]).trial(hardening(ProtectHome="read-only", PrivateTmp=True)).passed
+
+
+def test_a_daemon_logging_to_a_file_in_etc_gets_that_directory_not_a_weaker_protect_system() -> None:
+    directives = hardening(ProtectSystem="strict", PrivateTmp=True)
+    evidence = "appd: cannot open log file /etc/app/app.log: Read-only file system"
+    diagnosis = run(World(writes=["/etc/app/app.log"]), directives, evidence)
+    assert diagnosis.verified and diagnosis.combined is not None
+    assert diagnosis.combined.description == "let systemd create and grant /etc/app with ConfigurationDirectory=app"
+    assert diagnosis.findings[0].relaxation.needs == "write access to /etc/app"  # type: ignore[union-attr]
+    assert diagnosis.combined.apply(directives)[0].unit_lines() == ["ProtectSystem=strict"]
+
+
+def test_a_daemon_logging_to_a_file_in_var_log_gets_var_log_granted() -> None:
+    directives = hardening(ProtectSystem="strict")
+    evidence = "appd: open /var/log/app.log: Read-only file system"
+    diagnosis = run(World(writes=["/var/log/app.log"]), directives, evidence)
+    assert diagnosis.verified and diagnosis.combined is not None
+    # LogsDirectory=app.log would be a directory of that name: tried, and it fails.
+    assert diagnosis.combined.description == "grant /var/log with ReadWritePaths=-/var/log"
+
+
+def test_32_bit_calls_get_the_architecture_added_not_the_directive_removed() -> None:
+    directives = hardening(SystemCallArchitectures="native", PrivateTmp=True)
+    diagnosis = run(World(x86=True), directives, "Bad system call")
+    assert diagnosis.verified and diagnosis.combined is not None
+    assert diagnosis.combined.dropin(directives) == "[Service]\nSystemCallArchitectures=\nSystemCallArchitectures=native x86\n"
+    assert diagnosis.findings[0].relaxation.needs == "x86 system calls (32-bit)"  # type: ignore[union-attr]
+
+
+def test_when_no_grant_passes_the_weaker_value_still_says_what_was_denied() -> None:
+    # An oracle that takes only ProtectSystem=yes (no path grant works): the grants are tried first, in order.
+    tried: list[str] = []
+
+    def trial(directives: tuple[Directive, ...]) -> TrialResult:
+        tried.append(" ".join(line for d in directives for line in d.unit_lines()))
+        return TrialResult(directives[0].value in ("yes", "no"))
+
+    directives = hardening(ProtectSystem="strict")
+    context = Context(Oracle(trial), directives, "mkdir: cannot create directory '/etc/new': Read-only file system")
+    relaxation = refine(directives[0], context)
+    assert relaxation is not None
+    assert relaxation.description == "weaken ProtectSystem=strict to ProtectSystem=yes"
+    assert relaxation.needs == "access to /etc/new (denied in the failure's output)"
+    assert tried == ["ProtectSystem=strict ConfigurationDirectory=new", "ProtectSystem=strict ReadWritePaths=-/etc/new",
+                     "ProtectSystem=full", "ProtectSystem=yes"]  # a top-level tree (/etc) is never granted whole
+
+
+def test_a_file_named_as_denied_is_never_made_a_service_directory() -> None:
+    # "LogsDirectory=app.log" would be a directory of that name; the file itself (present) is the grant.
+    directives = hardening(ProtectSystem="strict")
+    evidence = "appd: open /var/log/app.log: Read-only file system"
+    diagnosis = run(World(writes=["/var/log/app.log"], present=["/var/log/app.log"]), directives, evidence)
+    assert diagnosis.combined is not None and diagnosis.verified
+    assert diagnosis.combined.description == "grant /var/log/app.log with ReadWritePaths=-/var/log/app.log"
+    assert not any("LogsDirectory" in run for run in diagnosis_runs(directives, evidence))
+
+
+def diagnosis_runs(directives: tuple[Directive, ...], evidence: str) -> list[str]:
+    world = World(writes=["/var/log/app.log"], present=["/var/log/app.log"])
+    run(world, directives, evidence)
+    return [" ".join(trial) for trial in world.runs]
+
+
+def test_a_silent_failure_is_observed_once_and_the_traced_denial_gives_the_grant() -> None:
+    calls: list[int] = []
+
+    def observe() -> str:
+        calls.append(1)
+        return "strace: openat /srv/data/out.json: EROFS (Read-only file system)"
+
+    directives = hardening(ProtectSystem="strict", PrivateTmp=True)
+    diagnosis = run(World(writes=["/srv/data/out.json"], silent=True), directives, "exit status 1", observe=observe)
+    assert diagnosis.verified and diagnosis.combined is not None
+    assert diagnosis.combined.description == "grant /srv/data with ReadWritePaths=-/srv/data"
+    assert calls == [1]
+    # With a denied path in the output already, no traced run is made.
+    run(World(writes=["/srv/data/out.json"]), directives, "open /srv/data/out.json: Read-only file system",
+        observe=observe)
+    assert calls == [1]

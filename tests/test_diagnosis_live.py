@@ -80,7 +80,7 @@ def test_write_execute_memory_under_memory_deny_write_execute(diagnose) -> None:
                          "python3 -c 'import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ|mmap.PROT_WRITE|mmap.PROT_EXEC)'")
     assert culprits(diagnosis) == ["MemoryDenyWriteExecute"]
     assert diagnosis.combined is not None and diagnosis.verified
-    assert diagnosis.combined.description == "remove MemoryDenyWriteExecute="
+    assert diagnosis.combined.description == "set MemoryDenyWriteExecute=no (systemd's default)"
 
 
 def test_chown_under_denied_privileged_calls_reallows_only_chown(diagnose) -> None:  # type: ignore[no-untyped-def]
@@ -140,3 +140,77 @@ def test_candidates_systemd_rejects_count_as_failures_not_crashes(diagnose) -> N
     diagnosis = diagnose("  RestrictAddressFamilies: none\n", "python3 -c 'import socket; socket.socket()'")
     assert diagnosis.verdict == "found" and culprits(diagnosis) == ["RestrictAddressFamilies"]
     assert diagnosis.verified
+
+
+# --- narrow relaxations: a grant before a weaker value or a removal ------------------------------------------------
+
+# A 32-bit system call from a 64-bit process: getpid through int 0x80 (the i386 entry), in a page of machine code.
+INT80 = r"""
+import ctypes, mmap
+page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+page.write(b"\xb8\x14\x00\x00\x00\xcd\x80\xc3")  # mov eax, 20 (getpid on i386); int 0x80; ret
+print("pid", ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))())
+"""
+
+
+def test_a_device_under_private_devices_is_bound_in(diagnose) -> None:  # type: ignore[no-untyped-def]
+    diagnosis = diagnose("  PrivateDevices: yes\n",
+                         "python3 -c \"import os; os.open('/dev/net/tun', os.O_RDWR)\"")
+    assert culprits(diagnosis) == ["PrivateDevices"] and diagnosis.verified, diagnosis.render()
+    assert diagnosis.findings[0].relaxation is not None
+    assert diagnosis.findings[0].relaxation.needs == "device /dev/net/tun"
+    assert "BindPaths=/dev/net/tun\n" in diagnosis.render() + "\n"
+    assert "DeviceAllow=/dev/net/tun rw" in diagnosis.render()
+
+
+def test_a_file_under_protect_home_gets_tmpfs_and_a_bind(machine: Machine, diagnose) -> None:  # type: ignore[no-untyped-def]
+    assert machine.run(["sh", "-c", "echo machine x > /root/.netrc"]).ok
+    diagnosis = diagnose("  ProtectHome: yes\n", "cat /root/.netrc")
+    assert culprits(diagnosis) == ["ProtectHome"] and diagnosis.verified, diagnosis.render()
+    assert diagnosis.combined is not None
+    assert diagnosis.combined.description == ("show an empty home with ProtectHome=tmpfs and bind /root/.netrc into "
+                                              "it with BindReadOnlyPaths=-/root/.netrc")
+
+
+def test_a_log_file_under_etc_gets_its_directory_not_a_weaker_protect_system(machine: Machine, diagnose) -> None:  # type: ignore[no-untyped-def]
+    assert machine.run(["mkdir", "-p", "/etc/app"]).ok
+    diagnosis = diagnose("  ProtectSystem: strict\n", "sh -c 'echo started >> /etc/app/app.log'")
+    assert culprits(diagnosis) == ["ProtectSystem"] and diagnosis.verified, diagnosis.render()
+    assert diagnosis.combined is not None
+    # systemd makes a ConfigurationDirectory= writable under ProtectSystem=strict: the idiomatic grant.
+    assert diagnosis.combined.description == "let systemd create and grant /etc/app with ConfigurationDirectory=app"
+
+
+def test_a_log_file_under_var_log_gets_that_file_not_a_weaker_protect_system(diagnose) -> None:  # type: ignore[no-untyped-def]
+    diagnosis = diagnose("  ProtectSystem: strict\n", "sh -c 'echo started >> /var/log/app.log'")
+    assert culprits(diagnosis) == ["ProtectSystem"] and diagnosis.verified, diagnosis.render()
+    assert diagnosis.combined is not None
+    # The control run (no hardening) made the file, as a daemon's earlier runs would: the file itself is granted.
+    assert diagnosis.combined.description == "grant /var/log/app.log with ReadWritePaths=-/var/log/app.log"
+
+
+def test_32_bit_calls_get_x86_added_to_the_architectures(machine: Machine, diagnose) -> None:  # type: ignore[no-untyped-def]
+    assert machine.run(["sh", "-c", 'printf "%s" "$1" > /opt/int80.py', "sh", INT80]).ok
+    diagnosis = diagnose("  SystemCallArchitectures: native\n", "python3 /opt/int80.py")
+    assert culprits(diagnosis) == ["SystemCallArchitectures"] and diagnosis.verified, diagnosis.render()
+    assert "SystemCallArchitectures=native x86" in diagnosis.render()
+    assert diagnosis.findings[0].relaxation is not None
+    assert diagnosis.findings[0].relaxation.needs == "x86 system calls (32-bit)"
+
+
+def test_a_syscall_killed_silently_is_named_from_the_kernel_log(diagnose) -> None:  # type: ignore[no-untyped-def]
+    # The command hides every output of the killed helper: only the kernel's record names the call.
+    diagnosis = diagnose('  SystemCallFilter: ["@system-service", "~@memlock"]\n',
+                         "sh -c \"python3 -c 'import ctypes; ctypes.CDLL(None).mlockall(1)' >/dev/null 2>&1\"")
+    assert culprits(diagnosis) == ["SystemCallFilter"] and diagnosis.verified, diagnosis.render()
+    assert any(line.endswith("(python3) for syscall mlockall") for line in diagnosis.kernel), diagnosis.kernel
+    assert diagnosis.findings[0].relaxation is not None
+    assert diagnosis.findings[0].relaxation.needs == "mlockall (in @memlock)"
+
+
+def test_a_write_refused_silently_is_found_by_an_observed_rerun(machine: Machine, diagnose) -> None:  # type: ignore[no-untyped-def]
+    assert machine.run(["mkdir", "-p", "/etc/app"]).ok
+    diagnosis = diagnose("  ProtectSystem: strict\n", "sh -c '{ echo x > /etc/app/app.conf; } 2>/dev/null'")
+    assert culprits(diagnosis) == ["ProtectSystem"] and diagnosis.verified, diagnosis.render()
+    assert diagnosis.combined is not None
+    assert diagnosis.combined.description == "let systemd create and grant /etc/app with ConfigurationDirectory=app"

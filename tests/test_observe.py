@@ -264,3 +264,19 @@ def test_profile_only_applies_every_step_not_forecast_to_conflict() -> None:
     assert "ProcSubset=pid" not in lines and "PrivateNetwork=yes" not in lines  # forecast to conflict
     names = {d.name for step in CATALOGUE for d in step.directives}
     assert {d.name for d in spec} == names - {"ProcSubset", "PrivateNetwork"} | {"StateDirectory"}
+
+
+def test_refused_calls_are_kept_as_denials_for_the_diagnosis() -> None:
+    from pytest_systemd_harden.observe import denial_lines
+
+    trace = """\
+10    openat(AT_FDCWD</>, "/etc/app/app.conf", O_WRONLY|O_CREAT|O_TRUNC, 0666) = -1 EROFS (Read-only file system)
+10    openat(AT_FDCWD</>, "/lib/x86_64-linux-gnu/tls/libc.so.6", O_RDONLY|O_CLOEXEC) = -1 ENOENT (No such file or directory)
+10    openat(AT_FDCWD</>, "/dev/net/tun", O_RDWR) = -1 ENOENT (No such file or directory)
+10    openat(AT_FDCWD</>, "/etc/hostname", O_RDONLY) = 3</etc/hostname>
+"""
+    observation = parse_strace(trace)
+    assert observation.denied == {"/etc/app/app.conf": "openat EROFS", "/dev/net/tun": "openat ENOENT"}
+    assert denial_lines(observation).splitlines() == [
+        "strace: openat /etc/app/app.conf: EROFS (Read-only file system)",
+        "strace: openat /dev/net/tun: ENOENT (No such file)"]

@@ -96,8 +96,9 @@ def test_a_missing_backend_skips_with_the_fix_or_errors_when_required(pytester: 
     skipped.assert_outcomes(skipped=3)  # the start item and the enforcement items of both directives
     skipped.stdout.fnmatch_lines(["*backend unavailable: systemd-nspawn is not installed: apt-get install systemd-container*"])
     required = pytester.runpytest_subprocess("--harden-require-backend")
-    required.assert_outcomes(failed=3)
-    required.stdout.fnmatch_lines(["*backend unavailable (--harden-require-backend): systemd-nspawn is not installed*"])
+    required.assert_outcomes(failed=1, skipped=2)  # one cause: the start fails, the enforcement items are not run
+    required.stdout.fnmatch_lines(["*backend unavailable (--harden-require-backend): systemd-nspawn is not installed*",
+                                   "harden.yaml: 1 cause, the service did not start (no backend); 2 items not run.*"])
 
 
 def _our_groups(pid: int) -> list[str]:
@@ -205,24 +206,31 @@ hardening:
     ])
 
 
-def test_items_of_a_service_that_did_not_start_point_at_the_start_item(pytester: pytest.Pytester) -> None:
+def test_a_service_that_did_not_start_is_one_failure_and_its_other_items_are_not_run(
+        pytester: pytest.Pytester) -> None:
     pytester.makefile(".yaml", harden="""
 service:
   exec_start: /bin/sh -c 'exit 7'
 hardening:
   ProtectSystem: strict
+  PrivateTmp: yes
 scenarios:
   - name: anything
     client: "true"
+  - name: something else
+    inside: "true"
 """)
-    result = pytester.runpytest("-v", "--harden-diagnose=off")
+    result = pytester.runpytest("-v", "-rs", "--harden-diagnose=off")
     result.stdout.fnmatch_lines([
         "*harden.yaml::service starts under hardening FAILED*",
-        "*harden.yaml::anything FAILED*",
-        "*harden.yaml::ProtectSystem=strict is enforced FAILED*",
+        "*harden.yaml::anything SKIPPED*",
+        "*harden.yaml::something else SKIPPED*",
+        "*harden.yaml::ProtectSystem=strict is enforced SKIPPED*",
+        "*harden.yaml::PrivateTmp=yes is enforced SKIPPED*",
+        "*systemd hardening: services that did not start*",
+        ("harden.yaml: 1 cause, the service did not start (ServiceFailed); 4 items not run. Fix "
+         "'harden.yaml::service starts under hardening' first: its failure has the reason and the diagnosis"),
     ])
-    # Count in the failure reports only: the short summary repeats each message in full wherever pytest sees
-    # $CI set (it truncates them elsewhere), and that is pytest's choice, not ours.
-    failure_reports = result.stdout.str().split("short test summary info")[0]
-    assert failure_reports.count("not run: the service did not start (ServiceFailed; see 'harden.yaml::service "
-                                 "starts under hardening')") == 2
+    result.assert_outcomes(failed=1, skipped=4)
+    assert result.stdout.str().count("not run: the service did not start (ServiceFailed; see 'harden.yaml::service "
+                                     "starts under hardening')") == 4  # each skip's reason, under -rs

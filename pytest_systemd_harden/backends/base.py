@@ -157,6 +157,10 @@ class Machine(abc.ABC):
         """Bytes of memory the running machine uses (proportional set size), or None if unknown here."""
         return None
 
+    def host_pids(self) -> set[int] | None:
+        """Host pids of the machine's processes (to match the kernel's records to it), or None if unknown here."""
+        return None
+
     def boot(self, progress: Progress = lambda line: None) -> None:
         address = self._start(progress)
         try:

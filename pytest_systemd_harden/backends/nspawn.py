@@ -168,6 +168,11 @@ class NspawnMachine(Machine):
             return None
         return proportional_set_size(self._contained.pids())
 
+    def host_pids(self) -> set[int] | None:
+        if self._contained is None or self._contained.cgroup is None:
+            return None
+        return self._contained.pids()
+
     def _wait_for_bus(self) -> str:
         assert self._contained is not None
         process = self._contained.process
