@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .cgroups import Contained
 from .errors import BackendUnavailable, ImageBuildError
@@ -384,16 +384,15 @@ def cached_images(cache_dir: Path) -> list[CachedImage]:
             continue
         found.append((manifest, folder, used))
     found.sort(key=lambda entry: entry[0].get("built", 0))
-    newest: dict[tuple[object, ...], str] = {}
-    for manifest, folder, _used in found:
-        what = (manifest.get("release", manifest.get("suite")), tuple(manifest.get("packages", ())),
+
+    def what(manifest: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+        # An older recipe's manifest says "suite" where a newer one says "release".
+        return (str(manifest.get("release", manifest.get("suite", "?"))), tuple(manifest.get("packages", ())),
                 tuple(manifest.get("debs", ())))
-        newest[what] = folder.name
-    return [CachedImage(folder.name, folder, str(manifest.get("release", manifest.get("suite", "?"))),
-                        tuple(manifest.get("packages", ())), tuple(manifest.get("debs", ())),
-                        float(manifest.get("built", used)), used,
-                        newest[(manifest.get("release", manifest.get("suite")), tuple(manifest.get("packages", ())),
-                                tuple(manifest.get("debs", ())))] != folder.name)
+
+    newest = {what(manifest): folder.name for manifest, folder, _used in found}  # the last built wins
+    return [CachedImage(folder.name, folder, *what(manifest), float(manifest.get("built", used)), used,
+                        newest[what(manifest)] != folder.name)
             for manifest, folder, used in found]
 
 

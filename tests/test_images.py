@@ -157,3 +157,35 @@ def test_a_new_package_set_is_installed_on_the_cached_base_image_and_boots(
     base_resolv, resolv = base / "rootfs/etc/resolv.conf", rootfs / "etc/resolv.conf"
     assert resolv.is_symlink() == base_resolv.is_symlink() and resolv.exists() == base_resolv.exists()
     assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()  # /proc was mounted in a private namespace
+
+
+def test_cache_list_marks_superseded_images_and_prune_spares_one_in_use(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    from pytest_systemd_harden.images import cached_images, prune
+
+    def image(key: str, built: float, packages: list[str], used_days_ago: float = 0) -> Path:
+        folder = tmp_path / "images" / key
+        (folder / "rootfs" / "usr" / "lib" / "systemd").mkdir(parents=True)
+        (folder / "rootfs" / "usr" / "lib" / "systemd" / "systemd").write_text("")
+        manifest = folder / "manifest.json"
+        manifest.write_text(json.dumps({"release": "trixie", "packages": packages, "debs": [], "built": built}))
+        used = time.time() - used_days_ago * 86400
+        os.utime(manifest, (used, used))
+        return folder
+
+    old = image("aaaa", 1.0, ["curl"])
+    new = image("bbbb", 2.0, ["curl"])
+    stale = image("cccc", 3.0, ["gnupg"], used_days_ago=40)
+    in_use = image("dddd", 0.5, ["curl"])
+    listed = {i.key: i for i in cached_images(tmp_path)}
+    assert [k for k, i in listed.items() if i.superseded] == ["dddd", "aaaa"]  # oldest first
+    assert listed["bbbb"].release == "trixie" and listed["bbbb"].packages == ("curl",)
+    with open(tmp_path / "images" / "dddd.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_SH)  # what a running session does with each image it booted
+        said: list[str] = []
+        removed = prune(tmp_path, unused_days=30, progress=said.append)
+    assert sorted(i.key for i in removed) == ["aaaa", "cccc"]
+    assert not old.exists() and not stale.exists() and new.exists() and in_use.exists()
+    assert "kept dddd: a run is using it" in said
