@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_systemd_harden import staging
 from pytest_systemd_harden.backends import nspawn
 from pytest_systemd_harden.backends.base import Machine, MachineConfig
 from pytest_systemd_harden.diagnosis import BudgetExceeded, TrialResult
@@ -158,7 +159,11 @@ def test_the_sweep_removes_only_dead_machines_of_ours(tmp_path: Path) -> None:
         (tmp_path / "propagate" / name).mkdir(parents=True)
     (tmp_path / "propagate" / "harden-0000dead" / "notify").write_text("")
     # A process whose command line names harden-0000a11e stands for a live machine (another run's).
-    alive = subprocess.Popen(["/bin/sh", "-c", "sleep 30", "--machine", "harden-0000a11e"])
+    # (sleep 30; :) keeps the shell, and so its command line, alive: dash would exec a lone last command.
+    alive = subprocess.Popen(["/bin/sh", "-c", "sleep 30; :", "--machine", "harden-0000a11e"])
+    deadline = time.monotonic() + 10  # right after Popen its /proc/PID/cmdline may still be empty
+    while b"harden-0000a11e" not in Path(f"/proc/{alive.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         removed = nspawn.sweep_runtime_leftovers(tmp_path)
     finally:
@@ -171,7 +176,7 @@ def test_the_sweep_removes_only_dead_machines_of_ours(tmp_path: Path) -> None:
 def test_the_sweep_never_removes_across_a_mount_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     leftover = tmp_path / "propagate" / "harden-0000dead"
     leftover.mkdir(parents=True)
-    monkeypatch.setattr(nspawn, "_mounts_at_or_under", lambda path: [f"{path}/incoming"])
+    monkeypatch.setattr(staging, "mounts_under", lambda path: [f"{path}/incoming"])
     assert nspawn.sweep_runtime_leftovers(tmp_path) == []
     assert leftover.is_dir()
 

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cgroups import Contained, host_runs_systemd
-from ..errors import BackendUnavailable, MachineError
+from ..errors import BackendUnavailable, ImageBuildError, MachineError
 from ..images import Image, package_version
 from ..probes.inside import GUARD_KERNEL
+from ..staging import remove_tree
 from ..systemd import SocketConnector
 from . import userns
 from .base import Machine, Progress, proportional_set_size
@@ -221,18 +222,6 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _mounts_at_or_under(path: Path) -> list[str]:
-    """Mount points (in our mount namespace) at ``path`` or below it."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return [str(path)]  # cannot tell: treat as mounted
-    top = str(path)
-    # Field 5 is the mount point, with spaces and the like escaped as octal.
-    points = [line.split()[4].encode().decode("unicode_escape") for line in lines if len(line.split()) > 4]
-    return [point for point in points if point == top or point.startswith(top + "/")]
-
-
 def remove_runtime_directory(name: str, runtime: Path = NSPAWN_RUNTIME) -> list[str]:
     """Remove what systemd-nspawn keeps on the host for machine ``name`` (which must not run); return the paths
     removed. Never one of another name than ours, and never across a mount point (it is left, and named)."""
@@ -243,11 +232,10 @@ def remove_runtime_directory(name: str, runtime: Path = NSPAWN_RUNTIME) -> list[
         path = runtime / kind / name
         if not path.is_dir() or path.is_symlink():
             continue
-        mounted = _mounts_at_or_under(path)
-        if mounted:
-            raise MachineError(f"not removing {path}: {', '.join(mounted)} is mounted there (umount it, then remove "
-                               "the directory)")
-        shutil.rmtree(path, ignore_errors=True)
+        try:
+            remove_tree(path)  # never across a mount point
+        except ImageBuildError as exc:
+            raise MachineError(str(exc)) from None
         removed.append(str(path))
     return removed
 
