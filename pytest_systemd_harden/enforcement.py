@@ -721,7 +721,21 @@ def _limit(d: Directive, ctx: Context) -> Expectations:
     wanted = [_limit_value(soft_text), _limit_value(hard_text or soft_text)]
     shown = "/".join("unlimited" if value is None else str(value) for value in wanted)
     return [Check(Probe("limits"), f"{label} is {shown} (soft/hard)",
-                  lambda observed, _machine: (observed.facts.get("limits") or {}).get(label) == wanted)]
+                  lambda observed, _machine: (observed.facts.get("limits") or {}).get(label) == wanted,
+                  explain=lambda observed: _limit_explained(observed, label, wanted))]
+
+
+def _limit_explained(observed: ProbeResult, label: str, wanted: list[int | None]) -> str:
+    """What a limit that is not as set shows: clamped to the machine's hard limit (systemd lowers a Limit*= that
+    its own process cannot reach, without an error), or just its values."""
+    got = (observed.facts.get("limits") or {}).get(label)
+    if not isinstance(got, list) or len(got) != 2:
+        return f"{label} is not in /proc/self/limits"
+    shown = "/".join("unlimited" if value is None else str(value) for value in got)
+    hard, wanted_hard = got[1], wanted[1]
+    if hard is not None and (wanted_hard is None or hard < wanted_hard):
+        return f"{label} is {shown}: clamped to this machine's ceiling {hard}"
+    return f"{label} is {shown}"
 
 
 for _name in LIMIT_LABELS:
@@ -1235,6 +1249,10 @@ def unenforceable_reason(directive: Directive, facts: MachineFacts) -> str:
         return (f"{name}= needs the {controller} controller on the unit's cgroup; a container on a host with hybrid "
                 f"cgroups (the {controller} controller on cgroup v1) has none: a VM (--harden-backend=qemu) or a "
                 "host with unified cgroups enforces it")
+    if name.startswith("Limit"):
+        return ("the machine's own hard limit is lower, and its systemd cannot raise a service above the limits it "
+                "inherited (raising one needs CAP_SYS_RESOURCE on the host, which the process that started the "
+                "machine lacks here); a host's systemd, or the qemu backend (--harden-backend=qemu), sets it")
     if name == "ProtectHome" and directive.value == "tmpfs":
         return ("systemd mounts the tmpfs read-write, not read-only as documented "
                 f"(https://github.com/systemd/systemd/issues/34825); {same_on_hosts}")
