@@ -43,7 +43,16 @@ from .probes.catalogue import (
     Denial,
 )
 from .probes.model import Probe, ProbeResult
-from .probes.runner import Batch, MachineFacts, machine_facts, on_machine, run_batch, unique
+from .probes.runner import (
+    Batch,
+    MachineFacts,
+    ProbeProgramError,
+    machine_facts,
+    on_machine,
+    probe_interpreter,
+    run_batch,
+    unique,
+)
 from .spec import Spec
 from .systemd import Property
 
@@ -1411,8 +1420,16 @@ class ServiceHost:
         return replace(machine_facts(machine), unenforced=machine_capabilities(machine).unenforced())
 
     def sandbox(self, probes: Sequence[Probe]) -> Batch:
+        label = f"in the sandbox of {self.service.unit}"
+        directives = self.service.spec.hardening
+        no_exec = [p for d in directives if d.name == "NoExecPaths" for p in _paths(d)]
+        exec_paths = [p for d in directives if d.name == "ExecPaths" for p in _paths(d)]
+        try:  # the probe program must run under the spec's exec policy (NoExecPaths=/ with ExecPaths=/usr/lib)
+            interpreter = probe_interpreter(self.service.machine, no_exec, exec_paths)
+        except ProbeProgramError as exc:
+            return Batch(label, {probe: ProbeResult.missing(probe, str(exc)) for probe in unique(probes)})
         return run_batch(lambda argv, stdin: self.service.inside(list(argv), timeout=120, stdin=stdin), probes,
-                         f"in the sandbox of {self.service.unit}")
+                         label, interpreter)
 
     def machine(self, probes: Sequence[Probe]) -> Batch:
         return run_batch(on_machine(self.service.machine, purpose="probe-control"), probes,

@@ -78,3 +78,37 @@ def test_the_container_ceiling_is_raised_where_this_process_may(monkeypatch: pyt
     assert not any("RTPRIO" in o or "NICE" in o for o in options)  # no scheduling power over the host's CPUs
     monkeypatch.setattr(nspawn, "can_raise_limits", lambda: False)
     assert nspawn.rlimit_options() == []  # nspawn would fail to set them: the ceiling is this process's own
+
+
+# Debian's redis unit does this: nothing executes but the service's binary and the libraries.
+ONLY_ITS_OWN_BINARY = """
+service:
+  exec_start: /bin/sleep infinity
+hardening:
+  NoExecPaths: /
+  ExecPaths: [/usr/bin/sleep, /usr/lib]
+  ProtectSystem: full
+  PrivateTmp: yes
+  ProtectKernelTunables: yes
+  RestrictAddressFamilies: AF_UNIX
+  LockPersonality: yes
+"""
+
+
+def test_probes_run_under_noexecpaths_everywhere(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".yaml", harden=ONLY_ITS_OWN_BINARY)
+    result = pytester.runpytest("-v", "-rs", "--harden-diagnose=off")
+    output = result.stdout.str()
+    # Every enforcement item is judged (the interpreter runs from a copy in /usr/lib); none skips for want of it.
+    result.assert_outcomes(passed=8)
+    assert "203" not in output, output
+
+
+def test_the_probe_interpreter_follows_the_exec_policy() -> None:
+    from pytest_systemd_harden.probes.runner import executable_under
+
+    assert executable_under("/usr/bin/python3.11", [], [])
+    assert not executable_under("/usr/bin/python3.11", ["/"], ["/usr/bin/sleep", "/usr/lib"])
+    assert executable_under("/usr/lib/.harden-probe-python3", ["/"], ["/usr/bin/sleep", "/usr/lib"])
+    assert not executable_under("/usr/lib/x/y", ["/"], ["/usr/libexec"])  # a prefix of the name is no parent
+    assert executable_under("/usr/bin/python3.11", ["/tmp", "/var/tmp"], [])
