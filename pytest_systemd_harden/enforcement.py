@@ -1101,12 +1101,23 @@ class Verdict:
         return ", ".join(str(d) + (f" ({self.spec_name}:{d.line})" if d.line is not None else "")
                          for d in directives)
 
+    def _unverifiable_summary(self) -> str:
+        """Why, in the skip's first line (the short summary shows only that line): the checks' own reasons."""
+        unverifiable = [o for o in self.outcomes if o.status == UNVERIFIABLE]
+        reasons = [o.reason for o in unverifiable]
+        if not reasons:
+            return "none of its checks applies here"
+        if all(r.startswith("already so") for r in reasons):
+            return (f"every check already holds without the directive (e.g. {unverifiable[0].check.expected}: "
+                    f"{reasons[0]}), so nothing shows it at work here; a VM (--harden-backend=qemu) may")
+        return f"{reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "")
+
     def message(self) -> str:
         """The failure or skip message: what was expected, what happened, and which directive is involved."""
         subject = self.subject
         if self.status == UNVERIFIABLE:
             head = f"{subject.name} cannot be verified on this machine ({self.where})"
-            lines = [head + (f": {self.reason}" if self.reason else "")]
+            lines = [head + f": {self.reason or self._unverifiable_summary()}"]
             lines += [f"  - {o.check.expected}: {o.reason}" for o in self.outcomes if o.status == UNVERIFIABLE]
             return "\n".join(lines)
         if self.status == ENFORCED:
