@@ -59,6 +59,7 @@ MEASURED: tuple[tuple[str, str], ...] = (
     ("ProtectSystem", "strict"),  # mount namespaces
     ("PrivateNetwork", "yes"),  # network namespaces
     ("ProtectKernelModules", "yes"),  # capability bounding and seccomp together
+    ("DevicePolicy", "closed"),  # cgroup device rules (v1 devices controller, or BPF on cgroup v2)
 )
 
 

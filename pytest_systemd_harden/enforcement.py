@@ -33,9 +33,26 @@ from dbus_next.signature import Variant
 from .directives import CAPABILITIES, CAPABILITY_BITS, IP_SYMBOLS, NAMESPACE_FLAGS, Directive
 from .directives import _caps_bus as capability_mask  # systemd's reading of a capability list (with ~)
 from .directives import _namespaces_bus as allowed_namespaces  # and of RestrictNamespaces=
-from .probes.catalogue import BIND_PORT, FAMILIES, FILESYSTEM_PATHS, LOOPBACK_TARGETS, SYSCALLS, Denial
+from .probes.catalogue import (
+    BIND_PORT,
+    DEVICE_OUTSIDE_POLICY,
+    FAMILIES,
+    FILESYSTEM_PATHS,
+    LOOPBACK_TARGETS,
+    SYSCALLS,
+    Denial,
+)
 from .probes.model import Probe, ProbeResult
-from .probes.runner import Batch, MachineFacts, machine_facts, on_machine, run_batch, unique
+from .probes.runner import (
+    Batch,
+    MachineFacts,
+    ProbeProgramError,
+    machine_facts,
+    on_machine,
+    probe_interpreter,
+    run_batch,
+    unique,
+)
 from .spec import Spec
 from .systemd import Property
 
@@ -464,12 +481,101 @@ def _private_tmp(d: Directive, ctx: Context) -> Expectations:
     return [private("/tmp", "/tmp"), private("/var/tmp", "/var/tmp")]
 
 
+# The devices a closed device policy allows without DeviceAllow= (systemd's static list, and char-pts).
+CLOSED_POLICY_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty",
+                         "/dev/ptmx")
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """The device access the spec leaves the service, as systemd computes it (cgroup device rules)."""
+
+    closed: bool  # only listed devices (DevicePolicy=closed/strict, PrivateDevices=yes, or any DeviceAllow=)
+    strict: bool  # not even the static set (/dev/null, ...)
+    allowed: dict[str, str]  # DeviceAllow= path -> access letters ("rw", "r", ...)
+    classes: bool  # a DeviceAllow= names a class (char-pts, block-loop): paths cannot be judged by name alone
+
+
+def device_policy(directives: Sequence[Directive]) -> DevicePolicy:
+    policy = next((d.value for d in reversed(directives) if d.name == "DevicePolicy"), "auto")
+    allowed: dict[str, str] = {}
+    classes = False
+    for d in directives:
+        if d.name != "DeviceAllow":
+            continue
+        for assignment in d.assignments:
+            if not assignment:
+                allowed.clear()  # an empty assignment resets the list
+                continue
+            path, _, access = assignment.partition(" ")
+            if path.startswith("/"):
+                allowed[path] = access.strip() or "rwm"
+            else:
+                classes = True
+    private = any(d.name == "PrivateDevices" and d.value == "yes" for d in directives)
+    closed = policy in ("closed", "strict") or (policy == "auto" and (bool(allowed) or classes or private))
+    return DevicePolicy(closed, policy == "strict", allowed, classes)
+
+
+def bound_devices(directives: Sequence[Directive]) -> list[str]:
+    """Paths under /dev the spec binds into the sandbox (BindPaths=/dev/net/tun): devices it means to use."""
+    return unique_paths(dest for d in directives if d.name in ("BindPaths", "BindReadOnlyPaths")
+                        for dest in _bind_destinations(d) if _under(dest, "/dev") and dest != "/dev")
+
+
+def unique_paths(paths: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(paths))
+
+
+def device_denied(path: str, ctx: Context) -> Check:
+    policy = device_policy(ctx.directives)
+    why = "DevicePolicy=strict" if policy.strict else "the closed device policy (no DeviceAllow= for it)"
+    return denial(Probe("device", path), ["EPERM"], f"opening {path} is denied (EPERM) by {why}")
+
+
+def devices_outside_policy(ctx: Context, candidates: Iterable[str]) -> list[str]:
+    """Of ``candidates``, the device paths the spec's device policy denies (none if it cannot tell by name)."""
+    policy = device_policy(ctx.directives)
+    if not policy.closed or policy.classes:
+        return []
+    return [path for path in unique_paths(candidates) if path not in policy.allowed
+            and (policy.strict or path not in CLOSED_POLICY_DEVICES)]
+
+
 @expects("PrivateDevices")
 def _private_devices(d: Directive, ctx: Context) -> Expectations:
+    # A device bound into the private /dev stays closed to the service unless DeviceAllow= lists it (PrivateDevices=
+    # implies DevicePolicy=closed): what a host enforces with cgroup device rules.
+    devices = [device_denied(path, ctx) for path in devices_outside_policy(ctx, bound_devices(ctx.directives))]
     return [private("/dev", "/dev"), capabilities_absent(["CAP_MKNOD", "CAP_SYS_RAWIO"]), hidden("/dev/kmsg"),
             Check(Probe("block-devices"), "no block devices in /dev",
                   lambda observed, _machine: observed.facts.get("value") == []),
-            denial(Probe("syscall", "iopl"), ["EPERM"]), denial(Probe("syscall", "ioperm"), ["EPERM"])]
+            denial(Probe("syscall", "iopl"), ["EPERM"]), denial(Probe("syscall", "ioperm"), ["EPERM"]), *devices]
+
+
+def _device_candidates(ctx: Context) -> list[str]:
+    private = any(d.name == "PrivateDevices" and d.value == "yes" for d in ctx.directives)
+    # Without PrivateDevices= the machine's own /dev has the device no closed policy allows; with it, only what
+    # the spec binds in is there. /dev/null shows DevicePolicy=strict.
+    return [*bound_devices(ctx.directives), *([] if private else [DEVICE_OUTSIDE_POLICY]), "/dev/null"]
+
+
+@expects("DevicePolicy")
+def _device_policy(d: Directive, ctx: Context) -> Expectations:
+    if d.value == "auto" and ctx.find("DeviceAllow") is None:
+        return "DevicePolicy=auto without DeviceAllow= allows every device"
+    checks = [device_denied(path, ctx) for path in devices_outside_policy(ctx, _device_candidates(ctx))]
+    return checks or "a DeviceAllow= names a device class, so no probed device is known to be denied"
+
+
+@expects("DeviceAllow")
+def _device_allow(d: Directive, ctx: Context) -> Expectations:
+    policy = device_policy(ctx.directives)
+    checks = [Check(Probe("device", path), f"{path} may still be opened for reading and writing (DeviceAllow=)",
+                    lambda observed, _machine: observed.allowed, baselines=(), reverse=True)
+              for path, access in policy.allowed.items() if "r" in access and "w" in access]
+    checks += [device_denied(path, ctx) for path in devices_outside_policy(ctx, _device_candidates(ctx))]
+    return checks or "DeviceAllow= names device classes only, which the probes do not resolve"
 
 
 @expects("PrivateNetwork")
@@ -624,7 +730,21 @@ def _limit(d: Directive, ctx: Context) -> Expectations:
     wanted = [_limit_value(soft_text), _limit_value(hard_text or soft_text)]
     shown = "/".join("unlimited" if value is None else str(value) for value in wanted)
     return [Check(Probe("limits"), f"{label} is {shown} (soft/hard)",
-                  lambda observed, _machine: (observed.facts.get("limits") or {}).get(label) == wanted)]
+                  lambda observed, _machine: (observed.facts.get("limits") or {}).get(label) == wanted,
+                  explain=lambda observed: _limit_explained(observed, label, wanted))]
+
+
+def _limit_explained(observed: ProbeResult, label: str, wanted: list[int | None]) -> str:
+    """What a limit that is not as set shows: clamped to the machine's hard limit (systemd lowers a Limit*= that
+    its own process cannot reach, without an error), or just its values."""
+    got = (observed.facts.get("limits") or {}).get(label)
+    if not isinstance(got, list) or len(got) != 2:
+        return f"{label} is not in /proc/self/limits"
+    shown = "/".join("unlimited" if value is None else str(value) for value in got)
+    hard, wanted_hard = got[1], wanted[1]
+    if hard is not None and (wanted_hard is None or hard < wanted_hard):
+        return f"{label} is {shown}: clamped to this machine's ceiling {hard}"
+    return f"{label} is {shown}"
 
 
 for _name in LIMIT_LABELS:
@@ -981,12 +1101,23 @@ class Verdict:
         return ", ".join(str(d) + (f" ({self.spec_name}:{d.line})" if d.line is not None else "")
                          for d in directives)
 
+    def _unverifiable_summary(self) -> str:
+        """Why, in the skip's first line (the short summary shows only that line): the checks' own reasons."""
+        unverifiable = [o for o in self.outcomes if o.status == UNVERIFIABLE]
+        reasons = [o.reason for o in unverifiable]
+        if not reasons:
+            return "none of its checks applies here"
+        if all(r.startswith("already so") for r in reasons):
+            return (f"every check already holds without the directive (e.g. {unverifiable[0].check.expected}: "
+                    f"{reasons[0]}), so nothing shows it at work here; a VM (--harden-backend=qemu) may")
+        return f"{reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "")
+
     def message(self) -> str:
         """The failure or skip message: what was expected, what happened, and which directive is involved."""
         subject = self.subject
         if self.status == UNVERIFIABLE:
             head = f"{subject.name} cannot be verified on this machine ({self.where})"
-            lines = [head + (f": {self.reason}" if self.reason else "")]
+            lines = [head + f": {self.reason or self._unverifiable_summary()}"]
             lines += [f"  - {o.check.expected}: {o.reason}" for o in self.outcomes if o.status == UNVERIFIABLE]
             return "\n".join(lines)
         if self.status == ENFORCED:
@@ -1125,6 +1256,10 @@ def unenforceable_reason(directive: Directive, facts: MachineFacts) -> str:
         return (f"{name}= needs BPF programs on the host's kernel, and the container's root is root of a user "
                 "namespace only (no CAP_BPF there): machine: {privileged: true} (no user namespace) or the qemu "
                 "backend enforces it")
+    if name in ("DevicePolicy", "DeviceAllow"):
+        return (f"{name}= needs cgroup device rules: on a host with hybrid cgroups the container's systemd would write "
+                "them to the v1 devices controller, which systemd-nspawn mounts read-only; the qemu backend "
+                "(--harden-backend=qemu) enforces it")
     if name in ("SocketBindDeny", "SocketBindAllow", "IPAddressDeny", "IPAddressAllow"):
         return f"{name}= needs BPF cgroup programs: cgroup v2 for the unit, and bpf() allowed in the container"
     if name == "RestrictFileSystems" and facts.cgroup_fs != "cgroup2fs":
@@ -1141,6 +1276,10 @@ def unenforceable_reason(directive: Directive, facts: MachineFacts) -> str:
         return (f"{name}= needs the {controller} controller on the unit's cgroup; a container on a host with hybrid "
                 f"cgroups (the {controller} controller on cgroup v1) has none: a VM (--harden-backend=qemu) or a "
                 "host with unified cgroups enforces it")
+    if name.startswith("Limit"):
+        return ("the machine's own hard limit is lower, and its systemd cannot raise a service above the limits it "
+                "inherited (raising one needs CAP_SYS_RESOURCE on the host, which the process that started the "
+                "machine lacks here); a host's systemd, or the qemu backend (--harden-backend=qemu), sets it")
     if name == "ProtectHome" and directive.value == "tmpfs":
         return ("systemd mounts the tmpfs read-write, not read-only as documented "
                 f"(https://github.com/systemd/systemd/issues/34825); {same_on_hosts}")
@@ -1212,6 +1351,9 @@ def _verdict(host: ProbeHost, plan_: Plan, subject: Subject, runs: Runs, user: s
     if status != NOT_ENFORCED:
         return Verdict(subject, status, outcomes, spec_name=spec_name)
     named = subject.directive.name if subject.directive is not None else ""
+    device_verdict = _device_rules_verdict(subject, outcomes, plan_, host.facts(), spec_name)
+    if device_verdict is not None:
+        return device_verdict
     unenforced = host.facts().unenforced.get(named)
     if unenforced is not None:  # measured when the machine started: it does not enforce this directive at all
         return Verdict(subject, UNVERIFIABLE, outcomes, spec_name=spec_name,
@@ -1256,6 +1398,33 @@ def _verdict(host: ProbeHost, plan_: Plan, subject: Subject, runs: Runs, user: s
                           f"not be observed: {unclear}")
 
 
+def _device_rules_verdict(subject: Subject, outcomes: Sequence[CheckOutcome], plan_: Plan, facts: MachineFacts,
+                          spec_name: str) -> Verdict | None:
+    """The verdict of an item whose device checks failed on a machine that applies no device rules at all.
+
+    A device the spec binds into the sandbox but its policy denies is refused on a host (EPERM at open), so the
+    scenarios here ran with access a real host does not give: the item fails, saying so. Any other device check
+    cannot be shown here (the qemu backend shows it)."""
+    no_rules = facts.unenforced.get("DevicePolicy")
+    failed = [o for o in outcomes if o.status == NOT_ENFORCED]
+    devices = [o for o in failed if o.check.probe.kind == "device"]
+    if no_rules is None or not devices:
+        return None
+    bound = set(bound_devices(plan_.directives))
+    used = [o.check.probe.arg for o in devices if o.check.probe.arg in bound]
+    if used:
+        return Verdict(subject, NOT_ENFORCED, tuple(outcomes), spec_name=spec_name, reason=(
+            f"on a host (or --harden-backend=qemu) opening {', '.join(used)} fails with EPERM: the spec binds it into "
+            "the sandbox but its device policy denies it, so a service that uses it breaks there; add DeviceAllow="
+            f"{used[0]} rw, or drop the bind. This machine applies no device rules (measured when it started: "
+            f"{no_rules}), which is why the scenarios could use it"))
+    if len(devices) == len(failed):
+        return Verdict(subject, UNVERIFIABLE, tuple(outcomes), spec_name=spec_name, reason=(
+            f"this machine applies no device rules (measured when it started: {no_rules}); the qemu backend "
+            "(--harden-backend=qemu) shows the device policy"))
+    return None
+
+
 class ServiceHost:
     """A :class:`ProbeHost` for a started :class:`HardenedService` on its machine."""
 
@@ -1269,8 +1438,16 @@ class ServiceHost:
         return replace(machine_facts(machine), unenforced=machine_capabilities(machine).unenforced())
 
     def sandbox(self, probes: Sequence[Probe]) -> Batch:
+        label = f"in the sandbox of {self.service.unit}"
+        directives = self.service.spec.hardening
+        no_exec = [p for d in directives if d.name == "NoExecPaths" for p in _paths(d)]
+        exec_paths = [p for d in directives if d.name == "ExecPaths" for p in _paths(d)]
+        try:  # the probe program must run under the spec's exec policy (NoExecPaths=/ with ExecPaths=/usr/lib)
+            interpreter = probe_interpreter(self.service.machine, no_exec, exec_paths)
+        except ProbeProgramError as exc:
+            return Batch(label, {probe: ProbeResult.missing(probe, str(exc)) for probe in unique(probes)})
         return run_batch(lambda argv, stdin: self.service.inside(list(argv), timeout=120, stdin=stdin), probes,
-                         f"in the sandbox of {self.service.unit}")
+                         label, interpreter)
 
     def machine(self, probes: Sequence[Probe]) -> Batch:
         return run_batch(on_machine(self.service.machine, purpose="probe-control"), probes,

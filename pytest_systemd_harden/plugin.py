@@ -623,6 +623,7 @@ class EnforcementItem(SpecItem):
             record[key] = verdict.subject.denial.probe.key if verdict.subject.denial else self.subject
         else:
             record["unverifiable"] = self.subject
+            record["why"] = verdict.message().split("\n", 1)[0]  # the JSON says why, as the short summary does
         if verdict.status == ENFORCED:
             # What each check showed, for -rP and JUnit readers; failures and skips carry it as their message.
             self.add_report_section("call", "enforcement", verdict.message())

@@ -15,6 +15,7 @@ import collections
 import itertools
 import os
 import re
+import resource
 import shutil
 import subprocess
 import threading
@@ -41,6 +42,55 @@ NSPAWN_RUNTIME = Path("/run/systemd/nspawn")
 RUNTIME_KINDS = ("propagate", "unix-export")
 # Our machines' names (Machine.name): only such directories are ever removed.
 OUR_MACHINE = re.compile(r"harden-[0-9a-f]{8}")
+
+
+# The resource-limit ceiling of the container, as a host's systemd has it. The container's PID 1 inherits this
+# process's hard limits and, without CAP_SYS_RESOURCE in the host's namespace, cannot raise a service's Limit*=
+# above them (LimitNOFILE=65536 came out 20000 here); a host's PID 1 is root and can. Raised only where a higher
+# limit costs the host nothing unbounded: open files to the kernel's own maximum (fs.nr_open), locked memory and
+# message queues (both charged to the machine's memory cap). RLIMIT_NICE and RLIMIT_RTPRIO stay: they would give
+# a service scheduling power over the host's CPUs.
+RAISED_RLIMITS = ("NOFILE", "MEMLOCK", "MSGQUEUE")
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def can_raise_limits() -> bool:
+    """Whether this process may raise hard limits (CAP_SYS_RESOURCE): not in every CI sandbox, even as root."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return False
+    effective = next((line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), "0")
+    return bool(int(effective, 16) >> CAP_SYS_RESOURCE & 1)
+
+
+def rlimit_options() -> list[str]:
+    """``--rlimit=`` options raising the container's hard limits to a host's ceiling; soft limits stay as they are.
+    None where this process cannot raise its own: the container's ceiling is then this process's hard limits, and
+    a Limit*= above them is reported clamped to that ceiling."""
+    if not can_raise_limits():
+        return []
+    options = []
+    for name in RAISED_RLIMITS:
+        which = getattr(resource, f"RLIMIT_{name}")
+        soft, _hard = resource.getrlimit(which)
+        if name == "NOFILE":
+            ceiling = str(_nr_open())
+            soft_shown = str(min(soft, int(ceiling))) if soft != resource.RLIM_INFINITY else ceiling
+        else:
+            ceiling = "infinity"
+            soft_shown = "infinity" if soft == resource.RLIM_INFINITY else str(soft)
+        options.append(f"--rlimit=RLIMIT_{name}={soft_shown}:{ceiling}")
+    return options
+
+
+def _nr_open() -> int:
+    try:
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return 1 << 20  # the kernel's default
 
 
 def check_available() -> None:
@@ -87,6 +137,7 @@ class NspawnMachine(Machine):
             "--console=read-only",
             # IPAddressDeny= and friends need bpf() inside; nspawn's own filter blocks it by default.
             "--system-call-filter=bpf",
+            *rlimit_options(),
             *users,
             *binds,
         ]
@@ -145,6 +196,10 @@ class NspawnMachine(Machine):
 
     def describe(self) -> str:
         caps = f"; {self._contained.caps.describe()}" if self._contained is not None else ""
+        if not can_raise_limits():
+            nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            caps += (f"; Limit*= ceiling: this process's hard limits (open files {nofile}): it lacks CAP_SYS_RESOURCE "
+                     "to raise them")
         if self.uid_base is None:
             return ("nspawn, PRIVILEGED: no user namespace, container root is host root (machine.privileged: for "
                     f"the directives that need host BPF){caps}")

@@ -22,6 +22,8 @@ LOOPBACK_PORT = 9
 BIND_PORT = 48129
 
 SYSCALLS = tuple(inside.SYSCALL_PROBES)
+# A device node an nspawn container and a VM both have and that DevicePolicy=closed does not allow.
+DEVICE_OUTSIDE_POLICY = "/dev/net/tun"
 NAMESPACES = tuple(NAMESPACE_FLAGS)
 FAMILIES = ("AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET", "AF_VSOCK")
 LOOPBACK_TARGETS = (f"127.0.0.1:{LOOPBACK_PORT}", f"[::1]:{LOOPBACK_PORT}")
@@ -42,6 +44,8 @@ def standard_catalogue() -> list[Probe]:
     probes += [Probe("identity", path) for path in ("/tmp", "/var/tmp", "/dev", *NAMESPACE_FILES)]
     probes += [Probe("filesystem", path) for path in FILESYSTEM_PATHS]
     probes += [Probe("exec", path) for path in ("/tmp", "/var/tmp", "/dev/shm")]
+    # A device no closed device policy allows, and one every policy but strict does (DevicePolicy=, DeviceAllow=).
+    probes += [Probe("device", DEVICE_OUTSIDE_POLICY), Probe("device", "/dev/null")]
     probes += [Probe("syscall", name) for name in SYSCALLS]
     probes += [Probe("socket", family) for family in FAMILIES]
     probes += [Probe("connect", target) for target in LOOPBACK_TARGETS]

@@ -949,6 +949,30 @@ def probe_tasks(count: str, tag: str) -> Result:
     return allowed(f"started {wanted} threads", started=wanted)
 
 
+@probe("device")
+def probe_device(path: str, tag: str) -> Result:
+    """May this process open a device node for reading and writing? Asked with access(2), never by opening it:
+    the device cgroup (DevicePolicy=, DeviceAllow=) answers inode permission checks with EPERM, and nothing is
+    opened (opening /dev/watchdog would arm it)."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return error(f"stat {path}: {exc.strerror}", exc.errno)
+    if not (stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)):
+        return error(f"{path} is not a device node")
+    kind = "c" if stat.S_ISCHR(info.st_mode) else "b"
+    node = f"{kind} {os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
+    found = {"read": _access(path, os.R_OK), "write": _access(path, os.W_OK)}
+    facts = {way: errno_name(err) if err else None for way, err in found.items()}
+    refused = [way for way, err in found.items() if err == errno.EPERM]
+    if refused:  # the device cgroup; a mode that does not let this user in is EACCES, and no device policy's doing
+        return denied(errno.EPERM, f"{' and '.join(refused)} access to {path} ({node})", node=node, **facts)
+    if any(found.values()):
+        shown = ", ".join(f"{way} {name}" for way, name in facts.items() if name)
+        return error(f"access(2) of {path} ({node}): {shown}", None, node=node, **facts)
+    return allowed(f"{path} ({node}) may be opened for reading and writing", node=node, **facts)
+
+
 @probe("identity")
 def probe_identity(path: str, tag: str) -> Result:
     """Which object a path is (device:inode): tells a private /tmp, /dev or namespace from the machine's."""

@@ -34,6 +34,7 @@ class Probe:
             "identity": f"stat {self.arg}", "interfaces": "list network interfaces",
             "filesystem": f"open {self.arg} (a directory on its filesystem type)",
             "block-devices": "list block devices in /dev",
+            "device": f"open the device {self.arg} for reading and writing (access(2))",
             "allocate": f"allocate and touch {int(self.arg) >> 20 if self.arg.isdigit() else self.arg} MiB",
             "tasks": f"start {self.arg} threads",
         }

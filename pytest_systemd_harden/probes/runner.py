@@ -35,14 +35,72 @@ def inside_script() -> bytes:
     return Path(__file__).with_name("inside.py").read_bytes()
 
 
-def batch_argv(probes: Sequence[Probe], *, guard: str | None = None) -> list[str]:
+# The name of the interpreter's copy placed where a spec's exec policy allows execution (see probe_interpreter).
+PLACED_INTERPRETER = ".harden-probe-python3"
+
+
+def batch_argv(probes: Sequence[Probe], *, guard: str | None = None, interpreter: str = INTERPRETER) -> list[str]:
     """The command of a batch; ``guard`` (:data:`.inside.GUARD_KERNEL` or ``GUARD_HOST``) for a machine that shares
     the host's kernel or is the host (see :mod:`.inside`)."""
     # -I -S: the image's own stdlib only, no site-packages or environment that could change what a probe does.
     request: dict[str, object] = {"probes": [[probe.kind, probe.arg] for probe in probes]}
     if guard is not None:
         request["guard"] = guard
-    return [INTERPRETER, "-I", "-S", "-", json.dumps(request)]
+    return [interpreter, "-I", "-S", "-", json.dumps(request)]
+
+
+def _is_interpreter(program: str) -> bool:
+    return program == INTERPRETER or program.rsplit("/", 1)[-1] == PLACED_INTERPRETER
+
+
+def _longest(path: str, prefixes: Iterable[str]) -> int:
+    return max((len(p.rstrip("/")) for p in prefixes
+                if path == p or path.startswith(p.rstrip("/") + "/") or p == "/"), default=-1)
+
+
+def executable_under(path: str, no_exec: Sequence[str], exec_paths: Sequence[str]) -> bool:
+    """Whether ``path`` may be executed (or mapped executable) under NoExecPaths=/ExecPaths=: the deepest of their
+    mounts covering it decides."""
+    deny, allow = _longest(path, no_exec), _longest(path, exec_paths)
+    return deny < 0 or allow >= deny
+
+
+# Where the interpreter maps executable code from, besides itself: the C library and its own extension modules.
+INTERPRETER_LIBRARIES = ("/usr/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/aarch64-linux-gnu/libc.so.6")
+
+
+class ProbeProgramError(RuntimeError):
+    """The probe program cannot run under the spec's exec policy, and there is nowhere to place it: the reason."""
+
+
+def probe_interpreter(machine: Machine, no_exec: Sequence[str], exec_paths: Sequence[str]) -> str:
+    """The interpreter path a batch runs with in a sandbox whose exec policy is ``no_exec``/``exec_paths``.
+
+    /usr/bin/python3 where the policy lets it run; otherwise a copy of it, placed (on the machine, unconfined) in a
+    directory ExecPaths= opens, such as the /usr/lib of Debian's redis unit (NoExecPaths=/, ExecPaths=/usr/lib).
+    The sandbox itself is not changed. Raises ProbeProgramError when the policy leaves no such place."""
+    if not no_exec:
+        return INTERPRETER
+    real = machine.run(["readlink", "-f", INTERPRETER], purpose="probe-setup").stdout.strip() or INTERPRETER
+    modules = f"/usr/lib/{real.rsplit('/', 1)[-1]}/lib-dynload"  # /usr/lib/python3.11/lib-dynload
+    libraries = [path for path in (*INTERPRETER_LIBRARIES, modules) if not executable_under(path, no_exec, exec_paths)]
+    if executable_under(real, no_exec, exec_paths) and not libraries:
+        return INTERPRETER
+    shown = f"NoExecPaths={' '.join(no_exec)}" + (f" with ExecPaths={' '.join(exec_paths)}" if exec_paths else "")
+    if any("x86_64" in path or "aarch64" in path for path in libraries):
+        raise ProbeProgramError(f"the probe program ({real}) cannot run under {shown}: the C library's directory is "
+                                "not executable either, so no program linked to it runs in this sandbox")
+    for directory in sorted(exec_paths, key=len, reverse=True):
+        placed = f"{directory.rstrip('/')}/{PLACED_INTERPRETER}"
+        if not executable_under(placed, no_exec, exec_paths):
+            continue
+        copied = machine.run(["/bin/sh", "-c", 'test -d "$1" && cp -f "$2" "$3" && chmod 0755 "$3"', "sh",
+                              directory, real, placed], purpose="probe-setup")
+        if copied.exit_status == 0:
+            return placed
+    raise ProbeProgramError(f"the probe program ({real}) cannot run under {shown}, and no ExecPaths= directory "
+                            "takes a copy of it: add the probes' interpreter to ExecPaths= (e.g. ExecPaths="
+                            f"{real}) or switch the enforcement items off (enforcement: false)")
 
 
 def guarded_batch(argv: Sequence[str], guard: str) -> list[str] | None:
@@ -52,7 +110,7 @@ def guarded_batch(argv: Sequence[str], guard: str) -> list[str] | None:
     :meth:`Machine.run <pytest_systemd_harden.backends.base.Machine.run>`), so no caller can run a batch there
     unguarded by forgetting to ask. Only such a machine: this process runs on the kernel the batch will.
     """
-    if len(argv) != 5 or list(argv[:4]) != [INTERPRETER, "-I", "-S", "-"]:
+    if len(argv) != 5 or not _is_interpreter(argv[0]) or list(argv[1:4]) != ["-I", "-S", "-"]:
         return None
     try:
         request = json.loads(argv[4])
@@ -107,10 +165,10 @@ def parse_batch(probes: Sequence[Probe], command: CommandResult, label: str) -> 
     return Batch(label, results, command)
 
 
-def run_batch(run: Run, probes: Iterable[Probe], label: str) -> Batch:
+def run_batch(run: Run, probes: Iterable[Probe], label: str, interpreter: str = INTERPRETER) -> Batch:
     """Run ``probes`` as one process through ``run`` and collect one result per probe."""
     ordered = unique(probes)
-    command = run(batch_argv(ordered), inside_script())
+    command = run(batch_argv(ordered, interpreter=interpreter), inside_script())
     return parse_batch(ordered, command, label)
 
 

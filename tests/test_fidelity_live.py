@@ -1,0 +1,114 @@
+"""What the default backend shows must match a real host: no pass where a host fails (issue 19)."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import pytest
+
+from pytest_systemd_harden.backends import nspawn
+from pytest_systemd_harden.backends.base import Machine
+
+pytestmark = pytest.mark.usefixtures("machine")  # a working backend, like the other live tests
+
+# A host refuses the service its own bound device: PrivateDevices=yes implies DevicePolicy=closed.
+BOUND_DEVICE = """
+service:
+  exec_start: /bin/sleep infinity
+hardening:
+  PrivateDevices: yes
+  BindPaths: /dev/net/tun
+"""
+
+
+@pytest.mark.parametrize("privileged", [False, True], ids=["user-namespaced", "privileged"])
+def test_a_bound_device_the_policy_denies_fails_as_on_a_host(pytester: pytest.Pytester, machine: Machine,
+                                                               privileged: bool) -> None:
+    spec = BOUND_DEVICE + ("machine: {privileged: true}\n" if privileged else "")
+    pytester.makefile(".yaml", harden=spec)
+    result = pytester.runpytest("-v", "-rs", "--harden-diagnose=off")
+    output = result.stdout.str()
+    assert "PrivateDevices=yes is enforced FAILED" in output, output
+    if machine.NAME == "nspawn":  # no device rules in the container: the failure says what a host does
+        result.stdout.fnmatch_lines([
+            "*expected: opening /dev/net/tun is denied (EPERM) by the closed device policy*",
+            "*on a host (or --harden-backend=qemu) opening /dev/net/tun fails with EPERM*add DeviceAllow=/dev/net/tun rw*",
+        ])
+    allowed = spec.replace("  BindPaths: /dev/net/tun\n", "  BindPaths: /dev/net/tun\n  DeviceAllow: /dev/net/tun rw\n")
+    (pytester.path / "harden.yaml").write_text(allowed)
+    result = pytester.runpytest("-v", "-rs", "--harden-diagnose=off")
+    output = result.stdout.str()
+    assert "PrivateDevices=yes is enforced PASSED" in output, output
+    assert "DeviceAllow=/dev/net/tun rw is enforced PASSED" in output, output
+
+
+# Above the hard limits this test process inherited (20000 open files, 8 MiB locked on the project's test host).
+ABOVE_THE_OLD_CEILING = """
+service:
+  exec_start: /bin/sleep infinity
+hardening:
+  LimitNOFILE: 1048576
+  LimitMEMLOCK: infinity
+"""
+
+
+def test_a_limit_above_the_old_ceiling_is_enforced_or_said_clamped(pytester: pytest.Pytester, machine: Machine) -> None:
+    pytester.makefile(".yaml", harden=ABOVE_THE_OLD_CEILING)
+    result = pytester.runpytest("-v", "-rs", "--harden-diagnose=off")
+    output = result.stdout.str()
+    if machine.NAME != "nspawn" or nspawn.can_raise_limits():  # the container's ceiling is a host's (--rlimit=)
+        result.assert_outcomes(passed=3)
+        return
+    # This process cannot raise its own hard limits (a CI sandbox without CAP_SYS_RESOURCE): neither can the
+    # container, and the skip says how far the limit got, not that systemd ignored it.
+    result.assert_outcomes(passed=1, skipped=2)
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    result.stdout.fnmatch_lines([(f"*LimitNOFILE=1048576 cannot be verified*clamped to this machine's ceiling "
+                                  f"{nofile}*CAP_SYS_RESOURCE*qemu backend*")])
+    assert "does not enforce it even when it is the only directive" not in output
+
+
+def test_the_container_ceiling_is_raised_where_this_process_may(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nspawn, "can_raise_limits", lambda: True)
+    options = nspawn.rlimit_options()
+    nr_open = Path("/proc/sys/fs/nr_open").read_text().strip()
+    assert any(o.startswith("--rlimit=RLIMIT_NOFILE=") and o.endswith(f":{nr_open}") for o in options), options
+    assert any(o.startswith("--rlimit=RLIMIT_MEMLOCK=") and o.endswith(":infinity") for o in options), options
+    assert not any("RTPRIO" in o or "NICE" in o for o in options)  # no scheduling power over the host's CPUs
+    monkeypatch.setattr(nspawn, "can_raise_limits", lambda: False)
+    assert nspawn.rlimit_options() == []  # nspawn would fail to set them: the ceiling is this process's own
+
+
+# Debian's redis unit does this: nothing executes but the service's binary and the libraries.
+ONLY_ITS_OWN_BINARY = """
+service:
+  exec_start: /bin/sleep infinity
+hardening:
+  NoExecPaths: /
+  ExecPaths: [/usr/bin/sleep, /usr/lib]
+  ProtectSystem: full
+  PrivateTmp: yes
+  ProtectKernelTunables: yes
+  RestrictAddressFamilies: AF_UNIX
+  LockPersonality: yes
+"""
+
+
+def test_probes_run_under_noexecpaths_everywhere(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".yaml", harden=ONLY_ITS_OWN_BINARY)
+    result = pytester.runpytest("-v", "-rs", "--harden-diagnose=off")
+    output = result.stdout.str()
+    # Every enforcement item is judged (the interpreter runs from a copy in /usr/lib); none skips for want of it.
+    result.assert_outcomes(passed=8)
+    assert "203" not in output, output
+
+
+def test_the_probe_interpreter_follows_the_exec_policy() -> None:
+    from pytest_systemd_harden.probes.runner import executable_under
+
+    assert executable_under("/usr/bin/python3.11", [], [])
+    assert not executable_under("/usr/bin/python3.11", ["/"], ["/usr/bin/sleep", "/usr/lib"])
+    assert executable_under("/usr/lib/.harden-probe-python3", ["/"], ["/usr/bin/sleep", "/usr/lib"])
+    assert not executable_under("/usr/lib/x/y", ["/"], ["/usr/libexec"])  # a prefix of the name is no parent
+    assert executable_under("/usr/bin/python3.11", ["/tmp", "/var/tmp"], [])
