@@ -54,15 +54,16 @@ class Release:
     version: str  # "12", "13", "testing", "unstable": for messages
     updates: bool  # has NAME-updates
     security: bool  # has NAME-security
+    systemd: str = ""  # the systemd major version it ships, where it is fixed (a stable release)
 
 
 RELEASES: dict[str, Release] = {r.name: r for r in (
-    Release("bookworm", "12", updates=True, security=True),
-    Release("trixie", "13", updates=True, security=True),
+    Release("bookworm", "12", updates=True, security=True, systemd="252"),
+    Release("trixie", "13", updates=True, security=True, systemd="257"),
     Release("forky", "testing", updates=False, security=False),
     Release("sid", "unstable", updates=False, security=False),
 )}
-DEFAULT_RELEASE = "bookworm"
+DEFAULT_RELEASE = "trixie"  # Debian's current stable (13, systemd 257)
 
 
 def default_cache_dir() -> Path:

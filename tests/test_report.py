@@ -19,6 +19,7 @@ import pytest
 
 from pytest_systemd_harden import report
 from pytest_systemd_harden.baseline import START
+from pytest_systemd_harden.images import DEFAULT_RELEASE, RELEASES
 from pytest_systemd_harden.report import SpecReport, matrix_state, summarize
 from pytest_systemd_harden.spec import load_spec
 
@@ -68,6 +69,9 @@ def one_report(tmp_path: Path) -> SpecReport:
     path.write_text(SPEC)
     (found,) = summarize(records(str(path)), tmp_path)
     return found
+
+
+SYSTEMD = RELEASES[DEFAULT_RELEASE].systemd  # the machines' systemd major version
 
 
 def test_a_spec_report_gathers_its_records(one_report: SpecReport) -> None:
@@ -176,7 +180,8 @@ def test_the_summary_table_shows_the_spec(real_run: Run) -> None:
     assert f"{spec['exposure']:.1f} {spec['band']} (max 9.5)" in row
     assert f"{spec['passed']} passed, 1 failed" in row
     assert ", ".join(sorted({c for d in spec["diagnoses"] for c in d["culprits"]})) in row
-    assert f"tested harden.yaml: nspawn, Debian bookworm, systemd {spec['tested']['systemd']}, kernel " in real_run.stdout
+    assert f"tested harden.yaml: nspawn, Debian {DEFAULT_RELEASE}, systemd {spec['tested']['systemd']}, kernel " \
+        in real_run.stdout
 
 
 def test_the_json_report_keeps_items_and_adds_specs(real_run: Run) -> None:
@@ -187,8 +192,8 @@ def test_the_json_report_keeps_items_and_adds_specs(real_run: Run) -> None:
     assert spec["spec"] == "harden.yaml"  # relative to the run's root directory, so the report travels
     assert {item["spec"] for item in data["items"]} == {"harden.yaml"}
     tested = spec["tested"]
-    assert tested["backend"] == "nspawn" and tested["release"] == "bookworm"
-    assert tested["systemd"].startswith("252.") and tested["kernel"] == os.uname().release
+    assert tested["backend"] == "nspawn" and tested["release"] == DEFAULT_RELEASE
+    assert tested["systemd"].startswith(f"{SYSTEMD}.") and tested["kernel"] == os.uname().release
     assert spec["outcomes"]["writes its cache"] == "failed"
     assert spec["outcomes"][START] == "passed"
     exposure_item = next(item for item in data["items"] if item["check"] == "exposure")
@@ -219,7 +224,7 @@ def test_junit_has_flat_harden_properties(real_run: Run) -> None:
     failing = cases["writes its cache"]
     assert failing["harden_spec"] == ["harden.yaml"]
     start = cases["service starts under hardening"]
-    assert start["harden_release"] == ["bookworm"] and start["harden_systemd"][0].startswith("252.")
+    assert start["harden_release"] == [DEFAULT_RELEASE] and start["harden_systemd"][0].startswith(f"{SYSTEMD}.")
     record = json.loads(start["harden"][0])  # the whole record as JSON text, not a Python repr
     assert record["check"] == "start" and record["tested"]["systemd"] == start["harden_systemd"][0]
     assert failing["harden_scenario"] == ["writes its cache"]
@@ -272,7 +277,7 @@ def test_the_html_report_is_self_contained_with_the_matrix(real_run: Run) -> Non
     page = real_run.file("report.html").read_text()
     assert_self_contained(page)
     check_matrix(page, real_run)
-    assert '<p class="tested">Tested on: nspawn, Debian bookworm, systemd 252.' in page
+    assert f'<p class="tested">Tested on: nspawn, Debian {DEFAULT_RELEASE}, systemd {SYSTEMD}.' in page
 
 
 def chromium() -> str:
