@@ -6,6 +6,7 @@ import pytest
 
 from pytest_systemd_harden.backends.base import Machine
 from pytest_systemd_harden.errors import ServiceFailed
+from pytest_systemd_harden.images import DEFAULT_RELEASE
 from pytest_systemd_harden.service import HardenedService
 
 SLEEPER = """
@@ -128,7 +129,7 @@ def test_a_service_that_exits_at_once_fails_the_start(started) -> None:  # type:
 
 def test_testinfra_hosts_see_the_machine_and_the_sandbox(started) -> None:  # type: ignore[no-untyped-def]
     service = started(SLEEPER)
-    assert service.host.file("/etc/os-release").contains("bookworm")
+    assert service.host.file("/etc/os-release").contains(DEFAULT_RELEASE)  # the machine's, not this host's
     assert service.host.user().uid == 0
     assert service.sandbox_host.user().uid != 0
     assert service.sandbox_host.file("/tmp/marker").exists
