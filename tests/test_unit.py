@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden.backends.base import Machine
+from pytest_systemd_harden.backends.base import Machine, MachineConfig
 from pytest_systemd_harden.errors import SpecError
+from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.service import HardenedService
 from pytest_systemd_harden.spec import load_spec
 from pytest_systemd_harden.unit import expand_specifiers, own_directives, parse_systemctl_cat
@@ -115,3 +116,23 @@ def test_a_unit_no_package_ships_is_one_line(machine: Machine, tmp_path: Path) -
         HardenedService(machine, spec).start()
     assert str(caught.value) == (f"{tmp_path / 'harden.yaml'}:1: service.unit: no unit no-such-daemon.service on "
                                  "the machine (add the package that ships it to machine.packages)")
+
+
+def test_a_package_daemon_is_masked_at_boot_unless_the_spec_tests_it(harden_pool: MachinePool,
+                                                                      tmp_path: Path) -> None:
+    # memcached's package enables its unit: on a machine whose spec does not test it, it must not hold 11211.
+    other = harden_pool.machine_for(MachineConfig(packages=("memcached",)))
+    assert other.masked_at_boot == ("memcached.service",)
+    state = other.run("systemctl is-active memcached.service; systemctl is-enabled memcached.service")
+    assert state.stdout.split()[:2] == ["inactive", "masked-runtime"], state
+    spec_path = tmp_path / "harden.yaml"
+    spec_path.write_text("service: {unit: memcached.service, ready: {tcp: 11211}}\nmachine: {packages: [memcached]}\n")
+    spec = load_spec(spec_path)
+    tested = harden_pool.machine_for(spec.machine)
+    assert tested.masked_at_boot == ()
+    service = HardenedService(tested, spec)
+    service.start()
+    try:
+        assert service.state()["ActiveState"] == "active"
+    finally:
+        service.stop()
