@@ -3,12 +3,13 @@ file installed, started with its drop-in, and taken out again without a trace.""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from pytest_systemd_harden.backends.base import Machine, MachineConfig
-from pytest_systemd_harden.errors import SpecError
+from pytest_systemd_harden.errors import ServiceFailed, SpecError
 from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.service import HardenedService
 from pytest_systemd_harden.spec import load_spec
@@ -136,3 +137,18 @@ def test_a_package_daemon_is_masked_at_boot_unless_the_spec_tests_it(harden_pool
         assert service.state()["ActiveState"] == "active"
     finally:
         service.stop()
+
+
+def test_a_unit_that_restarts_itself_fails_its_start_at_once(machine: Machine, tmp_path: Path) -> None:
+    # Restart=always shows a dying service as "activating" for ever: the start must not wait out its timeout.
+    unit = "[Service]\nExecStart=/bin/sh -c 'exit 3'\nRestart=always\nRestartSec=1\n"
+    spec = load_spec(spec_with(tmp_path, "{unit_file: restarts.service, ready: {tcp: 8090, timeout: 60}}", unit,
+                               name="restarts.service"))
+    service = HardenedService(machine, spec)
+    started = time.monotonic()
+    with pytest.raises(ServiceFailed) as failed:
+        service.start()
+    assert time.monotonic() - started < 10
+    assert "exited before it was ready (TCP port 8090 accepts connections), and systemd restarts it" in \
+        str(failed.value)
+    service.stop()
