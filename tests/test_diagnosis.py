@@ -292,3 +292,25 @@ def test_a_root_service_has_no_implied_no_new_privileges() -> None:
         "PrivateDevices", "ProtectHostname", "ProtectClock"]
     dynamic = hardening(DynamicUser=True, ProtectClock=True, ProtectKernelLogs=False)
     assert [d.name for d in no_new_privileges_sources(dynamic)] == ["DynamicUser", "ProtectClock"]
+
+
+def test_a_printed_drop_in_that_fails_as_a_file_is_said_so() -> None:
+    from pytest_systemd_harden.diagnosis import Directive, TrialResult, diagnose
+
+    hardening = (Directive("MemoryDenyWriteExecute", ("yes",), 3),)
+
+    def trial(candidate: tuple[Directive, ...]) -> TrialResult:
+        return TrialResult(all(d.value != "yes" for d in candidate))
+
+    printed: list[str] = []
+
+    def refuses(text: str) -> TrialResult:
+        printed.append(text)
+        return TrialResult(False, "still EPERM")
+
+    diagnosis = diagnose(hardening, trial, spec_name="harden.yaml", check_dropin=refuses)
+    assert diagnosis.verified and diagnosis.dropin_verified is False
+    assert printed == [diagnosis.as_dict()["dropin"]]
+    assert "does not (still EPERM)" in diagnosis.render()
+    assert diagnose(hardening, trial, check_dropin=lambda text: TrialResult(True)).as_dict()["dropin_verified"] is True
+    assert diagnose(hardening, trial).as_dict()["dropin_verified"] is None

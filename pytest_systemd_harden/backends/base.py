@@ -129,6 +129,9 @@ class Machine(abc.ABC):
     # How careful a probe batch must be here (probes.inside): GUARD_KERNEL where the kernel is the host's (a
     # container), GUARD_HOST where the machine is the host; None for a machine with a kernel of its own (a VM).
     PROBE_GUARD: ClassVar[str | None] = None
+    # Whether the plugin may write unit files and drop-ins into this machine's /etc/systemd/system and reload it:
+    # a machine of our own, yes; the host backend's systemd is the host's.
+    WRITES_UNIT_FILES: ClassVar[bool] = True
 
     config: MachineConfig
     name: str = field(default_factory=lambda: f"harden-{uuid.uuid4().hex[:8]}")
@@ -211,9 +214,14 @@ class Machine(abc.ABC):
 
     # -- shared helpers -----------------------------------------------------------------------------------
 
+    def unit_prefix(self, purpose: str) -> str:
+        """What every unit name :meth:`unit_name` gives for ``purpose`` starts with: a drop-in directory
+        ``PREFIX.service.d/`` applies to all of them (systemd 246 and later)."""
+        return f"harden-{purpose}-"
+
     def unit_name(self, purpose: str) -> str:
         """A unit name unique on this machine, readable in its journal."""
-        return f"harden-{purpose}-{os.getpid()}-{next(self._units)}.service"
+        return f"{self.unit_prefix(purpose)}{os.getpid()}-{next(self._units)}.service"
 
     def service_unit(self, unit: str) -> str:
         """The name a spec's service unit (``harden-NAME.service``) gets on this machine: the same on a machine of
