@@ -748,6 +748,9 @@ class Diagnosis:
     findings: list[Finding] = field(default_factory=list)
     combined: Relaxation | None = None
     verified: bool = False
+    # The printed drop-in itself, written as a file on top of the unit under test, fixes the failing check (None:
+    # not tried, e.g. on the host backend, or nothing verified to print).
+    dropin_verified: bool | None = None
     runs: int = 0
     seconds: float = 0.0
     note: str = ""
@@ -777,7 +780,9 @@ class Diagnosis:
             if finding.relaxation:
                 lines.append(f"    smallest relaxation: {finding.relaxation.description}")
         if self.combined is not None and self.verified:
-            lines.append("  verified: the scenario passes with only this change. Drop-in:")
+            lines.append("  verified: the scenario passes with only this change, and with this drop-in written as a "
+                         "file after the spec's:" if self.dropin_verified else
+                         "  verified: the scenario passes with only this change. Drop-in:")
             lines += ["    " + line for line in self.combined.dropin(self.hardening).splitlines()]
             lines.append(f"  or in {self.spec_name or 'the spec'} (hardening:):")
             lines += ["    " + line for line in self.combined.spec_change(self.hardening).splitlines()]
@@ -788,7 +793,7 @@ class Diagnosis:
     def as_dict(self) -> dict[str, object]:
         return {
             "verdict": self.verdict, "runs": self.runs, "seconds": round(self.seconds, 2), "note": self.note,
-            "verified": self.verified, "kernel": self.kernel,
+            "verified": self.verified, "kernel": self.kernel, "dropin_verified": self.dropin_verified,
             "culprits": [{
                 "directive": f.culprit.name, "lines": f.culprit.unit_lines(), "spec_line": f.culprit.line,
                 "implied_by": [f"{d.name}={d.value}" for d in f.implied_by],
@@ -803,11 +808,13 @@ class Diagnosis:
 def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
              syscall_groups: Callable[[], dict[str, list[str]]] = dict, max_runs: int = 60,
              max_seconds: float = 300.0, spec_name: str = "", previous: Sequence[Diagnosis] = (),
-             unprivileged: bool | None = None, observe: Callable[[], str] | None = None) -> Diagnosis:
+             unprivileged: bool | None = None, observe: Callable[[], str] | None = None,
+             check_dropin: Callable[[str], TrialResult] | None = None) -> Diagnosis:
     """Find the directives that break a scenario and the smallest verified relaxation (see the module docstring).
 
     ``previous`` diagnoses of the same spec are tried first: one cause often breaks several scenarios, and
-    confirming a known relaxation costs one rerun instead of a search.
+    confirming a known relaxation costs one rerun instead of a search. ``check_dropin`` reruns the failing check
+    with a drop-in text applied literally on top of the unit: the fix is then verified in the form it is printed.
     """
     started = time.monotonic()
     oracle = Oracle(trial, max_runs=max_runs, max_seconds=max_seconds)
@@ -817,7 +824,15 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
     except BudgetExceeded as exc:
         diagnosis.verdict = "budget" if diagnosis.verdict == "inconclusive" else diagnosis.verdict
         diagnosis.note = (diagnosis.note + f" Stopped early: {exc}.").strip()
-    diagnosis.runs = oracle.runs
+    if check_dropin is not None and diagnosis.verified and diagnosis.combined is not None:
+        printed = check_dropin(diagnosis.combined.dropin(hardening))
+        diagnosis.runs += 1
+        diagnosis.dropin_verified = printed.passed
+        if not printed.passed:
+            diagnosis.note = (diagnosis.note + " The spec change passes, but the drop-in below, written as a file "
+                              f"after the spec's, does not ({printed.summary}): a fix as printed that fails is a "
+                              "bug of the plugin, please report it.").strip()
+    diagnosis.runs = diagnosis.runs + oracle.runs
     diagnosis.seconds = time.monotonic() - started
     return diagnosis
 

@@ -477,6 +477,60 @@ def package_version(rootfs: Path, package: str) -> str:
         return ""
 
 
+# What a unit of a package can be enabled as: the kinds that start something at boot.
+_STARTING_KINDS = (".service", ".socket", ".timer", ".path")
+
+
+def package_units(rootfs: Path) -> tuple[str, ...]:
+    """The units enabled in ``rootfs`` (wanted or required by another unit, as ``systemctl enable`` leaves them)
+    that the machine section's packages brought: shipped by a package a bare image would not have. A bare image
+    is mmdebstrap's minbase (every ``Priority: required`` package, and apt) plus :data:`BASE_PACKAGES`, with
+    everything they depend on or recommend. Sorted; instances by their own name (``foo@bar.service``)."""
+    status = (rootfs / "var" / "lib" / "dpkg" / "status").read_text(errors="replace")
+    depends: dict[str, set[str]] = {}
+    providers: dict[str, set[str]] = {}
+    base = {"apt", *BASE_PACKAGES}
+    for stanza in status.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
+        name = fields.get("Package")
+        if not name or not fields.get("Status", "").endswith(" installed"):
+            continue
+        wanted = ", ".join(fields.get(key, "") for key in ("Depends", "Pre-Depends", "Recommends"))
+        # Every alternative of "a | b" that is installed counts: either may be what the base needed.
+        depends[name] = {re.split(r"[\s:(]", choice.strip(), maxsplit=1)[0]
+                         for choice in re.split(r"[,|]", wanted) if choice.strip()}
+        for provided in fields.get("Provides", "").split(","):
+            if provided.strip():
+                providers.setdefault(re.split(r"[\s(]", provided.strip(), maxsplit=1)[0], set()).add(name)
+        if fields.get("Priority") == "required":
+            base.add(name)
+    queue = list(base)
+    while queue:
+        for dependency in depends.get(queue.pop(), ()):
+            for package in {dependency, *providers.get(dependency, ())}:
+                if package in depends and package not in base:
+                    base.add(package)
+                    queue.append(package)
+    info = rootfs / "var" / "lib" / "dpkg" / "info"
+    shipped: dict[str, str] = {}  # unit file name -> package
+    for listing in info.glob("*.list"):
+        package = listing.stem.split(":", 1)[0]
+        if package in base:
+            continue
+        for line in listing.read_text(errors="replace").splitlines():
+            if "/systemd/system/" in line and line.endswith(_STARTING_KINDS):
+                shipped[line.rsplit("/", 1)[-1]] = package
+    etc = rootfs / "etc" / "systemd" / "system"
+    enabled = {link.name for pattern in ("*.wants/*", "*.requires/*") for link in etc.glob(pattern)
+               if link.name.endswith(_STARTING_KINDS)}
+    return tuple(sorted(unit for unit in enabled if template_of(unit) in shipped))
+
+
+def template_of(unit: str) -> str:
+    """foo@bar.service -> foo@.service; a unit that is no instance is its own."""
+    return re.sub(r"@[^@]*(\.[a-z]+)$", r"@\1", unit)
+
+
 def _customize(rootfs: Path) -> None:
     """Make the tree boot fast and quietly as a container."""
     (rootfs / "etc" / "hostname").write_text(HOSTNAME + "\n")
@@ -543,6 +597,11 @@ class VmImage:
     disk: Path
     kernel: Path
     initrd: Path
+
+    @property
+    def rootfs(self) -> Path:
+        """The container rootfs the disk was made from (cached beside it)."""
+        return self.disk.parent.parent / "rootfs"
 
 
 def _guest_source() -> bytes:

@@ -81,7 +81,9 @@ class MachinePool:
             except HardenError as exc:
                 self._failures[config] = exc
                 raise
-            self.progress(f"{machine.name} booted in {time.monotonic() - started:.1f}s ({machine.describe()})")
+            masked = (f"; masked at boot, enabled by its packages: {', '.join(machine.masked_at_boot)} (keep one "
+                      "running with machine.services)") if machine.masked_at_boot else ""
+            self.progress(f"{machine.name} booted in {time.monotonic() - started:.1f}s ({machine.describe()}{masked})")
             self._machines[config] = machine
         # Measured, not assumed from the backend: what this machine can enforce (see capabilities.py; cached on
         # disk per kernel, image and backend command line).

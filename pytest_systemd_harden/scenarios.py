@@ -20,6 +20,7 @@ from .result import CommandResult
 from .service import HardenedService, describe_hardening, indent
 from .spec import Expectation, Scenario, Spec
 from .tighten import CATALOGUE, Step, Tightening, fall_back, revert, tighten
+from .unit import FIX_DROPIN_NAME
 
 
 def mismatches(expect: Expectation, result: CommandResult) -> list[str]:
@@ -164,9 +165,6 @@ def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadli
     ``deadline``, every wait is capped by it (:class:`Deadline`). With a ``kernel_log``, a failure's evidence
     ends with the kernel's seccomp records of the machine's processes made during the rerun.
     """
-    scenarios = list(service.spec.scenarios)
-    preceding = scenarios[:scenarios.index(scenario)] if scenario in scenarios else []
-
     def trial(hardening: Hardening) -> TrialResult:
         if kernel_log is None:
             return attempt(hardening)
@@ -187,27 +185,51 @@ def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadli
 
     def attempt(hardening: Hardening) -> TrialResult:
         spec = service.spec.with_hardening(hardening)
-        candidate = HardenedService(service.machine, deadline.spec(spec) if deadline else spec, unit=service.unit)
-        try:
-            candidate.start()
-        except ServiceFailed as exc:
-            return TrialResult(False, str(exc).splitlines()[0])
-        except DBusError as exc:  # systemd refused the candidate itself (an invalid combination): not a fix
-            candidate.stop()
-            return TrialResult(False, f"systemd rejected this hardening: {exc.text}")
-        try:
-            if scenario is None:
-                return TrialResult(True)
-            for earlier in preceding:
-                run_scenario(candidate, earlier, deadline)
-            outcome = run_scenario(candidate, scenario, deadline)
-            if outcome.passed:
-                return TrialResult(True)
-            return TrialResult(False, "; ".join(outcome.problems), failure_report(candidate, outcome))
-        finally:
-            candidate.stop()
+        return _rerun(service, HardenedService(service.machine, deadline.spec(spec) if deadline else spec,
+                                               unit=service.unit), scenario, deadline)
 
     return deadline.bounded(trial) if deadline else trial
+
+
+def _dropin_trial(service: HardenedService, scenario: Scenario | None) -> Callable[[str], TrialResult] | None:
+    """A check for :func:`diagnose`: the spec as written, with a drop-in text written literally as a file after
+    the spec's (:data:`~.unit.FIX_DROPIN_NAME`), and the failing check rerun. None where the plugin must not write
+    unit files (the host backend: the host's own systemd)."""
+    if not service.machine.WRITES_UNIT_FILES:
+        return None
+
+    def check(text: str) -> TrialResult:
+        candidate = HardenedService(service.machine, service.spec, unit=service.unit)
+        candidate.under_test.extra_dropins = {FIX_DROPIN_NAME: text}
+        return _rerun(service, candidate, scenario, None)
+
+    return check
+
+
+def _rerun(service: HardenedService, candidate: HardenedService, scenario: Scenario | None,
+           deadline: Deadline | None) -> TrialResult:
+    """Start ``candidate`` and run ``scenario`` (None: only the start), after the scenarios before it; stop it."""
+    scenarios = list(service.spec.scenarios)
+    preceding = scenarios[:scenarios.index(scenario)] if scenario in scenarios else []
+    try:
+        candidate.start()
+    except ServiceFailed as exc:
+        candidate.stop()  # and take back what it wrote (a drop-in): the next start must not find it
+        return TrialResult(False, str(exc).splitlines()[0])
+    except DBusError as exc:  # systemd refused the candidate itself (an invalid combination): not a fix
+        candidate.stop()
+        return TrialResult(False, f"systemd rejected this hardening: {exc.text}")
+    try:
+        if scenario is None:
+            return TrialResult(True)
+        for earlier in preceding:
+            run_scenario(candidate, earlier, deadline)
+        outcome = run_scenario(candidate, scenario, deadline)
+        if outcome.passed:
+            return TrialResult(True)
+        return TrialResult(False, "; ".join(outcome.problems), failure_report(candidate, outcome))
+    finally:
+        candidate.stop()
 
 
 def all_scenarios_trial(service: HardenedService, deadline: Deadline | None = None) -> Trial:
@@ -425,7 +447,7 @@ def diagnose_failure(service: HardenedService, scenario: Scenario | None, eviden
         return diagnose(service.spec.hardening, _trial(service, scenario, deadline, kernel_log), evidence=evidence,
                         syscall_groups=machine_syscall_groups(service.machine), max_runs=max_runs,
                         max_seconds=max_seconds, spec_name=service.spec.path.name, previous=previous,
-                        observe=observed_denials)
+                        observe=observed_denials, check_dropin=_dropin_trial(service, scenario))
     finally:
         if kernel_log is not None:
             kernel_log.close()

@@ -171,8 +171,8 @@ class HardenedService:
             settle = time.monotonic() + ACTIVE_SETTLE_SECONDS
             while True:
                 state = self.state()
-                if state["ActiveState"] == "failed" or (state["ActiveState"] == "inactive"
-                                                        and self.spec.service.type != "oneshot"):
+                if state["ActiveState"] == "failed" or state["SubState"] == "auto-restart" or state["NRestarts"] \
+                        or (state["ActiveState"] == "inactive" and self.spec.service.type != "oneshot"):
                     raise self.failure("exited right after it started")
                 if time.monotonic() >= settle:
                     return
@@ -182,6 +182,10 @@ class HardenedService:
             state = self.state()
             if state["ActiveState"] in ("failed", "inactive") and self.spec.service.type != "oneshot":
                 raise self.failure(f"exited before it was ready ({ready.describe()})")
+            if state["SubState"] == "auto-restart" or state["NRestarts"]:
+                # A unit's Restart= hides the death as "activating": waiting would only watch it die again.
+                raise self.failure(f"exited before it was ready ({ready.describe()}), and systemd restarts it "
+                                   "(the unit's Restart=)")
             budget = max(0.1, min(0.5, deadline - time.monotonic()))
             probe = self.machine.run(["/usr/bin/python3", "-c", _READY_CHECK, ready.kind, ready.target, str(budget)],
                                      self._peer_properties(), purpose="ready", timeout=budget + 10)
@@ -282,6 +286,7 @@ class HardenedService:
             "ActiveState": unit.get("ActiveState", "unknown"), "SubState": unit.get("SubState", "unknown"),
             "Result": service.get("Result", ""), "ExecMainCode": service.get("ExecMainCode", 0),
             "ExecMainStatus": service.get("ExecMainStatus", 0), "MainPID": service.get("MainPID", 0),
+            "NRestarts": service.get("NRestarts", 0),  # automatic restarts (Restart=) since this start
         }
 
     def state_text(self) -> str:

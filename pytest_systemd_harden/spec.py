@@ -318,7 +318,9 @@ SERVICE_KEYS = ("exec_start", "type", "ready", "environment", "working_directory
 # Fields that describe how to make a transient unit: a unit that exists already (unit/unit_file) says all that itself.
 TRANSIENT_ONLY_KEYS = ("exec_start", "type", "environment", "working_directory")
 UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.service$")
-MACHINE_KEYS = ("packages", "files", "backend", "release", "debs", "files_outside_project", "privileged")
+MACHINE_KEYS = ("packages", "files", "backend", "release", "debs", "files_outside_project", "privileged", "services")
+# A unit a package may enable at boot: what machine.services names.
+BOOT_UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.(service|socket|timer|path)$")
 SCENARIO_KEYS = ("name", "client", "inside", "expect", "timeout")
 EXPECT_KEYS = ("exit", "signal", "stdout", "stderr")
 
@@ -569,6 +571,8 @@ def parse_spec(document: Any, path: Path, root: Path | None = None) -> Spec:
     _check_unit_name(check, doc, name or path.stem, hardening)
     max_exposure = _parse_max_exposure(check, doc) if "max_exposure" in doc else None
     keep, never = _parse_tighten(check, doc)
+    if service.unit_name:
+        machine = replace(machine, tested_unit=service.unit_name)  # never masked at boot (MachineConfig.boot_masks)
     return Spec(path, service, machine, hardening, scenarios, name, denials=denials, enforcement=enforcement,
                 profile=profile.name if profile else "",
                 max_exposure=max_exposure, tighten_keep=keep, tighten_never=never,
@@ -859,7 +863,23 @@ def _parse_machine(check: _Checker, section: _Mapping, releases: tuple[str, ...]
         raise check.error(section, "privileged", "machine.privileged", f"expected true or false, got {privileged!r}",
                           "true runs an nspawn container without a user namespace: its root is root on the host")
     return MachineConfig(tuple(sorted(set(packages))), tuple(sorted(files)), backend, privileged=privileged,
-                         release=releases[0] if len(releases) == 1 else "", debs=_parse_debs(check, section))
+                         release=releases[0] if len(releases) == 1 else "", debs=_parse_debs(check, section),
+                         services=_parse_services(check, section))
+
+
+def _parse_services(check: _Checker, section: _Mapping) -> tuple[str, ...]:
+    """machine.services: the units a package enables at boot that keep running (every other one is masked)."""
+    if "services" not in section:
+        return ()
+    raw = section["services"]
+    if not isinstance(raw, list):
+        raise check.error(section, "services", "machine.services", "expected a list of unit names",
+                          "the package daemons the service needs running, e.g. [dnsmasq.service]")
+    for index, unit in enumerate(raw):
+        if not isinstance(unit, str) or not BOOT_UNIT_RE.match(unit):
+            raise check.error(raw, index, f"machine.services[{index}]", f"{unit!r} is not a unit name",
+                              "a unit a package enables at boot, with its suffix, e.g. dnsmasq.service")
+    return tuple(sorted(set(raw)))
 
 
 def _parse_releases(check: _Checker, section: _Mapping) -> tuple[str, ...]:

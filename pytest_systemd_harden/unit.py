@@ -21,7 +21,7 @@ import abc
 import re
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dbus_next.errors import DBusError
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from .spec import Spec
 
 DROPIN_NAME = "harden.conf"
+# A diagnosis' fix, written as the drop-in it prints, read after harden.conf (drop-ins apply in name order).
+FIX_DROPIN_NAME = "zz-harden-fix.conf"
 UNIT_DIR = "/etc/systemd/system"
 # What CleanUnit may remove for a unit the test made: never "configuration" (ConfigurationDirectory= is the
 # package's or the admin's, e.g. /etc/unbound) and never a unit that exists without the test (see retire()).
@@ -153,6 +155,42 @@ class UnitUnderTest(abc.ABC):
         self.spec = spec
         self.name = name
         self._settings: list[Setting] | None = None
+        # Drop-ins written on top at the next start (file name -> text), e.g. a diagnosis' printed fix, to be
+        # verified in the form it is printed; removed again by retire().
+        self.extra_dropins: dict[str, str] = {}
+        self._written: list[str] = []
+
+    @property
+    def dropin_dir(self) -> str:
+        """Where the unit's drop-ins go on the machine."""
+        return f"{UNIT_DIR}/{self.name}.d"
+
+    def _write(self, path: str, text: str) -> None:
+        result = self.machine.run(["/bin/sh", "-c", _WRITE_FILE, "sh", path], stdin=text.encode(), purpose="install")
+        if not result.ok:
+            raise MachineError(f"could not write {path} on {self.machine.name}: {result.stderr.strip()}")
+        self._written.append(path)
+
+    def _write_extra_dropins(self) -> None:
+        # An inside command is a unit of its own that inherits the unit's settings as properties; the extra drop-in
+        # reaches it as what it is, a drop-in, through the directory that applies to every inside command's unit.
+        inside = f"{UNIT_DIR}/{self.machine.unit_prefix('inside')}.service.d"
+        for file_name, text in self.extra_dropins.items():
+            self._write(f"{self.dropin_dir}/{file_name}", text)
+            self._write(f"{inside}/{file_name}", text)
+
+    def _remove_written(self) -> bool:
+        """Remove the files the test wrote (and a drop-in directory that leaves empty); whether there were any
+        (then systemd must reload)."""
+        if not self._written:
+            return False
+        script = ('for f; do rm -f -- "$f" || exit; case "$f" in *.d/*) d=${f%/*}; ! test -d "$d" || '
+                  'rmdir --ignore-fail-on-non-empty -- "$d" || exit;; esac; done')
+        result = self.machine.run(["sh", "-c", script, "sh", *self._written], purpose="uninstall")
+        if not result.ok:
+            raise MachineError(f"could not remove {', '.join(self._written)}: {result.stderr.strip()}")
+        self._written.clear()
+        return True
 
     @abc.abstractmethod
     def start(self) -> str:
@@ -207,6 +245,10 @@ class TransientUnit(UnitUnderTest):
 
     def start(self) -> str:
         systemd = self.machine.systemd
+        if self.extra_dropins:
+            # systemd reads drop-ins for a transient unit too (252 and 257: NAME.service.d/ after the properties).
+            self._write_extra_dropins()
+            systemd.reload()
         try:
             return systemd.start_transient_unit(self.name, self.properties(), timeout=self.spec.service.start_timeout)
         except DBusError as exc:
@@ -223,17 +265,13 @@ class TransientUnit(UnitUnderTest):
     def retire(self) -> str:
         clean = any(self.spec.directive(d) for d in ("StateDirectory", "CacheDirectory", "LogsDirectory",
                                                       "RuntimeDirectory"))
-        return self.machine.systemd.retire_unit(self.name, clean=clean, what=CLEANABLE)
+        how = self.machine.systemd.retire_unit(self.name, clean=clean, what=CLEANABLE)
+        if self._remove_written():
+            self.machine.systemd.reload()
+        return how
 
     def describe(self) -> str:
         return "command: " + shlex.join(self.spec.service.exec_start)
-
-
-@dataclass
-class _Written:
-    """The files the test put into the machine, to take back out."""
-
-    paths: list[str] = field(default_factory=list)
 
 
 class LoadedUnit(UnitUnderTest):
@@ -248,7 +286,6 @@ class LoadedUnit(UnitUnderTest):
         # The drop-in sits beside the unit's own name: for a template, the template's (as a package ships it).
         self.file_name = file_name
         self.dropin_path = f"{UNIT_DIR}/{file_name}.d/{DROPIN_NAME}"
-        self._written = _Written()
 
     def command_properties(self) -> list[Property]:
         props = super().command_properties()
@@ -263,15 +300,14 @@ class LoadedUnit(UnitUnderTest):
         key = "service.unit_file" if self.spec.service.unit_file else "service.unit"
         return SpecError(str(self.spec.path), self.spec.service.line, key, problem, hint)
 
-    def _write(self, path: str, text: str) -> None:
-        result = self.machine.run(["/bin/sh", "-c", _WRITE_FILE, "sh", path], stdin=text.encode(), purpose="install")
-        if not result.ok:
-            raise MachineError(f"could not write {path} on {self.machine.name}: {result.stderr.strip()}")
-        self._written.paths.append(path)
+    @property
+    def dropin_dir(self) -> str:
+        return f"{UNIT_DIR}/{self.file_name}.d"
 
     def _install(self) -> None:
         """Put the unit's files in place (the drop-in; a unit file of the spec's), then daemon-reload."""
         self._write(self.dropin_path, self.spec.dropin())
+        self._write_extra_dropins()
 
     def start(self) -> str:
         try:
@@ -308,13 +344,7 @@ class LoadedUnit(UnitUnderTest):
             systemd.clean_unit(self.name, CLEANABLE)
         # A unit that exists without the test keeps its state: /var/lib, /etc and /var/cache belong to its package
         # (its postinst made them); only the files the test wrote go.
-        if self._written.paths:
-            dropin_dir = self.dropin_path.rsplit("/", 1)[0]
-            script = 'rm -f -- "$@" && { ! test -d "$0" || rmdir --ignore-fail-on-non-empty -- "$0"; }'
-            result = self.machine.run(["sh", "-c", script, dropin_dir, *self._written.paths], purpose="uninstall")
-            if not result.ok:
-                raise MachineError(f"could not remove {', '.join(self._written.paths)}: {result.stderr.strip()}")
-            self._written.paths.clear()
+        if self._remove_written():
             systemd.reload()
         return how
 
@@ -322,7 +352,7 @@ class LoadedUnit(UnitUnderTest):
         if self._settings is None:
             # Without the drop-in: the spec's hardening is applied as the spec's, after the unit's own.
             text = self.effective()
-            ours = {self.dropin_path}
+            ours = {self.dropin_path, *(f"{self.dropin_dir}/{name}" for name in self.extra_dropins)}
             self._settings = [s for s in parse_systemctl_cat(text) if s.source not in ours]
         return self._settings
 
@@ -338,7 +368,7 @@ class LoadedUnit(UnitUnderTest):
         text = self.effective() if self.spec.service.unit_file is None else self.spec.service.unit_file.read_text()
         if not text:
             raise self._not_found()
-        ours = f"# {self.dropin_path}\n"
+        ours = f"# {self.dropin_path}\n"  # the test's drop-ins come last (harden.conf, then the fix's)
         return text.split(ours, 1)[0].rstrip("\n") + "\n\n" + self.spec.dropin()
 
 

@@ -410,3 +410,25 @@ def test_a_silent_failure_is_observed_once_and_the_traced_denial_gives_the_grant
     run(World(writes=["/srv/data/out.json"]), directives, "open /srv/data/out.json: Read-only file system",
         observe=observe)
     assert calls == [1]
+
+
+def test_a_printed_drop_in_that_fails_as_a_file_is_said_so() -> None:
+    from pytest_systemd_harden.diagnosis import Directive, TrialResult, diagnose
+
+    hardening = (Directive("MemoryDenyWriteExecute", ("yes",), 3),)
+
+    def trial(candidate: tuple[Directive, ...]) -> TrialResult:
+        return TrialResult(all(d.value != "yes" for d in candidate))
+
+    printed: list[str] = []
+
+    def refuses(text: str) -> TrialResult:
+        printed.append(text)
+        return TrialResult(False, "still EPERM")
+
+    diagnosis = diagnose(hardening, trial, spec_name="harden.yaml", check_dropin=refuses)
+    assert diagnosis.verified and diagnosis.dropin_verified is False
+    assert printed == [diagnosis.as_dict()["dropin"]]
+    assert "does not (still EPERM)" in diagnosis.render()
+    assert diagnose(hardening, trial, check_dropin=lambda text: TrialResult(True)).as_dict()["dropin_verified"] is True
+    assert diagnose(hardening, trial).as_dict()["dropin_verified"] is None

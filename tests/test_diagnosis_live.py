@@ -57,6 +57,7 @@ def test_getifaddrs_needs_af_netlink(diagnose) -> None:  # type: ignore[no-untyp
     assert diagnosis.findings[0].relaxation is not None
     assert diagnosis.findings[0].relaxation.description == "also allow AF_NETLINK in RestrictAddressFamilies="
     assert "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK" in diagnosis.render()
+    assert diagnosis.dropin_verified  # a grant: the printed drop-in, written as a file, passes
 
 
 def test_proc_meminfo_under_proc_subset_pid(diagnose) -> None:  # type: ignore[no-untyped-def]
@@ -64,6 +65,7 @@ def test_proc_meminfo_under_proc_subset_pid(diagnose) -> None:  # type: ignore[n
     assert culprits(diagnosis) == ["ProcSubset"]
     assert diagnosis.combined is not None and diagnosis.verified
     assert diagnosis.combined.description == "weaken ProcSubset=pid to ProcSubset=all"
+    assert diagnosis.dropin_verified  # a weaker value, as printed
 
 
 def test_a_write_under_protect_system_strict_gets_a_state_directory(diagnose) -> None:  # type: ignore[no-untyped-def]
@@ -81,6 +83,9 @@ def test_write_execute_memory_under_memory_deny_write_execute(diagnose) -> None:
     assert culprits(diagnosis) == ["MemoryDenyWriteExecute"]
     assert diagnosis.combined is not None and diagnosis.verified
     assert diagnosis.combined.description == "set MemoryDenyWriteExecute=no (systemd's default)"
+    # A boolean is removed with its explicit value (an empty one is ignored by systemd), and that is what passed.
+    assert "MemoryDenyWriteExecute=no" in diagnosis.as_dict()["dropin"]  # type: ignore[operator]
+    assert diagnosis.as_dict()["dropin_verified"] is True
 
 
 def test_chown_under_denied_privileged_calls_reallows_only_chown(diagnose) -> None:  # type: ignore[no-untyped-def]
@@ -91,6 +96,7 @@ def test_chown_under_denied_privileged_calls_reallows_only_chown(diagnose) -> No
     assert relaxation is not None and diagnosis.verified
     assert relaxation.description == "re-allow @chown after the deny list of SystemCallFilter="
     assert relaxation.needs.startswith("fchownat") and relaxation.needs.endswith("(in @privileged)")
+    assert diagnosis.dropin_verified  # a syscall group re-allowed, as printed
 
 
 def test_a_missing_capability_is_named(diagnose) -> None:  # type: ignore[no-untyped-def]
@@ -99,6 +105,7 @@ def test_a_missing_capability_is_named(diagnose) -> None:  # type: ignore[no-unt
     relaxation = diagnosis.findings[0].relaxation
     assert relaxation is not None and diagnosis.verified
     assert relaxation.description == "also allow CAP_CHOWN in CapabilityBoundingSet="
+    assert diagnosis.dropin_verified
 
 
 def test_a_scenario_that_fails_without_hardening_is_not_blamed_on_it(diagnose) -> None:  # type: ignore[no-untyped-def]
@@ -214,3 +221,29 @@ def test_a_write_refused_silently_is_found_by_an_observed_rerun(machine: Machine
     assert culprits(diagnosis) == ["ProtectSystem"] and diagnosis.verified, diagnosis.render()
     assert diagnosis.combined is not None
     assert diagnosis.combined.description == "let systemd create and grant /etc/app with ConfigurationDirectory=app"
+
+
+def test_the_drop_in_check_applies_the_text_literally(machine: Machine, make_spec) -> None:  # type: ignore[no-untyped-def]
+    # The check must tell a drop-in that works from one systemd ignores: an empty boolean is "Failed to parse
+    # boolean value, ignoring" (issue 15), so the feature stays broken under it.
+    from pytest_systemd_harden.scenarios import _dropin_trial
+
+    spec = make_spec("""
+service:
+  exec_start: /bin/sleep infinity
+hardening:
+  MemoryDenyWriteExecute: yes
+scenarios:
+  - name: write-execute memory
+    inside: python3 -c 'import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ|mmap.PROT_WRITE|mmap.PROT_EXEC)'
+""")
+    service = HardenedService(machine, spec)
+    check = _dropin_trial(service, spec.scenarios[0])
+    assert check is not None
+    try:
+        assert check("[Service]\nMemoryDenyWriteExecute=no\n").passed
+        assert not check("[Service]\nMemoryDenyWriteExecute=\n").passed
+        left = machine.run(["sh", "-c", "ls /etc/systemd/system/ | grep -c '^harden-' || true"]).stdout.strip()
+        assert left == "0"  # the check's drop-in is taken back out
+    finally:
+        service.stop()

@@ -189,3 +189,65 @@ def test_cache_list_marks_superseded_images_and_prune_spares_one_in_use(tmp_path
     assert sorted(i.key for i in removed) == ["aaaa", "cccc"]
     assert not old.exists() and not stale.exists() and new.exists() and in_use.exists()
     assert "kept dddd: a run is using it" in said
+
+
+def fake_rootfs(root: Path, status: str, lists: dict[str, list[str]], enabled: list[str]) -> Path:
+    (root / "var/lib/dpkg/info").mkdir(parents=True)
+    (root / "var/lib/dpkg/status").write_text(status)
+    for package, files in lists.items():
+        (root / f"var/lib/dpkg/info/{package}.list").write_text("\n".join(files) + "\n")
+    for link in enabled:
+        path = root / "etc/systemd/system" / link
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.symlink_to("/lib/systemd/system/" + path.name)
+    return root
+
+
+def installed(name: str, priority: str = "optional", depends: str = "", provides: str = "") -> str:
+    return (f"Package: {name}\nStatus: install ok installed\nPriority: {priority}\nVersion: 1\n"
+            + (f"Depends: {depends}\n" if depends else "") + (f"Provides: {provides}\n" if provides else "") + "\n")
+
+
+def test_package_units_are_the_enabled_units_of_what_the_machine_section_brought(tmp_path: Path) -> None:
+    status = "".join([
+        installed("systemd", "important", depends="libc6, dbus-system-bus | default-dbus-system-bus"),
+        installed("dbus-broker", provides="default-dbus-system-bus"),  # the base's dependency, through Provides
+        installed("e2fsprogs", "required"),
+        installed("memcached", depends="libc6 (>= 2.34), adduser"),
+        installed("getty-extra", depends="systemd"),
+    ])
+    rootfs = fake_rootfs(tmp_path, status, {
+        "systemd": ["/lib/systemd/system/systemd-pstore.service", "/lib/systemd/system/getty@.service"],
+        "dbus-broker": ["/lib/systemd/system/dbus-broker.service"],
+        "e2fsprogs": ["/lib/systemd/system/e2scrub_reap.service"],
+        "memcached": ["/lib/systemd/system/memcached.service", "/usr/bin/memcached"],
+        "getty-extra:amd64": ["/lib/systemd/system/extra@.service", "/lib/systemd/system/extra.timer"],
+    }, ["sysinit.target.wants/systemd-pstore.service", "getty.target.wants/getty@tty1.service",
+        "multi-user.target.wants/dbus-broker.service", "multi-user.target.wants/e2scrub_reap.service",
+        "multi-user.target.wants/memcached.service", "multi-user.target.wants/extra@one.two.service",
+        "timers.target.wants/extra.timer", "multi-user.target.wants/remote-fs.target"])
+    assert images.package_units(rootfs) == ("extra.timer", "extra@one.two.service", "memcached.service")
+
+
+def test_machine_services_keep_package_units_and_the_tested_unit_is_never_masked(tmp_path: Path) -> None:
+    from pytest_systemd_harden.backends.base import MachineConfig
+    from pytest_systemd_harden.errors import MachineError
+
+    rootfs = fake_rootfs(tmp_path, installed("dnsmasq") + installed("memcached"),
+                         {"dnsmasq": ["/lib/systemd/system/dnsmasq.service"],
+                          "memcached": ["/lib/systemd/system/memcached.service"]},
+                         ["multi-user.target.wants/dnsmasq.service", "multi-user.target.wants/memcached.service"])
+    assert MachineConfig().boot_masks(rootfs) == ("dnsmasq.service", "memcached.service")
+    assert MachineConfig(services=("dnsmasq.service",)).boot_masks(rootfs) == ("memcached.service",)
+    assert MachineConfig(tested_unit="memcached.service").boot_masks(rootfs) == ("dnsmasq.service",)
+    with pytest.raises(MachineError, match=r"machine.services: dnsmsq.service is not a unit a package of this "
+                                           r"machine enables at boot \(those are: dnsmasq.service, memcached"):
+        MachineConfig(services=("dnsmsq.service",)).boot_masks(rootfs)
+
+
+def test_machine_services_in_the_spec(tmp_path: Path) -> None:
+    spec = load_spec(spec_at(tmp_path, "  packages: [dnsmasq]\n  services: [dnsmasq.service]\n"))
+    assert spec.machine.services == ("dnsmasq.service",)
+    assert spec.machine.tested_unit == ""
+    with pytest.raises(SpecError, match=r"harden.yaml:6: machine.services\[0\]: 'dnsmasq' is not a unit name"):
+        load_spec(spec_at(tmp_path, "  packages: [dnsmasq]\n  services:\n    - dnsmasq\n"))

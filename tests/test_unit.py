@@ -3,12 +3,14 @@ file installed, started with its drop-in, and taken out again without a trace.""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden.backends.base import Machine
-from pytest_systemd_harden.errors import SpecError
+from pytest_systemd_harden.backends.base import Machine, MachineConfig
+from pytest_systemd_harden.errors import ServiceFailed, SpecError
+from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.service import HardenedService
 from pytest_systemd_harden.spec import load_spec
 from pytest_systemd_harden.unit import expand_specifiers, own_directives, parse_systemctl_cat
@@ -115,3 +117,38 @@ def test_a_unit_no_package_ships_is_one_line(machine: Machine, tmp_path: Path) -
         HardenedService(machine, spec).start()
     assert str(caught.value) == (f"{tmp_path / 'harden.yaml'}:1: service.unit: no unit no-such-daemon.service on "
                                  "the machine (add the package that ships it to machine.packages)")
+
+
+def test_a_package_daemon_is_masked_at_boot_unless_the_spec_tests_it(harden_pool: MachinePool,
+                                                                      tmp_path: Path) -> None:
+    # memcached's package enables its unit: on a machine whose spec does not test it, it must not hold 11211.
+    other = harden_pool.machine_for(MachineConfig(packages=("memcached",)))
+    assert other.masked_at_boot == ("memcached.service",)
+    state = other.run("systemctl is-active memcached.service; systemctl is-enabled memcached.service")
+    assert state.stdout.split()[:2] == ["inactive", "masked-runtime"], state
+    spec_path = tmp_path / "harden.yaml"
+    spec_path.write_text("service: {unit: memcached.service, ready: {tcp: 11211}}\nmachine: {packages: [memcached]}\n")
+    spec = load_spec(spec_path)
+    tested = harden_pool.machine_for(spec.machine)
+    assert tested.masked_at_boot == ()
+    service = HardenedService(tested, spec)
+    service.start()
+    try:
+        assert service.state()["ActiveState"] == "active"
+    finally:
+        service.stop()
+
+
+def test_a_unit_that_restarts_itself_fails_its_start_at_once(machine: Machine, tmp_path: Path) -> None:
+    # Restart=always shows a dying service as "activating" for ever: the start must not wait out its timeout.
+    unit = "[Service]\nExecStart=/bin/sh -c 'exit 3'\nRestart=always\nRestartSec=1\n"
+    spec = load_spec(spec_with(tmp_path, "{unit_file: restarts.service, ready: {tcp: 8090, timeout: 60}}", unit,
+                               name="restarts.service"))
+    service = HardenedService(machine, spec)
+    started = time.monotonic()
+    with pytest.raises(ServiceFailed) as failed:
+        service.start()
+    assert time.monotonic() - started < 10
+    assert "exited before it was ready (TCP port 8090 accepts connections), and systemd restarts it" in \
+        str(failed.value)
+    service.stop()

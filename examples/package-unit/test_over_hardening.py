@@ -27,6 +27,7 @@ def test_the_start_fails_and_the_diagnosis_names_the_drop_ins_line(harden_pool: 
     diagnosis = diagnose_failure(service, None, str(failed.value))
     assert [f.culprit.name for f in diagnosis.findings] == ["SystemCallFilter"], diagnosis.render()
     assert diagnosis.verified, diagnosis.render()
+    assert diagnosis.dropin_verified, diagnosis.render()  # the printed drop-in, as a file on top of the unit
     assert "over-hardened.yaml:" in diagnosis.render()
     service.stop()
     assert service.client(ETC_HASH).stdout == before  # no package file changed or removed

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import MachineError
-from ..images import DEFAULT_RELEASE, ImageCache, deb_package_name
+from ..images import DEFAULT_RELEASE, ImageCache, deb_package_name, package_units
 from ..probes.runner import guarded_batch
 from ..result import CommandResult
 from ..systemd import COMMAND_KILL_GRACE, OutputFiles, Property, SocketConnector, SystemdClient
@@ -50,6 +50,11 @@ class MachineConfig:
     # nspawn only: run the container without a user namespace (its root is then root on the host) so that the
     # directives needing host BPF (IPAddressDeny=, DeviceAllow=...) can be enforced. Announced at boot.
     privileged: bool = False
+    # Units a package enables at boot are masked at boot (a package's daemon must not hold the port or state of the
+    # service under test), except these: machine.services, the package daemons a spec needs running (a resolver)...
+    services: tuple[str, ...] = ()
+    # ...and the unit the spec tests (service.unit / unit_file), which must stay startable.
+    tested_unit: str = ""
 
     def check_files(self) -> None:
         """Raise MachineError for a ``files:`` source that is gone from the host since the spec was loaded."""
@@ -69,9 +74,25 @@ class MachineConfig:
             parts.append("packages: " + ", ".join(self.packages))
         if self.files:
             parts.append("files: " + ", ".join(dest for dest, _src in self.files))
+        if self.services:
+            parts.append("services: " + ", ".join(self.services))
+        if self.tested_unit:
+            parts.append("unit under test: " + self.tested_unit)
         if self.privileged:
             parts.append("privileged")
         return "; ".join(parts)
+
+    def boot_masks(self, rootfs: Path) -> tuple[str, ...]:
+        """The units to mask at boot (``systemd.mask=`` on the machine's command line): every unit a package of
+        this image enables at boot but machine.services and the tested unit. MachineError for a machine.services
+        entry that no package enables, with the ones that are."""
+        enabled = package_units(rootfs)
+        for service in self.services:
+            if service not in enabled:
+                raise MachineError(f"machine.services: {service} is not a unit a package of this machine enables at "
+                                   f"boot (those are: {', '.join(enabled) or 'none'}); list only package daemons the "
+                                   "service needs running")
+        return tuple(unit for unit in enabled if unit not in (*self.services, self.tested_unit))
 
 
 def timeout_note(timeout: float, killed_by: int | None) -> str:
@@ -102,6 +123,9 @@ class Machine(abc.ABC):
     # How careful a probe batch must be here (probes.inside): GUARD_KERNEL where the kernel is the host's (a
     # container), GUARD_HOST where the machine is the host; None for a machine with a kernel of its own (a VM).
     PROBE_GUARD: ClassVar[str | None] = None
+    # Whether the plugin may write unit files and drop-ins into this machine's /etc/systemd/system and reload it:
+    # a machine of our own, yes; the host backend's systemd is the host's.
+    WRITES_UNIT_FILES: ClassVar[bool] = True
 
     config: MachineConfig
     name: str = field(default_factory=lambda: f"harden-{uuid.uuid4().hex[:8]}")
@@ -111,6 +135,8 @@ class Machine(abc.ABC):
     _systemd: SystemdClient | None = field(default=None, init=False, repr=False)
     _units: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False, repr=False)
     _tested: dict[str, Any] | None = field(default=None, init=False, repr=False)
+    # Package units masked at this boot (MachineConfig.boot_masks), for the boot line.
+    masked_at_boot: tuple[str, ...] = field(default=(), init=False)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -192,9 +218,14 @@ class Machine(abc.ABC):
 
     # -- shared helpers -----------------------------------------------------------------------------------
 
+    def unit_prefix(self, purpose: str) -> str:
+        """What every unit name :meth:`unit_name` gives for ``purpose`` starts with: a drop-in directory
+        ``PREFIX.service.d/`` applies to all of them (systemd 246 and later)."""
+        return f"harden-{purpose}-"
+
     def unit_name(self, purpose: str) -> str:
         """A unit name unique on this machine, readable in its journal."""
-        return f"harden-{purpose}-{os.getpid()}-{next(self._units)}.service"
+        return f"{self.unit_prefix(purpose)}{os.getpid()}-{next(self._units)}.service"
 
     def service_unit(self, unit: str) -> str:
         """The name a spec's service unit (``harden-NAME.service``) gets on this machine: the same on a machine of

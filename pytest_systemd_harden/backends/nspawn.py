@@ -140,6 +140,8 @@ class NspawnMachine(Machine):
             *rlimit_options(),
             *users,
             *binds,
+            # Arguments for the container's systemd, which reads them as its kernel command line.
+            *(f"systemd.mask={unit}" for unit in self.masked_at_boot),
         ]
 
     def _start(self, progress: Progress) -> str:
@@ -148,6 +150,7 @@ class NspawnMachine(Machine):
         image = self.image = self.image_cache.get(self.config.packages, progress, release=self.config.release,
                                                   debs=self.config.debs)
         rootfs = image.rootfs
+        self.masked_at_boot = self.config.boot_masks(image.rootfs)
         if not self.config.privileged:
             self.uid_base = userns.base_for(image.key)
             rootfs = userns.shifted_rootfs(image.rootfs, self.uid_base)

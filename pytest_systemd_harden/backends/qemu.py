@@ -142,6 +142,7 @@ class QemuMachine(Machine):
     def command_line(self, image: VmImage, runtime: Path, accelerator: str, files_disk: Path | None) -> list[str]:
         cpu = "host" if accelerator == "kvm" else "max"
         append = "console=ttyS0 root=/dev/vda rw systemd.firstboot=off" + (" harden.files" if files_disk else "")
+        append += "".join(f" systemd.mask={unit}" for unit in self.masked_at_boot)
         khz = host_tsc_khz() if accelerator == "tcg" else None
         if khz:
             # Under TCG the guest's TSC is the host's. Without its frequency the kernel calibrates it against the
@@ -174,6 +175,7 @@ class QemuMachine(Machine):
         check_available()
         image = self._image = vm_image(self.image_cache, self.config.packages, progress, release=self.config.release,
                                        debs=self.config.debs)
+        self.masked_at_boot = self.config.boot_masks(image.rootfs)
         self._runtime = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=os.environ.get("TMPDIR", "/tmp")))
         try:
             files_disk = self._files_disk(self._runtime) if self.config.files else None
