@@ -15,6 +15,7 @@ build (an error, Ctrl-C, SIGKILL):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import stat
@@ -84,11 +85,15 @@ def remove_tree(path: Path) -> None:
     if crossed:
         raise ImageBuildError(f"not removing {', '.join(crossed)} under {path}: another filesystem is there "
                               "(something mounted it during the removal); nothing below it was touched")
-    os.rmdir(path)
+    with contextlib.suppress(FileNotFoundError):  # removed meanwhile by its owner (a machine's own stop)
+        os.rmdir(path)
 
 
 def _remove_contents(directory: str, device: int, crossed: list[str]) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return  # gone already: another remover got there first
     try:
         for entry in os.scandir(fd):
             try:
@@ -102,11 +107,14 @@ def _remove_contents(directory: str, device: int, crossed: list[str]) -> None:
                 _remove_contents(os.path.join(directory, entry.name), device, crossed)
                 try:
                     os.rmdir(entry.name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
                 except OSError:
                     if not crossed:
                         raise
             else:
-                os.unlink(entry.name, dir_fd=fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.name, dir_fd=fd)
     finally:
         os.close(fd)
 

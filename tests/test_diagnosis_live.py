@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -247,3 +248,17 @@ scenarios:
         assert left == "0"  # the check's drop-in is taken back out
     finally:
         service.stop()
+
+
+def test_a_killed_step_whose_grandchild_holds_on_is_diagnosed_in_seconds(diagnose) -> None:  # type: ignore[no-untyped-def]
+    # A job runner's step: it leaves a grandchild that ignores SIGTERM (and holds the step's output), then is
+    # killed by seccomp. Every failing rerun used to wait out the scenario's 60 s timeout; the step's leftovers are
+    # now killed when it ends (SIGKILL 2 s after SIGTERM), so the whole search takes seconds.
+    started = time.monotonic()
+    diagnosis = diagnose('  SystemCallFilter: ["@system-service", "~@memlock"]\n',
+                         "sh -c \"(trap '' TERM; sleep 60) & exec python3 -c 'import ctypes; "
+                         "ctypes.CDLL(None).mlockall(3)'\"")
+    took = time.monotonic() - started
+    assert culprits(diagnosis) == ["SystemCallFilter"] and diagnosis.verified, diagnosis.render()
+    assert "mlockall" in diagnosis.render()
+    assert took < 30, f"the diagnosis took {took:.0f}s"
