@@ -26,6 +26,7 @@ install_system_packages() {
         command -v chromium >/dev/null || missing+=(chromium)  # the HTML report's test renders it in a real browser
         command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)  # the qemu backend
         command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)  # makes the VM disk
+        command -v cc >/dev/null || missing+=(gcc libc6-dev)  # a test builds a setuid helper of its own
     fi
     if [ ${#missing[@]} -gt 0 ]; then
         echo "dev.sh: installing ${missing[*]}"

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from pytest_systemd_harden.backends.base import Machine
-from pytest_systemd_harden.diagnosis import Diagnosis
+from pytest_systemd_harden.diagnosis import RESTRICTING, Diagnosis
 from pytest_systemd_harden.scenarios import diagnose_failure, failure_report, run_scenario
 from pytest_systemd_harden.service import HardenedService
 from pytest_systemd_harden.spec import Spec
@@ -262,3 +262,89 @@ def test_a_killed_step_whose_grandchild_holds_on_is_diagnosed_in_seconds(diagnos
     assert culprits(diagnosis) == ["SystemCallFilter"] and diagnosis.verified, diagnosis.render()
     assert "mlockall" in diagnosis.render()
     assert took < 30, f"the diagnosis took {took:.0f}s"
+
+
+# A setuid-root helper of the test's own (Debian's own setuid programs behave the same with and without privilege
+# for an account like nobody): it succeeds only when it really runs as root. Built with cc, shipped as a .deb.
+EUID_HELPER = "#include <unistd.h>\nint main(void) { return geteuid() == 0 ? 0 : 1; }\n"
+RUNNER = """
+service:
+  exec_start: /bin/sleep infinity
+machine:
+  debs: [harden-euid_1.0_all.deb]
+hardening:
+  User: nobody
+  NoNewPrivileges: yes
+  ProtectSystem: strict
+  ProtectHome: yes
+  PrivateTmp: yes
+  PrivateDevices: yes
+  ProtectHostname: yes
+  ProtectClock: yes
+  ProtectKernelTunables: yes
+  ProtectKernelModules: yes
+  ProtectKernelLogs: yes
+  ProtectControlGroups: yes
+  LockPersonality: yes
+  MemoryDenyWriteExecute: yes
+  RestrictRealtime: yes
+  RestrictSUIDSGID: yes
+  RestrictNamespaces: yes
+  SystemCallArchitectures: native
+  SystemCallFilter: "@system-service"
+  RestrictAddressFamilies: [AF_UNIX, AF_INET, AF_INET6]
+  UMask: "0077"
+scenarios:
+  - name: the setuid helper gains root
+    inside: /usr/bin/harden-euid
+"""
+
+
+@pytest.mark.parametrize("release", ["bookworm", "trixie"])
+def test_a_setuid_helper_under_no_new_privileges_is_diagnosed_as_each_systemd_does_it(  # type: ignore[no-untyped-def]
+        harden_pool, tmp_path, release: str) -> None:
+    # 20 restricting directives, User=nobody, NoNewPrivileges=yes: the helper cannot gain root. Measured here:
+    # systemd 252 (bookworm) turns NoNewPrivileges= on whenever one of the seccomp-installing directives is set, so
+    # NoNewPrivileges=no alone changes nothing and the diagnosis names the implication; systemd 257 (trixie) does not
+    # imply it for this unit, and NoNewPrivileges=no alone is the verified fix. The diagnosis finds which by trying.
+    import os
+    import subprocess
+
+    from pytest_systemd_harden.spec import load_spec
+
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text("Package: harden-euid\nVersion: 1.0\nArchitecture: all\n"
+                                             "Maintainer: t <t@example.org>\nDescription: a setuid test helper\n")
+    (tmp_path / "euid.c").write_text(EUID_HELPER)
+    subprocess.run(["cc", "-O2", "-o", str(root / "usr/bin/harden-euid"), str(tmp_path / "euid.c")], check=True)
+    (root / "usr/bin/harden-euid").chmod(0o4755)
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, (1700000000, 1700000000))  # the same .deb every run: its image is found again
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root),
+                    str(tmp_path / "harden-euid_1.0_all.deb")], check=True, capture_output=True,
+                   env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"})
+    (tmp_path / "harden.yaml").write_text(RUNNER.replace("machine:\n", f"machine:\n  release: {release}\n"))
+    spec = load_spec(tmp_path / "harden.yaml")
+    assert sum(d.name in RESTRICTING for d in spec.hardening) == 20
+    service = HardenedService(harden_pool.machine_for(spec.machine), spec)
+    service.start()
+    try:
+        # As nobody without the sandbox the helper gains root: what the hardening takes away is the privilege.
+        assert service.client("setpriv --reuid=nobody --regid=nogroup --clear-groups /usr/bin/harden-euid").ok
+        outcome = run_scenario(service, spec.scenarios[0])
+        assert not outcome.passed
+        diagnosis = diagnose_failure(service, spec.scenarios[0], failure_report(service, outcome), max_runs=40)
+    finally:
+        service.stop()
+    assert culprits(diagnosis) == ["NoNewPrivileges"] and diagnosis.verified, diagnosis.render()
+    assert diagnosis.runs <= 40  # the plugin's default budget
+    assert diagnosis.dropin_verified, diagnosis.render()  # the printed drop-in, as a file, lets the helper gain root
+    implied = "in force through: " in diagnosis.render()
+    if release == "bookworm":
+        assert implied and "SystemCallFilter=@system-service" in diagnosis.render(), diagnosis.render()
+        assert "SystemCallFilter=\n" in diagnosis.as_dict()["dropin"]  # type: ignore[operator]
+    else:
+        assert not implied, diagnosis.render()
+        assert diagnosis.as_dict()["dropin"] == "[Service]\nNoNewPrivileges=no\n"
