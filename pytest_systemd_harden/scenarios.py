@@ -258,6 +258,22 @@ def all_scenarios_trial(service: HardenedService, deadline: Deadline | None = No
     return deadline.bounded(trial) if deadline else trial
 
 
+def _verify_dropin(service: HardenedService, result: Tightening) -> None:
+    """The printed drop-in, as a maintainer would ship it: written literally as a file after the spec's own
+    hardening, on the unit under test, every scenario run once more (``result.dropin_verified``). Not on a machine
+    whose unit files are not ours to write (the host backend)."""
+    if not service.machine.WRITES_UNIT_FILES:
+        return
+    candidate = HardenedService(service.machine, service.spec, unit=service.unit)
+    candidate.under_test.extra_dropins = {FIX_DROPIN_NAME: result.dropin()}
+    scenarios = service.spec.scenarios
+    outcome = _rerun(service, candidate, scenarios[-1] if scenarios else None, None)  # every scenario, in order
+    result.dropin_verified = outcome.passed
+    if not outcome.passed:
+        failed = f"the drop-in, written as a file after the spec's hardening, does not pass: {outcome.summary}"
+        result.note = "; ".join(filter(None, [result.note, failed]))
+
+
 def _verify_enforcement(service: HardenedService, result: Tightening, deadline: Deadline | None = None,
                         rounds: int = 3) -> None:
     """Scenarios cannot see a step that quietly undoes another directive (on systemd 252, ExecPaths= reopens a
@@ -422,6 +438,7 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
                 _verify_enforcement(service, result, deadline)
             except BudgetExceeded as exc:
                 result.note = "; ".join(filter(None, [result.note, f"enforcement not checked: {exc}"]))
+            _verify_dropin(service, result)
         return result
     finally:
         try:

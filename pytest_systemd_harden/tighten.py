@@ -151,6 +151,8 @@ class Tightening:
     observation: Observation | None = None
     observe_seconds: float = 0.0
     confirmations: int = 0  # runs spent confirming that an observed item is needed (or dropping it)
+    # The drop-in (dropin()), written as a file after the spec's hardening, passed every scenario; None: not tried.
+    dropin_verified: bool | None = None
 
     @property
     def tried(self) -> list[StepOutcome]:
@@ -205,6 +207,8 @@ class Tightening:
             lines.append(f"  {self.note}")
         if self.enforcement_checked:
             lines.append("  every directive of the result was checked enforced on the machine")
+        if self.dropin_verified:
+            lines.append("  the drop-in below, written as a file after the spec's hardening, passes every scenario")
         return "\n".join(lines)
 
 

@@ -36,6 +36,7 @@ def test_the_tightened_spec_passes_and_scores_lower(machine: Machine, make_spec:
     finally:
         service.stop()
     assert result.enforcement_checked and not result.note
+    assert result.dropin_verified  # the printed drop-in, written as a file after the spec's, passes every scenario
     # one traced run told it where the service writes: the dynamic user came with its state directory at once
     assert result.observation is not None and "/var/lib/web/entry" in result.observation.writes
     dynamic_user = next(o for o in result.outcomes if o.step.name.startswith("DynamicUser=yes"))
