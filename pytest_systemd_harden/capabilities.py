@@ -47,6 +47,7 @@ from .enforcement import (
     unenforceable_reason,
 )
 from .probes.runner import Batch, MachineFacts, machine_facts, on_machine, remember_facts, run_batch, unique
+from .staging import write_atomically
 
 # (directive, the value it is measured with): what varies between machines and hosts, one of each mechanism.
 MEASURED: tuple[tuple[str, str], ...] = (
@@ -211,14 +212,8 @@ class CapabilityCache:
                       "syscall_groups": {group: sorted(names) for group, names in facts.syscall_groups.items()},
                       "known_syscalls": sorted(facts.known_syscalls), "user_namespaced": facts.user_namespaced,
                       "cgroup_fs": facts.cgroup_fs, "lsms": facts.lsms}}
-        staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staging.write_text(json.dumps(data, indent=1, sort_keys=True))
-            staging.replace(path)
-        except OSError:  # a cache restored read-only (CI, a container binding it): measured again next time
-            with contextlib.suppress(OSError):
-                staging.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a cache restored read-only (CI, a container binding it): measured again
+            write_atomically(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def measure(machine: Machine) -> Capabilities:

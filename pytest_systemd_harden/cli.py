@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from .errors import BackendUnavailable, HardenError, SpecError
-from .images import BASE_PACKAGES, DEFAULT_RELEASE, RELEASES
+from .images import BASE_PACKAGES, DEFAULT_RELEASE, RELEASES, parse_releases
 from .service import unit_name_for
 from .spec import Spec, load_spec
 
@@ -174,7 +174,7 @@ def _cache_key(args: argparse.Namespace) -> int:
         return 1
     # The image cache is content-addressed (recipe, release, packages, local .debs): the same images, the same key.
     # The archive's state is left out: a restored cache whose archive moved on is refreshed by the run itself.
-    releases = [r for r in (args.release or "").split(",") if r]
+    releases = parse_releases(args.release)
     keys = sorted({ImageCache.key_for(spec.machine.packages, release, spec.machine.debs)
                    for spec in specs if spec is not None
                    for release in (spec.releases or releases or [DEFAULT_RELEASE])})

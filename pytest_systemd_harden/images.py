@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from .cgroups import Contained
 from .errors import BackendUnavailable, ImageBuildError
-from .staging import clean_leftovers, remove_tree, staging_dir
+from .staging import clean_leftovers, remove_tree, staging_dir, write_atomically
 
 # Bump when the recipe below changes, so old caches are not reused for a different image.
 RECIPE_VERSION = 4
@@ -64,6 +64,11 @@ RELEASES: dict[str, Release] = {r.name: r for r in (
     Release("sid", "unstable", updates=False, security=False),
 )}
 DEFAULT_RELEASE = "trixie"  # Debian's current stable (13, systemd 257)
+
+
+def parse_releases(text: str | None) -> list[str]:
+    """``bookworm,trixie`` (--harden-release, cache-key --release) as release names, in order."""
+    return [release.strip() for release in (text or "").split(",") if release.strip()]
 
 
 def default_cache_dir() -> Path:
@@ -188,8 +193,8 @@ class ImageCache:
                         progress(f"could not read the {release} archive's state ({exc}); using the state seen "
                                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(known['checked']))}")
                 else:
-                    record.parent.mkdir(parents=True, exist_ok=True)
-                    _write_atomically(record, json.dumps({"state": state, "checked": time.time()}))
+                    with contextlib.suppress(OSError):  # a read-only cache: looked up again next run
+                        write_atomically(record, json.dumps({"state": state, "checked": time.time()}))
             self._archive_states[release] = state
             return state
 
@@ -318,25 +323,13 @@ class ImageCache:
         # The builder's temporary files (mmdebstrap's gpg home, apt config) stay inside the staging directory.
         tmp = staging / "tmp"
         tmp.mkdir()
-        builder = Contained.start(_privately(command), "build", staging.name, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "TMPDIR": str(tmp)})
-        tail: list[str] = []
-        try:
-            assert builder.process.stdout is not None
-            for raw in builder.process.stdout:
-                line = raw.decode(errors="replace").rstrip()
-                tail = [*tail[-29:], line]
-                if line.startswith(("I:", "E:", "W:")):
-                    progress(f"  {command[0]}: {line}")
-            builder.process.wait()
-        finally:
-            # Interrupted or not: every process of the build is gone before anyone removes its directory.
-            builder.stop(grace=5.0)
-        if builder.process.returncode != 0:
+        returncode, tail = _run_contained(
+            _privately(command), staging.name, {"TMPDIR": str(tmp)}, progress,
+            lambda line: f"  {command[0]}: {line}" if line.startswith(("I:", "E:", "W:")) else None)
+        if returncode != 0:
             verdict = apt_verdict(tail)
             raise ImageBuildError((f"Debian {release}: {verdict}\n" if verdict else "")
-                                  + f"{command[0]} failed (exit status {builder.process.returncode}) building "
+                                  + f"{command[0]} failed (exit status {returncode}) building "
                                   f"{rootfs}:\n" + "\n".join(tail)
                                   + f"\nhint: is every package name a Debian {release} package, and does every "
                                   "local .deb's dependency exist there? Is the mirror "
@@ -443,26 +436,26 @@ def _complete(final: Path) -> bool:
     return (final / "manifest.json").exists() and (final / "rootfs" / "usr" / "lib" / "systemd" / "systemd").exists()
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    temporary.write_text(text)
-    temporary.rename(path)
-
-
 def _native_architecture() -> str:
     return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
                           check=True).stdout.strip()
 
 
+def installed_packages(rootfs: Path) -> list[dict[str, str]]:
+    """The fields of every package installed in ``rootfs`` (its dpkg database; continuation lines left out)."""
+    status = (rootfs / "var" / "lib" / "dpkg" / "status").read_text(errors="replace")
+    stanzas = (dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
+               for stanza in status.split("\n\n"))
+    return [fields for fields in stanzas if fields.get("Status", "").endswith(" installed")]
+
+
 def installed_versions(rootfs: Path) -> dict[str, str]:
     """Every package installed in ``rootfs`` and its version, read from its dpkg database (a foreign-architecture
     package as NAME:ARCH)."""
-    status = (rootfs / "var" / "lib" / "dpkg" / "status").read_text(errors="replace")
     versions: dict[str, str] = {}
     native = _native_architecture()
-    for stanza in status.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
-        if "Package" in fields and "Version" in fields and fields.get("Status", "").endswith(" installed"):
+    for fields in installed_packages(rootfs):
+        if "Package" in fields and "Version" in fields:
             arch = fields.get("Architecture", native)
             name = fields["Package"] if arch in (native, "all") else f"{fields['Package']}:{arch}"
             versions[name] = fields["Version"]
@@ -486,14 +479,12 @@ def package_units(rootfs: Path) -> tuple[str, ...]:
     that the machine section's packages brought: shipped by a package a bare image would not have. A bare image
     is mmdebstrap's minbase (every ``Priority: required`` package, and apt) plus :data:`BASE_PACKAGES`, with
     everything they depend on or recommend. Sorted; instances by their own name (``foo@bar.service``)."""
-    status = (rootfs / "var" / "lib" / "dpkg" / "status").read_text(errors="replace")
     depends: dict[str, set[str]] = {}
     providers: dict[str, set[str]] = {}
     base = {"apt", *BASE_PACKAGES}
-    for stanza in status.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
+    for fields in installed_packages(rootfs):
         name = fields.get("Package")
-        if not name or not fields.get("Status", "").endswith(" installed"):
+        if not name:
             continue
         wanted = ", ".join(fields.get(key, "") for key in ("Depends", "Pre-Depends", "Recommends"))
         # Every alternative of "a | b" that is installed counts: either may be what the base needed.
@@ -686,6 +677,29 @@ def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
 
 # --- a package set on top of the cached base image (measured against a full build: docs/performance.md) -------
 
+def _run_contained(argv: list[str], name: str, env: dict[str, str], progress: Progress,
+                   shown: Callable[[str], str | None]) -> tuple[int, list[str]]:
+    """Run a build step (``argv``) in a cgroup of its own named after its staging directory ``name`` (so a later
+    run can stop what a killed one left, see staging.clean_leftovers), passing on the output lines ``shown`` maps to
+    a progress line; return its exit status and its last 30 lines. Interrupted or not, every process of it is gone
+    when this returns: nobody removes a directory it still writes to."""
+    step = Contained.start(argv, "build", name, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, env={**os.environ, **env})
+    tail: list[str] = []
+    try:
+        assert step.process.stdout is not None
+        for raw in step.process.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            tail = [*tail[-29:], line]
+            said = shown(line)
+            if said is not None:
+                progress(said)
+        step.process.wait()
+    finally:
+        step.stop(grace=5.0)
+    return step.process.returncode, tail
+
+
 class AptRefused(ImageBuildError):
     """apt says the packages cannot be installed from this archive (a full build would say the same)."""
 
@@ -720,21 +734,12 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
         inside.append(f"/var/cache/harden-debs/{os.path.basename(deb)}")
     apt = 'chroot "$0" apt-get -q'
     script = f'mount -t proc proc "$0/proc"; {apt} update; {apt} install -y --no-install-recommends "$@"; {apt} clean'
-    tail: list[str] = []
-    installer = Contained.start(["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", script,
-                                 str(rootfs), *extra, *inside], "build", rootfs.parent.name,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     try:
-        assert installer.process.stdout is not None
-        for raw in installer.process.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            tail = [*tail[-29:], line]
-            if " newly installed" in line:
-                progress(f"  apt-get: {line.strip()}")
-        installer.process.wait()
+        returncode, tail = _run_contained(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", script, str(rootfs), *extra,
+             *inside], rootfs.parent.name, {"DEBIAN_FRONTEND": "noninteractive"}, progress,
+            lambda line: f"  apt-get: {line.strip()}" if " newly installed" in line else None)
     finally:
-        installer.stop(grace=5.0)  # every process of it gone before anything here is removed
         policy.unlink(missing_ok=True)
         resolv.unlink(missing_ok=True)
         if link is not None:
@@ -742,10 +747,10 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
         elif kept is not None:
             resolv.write_bytes(kept)
         remove_tree(local)
-    if installer.process.returncode != 0:
+    if returncode != 0:
         verdict = apt_verdict(tail)
         failed = f"apt-get install {' '.join(extra)} on a copy of {base} failed (exit status " \
-            f"{installer.process.returncode}):\n" + "\n".join(tail)
+            f"{returncode}):\n" + "\n".join(tail)
         raise AptRefused(f"{verdict}\n{failed}") if verdict else ImageBuildError(failed)
 
     for leftover in (rootfs / "var" / "lib" / "apt" / "lists").glob("*"):  # as mmdebstrap leaves it: no indexes

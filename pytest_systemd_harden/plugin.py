@@ -21,7 +21,7 @@ from .backends.base import Machine
 from .baseline import Baseline, spec_key
 from .diagnosis import Diagnosis
 from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
-from .images import DEFAULT_MAX_AGE_DAYS, DEFAULT_RELEASE, RELEASES, ImageCache
+from .images import DEFAULT_MAX_AGE_DAYS, DEFAULT_RELEASE, RELEASES, ImageCache, parse_releases
 from .pool import MachinePool
 from .scenarios import diagnose_failure, failure_report, run_scenario, tighten_service
 from .service import HardenedService
@@ -178,7 +178,7 @@ class HardenSession:
     @property
     def releases(self) -> list[str]:
         """--harden-release, split: the Debian releases every spec that pins none runs on."""
-        return [r.strip() for r in (self.config.getoption("harden_release") or "").split(",") if r.strip()]
+        return parse_releases(self.config.getoption("harden_release"))
 
     def releases_for(self, spec: Spec) -> list[str]:
         """The releases ``spec`` runs on in this session, one run each: its own (machine.release), else

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import os
 import stat
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -147,3 +148,17 @@ def clean_leftovers(folder: Path, progress: Callable[[str], None] = lambda line:
         progress(f"removed {staging.name}, left by a build that was killed")
         removed.append(staging)
     return removed
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary file beside it, renamed over it): concurrent runs and xdist
+    workers read either the old file or the new one. Raises OSError (a read-only cache), leaving nothing behind."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(text)
+        temporary.replace(path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise
