@@ -77,10 +77,13 @@ def remove_tree(path: Path) -> None:
             f"not removing {path}: {', '.join(mounted)} {'is' if len(mounted) == 1 else 'are'} mounted there, and "
             "removing through a mount would delete files outside the cache (hint: a killed build left them; "
             f"'umount -R {mounted[-1]}' and run again, or remove the directory after unmounting)")
-    top = os.lstat(path)
-    if not stat.S_ISDIR(top.st_mode):
-        os.unlink(path)
-        return
+    try:
+        top = os.lstat(path)
+        if not stat.S_ISDIR(top.st_mode):
+            os.unlink(path)
+            return
+    except FileNotFoundError:
+        return  # removed meanwhile by its owner (a machine's own stop)
     crossed: list[str] = []
     _remove_contents(str(path), top.st_dev, crossed)
     if crossed:

@@ -238,3 +238,22 @@ def test_a_local_deb_whose_dependency_is_missing_fails_in_one_line(tmp_path: Pat
     first_line = str(raised.value).splitlines()[0]
     assert "harden-demo" in first_line and "harden-no-such-package" in first_line, str(raised.value)
     _assert_nothing_left(tmp_path / "cache")
+
+
+def test_a_tree_removed_meanwhile_by_its_owner_is_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two removers of one tree (a machine's own stop and another xdist worker's sweep): whichever comes second finds
+    # it gone at any step, and that is no error.
+    from pytest_systemd_harden import staging
+
+    tree = tmp_path / "propagate" / "harden-0000dead"
+    tree.mkdir(parents=True)
+    real_lstat = os.lstat
+
+    def gone_after_check(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path) == str(tree):
+            tree.rmdir()  # the owner removes it between the existence check and the look at it
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(staging.os, "lstat", gone_after_check)
+    staging.remove_tree(tree)
+    assert not tree.exists()
