@@ -55,6 +55,7 @@ from .probes.runner import (
 )
 from .spec import Spec
 from .systemd import Property
+from .unit import effective_hardening, located
 
 if TYPE_CHECKING:
     from .service import HardenedService
@@ -137,6 +138,9 @@ class Subject:
     no_checks: str = ""
     # Directives a solo run needs beside this one (SystemCallErrorNumber= needs a SystemCallFilter=).
     companions: tuple[Directive, ...] = ()
+    # Where it is written when that is not only the spec: "memcached.service:39" (the unit's own hardening), or
+    # "memcached.service:43, harden.yaml:12" for a list both assign (see unit.effective_hardening).
+    location: str = ""
 
     @property
     def title(self) -> str:
@@ -966,15 +970,35 @@ def denial_subject(declared: Denial) -> Subject:
     return Subject(declared.label, declared.line, (check,), denial=declared)
 
 
-def item_names(spec: Spec) -> list[tuple[str, str, int | None]]:
+# The subject of the one item that stands for a unit's own hardening when it is not known at collection (a
+# package's unit whose image is not built yet): it is judged on every directive of the unit that has no item.
+OWN_HARDENING = "<the unit's own hardening>"
+
+
+def subject_name(directive: Directive, spec_name: str) -> str:
+    """An item's name: the directive's unit-file lines, and where they are written when that is not only the spec
+    (``PrivateTmp=yes (memcached.service:23)``): the spec's own keep their plain names."""
+    if not directive.source and not getattr(directive, "parts", ()):
+        return str(directive)
+    return f"{directive} ({located(directive, spec_name)})"
+
+
+def item_names(spec: Spec, own: Sequence[Directive] | None = ()) -> list[tuple[str, str, int | None]]:
     """(subject name, item title, line) of each enforcement item of ``spec``, known without a machine, so the
-    items can be collected before any machine boots; :func:`plan` gives the same subjects with their checks."""
+    items can be collected before any machine boots; :func:`plan` gives the same subjects with their checks.
+
+    ``own`` is the unit's own hardening (:func:`~.unit.own_directives_from_files`); None when it cannot be known
+    yet: then one item (:data:`OWN_HARDENING`) stands for all of it."""
     skipped = set(spec.enforcement.skip)
     names: dict[str, tuple[str, str, int | None]] = {}
-    for d in spec.hardening:
+    for d in effective_hardening(own or (), spec.hardening):
         if d.name not in skipped and d.name not in NOT_SANDBOXING and not requests_nothing(d):
-            name = str(d)
-            names.setdefault(name, (name, f"{name} is enforced", d.line))
+            name = subject_name(d, spec.path.name)
+            # A unit's own directive is shown at the spec's `unit:` line: the item's name says its file and line.
+            names.setdefault(name, (name, f"{name} is enforced", spec.service.line if d.source else d.line))
+    if own is None:
+        names[OWN_HARDENING] = (OWN_HARDENING, f"the own hardening of {spec.service.unit_name} is enforced",
+                                spec.service.line)
     for declared in spec.denials:
         names.setdefault(declared.label, (declared.label, f"{declared.label} is denied", declared.line))
     return list(names.values())
@@ -986,7 +1010,7 @@ class Plan:
 
     subjects: tuple[Subject, ...]
     ways: dict[Probe, frozenset[str]] = field(compare=False)
-    directives: tuple[Directive, ...] = ()
+    directives: tuple[Directive, ...] = ()  # every directive in force: the unit's own and the spec's
 
     @property
     def probes(self) -> list[Probe]:
@@ -1015,19 +1039,28 @@ def denial_ways(directives: Sequence[Directive], facts: MachineFacts, probes: It
 
 
 def plan(spec: Spec, facts: MachineFacts, denials: Sequence[Denial] | None = None,
-         skip: Sequence[str] | None = None) -> Plan:
-    """The enforcement items of ``spec``: one per confining directive, one per declared denial.
+         skip: Sequence[str] | None = None, own: Sequence[Directive] = ()) -> Plan:
+    """The enforcement items of ``spec``: one per confining directive in force (the unit's ``own``, then the
+    spec's, combined as systemd combines them: :func:`~.unit.effective_hardening`), one per declared denial.
 
     ``denials`` defaults to the spec's ``deny:`` list, ``skip`` to its ``enforcement: {skip: [...]}``.
     """
     skipped = set(skip if skip is not None else spec.enforcement.skip)
-    ctx = Context(spec.hardening, facts, runs_as_root(spec.hardening))
-    subjects = [subject for d in spec.hardening if d.name not in skipped
-                if (subject := directive_subject(d, ctx)) is not None]
+    directives = effective_hardening(own, spec.hardening)
+    ctx = Context(directives, facts, runs_as_root(directives))
+    subjects = []
+    for d in directives:
+        if d.name in skipped or (subject := directive_subject(d, ctx)) is None:
+            continue
+        name = subject_name(d, spec.path.name)
+        if name != subject.name:
+            subject = replace(subject, name=name, location=located(d, spec.path.name),
+                              line=None if d.source else subject.line)
+        subjects.append(subject)
     declared = denials if denials is not None else spec.denials
     subjects += [denial_subject(d) for d in declared]
     probes = unique(check.probe for subject in subjects for check in subject.checks)
-    return Plan(tuple(subjects), denial_ways(spec.hardening, facts, probes), spec.hardening)
+    return Plan(tuple(subjects), denial_ways(directives, facts, probes), directives)
 
 
 # --- judging ------------------------------------------------------------------------------------------------
@@ -1100,10 +1133,17 @@ class Verdict:
 
     @property
     def where(self) -> str:
+        if self.subject.location:
+            return self.subject.location
         return f"{self.spec_name}:{self.subject.line}" if self.subject.line is not None else self.spec_name
 
+    @property
+    def _at(self) -> str:
+        """`` (where)`` after the subject's name, unless the name says it already (a unit's own directive)."""
+        return "" if self.subject.location and self.subject.location in self.subject.name else f" ({self.where})"
+
     def _shown(self, directives: Sequence[Directive]) -> str:
-        return ", ".join(str(d) + (f" ({self.spec_name}:{d.line})" if d.line is not None else "")
+        return ", ".join(str(d) + (f" ({where})" if (where := located(d, self.spec_name)) else "")
                          for d in directives)
 
     def _unverifiable_summary(self) -> str:
@@ -1120,17 +1160,19 @@ class Verdict:
     def message(self) -> str:
         """The failure or skip message: what was expected, what happened, and which directive is involved."""
         subject = self.subject
+        if subject.name == OWN_HARDENING:  # several verdicts in one: each says its own
+            return self.reason
         if self.status == UNVERIFIABLE:
-            head = f"{subject.name} cannot be verified on this machine ({self.where})"
+            head = f"{subject.name} cannot be verified on this machine{self._at}"
             lines = [head + f": {self.reason or self._unverifiable_summary()}"]
             lines += [f"  - {o.check.expected}: {o.reason}" for o in self.outcomes if o.status == UNVERIFIABLE]
             return "\n".join(lines)
         if self.status == ENFORCED:
-            lines = [f"{subject.title} ({self.where})"]
+            lines = [f"{subject.title}{self._at}"]
             lines += [f"  - {o.check.expected}: " + ("yes" + (f" ({o.note})" if o.note else "")
                                                     if o.status == ENFORCED else o.reason) for o in self.outcomes]
             return "\n".join(lines)
-        lines = [f"{subject.name} is NOT {'denied' if subject.denial else 'enforced'} ({self.where})"]
+        lines = [f"{subject.name} is NOT {'denied' if subject.denial else 'enforced'}{self._at}"]
         for outcome in self.outcomes:
             if outcome.status != NOT_ENFORCED:
                 continue
@@ -1321,6 +1363,30 @@ class Report:
     def __getitem__(self, name: str) -> Verdict:
         return self.verdicts[name]
 
+    def for_item(self, name: str, collected: Iterable[str]) -> Verdict:
+        """The verdict of the item collected as ``name``. :data:`OWN_HARDENING` is judged on every subject no
+        collected item names (the unit's own directives, found once the machine ran); a spec's list directive the
+        unit turned out to assign too is judged combined, as systemd applies it."""
+        if name in self.verdicts:
+            return self.verdicts[name]
+        if name == OWN_HARDENING:
+            taken = {self.for_item(other, ()).subject.name for other in collected if other != OWN_HARDENING}
+            return merged_verdict([v for key, v in self.verdicts.items() if key not in taken
+                                   and v.subject.directive is not None])
+        return next(v for v in self.verdicts.values()
+                    if any(str(part) == name for part in getattr(v.subject.directive, "parts", ())))
+
+
+def merged_verdict(verdicts: Sequence[Verdict]) -> Verdict:
+    """One verdict for several subjects (the unit's own hardening as one item): not enforced if any is, enforced if
+    any is and none fails, else unverifiable; the message lists each."""
+    statuses = {v.status for v in verdicts}
+    status = NOT_ENFORCED if NOT_ENFORCED in statuses else ENFORCED if ENFORCED in statuses else UNVERIFIABLE
+    shown = [v for v in verdicts if v.status == status] or list(verdicts)
+    reason = "\n".join(v.message() for v in shown) or "the unit has no hardening of its own"
+    subject = Subject(OWN_HARDENING, None, (), location=", ".join(v.where for v in shown))
+    return Verdict(subject, status if verdicts else UNVERIFIABLE, reason=reason, spec_name="")
+
 
 def service_user(status: ProbeResult) -> str | None:
     """The name (or uid) to run a control batch as the service's user; None when that user is root."""
@@ -1444,7 +1510,7 @@ class ServiceHost:
 
     def sandbox(self, probes: Sequence[Probe]) -> Batch:
         label = f"in the sandbox of {self.service.unit}"
-        directives = self.service.spec.hardening
+        directives = effective_hardening(self.service.under_test.own_directives(), self.service.spec.hardening)
         no_exec = [p for d in directives if d.name == "NoExecPaths" for p in _paths(d)]
         exec_paths = [p for d in directives if d.name == "ExecPaths" for p in _paths(d)]
         try:  # the probe program must run under the spec's exec policy (NoExecPaths=/ with ExecPaths=/usr/lib)
@@ -1472,7 +1538,8 @@ def verify_service(service: HardenedService, denials: Sequence[Denial] | None = 
                    skip: Sequence[str] | None = None) -> Report:
     """Plan and verify a started service's spec (its directives and its ``deny:`` list) on its machine."""
     host = ServiceHost(service)
-    return verify(host, plan(service.spec, host.facts(), denials, skip), service.spec.path.name)
+    own = service.under_test.own_directives()
+    return verify(host, plan(service.spec, host.facts(), denials, skip, own), service.spec.path.name)
 
 
 def check_denials(service: HardenedService, denials: Sequence[Denial]) -> list[Verdict]:

@@ -187,6 +187,13 @@ class HardenSession:
             return list(spec.releases)
         return self.releases or [spec.machine.release]
 
+    def cached_rootfs(self, spec: Spec) -> Path | None:
+        """The root file system of ``spec``'s image if it is cached (built by an earlier run), else None."""
+        cache = self.pool.image_cache
+        rootfs = cache.path_for(spec.machine.packages, release=spec.machine.release or self.pool.default_release,
+                                debs=spec.machine.debs) / "rootfs"
+        return rootfs if rootfs.is_dir() else None
+
     def start(self, spec: Spec) -> HardenedService:
         """The spec's service, started; a backend that cannot run skips (or fails under --harden-require-backend)."""
         try:
@@ -393,12 +400,14 @@ class SpecRun:
         yield StartItem.from_parent(self, name="service starts under hardening")
         for scenario in self.spec.scenarios:
             yield ScenarioItem.from_parent(self, name=scenario.name, scenario=scenario)
+        session = HardenSession.of(self.config)
         if self.spec.enforcement.enabled:
             from .enforcement import item_names
+            from .unit import own_hardening_before_boot
 
-            for subject, title, line in item_names(self.spec):
+            own = own_hardening_before_boot(self.spec, lambda: session.cached_rootfs(self.spec))
+            for subject, title, line in item_names(self.spec, own):
                 yield EnforcementItem.from_parent(self, name=title, subject=subject, line=line)
-        session = HardenSession.of(self.config)
         if session.wants_exposure(self.spec):
             limit = self.spec.max_exposure
             yield ExposureItem.from_parent(self, name="exposure" if limit is None else f"exposure <= {limit:.1f}")
@@ -616,7 +625,8 @@ class EnforcementItem(SpecItem):
         if report is None:
             report = verify_service(service)
             self.parent.stash[ENFORCEMENT_REPORT] = report
-        verdict = report[self.subject]
+        collected = [i.subject for i in self.session.items if isinstance(i, EnforcementItem) and i.parent is self.parent]
+        verdict = report.for_item(self.subject, collected)
         record = self.new_record(check="enforcement", status=verdict.status)
         if verdict.status != UNVERIFIABLE:  # what baselines and reports count as enforced or not
             key = "probe" if verdict.subject.denial else "directive"

@@ -20,14 +20,15 @@ from __future__ import annotations
 import abc
 import re
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dbus_next.errors import DBusError
 from dbus_next.signature import Variant
 
-from .directives import CAPS, KNOWN, NAMESPACES, Directive, DirectiveError
+from .directives import BOOL, CAPS, KNOWN, NAMESPACES, Directive, DirectiveError
 from .errors import MachineError, SpecError
 from .systemd import AFTER_SIGKILL, Property
 
@@ -65,10 +66,14 @@ def parse_systemctl_cat(text: str) -> list[Setting]:
     settings: list[Setting] = []
     source, section, number = "", "", 0
     pending: tuple[str, int] | None = None
+    previous = ""
     for raw in text.splitlines():
-        if raw.startswith("# /"):
-            source, section, number, pending = raw[2:].strip(), "", 0, None
+        # A file's header: "# /path" alone on its line, first or after the empty line systemctl puts between
+        # files. A comment of the file itself may start "# /proc/..." too (memcached's does).
+        if re.fullmatch(r"# /\S+", raw) and not previous.strip():
+            source, section, number, pending, previous = raw[2:].strip(), "", 0, None, raw
             continue
+        previous = raw
         number += 1
         line = raw.strip()
         if pending is not None:
@@ -115,7 +120,7 @@ def own_directives(settings: list[Setting], unit: str) -> tuple[Directive, ...]:
     for setting in settings:
         if setting.key not in KNOWN or setting.key in _NOT_SANDBOX:
             continue
-        value = expand_specifiers(setting.value, unit)
+        value = _normalized(setting.key, expand_specifiers(setting.value, unit))
         previous = found.get(setting.key)
         if value == "":
             found.pop(setting.key, None)
@@ -124,6 +129,104 @@ def own_directives(settings: list[Setting], unit: str) -> tuple[Directive, ...]:
             else (value,)
         found[setting.key] = Directive(setting.key, assignments, setting.line, setting.source)
     return tuple(found.values())
+
+
+_TRUE, _FALSE = ("1", "yes", "y", "true", "t", "on"), ("0", "no", "n", "false", "f", "off")
+
+
+def _normalized(name: str, value: str) -> str:
+    """A boolean as the spec writes it (``yes``/``no``): a unit file may say ``true``, ``on`` or ``1`` (systemd's
+    parse_boolean), for a boolean and for the settings whose ``yes`` is a boolean (``ProtectSystem=true``)."""
+    kind = KNOWN[name]
+    if kind.kind is BOOL or kind.kind is NAMESPACES or "yes" in kind.choices:
+        if value.lower() in _TRUE:
+            return "yes"
+        if value.lower() in _FALSE:
+            return "no"
+    return value
+
+
+@dataclass(frozen=True)
+class Combined(Directive):
+    """A list setting both the unit and the spec's drop-in assign: what systemd puts in force, the unit's
+    assignments first (the drop-in adds to them). ``parts`` are the two, each with its file and line."""
+
+    parts: tuple[Directive, ...] = ()
+
+
+def effective_hardening(own: Sequence[Directive], spec: Sequence[Directive]) -> tuple[Directive, ...]:
+    """The directives in force when the spec's drop-in is read after the unit: the unit's own, then the spec's. A
+    single value of the spec's replaces the unit's (the unit's is not in force); a list adds to it (one
+    :class:`Combined` directive, at the unit's place)."""
+    ours = {d.name: d for d in spec}
+    out: list[Directive] = []
+    for directive in own:
+        mine = ours.get(directive.name)
+        if mine is None:
+            out.append(directive)
+        elif _accumulates(directive.name):
+            out.append(Combined(directive.name, directive.assignments + mine.assignments, mine.line,
+                                parts=(directive, mine)))
+    combined = {d.name for d in out if isinstance(d, Combined)}
+    return (*out, *(d for d in spec if d.name not in combined))
+
+
+def located(directive: Directive, spec_name: str) -> str:
+    """Where a directive is written, as a user finds it: ``memcached.service:39``, ``harden.yaml:12``, or both for
+    a :class:`Combined` one; "" when unknown."""
+    parts = directive.parts if isinstance(directive, Combined) else (directive,)
+    return ", ".join(f"{Path(p.source).name if p.source else spec_name}:{p.line}" for p in parts if p.line)
+
+
+def own_directives_from_files(unit: str, files: Sequence[tuple[str, str]]) -> tuple[Directive, ...]:
+    """The unit's own directives from its files ((path as systemd shows it, text), the unit file first, then its
+    drop-ins in the order systemd reads them): the same as :meth:`UnitUnderTest.own_directives` finds in the
+    machine, known before it boots (for collecting one enforcement item per directive)."""
+    text = "\n".join(f"# {path}\n{body}" + ("" if body.endswith("\n") else "\n") for path, body in files)
+    return own_directives(parse_systemctl_cat(text), unit)
+
+
+# Where systemd looks for a package's unit file and drop-ins, most important first (systemd.unit(5)).
+UNIT_PATHS = ("/etc/systemd/system", "/run/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
+
+
+def unit_files_in(rootfs: Path, unit: str) -> list[tuple[str, str]] | None:
+    """The unit file of ``unit`` in an image's root file system and its drop-ins, as systemd would read them (the
+    first unit file found along :data:`UNIT_PATHS`, the template's for an instance; every ``NAME.d/*.conf``, a
+    name in an earlier directory hiding the same name in a later one, read in the order of their names); None if
+    the image has no such unit."""
+    template = re.sub(r"@[^@.]*(\.[a-z]+)$", r"@\1", unit)
+    found: tuple[str, Path] | None = None
+    for directory in UNIT_PATHS:
+        for name in dict.fromkeys((unit, template)):
+            path = rootfs / directory.lstrip("/") / name
+            if found is None and path.is_file():
+                found = (f"{directory}/{name}", path)
+    if found is None:
+        return None
+    dropins: dict[str, tuple[str, Path]] = {}
+    for directory in UNIT_PATHS:
+        for name in dict.fromkeys((template, unit)):
+            folder = rootfs / directory.lstrip("/") / f"{name}.d"
+            for conf in sorted(folder.glob("*.conf")) if folder.is_dir() else []:
+                dropins.setdefault(conf.name, (f"{directory}/{name}.d/{conf.name}", conf))
+    files = [found, *(dropins[name] for name in sorted(dropins))]
+    return [(shown, path.read_text(errors="replace")) for shown, path in files]
+
+
+def own_hardening_before_boot(spec: Spec, rootfs: Callable[[], Path | None]) -> tuple[Directive, ...] | None:
+    """The tested unit's own hardening, known before any machine boots: a ``unit_file:`` from the file beside the
+    spec; a package's ``unit:`` from the cached image ``rootfs()`` (None: not built yet, or without the unit: then
+    it is known only once the machine runs); a transient unit has none."""
+    service = spec.service
+    if service.unit_file is not None:
+        shown = f"{UNIT_DIR}/{service.unit_file.name}"
+        return own_directives_from_files(service.unit_name, [(shown, service.unit_file.read_text())])
+    if not service.unit:
+        return ()
+    root = rootfs()
+    files = unit_files_in(root, service.unit_name) if root is not None else None
+    return own_directives_from_files(service.unit_name, files) if files is not None else None
 
 
 def _accumulates(name: str) -> bool:

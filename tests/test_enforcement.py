@@ -375,3 +375,58 @@ def test_a_solo_run_that_observes_nothing_leaves_the_failure_standing(make_spec:
     assert verdict.status == NOT_ENFORCED
     assert verdict.reason.startswith("rerun with only IPAddressDeny=any (as root) to tell the machine from the spec, "
                                      "it could not be observed: cannot observe it in the sandbox")
+
+
+MEMCACHED_UNIT = """[Unit]
+Description=memcached daemon
+
+[Service]
+ExecStart=/usr/bin/memcached
+# Kernel variables accessible through /proc/sys, /sys, /proc/sysrq-trigger,
+# /proc/latency_stats, /proc/acpi
+PrivateTmp=true
+ProtectSystem=full
+RestrictNamespaces=true
+CapabilityBoundingSet=CAP_SETGID CAP_SETUID
+Restart=always
+"""
+
+
+def test_the_units_own_hardening_gets_items_named_by_file_and_line(make_spec: MakeSpec) -> None:
+    from pytest_systemd_harden.unit import own_directives_from_files
+
+    own = own_directives_from_files("memcached.service", [("/lib/systemd/system/memcached.service", MEMCACHED_UNIT)])
+    spec = spec_with(make_spec, '  ProtectSystem: strict\n  CapabilityBoundingSet: "~CAP_SETUID"\n')
+    names = [name for name, _title, _line in item_names(spec, own)]
+    # A comment starting "# /proc" is no file header; the spec's single value replaces the unit's (strict wins,
+    # full is not in force); a list both set is checked as systemd combines it, both places named.
+    assert names == ["PrivateTmp=yes (memcached.service:8)", "RestrictNamespaces=yes (memcached.service:10)",
+                     ("CapabilityBoundingSet=CAP_SETGID CAP_SETUID; CapabilityBoundingSet=~CAP_SETUID "
+                      f"(memcached.service:11, {spec.path.name}:5)"), "ProtectSystem=strict"]
+    planned = plan(spec, FACTS, own=own)
+    assert [s.name for s in planned.subjects] == names  # collection and the run agree on the items
+    combined = planned.subject(names[2])
+    assert combined.location == f"memcached.service:11, {spec.path.name}:5"
+    # systemd's reading of the two: a later ~ list replaces (every capability but CAP_SETUID), which the unit's
+    # line alone (CAP_SETGID CAP_SETUID only) would not say.
+    expected = combined.checks[0].expected
+    assert "CAP_SETUID" not in expected and "CAP_CHOWN" in expected
+
+
+def test_an_own_hardening_not_known_at_collection_is_one_item(make_spec: MakeSpec) -> None:
+    from pytest_systemd_harden.enforcement import ENFORCED, NOT_ENFORCED, OWN_HARDENING, Report, Verdict
+    from pytest_systemd_harden.unit import own_directives_from_files
+
+    spec = spec_with(make_spec, "  ProtectHome: yes\n")
+    names = [name for name, _title, _line in item_names(spec, None)]
+    assert names == ["ProtectHome=yes", OWN_HARDENING]
+    own = own_directives_from_files("m.service", [("/lib/systemd/system/m.service", MEMCACHED_UNIT)])
+    planned = plan(spec, FACTS, own=own)
+    verdicts = {s.name: Verdict(s, NOT_ENFORCED if "PrivateTmp" in s.name else ENFORCED, spec_name="h.yaml")
+                for s in planned.subjects}
+    report = Report(planned, verdicts)
+    merged = report.for_item(OWN_HARDENING, names)
+    assert merged.status == NOT_ENFORCED
+    assert merged.message().startswith("PrivateTmp=yes (m.service:8) is NOT enforced")
+    assert report.for_item("ProtectHome=yes", names).status == ENFORCED  # the spec's own item is not in it
+    assert "ProtectHome" not in merged.message()

@@ -73,7 +73,7 @@ def test_specifiers_expand_as_systemd_defines_them() -> None:
 
 def test_own_directives_keep_the_last_assignment_and_an_empty_one_resets_a_list() -> None:
     text = ("# /x/a.service\n[Service]\nReadWritePaths=/a\nReadWritePaths=/b\nProtectSystem=full\nExecStart=/bin/a\n"
-            "# /x/a.service.d/y.conf\n[Service]\nReadWritePaths=\nReadWritePaths=/c\nProtectSystem=strict\n")
+            "\n# /x/a.service.d/y.conf\n[Service]\nReadWritePaths=\nReadWritePaths=/c\nProtectSystem=strict\n")
     found = {d.name: d for d in own_directives(parse_systemctl_cat(text), "a.service")}
     assert set(found) == {"ReadWritePaths", "ProtectSystem"}  # ExecStart is the unit's, not its sandbox
     assert found["ReadWritePaths"].assignments == ("/c",)
