@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from .directives import BOOL, CAPABILITIES, NAMESPACE_FLAGS, Directive, lookup, render_assignments
 from .kernel import kernel_syscalls
+from .unit import accumulates, located
 
 Hardening = tuple[Directive, ...]
 T = TypeVar("T")
@@ -213,15 +214,47 @@ class Relaxation:
         after = {d.name: d for d in self.apply(hardening)}
         lines = []
         for name in dict.fromkeys(self.changed_names()):
+            before = next((d for d in hardening if d.name == name), None)
+            if before is not None and _from_unit(before) and accumulates(name):
+                # The spec's hardening is a drop-in that adds to the unit's list: only a reset undoes it.
+                lines.append(f"# {name}: the unit's own list ({located(before, '')}) cannot be undone from the "
+                             "spec, which adds to it: ship the drop-in")
+                continue
             if name in after:
                 lines.append(f"{name}: {yaml_value(after[name])}")
             else:
-                before = next((d for d in hardening if d.name == name), None)
                 profile = getattr(before.line, "profile", None) if before else None
                 # A directive from the spec's profile is not a line the user can delete: null drops it.
                 lines.append(f"{name}: null    # drops it from profile {profile}" if profile
                              else f"{name}: (remove this line)")
         return "\n".join(lines)
+
+
+def _from_unit(directive: Directive) -> bool:
+    """Whether the unit file (or its drop-ins) sets ``directive``, alone or with the spec."""
+    return bool(directive.source or getattr(directive, "parts", ()))
+
+
+def replacing_dropin(own: Sequence[Directive], hardening: Sequence[Directive], header: str = "") -> str:
+    """A drop-in that, read after the unit file, puts exactly ``hardening`` in force where the unit's ``own``
+    directives were: each own directive that ``hardening`` changes or lacks is reset the way a printed fix resets it
+    (a list by an empty assignment, a single value by its new value or systemd's default); the rest is written
+    as it is. A diagnosis tries the unit's own directives relaxed with it, in the form its fix is printed."""
+    own_by_name = {d.name: d for d in own}
+    wanted = {d.name: d for d in hardening}
+    assignments: list[tuple[str, str]] = []
+    for name in dict.fromkeys([*own_by_name, *wanted]):
+        before, after = own_by_name.get(name), wanted.get(name)
+        if after is None:
+            default = explicit_default(name)
+            assignments.append((name, DROPIN_RESETS.get(name, "") if default is None else default))
+        elif before is None or not accumulates(name):
+            if before is None or before.assignments != after.assignments:
+                assignments.extend((name, value) for value in after.assignments)
+        elif before.assignments != after.assignments:
+            assignments.append((name, ""))
+            assignments.extend((name, value) for value in after.assignments)
+    return render_assignments(assignments, header)
 
 
 def yaml_value(directive: Directive) -> str:
@@ -767,11 +800,11 @@ class Diagnosis:
             lines.append(f"  {self.note}")
         lines += [f"  {line}" for line in self.kernel]
         for finding in self.findings:
-            where = f" ({self.spec_name}:{finding.culprit.line})" if finding.culprit.line else ""
+            where = f" ({at})" if (at := located(finding.culprit, self.spec_name)) else ""
             lines.append(f"  culprit: {'; '.join(finding.culprit.unit_lines())}{where}")
             if finding.implied_by:
                 lines.append("    in force through: " + ", ".join(
-                    f"{d.name}={d.value}" + (f" ({self.spec_name}:{d.line})" if d.line else "")
+                    f"{d.name}={d.value}" + (f" ({at})" if (at := located(d, self.spec_name)) else "")
                     for d in finding.implied_by))
                 lines.append("    (systemd turns NoNewPrivileges= on for an unprivileged service whenever one of these "
                              "is set: setting NoNewPrivileges=no alone changes nothing)")
@@ -795,7 +828,9 @@ class Diagnosis:
             "verdict": self.verdict, "runs": self.runs, "seconds": round(self.seconds, 2), "note": self.note,
             "verified": self.verified, "kernel": self.kernel, "dropin_verified": self.dropin_verified,
             "culprits": [{
-                "directive": f.culprit.name, "lines": f.culprit.unit_lines(), "spec_line": f.culprit.line,
+                "directive": f.culprit.name, "lines": f.culprit.unit_lines(),
+                "spec_line": None if _from_unit(f.culprit) else f.culprit.line,
+                "where": located(f.culprit, self.spec_name),
                 "implied_by": [f"{d.name}={d.value}" for d in f.implied_by],
                 "needs": f.relaxation.needs if f.relaxation else None,
                 "relaxation": f.relaxation.description if f.relaxation else None,

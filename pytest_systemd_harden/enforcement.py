@@ -1382,7 +1382,7 @@ def merged_verdict(verdicts: Sequence[Verdict]) -> Verdict:
     any is and none fails, else unverifiable; the message lists each."""
     statuses = {v.status for v in verdicts}
     status = NOT_ENFORCED if NOT_ENFORCED in statuses else ENFORCED if ENFORCED in statuses else UNVERIFIABLE
-    shown = [v for v in verdicts if v.status == status] or list(verdicts)
+    shown = sorted(verdicts, key=lambda v: v.status != status)  # the ones that decide first, then the rest
     reason = "\n".join(v.message() for v in shown) or "the unit has no hardening of its own"
     subject = Subject(OWN_HARDENING, None, (), location=", ".join(v.where for v in shown))
     return Verdict(subject, status if verdicts else UNVERIFIABLE, reason=reason, spec_name="")

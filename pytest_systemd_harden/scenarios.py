@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from dbus_next.errors import DBusError
 
 from .backends.base import Machine
-from .diagnosis import BudgetExceeded, Diagnosis, Hardening, Trial, TrialResult, diagnose
+from .diagnosis import BudgetExceeded, Diagnosis, Hardening, Trial, TrialResult, diagnose, replacing_dropin
 from .directives import Directive
 from .errors import ServiceFailed
 from .kernel import KernelLog, seccomp_records
@@ -20,7 +20,7 @@ from .result import CommandResult
 from .service import HardenedService, describe_hardening, indent
 from .spec import Expectation, Scenario, Spec
 from .tighten import CATALOGUE, Step, Tightening, fall_back, revert, tighten
-from .unit import FIX_DROPIN_NAME
+from .unit import FIX_DROPIN_NAME, effective_hardening
 
 
 def mismatches(expect: Expectation, result: CommandResult) -> list[str]:
@@ -139,7 +139,7 @@ def failure_report(service: HardenedService, outcome: ScenarioOutcome) -> str:
     lines.append(f"journal of {service.unit} (last lines):")
     lines.append(indent(service.journal() or "(empty)"))
     lines.append(f"hardening in force ({service.spec.path.name}):")
-    lines.append(indent(describe_hardening(service.spec)))
+    lines.append(indent(describe_hardening(service.spec, service.under_test.own_directives())))
     return "\n".join(lines)
 
 
@@ -157,13 +157,15 @@ def machine_syscall_groups(machine: Machine) -> Callable[[], dict[str, list[str]
 
 
 def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadline | None = None,
-           kernel_log: KernelLog | None = None) -> Trial:
+           kernel_log: KernelLog | None = None, own: Sequence[Directive] = ()) -> Trial:
     """An oracle for :func:`diagnose`: restart the service under a hardening and rerun the scenario (or just start).
 
     The scenarios before ``scenario`` in the spec are replayed first, outcome ignored: they share one service,
     and a later scenario may need what an earlier one made (a key, an account, a cache entry). With a
     ``deadline``, every wait is capped by it (:class:`Deadline`). With a ``kernel_log``, a failure's evidence
-    ends with the kernel's seccomp records of the machine's processes made during the rerun.
+    ends with the kernel's seccomp records of the machine's processes made during the rerun. With ``own`` (the
+    unit's own directives, which the hardenings tried include), each is tried as a drop-in that resets what the unit
+    sets and the hardening changes (:func:`~.diagnosis.replacing_dropin`).
     """
     def trial(hardening: Hardening) -> TrialResult:
         if kernel_log is None:
@@ -185,8 +187,11 @@ def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadli
 
     def attempt(hardening: Hardening) -> TrialResult:
         spec = service.spec.with_hardening(hardening)
-        return _rerun(service, HardenedService(service.machine, deadline.spec(spec) if deadline else spec,
-                                               unit=service.unit), scenario, deadline)
+        candidate = HardenedService(service.machine, deadline.spec(spec) if deadline else spec, unit=service.unit)
+        if own:
+            candidate.under_test.replacing_dropin = replacing_dropin(
+                own, hardening, f"Tried by pytest-systemd-harden's diagnosis of {service.spec.path.name}")
+        return _rerun(service, candidate, scenario, deadline)
 
     return deadline.bounded(trial) if deadline else trial
 
@@ -460,8 +465,11 @@ def diagnose_failure(service: HardenedService, scenario: Scenario | None, eviden
         except (ObservationFailed, BudgetExceeded):
             return ""
 
+    # The unit's own directives are suspects too: the search runs on what is in force (unit file, then drop-in).
+    own = service.under_test.own_directives()
     try:
-        return diagnose(service.spec.hardening, _trial(service, scenario, deadline, kernel_log), evidence=evidence,
+        return diagnose(effective_hardening(own, service.spec.hardening),
+                        _trial(service, scenario, deadline, kernel_log, own), evidence=evidence,
                         syscall_groups=machine_syscall_groups(service.machine), max_runs=max_runs,
                         max_seconds=max_seconds, spec_name=service.spec.path.name, previous=previous,
                         observe=observed_denials, check_dropin=_dropin_trial(service, scenario))

@@ -125,7 +125,7 @@ def own_directives(settings: list[Setting], unit: str) -> tuple[Directive, ...]:
         if value == "":
             found.pop(setting.key, None)
             continue
-        assignments = (*previous.assignments, value) if previous is not None and _accumulates(setting.key) \
+        assignments = (*previous.assignments, value) if previous is not None and accumulates(setting.key) \
             else (value,)
         found[setting.key] = Directive(setting.key, assignments, setting.line, setting.source)
     return tuple(found.values())
@@ -164,7 +164,7 @@ def effective_hardening(own: Sequence[Directive], spec: Sequence[Directive]) -> 
         mine = ours.get(directive.name)
         if mine is None:
             out.append(directive)
-        elif _accumulates(directive.name):
+        elif accumulates(directive.name):
             out.append(Combined(directive.name, directive.assignments + mine.assignments, mine.line,
                                 parts=(directive, mine)))
     combined = {d.name for d in out if isinstance(d, Combined)}
@@ -229,7 +229,7 @@ def own_hardening_before_boot(spec: Spec, rootfs: Callable[[], Path | None]) -> 
     return own_directives_from_files(service.unit_name, files) if files is not None else None
 
 
-def _accumulates(name: str) -> bool:
+def accumulates(name: str) -> bool:
     """Whether a second assignment adds to the first (lists, filters, capability and namespace sets) rather than
     replacing it (a boolean, a string, a number), as systemd reads a unit file."""
     kind = KNOWN[name].kind
@@ -261,6 +261,10 @@ class UnitUnderTest(abc.ABC):
         # Drop-ins written on top at the next start (file name -> text), e.g. a diagnosis' printed fix, to be
         # verified in the form it is printed; removed again by retire().
         self.extra_dropins: dict[str, str] = {}
+        # A drop-in written as harden.conf instead of the spec's, that puts the spec's hardening in force *in place
+        # of* the unit's own (a diagnosis' trial relaxing the unit's own directives: it resets what the unit sets).
+        # The spec's hardening is then all there is: own_directives() is empty.
+        self.replacing_dropin: str | None = None
         self._written: list[str] = []
 
     @property
@@ -314,6 +318,8 @@ class UnitUnderTest(abc.ABC):
 
     def own_directives(self) -> tuple[Directive, ...]:
         """The unit's own hardening directives, each naming its file and line (the spec's are not among them)."""
+        if self.replacing_dropin is not None:
+            return ()
         return own_directives(self.own_settings(), self.name)
 
     def command_properties(self) -> list[Property]:
@@ -409,7 +415,7 @@ class LoadedUnit(UnitUnderTest):
 
     def _install(self) -> None:
         """Put the unit's files in place (the drop-in; a unit file of the spec's), then daemon-reload."""
-        self._write(self.dropin_path, self.spec.dropin())
+        self._write(self.dropin_path, self.spec.dropin() if self.replacing_dropin is None else self.replacing_dropin)
         self._write_extra_dropins()
 
     def start(self) -> str:

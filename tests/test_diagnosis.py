@@ -432,3 +432,59 @@ def test_a_printed_drop_in_that_fails_as_a_file_is_said_so() -> None:
     assert "does not (still EPERM)" in diagnosis.render()
     assert diagnose(hardening, trial, check_dropin=lambda text: TrialResult(True)).as_dict()["dropin_verified"] is True
     assert diagnose(hardening, trial).as_dict()["dropin_verified"] is None
+
+
+# --- a culprit among the unit's own directives --------------------------------------------------------------------
+
+UNIT_TEXT = """[Service]
+ExecStart=/usr/bin/memcached
+PrivateTmp=true
+ProtectSystem=full
+CapabilityBoundingSet=CAP_SETGID CAP_SETUID
+RestrictAddressFamilies=AF_INET AF_UNIX
+"""
+
+
+def _unit_and_spec() -> tuple[tuple[Directive, ...], tuple[Directive, ...]]:
+    from pytest_systemd_harden.unit import own_directives_from_files
+
+    own = own_directives_from_files("mc.service", [("/lib/systemd/system/mc.service", UNIT_TEXT)])
+    spec = (Directive.parse("ProtectHome", "yes", 3), Directive.parse("RestrictAddressFamilies", ["AF_INET6"], 4))
+    return own, spec
+
+
+def test_a_trial_resets_only_what_it_changes_of_the_units_own_directives() -> None:
+    from pytest_systemd_harden.diagnosis import replacing_dropin
+    from pytest_systemd_harden.unit import effective_hardening
+
+    own, spec = _unit_and_spec()
+    effective = effective_hardening(own, spec)
+    # Unchanged: the unit's lines stay the unit's, the spec's are written, the list both set is reset and combined.
+    assert replacing_dropin(own, effective) == (
+        "[Service]\nRestrictAddressFamilies=\nRestrictAddressFamilies=AF_INET AF_UNIX\n"
+        "RestrictAddressFamilies=AF_INET6\nProtectHome=yes\n")
+    relaxed = tuple(d for d in effective if d.name not in ("CapabilityBoundingSet", "ProtectSystem"))
+    text = replacing_dropin(own, relaxed)
+    assert "ProtectSystem=no\n" in text  # a single value: systemd's default, written out
+    assert "CapabilityBoundingSet=~\n" in text  # an empty one would mean no capabilities at all
+
+
+def test_an_own_culprit_is_named_with_the_unit_file_and_its_fix_is_a_drop_in() -> None:
+    own, spec = _unit_and_spec()
+    from pytest_systemd_harden.unit import effective_hardening
+
+    effective = effective_hardening(own, spec)
+
+    def trial(tried: tuple[Directive, ...]) -> TrialResult:  # the service needs CAP_SETUID... and CAP_CHOWN
+        caps = next((d for d in tried if d.name == "CapabilityBoundingSet"), None)
+        return TrialResult(caps is None or "CAP_CHOWN" in " ".join(caps.assignments))
+
+    diagnosis = diagnose(effective, trial, spec_name="harden.yaml")
+    assert [f.culprit.name for f in diagnosis.findings] == ["CapabilityBoundingSet"]
+    text = diagnosis.render()
+    assert "culprit: CapabilityBoundingSet=CAP_SETGID CAP_SETUID (mc.service:5)" in text, text
+    assert diagnosis.verified
+    dropin = diagnosis.combined.dropin(effective) if diagnosis.combined else ""
+    assert dropin.startswith("[Service]\nCapabilityBoundingSet=\nCapabilityBoundingSet="), dropin
+    assert "cannot be undone from the spec" in text  # a spec line would add to the unit's list, not replace it
+    assert diagnosis.as_dict()["culprits"][0]["where"] == "mc.service:5"  # type: ignore[index]
