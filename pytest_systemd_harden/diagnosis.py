@@ -209,7 +209,7 @@ class Relaxation:
                 assignments.extend((name, value) for value in after[name].assignments)
         return render_assignments(assignments)
 
-    def spec_change(self, hardening: Sequence[Directive]) -> str:
+    def spec_change(self, hardening: Sequence[Directive], spec_name: str = "the spec") -> str:
         """The same change as it would read in the spec's ``hardening:`` section."""
         after = {d.name: d for d in self.apply(hardening)}
         lines = []
@@ -217,7 +217,7 @@ class Relaxation:
             before = next((d for d in hardening if d.name == name), None)
             if before is not None and _from_unit(before) and accumulates(name):
                 # The spec's hardening is a drop-in that adds to the unit's list: only a reset undoes it.
-                lines.append(f"# {name}: the unit's own list ({located(before, '')}) cannot be undone from the "
+                lines.append(f"# {name}: the unit's own list ({located(before, spec_name)}) cannot be undone from the "
                              "spec, which adds to it: ship the drop-in")
                 continue
             if name in after:
@@ -559,14 +559,15 @@ def _refine_list_grant(culprit: Directive, context: Context, universe: Sequence[
 
 
 def _refine_families(culprit: Directive, context: Context) -> Relaxation | None:
-    # Families added to an allow list read best as one line; two allow lines mean the same to systemd.
+    # Families added to an allow list read best as one line; two allow lines mean the same to systemd (and a
+    # family the unit and the spec both allow is written once).
     return _refine_list_grant(culprit, context, ADDRESS_FAMILIES, "address family",
-                              lambda names: Directive(culprit.name, (" ".join([culprit.value, *names]),),
-                                                      culprit.line))
+                              lambda names: Directive(culprit.name, (" ".join(dict.fromkeys(
+                                  [*culprit.value.split(), *names])),), culprit.line))
 
 
 def _refine_capabilities(culprit: Directive, context: Context) -> Relaxation | None:
-    current = culprit.value.split()
+    current = list(dict.fromkeys(culprit.value.split()))
 
     def make(names: Sequence[str]) -> Directive:
         return Directive(culprit.name, (" ".join([*current, *names]),), culprit.line)
@@ -818,7 +819,8 @@ class Diagnosis:
                          "  verified: the scenario passes with only this change. Drop-in:")
             lines += ["    " + line for line in self.combined.dropin(self.hardening).splitlines()]
             lines.append(f"  or in {self.spec_name or 'the spec'} (hardening:):")
-            lines += ["    " + line for line in self.combined.spec_change(self.hardening).splitlines()]
+            spec_change = self.combined.spec_change(self.hardening, self.spec_name or "the spec")
+            lines += ["    " + line for line in spec_change.splitlines()]
         elif self.verdict == "found":
             lines.append("  no relaxation was verified: remove the culprit directive(s) and check again")
         return "\n".join(lines)
@@ -836,7 +838,8 @@ class Diagnosis:
                 "relaxation": f.relaxation.description if f.relaxation else None,
             } for f in self.findings],
             "dropin": self.combined.dropin(self.hardening) if self.combined and self.verified else None,
-            "spec_change": self.combined.spec_change(self.hardening) if self.combined and self.verified else None,
+            "spec_change": self.combined.spec_change(self.hardening, self.spec_name or "the spec")
+            if self.combined and self.verified else None,
         }
 
 

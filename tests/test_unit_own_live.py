@@ -121,3 +121,27 @@ HardenSession.cached_rootfs = lambda self, spec: None
         "PrivateTmp=yes (memcached.service:23) is enforced",  # each of them, in the item's report
         "CapabilityBoundingSet=CAP_SETGID CAP_SETUID CAP_SYS_RESOURCE (memcached.service:39) is enforced",
     ])
+
+
+def test_a_list_the_unit_file_sets_is_reset_by_the_printed_drop_in(pytester: pytest.Pytester) -> None:
+    (pytester.path / "debian").mkdir()
+    (pytester.path / "debian" / "pages.service").write_text(
+        PAGE_UNIT.replace("ProtectHome=yes\n", "RestrictAddressFamilies=AF_UNIX\n"))
+    (pytester.path / "pub").mkdir()
+    (pytester.path / "pub" / "index.html").write_text("hello\n")
+    spec = pytester.path / "harden.yaml"
+    spec.write_text(PAGE_SPEC.replace("  NoNewPrivileges: yes\n", "  RestrictAddressFamilies: [AF_UNIX]\n"))
+    # The server cannot open its TCP socket; the spec's list adds to the unit's, so only a reset undoes it.
+    result = pytester.runpytest(str(spec), "-k", "starts", *RUN)
+    result.stdout.fnmatch_lines([
+        "*harden.yaml::service starts under hardening FAILED*",
+        "  culprit: RestrictAddressFamilies=AF_UNIX; RestrictAddressFamilies=AF_UNIX (pages.service:6, harden.yaml:7)",
+        "    smallest relaxation: also allow AF_INET in RestrictAddressFamilies=",
+        ("  verified: the scenario passes with only this change, and with this drop-in written as a file after the "
+         "spec's:"),
+        "    [[]Service]",
+        "    RestrictAddressFamilies=",
+        "    RestrictAddressFamilies=AF_UNIX AF_INET",
+        "  or in harden.yaml (hardening:):",
+        "    # RestrictAddressFamilies: the unit's own list (pages.service:6, harden.yaml:7) cannot be undone*",
+    ])
