@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from dbus_next.signature import Variant
 
-from .directives import CAPABILITIES, CAPABILITY_BITS, IP_SYMBOLS, NAMESPACE_FLAGS, Directive
+from .directives import CAPABILITIES, CAPABILITY_BITS, IP_SYMBOLS, NAMESPACE_FLAGS, Directive, DirectiveError
 from .directives import _caps_bus as capability_mask  # systemd's reading of a capability list (with ~)
 from .directives import _namespaces_bus as allowed_namespaces  # and of RestrictNamespaces=
 from .probes.catalogue import (
@@ -1053,6 +1053,11 @@ def plan(spec: Spec, facts: MachineFacts, denials: Sequence[Denial] | None = Non
         if d.name in skipped or (subject := directive_subject(d, ctx)) is None:
             continue
         name = subject_name(d, spec.path.name)
+        try:
+            d.properties()
+        except DirectiveError as exc:  # a unit's value only systemd's own parser reads (a specifier like %h)
+            subject = replace(subject, checks=(), no_checks=f"{d.name}={d.value} is read by systemd alone ({exc}): "
+                                                            "not checked", companions=())
         if name != subject.name:
             subject = replace(subject, name=name, location=located(d, spec.path.name),
                               line=None if d.source else subject.line)

@@ -152,3 +152,24 @@ def test_a_unit_that_restarts_itself_fails_its_start_at_once(machine: Machine, t
     assert "exited before it was ready (TCP port 8090 accepts connections), and systemd restarts it" in \
         str(failed.value)
     service.stop()
+
+
+def test_a_package_unit_is_read_from_the_image_as_systemd_finds_it(tmp_path: Path) -> None:
+    from pytest_systemd_harden.unit import own_directives_from_files, unit_files_in
+
+    lib = tmp_path / "usr/lib/systemd/system"
+    (lib / "foo@.service.d").mkdir(parents=True)
+    (lib / "foo@.service").write_text("[Service]\nExecStart=/bin/foo\nPrivateTmp=true\nStateDirectory=foo-%i\n")
+    (lib / "foo@.service.d/10-extra.conf").write_text("[Service]\nProtectSystem=full\n")
+    etc = tmp_path / "etc/systemd/system/foo@.service.d"
+    etc.mkdir(parents=True)
+    (etc / "10-extra.conf").write_text("[Service]\nProtectSystem=strict\n")  # hides the package's of that name
+    files = unit_files_in(tmp_path, "foo@a.service")
+    assert files is not None
+    assert [path for path, _text in files] == ["/usr/lib/systemd/system/foo@.service",
+                                               "/etc/systemd/system/foo@.service.d/10-extra.conf"]
+    found = {d.name: d for d in own_directives_from_files("foo@a.service", files)}
+    assert (found["ProtectSystem"].value, found["ProtectSystem"].line) == ("strict", 2)
+    assert found["PrivateTmp"].value == "yes"  # systemd's boolean, as the spec writes it
+    assert found["StateDirectory"].value == "foo-a"
+    assert unit_files_in(tmp_path, "bar.service") is None
