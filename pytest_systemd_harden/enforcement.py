@@ -1378,8 +1378,13 @@ class Report:
             taken = {self.for_item(other, ()).subject.name for other in collected if other != OWN_HARDENING}
             return merged_verdict([v for key, v in self.verdicts.items() if key not in taken
                                    and v.subject.directive is not None])
-        return next(v for v in self.verdicts.values()
-                    if any(str(part) == name for part in getattr(v.subject.directive, "parts", ())))
+        found = next((v for v in self.verdicts.values()
+                      if any(str(part) == name for part in getattr(v.subject.directive, "parts", ()))), None)
+        if found is None:  # collected from a unit that is not the one that ran (the image changed since)
+            return Verdict(Subject(name, None, ()), UNVERIFIABLE, reason=(
+                "the unit in the machine does not set this (it was read from the cached image at collection, which "
+                "has changed since): run again to collect the unit's directives anew"))
+        return found
 
 
 def merged_verdict(verdicts: Sequence[Verdict]) -> Verdict:

@@ -414,7 +414,14 @@ def test_the_units_own_hardening_gets_items_named_by_file_and_line(make_spec: Ma
 
 
 def test_an_own_hardening_not_known_at_collection_is_one_item(make_spec: MakeSpec) -> None:
-    from pytest_systemd_harden.enforcement import ENFORCED, NOT_ENFORCED, OWN_HARDENING, Report, Verdict
+    from pytest_systemd_harden.enforcement import (
+        ENFORCED,
+        NOT_ENFORCED,
+        OWN_HARDENING,
+        UNVERIFIABLE,
+        Report,
+        Verdict,
+    )
     from pytest_systemd_harden.unit import own_directives_from_files
 
     spec = spec_with(make_spec, "  ProtectHome: yes\n")
@@ -430,3 +437,5 @@ def test_an_own_hardening_not_known_at_collection_is_one_item(make_spec: MakeSpe
     assert merged.message().startswith("PrivateTmp=yes (m.service:8) is NOT enforced")
     assert report.for_item("ProtectHome=yes", names).status == ENFORCED  # the spec's own item is not in it
     assert "ProtectHome" not in merged.message()
+    gone = report.for_item("PrivateDevices=yes (m.service:99)", names)  # read from an image that changed since
+    assert gone.status == UNVERIFIABLE and "run again" in gone.message()
