@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import re
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -126,11 +126,50 @@ def own_directives(settings: list[Setting], unit: str) -> tuple[Directive, ...]:
     return tuple(found.values())
 
 
+def in_force(own: Sequence[Directive], hardening: Sequence[Directive]) -> tuple[Directive, ...]:
+    """The hardening in force when the drop-in ``hardening`` is read after a unit's ``own`` directives: a single
+    value of the drop-in replaces the unit's, a list adds to it (an empty first assignment resets it first)."""
+    found = {d.name: d for d in own}
+    for directive in hardening:
+        previous = found.get(directive.name)
+        if previous is not None and _accumulates(directive.name) and directive.assignments[:1] != ("",):
+            found[directive.name] = Directive(directive.name, (*previous.assignments, *directive.assignments),
+                                              directive.line, directive.source)
+        else:
+            found[directive.name] = directive
+    return tuple(found.values())
+
+
 def _accumulates(name: str) -> bool:
     """Whether a second assignment adds to the first (lists, filters, capability and namespace sets) rather than
     replacing it (a boolean, a string, a number), as systemd reads a unit file."""
     kind = KNOWN[name].kind
     return kind.signature.startswith(("a", "(")) or kind in (CAPS, NAMESPACES)
+
+
+def wrap_exec_start(settings: Sequence[Setting], wrapper: Sequence[str], unit: str) -> str:
+    """A drop-in resetting ``ExecStart=`` and setting each of the unit's own ``ExecStart=`` lines again, run by
+    ``wrapper`` (its last word ``--``): the command line is kept as systemd reads it (specifiers, quoting and
+    ``$VAR`` expand as before), its prefixes (``-``, ``+``, ``!``, ``:``) move in front of the wrapper. Everything
+    else (Type=, PIDFile=, User=, ExecStartPre=) stays the unit's. :class:`ValueError` when there is nothing to
+    wrap, or an ``@`` prefix (its argv[0] cannot be handed through the wrapper)."""
+    lines: list[str] = []
+    for setting in settings:
+        if setting.key != "ExecStart":
+            continue
+        if not setting.value:
+            lines = []
+            continue
+        command = setting.value.lstrip("-@:+!")
+        prefix = setting.value[:len(setting.value) - len(command)]
+        if "@" in prefix:
+            raise ValueError(f"ExecStart={setting.value} ({setting.source}:{setting.line}) sets its own argv[0] "
+                             "with @, which the tracer cannot hand on")
+        lines.append(f"ExecStart={prefix}{' '.join(shlex.quote(w) for w in wrapper)} {command}")
+    if not lines:
+        raise ValueError(f"{unit} has no ExecStart= to wrap")
+    return "\n".join(["# Observation by pytest-systemd-harden: the unit's own ExecStart=, traced", "[Service]",
+                      "ExecStart=", *lines]) + "\n"
 
 
 def environment_files(settings: list[Setting], unit: str) -> list[Property]:
@@ -158,6 +197,8 @@ class UnitUnderTest(abc.ABC):
         # Drop-ins written on top at the next start (file name -> text), e.g. a diagnosis' printed fix, to be
         # verified in the form it is printed; removed again by retire().
         self.extra_dropins: dict[str, str] = {}
+        # Drop-ins for the unit alone, not for its inside commands (the observation's ExecStart= wrapper).
+        self.own_dropins: dict[str, str] = {}
         self._written: list[str] = []
 
     @property
@@ -222,6 +263,12 @@ class UnitUnderTest(abc.ABC):
     def effective(self) -> str:
         """The unit as systemd sees it (``systemctl cat``), or "" when there is no file to show."""
         return ""
+
+    def wrapped_exec_start(self, wrapper: Sequence[str]) -> str | None:
+        """A drop-in that runs the unit's own ``ExecStart=`` lines under ``wrapper`` (``strace ... --``), every
+        other setting as loaded; None when the spec's ``exec_start`` is the command (the caller wraps that).
+        Raises :class:`ValueError` for a command line the wrapper cannot take over."""
+        return None
 
     def as_one_file(self) -> str:
         """The unit and the spec's drop-in as one unit file (for ``systemd-analyze security --offline``), or ""
@@ -308,6 +355,8 @@ class LoadedUnit(UnitUnderTest):
         """Put the unit's files in place (the drop-in; a unit file of the spec's), then daemon-reload."""
         self._write(self.dropin_path, self.spec.dropin())
         self._write_extra_dropins()
+        for file_name, text in self.own_dropins.items():
+            self._write(f"{self.dropin_dir}/{file_name}", text)
 
     def start(self) -> str:
         try:
@@ -359,6 +408,9 @@ class LoadedUnit(UnitUnderTest):
     def effective(self) -> str:
         result = self.machine.run(["systemctl", "cat", "--no-pager", "--", self.name], purpose="cat")
         return result.stdout if result.ok else ""
+
+    def wrapped_exec_start(self, wrapper: Sequence[str]) -> str | None:
+        return wrap_exec_start(self.own_settings(), wrapper, self.name)
 
     def describe(self) -> str:
         return f"unit: {self.name} as systemd loads it, with the hardening as {self.dropin_path}"

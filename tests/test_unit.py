@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from pytest_systemd_harden.backends.base import Machine, MachineConfig
+from pytest_systemd_harden.directives import Directive
 from pytest_systemd_harden.errors import ServiceFailed, SpecError
 from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.service import HardenedService
 from pytest_systemd_harden.spec import load_spec
-from pytest_systemd_harden.unit import expand_specifiers, own_directives, parse_systemctl_cat
+from pytest_systemd_harden.unit import expand_specifiers, in_force, own_directives, parse_systemctl_cat, wrap_exec_start
 
 UNIT = """\
 [Unit]
@@ -152,3 +153,25 @@ def test_a_unit_that_restarts_itself_fails_its_start_at_once(machine: Machine, t
     assert "exited before it was ready (TCP port 8090 accepts connections), and systemd restarts it" in \
         str(failed.value)
     service.stop()
+
+
+def test_the_tracer_wraps_the_units_own_exec_start_keeping_its_prefixes() -> None:
+    text = ("# /usr/lib/systemd/system/foo.service\n[Service]\nExecStart=/bin/old\nExecStart=\n"
+            "ExecStart=-/usr/bin/foo --port %i \"a b\"\nExecStartPre=/bin/true\n"
+            "# /etc/systemd/system/foo.service.d/x.conf\n[Service]\nExecStart=+/usr/bin/bar\n")
+    dropin = wrap_exec_start(parse_systemctl_cat(text), ["strace", "-o", "/run/t", "--"], "foo.service")
+    assert dropin.splitlines()[1:] == [
+        "[Service]", "ExecStart=", "ExecStart=-strace -o /run/t -- /usr/bin/foo --port %i \"a b\"",
+        "ExecStart=+strace -o /run/t -- /usr/bin/bar"]
+    with pytest.raises(ValueError, match="argv"):
+        wrap_exec_start(parse_systemctl_cat("# /x.service\n[Service]\nExecStart=@/bin/sh foo\n"), ["s"], "x.service")
+    with pytest.raises(ValueError, match="no ExecStart"):
+        wrap_exec_start(parse_systemctl_cat("# /x.service\n[Service]\nType=oneshot\n"), ["s"], "x.service")
+
+
+def test_a_drop_in_adds_to_a_units_list_and_replaces_its_single_values() -> None:
+    unit = (Directive("ProtectSystem", ("full",), 3, "/u"), Directive("SystemCallFilter", ("@system-service",), 4, "/u"))
+    spec = (Directive("ProtectSystem", ("strict",), 9), Directive("SystemCallFilter", ("~@setuid",), 10),
+            Directive("ReadWritePaths", ("/srv",), 11))
+    assert {d.name: d.assignments for d in in_force(unit, spec)} == {
+        "ProtectSystem": ("strict",), "SystemCallFilter": ("@system-service", "~@setuid"), "ReadWritePaths": ("/srv",)}
