@@ -38,7 +38,7 @@ from .diagnosis import (
     hardening_key,
     refine,
 )
-from .directives import CAPABILITIES, NAMESPACE_FLAGS, Directive, render_dropin
+from .directives import BOOL, CAPABILITIES, KNOWN, NAMESPACE_FLAGS, Directive, render_dropin
 from .observe import (
     CONFLICT,
     NARROWED,
@@ -664,6 +664,8 @@ def _restricts_nothing(directive: Directive) -> bool:
         return words == {"no"} or words >= set(NAMESPACE_FLAGS)
     if directive.name == "CapabilityBoundingSet":
         return words >= set(CAPABILITIES)
+    if directive.name in KNOWN and KNOWN[directive.name].kind is BOOL:
+        return directive.value == "no"  # every boolean of the catalogue restricts nothing when off
     return DEFAULTS.get(directive.name) == directive.value
 
 

@@ -359,3 +359,11 @@ def test_a_deny_list_never_repeats_a_name() -> None:
     (syscall_filter,) = [d for d in result.after if d.name == "SystemCallFilter"]
     words = [w for a in syscall_filter.assignments for w in a.lstrip("~").split()]
     assert len(words) == len(set(words)), syscall_filter.assignments
+
+
+def test_a_boolean_refined_to_off_is_rejected_not_written() -> None:
+    # memcached (as root, dropping to its user) fails under DynamicUser=yes and PrivateUsers=yes: "=no" is no
+    # narrowing, and a drop-in line that restricts nothing is noise.
+    result = run(World(setuid=True))
+    assert outcome(result, "NoNewPrivileges=yes")[0] == "rejected"
+    assert "NoNewPrivileges=no" not in lines(result)
