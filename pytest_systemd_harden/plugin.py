@@ -722,3 +722,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             terminalreporter.write_line("hardening:")
             for directive in result.after:
                 terminalreporter.write_line(f"  {directive.name}: {yaml_value(directive)}")
+            if spec.service.dropin_path:  # a unit systemd loads: the drop-in to ship for it
+                terminalreporter.write_line(f"# {spec.service.dropin_path} for {spec.service.unit_name}")
+                for line in result.dropin().splitlines():
+                    terminalreporter.write_line(line)

@@ -332,7 +332,7 @@ class LoadedUnit(UnitUnderTest):
         super().__init__(machine, spec, name)
         # The drop-in sits beside the unit's own name: for a template, the template's (as a package ships it).
         self.file_name = file_name
-        self.dropin_path = f"{UNIT_DIR}/{file_name}.d/{DROPIN_NAME}"
+        self.dropin_path = spec.service.dropin_path
 
     def command_properties(self) -> list[Property]:
         props = super().command_properties()

@@ -1,5 +1,6 @@
-"""The observation (strace of the service) on a unit systemd loads from a file: the tracer wraps the unit's own
-ExecStart= in a drop-in, and the unit keeps its type, PIDFile=, User= and ExecStartPre=."""
+"""Tighten on a unit systemd loads from a file: it starts from the unit as loaded, its result is a drop-in for that
+unit; its observation wraps the unit's own ExecStart= in a drop-in, and the unit keeps its type, PIDFile=, User= and
+ExecStartPre=."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pytest_systemd_harden.backends.base import Machine
-from pytest_systemd_harden.scenarios import observe
+from pytest_systemd_harden.scenarios import observe, tighten_service
 from pytest_systemd_harden.service import HardenedService
 from pytest_systemd_harden.spec import Spec
 
@@ -72,3 +73,47 @@ def test_a_loaded_unit_is_traced_with_its_own_type_user_and_pidfile(
     assert not observation.failures, observation.failures
     assert "AF_INET" in observation.families and "the service" in observation.families["AF_INET"]
     assert f"127.0.0.1:{port}" in observation.binds
+
+
+NOTES = """[Service]
+Type=exec
+DynamicUser=yes
+StateDirectory=notes-%i
+PrivateTmp=yes
+ProtectSystem=strict
+ExecStart=/usr/bin/python3 -m http.server --bind 127.0.0.1 --directory /var/lib/notes-%i %i
+"""
+NOTES_SPEC = """
+service:
+  unit_file: notes@.service
+  instance: "8099"
+  ready: {tcp: 8099}
+hardening:
+  NoNewPrivileges: yes
+scenarios:
+  - name: serves its state directory
+    client: python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8099/')"
+"""
+
+
+def test_tighten_starts_from_the_unit_as_loaded(machine: Machine, make_spec: Callable[[str], Spec],
+                                                tmp_path: Path) -> None:
+    (tmp_path / "notes@.service").write_text(NOTES)
+    spec = make_spec(NOTES_SPEC)
+    service = HardenedService(machine, spec)
+    service.start()
+    try:
+        result = tighten_service(service, never=["PrivateUsers"])
+    finally:
+        service.stop()
+    assert not result.note and result.dropin_verified
+    kept = {o.step.name.split(":")[0]: o.kept for o in result.outcomes}
+    # the unit's own: not added again (with DynamicUser= there, no StateDirectory=notes-8099 for every instance)
+    for own in ("DynamicUser=yes", "PrivateTmp=yes", "ProtectSystem=strict"):
+        assert kept[own] == "skipped", (own, kept[own])
+    lines = result.dropin().splitlines()
+    assert not any(line.startswith(("DynamicUser=", "StateDirectory=", "PrivateTmp=")) for line in lines), lines
+    assert "ProtectKernelTunables=yes" in lines and "NoNewPrivileges=yes" in lines
+    # the service itself was traced through its unit file's ExecStart=, not only the scenarios
+    assert result.observation is not None and "AF_INET" in result.observation.families
+    assert spec.service.dropin_path == "/etc/systemd/system/notes@.service.d/harden.conf"
