@@ -24,7 +24,7 @@ from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed
 from .images import DEFAULT_MAX_AGE_DAYS, DEFAULT_RELEASE, RELEASES, ImageCache, parse_releases
 from .pool import MachinePool
 from .scenarios import diagnose_failure, failure_report, run_scenario, tighten_service
-from .service import HardenedService
+from .service import HardenedService, hardening_in_force
 from .spec import Scenario, Spec, load_spec
 from .tighten import Tightening
 
@@ -556,6 +556,8 @@ class StartItem(SpecItem):
             self.record["diagnosis"] = diagnosis.as_dict()
             raise ServiceFailed(f"{exc}\n{diagnosis.render()}") from None
         self.record["tested"] = _tested(started.machine)
+        if started.spec.service.unit_name:  # a unit systemd loads: its own hardening is in force too (baselines)
+            self.record["hardening_in_force"] = hardening_in_force(started)
 
 
 def _tested(machine: Machine) -> dict[str, Any]:
