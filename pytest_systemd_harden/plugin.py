@@ -209,6 +209,31 @@ class HardenSession:
             earlier.append(diagnosis)
         return diagnosis
 
+    @pytest.hookimpl
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """The units the selected specs name, checked on their machines before any test runs: a unit that does not
+        exist, a package that ships no such unit, a unit file systemd rejects are one line each, and no test runs."""
+        if self.config.option.collectonly:
+            return
+        from .unit import check_unit
+
+        errors: list[str] = []
+        runs: dict[int, SpecRun] = {}
+        for item in session.items:
+            if isinstance(item.parent, SpecRun):
+                runs[id(item.parent)] = item.parent
+        for run in runs.values():
+            if not run.spec.service.unit_name:
+                continue
+            try:
+                check_unit(self.pool.machine_for(run.spec.machine), run.spec)
+            except SpecError as exc:
+                errors.append(str(exc))
+            except HardenError:
+                continue  # no machine (or it failed): the start item says why, once
+        if errors:
+            raise pytest.UsageError("\n".join(dict.fromkeys(errors)))
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Items pass their record in user_properties: it survives xdist and shows in JUnit XML, which writes a

@@ -233,6 +233,10 @@ class UnitUnderTest(abc.ABC):
         self._written.clear()
         return True
 
+    def check(self) -> None:
+        """Before any test: raise a one-line :class:`SpecError` if the unit cannot be tested as the spec names it
+        (a unit the machine does not have, a unit file systemd rejects). Leaves the machine as it found it."""
+
     @abc.abstractmethod
     def start(self) -> str:
         """Start the unit under the spec's hardening; return systemd's start job result ("done", "failed", ...)."""
@@ -435,6 +439,14 @@ class UnitFileUnit(LoadedUnit):
         self._check_syntax()
         super()._install()
 
+    def check(self) -> None:
+        assert self.spec.service.unit_file is not None
+        self._write(f"{UNIT_DIR}/{self.file_name}", self.spec.service.unit_file.read_text())
+        try:
+            self._check_syntax()
+        finally:
+            self._remove_written()  # never loaded: no daemon-reload needed
+
     def _check_syntax(self) -> None:
         """systemd's own verdict on the file (``systemd-analyze verify``, in the machine), as a one-line error
         naming the spec's file and line: a setting systemd ignores is a test of a different unit."""
@@ -460,6 +472,9 @@ class UnitFileUnit(LoadedUnit):
 class InstalledUnit(LoadedUnit):
     """``service: {unit: foo.service}``: the unit a package installs, as installed."""
 
+    def check(self) -> None:
+        self._check_loaded()  # as booted: the package's unit, before the test writes anything
+
     def _not_found(self) -> SpecError:
         packages = self.spec.machine.packages
         if not packages:
@@ -477,6 +492,13 @@ class InstalledUnit(LoadedUnit):
                 line.rsplit("/", 1)[-1] for line in result.stdout.splitlines()
                 if re.search(r"/systemd/system/[^/]+\.service$", line))
         return shipped
+
+
+def check_unit(machine: Machine, spec: Spec) -> None:
+    """Before any test runs: the unit ``spec`` names exists on ``machine`` and systemd reads its unit file without
+    complaint; else a one-line :class:`SpecError` (the package listing, or systemd's message with file and line)."""
+    if spec.service.unit_name:
+        unit_under_test(machine, spec, "", list).check()
 
 
 def unit_under_test(machine: Machine, spec: Spec, transient_name: str,

@@ -175,3 +175,26 @@ def test_a_drop_in_adds_to_a_units_list_and_replaces_its_single_values() -> None
             Directive("ReadWritePaths", ("/srv",), 11))
     assert {d.name: d.assignments for d in in_force(unit, spec)} == {
         "ProtectSystem": ("strict",), "SystemCallFilter": ("@system-service", "~@setuid"), "ReadWritePaths": ("/srv",)}
+
+
+@pytest.mark.parametrize(("service", "unit_text", "machine_section", "error"), [
+    ("{unit: no-such-daemon.service}", UNIT, "",
+     "harden.yaml:1: service.unit: no unit no-such-daemon.service on the machine (add the package that ships it to "
+     "machine.packages)"),
+    ("{unit: redis-server.service}", UNIT, "machine: {packages: [memcached]}\n",
+     "harden.yaml:1: service.unit: no package in machine.packages ships redis-server.service (memcached ships "
+     "memcached.service)"),
+    ("{unit_file: echo@.service, instance: '8083'}", UNIT.replace("PrivateTmp=yes", "PrivateTmp yes"), "",
+     "echo@.service:8: Missing '=', ignoring line. (systemd-analyze verify, on the machine)"),
+], ids=["no such unit", "no package ships it", "unit file systemd rejects"])
+def test_a_unit_that_cannot_be_tested_is_one_line_before_any_test_runs(
+        pytester: pytest.Pytester, service: str, unit_text: str, machine_section: str, error: str) -> None:
+    spec_with(pytester.path, service, unit_text)
+    with (pytester.path / "harden.yaml").open("a") as spec:
+        spec.write(machine_section + "scenarios:\n  - {name: answers, client: 'true'}\n")
+    (pytester.path / "test_other.py").write_text("def test_other() -> None:\n    pass\n")
+    result = pytester.runpytest("-v", "--harden-require-backend", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    lines = [line for line in result.stderr.lines if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ERROR: ") and lines[0].endswith(error), result.stderr.lines
+    assert not any(word in result.stdout.str() for word in ("PASSED", "FAILED", "SKIPPED")), result.stdout.str()
