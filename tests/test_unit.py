@@ -179,11 +179,11 @@ def test_a_drop_in_adds_to_a_units_list_and_replaces_its_single_values() -> None
 
 @pytest.mark.parametrize(("service", "unit_text", "machine_section", "error"), [
     ("{unit: no-such-daemon.service}", UNIT, "",
-     "harden.yaml:1: service.unit: no unit no-such-daemon.service on the machine (add the package that ships it to "
-     "machine.packages)"),
+     ("harden.yaml:1: service.unit: no unit no-such-daemon.service on the machine (add the package that ships it to "
+     "machine.packages)")),
     ("{unit: redis-server.service}", UNIT, "machine: {packages: [memcached]}\n",
-     "harden.yaml:1: service.unit: no package in machine.packages ships redis-server.service (memcached ships "
-     "memcached.service)"),
+     ("harden.yaml:1: service.unit: no package in machine.packages ships redis-server.service (memcached ships "
+     "memcached.service)")),
     ("{unit_file: echo@.service, instance: '8083'}", UNIT.replace("PrivateTmp=yes", "PrivateTmp yes"), "",
      "echo@.service:8: Missing '=', ignoring line. (systemd-analyze verify, on the machine)"),
 ], ids=["no such unit", "no package ships it", "unit file systemd rejects"])
