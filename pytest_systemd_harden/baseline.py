@@ -1,7 +1,8 @@
 """Baselines: what a suite proved last time, in a small file committed beside the specs, and what changed since.
 
 A baseline holds, per spec: the exposure score, each scenario's outcome (the start counts as one), the hardening
-directives in force, and - when enforcement or denial checks ran - the directives proven enforced and the probes
+directives in force (for a unit systemd loads, its own and the spec's drop-in on top, from the start item's
+``hardening_in_force``: a package update that drops a directive of its unit is a regression), and - when enforcement or denial checks ran - the directives proven enforced and the probes
 proven denied. Comparing a run with it gives:
 
 * regressions (failing items): a scenario that passed now fails, the exposure rose, a directive was dropped or
@@ -166,6 +167,7 @@ def observe(records: Iterable[Mapping[str, Any]], spec: Spec | None) -> Snapshot
     denied: set[str] | None = None
     allowed: set[str] | None = None
     tested: dict[str, str] = {}
+    in_force: dict[str, str] | None = None
     for record in records:
         outcome = str(record.get("outcome", ""))
         check = record.get("check")
@@ -173,6 +175,8 @@ def observe(records: Iterable[Mapping[str, Any]], spec: Spec | None) -> Snapshot
             scenarios[START] = outcome
             if isinstance(record.get("tested"), dict):
                 tested = tested_versions(record["tested"])
+            if isinstance(record.get("hardening_in_force"), dict):
+                in_force = {str(k): str(v) for k, v in record["hardening_in_force"].items()}
         elif check == "scenario":
             scenarios[str(record.get("scenario") or item_name(record))] = outcome
         elif check == "exposure" and isinstance(record.get("exposure"), (int, float)):
@@ -192,6 +196,8 @@ def observe(records: Iterable[Mapping[str, Any]], spec: Spec | None) -> Snapshot
     if denied is not None and allowed is not None:
         denied -= allowed
     hardening = {d.name: d.value for d in spec.hardening} if spec is not None else {}
+    if in_force is not None:  # a unit systemd loads: its own directives count, as they are in force
+        hardening = in_force
 
     def frozen(names: set[str] | None) -> frozenset[str] | None:
         return frozenset(names) if names is not None else None

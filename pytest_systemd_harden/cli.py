@@ -241,6 +241,8 @@ def _tighten(args: argparse.Namespace) -> int:
     for directive in result.after:
         print(f"  {directive.name}: {yaml_value(directive)}")
     print()
+    if spec.service.dropin_path:  # the drop-in replaces the spec's own harden.conf for the unit
+        print(f"# {spec.service.dropin_path} for {spec.service.unit_name}")
     print(result.dropin(), end="")
     return 0
 

@@ -24,7 +24,7 @@ from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed
 from .images import DEFAULT_MAX_AGE_DAYS, DEFAULT_RELEASE, RELEASES, ImageCache, parse_releases
 from .pool import MachinePool
 from .scenarios import diagnose_failure, failure_report, run_scenario, tighten_service
-from .service import HardenedService
+from .service import HardenedService, hardening_in_force
 from .spec import Scenario, Spec, load_spec
 from .tighten import Tightening
 
@@ -215,6 +215,31 @@ class HardenSession:
         if diagnosis.verified and diagnosis not in earlier:
             earlier.append(diagnosis)
         return diagnosis
+
+    @pytest.hookimpl
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """The units the selected specs name, checked on their machines before any test runs: a unit that does not
+        exist, a package that ships no such unit, a unit file systemd rejects are one line each, and no test runs."""
+        if self.config.option.collectonly:
+            return
+        from .unit import check_unit
+
+        errors: list[str] = []
+        runs: dict[int, SpecRun] = {}
+        for item in session.items:
+            if isinstance(item.parent, SpecRun):
+                runs[id(item.parent)] = item.parent
+        for run in runs.values():
+            if not run.spec.service.unit_name:
+                continue
+            try:
+                check_unit(self.pool.machine_for(run.spec.machine), run.spec)
+            except SpecError as exc:
+                errors.append(str(exc))
+            except HardenError:
+                continue  # no machine (or it failed): the start item says why, once
+        if errors:
+            raise pytest.UsageError("\n".join(dict.fromkeys(errors)))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -565,6 +590,8 @@ class StartItem(SpecItem):
             self.record["diagnosis"] = diagnosis.as_dict()
             raise ServiceFailed(f"{exc}\n{diagnosis.render()}") from None
         self.record["tested"] = _tested(started.machine)
+        if started.spec.service.unit_name:  # a unit systemd loads: its own hardening is in force too (baselines)
+            self.record["hardening_in_force"] = hardening_in_force(started)
 
 
 def _tested(machine: Machine) -> dict[str, Any]:
@@ -732,3 +759,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             terminalreporter.write_line("hardening:")
             for directive in result.after:
                 terminalreporter.write_line(f"  {directive.name}: {yaml_value(directive)}")
+            if spec.service.dropin_path:  # a unit systemd loads: the drop-in to ship for it
+                terminalreporter.write_line(f"# {spec.service.dropin_path} for {spec.service.unit_name}")
+                for line in result.dropin().splitlines():
+                    terminalreporter.write_line(line)

@@ -313,6 +313,8 @@ def _verify_enforcement(service: HardenedService, result: Tightening, deadline: 
 # --- observation: one run with strace attached ----------------------------------------------------------------
 
 OBSERVE_DIR = "/run/harden-observe"
+# The drop-in that wraps a loaded unit's ExecStart= in the tracer, read after harden.conf.
+OBSERVE_DROPIN_NAME = "zz-harden-observe.conf"
 # -D: strace runs as a detached grandchild, so the service's main process is the service itself (Type=notify and
 # MainPID= work as usual) and an inside command ends when it does, not when a daemon it started (gpg-agent) does.
 # -y: paths of file descriptors, so a write through a descriptor names its file. No -yy: that asks netlink, which
@@ -345,10 +347,19 @@ def observe(service: HardenedService, hardening: Hardening | None = None, *,
         raise ObservationFailed("strace is not installed on the machine (base images since recipe 3 have it)")
     if not prepared.ok:
         raise ObservationFailed(f"could not prepare {directory}: {prepared.stderr.strip()}")
-    traced_hardening = _for_tracer(hardening, directory)
-    traced_spec = replace(spec, hardening=traced_hardening, service=replace(
-        spec.service, exec_start=(*STRACE, "-o", f"{directory}/service", "--", *spec.service.exec_start)))
+    traced_hardening = _for_tracer(hardening, directory, service.under_test.own_directives())
+    tracer = (*STRACE, "-o", f"{directory}/service", "--")
+    try:
+        # A unit systemd loads keeps its own command line, type and PIDFile=: the tracer goes in front of it.
+        wrapped = service.under_test.wrapped_exec_start(tracer)
+    except ValueError as exc:
+        raise ObservationFailed(str(exc)) from None
+    traced_spec = replace(spec, hardening=traced_hardening) if wrapped is not None else replace(
+        spec, hardening=traced_hardening, service=replace(spec.service, exec_start=(*tracer,
+                                                                                    *spec.service.exec_start)))
     traced = HardenedService(machine, deadline.spec(traced_spec) if deadline else traced_spec, unit=service.unit)
+    if wrapped is not None:
+        traced.under_test.own_dropins[OBSERVE_DROPIN_NAME] = wrapped
     runs = [("the service", f"{directory}/service")]
     problems: list[str] = []
     try:
@@ -390,8 +401,9 @@ def observe(service: HardenedService, hardening: Hardening | None = None, *,
     return observation
 
 
-def _for_tracer(hardening: Hardening, directory: str) -> Hardening:
-    """``hardening`` plus what strace needs: its output directory writable, ptrace(2) through a syscall filter."""
+def _for_tracer(hardening: Hardening, directory: str, own: Sequence[Directive] = ()) -> Hardening:
+    """``hardening`` plus what strace needs: its output directory writable, ptrace(2) through a syscall filter
+    (the spec's, or the unit's ``own`` one, which a drop-in line adds to)."""
     out = list(hardening)
     grant = f"-{directory}"
     for index, directive in enumerate(out):
@@ -402,6 +414,8 @@ def _for_tracer(hardening: Hardening, directory: str) -> Hardening:
             grant = ""
     if grant:
         out.append(Directive("ReadWritePaths", (grant,)))
+    if not any(d.name == "SystemCallFilter" for d in hardening) and any(d.name == "SystemCallFilter" for d in own):
+        out.append(Directive("SystemCallFilter", ("ptrace",)))
     return tuple(out)
 
 
@@ -431,7 +445,7 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
                          max_seconds=max(0.0, deadline.left()),
                          observation=observation, baseline=baseline, together=together,
                          scenarios_from_outside=any(s.where == "client" for s in service.spec.scenarios),
-                         offline=service.spec.tighten_offline)
+                         offline=service.spec.tighten_offline, own=service.under_test.own_directives())
         if observations:  # the traced run is part of the cost
             result.runs += 1 if observation is not None else 0
             result.observe_seconds = observed_in

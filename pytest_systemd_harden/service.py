@@ -18,7 +18,7 @@ from .probes.runner import machine_facts
 from .result import SYSTEMD_EXIT_CODES, CommandResult, signal_name
 from .spec import Spec, unit_name
 from .systemd import CLD_DUMPED, CLD_EXITED, CLD_KILLED, SERVICE_IFACE, SERVICE_STOP_GRACE, Property
-from .unit import UnitUnderTest, unit_under_test
+from .unit import UnitUnderTest, effective_hardening, unit_under_test
 
 if TYPE_CHECKING:
     import testinfra.host
@@ -357,3 +357,9 @@ def describe_hardening(spec: Spec, own: Sequence[Directive] = ()) -> str:
     return "\n".join(f"{line}" + (f"    ({Path(d.source).name if d.source else spec.path.name}:{d.line})"
                                   if d.line else "")
                      for d in directives for line in d.unit_lines())
+
+
+def hardening_in_force(service: HardenedService) -> dict[str, str]:
+    """Each directive in force on ``service`` (the unit's own, then the spec's drop-in on top), as it reads in a
+    unit file: what a baseline compares, so a package update that drops a directive of its unit shows."""
+    return {d.name: d.value for d in effective_hardening(service.under_test.own_directives(), service.spec.hardening)}

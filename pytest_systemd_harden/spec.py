@@ -240,6 +240,13 @@ class ServiceConfig:
             return name.replace("@.", f"@{self.instance}.", 1)
         return name
 
+    @property
+    def dropin_path(self) -> str:
+        """Where the hardening ships for a unit systemd loads ("" for a transient unit): beside the unit file's own
+        name, for a template the template's, which every instance reads."""
+        name = self.unit or (self.unit_file.name if self.unit_file else "")
+        return f"/etc/systemd/system/{name}.d/harden.conf" if name else ""
+
     def properties(self) -> list[Property]:
         props: list[Property] = [
             ("Type", Variant("s", self.type)),

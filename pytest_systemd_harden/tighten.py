@@ -38,7 +38,7 @@ from .diagnosis import (
     hardening_key,
     refine,
 )
-from .directives import CAPABILITIES, NAMESPACE_FLAGS, Directive, render_dropin
+from .directives import BOOL, CAPABILITIES, KNOWN, NAMESPACE_FLAGS, Directive, render_dropin
 from .observe import (
     CONFLICT,
     NARROWED,
@@ -49,6 +49,7 @@ from .observe import (
     filter_allows,
     forecast,
 )
+from .unit import effective_hardening
 
 
 @dataclass(frozen=True)
@@ -286,7 +287,7 @@ def tighten(hardening: Hardening, trial: Trial, *, catalogue: Sequence[Step] = C
             never: Sequence[str] = (), syscall_groups: Callable[[], dict[str, list[str]]] = dict, max_runs: int = 200,
             max_seconds: float = 900.0, observation: Observation | None = None, scenarios_from_outside: bool = True,
             baseline: TrialResult | None = None, together: bool | None = None, offline: bool = False,
-            own_user: bool = False) -> Tightening:
+            own_user: bool = False, own: Hardening = ()) -> Tightening:
     """Add the catalogue's steps, keeping each only if ``trial`` still passes (see the module).
 
     With an ``observation``, steps are ordered and pre-narrowed by its forecast; ``scenarios_from_outside`` says
@@ -295,13 +296,16 @@ def tighten(hardening: Hardening, trial: Trial, *, catalogue: Sequence[Step] = C
     group in halves only where it fails; otherwise each step is one run. ``baseline`` is the spec's own result when
     already known (the traced run passed every scenario), saving that run. ``offline`` (the spec's
     ``tighten: {offline: true}``) allows the network steps; ``own_user`` says the unit runs as a User= of its own
-    (see :func:`policy_exclusions`).
+    (see :func:`policy_exclusions`). ``own`` is the unit's own hardening (a unit file's, under the spec's drop-in):
+    the search starts from the unit as loaded, so a step the unit already has, or something stronger, is skipped,
+    and only the spec's hardening (the drop-in) is changed.
     """
     started = time.monotonic()
     oracle = Oracle(trial, max_runs=max_runs, max_seconds=max_seconds)
     result = Tightening(hardening, hardening, observation=observation)
+    own_user = own_user or any(d.name == "User" for d in own)
     search = _Search(oracle, result, keep, never, syscall_groups, observation, scenarios_from_outside,
-                     policy_exclusions(hardening, offline=offline, own_user=own_user))
+                     policy_exclusions(hardening, offline=offline, own_user=own_user), own)
     current = hardening
     if baseline is not None:
         oracle.cache[hardening_key(hardening)] = baseline
@@ -332,7 +336,7 @@ class _Search:
 
     def __init__(self, oracle: Oracle, result: Tightening, keep: Sequence[str], never: Sequence[str],
                  syscall_groups: Callable[[], dict[str, list[str]]], observation: Observation | None,
-                 scenarios_from_outside: bool, why: dict[str, str] | None = None) -> None:
+                 scenarios_from_outside: bool, why: dict[str, str] | None = None, own: Hardening = ()) -> None:
         self.oracle = oracle
         self.result = result
         self.keep = keep
@@ -342,11 +346,16 @@ class _Search:
         self.observation = observation
         self.outside = scenarios_from_outside
         self.current: Hardening | None = None  # the last hardening known to pass, should the budget run out
+        self.own = own  # the unit's own hardening, read before the spec's drop-in
+
+    def in_force(self, hardening: Hardening) -> Hardening:
+        """What the service runs under with ``hardening`` as the drop-in: what a step is compared with."""
+        return effective_hardening(self.own, hardening) if self.own else hardening
 
     def predict(self, step: Step, hardening: Hardening) -> Forecast | None:
         if self.observation is None:
             return None
-        return forecast(step.directives, self.observation, hardening, groups=self.syscall_groups(), never=self.never,
+        return forecast(step.directives, self.observation, self.in_force(hardening), groups=self.syscall_groups(), never=self.never,
                         scenarios_from_outside=self.outside)
 
     def _form(self, step: Step, hardening: Hardening) -> tuple[Step, Forecast | None]:
@@ -380,7 +389,7 @@ class _Search:
     def one(self, step: Step, current: Hardening) -> Hardening:
         """Try ``step`` alone; if it fails, its smallest relaxation that still tightens."""
         self.current = current
-        reason = _applies(step, current, self.keep, self.never)
+        reason = _applies(step, self.in_force(current), self.keep, self.never)
         if reason:
             self.result.outcomes.append(self.excluded(step, reason))
             return current
@@ -407,7 +416,7 @@ class _Search:
         forms: list[tuple[Step, Step | None, Forecast | None, str]] = []
         state = current
         for step in steps:
-            reason = _applies(step, state, self.keep, self.never)
+            reason = _applies(step, self.in_force(state), self.keep, self.never)
             if reason:
                 forms.append((step, None, None, reason))
                 continue
@@ -655,6 +664,8 @@ def _restricts_nothing(directive: Directive) -> bool:
         return words == {"no"} or words >= set(NAMESPACE_FLAGS)
     if directive.name == "CapabilityBoundingSet":
         return words >= set(CAPABILITIES)
+    if directive.name in KNOWN and KNOWN[directive.name].kind is BOOL:
+        return directive.value == "no"  # every boolean of the catalogue restricts nothing when off
     return DEFAULTS.get(directive.name) == directive.value
 
 

@@ -157,14 +157,14 @@ class Combined(Directive):
 def effective_hardening(own: Sequence[Directive], spec: Sequence[Directive]) -> tuple[Directive, ...]:
     """The directives in force when the spec's drop-in is read after the unit: the unit's own, then the spec's. A
     single value of the spec's replaces the unit's (the unit's is not in force); a list adds to it (one
-    :class:`Combined` directive, at the unit's place)."""
+    :class:`Combined` directive, at the unit's place) unless its first assignment is empty, which resets it."""
     ours = {d.name: d for d in spec}
     out: list[Directive] = []
     for directive in own:
         mine = ours.get(directive.name)
         if mine is None:
             out.append(directive)
-        elif accumulates(directive.name):
+        elif accumulates(directive.name) and mine.assignments[:1] != ("",):  # an empty first one resets it
             out.append(Combined(directive.name, directive.assignments + mine.assignments, mine.line,
                                 parts=(directive, mine)))
     combined = {d.name for d in out if isinstance(d, Combined)}
@@ -236,6 +236,31 @@ def accumulates(name: str) -> bool:
     return kind.signature.startswith(("a", "(")) or kind in (CAPS, NAMESPACES)
 
 
+def wrap_exec_start(settings: Sequence[Setting], wrapper: Sequence[str], unit: str) -> str:
+    """A drop-in resetting ``ExecStart=`` and setting each of the unit's own ``ExecStart=`` lines again, run by
+    ``wrapper`` (its last word ``--``): the command line is kept as systemd reads it (specifiers, quoting and
+    ``$VAR`` expand as before), its prefixes (``-``, ``+``, ``!``, ``:``) move in front of the wrapper. Everything
+    else (Type=, PIDFile=, User=, ExecStartPre=) stays the unit's. :class:`ValueError` when there is nothing to
+    wrap, or an ``@`` prefix (its argv[0] cannot be handed through the wrapper)."""
+    lines: list[str] = []
+    for setting in settings:
+        if setting.key != "ExecStart":
+            continue
+        if not setting.value:
+            lines = []
+            continue
+        command = setting.value.lstrip("-@:+!")
+        prefix = setting.value[:len(setting.value) - len(command)]
+        if "@" in prefix:
+            raise ValueError(f"ExecStart={setting.value} ({setting.source}:{setting.line}) sets its own argv[0] "
+                             "with @, which the tracer cannot hand on")
+        lines.append(f"ExecStart={prefix}{' '.join(shlex.quote(w) for w in wrapper)} {command}")
+    if not lines:
+        raise ValueError(f"{unit} has no ExecStart= to wrap")
+    return "\n".join(["# Observation by pytest-systemd-harden: the unit's own ExecStart=, traced", "[Service]",
+                      "ExecStart=", *lines]) + "\n"
+
+
 def environment_files(settings: list[Setting], unit: str) -> list[Property]:
     """EnvironmentFile= lines as the transient property (path, ignore errors): a ``-`` prefix ignores a missing
     file, as in a unit file."""
@@ -265,6 +290,8 @@ class UnitUnderTest(abc.ABC):
         # of* the unit's own (a diagnosis' trial relaxing the unit's own directives: it resets what the unit sets).
         # The spec's hardening is then all there is: own_directives() is empty.
         self.replacing_dropin: str | None = None
+        # Drop-ins for the unit alone, not for its inside commands (the observation's ExecStart= wrapper).
+        self.own_dropins: dict[str, str] = {}
         self._written: list[str] = []
 
     @property
@@ -299,6 +326,10 @@ class UnitUnderTest(abc.ABC):
         self._written.clear()
         return True
 
+    def check(self) -> None:
+        """Before any test: raise a one-line :class:`SpecError` if the unit cannot be tested as the spec names it
+        (a unit the machine does not have, a unit file systemd rejects). Leaves the machine as it found it."""
+
     @abc.abstractmethod
     def start(self) -> str:
         """Start the unit under the spec's hardening; return systemd's start job result ("done", "failed", ...)."""
@@ -331,6 +362,12 @@ class UnitUnderTest(abc.ABC):
     def effective(self) -> str:
         """The unit as systemd sees it (``systemctl cat``), or "" when there is no file to show."""
         return ""
+
+    def wrapped_exec_start(self, wrapper: Sequence[str]) -> str | None:
+        """A drop-in that runs the unit's own ``ExecStart=`` lines under ``wrapper`` (``strace ... --``), every
+        other setting as loaded; None when the spec's ``exec_start`` is the command (the caller wraps that).
+        Raises :class:`ValueError` for a command line the wrapper cannot take over."""
+        return None
 
     def as_one_file(self) -> str:
         """The unit and the spec's drop-in as one unit file (for ``systemd-analyze security --offline``), or ""
@@ -394,7 +431,7 @@ class LoadedUnit(UnitUnderTest):
         super().__init__(machine, spec, name)
         # The drop-in sits beside the unit's own name: for a template, the template's (as a package ships it).
         self.file_name = file_name
-        self.dropin_path = f"{UNIT_DIR}/{file_name}.d/{DROPIN_NAME}"
+        self.dropin_path = spec.service.dropin_path
 
     def command_properties(self) -> list[Property]:
         props = super().command_properties()
@@ -417,6 +454,8 @@ class LoadedUnit(UnitUnderTest):
         """Put the unit's files in place (the drop-in; a unit file of the spec's), then daemon-reload."""
         self._write(self.dropin_path, self.spec.dropin() if self.replacing_dropin is None else self.replacing_dropin)
         self._write_extra_dropins()
+        for file_name, text in self.own_dropins.items():
+            self._write(f"{self.dropin_dir}/{file_name}", text)
 
     def start(self) -> str:
         try:
@@ -469,6 +508,9 @@ class LoadedUnit(UnitUnderTest):
         result = self.machine.run(["systemctl", "cat", "--no-pager", "--", self.name], purpose="cat")
         return result.stdout if result.ok else ""
 
+    def wrapped_exec_start(self, wrapper: Sequence[str]) -> str | None:
+        return wrap_exec_start(self.own_settings(), wrapper, self.name)
+
     def describe(self) -> str:
         return f"unit: {self.name} as systemd loads it, with the hardening as {self.dropin_path}"
 
@@ -491,6 +533,14 @@ class UnitFileUnit(LoadedUnit):
         self._write(f"{UNIT_DIR}/{self.file_name}", self.spec.service.unit_file.read_text())
         self._check_syntax()
         super()._install()
+
+    def check(self) -> None:
+        assert self.spec.service.unit_file is not None
+        self._write(f"{UNIT_DIR}/{self.file_name}", self.spec.service.unit_file.read_text())
+        try:
+            self._check_syntax()
+        finally:
+            self._remove_written()  # never loaded: no daemon-reload needed
 
     def _check_syntax(self) -> None:
         """systemd's own verdict on the file (``systemd-analyze verify``, in the machine), as a one-line error
@@ -517,6 +567,9 @@ class UnitFileUnit(LoadedUnit):
 class InstalledUnit(LoadedUnit):
     """``service: {unit: foo.service}``: the unit a package installs, as installed."""
 
+    def check(self) -> None:
+        self._check_loaded()  # as booted: the package's unit, before the test writes anything
+
     def _not_found(self) -> SpecError:
         packages = self.spec.machine.packages
         if not packages:
@@ -534,6 +587,13 @@ class InstalledUnit(LoadedUnit):
                 line.rsplit("/", 1)[-1] for line in result.stdout.splitlines()
                 if re.search(r"/systemd/system/[^/]+\.service$", line))
         return shipped
+
+
+def check_unit(machine: Machine, spec: Spec) -> None:
+    """Before any test runs: the unit ``spec`` names exists on ``machine`` and systemd reads its unit file without
+    complaint; else a one-line :class:`SpecError` (the package listing, or systemd's message with file and line)."""
+    if spec.service.unit_name:
+        unit_under_test(machine, spec, "", list).check()
 
 
 def unit_under_test(machine: Machine, spec: Spec, transient_name: str,

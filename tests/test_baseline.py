@@ -65,6 +65,13 @@ def test_observe_reads_outcomes_exposure_and_the_hardening(make_spec: MakeSpec) 
     assert (seen.enforced, seen.unenforced, seen.denied, seen.allowed) == (None, None, None, None)
 
 
+def test_observe_takes_the_hardening_in_force_of_a_unit_from_its_start_record(make_spec: MakeSpec) -> None:
+    spec = make_spec(SPEC)
+    in_force = {"PrivateTmp": "yes", "DynamicUser": "yes", "ProtectKernelTunables": "yes"}  # the unit's own + spec's
+    seen = observe([record("start", name=START, hardening_in_force=in_force)], spec)
+    assert seen.hardening == in_force
+
+
 def test_observe_reads_enforcement_and_denial_records() -> None:
     seen = observe([
         record("enforcement", name="ProtectSystem=strict is enforced", directive="ProtectSystem"),
@@ -396,3 +403,34 @@ def test_what_was_tested_is_kept_and_a_version_change_is_shown_beside_a_regressi
     message = render(changes, "harden.yaml", tmp_path / "baseline.yaml")
     assert "what was tested changed since the baseline:\n    package harden-demo 1.0 -> 1.1" in message
     assert compare(old, old).versions == []
+
+
+UNIT = """\
+[Service]
+Type=exec
+ExecStart=/bin/sleep infinity
+PrivateTmp=yes
+ProtectHostname=yes
+"""
+UNIT_SPEC = """\
+service:
+  unit_file: app.service
+hardening:
+  ProtectKernelTunables: yes
+scenarios:
+  - name: reads /etc
+    inside: cat /etc/hostname
+"""
+
+
+def test_a_directive_dropped_from_the_units_own_file_is_a_baseline_regression(pytester: pytest.Pytester) -> None:
+    (pytester.path / "app.service").write_text(UNIT)
+    (pytester.path / "harden.yaml").write_text(UNIT_SPEC)
+    assert run(pytester, "--harden-baseline-update").ret == 0
+    entry = yaml.safe_load((pytester.path / "ci" / "baseline.yaml").read_text())["specs"]["../harden.yaml"]
+    assert entry["hardening"] == {"PrivateTmp": "yes", "ProtectHostname": "yes", "ProtectKernelTunables": "yes"}
+    (pytester.path / "app.service").write_text(UNIT.replace("PrivateTmp=yes\n", ""))  # the package's new unit
+    dropped = run(pytester)
+    assert dropped.ret == 1
+    dropped.stdout.fnmatch_lines(["*harden.yaml::baseline FAILED*",
+                                  "  - PrivateTmp=yes was dropped from the hardening (it was in force in the baseline)"])

@@ -335,6 +335,23 @@ def test_dynamic_user_is_never_stacked_on_a_user_of_the_service() -> None:
     assert outcome(from_unit, "DynamicUser=yes")[0] == "excluded"
 
 
+def test_the_search_starts_from_the_unit_as_loaded() -> None:
+    # A unit file's own hardening is in force under the drop-in: what it has is not added again, what it has weaker
+    # is strengthened, its allow list gets no second one, and only the drop-in (the spec's hardening) changes.
+    own = tuple(Directive(d.name, d.assignments, 7, "/etc/systemd/system/app.service")
+                for d in hardening(PrivateTmp=True, ProtectSystem="full", User="app",
+                                   SystemCallFilter="@system-service"))
+    result = run(World(), own=own)
+    for name in ("PrivateTmp=yes", "SystemCallFilter=@system-service"):
+        assert outcome(result, name)[0] == "skipped", name
+    assert outcome(result, "ProtectSystem=strict")[0] in ("added", "narrowed")
+    assert outcome(result, "DynamicUser=yes")[0] == "excluded"  # the unit's User= would be replaced
+    assert {d.source for d in result.after} == {""}  # the unit's own lines are never written into the drop-in
+    assert not any(line.startswith(("PrivateTmp=", "SystemCallFilter=@system-service")) for line in lines(result))
+    alone = run(World())  # the same search with nothing of the unit's: the steps are added
+    assert outcome(alone, "PrivateTmp=yes")[0] == "added"
+
+
 def test_a_deny_list_never_repeats_a_name() -> None:
     mine = hardening(SystemCallFilter="~@privileged @resources")
     result = run(World(), directives=mine)
@@ -342,3 +359,11 @@ def test_a_deny_list_never_repeats_a_name() -> None:
     (syscall_filter,) = [d for d in result.after if d.name == "SystemCallFilter"]
     words = [w for a in syscall_filter.assignments for w in a.lstrip("~").split()]
     assert len(words) == len(set(words)), syscall_filter.assignments
+
+
+def test_a_boolean_refined_to_off_is_rejected_not_written() -> None:
+    # memcached (as root, dropping to its user) fails under DynamicUser=yes and PrivateUsers=yes: "=no" is no
+    # narrowing, and a drop-in line that restricts nothing is noise.
+    result = run(World(setuid=True))
+    assert outcome(result, "NoNewPrivileges=yes")[0] == "rejected"
+    assert "NoNewPrivileges=no" not in lines(result)

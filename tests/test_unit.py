@@ -9,11 +9,20 @@ from pathlib import Path
 import pytest
 
 from pytest_systemd_harden.backends.base import Machine, MachineConfig
+from pytest_systemd_harden.directives import Directive
 from pytest_systemd_harden.errors import ServiceFailed, SpecError
 from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.service import HardenedService
 from pytest_systemd_harden.spec import load_spec
-from pytest_systemd_harden.unit import expand_specifiers, own_directives, parse_systemctl_cat
+from pytest_systemd_harden.unit import (
+    effective_hardening,
+    expand_specifiers,
+    own_directives,
+    own_directives_from_files,
+    parse_systemctl_cat,
+    unit_files_in,
+    wrap_exec_start,
+)
 
 UNIT = """\
 [Unit]
@@ -155,8 +164,6 @@ def test_a_unit_that_restarts_itself_fails_its_start_at_once(machine: Machine, t
 
 
 def test_a_package_unit_is_read_from_the_image_as_systemd_finds_it(tmp_path: Path) -> None:
-    from pytest_systemd_harden.unit import own_directives_from_files, unit_files_in
-
     lib = tmp_path / "usr/lib/systemd/system"
     (lib / "foo@.service.d").mkdir(parents=True)
     (lib / "foo@.service").write_text("[Service]\nExecStart=/bin/foo\nPrivateTmp=true\nStateDirectory=foo-%i\n")
@@ -173,3 +180,48 @@ def test_a_package_unit_is_read_from_the_image_as_systemd_finds_it(tmp_path: Pat
     assert found["PrivateTmp"].value == "yes"  # systemd's boolean, as the spec writes it
     assert found["StateDirectory"].value == "foo-a"
     assert unit_files_in(tmp_path, "bar.service") is None
+
+
+def test_the_tracer_wraps_the_units_own_exec_start_keeping_its_prefixes() -> None:
+    text = ("# /usr/lib/systemd/system/foo.service\n[Service]\nExecStart=/bin/old\nExecStart=\n"
+            "ExecStart=-/usr/bin/foo --port %i \"a b\"\nExecStartPre=/bin/true\n"
+            "# /etc/systemd/system/foo.service.d/x.conf\n[Service]\nExecStart=+/usr/bin/bar\n")
+    dropin = wrap_exec_start(parse_systemctl_cat(text), ["strace", "-o", "/run/t", "--"], "foo.service")
+    assert dropin.splitlines()[1:] == [
+        "[Service]", "ExecStart=", "ExecStart=-strace -o /run/t -- /usr/bin/foo --port %i \"a b\"",
+        "ExecStart=+strace -o /run/t -- /usr/bin/bar"]
+    with pytest.raises(ValueError, match="argv"):
+        wrap_exec_start(parse_systemctl_cat("# /x.service\n[Service]\nExecStart=@/bin/sh foo\n"), ["s"], "x.service")
+    with pytest.raises(ValueError, match="no ExecStart"):
+        wrap_exec_start(parse_systemctl_cat("# /x.service\n[Service]\nType=oneshot\n"), ["s"], "x.service")
+
+
+def test_a_drop_in_adds_to_a_units_list_and_replaces_its_single_values() -> None:
+    unit = (Directive("ProtectSystem", ("full",), 3, "/u"), Directive("SystemCallFilter", ("@system-service",), 4, "/u"))
+    spec = (Directive("ProtectSystem", ("strict",), 9), Directive("SystemCallFilter", ("~@setuid",), 10),
+            Directive("ReadWritePaths", ("/srv",), 11))
+    assert {d.name: d.assignments for d in effective_hardening(unit, spec)} == {
+        "ProtectSystem": ("strict",), "SystemCallFilter": ("@system-service", "~@setuid"), "ReadWritePaths": ("/srv",)}
+
+
+@pytest.mark.parametrize(("service", "unit_text", "machine_section", "error"), [
+    ("{unit: no-such-daemon.service}", UNIT, "",
+     ("harden.yaml:1: service.unit: no unit no-such-daemon.service on the machine (add the package that ships it to "
+     "machine.packages)")),
+    ("{unit: redis-server.service}", UNIT, "machine: {packages: [memcached]}\n",
+     ("harden.yaml:1: service.unit: no package in machine.packages ships redis-server.service (memcached ships "
+     "memcached.service)")),
+    ("{unit_file: echo@.service, instance: '8083'}", UNIT.replace("PrivateTmp=yes", "PrivateTmp yes"), "",
+     "echo@.service:8: Missing '=', ignoring line. (systemd-analyze verify, on the machine)"),
+], ids=["no such unit", "no package ships it", "unit file systemd rejects"])
+def test_a_unit_that_cannot_be_tested_is_one_line_before_any_test_runs(
+        pytester: pytest.Pytester, service: str, unit_text: str, machine_section: str, error: str) -> None:
+    spec_with(pytester.path, service, unit_text)
+    with (pytester.path / "harden.yaml").open("a") as spec:
+        spec.write(machine_section + "scenarios:\n  - {name: answers, client: 'true'}\n")
+    (pytester.path / "test_other.py").write_text("def test_other() -> None:\n    pass\n")
+    result = pytester.runpytest("-v", "--harden-require-backend", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    lines = [line for line in result.stderr.lines if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ERROR: ") and lines[0].endswith(error), result.stderr.lines
+    assert not any(word in result.stdout.str() for word in ("PASSED", "FAILED", "SKIPPED")), result.stdout.str()

@@ -94,13 +94,18 @@ def test_a_culprit_in_the_unit_file_itself_is_named_and_overridden_by_a_drop_in(
         "*harden.yaml::the page is served FAILED*",
         "*harden.yaml::ProtectHome=yes (pages.service:6) is enforced PASSED*",
     ])
+    # The observation (strace of the unit's own ExecStart=) saw the one file the server reads: the narrowest
+    # relaxation shows an empty home with just that file, and its drop-in resets the unit's list before adding to it.
     result.stdout.fnmatch_lines([
         "  culprit: ProtectHome=yes (pages.service:6)",
-        "    smallest relaxation: *read-only*",
+        "    the service needs: read access to /home/pub/index.html",
+        "    smallest relaxation: *ProtectHome=tmpfs*BindReadOnlyPaths=-/home/pub/index.html",
         ("  verified: the scenario passes with only this change, and with this drop-in written as a file after the "
         "spec's:"),
         "    [[]Service]",
-        "    ProtectHome=read-only",
+        "    ProtectHome=tmpfs",
+        "    BindReadOnlyPaths=",
+        "    BindReadOnlyPaths=-/home/pub/index.html",
     ])
 
 

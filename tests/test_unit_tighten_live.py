@@ -1,0 +1,119 @@
+"""Tighten on a unit systemd loads from a file: it starts from the unit as loaded, its result is a drop-in for that
+unit; its observation wraps the unit's own ExecStart= in a drop-in, and the unit keeps its type, PIDFile=, User= and
+ExecStartPre=."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pytest_systemd_harden.backends.base import Machine
+from pytest_systemd_harden.scenarios import observe, tighten_service
+from pytest_systemd_harden.service import HardenedService
+from pytest_systemd_harden.spec import Spec
+
+# A server on 127.0.0.1:PORT that says it is ready the way its Type= wants: READY=1 from the main process
+# (notify), or the parent exiting after the daemon listens (forking, with or without a PIDFile=).
+SERVE = "[c.close() for c, _ in iter(l.accept, None)]"
+NOTIFY = ("import os, socket; l = socket.create_server(('127.0.0.1', PORT)); p = os.environ['NOTIFY_SOCKET']; "
+          "n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); n.connect(chr(0) + p[1:] if p[0] == '@' else p); "
+          "n.send(b'READY=1'); " + SERVE)
+FORK = ("import os, socket, sys; l = socket.create_server(('127.0.0.1', PORT)); pid = os.fork(); "
+        "pid and (len(sys.argv) < 2 or open(sys.argv[1], 'w').write(str(pid))) and os._exit(0); os.setsid(); "
+        + SERVE)
+
+UNITS = {
+    "notify": ("Type=notify", NOTIFY, ""),
+    "forking with PIDFile=": ("Type=forking\nPIDFile=/run/obs-PORT/pid", FORK, " /run/obs-PORT/pid"),
+    "forking without PIDFile=": ("Type=forking", FORK, ""),
+}
+
+MAIN_PID = """  - name: systemd's main process is the server, not the tracer
+    client: sh -c 'cat /proc/$(systemctl show -P MainPID obs-PORT.service)/comm'
+    expect: {stdout: python3}"""
+SPEC = """
+service:
+  unit_file: obs-PORT.service
+  ready: {tcp: PORT}
+hardening:
+  ProtectSystem: strict
+  SystemCallFilter: ["@system-service"]
+scenarios:
+  - name: answers
+    client: python3 -c "import socket; socket.create_connection(('127.0.0.1', PORT)).close()"
+MAIN_PID
+  - name: ExecStartPre= ran before, as the unit's User=
+    inside: stat -c %U /run/obs-PORT/pre
+    expect: {stdout: daemon}
+"""
+
+
+@pytest.mark.parametrize("kind", list(UNITS))
+def test_a_loaded_unit_is_traced_with_its_own_type_user_and_pidfile(
+        machine: Machine, make_spec: Callable[[str], Spec], tmp_path: Path, kind: str) -> None:
+    port = str(8095 + list(UNITS).index(kind))
+    settings, code, argument = UNITS[kind]
+    (tmp_path / f"obs-{port}.service").write_text(
+        f"[Service]\n{settings}\nUser=daemon\nRuntimeDirectory=obs-{port}\n"
+        f"ExecStartPre=/usr/bin/touch /run/obs-{port}/pre\n"
+        f'ExecStart=/usr/bin/python3 -c "{code}"{argument}\n'.replace("PORT", port))
+    # Measured (systemd 257): with the tracer a second child of systemd beside the daemon, systemd cannot guess a
+    # forking unit's main PID without PIDFile= (MainPID=0); the unit still runs and stops with its cgroup.
+    main_pid = "" if kind == "forking without PIDFile=" else MAIN_PID
+    text = SPEC.replace("MAIN_PID", main_pid).replace("PORT", port)
+    spec = make_spec(text)
+    service = HardenedService(machine, spec)
+    service.start()
+    try:
+        observation = observe(service)
+    finally:
+        service.stop()
+    assert not observation.failures, observation.failures
+    assert "AF_INET" in observation.families and "the service" in observation.families["AF_INET"]
+    assert f"127.0.0.1:{port}" in observation.binds
+
+
+NOTES = """[Service]
+Type=exec
+DynamicUser=yes
+StateDirectory=notes-%i
+PrivateTmp=yes
+ProtectSystem=strict
+ExecStart=/usr/bin/python3 -m http.server --bind 127.0.0.1 --directory /var/lib/notes-%i %i
+"""
+NOTES_SPEC = """
+service:
+  unit_file: notes@.service
+  instance: "8099"
+  ready: {tcp: 8099}
+hardening:
+  NoNewPrivileges: yes
+scenarios:
+  - name: serves its state directory
+    client: python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8099/')"
+"""
+
+
+def test_tighten_starts_from_the_unit_as_loaded(machine: Machine, make_spec: Callable[[str], Spec],
+                                                tmp_path: Path) -> None:
+    (tmp_path / "notes@.service").write_text(NOTES)
+    spec = make_spec(NOTES_SPEC)
+    service = HardenedService(machine, spec)
+    service.start()
+    try:
+        result = tighten_service(service, never=["PrivateUsers"])
+    finally:
+        service.stop()
+    assert not result.note and result.dropin_verified
+    kept = {o.step.name.split(":")[0]: o.kept for o in result.outcomes}
+    # the unit's own: not added again (with DynamicUser= there, no StateDirectory=notes-8099 for every instance)
+    for own in ("DynamicUser=yes", "PrivateTmp=yes", "ProtectSystem=strict"):
+        assert kept[own] == "skipped", (own, kept[own])
+    lines = result.dropin().splitlines()
+    assert not any(line.startswith(("DynamicUser=", "StateDirectory=", "PrivateTmp=")) for line in lines), lines
+    assert "ProtectKernelTunables=yes" in lines and "NoNewPrivileges=yes" in lines
+    # the service itself was traced through its unit file's ExecStart=, not only the scenarios
+    assert result.observation is not None and "AF_INET" in result.observation.families
+    assert spec.service.dropin_path == "/etc/systemd/system/notes@.service.d/harden.conf"
