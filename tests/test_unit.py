@@ -140,10 +140,17 @@ def test_a_package_daemon_is_masked_at_boot_unless_the_spec_tests_it(harden_pool
     spec = load_spec(spec_path)
     tested = harden_pool.machine_for(spec.machine)
     assert tested.masked_at_boot == ()
+    # The tested unit is held back at boot: its first start is the test's, under the drop-in, as on a host where
+    # the drop-in ships with the package. Released once booted, it loads from its own file again.
+    assert tested.held_at_boot == ("memcached.service",)
+    state = tested.run("systemctl is-active memcached.service; systemctl is-enabled memcached.service")
+    assert state.stdout.split()[:2] == ["inactive", "enabled"], state
     service = HardenedService(tested, spec)
     service.start()
     try:
         assert service.state()["ActiveState"] == "active"
+        starts = tested.run("journalctl -b -o cat -u memcached.service | grep -c '^Started memcached'")
+        assert starts.stdout.strip() == "1", starts  # the test's start, not one at boot before it
     finally:
         service.stop()
 

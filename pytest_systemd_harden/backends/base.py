@@ -94,6 +94,31 @@ class MachineConfig:
                                    "service needs running")
         return tuple(unit for unit in enabled if unit not in (*self.services, self.tested_unit))
 
+    def boot_holds(self, rootfs: Path) -> tuple[str, ...]:
+        """The units to hold back at boot and release once booted: the tested unit, if a package enables it. Its
+        first start must be the test's, under the drop-in, as on a host where the drop-in ships with the package:
+        a start at boot without it would make state (a key an ExecStartPre= writes, a directory it creates) that
+        the hardened unit then never has to make itself."""
+        return (self.tested_unit,) if self.tested_unit and self.tested_unit in package_units(rootfs) else ()
+
+
+# Holds the tested unit back at boot (MachineConfig.boot_holds): a systemd generator, run at boot and at every
+# daemon-reload, that masks each unit named by pytest_systemd_harden.hold= on the machine's command line (PID 1's:
+# a container's systemd reads its arguments as its kernel command line) until HOLD_RELEASED exists. A
+# systemd.mask= could not be taken back: its mask wins over every unit directory and returns at each reload.
+HOLD_RELEASED = "/run/pytest-systemd-harden/booted"
+HOLD_ARGUMENT = "pytest_systemd_harden.hold"
+HOLD_GENERATOR_PATH = "/etc/systemd/system-generators/pytest-systemd-harden-hold"
+HOLD_GENERATOR = f"""#!/bin/sh
+# pytest-systemd-harden: hold the unit under test back at boot; its first start is the test's, under its drop-in.
+[ -e {HOLD_RELEASED} ] && exit 0
+for argument in $(tr '\\0' ' ' < /proc/1/cmdline); do
+    case "$argument" in
+        {HOLD_ARGUMENT}=*) ln -sf /dev/null "$2/${{argument#*=}}" ;;
+    esac
+done
+"""
+
 
 def timeout_note(timeout: float, killed_by: int | None) -> str:
     """What a command's stderr gets when it was killed at its timeout: how, and whether it ignored SIGTERM."""
@@ -137,6 +162,9 @@ class Machine(abc.ABC):
     _tested: dict[str, Any] | None = field(default=None, init=False, repr=False)
     # Package units masked at this boot (MachineConfig.boot_masks), for the boot line.
     masked_at_boot: tuple[str, ...] = field(default=(), init=False)
+    # The tested unit held back at this boot and released once booted (MachineConfig.boot_holds), for the boot
+    # line; a backend that cannot hold it leaves this empty.
+    held_at_boot: tuple[str, ...] = field(default=(), init=False)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -194,9 +222,22 @@ class Machine(abc.ABC):
             self._systemd = client
             client.connect()
             client.wait_until_booted(self.boot_timeout)
+            if self.held_at_boot:
+                self._release_holds()
         except BaseException:
             self.shutdown()
             raise
+
+    def _release_holds(self) -> None:
+        """Let the units held at boot load again (the boot's transaction is done: nothing starts them now): the
+        hold generator (:data:`HOLD_GENERATOR`) holds nothing once the flag file exists, and a daemon-reload
+        reruns it."""
+        made = self.run(["/bin/sh", "-c", f"mkdir -p {HOLD_RELEASED.rsplit('/', 1)[0]} && : > {HOLD_RELEASED}"],
+                        purpose="boot")
+        if not made.ok:
+            raise MachineError(f"could not release {', '.join(self.held_at_boot)}, held at boot: "
+                               f"{made.status_text()}: {made.stderr.strip()}")
+        self.systemd.reload()
 
     def shutdown(self) -> None:
         client, self._systemd = self._systemd, None

@@ -27,10 +27,10 @@ from ..cgroups import Contained, host_runs_systemd
 from ..errors import BackendUnavailable, ImageBuildError, MachineError
 from ..images import Image, package_version
 from ..probes.inside import GUARD_KERNEL
-from ..staging import remove_tree
+from ..staging import remove_tree, write_atomically
 from ..systemd import SocketConnector
 from . import userns
-from .base import Machine, Progress, proportional_set_size
+from .base import HOLD_ARGUMENT, HOLD_GENERATOR, HOLD_GENERATOR_PATH, Machine, Progress, proportional_set_size
 
 __all__ = ["NspawnMachine", "check_available", "host_runs_systemd", "remove_runtime_directory",
            "sweep_runtime_leftovers"]
@@ -125,6 +125,8 @@ class NspawnMachine(Machine):
     def command_line(self, rootfs: Path) -> list[str]:
         idmap = ":idmap" if self.uid_base is not None and self.idmapped_files else ""
         binds = [f"--bind-ro={host}:{dest}{idmap}" for dest, host in self.config.files]
+        if self.held_at_boot:
+            binds.append(f"--bind-ro={self._hold_generator_file()}:{HOLD_GENERATOR_PATH}{idmap}")
         users = [] if self.uid_base is None else [
             f"--private-users={self.uid_base}:{userns.RANGE}", "--private-users-ownership=off"]
         return [
@@ -142,7 +144,18 @@ class NspawnMachine(Machine):
             *binds,
             # Arguments for the container's systemd, which reads them as its kernel command line.
             *(f"systemd.mask={unit}" for unit in self.masked_at_boot),
+            *(f"{HOLD_ARGUMENT}={unit}" for unit in self.held_at_boot),
         ]
+
+    def _hold_generator_file(self) -> Path:
+        """The hold generator's file on the host, in the image cache (the same text for every machine); OSError
+        where the cache is read-only and has none yet."""
+        path = self.image_cache.cache_dir / "hold-generator"
+        if not path.is_file() or path.read_text() != HOLD_GENERATOR:
+            write_atomically(path, HOLD_GENERATOR)
+        if path.stat().st_mode & 0o777 != 0o755:
+            path.chmod(0o755)
+        return path
 
     def _start(self, progress: Progress) -> str:
         check_available()
@@ -151,6 +164,14 @@ class NspawnMachine(Machine):
                                                   debs=self.config.debs)
         rootfs = image.rootfs
         self.masked_at_boot = self.config.boot_masks(image.rootfs)
+        self.held_at_boot = self.config.boot_holds(image.rootfs)
+        if self.held_at_boot:
+            try:
+                self._hold_generator_file()
+            except OSError as exc:
+                progress(f"{self.name}: {', '.join(self.held_at_boot)} starts at boot as installed, without the "
+                         f"drop-in: the generator that holds it back cannot be written to the cache ({exc})")
+                self.held_at_boot = ()
         if not self.config.privileged:
             self.uid_base = userns.base_for(image.key)
             rootfs = userns.shifted_rootfs(image.rootfs, self.uid_base)
