@@ -39,14 +39,18 @@ from .probes.catalogue import (
     FAMILIES,
     FILESYSTEM_PATHS,
     LOOPBACK_TARGETS,
+    MACHINE_ADDRESS,
+    MACHINE_TARGET,
     SYSCALLS,
     Denial,
 )
 from .probes.model import Probe, ProbeResult
 from .probes.runner import (
+    IPC_PROBE,
     Batch,
     MachineFacts,
     ProbeProgramError,
+    ipc_lifecycle,
     machine_facts,
     on_machine,
     probe_interpreter,
@@ -197,6 +201,14 @@ def executable(path: str, because: str) -> Check:
     return Check(Probe("exec", path), f"programs under {path} can still be executed despite {because}",
                  lambda observed, _machine: observed.facts.get("noexec") is False and not observed.denied,
                  needs="noexec", baselines=(), reverse=True, explain=lambda _observed: f"{path} is mounted noexec")
+
+
+def inaccessible(path: str) -> Check:
+    """``path`` replaced by one of systemd's inaccessible nodes (mode 000): seen by stat(2), whoever looks, so it
+    shows even where the original was already closed to the service's user (/proc/kmsg is root's)."""
+    return Check(Probe("read", path), f"{path} is replaced by an inaccessible node (mode 000)",
+                 lambda observed, _machine: observed.facts.get("mode") == 0, needs="mode",
+                 explain=lambda observed: f"{path} has mode {observed.facts.get('mode', 0):04o}")
 
 
 def private(path: str, what: str) -> Check:
@@ -604,7 +616,8 @@ def _protect_hostname(d: Directive, ctx: Context) -> Expectations:
 @expects("ProtectKernelModules")
 def _protect_kernel_modules(d: Directive, ctx: Context) -> Expectations:
     return [denial(Probe("syscall", "init_module"), ["EPERM"]), denial(Probe("syscall", "finit_module"), ["EPERM"]),
-            capabilities_absent(["CAP_SYS_MODULE"]), hidden("/usr/lib/modules"), hidden("/lib/modules")]
+            capabilities_absent(["CAP_SYS_MODULE"]), hidden("/usr/lib/modules"), hidden("/lib/modules"),
+            inaccessible("/usr/lib/modules")]
 
 
 @expects("ProtectKernelTunables")
@@ -614,8 +627,8 @@ def _protect_kernel_tunables(d: Directive, ctx: Context) -> Expectations:
 
 @expects("ProtectKernelLogs")
 def _protect_kernel_logs(d: Directive, ctx: Context) -> Expectations:
-    return [hidden("/proc/kmsg"), hidden("/dev/kmsg"), denial(Probe("syscall", "syslog"), ["EPERM"]),
-            capabilities_absent(["CAP_SYSLOG"])]
+    return [hidden("/proc/kmsg"), inaccessible("/proc/kmsg"), hidden("/dev/kmsg"),
+            denial(Probe("syscall", "syslog"), ["EPERM"]), capabilities_absent(["CAP_SYSLOG"])]
 
 
 @expects("ProtectClock")
@@ -842,7 +855,21 @@ def _lock_personality(d: Directive, ctx: Context) -> Expectations:
 
 @expects("RestrictRealtime")
 def _restrict_realtime(d: Directive, ctx: Context) -> Expectations:
-    return [denial(Probe("realtime"), ["EPERM"])]
+    # The filter itself, seen where no process may become realtime anyway (a container, an unprivileged user): an
+    # invalid request reaches the kernel's argument check (EINVAL) unless the filter stops it (EPERM).
+    return [denial(Probe("realtime"), ["EPERM"]), denial(Probe("realtime", "filter"), ["EPERM"])]
+
+
+@expects("RemoveIPC")
+def _remove_ipc(d: Directive, ctx: Context) -> Expectations:
+    if ctx.runs_as_root:
+        return "RemoveIPC= does nothing for a service that runs as root (systemd never removes root's IPC objects)"
+    if not any(x.name == "DynamicUser" and x.value == "yes" for x in ctx.directives):
+        return ("RemoveIPC= acts when the last unit of the service's user stops, and the service under test keeps "
+                "its static User= in use: no probe unit can show it (with DynamicUser=yes one can)")
+    return [Check(IPC_PROBE, "a POSIX shared memory object the user leaves is removed when its unit stops",
+                  lambda observed, _machine: observed.facts.get("removed") is True, needs="removed",
+                  explain=lambda _observed: "the object was still there after the unit stopped")]
 
 
 @expects("RestrictSUIDSGID")
@@ -857,21 +884,22 @@ def _ip_words(ctx: Context, name: str) -> list[str]:
 @expects("IPAddressDeny")
 def _ip_address_deny(d: Directive, ctx: Context) -> Expectations:
     allow = _ip_words(ctx, "IPAddressAllow")
-    checks = [denial(Probe("connect", target), ["EPERM"]) for target in LOOPBACK_TARGETS
+    checks = [denial(Probe("connect", target), ["EPERM"]) for target in (*LOOPBACK_TARGETS, MACHINE_TARGET)
               if ip_denied(target, d.value.split(), allow)]
-    return checks or (f"IPAddressDeny={d.value} (with IPAddressAllow={' '.join(allow) or 'nothing'}) denies no "
-                      "loopback address, and probes never leave the machine's loopback")
+    return checks or (f"IPAddressDeny={d.value} (with IPAddressAllow={' '.join(allow) or 'nothing'}) denies neither "
+                      f"loopback nor the machine's own {MACHINE_ADDRESS}, and probes never leave the machine")
 
 
 @expects("IPAddressAllow")
 def _ip_address_allow(d: Directive, ctx: Context) -> Expectations:
     deny = _ip_words(ctx, "IPAddressDeny")
     checks = []
-    for target in LOOPBACK_TARGETS:
+    for target in (*LOOPBACK_TARGETS, MACHINE_TARGET):
         if ip_denied(target, deny, []) and not ip_denied(target, deny, d.value.split()):
             checks.append(Check(Probe("connect", target), f"{target} stays reachable despite IPAddressDeny=",
                                 lambda observed, _machine: observed.allowed, baselines=(), reverse=True))
-    return checks or "IPAddressAllow= only matters for a loopback address IPAddressDeny= covers, and none is"
+    return checks or (f"IPAddressAllow= only matters for a probed address (loopback, {MACHINE_ADDRESS}) that "
+                      "IPAddressDeny= covers, and none is")
 
 
 @expects("SocketBindDeny")
@@ -1506,6 +1534,26 @@ def _device_rules_verdict(subject: Subject, outcomes: Sequence[CheckOutcome], pl
     return None
 
 
+# What a RemoveIPC= probe unit must not take from the service: a fresh dynamic user given the service's directories
+# would have them chowned to it.
+SERVICE_OWN_PROPERTIES = frozenset({
+    "User", "StateDirectory", "CacheDirectory", "LogsDirectory", "RuntimeDirectory", "ConfigurationDirectory",
+    "RuntimeDirectoryPreserve", "JoinsNamespaceOf", "After"})
+# The dynamic user of that unit: not the service's, which the running service keeps in use (systemd removes a
+# user's IPC objects only when its last unit stops).
+IPC_PROBE_USER = "harden-probe-ipc"
+
+
+def _with_ipc(probes: Sequence[Probe], batch: Callable[[list[Probe]], Batch],
+              lifecycle: Callable[[str], ProbeResult]) -> Batch:
+    """``batch`` of ``probes``, with the RemoveIPC= probe (if asked) run as a unit of its own (ipc_lifecycle)."""
+    rest = [probe for probe in unique(probes) if probe != IPC_PROBE]
+    result = batch(rest)
+    if IPC_PROBE not in probes:
+        return result
+    return Batch(result.label, {**result.results, IPC_PROBE: lifecycle(result.label)}, result.command)
+
+
 class ServiceHost:
     """A :class:`ProbeHost` for a started :class:`HardenedService` on its machine."""
 
@@ -1519,6 +1567,14 @@ class ServiceHost:
         return replace(machine_facts(machine), unenforced=machine_capabilities(machine).unenforced())
 
     def sandbox(self, probes: Sequence[Probe]) -> Batch:
+        # The object must outlive its unit: a unit of its own under the spec's directives, with a user of its own.
+        properties = [p for p in self.service._sandbox_properties() if p[0] not in SERVICE_OWN_PROPERTIES]
+        properties.append(("User", Variant("s", IPC_PROBE_USER)))
+        return _with_ipc(probes, self._sandbox, lambda label: ipc_lifecycle(
+            self.service.machine, on_machine(self.service.machine, properties, purpose="probe-ipc"),
+            f"{label} (a unit of its own, user {IPC_PROBE_USER})"))
+
+    def _sandbox(self, probes: Sequence[Probe]) -> Batch:
         label = f"in the sandbox of {self.service.unit}"
         directives = effective_hardening(self.service.under_test.own_directives(), self.service.spec.hardening)
         no_exec = [p for d in directives if d.name == "NoExecPaths" for p in _paths(d)]
@@ -1531,8 +1587,9 @@ class ServiceHost:
                          label, interpreter)
 
     def machine(self, probes: Sequence[Probe]) -> Batch:
-        return run_batch(on_machine(self.service.machine, purpose="probe-control"), probes,
-                         "on the machine without hardening")
+        run = on_machine(self.service.machine, purpose="probe-control")
+        return _with_ipc(probes, lambda rest: run_batch(run, rest, "on the machine without hardening"),
+                         lambda label: ipc_lifecycle(self.service.machine, run, label))
 
     def as_user(self, probes: Sequence[Probe], user: str | None, directives: Sequence[Directive]) -> Batch:
         properties: list[Property] = [p for d in directives for p in d.properties()]
@@ -1541,7 +1598,9 @@ class ServiceHost:
         if any(d.name == "DynamicUser" for d in directives) and not any(d.name == "User" for d in directives):
             properties.append(("User", Variant("s", user or "harden-probe-solo")))
         label = f"as {user or 'root'}" + (f" with only {', '.join(d.name for d in directives)}" if directives else "")
-        return run_batch(on_machine(self.service.machine, properties, purpose="probe-solo"), probes, label)
+        run = on_machine(self.service.machine, properties, purpose="probe-solo")
+        return _with_ipc(probes, lambda rest: run_batch(run, rest, label),
+                         lambda label: ipc_lifecycle(self.service.machine, run, label))
 
 
 def verify_service(service: HardenedService, denials: Sequence[Denial] | None = None,

@@ -439,3 +439,75 @@ def test_an_own_hardening_not_known_at_collection_is_one_item(make_spec: MakeSpe
     assert "ProtectHome" not in merged.message()
     gone = report.for_item("PrivateDevices=yes (m.service:99)", names)  # read from an image that changed since
     assert gone.status == UNVERIFIABLE and "run again" in gone.message()
+
+# --- directives a container hides: shown by what reaches the kernel, mount nodes and lifecycles ----------------
+
+def test_restrict_realtime_is_shown_by_an_invalid_request_where_nobody_may_become_realtime(make_spec: MakeSpec) -> None:
+    # No process of a container may become SCHED_FIFO, but SCHED_FIFO with priority 0 reaches the kernel's argument
+    # check (EINVAL) unless the filter stops it (EPERM): measured on nspawn, for root and for a dynamic user.
+    fifo, invalid = Probe("realtime"), Probe("realtime", "filter")
+    host = FakeHost(sandbox=[status(), denied(fifo, "EPERM"), denied(invalid, "EPERM")],
+                    machine=[status(), denied(fifo, "EPERM"), allowed(invalid)])
+    verdict = judged(make_spec, "  RestrictRealtime: yes\n", host)["RestrictRealtime=yes"]
+    assert verdict.status == ENFORCED, verdict.message()
+    unfiltered = FakeHost(sandbox=[status(), denied(fifo, "EPERM"), allowed(invalid)],
+                          machine=[status(), denied(fifo, "EPERM"), allowed(invalid)],
+                          solo={"RestrictRealtime": [allowed(invalid)]})
+    assert judged(make_spec, "  RestrictRealtime: yes\n", unfiltered)["RestrictRealtime=yes"].status == UNVERIFIABLE
+
+
+def test_protect_kernel_logs_shows_as_an_inaccessible_node_even_for_a_user_shut_out_already(
+        make_spec: MakeSpec) -> None:
+    kmsg = Probe("read", "/proc/kmsg")
+    host = FakeHost(sandbox=[status(uid=61200, user="svc"), denied(kmsg, "EACCES", mode=0)],
+                    machine=[status(), allowed(kmsg, object="1:2", mode=0o600)],
+                    user=[status(uid=61200, user="svc"), denied(kmsg, "EACCES", object="1:2", mode=0o600)])
+    verdict = judged(make_spec, "  ProtectKernelLogs: yes\n  DynamicUser: yes\n", host)["ProtectKernelLogs=yes"]
+    assert verdict.status == ENFORCED, verdict.message()
+    assert "replaced by an inaccessible node (mode 000): yes" in verdict.message()
+    # Absent altogether (ProcSubset=pid): nothing shows the directive's own mount, and no mode is made up.
+    hidden_by_subset = FakeHost(sandbox=[status(uid=61200, user="svc"), denied(kmsg, "ENOENT")],
+                                machine=[status(), allowed(kmsg, object="1:2", mode=0o600)],
+                                user=[status(uid=61200, user="svc"), denied(kmsg, "EACCES", mode=0o600)])
+    verdict = judged(make_spec, "  ProtectKernelLogs: yes\n  DynamicUser: yes\n",
+                     hidden_by_subset)["ProtectKernelLogs=yes"]
+    assert verdict.status == UNVERIFIABLE and "inaccessible node" in verdict.message()
+
+
+def test_ip_address_deny_with_localhost_allowed_is_shown_on_the_machines_own_address(make_spec: MakeSpec) -> None:
+    own = Probe("connect", "192.0.2.1:9")
+    loopback = Probe("connect", "127.0.0.1:9")
+    host = FakeHost(sandbox=[status(), denied(own, "EPERM"), allowed(loopback)],
+                    machine=[status(), allowed(own), allowed(loopback)])
+    report = judged(make_spec, "  IPAddressDeny: any\n  IPAddressAllow: localhost\n", host)
+    assert report["IPAddressDeny=any"].status == ENFORCED, report["IPAddressDeny=any"].message()
+    assert report["IPAddressAllow=localhost"].status == ENFORCED, report["IPAddressAllow=localhost"].message()
+    leaking = FakeHost(sandbox=[status(), allowed(own), allowed(loopback)],
+                       machine=[status(), allowed(own), allowed(loopback)],
+                       solo={"IPAddressDeny": [denied(own, "EPERM")]})
+    report = judged(make_spec, "  IPAddressDeny: any\n  IPAddressAllow: localhost\n", leaking)
+    assert report["IPAddressDeny=any"].status == NOT_ENFORCED
+    assert "send to 192.0.2.1:9 denied (EPERM)" in report["IPAddressDeny=any"].message()
+    # An allow list that covers the machine's address too leaves nothing to probe, and says so.
+    report = judged(make_spec, "  IPAddressDeny: any\n  IPAddressAllow: localhost 192.0.2.0/24\n", host)
+    assert report["IPAddressDeny=any"].status == UNVERIFIABLE
+    assert "denies neither loopback nor the machine's own 192.0.2.1" in report["IPAddressDeny=any"].message()
+
+
+def test_remove_ipc_is_judged_by_what_is_left_after_the_unit_stops(make_spec: MakeSpec) -> None:
+    ipc = Probe("ipc")
+    host = FakeHost(sandbox=[status(uid=61200, user="svc"), allowed(ipc, removed=True)],
+                    machine=[status(), allowed(ipc, removed=False)],
+                    user=[status(uid=61200, user="svc"), allowed(ipc, removed=False)])
+    hardening = "  RemoveIPC: yes\n  DynamicUser: yes\n"
+    assert judged(make_spec, hardening, host)["RemoveIPC=yes"].status == ENFORCED
+    kept = FakeHost(sandbox=[status(uid=61200, user="svc"), allowed(ipc, removed=False)],
+                    machine=[status(), allowed(ipc, removed=False)],
+                    user=[status(uid=61200, user="svc"), allowed(ipc, removed=False)],
+                    solo={"RemoveIPC": [allowed(ipc, removed=True)]})
+    verdict = judged(make_spec, hardening, kept)["RemoveIPC=yes"]
+    assert verdict.status == NOT_ENFORCED and "still there after the unit stopped" in verdict.message()
+    as_root = judged(make_spec, "  RemoveIPC: yes\n", host)["RemoveIPC=yes"]
+    assert as_root.status == UNVERIFIABLE and "root" in as_root.message()
+    static = judged(make_spec, "  RemoveIPC: yes\n  User: nobody\n", host)["RemoveIPC=yes"]
+    assert static.status == UNVERIFIABLE and "static User=" in static.message()

@@ -112,3 +112,40 @@ def test_the_probe_interpreter_follows_the_exec_policy() -> None:
     assert executable_under("/usr/lib/.harden-probe-python3", ["/"], ["/usr/bin/sleep", "/usr/lib"])
     assert not executable_under("/usr/lib/x/y", ["/"], ["/usr/libexec"])  # a prefix of the name is no parent
     assert executable_under("/usr/bin/python3.11", ["/tmp", "/var/tmp"], [])
+
+
+# What the container denies anyway, or what happens only after a unit stops, or only beyond loopback: each shown.
+KERNEL_FACING = """
+service:
+  exec_start: /bin/sleep infinity
+hardening:
+  DynamicUser: yes
+  RemoveIPC: yes
+  ProtectClock: yes
+  ProtectKernelModules: yes
+  ProtectKernelLogs: yes
+  RestrictRealtime: yes
+  IPAddressDeny: any
+  IPAddressAllow: localhost
+machine: {privileged: true}
+"""
+
+
+def test_kernel_facing_directives_remove_ipc_and_localhost_only_are_shown(pytester: pytest.Pytester,
+                                                                          machine: Machine) -> None:
+    if machine.NAME != "nspawn":
+        pytest.skip("what nspawn's own setup makes observable (@clock, @module, 192.0.2.1 on lo)")
+    pytester.makefile(".yaml", harden=KERNEL_FACING)
+    result = pytester.runpytest("-v", "-rA", "--harden-diagnose=off")
+    output = result.stdout.str()
+    result.assert_outcomes(passed=9)  # the start item and one per directive
+    result.stdout.fnmatch_lines([  # in the order of the items
+        "*a POSIX shared memory object the user leaves is removed when its unit stops: yes*",
+        "*adjtimex(2) denied (EPERM): yes*",
+        "*init_module(2) denied (EPERM): yes*",
+        "*/proc/kmsg is replaced by an inaccessible node (mode 000): yes*",
+        "*ask for SCHED_FIFO with priority 0 (invalid: EINVAL where no filter stops it) denied (EPERM): yes*",
+        "*send to 192.0.2.1:9 denied (EPERM): yes*",
+        "*127.0.0.1:9 stays reachable despite IPAddressDeny=: yes*",
+    ])
+    assert "cannot be verified" not in output, output

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import MachineError
 from ..images import DEFAULT_RELEASE, ImageCache, deb_package_name, package_units
+from ..probes.catalogue import MACHINE_ADDRESS
 from ..probes.runner import guarded_batch
 from ..result import CommandResult
 from ..systemd import COMMAND_KILL_GRACE, OutputFiles, Property, SocketConnector, SystemdClient
@@ -238,6 +239,15 @@ class Machine(abc.ABC):
             raise MachineError(f"could not release {', '.join(self.held_at_boot)}, held at boot: "
                                f"{made.status_text()}: {made.stderr.strip()}")
         self.systemd.reload()
+
+    def add_machine_address(self, progress: Progress) -> None:
+        """Put MACHINE_ADDRESS on the machine's own lo, for a machine whose network is its own (a container with a
+        private network, a VM without a network device; never the host backend): then IPAddressDeny=any with
+        IPAddressAllow=localhost has an address to deny that stays on the machine (docs/probes.md)."""
+        added = self.run(["ip", "address", "add", f"{MACHINE_ADDRESS}/32", "dev", "lo"], purpose="boot-address")
+        if added.exit_status != 0:
+            progress(f"{self.name}: could not add {MACHINE_ADDRESS} to its loopback interface ({added.status_text()}: "
+                     f"{added.stderr.strip()}): IPAddressDeny= checks stay on loopback")
 
     def shutdown(self) -> None:
         client, self._systemd = self._systemd, None

@@ -137,8 +137,11 @@ class NspawnMachine(Machine):
             "--private-network",  # only lo: nothing inside reaches the host's network
             "--link-journal=no", "--resolv-conf=off", "--timezone=off",
             "--console=read-only",
-            # IPAddressDeny= and friends need bpf() inside; nspawn's own filter blocks it by default.
-            "--system-call-filter=bpf",
+            # IPAddressDeny= and friends need bpf() inside; nspawn's own filter blocks it by default. @clock and
+            # @module pass nspawn's filter so that ProtectClock=/ProtectKernelModules= have something to deny: the
+            # kernel still refuses every change (the container has neither CAP_SYS_TIME nor CAP_SYS_MODULE on the
+            # host), but a read-only adjtimex() or an empty module image now reaches it, as on a host.
+            "--system-call-filter=bpf @clock @module",
             *rlimit_options(),
             *users,
             *binds,
@@ -197,6 +200,10 @@ class NspawnMachine(Machine):
         except BaseException:
             self._stop()
             raise
+
+    def boot(self, progress: Progress = lambda line: None) -> None:
+        super().boot(progress)
+        self.add_machine_address(progress)
 
     def capability_identity(self) -> dict[str, object]:
         # The command line decides what the container may do (namespaces, syscall filter, capabilities, user

@@ -171,6 +171,10 @@ class QemuMachine(Machine):
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
+    def boot(self, progress: Progress = lambda line: None) -> None:
+        super().boot(progress)
+        self.add_machine_address(progress)
+
     def _start(self, progress: Progress) -> str:
         check_available()
         image = self._image = vm_image(self.image_cache, self.config.packages, progress, release=self.config.release,

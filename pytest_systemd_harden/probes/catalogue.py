@@ -27,6 +27,12 @@ DEVICE_OUTSIDE_POLICY = "/dev/net/tun"
 NAMESPACES = tuple(NAMESPACE_FLAGS)
 FAMILIES = ("AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET", "AF_VSOCK")
 LOOPBACK_TARGETS = (f"127.0.0.1:{LOOPBACK_PORT}", f"[::1]:{LOOPBACK_PORT}")
+# An address of the machine's own network namespace that is not loopback (TEST-NET-1, never routed anywhere): a
+# machine of our own puts it on its lo at boot (Machine.MACHINE_ADDRESS), so that IPAddressDeny=any with
+# IPAddressAllow=localhost has something to deny while every packet stays on the machine. The connect probe sends
+# to a non-loopback address only when it is a local address of the sender's network namespace.
+MACHINE_ADDRESS = "192.0.2.1"
+MACHINE_TARGET = f"{MACHINE_ADDRESS}:{LOOPBACK_PORT}"
 NAMESPACE_FILES = tuple(f"/proc/self/ns/{kind}" for kind in ("net", "uts", "ipc", "mnt", "user", "cgroup", "pid"))
 FILESYSTEM_PATHS = ("/", "/proc", "/sys", "/dev", "/tmp", "/dev/mqueue", "/dev/pts", "/sys/fs/cgroup/unified")
 
@@ -48,10 +54,11 @@ def standard_catalogue() -> list[Probe]:
     probes += [Probe("device", DEVICE_OUTSIDE_POLICY), Probe("device", "/dev/null")]
     probes += [Probe("syscall", name) for name in SYSCALLS]
     probes += [Probe("socket", family) for family in FAMILIES]
-    probes += [Probe("connect", target) for target in LOOPBACK_TARGETS]
+    probes += [Probe("connect", target) for target in (*LOOPBACK_TARGETS, MACHINE_TARGET)]
     probes += [Probe("bind", f"127.0.0.1:{BIND_PORT}"), Probe("bind", f"[::1]:{BIND_PORT}")]
     probes += [Probe("namespace", kind) for kind in NAMESPACES]
     probes += [Probe("memory", "wx"), Probe("memory", "mprotect"), Probe("personality"), Probe("realtime"),
+               Probe("realtime", "filter"),
                Probe("setuid-bit", "suid"), Probe("setuid-bit", "sgid"), Probe("abi32")]
     # What MemoryMax=64M and TasksMax=64 are checked with (the size and count follow the spec's values).
     probes += [Probe("allocate", str(128 << 20)), Probe("tasks", "65")]

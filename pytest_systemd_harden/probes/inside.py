@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import json
 import os
 import secrets
@@ -414,30 +415,35 @@ def probe_read(path: str, tag: str) -> Result:
     # Which object it is: an inaccessible or empty mount over the path is another object, even where root may
     # still read it (CAP_DAC_OVERRIDE opens a mode-000 node).
     where = f"{info.st_dev}:{info.st_ino}"
+    # Its permission bits: systemd's inaccessible nodes have none (mode 000), which shows whoever looks, even a user
+    # the original node already shut out (/proc/kmsg is root's).
+    mode = stat.S_IMODE(info.st_mode)
     try:
         if stat.S_ISDIR(info.st_mode):
             entries = len(os.listdir(path))
-            return allowed(f"listed {path}: {entries} entries", object=where, size=entries)
+            return allowed(f"listed {path}: {entries} entries", object=where, size=entries, mode=mode)
         if CAREFUL and not stat.S_ISREG(info.st_mode):
             # Opening acts on the host: a watchdog device starts its countdown, a FIFO's waiting writer is let in
             # and then loses what it writes. Only ask the kernel (access(2) sees the device cgroup too).
             err = _access(path, os.R_OK)
             if err:
-                return from_oserror(OSError(err, os.strerror(err)), denials, f"read {path}", object=where)
+                return from_oserror(OSError(err, os.strerror(err)), denials, f"read {path}", object=where,
+                                    mode=mode)
             return allowed(f"{path} is readable (access(2); devices and FIFOs are never opened on the host)",
-                           object=where, size=None)
+                           object=where, size=None, mode=mode)
         fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
         try:
             if not stat.S_ISREG(info.st_mode):  # devices and FIFOs are only opened, never read
-                return allowed(f"opened {path}", object=where, size=None)
+                return allowed(f"opened {path}", object=where, size=None, mode=mode)
             if CAREFUL and _kernel_file(path):  # reading /proc/kmsg takes its messages from the log daemon
-                return allowed(f"opened {path} (a kernel file: never read on the host)", object=where, size=None)
+                return allowed(f"opened {path} (a kernel file: never read on the host)", object=where, size=None,
+                               mode=mode)
             size = len(os.read(fd, 64))
         finally:
             os.close(fd)
-        return allowed(f"read {size} bytes of {path}", object=where, size=size)
+        return allowed(f"read {size} bytes of {path}", object=where, size=size, mode=mode)
     except OSError as exc:
-        return from_oserror(exc, denials, f"read {path}", object=where)
+        return from_oserror(exc, denials, f"read {path}", object=where, mode=mode)
 
 
 def _kernel_file(path: str) -> bool:
@@ -574,6 +580,26 @@ def _not_loopback(host: str) -> Result | None:
     return None
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(host).is_loopback
+
+
+FIB_TRIE = "/proc/self/net/fib_trie"  # under /proc/self: still there with ProcSubset=pid
+
+
+def own_address(host: str) -> bool:
+    """Whether IPv4 ``host`` is a local address of this process's network namespace (the kernel's LOCAL routes)."""
+    try:
+        with open(FIB_TRIE) as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return False
+    return any(line.strip() == f"|-- {host}" and "/32 host LOCAL" in following
+               for line, following in itertools.pairwise(lines))
+
+
 def _address(arg: str) -> tuple[int, str, int, int]:
     """(family, host, port, socket type) from "[udp:]127.0.0.1:53" or "[udp:][::1]:53"."""
     kind = socket.SOCK_STREAM
@@ -596,6 +622,9 @@ def probe_connect(arg: str, tag: str) -> Result:
     family, host, port, kind = _address(arg if arg.startswith(("udp:", "tcp:")) else f"udp:{arg}")
     if (refusal := _not_loopback(host)) is not None:
         return refusal
+    if not _is_loopback(host) and not own_address(host):
+        # Never beyond the machine: an address that is not its own would be routed away from it.
+        return error(f"{host} is not an address of this network namespace (nothing sent)")
     with socket.socket(family, kind) as sock:
         sock.settimeout(1)
         try:
@@ -684,11 +713,44 @@ def probe_personality(arg: str, tag: str) -> Result:
 
 @probe("realtime", where=OWN_CHILD)
 def probe_realtime(arg: str, tag: str) -> Result:
-    """Make this child SCHED_FIFO priority 1 (it exits right after)."""
+    """Make this child SCHED_FIFO priority 1 (it exits right after); "filter": ask for SCHED_FIFO priority 0.
+
+    Priority 0 is invalid for SCHED_FIFO, and the kernel checks the arguments before the caller's right to realtime
+    scheduling: allowed, the call fails with EINVAL and nothing changes, even where no process may become realtime
+    (no CAP_SYS_NICE, RLIMIT_RTPRIO 0: a container). A seccomp filter (RestrictRealtime=) runs first: EPERM."""
+    if arg == "filter":
+        value, err = raw_syscall("sched_setscheduler", ctypes.c_long(0), ctypes.c_long(1),
+                                 ctypes.byref(_SchedParam(0)))
+        if value == 0:  # no kernel accepts it; should one, this child exits at once anyway
+            return allowed("became SCHED_FIFO with priority 0")
+        if err == errno.EINVAL:
+            return allowed("sched_setscheduler(SCHED_FIFO, priority 0) reached the kernel's argument check (EINVAL)")
+        return denied(err, f"sched_setscheduler(SCHED_FIFO, priority 0): {os.strerror(err)}")
     value, err = raw_syscall("sched_setscheduler", ctypes.c_long(0), ctypes.c_long(1), ctypes.byref(_SchedParam(1)))
     if value == 0:
         return allowed("became SCHED_FIFO")
     return denied(err, f"sched_setscheduler(SCHED_FIFO): {os.strerror(err)}")
+
+
+SHM_DIRECTORY = "/dev/shm"
+
+
+@probe("ipc")
+def probe_ipc(path: str, tag: str) -> Result:
+    """Create a POSIX shared memory object (an empty file in /dev/shm, as shm_open(3) makes it) and leave it.
+
+    What RemoveIPC= is for: systemd removes the objects a unit's user owns when the unit stops. The caller checks
+    for it after the unit is gone and removes it itself (see probes.runner.ipc_lifecycle); the name is a scratch
+    name of the caller's choosing, so nothing else is ever touched."""
+    if CAREFUL:
+        return refused("a shared memory object left for the caller would get a name on the host")
+    if os.path.dirname(path) != SHM_DIRECTORY or not os.path.basename(path).startswith(SCRATCH_PREFIX):
+        return error(f"{path} is not a scratch name in {SHM_DIRECTORY}")
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
+    except OSError as exc:
+        return from_oserror(exc, FS_DENIALS, f"create {path}")
+    return allowed(f"created {path}, left for the unit's stop", uid=os.getuid())
 
 
 def scratch_directory() -> str | None:

@@ -27,7 +27,10 @@ class Probe:
             "bind": f"bind {self.arg}", "namespace": f"unshare a {self.arg} namespace",
             "memory": {"wx": "map memory writable and executable",
                        "mprotect": "make writable memory executable"}.get(self.arg, self.arg),
-            "personality": "switch the personality to PER_LINUX32", "realtime": "become SCHED_FIFO",
+            "personality": "switch the personality to PER_LINUX32",
+            "realtime": "ask for SCHED_FIFO with priority 0 (invalid: EINVAL where no filter stops it)"
+            if self.arg == "filter" else "become SCHED_FIFO",
+            "ipc": "leave a POSIX shared memory object in /dev/shm for the unit's stop",
             "setuid-bit": f"set the {self.arg} bit on an own file", "abi32": "make a 32-bit (int 0x80) syscall",
             "status": "read /proc/self/status", "umask": "create a file (its mode shows the umask)",
             "limits": "read /proc/self/limits", "cgroup": f"read its cgroup's {self.arg} limit",

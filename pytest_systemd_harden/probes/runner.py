@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import re
+import secrets
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -170,6 +171,31 @@ def run_batch(run: Run, probes: Iterable[Probe], label: str, interpreter: str = 
     ordered = unique(probes)
     command = run(batch_argv(ordered, interpreter=interpreter), inside_script())
     return parse_batch(ordered, command, label)
+
+
+# The probe whose result is known only after its unit has stopped (RemoveIPC=): see ipc_lifecycle.
+IPC_PROBE = Probe("ipc")
+
+
+def ipc_lifecycle(machine: Machine, run: Run, label: str) -> ProbeResult:
+    """Whether a POSIX shared memory object made by a unit is removed when the unit stops (RemoveIPC=).
+
+    ``run`` makes the object in a unit of its own, under the directives and user to be judged, and returns when the
+    unit is gone; then the machine (unconfined, as root) looks for the object and removes what is left, so the
+    probe leaves nothing behind either way. The result is ``allowed`` with the fact ``removed``."""
+    path = f"{inside.SHM_DIRECTORY}/{inside.SCRATCH_PREFIX}ipc-{secrets.token_hex(6)}"
+    made = run_batch(run, [Probe("ipc", path)], label)[Probe("ipc", path)]
+    # Looked for and removed whatever the unit reported: a unit killed half-way may still have made it.
+    looked = machine.run(["/bin/sh", "-c", 'if [ -e "$1" ]; then rm -f -- "$1"; echo left; else echo gone; fi',
+                          "sh", path], purpose="probe-ipc")
+    if made.status != "allowed":
+        return replace(made, probe=IPC_PROBE)
+    if looked.exit_status != 0 or looked.stdout.strip() not in ("left", "gone"):
+        return ProbeResult.missing(IPC_PROBE, f"could not look for {path} after the unit stopped: "
+                                              f"{looked.status_text()}")
+    removed = looked.stdout.strip() == "gone"
+    return ProbeResult(IPC_PROBE, "allowed", detail=f"{made.detail}; {'removed' if removed else 'still there'} "
+                       "after the unit stopped", facts={"removed": removed, "uid": made.facts.get("uid")})
 
 
 def on_machine(machine: Machine, properties: Sequence[Property] = (), purpose: str = "probe") -> Run:
