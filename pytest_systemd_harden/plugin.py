@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -221,6 +222,22 @@ class HardenSession:
             if name == "harden" and isinstance(record, dict) and report.when == "call":
                 self.records.append({**record, "nodeid": report.nodeid, "outcome": report.outcome,
                                      "message": str(report.longrepr) if report.failed else None})
+
+    @pytest.hookimpl
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Build every container image the collected specs need and the cache lacks, several at once, before the
+        first test waits for one (see MachinePool.prepare_images)."""
+        if self.config.option.collectonly:
+            return
+        configs = {item.parent.spec.machine for item in session.items if isinstance(item, SpecItem)}
+        if not configs:
+            return
+        worker = getattr(self.config, "workerinput", None)
+        workers = int(worker["workercount"]) if worker else 1
+        # At most one build per core across all xdist workers: more would only make each slower.
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        self.pool.prepare_images(sorted(configs, key=repr), threads=threads,
+                                 rotate=int(worker["workerid"].removeprefix("gw")) if worker else 0)
 
     @pytest.hookimpl
     def pytest_sessionfinish(self) -> None:
