@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pytest_systemd_harden.backends.base import MachineConfig
 from pytest_systemd_harden.backends.nspawn import NspawnMachine
+from pytest_systemd_harden.images import DEFAULT_RELEASE
 from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.service import HardenedService
 from pytest_systemd_harden.spec import load_spec
@@ -94,7 +95,7 @@ def bare_boots(rounds: int) -> list[float]:
     """The container alone: nspawn started and its systemd booted, nothing measured or started on it."""
     times = []
     for _ in range(rounds):
-        machine = NspawnMachine(MachineConfig(backend="nspawn"))
+        machine = NspawnMachine(MachineConfig(backend="nspawn", release=DEFAULT_RELEASE))  # as the pool fills it in
         started = time.monotonic()
         machine.boot()
         times.append(time.monotonic() - started)
