@@ -4,6 +4,7 @@ the cached base image, and the machine it makes booting."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -319,3 +320,37 @@ def test_prepare_one_at_a_time_builds_in_turn(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(ImageCache, "_build", build)
     ImageCache(tmp_path).prepare([images.ImageWanted("trixie"), images.ImageWanted("bookworm")], threads=1)
     assert len(spans) == 2 and spans[0][1] <= spans[1][0]
+
+
+def test_the_session_prepares_the_images_of_its_collected_specs_before_the_first_test(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_systemd_harden import backends
+    from pytest_systemd_harden.errors import BackendUnavailable
+
+    asked: list[tuple[list[images.ImageWanted], int]] = []
+
+    def prepare(self: ImageCache, wanted: list[images.ImageWanted], progress: images.Progress, *, threads: int,
+                rotate: int) -> list[object]:
+        asked.append((list(wanted), threads))
+        return []
+
+    def no_start(self: MachinePool, spec: object, *, start: bool = True) -> object:
+        assert asked, "an image was needed before prepare_images ran"
+        raise BackendUnavailable("not booted in this test")
+
+    monkeypatch.setattr(ImageCache, "prepare", prepare)
+    monkeypatch.setattr(MachinePool, "service_for", no_start)
+    monkeypatch.setattr(backends, "check_available", lambda name: None)
+    service = "service:\n  exec_start: /bin/sleep infinity\n"
+    pytester.makefile(".yaml", **{"harden": service + "machine:\n  packages: [curl, gnupg]\n",
+                                  "harden-old": service + "machine:\n  release: bookworm\n"})
+    pytester.makeini("[pytest]\nharden_spec_files = harden*.yaml\n")
+    result = pytester.runpytest_inprocess("--harden-backend=nspawn", "-p", "no:cacheprovider")
+    result.assert_outcomes(skipped=2)
+    assert len(asked) == 1
+    wanted, threads = asked[0]
+    assert sorted(wanted, key=repr) == [images.ImageWanted("bookworm"),
+                                        images.ImageWanted(DEFAULT_RELEASE, ("curl", "gnupg"))]
+    assert threads == os.cpu_count()
+    assert pytester.runpytest_inprocess("--harden-backend=nspawn", "--collect-only").ret == 0
+    assert len(asked) == 1  # collecting only builds nothing
