@@ -30,6 +30,7 @@ from .spec import Scenario, Spec, load_spec
 from .tighten import Tightening
 
 DEFAULT_SPEC_PATTERNS = ["harden.yaml", "harden-*.yaml", "*.harden.yaml"]
+MAX_IMAGE_BUILDS = 4  # image builds at once in a session, all xdist workers together
 
 
 @pytest.hookimpl
@@ -234,8 +235,9 @@ class HardenSession:
             return
         worker = getattr(self.config, "workerinput", None)
         workers = int(worker["workercount"]) if worker else 1
-        # At most one build per core across all xdist workers: more would only make each slower.
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        # At most one build per core across all xdist workers (more would only make each slower), and four in all:
+        # beyond that the mirror and the disk are what is shared.
+        threads = max(1, min(os.cpu_count() or 1, MAX_IMAGE_BUILDS) // workers)
         self.pool.prepare_images(sorted(configs, key=repr), threads=threads,
                                  rotate=int(worker["workerid"].removeprefix("gw")) if worker else 0)
 
