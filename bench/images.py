@@ -1,9 +1,9 @@
 """Benchmark: a new package set built in full vs installed on a copy of the cached base image, in one run.
 
-    sudo .venv/bin/python bench/images.py [--packages gnupg,curl] [--rounds 1]
+    sudo .venv/bin/python bench/images.py [--packages gnupg,curl] [--releases trixie,bookworm] [--rounds 1]
 
-Both builds go to a temporary directory (removed at the end); the base image comes from the usual cache (built
-first if missing). Prints the wall time of each and whether both trees hold the same packages.
+Both builds go to a temporary directory (removed at the end); each release's base image comes from the usual
+cache (built first if missing). Prints the wall time of each and whether both trees hold the same packages.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_systemd_harden.images import BASE_PACKAGES, ImageCache, _customize, install_on_base
+from pytest_systemd_harden.images import BASE_PACKAGES, DEFAULT_RELEASE, ImageCache, _customize, install_on_base
 
 
 def installed(rootfs: Path) -> set[str]:
@@ -26,38 +26,50 @@ def installed(rootfs: Path) -> set[str]:
     return set(listed.stdout.split())
 
 
+def full_and_on_base(extra: tuple[str, ...], release: str, scratch: Path) -> tuple[float, float, bool, int]:
+    """Build ``extra`` on ``release`` both ways under ``scratch``: (full build s, on the cached base s, same
+    packages, how many)."""
+    base = ImageCache().get((), release=release)
+    folder = Path(tempfile.mkdtemp(prefix=f"{release}-", dir=scratch))
+    # The full build: mmdebstrap with every package, as the cache made every image before.
+    full_rootfs = folder / f"full-{folder.name}" / "rootfs"  # the builder's cgroup is named after its folder
+    full_rootfs.parent.mkdir()
+    started = time.monotonic()
+    ImageCache(scratch)._run_builder(full_rootfs.parent, full_rootfs, sorted(set(BASE_PACKAGES) | set(extra)),
+                                     release, (), lambda line: None)
+    _customize(full_rootfs)
+    full = time.monotonic() - started
+    target = folder / "base" / "rootfs"
+    target.parent.mkdir()
+    started = time.monotonic()
+    install_on_base(base.rootfs, target, extra)
+    _customize(target)
+    on_base = time.monotonic() - started
+    packages = installed(target)
+    return full, on_base, installed(full_rootfs) == packages, len(packages)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--packages", default="gnupg,curl", help="the extra package set (default: gnupg,curl)")
+    parser.add_argument("--releases", default=DEFAULT_RELEASE, help=f"comma-separated (default: {DEFAULT_RELEASE})")
     parser.add_argument("--rounds", type=int, default=1, help="builds each way, alternating (default 1)")
     args = parser.parse_args()
     extra = tuple(sorted(args.packages.split(",")))
-    base = ImageCache().get(())
     scratch = Path(tempfile.mkdtemp(prefix="harden-bench-images-", dir="/var/tmp"))
-    full, on_base = [], []
     try:
-        for round_ in range(args.rounds):
-            # The full build: mmdebstrap with every package, as the cache made every image before.
-            full_rootfs = scratch / f"full-{round_}" / "rootfs"
-            full_rootfs.parent.mkdir(parents=True)
-            started = time.monotonic()
-            ImageCache(scratch)._run_builder(full_rootfs, sorted(set(BASE_PACKAGES) | set(extra)), lambda line: None)
-            _customize(full_rootfs)
-            full.append(time.monotonic() - started)
-
-            target = scratch / f"base-{round_}" / "rootfs"
-            target.parent.mkdir(parents=True)
-            started = time.monotonic()
-            install_on_base(base.rootfs, target, extra)
-            _customize(target)
-            on_base.append(time.monotonic() - started)
-            same = installed(full_rootfs) == installed(target)
-            print(f"round {round_ + 1}: full {full[-1]:.1f} s, on the base {on_base[-1]:.1f} s, "
-                  f"same packages: {same} ({len(installed(target))})", flush=True)
+        for release in args.releases.split(","):
+            full, on_base = [], []
+            for round_ in range(args.rounds):
+                one_full, one_on_base, same, count = full_and_on_base(extra, release, scratch)
+                full.append(one_full)
+                on_base.append(one_on_base)
+                print(f"{release} round {round_ + 1}: full {one_full:.1f} s, on the base {one_on_base:.1f} s, "
+                      f"same packages: {same} ({count})", flush=True)
+            print(f"{release}: {', '.join(extra)}: full build {statistics.median(full):.1f} s, on the cached base "
+                  f"{statistics.median(on_base):.1f} s, ratio {statistics.median(on_base) / statistics.median(full):.2f}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"{', '.join(extra)}: full build {statistics.median(full):.1f} s, on the cached base "
-          f"{statistics.median(on_base):.1f} s, ratio {statistics.median(on_base) / statistics.median(full):.2f}")
     return 0
 
 

@@ -31,11 +31,14 @@ from pathlib import Path
 
 from pytest_systemd_harden.backends.base import MachineConfig
 from pytest_systemd_harden.backends.nspawn import NspawnMachine
+from pytest_systemd_harden.images import DEFAULT_RELEASE
 from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.service import HardenedService
 from pytest_systemd_harden.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
+RELEASES = ("trixie", "bookworm")  # the default release and the one before it (machine.release: [bookworm, trixie])
+IMAGE_PACKAGES = ("curl",)  # the package set most examples add
 SPEC = """
 service:
   exec_start: /usr/bin/python3 -m http.server --bind 127.0.0.1 8080
@@ -92,7 +95,7 @@ def bare_boots(rounds: int) -> list[float]:
     """The container alone: nspawn started and its systemd booted, nothing measured or started on it."""
     times = []
     for _ in range(rounds):
-        machine = NspawnMachine(MachineConfig(backend="nspawn"))
+        machine = NspawnMachine(MachineConfig(backend="nspawn", release=DEFAULT_RELEASE))  # as the pool fills it in
         started = time.monotonic()
         machine.boot()
         times.append(time.monotonic() - started)
@@ -147,6 +150,8 @@ def main() -> int:
     parser.add_argument("--commands", type=int, default=30, help="commands per overhead measurement (default 30)")
     parser.add_argument("--suite-rounds", type=int, default=2, help="runs of the example suite each way (default 2)")
     parser.add_argument("--vm-rounds", type=int, default=2, help="repetitions of the VM boot (default 2; 0: skip)")
+    parser.add_argument("--image-rounds", type=int, default=1,
+                        help=f"package-set builds each way on {' and '.join(RELEASES)} (default 1; 0: skip)")
     parser.add_argument("--cold-start", action="store_true",
                         help="also run the example suite on a fresh cache (builds every image: minutes)")
     args = parser.parse_args()
@@ -182,6 +187,18 @@ def main() -> int:
         finally:
             shutil.rmtree(fresh, ignore_errors=True)
 
+    release_images: dict[str, list[tuple[float, float, bool, int]]] = {}
+    if args.image_rounds:
+        from images import full_and_on_base  # bench/images.py
+
+        scratch = Path(tempfile.mkdtemp(prefix="harden-bench-images-", dir="/var/tmp"))
+        try:
+            for _ in range(args.image_rounds):
+                for release in RELEASES:
+                    release_images.setdefault(release, []).append(full_and_on_base(IMAGE_PACKAGES, release, scratch))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
     print(f"pytest-systemd-harden speed, nspawn backend, {args.rounds} boots, {args.commands} commands, "
           f"{args.suite_rounds} example-suite runs each way (medians)")
     floor = statistics.median(bare) + statistics.median(systemd_run)
@@ -210,6 +227,12 @@ def main() -> int:
     if cold_suite is not None:
         print(f"5. example suite on a fresh cache (every image built): {cold_suite:7.1f} s   "
               f"ratio fresh/warm (serial): {cold_suite / statistics.median(serial):.1f}")
+    for release, builds in release_images.items():
+        full = statistics.median(b[0] for b in builds)
+        on_base = statistics.median(b[1] for b in builds)
+        print(f"6. Debian {release} + {', '.join(IMAGE_PACKAGES)}: full build {full:5.1f} s, on the cached base "
+              f"{on_base:5.1f} s   ratio on base/full: {on_base / full:.2f}   same packages: "
+              f"{all(b[2] for b in builds)} ({builds[0][3]})")
     return 0
 
 

@@ -110,6 +110,20 @@ class Image:
         return self.versions.get("systemd")
 
 
+@dataclass(frozen=True)
+class ImageWanted:
+    """An image a session will need: a release, extra packages, local .debs (as :meth:`ImageCache.get` takes
+    them)."""
+
+    release: str = DEFAULT_RELEASE
+    packages: tuple[str, ...] = ()
+    debs: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        extra = [*self.packages, *(os.path.basename(deb) for deb in self.debs)]
+        return f"Debian {self.release}" + (f" + {', '.join(extra)}" if extra else " base")
+
+
 def deb_package_name(path: str) -> str:
     """The package a local .deb file holds (its control file's Package:), or the file name's first part."""
     found = subprocess.run(["dpkg-deb", "-f", path, "Package"], capture_output=True, text=True, check=False)
@@ -144,6 +158,9 @@ class ImageCache:
         self._archive_states: dict[str, str] = {}
         self._lock = threading.Lock()
         self._held: dict[str, IO[str]] = {}
+        # Builds that failed in this process, by key: every machine needing the image gets the same error at once
+        # instead of a build each (prepare() may have tried it before any machine asked).
+        self._failed: dict[str, ImageBuildError] = {}
 
     def _hold(self, final: Path) -> None:
         """Mark the image in use for as long as this process lives (a shared lock on its key's lock file, which
@@ -235,17 +252,81 @@ class ImageCache:
         key = self.key_for(extra, release, debs, self.archive_state(release, progress))
         final = self.cache_dir / "images" / key
         if not _complete(final):
+            if key in self._failed:
+                raise self._failed[key]
             final.parent.mkdir(parents=True, exist_ok=True)
-            with open(final.parent / f"{key}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be building the same image
+            # A lock file of its own, not KEY.lock: a run using the image holds a shared lock on that one for as long
+            # as it lives (_hold), and a second builder waiting there for the first would wait until the first's
+            # whole run ended (an xdist worker), or forever (another thread of the same run: prepare()).
+            with open(final.parent / f"{key}.build-lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another worker (or thread, see prepare) may be building it
                 clean_leftovers(final.parent, progress)
                 if not _complete(final):
-                    self._build(final, extra, release, debs, progress)
+                    try:
+                        self._build(final, extra, release, debs, progress)
+                    except ImageBuildError as exc:
+                        self._failed[key] = exc
+                        raise
         manifest = json.loads((final / "manifest.json").read_text())
         self._hold(final)
         with contextlib.suppress(OSError):  # a read-only cache (restored in CI) is still usable
             os.utime(final / "manifest.json")  # its mtime says when the image was last used (cache list, prune)
         return Image(key, final / "rootfs", extra, release, manifest.get("versions", {}), debs)
+
+    def missing(self, wanted: Iterable[ImageWanted]) -> list[ImageWanted]:
+        """The images of ``wanted`` not cached yet, each once, the base image of each release among them first
+        (every package set is built on its release's base, see :meth:`_on_cached_base`)."""
+        needed: dict[str, ImageWanted] = {}
+        for want in wanted:
+            for one in (ImageWanted(want.release), want) if want.packages or want.debs else (want,):
+                if one.release not in RELEASES or any(not os.path.isfile(deb) for deb in one.debs):
+                    continue  # get() says what is wrong, for the spec that asks
+                key = self.key_for(one.packages, one.release, one.debs, self.archive_state(one.release))
+                if key not in needed and not _complete(self.cache_dir / "images" / key):
+                    needed[key] = one
+        return sorted(needed.values(), key=lambda one: bool(one.packages or one.debs))
+
+    def prepare(self, wanted: Iterable[ImageWanted], progress: Progress = lambda line: None, *, threads: int = 2,
+                rotate: int = 0) -> list[tuple[ImageWanted, ImageBuildError | None]]:
+        """Build the images of ``wanted`` not cached yet, ``threads`` at a time (bases first), each build's
+        progress lines prefixed with its image; return each build tried and its error (None: built).
+
+        A session that needs several images pays for the slowest few, not their sum: a build is mostly dpkg
+        unpacking and configuring, one core's work, and apt's downloads overlap the other build's. ``rotate``
+        starts this process at another place in the list (an xdist worker's index), so two workers preparing
+        the same session build different images first rather than waiting on one another's lock. A failed build
+        is not raised here: the machine that needs the image raises its error (remembered, not built again)."""
+        todo = self.missing(wanted)
+        bases = [one for one in todo if not (one.packages or one.debs)]
+        tops = [one for one in todo if one.packages or one.debs]
+        if rotate:
+            bases = bases[rotate % len(bases):] + bases[:rotate % len(bases)] if bases else bases
+            tops = tops[rotate % len(tops):] + tops[:rotate % len(tops)] if tops else tops
+        todo = bases + tops
+        if not todo:
+            return []
+        shown = threading.Lock()  # one line at a time, whole, from every build
+
+        def build(number: int, one: ImageWanted) -> tuple[ImageWanted, ImageBuildError | None]:
+            prefix = f"image {number}/{len(todo)} ({one.describe()}): "
+
+            def said(line: str) -> None:
+                with shown:
+                    progress(prefix + line.lstrip())
+
+            try:
+                self.get(one.packages, said, release=one.release, debs=one.debs)
+            except ImageBuildError as exc:
+                said(f"failed: {str(exc).splitlines()[0]} (the specs that need it will say why)")
+                return one, exc
+            return one, None
+
+        progress(f"{len(todo)} image(s) to build, {min(threads, len(todo))} at a time: "
+                 + "; ".join(one.describe() for one in todo))
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="harden-image") as builders:
+            return list(builders.map(build, range(1, len(todo) + 1), todo))
 
     def _build(self, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
                progress: Progress) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -29,6 +30,7 @@ from .spec import Scenario, Spec, load_spec
 from .tighten import Tightening
 
 DEFAULT_SPEC_PATTERNS = ["harden.yaml", "harden-*.yaml", "*.harden.yaml"]
+MAX_IMAGE_BUILDS = 4  # image builds at once in a session, all xdist workers together
 
 
 @pytest.hookimpl
@@ -216,12 +218,28 @@ class HardenSession:
             earlier.append(diagnosis)
         return diagnosis
 
+    def _prepare_images(self, session: pytest.Session) -> None:
+        """Build every container image the collected specs need and the cache lacks, several at once, before the
+        first test waits for one (see MachinePool.prepare_images)."""
+        configs = {item.parent.spec.machine for item in session.items if isinstance(item, SpecItem)}
+        if not configs:
+            return
+        worker = getattr(self.config, "workerinput", None)
+        workers = int(worker["workercount"]) if worker else 1
+        # At most one build per core across all xdist workers (more would only make each slower), and four in all:
+        # beyond that the mirror and the disk are what is shared.
+        threads = max(1, min(os.cpu_count() or 1, MAX_IMAGE_BUILDS) // workers)
+        self.pool.prepare_images(sorted(configs, key=repr), threads=threads,
+                                 rotate=int(worker["workerid"].removeprefix("gw")) if worker else 0)
+
     @pytest.hookimpl
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        """The units the selected specs name, checked on their machines before any test runs: a unit that does not
-        exist, a package that ships no such unit, a unit file systemd rejects are one line each, and no test runs."""
+        """Before any test runs: the images the collected specs need, built several at once; then the units the
+        selected specs name, checked on their machines (a unit that does not exist, a package that ships no such
+        unit, a unit file systemd rejects are one line each, and no test runs)."""
         if self.config.option.collectonly:
             return
+        self._prepare_images(session)
         from .unit import check_unit
 
         errors: list[str] = []

@@ -5,14 +5,14 @@ from __future__ import annotations
 import atexit
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from . import backends, cgroups
 from .backends.base import Machine, MachineConfig
 from .capabilities import machine_capabilities
-from .errors import HardenError
-from .images import DEFAULT_RELEASE, ImageCache
+from .errors import BackendUnavailable, HardenError, ImageBuildError
+from .images import DEFAULT_RELEASE, ImageCache, ImageWanted
 from .service import HardenedService
 from .spec import Spec
 
@@ -96,6 +96,26 @@ class MachinePool:
         except HardenError as exc:
             self.progress(f"{machine.name}: could not measure what it enforces ({exc})")
         return machine
+
+    def prepare_images(self, configs: Iterable[MachineConfig], *, threads: int = 2,
+                       rotate: int = 0) -> list[tuple[ImageWanted, ImageBuildError | None]]:
+        """Build the container images the machines of ``configs`` will boot from, those not cached yet, ``threads``
+        at a time, before the first boot needs one (:meth:`ImageCache.prepare`). Only the nspawn backend's images:
+        a VM's is built with its kernel when it boots, and the host backend has none. Nothing to do where nspawn
+        cannot run (the first boot says why)."""
+        wanted = []
+        for config in configs:
+            config = self.effective_config(config)
+            if config.backend != "nspawn":
+                continue
+            wanted.append(ImageWanted(config.release, tuple(sorted(set(config.packages))), tuple(config.debs)))
+        if not wanted:
+            return []
+        try:
+            backends.check_available("nspawn")
+        except BackendUnavailable:
+            return []
+        return self.image_cache.prepare(wanted, self.progress, threads=threads, rotate=rotate)
 
     def service_for(self, spec: Spec, *, start: bool = True) -> HardenedService:
         """The spec's service on its machine, (re)started clean; a different service there is stopped first."""

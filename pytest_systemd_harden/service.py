@@ -17,7 +17,7 @@ from .errors import ServiceFailed, SpecError
 from .probes.runner import machine_facts
 from .result import SYSTEMD_EXIT_CODES, CommandResult, signal_name
 from .spec import Spec, unit_name
-from .systemd import CLD_DUMPED, CLD_EXITED, CLD_KILLED, SERVICE_IFACE, SERVICE_STOP_GRACE, Property
+from .systemd import CLD_DUMPED, CLD_EXITED, CLD_KILLED, SERVICE_IFACE, SERVICE_STOP_GRACE, UNIT_IFACE, Property
 from .unit import UnitUnderTest, effective_hardening, unit_under_test
 
 if TYPE_CHECKING:
@@ -35,6 +35,12 @@ ACTIVE_SETTLE_SECONDS = 0.1
 NOT_FOR_COMMANDS = ("Restart", "RestartSec", "RemainAfterExit", "NotifyAccess", "TimeoutStartSec", "TimeoutStopSec",
                     "RuntimeMaxSec", "KillMode", "SyslogIdentifier", "Delegate")
 
+# What state() reports: a unit not loaded (never started, or collected) has the Unit ones only.
+_STATE_PROPERTIES = ((UNIT_IFACE, "ActiveState"), (UNIT_IFACE, "SubState"),
+                     *((SERVICE_IFACE, name) for name in ("Result", "ExecMainCode", "ExecMainStatus", "MainPID",
+                                                          "NRestarts")))
+# Run as `python3 -I -S`: no site module, no user paths; the script needs only built-in modules, and an interpreter
+# that skips site starts some 10 ms sooner (this runs before every start's first result).
 _READY_CHECK = r"""
 import os, socket, sys, time
 kind, target, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
@@ -187,7 +193,7 @@ class HardenedService:
                 raise self.failure(f"exited before it was ready ({ready.describe()}), and systemd restarts it "
                                    "(the unit's Restart=)")
             budget = max(0.1, min(0.5, deadline - time.monotonic()))
-            probe = self.machine.run(["/usr/bin/python3", "-c", _READY_CHECK, ready.kind, ready.target, str(budget)],
+            probe = self.machine.run(["/usr/bin/python3", "-I", "-S", "-c", _READY_CHECK, ready.kind, ready.target, str(budget)],
                                      self._peer_properties(), purpose="ready", timeout=budget + 10)
             if probe.ok:
                 return
@@ -277,16 +283,13 @@ class HardenedService:
 
     def state(self) -> dict[str, Any]:
         """The unit's ActiveState, SubState, Result and main process outcome."""
-        unit = self.machine.systemd.unit_properties(self.unit)
-        try:
-            service = self.machine.systemd.unit_properties(self.unit, SERVICE_IFACE)
-        except DBusError:  # not loaded (never started, or collected)
-            service = {}
+        # Asked by name, in one round trip: start() asks this before each readiness check.
+        found = self.machine.systemd.some_properties(self.unit, _STATE_PROPERTIES)
         return {
-            "ActiveState": unit.get("ActiveState", "unknown"), "SubState": unit.get("SubState", "unknown"),
-            "Result": service.get("Result", ""), "ExecMainCode": service.get("ExecMainCode", 0),
-            "ExecMainStatus": service.get("ExecMainStatus", 0), "MainPID": service.get("MainPID", 0),
-            "NRestarts": service.get("NRestarts", 0),  # automatic restarts (Restart=) since this start
+            "ActiveState": found.get("ActiveState", "unknown"), "SubState": found.get("SubState", "unknown"),
+            "Result": found.get("Result", ""), "ExecMainCode": found.get("ExecMainCode", 0),
+            "ExecMainStatus": found.get("ExecMainStatus", 0), "MainPID": found.get("MainPID", 0),
+            "NRestarts": found.get("NRestarts", 0),  # automatic restarts (Restart=) since this start
         }
 
     def state_text(self) -> str:

@@ -4,6 +4,7 @@ the cached base image, and the machine it makes booting."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -251,3 +252,105 @@ def test_machine_services_in_the_spec(tmp_path: Path) -> None:
     assert spec.machine.tested_unit == ""
     with pytest.raises(SpecError, match=r"harden.yaml:6: machine.services\[0\]: 'dnsmasq' is not a unit name"):
         load_spec(spec_at(tmp_path, "  packages: [dnsmasq]\n  services:\n    - dnsmasq\n"))
+
+
+def test_prepare_builds_missing_images_bases_first_several_at_once_and_remembers_a_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
+    spans: dict[str, tuple[float, float]] = {}
+
+    def build(self: ImageCache, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
+              progress: images.Progress) -> None:
+        label = f"{release}+{','.join(extra)}"
+        if extra:  # as _on_cached_base does: a package set is installed on its release's base, built first
+            self.get((), release=release)
+        started = time.monotonic()
+        progress(f"  building {label}")
+        time.sleep(0.3)
+        spans[label] = (started, time.monotonic())
+        if "broken" in extra:
+            raise images.ImageBuildError("E: Unable to locate package broken")
+        (final / "rootfs/usr/lib/systemd").mkdir(parents=True)
+        (final / "rootfs/usr/lib/systemd/systemd").touch()
+        (final / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(ImageCache, "_build", build)
+    cache = ImageCache(tmp_path)
+    cache.get((), release="bookworm")  # cached already: not built again
+    spans.clear()
+    lines: list[str] = []
+    wanted = [images.ImageWanted("trixie", ("curl",)), images.ImageWanted("trixie", ("broken",)),
+              images.ImageWanted("bookworm", ("gnupg",)), images.ImageWanted("trixie", ("curl",))]
+    assert [one.describe() for one in cache.missing(wanted)] == [
+        "Debian trixie base", "Debian trixie + curl", "Debian trixie + broken", "Debian bookworm + gnupg"]
+    done = cache.prepare(wanted, lines.append, threads=2)
+    assert [(one.describe(), error is not None) for one, error in done] == [
+        ("Debian trixie base", False), ("Debian trixie + curl", False), ("Debian trixie + broken", True),
+        ("Debian bookworm + gnupg", False)]
+    assert sorted(spans) == ["bookworm+gnupg", "trixie+", "trixie+broken", "trixie+curl"]
+    # The base first; then two package sets at once (their build times overlap), never more than two.
+    assert all(spans["trixie+"][1] <= start for label, (start, _end) in spans.items() if label != "trixie+")
+    assert spans["trixie+curl"][0] < spans["trixie+broken"][1] and spans["trixie+broken"][0] < spans["trixie+curl"][1]
+    assert spans["bookworm+gnupg"][0] >= min(spans["trixie+curl"][1], spans["trixie+broken"][1])
+    assert lines[0].startswith("4 image(s) to build, 2 at a time: Debian trixie base; Debian trixie + curl")
+    assert "image 2/4 (Debian trixie + curl): building trixie+curl" in lines
+    assert any(line.startswith("image 3/4 (Debian trixie + broken): failed: E: Unable to locate package broken")
+               for line in lines)
+    # The machine that needs the broken image gets its error, without a second build.
+    spans.clear()
+    with pytest.raises(images.ImageBuildError, match="Unable to locate package broken"):
+        cache.get(("broken",), release="trixie")
+    assert spans == {}
+    assert cache.prepare(wanted, lines.append) == [(images.ImageWanted("trixie", ("broken",)), done[2][1])]
+
+
+def test_prepare_one_at_a_time_builds_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
+    spans: list[tuple[float, float]] = []
+
+    def build(self: ImageCache, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
+              progress: images.Progress) -> None:
+        started = time.monotonic()
+        time.sleep(0.1)
+        spans.append((started, time.monotonic()))
+        (final / "rootfs/usr/lib/systemd").mkdir(parents=True)
+        (final / "rootfs/usr/lib/systemd/systemd").touch()
+        (final / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(ImageCache, "_build", build)
+    ImageCache(tmp_path).prepare([images.ImageWanted("trixie"), images.ImageWanted("bookworm")], threads=1)
+    assert len(spans) == 2 and spans[0][1] <= spans[1][0]
+
+
+def test_the_session_prepares_the_images_of_its_collected_specs_before_the_first_test(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_systemd_harden import backends
+    from pytest_systemd_harden.errors import BackendUnavailable
+
+    asked: list[tuple[list[images.ImageWanted], int]] = []
+
+    def prepare(self: ImageCache, wanted: list[images.ImageWanted], progress: images.Progress, *, threads: int,
+                rotate: int) -> list[object]:
+        asked.append((list(wanted), threads))
+        return []
+
+    def no_start(self: MachinePool, spec: object, *, start: bool = True) -> object:
+        assert asked, "an image was needed before prepare_images ran"
+        raise BackendUnavailable("not booted in this test")
+
+    monkeypatch.setattr(ImageCache, "prepare", prepare)
+    monkeypatch.setattr(MachinePool, "service_for", no_start)
+    monkeypatch.setattr(backends, "check_available", lambda name: None)
+    service = "service:\n  exec_start: /bin/sleep infinity\n"
+    pytester.makefile(".yaml", **{"harden": service + "machine:\n  packages: [curl, gnupg]\n",
+                                  "harden-old": service + "machine:\n  release: bookworm\n"})
+    pytester.makeini("[pytest]\nharden_spec_files = harden*.yaml\n")
+    result = pytester.runpytest_inprocess("--harden-backend=nspawn", "-p", "no:cacheprovider")
+    result.assert_outcomes(skipped=2)
+    assert len(asked) == 1
+    wanted, threads = asked[0]
+    assert sorted(wanted, key=repr) == [images.ImageWanted("bookworm"),
+                                        images.ImageWanted(DEFAULT_RELEASE, ("curl", "gnupg"))]
+    assert threads == min(os.cpu_count() or 1, 4)
+    assert pytester.runpytest_inprocess("--harden-backend=nspawn", "--collect-only").ret == 0
+    assert len(asked) == 1  # collecting only builds nothing
