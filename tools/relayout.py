@@ -81,7 +81,7 @@ SPLITS: dict[str, dict[str, list[str]]] = {
             "Runs", "CheckOutcome", "judge", "Verdict", "judge_alone", "aggregate", "SYSCALL_DENIERS",
             "KIND_DENIERS", "READ_DENIERS", "deniers", "suggest", "OWN_MOUNTS", "_mounts_at", "suspects_for",
             "unenforceable_reason", "ProbeHost", "EnforcementFailed", "Report", "service_user", "verify",
-            "_verdict", "_device_rules_verdict",
+            "_verdict", "_device_rules_verdict", "merged_verdict",
         ],
         "unit.probe_host": ["ServiceHost", "verify_service", "check_denials"],
     },
