@@ -20,11 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from pytest_systemd_harden.backends.base import MachineConfig
 from pytest_systemd_harden.errors import ServiceFailed, SpecError
-from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.service import HardenedService
-from pytest_systemd_harden.spec import load_spec
+from pytest_systemd_harden.spec.load import load_spec
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.unit.pool import MachinePool
+from pytest_systemd_harden.unit.service import HardenedService
 
 VALUES: dict[str, list[str]] = {
     "User": ["nobody", "0", "4294967294", "a" * 40, "app.x", "über", "1a"],

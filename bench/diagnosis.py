@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_systemd_harden.backends.base import MachineConfig
-from pytest_systemd_harden.diagnosis import Hardening
-from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.scenarios import _trial, diagnose_failure, failure_report, run_scenario
-from pytest_systemd_harden.service import HardenedService
-from pytest_systemd_harden.spec import load_spec
+from pytest_systemd_harden.search.diagnosis import Hardening
+from pytest_systemd_harden.search.scenarios import _trial, diagnose_failure, failure_report, run_scenario
+from pytest_systemd_harden.spec.load import load_spec
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.unit.pool import MachinePool
+from pytest_systemd_harden.unit.service import HardenedService
 
 # Restricting directives that a W+X mmap in Python does not care about.
 HARMLESS = [

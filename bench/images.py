@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_systemd_harden.images import BASE_PACKAGES, DEFAULT_RELEASE, ImageCache, _customize, install_on_base
+from pytest_systemd_harden.machine.images import BASE_PACKAGES, ImageCache, _customize, install_on_base
+from pytest_systemd_harden.spec.releases import DEFAULT_RELEASE
 
 
 def installed(rootfs: Path) -> set[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from pytest_systemd_harden.errors import SpecError
-from pytest_systemd_harden.spec import load_spec
+from pytest_systemd_harden.spec.load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(ROOT.glob("examples/*/*.yaml"))

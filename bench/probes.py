@@ -18,11 +18,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pytest_systemd_harden.backends.base import MachineConfig
-from pytest_systemd_harden.enforcement import verify_service
-from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.probes import on_machine, run_batch, standard_catalogue
-from pytest_systemd_harden.spec import load_spec
+from pytest_systemd_harden.spec.load import load_spec
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.unit.pool import MachinePool
+from pytest_systemd_harden.unit.probe_host import verify_service
 
 SPEC = """
 name: bench-probes

@@ -29,12 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_systemd_harden.backends.base import MachineConfig
-from pytest_systemd_harden.backends.nspawn import NspawnMachine
-from pytest_systemd_harden.images import DEFAULT_RELEASE
-from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.service import HardenedService
-from pytest_systemd_harden.spec import load_spec
+from pytest_systemd_harden.machine.backends.nspawn import NspawnMachine
+from pytest_systemd_harden.spec.load import load_spec
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.spec.releases import DEFAULT_RELEASE
+from pytest_systemd_harden.unit.pool import MachinePool
+from pytest_systemd_harden.unit.service import HardenedService
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASES = ("trixie", "bookworm")  # the default release and the one before it (machine.release: [bookworm, trixie])

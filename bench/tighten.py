@@ -34,19 +34,19 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pytest_systemd_harden import exposure
-from pytest_systemd_harden.diagnosis import RESTRICTING
-from pytest_systemd_harden.observe import CONFLICT, UNKNOWN
-from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.scenarios import (
+from pytest_systemd_harden.report import exposure
+from pytest_systemd_harden.search.diagnosis import RESTRICTING
+from pytest_systemd_harden.search.observe import CONFLICT, UNKNOWN
+from pytest_systemd_harden.search.scenarios import (
     all_scenarios_trial,
     machine_syscall_groups,
     run_scenario,
     tighten_service,
 )
-from pytest_systemd_harden.service import HardenedService
-from pytest_systemd_harden.spec import Spec, load_spec
-from pytest_systemd_harden.tighten import Tightening, profile_only
+from pytest_systemd_harden.search.tighten import Tightening, profile_only
+from pytest_systemd_harden.spec.load import Spec, load_spec
+from pytest_systemd_harden.unit.pool import MachinePool
+from pytest_systemd_harden.unit.service import HardenedService
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB = """

@@ -7,7 +7,7 @@ them into pytest.
 
 from .errors import BackendUnavailable, HardenError, ImageBuildError, MachineError, ServiceFailed, SpecError
 from .result import CommandResult
-from .spec import Spec, load_spec
+from .spec.load import Spec, load_spec
 
 __all__ = ["BackendUnavailable", "CommandResult", "HardenError", "ImageBuildError", "MachineError",
            "ServiceFailed", "Spec", "SpecError", "load_spec"]

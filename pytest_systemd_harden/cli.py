@@ -28,14 +28,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from .errors import BackendUnavailable, HardenError, SpecError
-from .images import BASE_PACKAGES, DEFAULT_RELEASE, RELEASES, parse_releases
-from .service import unit_name_for
-from .spec import Spec, load_spec
+from .machine.images import BASE_PACKAGES
+from .spec.load import Spec, load_spec
+from .spec.releases import DEFAULT_RELEASE, RELEASES, parse_releases
+from .unit.service import unit_name_for
 
 if TYPE_CHECKING:
-    from .exposure import Exposure
-    from .pool import MachinePool
-    from .tighten import Tightening
+    from .report.exposure import Exposure
+    from .search.tighten import Tightening
+    from .unit.pool import MachinePool
 
 T = TypeVar("T")
 
@@ -80,7 +81,7 @@ def _lint(args: argparse.Namespace) -> int:
 
 
 def _dropin(args: argparse.Namespace) -> int:
-    from .directives import DropinMismatch
+    from .spec.directives import DropinMismatch
 
     spec = _load(args.spec)
     if spec is None:
@@ -104,8 +105,8 @@ def _run_line(args: argparse.Namespace) -> int:
 
 def _on_machine(args: argparse.Namespace, command: str, work: Callable[[MachinePool], T]) -> T | None:
     """Run ``work`` with a machine pool that is always shut down; machine trouble is printed, and gives None."""
-    from .images import ImageCache
-    from .pool import MachinePool
+    from .machine.images import ImageCache
+    from .unit.pool import MachinePool
 
     pool = MachinePool(image_cache=ImageCache(Path(args.cache_dir) if args.cache_dir else None),
                        progress=lambda line: print(f"[harden] {line}", file=sys.stderr, flush=True),
@@ -122,7 +123,7 @@ def _on_machine(args: argparse.Namespace, command: str, work: Callable[[MachineP
 
 
 def _exposure(args: argparse.Namespace) -> int:
-    from . import exposure
+    from .report import exposure
 
     spec = _load(args.spec)
     if spec is None:
@@ -167,7 +168,7 @@ def _test(args: argparse.Namespace) -> int:
 def _cache_key(args: argparse.Namespace) -> int:
     import hashlib
 
-    from .images import ImageCache
+    from .machine.images import ImageCache
 
     specs = [_load(path) for path in args.specs]
     if any(spec is None for spec in specs):
@@ -183,7 +184,7 @@ def _cache_key(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from .images import cached_images, default_cache_dir, prune
+    from .machine.images import cached_images, default_cache_dir, prune
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.action == "prune":
@@ -206,10 +207,10 @@ def _day(timestamp: float) -> str:
 
 
 def _tighten(args: argparse.Namespace) -> int:
-    from . import exposure
-    from .diagnosis import yaml_value
     from .errors import ServiceFailed
-    from .scenarios import tighten_service
+    from .report import exposure
+    from .search.diagnosis import yaml_value
+    from .search.scenarios import tighten_service
 
     spec = _load(args.spec)
     if spec is None:
@@ -252,9 +253,9 @@ PRIVILEGED_NSPAWN = "nspawn-privileged"
 
 
 def _backends(args: argparse.Namespace) -> int:
-    from . import backends
-    from .backends.base import MachineConfig
-    from .capabilities import Capabilities, machine_capabilities
+    from .machine import backends
+    from .sandbox.capabilities import Capabilities, machine_capabilities
+    from .spec.machine import MachineConfig
 
     names = args.names or [*sorted(backends.BACKENDS), PRIVILEGED_NSPAWN]
     measured: dict[str, tuple[str, Capabilities]] = {}

@@ -18,16 +18,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
-from .backends.base import Machine
-from .baseline import Baseline, spec_key
-from .diagnosis import Diagnosis
 from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
-from .images import DEFAULT_MAX_AGE_DAYS, DEFAULT_RELEASE, RELEASES, ImageCache, parse_releases
-from .pool import MachinePool
-from .scenarios import diagnose_failure, failure_report, run_scenario, tighten_service
-from .service import HardenedService, hardening_in_force
-from .spec import Scenario, Spec, load_spec
-from .tighten import Tightening
+from .machine.backends.base import Machine
+from .machine.images import DEFAULT_MAX_AGE_DAYS, ImageCache
+from .report.baseline import Baseline, spec_key
+from .search.diagnosis import Diagnosis
+from .search.scenarios import diagnose_failure, failure_report, run_scenario, tighten_service
+from .search.tighten import Tightening
+from .spec.load import Scenario, Spec, load_spec
+from .spec.releases import DEFAULT_RELEASE, RELEASES, parse_releases
+from .unit.pool import MachinePool
+from .unit.service import HardenedService, hardening_in_force
 
 DEFAULT_SPEC_PATTERNS = ["harden.yaml", "harden-*.yaml", "*.harden.yaml"]
 MAX_IMAGE_BUILDS = 4  # image builds at once in a session, all xdist workers together
@@ -240,7 +241,7 @@ class HardenSession:
         if self.config.option.collectonly:
             return
         self._prepare_images(session)
-        from .unit import check_unit
+        from .unit.under_test import check_unit
 
         errors: list[str] = []
         runs: dict[int, SpecRun] = {}
@@ -278,7 +279,7 @@ class HardenSession:
             self._pool.close()
         if hasattr(self.config, "workerinput"):
             return  # an xdist worker: the controller has every record and writes the files once
-        from . import report
+        from .report import formats as report
 
         path = self.config.getoption("harden_json")
         if path:
@@ -304,7 +305,7 @@ class HardenSession:
             raise pytest.UsageError("--harden-baseline-update needs the file to write: add --harden-baseline=PATH")
         policy = option("harden_security_policy")
         if policy:
-            from .exposure import check_policy
+            from .report.exposure import check_policy
 
             try:
                 check_policy(Path(policy))
@@ -313,7 +314,7 @@ class HardenSession:
             self.security_policy = Path(policy).resolve()
         path = option("harden_baseline")
         if path:
-            from .baseline import Baseline, BaselineError
+            from .report.baseline import Baseline, BaselineError
 
             if not Path(path).exists() and not option("harden_baseline_update"):
                 raise pytest.UsageError(f"--harden-baseline={path}: no such file; record one first with "
@@ -333,7 +334,7 @@ class HardenSession:
 
     def update_baseline(self, current: Baseline) -> None:
         """Rewrite the baseline file with what this run observed, keeping what it did not look at."""
-        from .baseline import observe, records_by_spec, spec_path_of
+        from .report.baseline import observe, records_by_spec, spec_path_of
 
         observed = {}
         for spec_path, records in records_by_spec(self.records).items():
@@ -347,7 +348,7 @@ class HardenSession:
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        from . import report
+        from .report import formats as report
 
         if self.not_started:
             terminalreporter.write_sep("=", "systemd hardening: services that did not start")
@@ -372,18 +373,18 @@ class HardenSession:
 
 @pytest.fixture(scope="session")
 def harden_pool(pytestconfig: pytest.Config) -> MachinePool:
-    """Session-scoped :class:`~pytest_systemd_harden.pool.MachinePool` of booted machines.
+    """Session-scoped :class:`~pytest_systemd_harden.unit.pool.MachinePool` of booted machines.
 
     One machine per distinct ``machine:`` section, booted on first use and shut down (containers, cgroups,
     processes) when the session ends. ``harden_pool.machine_for(spec.machine)`` gives a
-    :class:`~pytest_systemd_harden.backends.base.Machine` for tests that need the machine without a service.
+    :class:`~pytest_systemd_harden.machine.backends.base.Machine` for tests that need the machine without a service.
     """
     return HardenSession.of(pytestconfig).pool
 
 
 @pytest.fixture
 def harden_spec(request: pytest.FixtureRequest) -> Spec:
-    """The :class:`~pytest_systemd_harden.spec.Spec` named by ``@pytest.mark.harden("path.yaml")``.
+    """The :class:`~pytest_systemd_harden.spec.load.Spec` named by ``@pytest.mark.harden("path.yaml")``.
 
     The path is relative to the test file. An invalid spec fails the test with the file, line, key and a hint.
     """
@@ -401,7 +402,7 @@ def harden_spec(request: pytest.FixtureRequest) -> Spec:
 def hardened_service(request: pytest.FixtureRequest, harden_spec: Spec) -> Iterator[HardenedService]:
     """The service of ``@pytest.mark.harden(spec)``, started clean under its hardening for this test.
 
-    Yields a :class:`~pytest_systemd_harden.service.HardenedService`:
+    Yields a :class:`~pytest_systemd_harden.unit.service.HardenedService`:
 
     * ``client(cmd)`` - run a command unconfined on the machine, as a client of the service;
     * ``inside(cmd)`` - run a command in the service's sandbox (same directives, user and namespaces);
@@ -445,8 +446,8 @@ class SpecRun:
             yield ScenarioItem.from_parent(self, name=scenario.name, scenario=scenario)
         session = HardenSession.of(self.config)
         if self.spec.enforcement.enabled:
-            from .enforcement import item_names
-            from .unit import own_hardening_before_boot
+            from .sandbox.expectations import item_names
+            from .unit.under_test import own_hardening_before_boot
 
             own = own_hardening_before_boot(self.spec, lambda: session.cached_rootfs(self.spec))
             for subject, title, line in item_names(self.spec, own):
@@ -663,7 +664,9 @@ class EnforcementItem(SpecItem):
         self.line = line
 
     def run_item(self) -> None:
-        from .enforcement import ENFORCED, UNVERIFIABLE, EnforcementFailed, verify_service
+        from .sandbox.expectations import ENFORCED, UNVERIFIABLE
+        from .sandbox.verdict import EnforcementFailed
+        from .unit.probe_host import verify_service
 
         service = self.started_service()
         report = self.parent.stash.get(ENFORCEMENT_REPORT, None)
@@ -690,7 +693,7 @@ class EnforcementItem(SpecItem):
         raise EnforcementFailed(verdict.message() + suffix)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str | Any:
-        from .enforcement import EnforcementFailed
+        from .sandbox.verdict import EnforcementFailed
 
         if isinstance(excinfo.value, EnforcementFailed):
             return str(excinfo.value)
@@ -706,7 +709,7 @@ class ExposureItem(SpecItem):
     """The spec's unit, scored by ``systemd-analyze security`` on the spec's machine; fails above max_exposure."""
 
     def run_item(self) -> None:
-        from . import exposure
+        from .report import exposure
 
         spec, session = self.parent.spec, HardenSession.of(self.config)
         record = self.new_record(check="exposure", max_exposure=spec.max_exposure)
@@ -724,7 +727,7 @@ class BaselineItem(SpecItem):
     """This run of the spec against the --harden-baseline file: regressions fail, improvements are reported."""
 
     def run_item(self) -> None:
-        from . import baseline
+        from .report import baseline
 
         session = HardenSession.of(self.config)
         assert session.baseline is not None
@@ -756,7 +759,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """Flat ``harden_*`` properties (spec, exposure, culprit, ...) beside each ``harden`` record, so JUnit XML
     readers see plain values rather than the record's Python repr."""
     if call.when == "call":
-        from .report import junit_properties
+        from .report.formats import junit_properties
 
         records = [record for name, record in item.user_properties if name == "harden" and isinstance(record, dict)]
         for record in records:
@@ -767,7 +770,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.hookimpl
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     """--harden-tighten: each spec's tightened hardening, ready to paste into its ``hardening:`` section."""
-    from .diagnosis import yaml_value
+    from .search.diagnosis import yaml_value
 
     for spec, result in HardenSession.of(config).tightenings:
         terminalreporter.write_sep("-", f"tightened: {spec.path.name}")

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden.backends.base import Machine, MachineConfig
 from pytest_systemd_harden.errors import BackendUnavailable
-from pytest_systemd_harden.images import default_cache_dir
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.machine.images import default_cache_dir
 from pytest_systemd_harden.plugin import HardenSession
-from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.spec import Spec, load_spec
+from pytest_systemd_harden.spec.load import Spec, load_spec
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.unit.pool import MachinePool
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

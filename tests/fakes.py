@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from pytest_systemd_harden.machine.systemd import ProcessOutcome
 from pytest_systemd_harden.probes import inside
-from pytest_systemd_harden.systemd import ProcessOutcome
 
 
 class RecordingSystemd:

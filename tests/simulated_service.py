@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pytest_systemd_harden.diagnosis import TrialResult, expand_group
-from pytest_systemd_harden.directives import Directive
+from pytest_systemd_harden.search.diagnosis import TrialResult, expand_group
+from pytest_systemd_harden.spec.directives import Directive
 
 PRIVILEGED = ["@chown", "acct", "bpf", "capset", "chroot", "fanotify_init", "open_by_handle_at", "pivot_root",
               "quotactl", "setdomainname", "setfsuid", "setgroups", "setresuid", "setreuid", "setuid", "swapon"]

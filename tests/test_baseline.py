@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pytest_systemd_harden.baseline import (
+from pytest_systemd_harden.report.baseline import (
     START,
     Baseline,
     BaselineError,
@@ -22,7 +22,7 @@ from pytest_systemd_harden.baseline import (
     observe,
     render,
 )
-from pytest_systemd_harden.spec import Spec
+from pytest_systemd_harden.spec.load import Spec
 
 MakeSpec = Callable[..., Spec]
 
@@ -385,7 +385,7 @@ def test_a_real_enforcement_check_that_now_fails_is_a_regression(pytester: pytes
 
 
 def test_what_was_tested_is_kept_and_a_version_change_is_shown_beside_a_regression(tmp_path: Path) -> None:
-    from pytest_systemd_harden.baseline import Snapshot, compare, observe, render
+    from pytest_systemd_harden.report.baseline import Snapshot, compare, observe, render
 
     tested_old = {"backend": "nspawn", "release": "bookworm", "kernel": "6.1", "systemd": "252.39-1",
                   "packages": {"harden-demo": "1.0"}}

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden import cgroups
-from pytest_systemd_harden.backends import userns
-from pytest_systemd_harden.cgroups import Caps, OwnedCgroup
+from pytest_systemd_harden.machine import cgroups
+from pytest_systemd_harden.machine.backends import userns
+from pytest_systemd_harden.machine.cgroups import Caps, OwnedCgroup
 
 
 def test_caps_come_from_the_environment_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

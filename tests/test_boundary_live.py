@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden.backends.base import Machine
+from pytest_systemd_harden.machine.backends.base import Machine
 
 pytestmark = pytest.mark.usefixtures("machine")  # a working backend, like the other live tests
 

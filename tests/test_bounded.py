@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden import staging
-from pytest_systemd_harden.backends import nspawn
-from pytest_systemd_harden.backends.base import Machine, MachineConfig
-from pytest_systemd_harden.diagnosis import BudgetExceeded, TrialResult
-from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.scenarios import Deadline, diagnose_failure, run_scenario
-from pytest_systemd_harden.service import HardenedService
-from pytest_systemd_harden.spec import Spec
+from pytest_systemd_harden.machine import staging
+from pytest_systemd_harden.machine.backends import nspawn
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.search.diagnosis import BudgetExceeded, TrialResult
+from pytest_systemd_harden.search.scenarios import Deadline, diagnose_failure, run_scenario
+from pytest_systemd_harden.spec.load import Spec
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.unit.pool import MachinePool
+from pytest_systemd_harden.unit.service import HardenedService
 
 IGNORES_SIGTERM = "trap '' TERM; sleep 60"
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pytest_systemd_harden import capabilities as capabilities_module
-from pytest_systemd_harden import cgroups
-from pytest_systemd_harden.backends.base import Machine, MachineConfig
-from pytest_systemd_harden.backends.nspawn import NspawnMachine
-from pytest_systemd_harden.capabilities import Capabilities, Capability, CapabilityCache, machine_capabilities
-from pytest_systemd_harden.enforcement import ENFORCED, NOT_ENFORCED
-from pytest_systemd_harden.images import Image, ImageCache
-from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.probes.runner import MachineFacts, machine_facts
+from pytest_systemd_harden.machine import cgroups
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.machine.backends.nspawn import NspawnMachine
+from pytest_systemd_harden.machine.images import Image, ImageCache
+from pytest_systemd_harden.machine.probing import machine_facts
+from pytest_systemd_harden.probes.runner import MachineFacts
+from pytest_systemd_harden.sandbox import capabilities as capabilities_module
+from pytest_systemd_harden.sandbox.capabilities import Capabilities, Capability, CapabilityCache, machine_capabilities
+from pytest_systemd_harden.sandbox.expectations import ENFORCED, NOT_ENFORCED
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.unit.pool import MachinePool
 
 
 def test_a_container_here_enforces_namespaces_seccomp_and_bpf_firewalls_but_not_what_it_lacks(
@@ -39,7 +41,7 @@ def test_a_container_here_enforces_namespaces_seccomp_and_bpf_firewalls_but_not_
 
 
 def test_the_boot_line_names_only_what_was_seen() -> None:
-    from pytest_systemd_harden.enforcement import UNVERIFIABLE
+    from pytest_systemd_harden.sandbox.expectations import UNVERIFIABLE
 
     def measured(*statuses: tuple[str, str]) -> Capabilities:
         return Capabilities("qemu", {name: Capability(f"{name}=x", name, status, "seen") for name, status in statuses})

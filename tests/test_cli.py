@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden import exposure
-from pytest_systemd_harden.backends.base import Machine
 from pytest_systemd_harden.cli import main, run_line
-from pytest_systemd_harden.service import HardenedService
-from pytest_systemd_harden.spec import Spec, load_spec
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.report import exposure
+from pytest_systemd_harden.spec.load import Spec, load_spec
+from pytest_systemd_harden.unit.service import HardenedService
 
 MakeSpec = Callable[..., Spec]
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from simulated_service import GPG_LIKE, GROUPS, World, hardening
 
-from pytest_systemd_harden.diagnosis import (
+from pytest_systemd_harden.search.diagnosis import (
     RESTRICTING,
     Context,
     Diagnosis,
@@ -21,7 +21,7 @@ from pytest_systemd_harden.diagnosis import (
     paths_in,
     refine,
 )
-from pytest_systemd_harden.directives import Directive
+from pytest_systemd_harden.spec.directives import Directive
 
 
 def run(world: World, directives: tuple[Directive, ...], evidence: str = "", **kwargs: object) -> Diagnosis:
@@ -190,7 +190,7 @@ def test_expand_group_resolves_nested_groups_once() -> None:
 
 
 def test_a_directive_from_the_profile_is_dropped_with_null_not_deleted() -> None:
-    from pytest_systemd_harden.profiles import ProfileLine
+    from pytest_systemd_harden.spec.profiles import ProfileLine
 
     directives = (Directive("PrivateUsers", ("yes",), ProfileLine(3, "maximum-2026")),
                   Directive("PrivateTmp", ("yes",), 5))
@@ -413,7 +413,7 @@ def test_a_silent_failure_is_observed_once_and_the_traced_denial_gives_the_grant
 
 
 def test_a_printed_drop_in_that_fails_as_a_file_is_said_so() -> None:
-    from pytest_systemd_harden.diagnosis import Directive, TrialResult, diagnose
+    from pytest_systemd_harden.search.diagnosis import Directive, TrialResult, diagnose
 
     hardening = (Directive("MemoryDenyWriteExecute", ("yes",), 3),)
 
@@ -446,7 +446,7 @@ RestrictAddressFamilies=AF_INET AF_UNIX
 
 
 def _unit_and_spec() -> tuple[tuple[Directive, ...], tuple[Directive, ...]]:
-    from pytest_systemd_harden.unit import own_directives_from_files
+    from pytest_systemd_harden.unit.under_test import own_directives_from_files
 
     own = own_directives_from_files("mc.service", [("/lib/systemd/system/mc.service", UNIT_TEXT)])
     spec = (Directive.parse("ProtectHome", "yes", 3), Directive.parse("RestrictAddressFamilies", ["AF_INET6"], 4))
@@ -454,8 +454,8 @@ def _unit_and_spec() -> tuple[tuple[Directive, ...], tuple[Directive, ...]]:
 
 
 def test_a_trial_resets_only_what_it_changes_of_the_units_own_directives() -> None:
-    from pytest_systemd_harden.diagnosis import replacing_dropin
-    from pytest_systemd_harden.unit import effective_hardening
+    from pytest_systemd_harden.search.diagnosis import replacing_dropin
+    from pytest_systemd_harden.unit.under_test import effective_hardening
 
     own, spec = _unit_and_spec()
     effective = effective_hardening(own, spec)
@@ -471,7 +471,7 @@ def test_a_trial_resets_only_what_it_changes_of_the_units_own_directives() -> No
 
 def test_an_own_culprit_is_named_with_the_unit_file_and_its_fix_is_a_drop_in() -> None:
     own, spec = _unit_and_spec()
-    from pytest_systemd_harden.unit import effective_hardening
+    from pytest_systemd_harden.unit.under_test import effective_hardening
 
     effective = effective_hardening(own, spec)
 

@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import pytest
 
-from pytest_systemd_harden.backends.base import Machine
-from pytest_systemd_harden.diagnosis import RESTRICTING, Diagnosis
-from pytest_systemd_harden.scenarios import diagnose_failure, failure_report, run_scenario
-from pytest_systemd_harden.service import HardenedService
-from pytest_systemd_harden.spec import Spec
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.search.diagnosis import RESTRICTING, Diagnosis
+from pytest_systemd_harden.search.scenarios import diagnose_failure, failure_report, run_scenario
+from pytest_systemd_harden.spec.load import Spec
+from pytest_systemd_harden.unit.service import HardenedService
 
 # Restricting directives that do not matter to the scenarios below: the search must rule them out.
 NOISE = """
@@ -227,7 +227,7 @@ def test_a_write_refused_silently_is_found_by_an_observed_rerun(machine: Machine
 def test_the_drop_in_check_applies_the_text_literally(machine: Machine, make_spec) -> None:  # type: ignore[no-untyped-def]
     # The check must tell a drop-in that works from one systemd ignores: an empty boolean is "Failed to parse
     # boolean value, ignoring" (issue 15), so the feature stays broken under it.
-    from pytest_systemd_harden.scenarios import _dropin_trial
+    from pytest_systemd_harden.search.scenarios import _dropin_trial
 
     spec = make_spec("""
 service:
@@ -310,7 +310,7 @@ def test_a_setuid_helper_under_no_new_privileges_is_diagnosed_as_each_systemd_do
     import os
     import subprocess
 
-    from pytest_systemd_harden.spec import load_spec
+    from pytest_systemd_harden.spec.load import load_spec
 
     root = tmp_path / "pkg"
     (root / "DEBIAN").mkdir(parents=True)

@@ -8,13 +8,12 @@ from typing import Any
 import pytest
 from dbus_next import Variant
 
-from pytest_systemd_harden.directives import (
+from pytest_systemd_harden.kernel.flags import CAPABILITY_BITS, NAMESPACE_FLAGS
+from pytest_systemd_harden.spec.directives import (
     ALL_CAPABILITIES,
     ALL_NAMESPACES,
-    CAPABILITY_BITS,
     KNOWN,
     MS_REC,
-    NAMESPACE_FLAGS,
     UINT64_MAX,
     Directive,
     DirectiveError,
@@ -198,7 +197,7 @@ def test_a_syscall_group_systemd_does_not_have_is_refused_not_ignored() -> None:
 
 
 def test_syscalls_the_machines_systemd_does_not_know_are_named_with_the_closest_it_does() -> None:
-    from pytest_systemd_harden.directives import Directive, ignored_by_systemd
+    from pytest_systemd_harden.spec.directives import Directive, ignored_by_systemd
 
     hardening = [Directive.parse("SystemCallFilter", ["@system-service", "~mlokc:EPERM"], line=7),
                  Directive.parse("SystemCallLog", "@sandbox"), Directive.parse("ProtectSystem", "strict")]

@@ -7,9 +7,13 @@ from typing import Any
 
 import pytest
 
-from pytest_systemd_harden import enforcement
-from pytest_systemd_harden.directives import CAPABILITY_BITS, Directive
-from pytest_systemd_harden.enforcement import (
+from pytest_systemd_harden.kernel.flags import CAPABILITY_BITS
+from pytest_systemd_harden.probes.catalogue import BIND_PORT, Denial
+from pytest_systemd_harden.probes.model import Probe, ProbeResult
+from pytest_systemd_harden.probes.runner import Batch, MachineFacts
+from pytest_systemd_harden.sandbox import expectations as enforcement
+from pytest_systemd_harden.sandbox import verdict
+from pytest_systemd_harden.sandbox.expectations import (
     ENFORCED,
     NOT_ENFORCED,
     UNVERIFIABLE,
@@ -20,12 +24,10 @@ from pytest_systemd_harden.enforcement import (
     makes_read_only,
     plan,
     syscall_filter_ways,
-    verify,
 )
-from pytest_systemd_harden.probes.catalogue import BIND_PORT, Denial
-from pytest_systemd_harden.probes.model import Probe, ProbeResult
-from pytest_systemd_harden.probes.runner import Batch, MachineFacts
-from pytest_systemd_harden.spec import Spec
+from pytest_systemd_harden.sandbox.verdict import verify
+from pytest_systemd_harden.spec.directives import Directive
+from pytest_systemd_harden.spec.load import Spec
 
 MakeSpec = Callable[..., Spec]
 
@@ -102,7 +104,7 @@ def spec_with(make_spec: MakeSpec, hardening: str, deny: str = "", extra: str = 
     return make_spec(text + extra)
 
 
-def judged(make_spec: MakeSpec, hardening: str, host: FakeHost, deny: str = "") -> enforcement.Report:
+def judged(make_spec: MakeSpec, hardening: str, host: FakeHost, deny: str = "") -> verdict.Report:
     spec = spec_with(make_spec, hardening, deny)
     return verify(host, plan(spec, FACTS), spec.path.name)
 
@@ -364,7 +366,7 @@ def test_results_are_read_from_json_lines_and_missing_ones_explained() -> None:
     ("ProtectClock", "yes", "a host running the same systemd may not either"),
 ])
 def test_a_directive_not_enforced_even_alone_gets_a_specific_reason(name: str, value: str, says: str) -> None:
-    assert says in enforcement.unenforceable_reason(Directive.parse(name, value), FACTS)
+    assert says in verdict.unenforceable_reason(Directive.parse(name, value), FACTS)
 
 
 def test_a_solo_run_that_observes_nothing_leaves_the_failure_standing(make_spec: MakeSpec) -> None:
@@ -393,7 +395,7 @@ Restart=always
 
 
 def test_the_units_own_hardening_gets_items_named_by_file_and_line(make_spec: MakeSpec) -> None:
-    from pytest_systemd_harden.unit import own_directives_from_files
+    from pytest_systemd_harden.unit.under_test import own_directives_from_files
 
     own = own_directives_from_files("memcached.service", [("/lib/systemd/system/memcached.service", MEMCACHED_UNIT)])
     spec = spec_with(make_spec, '  ProtectSystem: strict\n  CapabilityBoundingSet: "~CAP_SETUID"\n')
@@ -414,15 +416,9 @@ def test_the_units_own_hardening_gets_items_named_by_file_and_line(make_spec: Ma
 
 
 def test_an_own_hardening_not_known_at_collection_is_one_item(make_spec: MakeSpec) -> None:
-    from pytest_systemd_harden.enforcement import (
-        ENFORCED,
-        NOT_ENFORCED,
-        OWN_HARDENING,
-        UNVERIFIABLE,
-        Report,
-        Verdict,
-    )
-    from pytest_systemd_harden.unit import own_directives_from_files
+    from pytest_systemd_harden.sandbox.expectations import ENFORCED, NOT_ENFORCED, OWN_HARDENING, UNVERIFIABLE
+    from pytest_systemd_harden.sandbox.verdict import Report, Verdict
+    from pytest_systemd_harden.unit.under_test import own_directives_from_files
 
     spec = spec_with(make_spec, "  ProtectHome: yes\n")
     names = [name for name, _title, _line in item_names(spec, None)]

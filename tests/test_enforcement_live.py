@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from pytest_systemd_harden import cgroups
-from pytest_systemd_harden.backends.base import Machine
-from pytest_systemd_harden.probes.runner import machine_facts
+from pytest_systemd_harden.machine import cgroups
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.machine.probing import machine_facts
 
 pytestmark = pytest.mark.usefixtures("machine")  # a working backend, like the other live tests
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden import exposure
-from pytest_systemd_harden.backends.base import Machine
 from pytest_systemd_harden.errors import BackendUnavailable, SpecError
-from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.spec import Spec, load_spec
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.report import exposure
+from pytest_systemd_harden.spec.load import Spec, load_spec
+from pytest_systemd_harden.unit.pool import MachinePool
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_SPECS = sorted(EXAMPLES.glob("*/*.yaml"))

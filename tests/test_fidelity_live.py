@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden.backends import nspawn
-from pytest_systemd_harden.backends.base import Machine
+from pytest_systemd_harden.machine.backends import nspawn
+from pytest_systemd_harden.machine.backends.base import Machine
 
 pytestmark = pytest.mark.usefixtures("machine")  # a working backend, like the other live tests
 

@@ -26,19 +26,22 @@ import pytest
 from dbus_next.signature import Variant
 from fakes import RecordingSystemd, guard_in_process, kernel_without_family_modules
 
-from pytest_systemd_harden import backends, exposure
-from pytest_systemd_harden.backends import host
-from pytest_systemd_harden.backends.base import Machine, MachineConfig
-from pytest_systemd_harden.backends.host import HostMachine
 from pytest_systemd_harden.errors import BackendUnavailable
+from pytest_systemd_harden.machine import backends
+from pytest_systemd_harden.machine.backends import host
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.machine.backends.host import HostMachine
+from pytest_systemd_harden.machine.probing import on_machine
+from pytest_systemd_harden.machine.systemd import SystemdClient
 from pytest_systemd_harden.plugin import HardenSession
-from pytest_systemd_harden.pool import MachinePool
 from pytest_systemd_harden.probes import inside
 from pytest_systemd_harden.probes.model import Probe, ProbeResult
-from pytest_systemd_harden.probes.runner import batch_argv, guarded_batch, inside_script, on_machine, run_batch
-from pytest_systemd_harden.service import HardenedService, dynamic_user_name
-from pytest_systemd_harden.spec import Spec
-from pytest_systemd_harden.systemd import SystemdClient
+from pytest_systemd_harden.probes.runner import batch_argv, guarded_batch, inside_script, run_batch
+from pytest_systemd_harden.report import exposure
+from pytest_systemd_harden.spec.load import Spec
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.unit.pool import MachinePool
+from pytest_systemd_harden.unit.service import HardenedService, dynamic_user_name
 
 REPO = Path(__file__).resolve().parent.parent
 MakeSpec = Callable[..., Spec]
@@ -386,10 +389,10 @@ def test_on_the_host_nothing_outlives_its_machine(booted: Callable[..., HostMach
 KILLED_RUN = r"""
 import os, signal, sys
 from pathlib import Path
-from pytest_systemd_harden.backends.base import MachineConfig
-from pytest_systemd_harden.backends.host import HostMachine
-from pytest_systemd_harden.service import HardenedService
-from pytest_systemd_harden.spec import load_spec
+from pytest_systemd_harden.machine.backends.base import MachineConfig
+from pytest_systemd_harden.machine.backends.host import HostMachine
+from pytest_systemd_harden.unit.service import HardenedService
+from pytest_systemd_harden.spec.load import load_spec
 
 machine = HostMachine(MachineConfig(backend="host"))
 machine.boot()

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden import cgroups
-from pytest_systemd_harden.staging import clean_leftovers, mounts_under
+from pytest_systemd_harden.machine import cgroups
+from pytest_systemd_harden.machine.staging import clean_leftovers, mounts_under
 
 ROOT = Path(__file__).resolve().parent.parent
 
 BUILD = textwrap.dedent("""\
     import sys
     from pathlib import Path
-    from pytest_systemd_harden.images import ImageCache
+    from pytest_systemd_harden.machine.images import ImageCache
     ImageCache(Path(sys.argv[1])).get(["hello"], lambda line: print(line, flush=True))
     print("BUILT", flush=True)
 """)
@@ -137,7 +137,7 @@ PRIVATE = textwrap.dedent("""\
     import os, subprocess, sys
     from pathlib import Path
     from pytest_systemd_harden.errors import ImageBuildError
-    from pytest_systemd_harden.staging import clean_leftovers, remove_tree
+    from pytest_systemd_harden.machine.staging import clean_leftovers, remove_tree
     work = Path(sys.argv[1])
     outside = work / "outside"            # stands for the host's /dev/shm
     outside.mkdir()
@@ -213,7 +213,7 @@ def build_deb(folder: Path, version: str, depends: str = "") -> Path:
 
 
 def test_a_local_deb_is_installed_and_a_new_build_gives_a_new_image(tmp_path: Path) -> None:
-    from pytest_systemd_harden.images import ImageCache, default_cache_dir
+    from pytest_systemd_harden.machine.images import ImageCache, default_cache_dir
 
     _needs_root_and_builder()
     cache = ImageCache(default_cache_dir())
@@ -229,7 +229,7 @@ def test_a_local_deb_is_installed_and_a_new_build_gives_a_new_image(tmp_path: Pa
 
 def test_a_local_deb_whose_dependency_is_missing_fails_in_one_line(tmp_path: Path) -> None:
     from pytest_systemd_harden.errors import ImageBuildError
-    from pytest_systemd_harden.images import ImageCache
+    from pytest_systemd_harden.machine.images import ImageCache
 
     _needs_root_and_builder()
     deb = build_deb(tmp_path, "2.0", depends="harden-no-such-package")
@@ -243,7 +243,7 @@ def test_a_local_deb_whose_dependency_is_missing_fails_in_one_line(tmp_path: Pat
 def test_a_tree_removed_meanwhile_by_its_owner_is_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Two removers of one tree (a machine's own stop and another xdist worker's sweep): whichever comes second finds
     # it gone at any step, and that is no error.
-    from pytest_systemd_harden import staging
+    from pytest_systemd_harden.machine import staging
 
     tree = tmp_path / "propagate" / "harden-0000dead"
     tree.mkdir(parents=True)

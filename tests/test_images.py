@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden import images
-from pytest_systemd_harden.backends.base import Machine, MachineConfig
 from pytest_systemd_harden.errors import SpecError
-from pytest_systemd_harden.images import DEFAULT_RELEASE, ImageCache, installed_versions
-from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.spec import load_spec
+from pytest_systemd_harden.machine import images
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.machine.images import ImageCache, installed_versions
+from pytest_systemd_harden.spec.load import load_spec
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.spec.releases import DEFAULT_RELEASE
+from pytest_systemd_harden.unit.pool import MachinePool
 
 
 def test_the_key_follows_release_packages_deb_content_and_archive(tmp_path: Path) -> None:
@@ -119,7 +121,7 @@ def test_bad_release_and_debs_are_one_line_errors(tmp_path: Path, machine: str, 
 
 
 def test_apt_verdict_names_what_cannot_be_installed() -> None:
-    from pytest_systemd_harden.images import apt_verdict
+    from pytest_systemd_harden.machine.images import apt_verdict
 
     lines = ["The following packages have unmet dependencies:",
              " harden-demo : Depends: harden-no-such-package but it is not installable",
@@ -164,7 +166,7 @@ def test_cache_list_marks_superseded_images_and_prune_spares_one_in_use(tmp_path
     import fcntl
     import os
 
-    from pytest_systemd_harden.images import cached_images, prune
+    from pytest_systemd_harden.machine.images import cached_images, prune
 
     def image(key: str, built: float, packages: list[str], used_days_ago: float = 0) -> Path:
         folder = tmp_path / "images" / key
@@ -231,8 +233,8 @@ def test_package_units_are_the_enabled_units_of_what_the_machine_section_brought
 
 
 def test_machine_services_keep_package_units_and_the_tested_unit_is_never_masked(tmp_path: Path) -> None:
-    from pytest_systemd_harden.backends.base import MachineConfig
     from pytest_systemd_harden.errors import MachineError
+    from pytest_systemd_harden.spec.machine import MachineConfig
 
     rootfs = fake_rootfs(tmp_path, installed("dnsmasq") + installed("memcached"),
                          {"dnsmasq": ["/lib/systemd/system/dnsmasq.service"],
@@ -324,8 +326,8 @@ def test_prepare_one_at_a_time_builds_in_turn(tmp_path: Path, monkeypatch: pytes
 
 def test_the_session_prepares_the_images_of_its_collected_specs_before_the_first_test(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_systemd_harden import backends
     from pytest_systemd_harden.errors import BackendUnavailable
+    from pytest_systemd_harden.machine import backends
 
     asked: list[tuple[list[images.ImageWanted], int]] = []
 

@@ -6,9 +6,9 @@ import os
 
 from simulated_service import GROUPS, World, hardening
 
-from pytest_systemd_harden.diagnosis import TrialResult, diagnose
-from pytest_systemd_harden.directives import Directive
-from pytest_systemd_harden.kernel import KernelLog, kernel_syscalls, parse_record, seccomp_records
+from pytest_systemd_harden.kernel.seccomp import KernelLog, kernel_syscalls, parse_record, seccomp_records
+from pytest_systemd_harden.search.diagnosis import TrialResult, diagnose
+from pytest_systemd_harden.spec.directives import Directive
 
 # As this host's kernel (6.18) wrote them: a 64-bit call, a 32-bit one, a SystemCallLog= one, another message.
 KILLED = ('audit: type=1326 audit(1796190406.605:5109): auid=4294967295 uid=63423 gid=63423 ses=4294967295 '

@@ -6,7 +6,7 @@ import signal
 
 from dbus_next import Variant
 
-from pytest_systemd_harden.backends.base import Machine
+from pytest_systemd_harden.machine.backends.base import Machine
 
 
 def test_systemd_is_pid_1_in_a_private_network(machine: Machine) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from pytest_systemd_harden.cli import main
-from pytest_systemd_harden.directives import Directive, DropinMismatch, render_assignments, verify_dropin
 from pytest_systemd_harden.errors import SpecError
-from pytest_systemd_harden.spec import MAX_SPEC_BYTES, load_spec
+from pytest_systemd_harden.spec.directives import Directive, DropinMismatch, render_assignments, verify_dropin
+from pytest_systemd_harden.spec.load import MAX_SPEC_BYTES, load_spec
 
 CORPUS = Path(__file__).resolve().parent / "data" / "malformed"
 SPECS = sorted(CORPUS.glob("*.yaml"))
@@ -181,7 +181,7 @@ def test_the_dropin_command_refuses_a_dropin_that_does_not_read_back(tmp_path: P
     path = tmp_path / "harden.yaml"
     path.write_text(SERVICE + "hardening:\n  SyslogIdentifier: app\n")
     # A directive built around the loader's checks (as tighten or diagnosis could) must not reach the user.
-    from pytest_systemd_harden import directives
+    from pytest_systemd_harden.spec import directives
 
     monkeypatch.setattr(directives, "escape_specifiers", lambda value: value + "\nExecStartPre=/bin/id")
     assert main(["dropin", str(path)]) == 1

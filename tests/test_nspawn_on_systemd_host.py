@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pytest_systemd_harden.backends.base import MachineConfig
-from pytest_systemd_harden.images import default_cache_dir
-from pytest_systemd_harden.pool import MachinePool
+from pytest_systemd_harden.machine.images import default_cache_dir
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.unit.pool import MachinePool
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,10 +18,10 @@ INSIDE = r'''
 import subprocess, sys
 sys.path.insert(0, "/src")
 from pathlib import Path
-from pytest_systemd_harden.backends.base import MachineConfig
-from pytest_systemd_harden.backends.nspawn import host_runs_systemd
-from pytest_systemd_harden.images import ImageCache
-from pytest_systemd_harden.pool import MachinePool
+from pytest_systemd_harden.machine.backends.base import MachineConfig
+from pytest_systemd_harden.machine.backends.nspawn import host_runs_systemd
+from pytest_systemd_harden.machine.images import ImageCache
+from pytest_systemd_harden.unit.pool import MachinePool
 
 print("host runs systemd:", host_runs_systemd())
 pool = MachinePool(image_cache=ImageCache(Path("/cache")))

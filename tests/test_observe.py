@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden.directives import Directive
-from pytest_systemd_harden.observe import (
+from pytest_systemd_harden.probes.runner import parse_groups
+from pytest_systemd_harden.search.observe import (
     CONFLICT,
     FITS,
     NARROWED,
@@ -26,9 +26,9 @@ from pytest_systemd_harden.observe import (
     parse_strace,
     split_args,
 )
-from pytest_systemd_harden.probes.runner import parse_groups
-from pytest_systemd_harden.spec import load_spec
-from pytest_systemd_harden.tighten import CATALOGUE, Step, profile_only
+from pytest_systemd_harden.search.tighten import CATALOGUE, Step, profile_only
+from pytest_systemd_harden.spec.directives import Directive
+from pytest_systemd_harden.spec.load import load_spec
 
 DATA = Path(__file__).resolve().parent / "data" / "observe"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -267,7 +267,7 @@ def test_profile_only_applies_every_step_not_forecast_to_conflict() -> None:
 
 
 def test_refused_calls_are_kept_as_denials_for_the_diagnosis() -> None:
-    from pytest_systemd_harden.observe import denial_lines
+    from pytest_systemd_harden.search.observe import denial_lines
 
     trace = """\
 10    openat(AT_FDCWD</>, "/etc/app/app.conf", O_WRONLY|O_CREAT|O_TRUNC, 0666) = -1 EROFS (Read-only file system)

@@ -6,9 +6,9 @@ rendered drop-in (systemd's own parser); systemd must report the same settings f
 
 from __future__ import annotations
 
-from pytest_systemd_harden.backends.base import Machine
-from pytest_systemd_harden.directives import render_dropin
-from pytest_systemd_harden.service import HardenedService
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.spec.directives import render_dropin
+from pytest_systemd_harden.unit.service import HardenedService
 
 EVERYTHING = """
 service:

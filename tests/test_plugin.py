@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden import cgroups
+from pytest_systemd_harden.machine import cgroups
 
 pytestmark = pytest.mark.usefixtures("machine")  # these tests need a working backend, like the rest
 

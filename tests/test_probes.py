@@ -25,7 +25,7 @@ from pytest_systemd_harden.probes.runner import (
     parse_known_syscalls,
     parse_version,
 )
-from pytest_systemd_harden.spec import Spec
+from pytest_systemd_harden.spec.load import Spec
 
 MakeSpec = Callable[..., Spec]
 
@@ -163,8 +163,8 @@ def test_bad_deny_and_enforcement_keys_are_one_line_errors(make_spec: MakeSpec, 
 @pytest.mark.parametrize(("backend", "guard"), [("nspawn", "kernel"), ("host", "host"), ("qemu", None)])
 def test_each_backend_runs_every_probe_batch_under_its_guard_whoever_builds_it(backend: str,
                                                                                guard: str | None) -> None:
-    from pytest_systemd_harden import backends
-    from pytest_systemd_harden.backends.base import MachineConfig
+    from pytest_systemd_harden.machine import backends
+    from pytest_systemd_harden.spec.machine import MachineConfig
 
     machine, systemd = backends.machine_class(backend)(MachineConfig(backend=backend)), RecordingSystemd()
     machine._systemd = systemd  # type: ignore[assignment]

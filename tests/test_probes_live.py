@@ -10,11 +10,12 @@ from typing import Any
 
 from dbus_next.signature import Variant
 
-from pytest_systemd_harden.backends.base import Machine
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.machine.probing import machine_facts, on_machine
 from pytest_systemd_harden.probes import inside
 from pytest_systemd_harden.probes.catalogue import MACHINE_TARGET, standard_catalogue
 from pytest_systemd_harden.probes.model import Probe
-from pytest_systemd_harden.probes.runner import ipc_lifecycle, machine_facts, on_machine, run_batch
+from pytest_systemd_harden.probes.runner import ipc_lifecycle, run_batch
 
 # What could change on the machine: files (all but the journal and systemd's own runtime state), the clock, host
 # and domain names, kernel tunables, mounts, addresses, units and processes. Run as root on the machine.

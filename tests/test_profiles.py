@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden import profiles
-from pytest_systemd_harden.backends.base import Machine, MachineConfig
-from pytest_systemd_harden.directives import Directive
 from pytest_systemd_harden.errors import SpecError
-from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.profiles import PROFILES, ProfileError, ProfileLine
-from pytest_systemd_harden.service import HardenedService, describe_hardening
-from pytest_systemd_harden.spec import Spec, load_spec
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.spec import profiles
+from pytest_systemd_harden.spec.directives import Directive
+from pytest_systemd_harden.spec.load import Spec, load_spec
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.spec.profiles import PROFILES, ProfileError, ProfileLine
+from pytest_systemd_harden.unit.pool import MachinePool
+from pytest_systemd_harden.unit.service import HardenedService, describe_hardening
 
 NAMES = sorted(PROFILES)
 

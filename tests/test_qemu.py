@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden.backends.base import MachineConfig
-from pytest_systemd_harden.backends.guest_agent import GuestAgent
-from pytest_systemd_harden.backends.qemu import Accelerator, QemuMachine, _AcceleratorCache
-from pytest_systemd_harden.images import VmImage
+from pytest_systemd_harden.machine.backends.guest_agent import GuestAgent
+from pytest_systemd_harden.machine.backends.qemu import Accelerator, QemuMachine, _AcceleratorCache
+from pytest_systemd_harden.machine.images import VmImage
+from pytest_systemd_harden.spec.machine import MachineConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

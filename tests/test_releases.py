@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_systemd_harden.baseline import spec_key, spec_path_of
-from pytest_systemd_harden.report import SpecReport, release_matrix
+from pytest_systemd_harden.report.baseline import spec_key, spec_path_of
+from pytest_systemd_harden.report.formats import SpecReport, release_matrix
 
 SPEC = """
 service:

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from pytest_systemd_harden import report
-from pytest_systemd_harden.baseline import START
-from pytest_systemd_harden.images import DEFAULT_RELEASE, RELEASES
-from pytest_systemd_harden.report import SpecReport, matrix_state, summarize
-from pytest_systemd_harden.spec import load_spec
+from pytest_systemd_harden.report import formats as report
+from pytest_systemd_harden.report.baseline import START
+from pytest_systemd_harden.report.formats import SpecReport, matrix_state, summarize
+from pytest_systemd_harden.spec.load import load_spec
+from pytest_systemd_harden.spec.releases import DEFAULT_RELEASE, RELEASES
 
 SPEC = """\
 name: demo

@@ -7,8 +7,8 @@ import signal
 import pytest
 
 from pytest_systemd_harden.result import SYSTEMD_EXIT_CODES, CommandResult, signal_name
-from pytest_systemd_harden.scenarios import mismatches
-from pytest_systemd_harden.spec import Expectation
+from pytest_systemd_harden.search.scenarios import mismatches
+from pytest_systemd_harden.spec.load import Expectation
 
 SIGSYS = int(signal.SIGSYS)
 SIGKILL = int(signal.SIGKILL)
@@ -172,7 +172,7 @@ def test_mismatch_did_not_finish() -> None:
 @pytest.mark.parametrize("stderr", ["/bin/sh: 1: curl: not found", "bash: curl: command not found",
                                     "bash: line 1: curl: command not found"])
 def test_a_command_missing_from_the_machine_gets_the_fix(stderr: str) -> None:
-    from pytest_systemd_harden.scenarios import missing_command_hint
+    from pytest_systemd_harden.search.scenarios import missing_command_hint
 
     assert missing_command_hint(result(127, stderr=stderr), "harden.yaml", inside=False) == \
         "hint: curl is not on the machine: add the Debian package that has it to machine.packages in harden.yaml"

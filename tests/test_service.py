@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_systemd_harden.backends.base import Machine
 from pytest_systemd_harden.errors import ServiceFailed
-from pytest_systemd_harden.images import DEFAULT_RELEASE
-from pytest_systemd_harden.service import HardenedService
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.spec.releases import DEFAULT_RELEASE
+from pytest_systemd_harden.unit.service import HardenedService
 
 SLEEPER = """
 service:

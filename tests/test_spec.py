@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden.backends.base import MachineConfig
-from pytest_systemd_harden.directives import Directive
 from pytest_systemd_harden.errors import SpecError
-from pytest_systemd_harden.spec import TOP_KEYS, Expectation, Readiness, Scenario, ServiceConfig, Spec, load_spec
+from pytest_systemd_harden.spec.directives import Directive
+from pytest_systemd_harden.spec.load import TOP_KEYS, Expectation, Readiness, Scenario, ServiceConfig, Spec, load_spec
+from pytest_systemd_harden.spec.machine import MachineConfig
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gpg-signing" / "harden.yaml"
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from simulated_service import GROUPS, World, hardening, syscall_allowed
 
-from pytest_systemd_harden.diagnosis import TrialResult, hardening_key
-from pytest_systemd_harden.directives import NAMESPACE_FLAGS, Directive
-from pytest_systemd_harden.observe import filter_allows, parse_strace
-from pytest_systemd_harden.tighten import CATALOGUE, Step, Tightening, fall_back, profile_only, revert, tighten
+from pytest_systemd_harden.kernel.flags import NAMESPACE_FLAGS
+from pytest_systemd_harden.search.diagnosis import TrialResult, hardening_key
+from pytest_systemd_harden.search.observe import filter_allows, parse_strace
+from pytest_systemd_harden.search.tighten import CATALOGUE, Step, Tightening, fall_back, profile_only, revert, tighten
+from pytest_systemd_harden.spec.directives import Directive
 
 
 def run(world: World, **kwargs: object) -> Tightening:

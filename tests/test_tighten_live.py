@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pytest_systemd_harden import exposure
-from pytest_systemd_harden.backends.base import Machine
-from pytest_systemd_harden.observe import NARROWED
-from pytest_systemd_harden.scenarios import observe, run_scenario, tighten_service
-from pytest_systemd_harden.service import HardenedService
-from pytest_systemd_harden.spec import Spec
-from pytest_systemd_harden.tighten import Step
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.report import exposure
+from pytest_systemd_harden.search.observe import NARROWED
+from pytest_systemd_harden.search.scenarios import observe, run_scenario, tighten_service
+from pytest_systemd_harden.search.tighten import Step
+from pytest_systemd_harden.spec.load import Spec
+from pytest_systemd_harden.unit.service import HardenedService
 
 WEB = """
 service:

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden.backends.base import Machine, MachineConfig
-from pytest_systemd_harden.directives import Directive
 from pytest_systemd_harden.errors import ServiceFailed, SpecError
-from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.service import HardenedService
-from pytest_systemd_harden.spec import load_spec
-from pytest_systemd_harden.unit import (
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.spec.directives import Directive
+from pytest_systemd_harden.spec.load import load_spec
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.unit.pool import MachinePool
+from pytest_systemd_harden.unit.service import HardenedService
+from pytest_systemd_harden.unit.under_test import (
     effective_hardening,
     expand_specifiers,
     own_directives,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden.backends.base import Machine
-from pytest_systemd_harden.scenarios import observe, tighten_service
-from pytest_systemd_harden.service import HardenedService
-from pytest_systemd_harden.spec import Spec
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.search.scenarios import observe, tighten_service
+from pytest_systemd_harden.spec.load import Spec
+from pytest_systemd_harden.unit.service import HardenedService
 
 # A server on 127.0.0.1:PORT that says it is ready the way its Type= wants: READY=1 from the main process
 # (notify), or the parent exiting after the daemon listens (forking, with or without a PIDFile=).

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_systemd_harden.service import HardenedService
-from pytest_systemd_harden.spec import Spec, load_spec
+from pytest_systemd_harden.spec.load import Spec, load_spec
+from pytest_systemd_harden.unit.service import HardenedService
 
 pytestmark = pytest.mark.harden("memlock-regression.yaml")
 
@@ -38,7 +38,7 @@ def test_the_variant_differs_from_harden_yaml_only_where_it_says(harden_spec: Sp
 def test_the_diagnosis_names_memlock_and_mlock_and_a_verified_fix(hardened_service: HardenedService,
                                                                   harden_spec: Spec) -> None:
     """What the plugin tells a maintainer whose signing broke: the directive, the group, the syscall, the fix."""
-    from pytest_systemd_harden.scenarios import diagnose_failure, failure_report, run_scenario
+    from pytest_systemd_harden.search.scenarios import diagnose_failure, failure_report, run_scenario
 
     signing = next(s for s in harden_spec.scenarios if "sign" in s.name)
     outcome = run_scenario(hardened_service, signing)

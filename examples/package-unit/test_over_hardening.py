@@ -5,9 +5,9 @@ restarts and a diagnosis leaves the package's files in /etc exactly as installed
 import pytest
 
 from pytest_systemd_harden.errors import ServiceFailed
-from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.service import HardenedService
-from pytest_systemd_harden.spec import Spec
+from pytest_systemd_harden.spec.load import Spec
+from pytest_systemd_harden.unit.pool import MachinePool
+from pytest_systemd_harden.unit.service import HardenedService
 
 pytestmark = pytest.mark.harden("over-hardened.yaml")
 
@@ -16,7 +16,7 @@ ETC_HASH = "find /etc -xdev -type f -print0 | sort -z | xargs -0 sha256sum | sha
 
 def test_the_start_fails_and_the_diagnosis_names_the_drop_ins_line(harden_pool: MachinePool,
                                                                    harden_spec: Spec) -> None:
-    from pytest_systemd_harden.scenarios import diagnose_failure
+    from pytest_systemd_harden.search.scenarios import diagnose_failure
 
     service = HardenedService(harden_pool.machine_for(harden_spec.machine), harden_spec)
     before = service.client(ETC_HASH).stdout

@@ -5,12 +5,13 @@
 * :mod:`.catalogue` - the full catalogue and the ``deny:`` vocabulary;
 * :mod:`.runner` - running a batch as one process, and what a machine's systemd knows.
 
-Which probes a spec's directives must deny, and the verdicts, are in :mod:`pytest_systemd_harden.enforcement`.
+Which probes a spec's directives must deny, and the verdicts, are in :mod:`pytest_systemd_harden.sandbox.expectations`.
 """
 
+from ..machine.probing import machine_facts, on_machine
 from .catalogue import Denial, DenialError, parse_denial, standard_catalogue
 from .model import Probe, ProbeResult
-from .runner import Batch, MachineFacts, machine_facts, on_machine, run_batch
+from .runner import Batch, MachineFacts, run_batch
 
 __all__ = ["Batch", "Denial", "DenialError", "MachineFacts", "Probe", "ProbeResult", "machine_facts", "on_machine",
            "parse_denial", "run_batch", "standard_catalogue"]

@@ -12,7 +12,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from ..directives import CAPABILITIES, NAMESPACE_FLAGS
+from ..kernel.flags import CAPABILITIES, NAMESPACE_FLAGS
 from . import inside
 from .model import Probe
 

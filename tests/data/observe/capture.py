@@ -13,10 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pytest_systemd_harden import scenarios
-from pytest_systemd_harden.observe import Observation, parse_strace
-from pytest_systemd_harden.pool import MachinePool
-from pytest_systemd_harden.spec import load_spec
+from pytest_systemd_harden.search import scenarios
+from pytest_systemd_harden.search.observe import Observation, parse_strace
+from pytest_systemd_harden.spec.load import load_spec
+from pytest_systemd_harden.unit.pool import MachinePool
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent.parent.parent / "examples"

@@ -1,0 +1,361 @@
+"""The default backend: a cached Debian rootfs booted with systemd-nspawn.
+
+The image is never modified (``--volatile=overlay``), the container has only a loopback interface
+(``--private-network``) so nothing a service or probe does reaches the host's network, and it runs in a cgroup
+of its own that is killed and removed on shutdown (and by the next run, if this one was killed).
+
+The container runs in a user namespace of its own (see :mod:`~pytest_systemd_harden.machine.backends.userns`): its root has no power over the host's
+kernel, cgroups or bound files. ``machine: {privileged: true}`` turns that off, for the directives that need host
+BPF, and the boot line says so.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import re
+import resource
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...errors import BackendUnavailable, ImageBuildError, MachineError
+from ...probes.inside import GUARD_KERNEL
+from ..cgroups import Contained, host_runs_systemd
+from ..images import Image, package_version
+from ..staging import remove_tree, write_atomically
+from ..systemd import SocketConnector
+from . import userns
+from .base import HOLD_ARGUMENT, HOLD_GENERATOR, HOLD_GENERATOR_PATH, Machine, Progress, proportional_set_size
+
+__all__ = ["NspawnMachine", "check_available", "host_runs_systemd", "remove_runtime_directory",
+           "sweep_runtime_leftovers"]
+
+# What systemd-nspawn keeps on the host per machine while it runs, removed when it exits cleanly: the directory
+# through which mounts propagate into the container (/run/host/incoming there). One that is SIGKILLed (a container
+# that would not power off in time, a killed run) leaves it.
+NSPAWN_RUNTIME = Path("/run/systemd/nspawn")
+RUNTIME_KINDS = ("propagate", "unix-export")
+# Our machines' names (Machine.name): only such directories are ever removed.
+OUR_MACHINE = re.compile(r"harden-[0-9a-f]{8}")
+
+
+# The resource-limit ceiling of the container, as a host's systemd has it. The container's PID 1 inherits this
+# process's hard limits and, without CAP_SYS_RESOURCE in the host's namespace, cannot raise a service's Limit*=
+# above them (LimitNOFILE=65536 came out 20000 here); a host's PID 1 is root and can. Raised only where a higher
+# limit costs the host nothing unbounded: open files to the kernel's own maximum (fs.nr_open), locked memory and
+# message queues (both charged to the machine's memory cap). RLIMIT_NICE and RLIMIT_RTPRIO stay: they would give
+# a service scheduling power over the host's CPUs.
+RAISED_RLIMITS = ("NOFILE", "MEMLOCK", "MSGQUEUE")
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def can_raise_limits() -> bool:
+    """Whether this process may raise hard limits (CAP_SYS_RESOURCE): not in every CI sandbox, even as root."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return False
+    effective = next((line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), "0")
+    return bool(int(effective, 16) >> CAP_SYS_RESOURCE & 1)
+
+
+def rlimit_options() -> list[str]:
+    """``--rlimit=`` options raising the container's hard limits to a host's ceiling; soft limits stay as they are.
+    None where this process cannot raise its own: the container's ceiling is then this process's hard limits, and
+    a Limit*= above them is reported clamped to that ceiling."""
+    if not can_raise_limits():
+        return []
+    options = []
+    for name in RAISED_RLIMITS:
+        which = getattr(resource, f"RLIMIT_{name}")
+        soft, _hard = resource.getrlimit(which)
+        if name == "NOFILE":
+            ceiling = str(_nr_open())
+            soft_shown = str(min(soft, int(ceiling))) if soft != resource.RLIM_INFINITY else ceiling
+        else:
+            ceiling = "infinity"
+            soft_shown = "infinity" if soft == resource.RLIM_INFINITY else str(soft)
+        options.append(f"--rlimit=RLIMIT_{name}={soft_shown}:{ceiling}")
+    return options
+
+
+def _nr_open() -> int:
+    try:
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return 1 << 20  # the kernel's default
+
+
+def check_available() -> None:
+    """Raise BackendUnavailable with the fix when this host cannot run nspawn machines."""
+    if os.geteuid() != 0:
+        raise BackendUnavailable("the nspawn backend needs root (systemd-nspawn boots a container): run pytest as root,"
+                                 " e.g. sudo -E pytest")
+    if shutil.which("systemd-nspawn") is None:
+        raise BackendUnavailable("systemd-nspawn is not installed: apt-get install systemd-container")
+    # No image builder is needed while the images are cached (a CI runner restoring its cache); building says so.
+
+
+@dataclass
+class NspawnMachine(Machine):
+    NAME = "nspawn"
+    # The container's kernel is the host's: a probe must not load a module into it, nor take its memory (see
+    # probes.inside).
+    PROBE_GUARD = GUARD_KERNEL
+
+    _contained: Contained | None = field(default=None, init=False, repr=False)
+    _console: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200), init=False,
+                                             repr=False)
+    leader: int | None = field(default=None, init=False)
+    # The host uid of the container's root (None: privileged, no user namespace).
+    uid_base: int | None = field(default=None, init=False)
+    # Bound files keep their owners inside (idmapped binds), unless the host filesystem cannot idmap: then they
+    # show as nobody, readable only where their modes let anyone read them.
+    idmapped_files: bool = field(default=True, init=False)
+    _bus_socket: Path | None = field(default=None, init=False, repr=False)
+    image: Image | None = field(default=None, init=False, repr=False)
+
+    def command_line(self, rootfs: Path) -> list[str]:
+        idmap = ":idmap" if self.uid_base is not None and self.idmapped_files else ""
+        binds = [f"--bind-ro={host}:{dest}{idmap}" for dest, host in self.config.files]
+        if self.held_at_boot:
+            binds.append(f"--bind-ro={self._hold_generator_file()}:{HOLD_GENERATOR_PATH}{idmap}")
+        users = [] if self.uid_base is None else [
+            f"--private-users={self.uid_base}:{userns.RANGE}", "--private-users-ownership=off"]
+        return [
+            "systemd-nspawn", "--quiet", "--boot",
+            "--directory", str(rootfs), "--machine", self.name,
+            "--volatile=overlay",  # the cached image is shared and never written
+            "--register=no", "--keep-unit",  # no machined here; our own cgroup instead
+            "--private-network",  # only lo: nothing inside reaches the host's network
+            "--link-journal=no", "--resolv-conf=off", "--timezone=off",
+            "--console=read-only",
+            # IPAddressDeny= and friends need bpf() inside; nspawn's own filter blocks it by default. @clock and
+            # @module pass nspawn's filter so that ProtectClock=/ProtectKernelModules= have something to deny: the
+            # kernel still refuses every change (the container has neither CAP_SYS_TIME nor CAP_SYS_MODULE on the
+            # host), but a read-only adjtimex() or an empty module image now reaches it, as on a host.
+            "--system-call-filter=bpf @clock @module",
+            *rlimit_options(),
+            *users,
+            *binds,
+            # Arguments for the container's systemd, which reads them as its kernel command line.
+            *(f"systemd.mask={unit}" for unit in self.masked_at_boot),
+            *(f"{HOLD_ARGUMENT}={unit}" for unit in self.held_at_boot),
+        ]
+
+    def _hold_generator_file(self) -> Path:
+        """The hold generator's file on the host, in the image cache (the same text for every machine); OSError
+        where the cache is read-only and has none yet."""
+        path = self.image_cache.cache_dir / "hold-generator"
+        if not path.is_file() or path.read_text() != HOLD_GENERATOR:
+            write_atomically(path, HOLD_GENERATOR)
+        if path.stat().st_mode & 0o777 != 0o755:
+            path.chmod(0o755)
+        return path
+
+    def _start(self, progress: Progress) -> str:
+        check_available()
+        self.config.check_files()
+        image = self.image = self.image_cache.get(self.config.packages, progress, release=self.config.release,
+                                                  debs=self.config.debs)
+        rootfs = image.rootfs
+        self.masked_at_boot = self.config.boot_masks(image.rootfs)
+        self.held_at_boot = self.config.boot_holds(image.rootfs)
+        if self.held_at_boot:
+            try:
+                self._hold_generator_file()
+            except OSError as exc:
+                progress(f"{self.name}: {', '.join(self.held_at_boot)} starts at boot as installed, without the "
+                         f"drop-in: the generator that holds it back cannot be written to the cache ({exc})")
+                self.held_at_boot = ()
+        if not self.config.privileged:
+            self.uid_base = userns.base_for(image.key)
+            rootfs = userns.shifted_rootfs(image.rootfs, self.uid_base)
+        try:
+            return self._launch(rootfs)
+        except MachineError:
+            unmappable = "Failed to map ids for bind mount" in self.boot_log()
+            if not (self.uid_base is not None and self.config.files and unmappable):
+                raise
+        progress(f"{self.name}: the filesystem of machine.files cannot be idmapped: bound files show as owned by "
+                 "nobody in the machine")
+        self.idmapped_files = False
+        return self._launch(rootfs)
+
+    def _launch(self, rootfs: Path) -> str:
+        self._console.clear()
+        # If the test process dies without cleaning up, the container is shut down with it.
+        self._contained = Contained.start(self.command_line(rootfs), "machine", self.name,
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        threading.Thread(target=self._collect_console, name=f"console {self.name}", daemon=True).start()
+        try:
+            return self._wait_for_bus()
+        except BaseException:
+            self._stop()
+            raise
+
+    def boot(self, progress: Progress = lambda line: None) -> None:
+        super().boot(progress)
+        self.add_machine_address(progress)
+
+    def capability_identity(self) -> dict[str, object]:
+        # The command line decides what the container may do (namespaces, syscall filter, capabilities, user
+        # namespacing): every flag as it runs, so changing one is a new key. Left out is only what names this one
+        # machine - its name, the rootfs path (the image key stands for it) and the spec's files bound read-only
+        # (their content is not what the kernel enforces).
+        assert self.image is not None, "capability_identity() of a container not started"
+        bound = [source for _dest, source in self.config.files]
+        argv = [arg.replace(str(self.image.rootfs), "{rootfs}").replace(self.name, "{machine}")
+                for arg in self.command_line(self.image.rootfs) if not any(source in arg for source in bound)]
+        return {"backend": self.NAME, "command_line": argv, "image": self.image.key,
+                "systemd": package_version(self.image.rootfs, "systemd")}
+
+    def _collect_console(self) -> None:
+        assert self._contained is not None and self._contained.process.stdout is not None
+        for raw in self._contained.process.stdout:
+            self._console.append(raw.decode(errors="replace").rstrip())
+
+    def boot_log(self) -> str:
+        return "\n".join(self._console)
+
+    def describe(self) -> str:
+        caps = f"; {self._contained.caps.describe()}" if self._contained is not None else ""
+        if not can_raise_limits():
+            nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            caps += (f"; Limit*= ceiling: this process's hard limits (open files {nofile}): it lacks CAP_SYS_RESOURCE "
+                     "to raise them")
+        if self.uid_base is None:
+            return ("nspawn, PRIVILEGED: no user namespace, container root is host root (machine.privileged: for "
+                    f"the directives that need host BPF){caps}")
+        return f"nspawn, user namespace: container root is uid {self.uid_base} on the host{caps}"
+
+    def _bus_connector(self) -> SocketConnector | None:
+        base, path = self.uid_base, self._bus_socket
+        if base is None or path is None:
+            return None
+        return lambda: userns.connect_as(path, base)
+
+    def cap_counters(self) -> dict[str, int]:
+        return self._contained.cap_counters() if self._contained is not None else {}
+
+    def caps_hit(self, before: dict[str, int]) -> list[str]:
+        return self._contained.caps_hit(before) if self._contained is not None else []
+
+    def resident_memory(self) -> int | None:
+        """PSS of every process in the container's cgroup: shared pages (the cached image's libraries, mapped by
+        every container) are counted in proportion, so machines can be summed."""
+        if self._contained is None or self._contained.cgroup is None:
+            return None
+        return proportional_set_size(self._contained.pids())
+
+    def host_pids(self) -> set[int] | None:
+        if self._contained is None or self._contained.cgroup is None:
+            return None
+        return self._contained.pids()
+
+    def _wait_for_bus(self) -> str:
+        assert self._contained is not None
+        process = self._contained.process
+        deadline = time.monotonic() + self.boot_timeout
+        own_pidns = os.readlink("/proc/self/ns/pid")
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise MachineError(f"systemd-nspawn exited with status {process.returncode} before the "
+                                   f"container booted:\n{self.boot_log()}")
+            for pid in _descendants(process.pid):
+                try:
+                    if os.readlink(f"/proc/{pid}/ns/pid") == own_pidns:
+                        continue
+                    socket = Path(f"/proc/{pid}/root/run/dbus/system_bus_socket")
+                    if socket.exists():
+                        self.leader = pid
+                        self._bus_socket = socket
+                        return f"unix:path={socket}"
+                except OSError:
+                    continue
+            time.sleep(0.02)
+        raise MachineError(f"container {self.name} did not bring up its system bus within {self.boot_timeout:.0f}s:\n"
+                           f"{self.boot_log()}")
+
+    def _stop(self) -> None:
+        contained, self._contained = self._contained, None
+        if contained is not None:
+            contained.stop()  # SIGTERM: nspawn asks the container's systemd to power off; SIGKILL if it hangs
+            remove_runtime_directory(self.name)  # nspawn is gone: what it left is ours to remove
+        self.leader = None
+        self._bus_socket = None
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        current = queue.pop()
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                children = Path(f"/proc/{current}/task/{task}/children").read_text().split()
+                queue.extend(int(c) for c in children)
+                found.extend(int(c) for c in children)
+        except OSError:
+            continue
+    return found
+
+
+def remove_runtime_directory(name: str, runtime: Path = NSPAWN_RUNTIME) -> list[str]:
+    """Remove what systemd-nspawn keeps on the host for machine ``name`` (which must not run); return the paths
+    removed. Never one of another name than ours, and never across a mount point (it is left, and named)."""
+    if not OUR_MACHINE.fullmatch(name):
+        return []
+    removed = []
+    for kind in RUNTIME_KINDS:
+        path = runtime / kind / name
+        if not path.is_dir() or path.is_symlink():
+            continue
+        try:
+            remove_tree(path)  # never across a mount point
+        except ImageBuildError as exc:
+            raise MachineError(str(exc)) from None
+        removed.append(str(path))
+    return removed
+
+
+def _running_machines() -> set[str]:
+    """Names of the machines a systemd-nspawn process runs now (``--machine NAME`` on its command line)."""
+    names = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for flag, value in itertools.pairwise(argv):
+            if flag in (b"--machine", b"-M"):
+                names.add(value.decode(errors="replace"))
+            elif flag.startswith(b"--machine="):
+                names.add(flag.split(b"=", 1)[1].decode(errors="replace"))
+    return names
+
+
+def sweep_runtime_leftovers(runtime: Path = NSPAWN_RUNTIME) -> list[str]:
+    """Remove nspawn runtime directories of our machines that no systemd-nspawn runs any more (left by a killed
+    run); return the paths removed. Machines of live runs (other xdist workers, other CI jobs) are not touched."""
+    leftovers = {entry.name for kind in RUNTIME_KINDS if (runtime / kind).is_dir()
+                 for entry in (runtime / kind).iterdir() if OUR_MACHINE.fullmatch(entry.name)}
+    if not leftovers:
+        return []
+    alive = _running_machines()  # listed after the directories: a machine started meanwhile is not among them
+    removed = []
+    for name in sorted(leftovers - alive):
+        try:
+            removed += remove_runtime_directory(name, runtime)
+        except MachineError:
+            continue  # a mount there: left as it is, for a person to look at
+    return removed

@@ -1,0 +1,817 @@
+"""Debian root filesystems for the test machines: built once per package set, cached, never modified.
+
+A machine boots its image with ``--volatile=overlay``, so the cached tree is shared read-only by every
+container, run and xdist worker. Builds happen under a lock, into a staging directory renamed into place only
+when complete, so a concurrent or interrupted build never leaves a half-made image behind; the builder runs in a
+mount namespace of its own and in a cgroup of its own, so whatever ends it, no mount of its reaches the host and
+no process of it outlives the build (see staging.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import BackendUnavailable, ImageBuildError
+from ..spec.releases import DEFAULT_RELEASE, RELEASES
+from .cgroups import Contained
+from .staging import clean_leftovers, remove_tree, staging_dir, write_atomically
+
+# Bump when the recipe below changes, so old caches are not reused for a different image.
+RECIPE_VERSION = 4
+BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "libnss-systemd", "python3", "iproute2", "procps",
+                 "strace")  # strace: tighten observes what the scenarios use in one traced run
+# Units a test machine has no use for: they slow the boot or wake up during a run.
+MASKED_UNITS = (
+    "console-getty.service", "getty@.service", "container-getty@.service", "apt-daily.timer",
+    "apt-daily-upgrade.timer", "e2scrub_all.timer", "dpkg-db-backup.timer", "fstrim.timer",
+    "systemd-tmpfiles-clean.timer",
+)
+HOSTNAME = "harden"
+# An image whose archive was last checked longer ago than this is checked again: a new upload gives a new image.
+DEFAULT_MAX_AGE_DAYS = 7.0
+
+Progress = Callable[[str], None]
+
+
+def default_cache_dir() -> Path:
+    explicit = os.environ.get("HARDEN_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "pytest-systemd-harden"
+
+
+def default_mirror() -> str:
+    return os.environ.get("HARDEN_MIRROR", "http://deb.debian.org/debian")
+
+
+def default_security_mirror(mirror: str) -> str | None:
+    """Where the security suites are: $HARDEN_SECURITY_MIRROR, else beside Debian's own mirror; None for another
+    mirror (a local one may have no security suite)."""
+    explicit = os.environ.get("HARDEN_SECURITY_MIRROR")
+    if explicit is not None:
+        return explicit or None
+    return mirror.removesuffix("/debian") + "/debian-security" if mirror.endswith("deb.debian.org/debian") \
+        else None
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built root filesystem and what went into it."""
+
+    key: str
+    rootfs: Path
+    packages: tuple[str, ...]
+    release: str = DEFAULT_RELEASE
+    # Every installed package's version, as dpkg records it in the image ({} for images of an older recipe).
+    versions: Mapping[str, str] = field(default_factory=dict)
+    debs: tuple[str, ...] = ()  # the local .deb files installed on top, as given
+
+    @property
+    def systemd_version(self) -> str | None:
+        return self.versions.get("systemd")
+
+
+@dataclass(frozen=True)
+class ImageWanted:
+    """An image a session will need: a release, extra packages, local .debs (as :meth:`ImageCache.get` takes
+    them)."""
+
+    release: str = DEFAULT_RELEASE
+    packages: tuple[str, ...] = ()
+    debs: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        extra = [*self.packages, *(os.path.basename(deb) for deb in self.debs)]
+        return f"Debian {self.release}" + (f" + {', '.join(extra)}" if extra else " base")
+
+
+def deb_package_name(path: str) -> str:
+    """The package a local .deb file holds (its control file's Package:), or the file name's first part."""
+    found = subprocess.run(["dpkg-deb", "-f", path, "Package"], capture_output=True, text=True, check=False)
+    return found.stdout.strip() or Path(path).name.split("_", 1)[0]
+
+
+def deb_digest(path: str) -> str:
+    """The content hash of a local .deb: a rebuilt package is a new image even under the same file name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as deb:
+        for block in iter(lambda: deb.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ImageCache:
+    """Builds and finds images under ``cache_dir/images/<key>/rootfs``.
+
+    An image's key covers the recipe, the release, the package set, the content of every local .deb and the state
+    of the archive (the date of each suite's Release file): a new upload to the archive, once seen, or a rebuilt
+    .deb always gives a new image. The archive is looked at again when the last look is older than ``max_age``
+    days, or at once with ``refresh`` (--harden-refresh-images); without a network the last state seen is used.
+    """
+
+    def __init__(self, cache_dir: Path | None = None, mirror: str | None = None, *,
+                 max_age_days: float = DEFAULT_MAX_AGE_DAYS, refresh: bool = False) -> None:
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.mirror = mirror or default_mirror()
+        self.security_mirror = default_security_mirror(self.mirror)
+        self.max_age = max_age_days * 86400
+        self.refresh = refresh
+        self._archive_states: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._held: dict[str, IO[str]] = {}
+        # Builds that failed in this process, by key: every machine needing the image gets the same error at once
+        # instead of a build each (prepare() may have tried it before any machine asked).
+        self._failed: dict[str, ImageBuildError] = {}
+
+    def _hold(self, final: Path) -> None:
+        """Mark the image in use for as long as this process lives (a shared lock on its key's lock file, which
+        the kernel drops when the process ends, however it ends): prune skips it."""
+        with self._lock:
+            if final.name not in self._held:
+                try:
+                    lock = open(final.parent / f"{final.name}.lock", "a")  # noqa: SIM115 (held until exit)
+                except OSError:
+                    return  # a read-only cache (restored, or bound into a machine): nobody prunes it
+                fcntl.flock(lock, fcntl.LOCK_SH)
+                self._held[final.name] = lock
+
+    def sources(self, release: str) -> list[str]:
+        """The apt source lines an image of ``release`` is built from."""
+        info = RELEASES[release]
+        lines = [f"deb {self.mirror} {release} main"]
+        if info.updates:
+            lines.append(f"deb {self.mirror} {release}-updates main")
+        if info.security and self.security_mirror:
+            lines.append(f"deb {self.security_mirror} {release}-security main")
+        return lines
+
+    def archive_state(self, release: str, progress: Progress = lambda line: None) -> str:
+        """A fingerprint of the archive's suites for ``release`` (their Release files' dates), looked up at most
+        once per ``max_age`` (each run with ``refresh``); the last one seen where the archive cannot be reached."""
+        with self._lock:
+            if release in self._archive_states:
+                return self._archive_states[release]
+            record = self.cache_dir / "archive" / f"{release}.json"
+            try:
+                known = json.loads(record.read_text())
+            except (OSError, ValueError):
+                known = None
+            fresh = known is not None and not self.refresh and time.time() - known["checked"] < self.max_age
+            if fresh:
+                state = str(known["state"])
+            else:
+                try:
+                    state = self._fetch_archive_state(release)
+                except OSError as exc:
+                    if known is None:
+                        state = "unknown"
+                        progress(f"could not read the {release} archive's state ({exc}); building from it as it is")
+                    else:
+                        state = str(known["state"])
+                        progress(f"could not read the {release} archive's state ({exc}); using the state seen "
+                                 f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(known['checked']))}")
+                else:
+                    with contextlib.suppress(OSError):  # a read-only cache: looked up again next run
+                        write_atomically(record, json.dumps({"state": state, "checked": time.time()}))
+            self._archive_states[release] = state
+            return state
+
+    def _fetch_archive_state(self, release: str) -> str:
+        dates = []
+        for line in self.sources(release):
+            _deb, mirror, suite, _component = line.split()
+            request = urllib.request.Request(f"{mirror}/dists/{suite}/InRelease", headers={"Range": "bytes=0-4095"})
+            with urllib.request.urlopen(request, timeout=15) as answer:
+                head = answer.read(4096).decode(errors="replace")
+            date = next((ln.split(":", 1)[1].strip() for ln in head.splitlines() if ln.startswith("Date:")), "")
+            dates.append(f"{suite}={date}")
+        return hashlib.sha256("\n".join(dates).encode()).hexdigest()[:12]
+
+    @staticmethod
+    def key_for(packages: Iterable[str], release: str = DEFAULT_RELEASE, debs: Iterable[str] = (),
+                archive: str = "") -> str:
+        wanted = sorted(set(BASE_PACKAGES) | set(packages))
+        text = json.dumps({"recipe": RECIPE_VERSION, "release": release, "packages": wanted,
+                           "debs": sorted(deb_digest(d) for d in debs), "archive": archive}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def path_for(self, packages: Iterable[str], *, release: str = DEFAULT_RELEASE, debs: Iterable[str] = ()) -> Path:
+        """Where the image of ``release`` with ``packages`` and ``debs`` is (or will be) cached."""
+        return self.cache_dir / "images" / self.key_for(packages, release, debs, self.archive_state(release))
+
+    def get(self, packages: Iterable[str], progress: Progress = lambda line: None, *,
+            release: str = DEFAULT_RELEASE, debs: Iterable[str] = ()) -> Image:
+        """The image of ``release`` with ``packages`` and the local ``debs`` on top of the base set, built first if
+        it is not cached."""
+        if release not in RELEASES:
+            raise ImageBuildError(f"unknown Debian release {release!r}; known: {', '.join(RELEASES)}")
+        extra = tuple(sorted(set(packages)))
+        debs = tuple(debs)
+        missing = [deb for deb in debs if not os.path.isfile(deb)]
+        if missing:
+            raise ImageBuildError(f"local package {missing[0]} does not exist (machine.debs)")
+        key = self.key_for(extra, release, debs, self.archive_state(release, progress))
+        final = self.cache_dir / "images" / key
+        if not _complete(final):
+            if key in self._failed:
+                raise self._failed[key]
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # A lock file of its own, not KEY.lock: a run using the image holds a shared lock on that one for as long
+            # as it lives (_hold), and a second builder waiting there for the first would wait until the first's
+            # whole run ended (an xdist worker), or forever (another thread of the same run: prepare()).
+            with open(final.parent / f"{key}.build-lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another worker (or thread, see prepare) may be building it
+                clean_leftovers(final.parent, progress)
+                if not _complete(final):
+                    try:
+                        self._build(final, extra, release, debs, progress)
+                    except ImageBuildError as exc:
+                        self._failed[key] = exc
+                        raise
+        manifest = json.loads((final / "manifest.json").read_text())
+        self._hold(final)
+        with contextlib.suppress(OSError):  # a read-only cache (restored in CI) is still usable
+            os.utime(final / "manifest.json")  # its mtime says when the image was last used (cache list, prune)
+        return Image(key, final / "rootfs", extra, release, manifest.get("versions", {}), debs)
+
+    def missing(self, wanted: Iterable[ImageWanted]) -> list[ImageWanted]:
+        """The images of ``wanted`` not cached yet, each once, the base image of each release among them first
+        (every package set is built on its release's base, see :meth:`_on_cached_base`)."""
+        needed: dict[str, ImageWanted] = {}
+        for want in wanted:
+            for one in (ImageWanted(want.release), want) if want.packages or want.debs else (want,):
+                if one.release not in RELEASES or any(not os.path.isfile(deb) for deb in one.debs):
+                    continue  # get() says what is wrong, for the spec that asks
+                key = self.key_for(one.packages, one.release, one.debs, self.archive_state(one.release))
+                if key not in needed and not _complete(self.cache_dir / "images" / key):
+                    needed[key] = one
+        return sorted(needed.values(), key=lambda one: bool(one.packages or one.debs))
+
+    def prepare(self, wanted: Iterable[ImageWanted], progress: Progress = lambda line: None, *, threads: int = 2,
+                rotate: int = 0) -> list[tuple[ImageWanted, ImageBuildError | None]]:
+        """Build the images of ``wanted`` not cached yet, ``threads`` at a time (bases first), each build's
+        progress lines prefixed with its image; return each build tried and its error (None: built).
+
+        A session that needs several images pays for the slowest few, not their sum: a build is mostly dpkg
+        unpacking and configuring, one core's work, and apt's downloads overlap the other build's. ``rotate``
+        starts this process at another place in the list (an xdist worker's index), so two workers preparing
+        the same session build different images first rather than waiting on one another's lock. A failed build
+        is not raised here: the machine that needs the image raises its error (remembered, not built again)."""
+        todo = self.missing(wanted)
+        bases = [one for one in todo if not (one.packages or one.debs)]
+        tops = [one for one in todo if one.packages or one.debs]
+        if rotate:
+            bases = bases[rotate % len(bases):] + bases[:rotate % len(bases)] if bases else bases
+            tops = tops[rotate % len(tops):] + tops[:rotate % len(tops)] if tops else tops
+        todo = bases + tops
+        if not todo:
+            return []
+        shown = threading.Lock()  # one line at a time, whole, from every build
+
+        def build(number: int, one: ImageWanted) -> tuple[ImageWanted, ImageBuildError | None]:
+            prefix = f"image {number}/{len(todo)} ({one.describe()}): "
+
+            def said(line: str) -> None:
+                with shown:
+                    progress(prefix + line.lstrip())
+
+            try:
+                self.get(one.packages, said, release=one.release, debs=one.debs)
+            except ImageBuildError as exc:
+                said(f"failed: {str(exc).splitlines()[0]} (the specs that need it will say why)")
+                return one, exc
+            return one, None
+
+        progress(f"{len(todo)} image(s) to build, {min(threads, len(todo))} at a time: "
+                 + "; ".join(one.describe() for one in todo))
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="harden-image") as builders:
+            return list(builders.map(build, range(1, len(todo) + 1), todo))
+
+    def _build(self, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
+               progress: Progress) -> None:
+        staging = staging_dir(final)
+        staging.mkdir(parents=True)
+        rootfs = staging / "rootfs"
+        packages = sorted(set(BASE_PACKAGES) | set(extra))
+        label = "base image" + (f" + {', '.join(extra)}" if extra else "") + \
+            (f" + {', '.join(os.path.basename(d) for d in debs)}" if debs else "")
+        progress(f"building {label} (Debian {release}, {len(packages) + len(debs)} packages) into {final}")
+        started = time.monotonic()
+        try:
+            builder = self._on_cached_base(rootfs, extra, release, debs, progress) or \
+                self._run_builder(staging, rootfs, packages, release, debs, progress)
+            _customize(rootfs)
+            versions = installed_versions(rootfs)
+            (staging / "manifest.json").write_text(json.dumps({
+                "release": release, "packages": packages, "debs": [os.path.basename(d) for d in debs],
+                "builder": builder, "sources": self.sources(release), "recipe": RECIPE_VERSION,
+                "seconds": round(time.monotonic() - started, 1), "built": time.time(), "versions": versions,
+            }, indent=2))
+            remove_tree(staging / "tmp")
+            remove_tree(final)
+            staging.rename(final)
+        finally:
+            remove_tree(staging)
+        named = ("systemd", *extra, *(deb_package_name(deb) for deb in debs))
+        shown = ", ".join(f"{name} {versions[name]}" for name in named if name in versions)
+        progress(f"built {label} in {time.monotonic() - started:.0f}s ({shown})")
+
+    def _on_cached_base(self, rootfs: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
+                        progress: Progress) -> str | None:
+        """Build ``rootfs`` as the cached base image plus ``extra`` (about a quarter of a full build's time, see
+        docs/performance.md); None, and nothing left at ``rootfs``, where a full build must do it: no extra
+        packages, a VM's kernel (its initramfs hooks were measured only by full builds), another architecture's
+        package (mmdebstrap sets up multiarch), or apt failing on the copy. Local .debs are installed with the rest.
+        A base not cached yet is built first: base and packages on top cost about half a full build, and every
+        later package set starts from it (a fresh cache's first image is usually one with packages)."""
+        if not (extra or debs) or set(extra) & set(VM_PACKAGES) or any(":" in p for p in extra):
+            return None
+        try:
+            base = self.get((), progress, release=release).rootfs
+        except ImageBuildError:
+            return None  # the full build says what is wrong
+        shown = [*extra, *(os.path.basename(d) for d in debs)]
+        progress(f"  installing {', '.join(shown)} on a copy of the cached base image")
+        try:
+            install_on_base(base, rootfs, extra, progress, debs=debs)
+        except AptRefused as exc:
+            raise ImageBuildError(f"Debian {release}: {exc}") from None
+        except ImageBuildError as exc:
+            progress(f"  that failed, building the image in full instead: {str(exc).splitlines()[0]}")
+            remove_tree(rootfs)
+            return None
+        return f"apt on the cached base image {base.parent.name}"
+
+    def _run_builder(self, staging: Path, rootfs: Path, packages: list[str], release: str, debs: tuple[str, ...],
+                     progress: Progress) -> str:
+        foreign = sorted({p.partition(":")[2] for p in packages if ":" in p})
+        if shutil.which("mmdebstrap"):
+            command = ["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}",
+                       *(f"--include={deb}" for deb in debs), release, str(rootfs), *self.sources(release)]
+            if foreign:
+                command.insert(1, f"--architectures={','.join([_native_architecture(), *foreign])}")
+            if debs:  # dpkg in the chroot must see the .deb files at the same paths
+                command.insert(1, "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount")
+        elif shutil.which("debootstrap") and not debs and not foreign:
+            command = ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", release, str(rootfs),
+                       self.mirror]
+        elif shutil.which("debootstrap"):
+            raise BackendUnavailable("machine.debs and foreign-architecture packages need mmdebstrap: "
+                                     "apt-get install mmdebstrap")
+        else:
+            raise BackendUnavailable("neither mmdebstrap nor debootstrap is installed: apt-get install mmdebstrap")
+        # The builder's temporary files (mmdebstrap's gpg home, apt config) stay inside the staging directory.
+        tmp = staging / "tmp"
+        tmp.mkdir()
+        returncode, tail = _run_contained(
+            _privately(command), staging.name, {"TMPDIR": str(tmp)}, progress,
+            lambda line: f"  {command[0]}: {line}" if line.startswith(("I:", "E:", "W:")) else None)
+        if returncode != 0:
+            verdict = apt_verdict(tail)
+            raise ImageBuildError((f"Debian {release}: {verdict}\n" if verdict else "")
+                                  + f"{command[0]} failed (exit status {returncode}) building "
+                                  f"{rootfs}:\n" + "\n".join(tail)
+                                  + f"\nhint: is every package name a Debian {release} package, and does every "
+                                  "local .deb's dependency exist there? Is the mirror "
+                                  f"{self.mirror} reachable? (set HARDEN_MIRROR to use another)")
+        return command[0]
+
+
+# Run in a mount namespace of its own, with a tmpfs of its own on /dev/shm: the builder's mounts (proc, sysfs, the
+# device binds, its bind of /dev/shm) are invisible to the host and vanish with the build's last process, and no
+# bind reaches a host file.
+_PRIVATE_MOUNTS = 'mount -t tmpfs -o mode=1777,nosuid,nodev harden-build-shm /dev/shm && exec "$@"'
+
+
+def _privately(command: list[str]) -> list[str]:
+    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _PRIVATE_MOUNTS, "sh",
+            *command]
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    """An image in the cache, as ``systemd-harden cache list`` shows it."""
+
+    key: str
+    path: Path
+    release: str
+    packages: tuple[str, ...]
+    debs: tuple[str, ...]
+    built: float
+    used: float  # when a run last booted it
+    superseded: bool  # a newer image of the same release, packages and .deb names exists
+
+    def size(self) -> int:
+        return sum(entry.lstat().st_blocks * 512 for entry in self.path.rglob("*"))
+
+
+def cached_images(cache_dir: Path) -> list[CachedImage]:
+    """Every complete image under ``cache_dir``, oldest first."""
+    found = []
+    for folder in sorted((cache_dir / "images").glob("*")):
+        if not folder.is_dir() or not _complete(folder):
+            continue
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            used = (folder / "manifest.json").stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        found.append((manifest, folder, used))
+    found.sort(key=lambda entry: entry[0].get("built", 0))
+
+    def what(manifest: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+        # An older recipe's manifest says "suite" where a newer one says "release".
+        return (str(manifest.get("release", manifest.get("suite", "?"))), tuple(manifest.get("packages", ())),
+                tuple(manifest.get("debs", ())))
+
+    newest = {what(manifest): folder.name for manifest, folder, _used in found}  # the last built wins
+    return [CachedImage(folder.name, folder, *what(manifest), float(manifest.get("built", used)), used,
+                        newest[what(manifest)] != folder.name)
+            for manifest, folder, used in found]
+
+
+def prune(cache_dir: Path, unused_days: float = 30.0, progress: Progress = lambda line: None) -> list[CachedImage]:
+    """Remove superseded images and images no run has booted for ``unused_days``; never one in use (a run holds
+    it) or being built. Return what was removed."""
+    removed = []
+    for image in cached_images(cache_dir):
+        if not image.superseded and time.time() - image.used < unused_days * 86400:
+            continue
+        with open(image.path.parent / f"{image.key}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                progress(f"kept {image.key}: a run is using it")
+                continue
+            remove_tree(image.path)
+        progress(f"removed {image.key} (Debian {image.release}"
+                 f"{', superseded' if image.superseded else ''}, last used "
+                 f"{time.strftime('%Y-%m-%d', time.localtime(image.used))})")
+        removed.append(image)
+    return removed
+
+
+# What apt says when a package set cannot be installed, in the words a user acts on.
+_APT_PROBLEMS = (
+    re.compile(r"^\s*(?P<what>\S+ : (Pre)?Depends: .+)$"),
+    re.compile(r"^E: (?P<what>Unable to locate package .+)$"),
+    re.compile(r"^E: (?P<what>Package '?\S+?'? has no installation candidate)$"),
+    re.compile(r"^E: (?P<what>Version '.+' for '.+' was not found)$"),
+)
+
+
+def apt_verdict(lines: Iterable[str]) -> str:
+    """The lines of apt's output that say why the packages cannot be installed, joined; empty if none do."""
+    found = []
+    for line in lines:
+        for pattern in _APT_PROBLEMS:
+            match = pattern.match(line)
+            if match:
+                found.append(" ".join(match["what"].split()))
+                break
+    return "; ".join(dict.fromkeys(found))
+
+
+def _complete(final: Path) -> bool:
+    return (final / "manifest.json").exists() and (final / "rootfs" / "usr" / "lib" / "systemd" / "systemd").exists()
+
+
+def _native_architecture() -> str:
+    return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def installed_packages(rootfs: Path) -> list[dict[str, str]]:
+    """The fields of every package installed in ``rootfs`` (its dpkg database; continuation lines left out)."""
+    status = (rootfs / "var" / "lib" / "dpkg" / "status").read_text(errors="replace")
+    stanzas = (dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
+               for stanza in status.split("\n\n"))
+    return [fields for fields in stanzas if fields.get("Status", "").endswith(" installed")]
+
+
+def installed_versions(rootfs: Path) -> dict[str, str]:
+    """Every package installed in ``rootfs`` and its version, read from its dpkg database (a foreign-architecture
+    package as NAME:ARCH)."""
+    versions: dict[str, str] = {}
+    native = _native_architecture()
+    for fields in installed_packages(rootfs):
+        if "Package" in fields and "Version" in fields:
+            arch = fields.get("Architecture", native)
+            name = fields["Package"] if arch in (native, "all") else f"{fields['Package']}:{arch}"
+            versions[name] = fields["Version"]
+    return versions
+
+
+def package_version(rootfs: Path, package: str) -> str:
+    """The version of ``package`` installed in ``rootfs`` (from dpkg's database), or "" if it is not installed."""
+    try:
+        return installed_versions(rootfs).get(package, "")
+    except OSError:
+        return ""
+
+
+# What a unit of a package can be enabled as: the kinds that start something at boot.
+_STARTING_KINDS = (".service", ".socket", ".timer", ".path")
+
+
+def package_units(rootfs: Path) -> tuple[str, ...]:
+    """The units enabled in ``rootfs`` (wanted or required by another unit, as ``systemctl enable`` leaves them)
+    that the machine section's packages brought: shipped by a package a bare image would not have. A bare image
+    is mmdebstrap's minbase (every ``Priority: required`` package, and apt) plus :data:`BASE_PACKAGES`, with
+    everything they depend on or recommend. Sorted; instances by their own name (``foo@bar.service``)."""
+    depends: dict[str, set[str]] = {}
+    providers: dict[str, set[str]] = {}
+    base = {"apt", *BASE_PACKAGES}
+    for fields in installed_packages(rootfs):
+        name = fields.get("Package")
+        if not name:
+            continue
+        wanted = ", ".join(fields.get(key, "") for key in ("Depends", "Pre-Depends", "Recommends"))
+        # Every alternative of "a | b" that is installed counts: either may be what the base needed.
+        depends[name] = {re.split(r"[\s:(]", choice.strip(), maxsplit=1)[0]
+                         for choice in re.split(r"[,|]", wanted) if choice.strip()}
+        for provided in fields.get("Provides", "").split(","):
+            if provided.strip():
+                providers.setdefault(re.split(r"[\s(]", provided.strip(), maxsplit=1)[0], set()).add(name)
+        if fields.get("Priority") == "required":
+            base.add(name)
+    queue = list(base)
+    while queue:
+        for dependency in depends.get(queue.pop(), ()):
+            for package in {dependency, *providers.get(dependency, ())}:
+                if package in depends and package not in base:
+                    base.add(package)
+                    queue.append(package)
+    info = rootfs / "var" / "lib" / "dpkg" / "info"
+    shipped: dict[str, str] = {}  # unit file name -> package
+    for listing in info.glob("*.list"):
+        package = listing.stem.split(":", 1)[0]
+        if package in base:
+            continue
+        for line in listing.read_text(errors="replace").splitlines():
+            if "/systemd/system/" in line and line.endswith(_STARTING_KINDS):
+                shipped[line.rsplit("/", 1)[-1]] = package
+    etc = rootfs / "etc" / "systemd" / "system"
+    enabled = {link.name for pattern in ("*.wants/*", "*.requires/*") for link in etc.glob(pattern)
+               if link.name.endswith(_STARTING_KINDS)}
+    return tuple(sorted(unit for unit in enabled if template_of(unit) in shipped))
+
+
+def template_of(unit: str) -> str:
+    """foo@bar.service -> foo@.service; a unit that is no instance is its own."""
+    return re.sub(r"@[^@]*(\.[a-z]+)$", r"@\1", unit)
+
+
+def _customize(rootfs: Path) -> None:
+    """Make the tree boot fast and quietly as a container."""
+    (rootfs / "etc" / "hostname").write_text(HOSTNAME + "\n")
+    machine_id = rootfs / "etc" / "machine-id"
+    machine_id.write_text("")  # every boot gets a fresh one
+    units = rootfs / "etc" / "systemd" / "system"
+    units.mkdir(parents=True, exist_ok=True)
+    for unit in MASKED_UNITS:
+        link = units / unit
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to("/dev/null")
+
+
+# --- virtual machine disks ------------------------------------------------------------------------------------
+
+# What a VM needs on top of a container's rootfs: a kernel (the cloud flavour: virtio built in or in its
+# initramfs, no firmware or sound), the guest agent that reads a command's output files back, and nothing else.
+VM_PACKAGES = ("linux-image-cloud-amd64", "qemu-guest-agent")
+# Bump when the disk recipe below (or the bus bridge shipped into it) changes.
+VM_RECIPE_VERSION = 1
+BUS_PORT = "org.pytest_systemd_harden.bus"  # the virtio-serial port the system bus is relayed over
+OUTPUT_DIR = "/run/harden-io"  # where a command's stdout and stderr are written inside a VM
+GUEST_HELPER = "/usr/local/libexec/harden-guest"  # backends/qemu_guest.py
+FILES_LABEL = "harden-files"  # the read-only disk of a machine section's files:, see qemu_guest.bind_files
+# systemd's name for the port's device (a "-" in a path is escaped as \x2d).
+_PORT_DEVICE = r"dev-virtio\x2dports-" + BUS_PORT.replace("-", r"\x2d") + ".device"
+# Units of the VM image: (name, text, where it is wanted). The bridge starts when its port appears.
+_GUEST_UNITS = (
+    ("harden-bus-bridge.service", f"""\
+[Unit]
+Description=pytest-systemd-harden: the system bus, relayed to the host over virtio-serial
+After=dbus.socket
+Requires=dbus.socket
+
+[Service]
+ExecStart=/usr/bin/python3 -I -S {GUEST_HELPER} bridge
+Restart=always
+RestartSec=100ms
+""", _PORT_DEVICE),
+    ("harden-files.service", f"""\
+[Unit]
+Description=pytest-systemd-harden: files bound in from the host, read-only
+DefaultDependencies=no
+ConditionKernelCommandLine=harden.files
+# Not Requires= on the disk's device unit: that job would be queued whatever the condition says, and a VM without
+# a files disk would wait out the device timeout (90 s). The helper waits for the disk itself.
+After=systemd-udev-trigger.service local-fs.target
+Before=sysinit.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/bin/python3 -I -S {GUEST_HELPER} bind-files
+""", "sysinit.target"),
+)
+
+
+@dataclass(frozen=True)
+class VmImage:
+    """A bootable disk (ext4, the whole device is the root filesystem) with the kernel and initramfs beside it."""
+
+    key: str
+    disk: Path
+    kernel: Path
+    initrd: Path
+
+    @property
+    def rootfs(self) -> Path:
+        """The container rootfs the disk was made from (cached beside it)."""
+        return self.disk.parent.parent / "rootfs"
+
+
+def _guest_source() -> bytes:
+    return (Path(__file__).parent / "backends" / "qemu_guest.py").read_bytes()
+
+
+def vm_image(cache: ImageCache, packages: Iterable[str], progress: Progress = lambda line: None, *,
+             release: str = DEFAULT_RELEASE, debs: Iterable[str] = ()) -> VmImage:
+    """The disk of a VM of ``release`` with ``packages`` and ``debs``: the cached rootfs (built first if needed)
+    plus that release's kernel, made into an ext4 image once and cached beside it. A VM boots it with
+    ``snapshot=on``: the file is never written."""
+    wanted = tuple(sorted(set(packages) | set(VM_PACKAGES)))
+    image = cache.get(wanted, progress, release=release, debs=debs)
+    recipe = hashlib.sha256(json.dumps([_GUEST_UNITS, VM_RECIPE_VERSION]).encode() + _guest_source())
+    folder = image.rootfs.parent / f"vm-{recipe.hexdigest()[:12]}"
+    found = _vm_files(folder)
+    if found is not None:
+        return found
+    with open(image.rootfs.parent / "vm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = _vm_files(folder)
+        if found is None:
+            _build_disk(image.rootfs, folder, progress)
+            found = _vm_files(folder)
+            assert found is not None
+    return found
+
+
+def _vm_files(folder: Path) -> VmImage | None:
+    if not (folder / "disk.ext4").exists():
+        return None
+    return VmImage(folder.name, folder / "disk.ext4", folder / "vmlinuz", folder / "initrd.img")
+
+
+def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
+    started = time.monotonic()
+    progress(f"making a VM disk from {rootfs.parent.name} into {folder}")
+    kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise ImageBuildError(f"no kernel in {rootfs}/boot: the image was built without {VM_PACKAGES[0]}")
+    release = kernels[-1].name.removeprefix("vmlinuz-")
+    # The guest helper, its units, and the directory command output goes to. They are added to this VM-only
+    # rootfs (its package set includes a kernel, so no container boots it).
+    helper = rootfs / GUEST_HELPER.lstrip("/")
+    helper.parent.mkdir(parents=True, exist_ok=True)
+    helper.write_bytes(_guest_source())
+    units = rootfs / "etc" / "systemd" / "system"
+    for name, text, wanted_by in _GUEST_UNITS:
+        (units / name).write_text(text)
+        wants = units / f"{wanted_by}.wants"
+        wants.mkdir(exist_ok=True)
+        link = wants / name
+        if not link.is_symlink():
+            link.symlink_to(f"../{name}")
+    (rootfs / "etc" / "tmpfiles.d").mkdir(exist_ok=True)
+    (rootfs / "etc" / "tmpfiles.d" / "harden-io.conf").write_text(f"d {OUTPUT_DIR} 0700 root root -\n")
+    serial_getty = units / "serial-getty@.service"  # the console is for reading boot messages, not logins
+    if not serial_getty.is_symlink():
+        serial_getty.symlink_to("/dev/null")
+
+    clean_leftovers(folder.parent, progress)
+    staging = staging_dir(folder)
+    staging.mkdir(parents=True)
+    try:
+        used = sum(entry.stat(follow_symlinks=False).st_blocks * 512 for entry in rootfs.rglob("*"))
+        size_mib = used // 2**20 + 1024  # room for what tests write; the file is sparse
+        made = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "harden", "-d", str(rootfs),
+                               str(staging / "disk.ext4"), f"{size_mib}M"], check=False, capture_output=True,
+                              text=True)
+        if made.returncode != 0:
+            raise ImageBuildError(f"mkfs.ext4 failed making {staging / 'disk.ext4'}:\n{made.stderr.strip()}\n"
+                                  "hint: mkfs.ext4 -d needs e2fsprogs 1.43 or later (apt-get install e2fsprogs)")
+        shutil.copyfile(kernels[-1], staging / "vmlinuz")
+        shutil.copyfile(rootfs / "boot" / f"initrd.img-{release}", staging / "initrd.img")
+        (staging / "manifest.json").write_text(json.dumps({"kernel": release, "recipe": VM_RECIPE_VERSION,
+                                                           "size_mib": size_mib}, indent=2))
+        staging.rename(folder)
+    finally:
+        remove_tree(staging)
+    progress(f"made the VM disk ({size_mib} MiB, kernel {release}) in {time.monotonic() - started:.0f}s")
+
+
+# --- a package set on top of the cached base image (measured against a full build: docs/performance.md) -------
+
+def _run_contained(argv: list[str], name: str, env: dict[str, str], progress: Progress,
+                   shown: Callable[[str], str | None]) -> tuple[int, list[str]]:
+    """Run a build step (``argv``) in a cgroup of its own named after its staging directory ``name`` (so a later
+    run can stop what a killed one left, see staging.clean_leftovers), passing on the output lines ``shown`` maps to
+    a progress line; return its exit status and its last 30 lines. Interrupted or not, every process of it is gone
+    when this returns: nobody removes a directory it still writes to."""
+    step = Contained.start(argv, "build", name, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, env={**os.environ, **env})
+    tail: list[str] = []
+    try:
+        assert step.process.stdout is not None
+        for raw in step.process.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            tail = [*tail[-29:], line]
+            said = shown(line)
+            if said is not None:
+                progress(said)
+        step.process.wait()
+    finally:
+        step.stop(grace=5.0)
+    return step.process.returncode, tail
+
+
+class AptRefused(ImageBuildError):
+    """apt says the packages cannot be installed from this archive (a full build would say the same)."""
+
+
+def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Progress = lambda line: None, *,
+                    debs: Iterable[str] = ()) -> None:
+    """Make ``rootfs`` a copy of the built ``base`` tree with ``extra`` and the local ``debs`` installed by apt in a
+    chroot, from the sources the base was built with.
+
+    apt runs in a mount namespace of its own (its /proc is mounted there only, and goes when apt ends) and in a
+    cgroup of its own (so nothing of it outlives the build, however it ends: see staging.py); /dev is the tree's
+    own device nodes (nothing of the host's bound in). Services are not started (policy-rc.d), the host's
+    resolv.conf is lent for the download and taken back.
+    """
+    made = subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(rootfs)], capture_output=True, text=True,
+                          check=False)
+    if made.returncode != 0:
+        raise ImageBuildError(f"could not copy the base image {base} to {rootfs}: {made.stderr.strip()}")
+    resolv = rootfs / "etc" / "resolv.conf"
+    kept = resolv.read_bytes() if resolv.exists() and not resolv.is_symlink() else None
+    link = os.readlink(resolv) if resolv.is_symlink() else None
+    resolv.unlink(missing_ok=True)
+    shutil.copyfile("/etc/resolv.conf", resolv)
+    policy = rootfs / "usr" / "sbin" / "policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    local = rootfs / "var" / "cache" / "harden-debs"  # apt in the chroot installs the .debs from here
+    local.mkdir(parents=True, exist_ok=True)
+    inside = []
+    for deb in debs:
+        shutil.copyfile(deb, local / os.path.basename(deb))
+        inside.append(f"/var/cache/harden-debs/{os.path.basename(deb)}")
+    apt = 'chroot "$0" apt-get -q'
+    script = f'mount -t proc proc "$0/proc"; {apt} update; {apt} install -y --no-install-recommends "$@"; {apt} clean'
+    try:
+        returncode, tail = _run_contained(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", script, str(rootfs), *extra,
+             *inside], rootfs.parent.name, {"DEBIAN_FRONTEND": "noninteractive"}, progress,
+            lambda line: f"  apt-get: {line.strip()}" if " newly installed" in line else None)
+    finally:
+        policy.unlink(missing_ok=True)
+        resolv.unlink(missing_ok=True)
+        if link is not None:
+            resolv.symlink_to(link)
+        elif kept is not None:
+            resolv.write_bytes(kept)
+        remove_tree(local)
+    if returncode != 0:
+        verdict = apt_verdict(tail)
+        failed = f"apt-get install {' '.join(extra)} on a copy of {base} failed (exit status " \
+            f"{returncode}):\n" + "\n".join(tail)
+        raise AptRefused(f"{verdict}\n{failed}") if verdict else ImageBuildError(failed)
+
+    for leftover in (rootfs / "var" / "lib" / "apt" / "lists").glob("*"):  # as mmdebstrap leaves it: no indexes
+        if leftover.is_file():
+            leftover.unlink()
+    for cached in (rootfs / "var" / "cache" / "apt").glob("*.bin"):
+        cached.unlink()

@@ -1,0 +1,167 @@
+"""Build directories in the image cache, and the only way this plugin removes a directory tree.
+
+A build runs in a staging directory beside its final place. Three rules keep the host safe whatever ends the
+build (an error, Ctrl-C, SIGKILL):
+
+* The builder mounts nothing the host sees: it runs in a private mount namespace (``unshare --mount``) with a
+  throwaway tmpfs over /dev/shm, so even a bind the builder makes of /dev/shm reaches no host file, and its mounts
+  vanish with its last process.
+* Nothing is ever removed across a mount point: :func:`remove_tree` refuses a tree with anything mounted at or
+  below it, and never descends into another filesystem.
+* A staging directory is named after its owner (pid and start time, as cgroups.py names a container's cgroup), so
+  a later run can tell a killed build's leftovers from a build in progress and remove only the former, and a
+  reused pid cannot collide with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import stat
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import ImageBuildError
+from .cgroups import process_start_time, stop_leftovers
+
+_MARK = ".building-"
+_MNT_DETACH = 2
+
+
+def staging_dir(final: Path) -> Path:
+    """A new, unique staging directory for ``final``, owned by this process; not created yet."""
+    pid = os.getpid()
+    return final.with_name(f"{final.name}{_MARK}{pid}-{process_start_time(pid)}-{uuid.uuid4().hex[:8]}")
+
+
+def _owner_alive(staging: Path) -> bool:
+    """Whether the process that named ``staging`` still runs. A name from before owners were recorded
+    (``KEY.building-PID``, an older version of the plugin, maybe running beside this one) counts as alive while a
+    process with that pid exists."""
+    owner = staging.name.split(_MARK, 1)[1].split("-")
+    if not owner[0].isdigit():
+        return False
+    pid = int(owner[0])
+    if len(owner) >= 2:
+        return process_start_time(pid) == owner[1]
+    return process_start_time(pid) is not None
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path`` in this process's mount namespace, deepest first."""
+    resolved = os.path.realpath(path)
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
+        for line in mountinfo:
+            # Field 5 is the mount point, with space, tab, newline and backslash written as octal escapes.
+            point = line.split()[4].encode("utf-8", "surrogateescape").decode("unicode_escape", "surrogateescape")
+            if point == resolved or point.startswith(resolved.rstrip("/") + "/"):
+                found.append(point)
+    return sorted(found, key=lambda p: p.count("/"), reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` and everything below it, but never through a mount point.
+
+    Raises ImageBuildError, removing nothing, when anything is mounted at or below ``path`` (a bind there could
+    lead to the host's files); a directory on another filesystem found on the way (a mount made after the check)
+    is left alone and reported the same way."""
+    if not os.path.lexists(path):
+        return
+    mounted = mounts_under(path)
+    if mounted:
+        raise ImageBuildError(
+            f"not removing {path}: {', '.join(mounted)} {'is' if len(mounted) == 1 else 'are'} mounted there, and "
+            "removing through a mount would delete files outside the cache (hint: a killed build left them; "
+            f"'umount -R {mounted[-1]}' and run again, or remove the directory after unmounting)")
+    try:
+        top = os.lstat(path)
+        if not stat.S_ISDIR(top.st_mode):
+            os.unlink(path)
+            return
+    except FileNotFoundError:
+        return  # removed meanwhile by its owner (a machine's own stop)
+    crossed: list[str] = []
+    _remove_contents(str(path), top.st_dev, crossed)
+    if crossed:
+        raise ImageBuildError(f"not removing {', '.join(crossed)} under {path}: another filesystem is there "
+                              "(something mounted it during the removal); nothing below it was touched")
+    with contextlib.suppress(FileNotFoundError):  # removed meanwhile by its owner (a machine's own stop)
+        os.rmdir(path)
+
+
+def _remove_contents(directory: str, device: int, crossed: list[str]) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return  # gone already: another remover got there first
+    try:
+        for entry in os.scandir(fd):
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # gone already
+            if stat.S_ISDIR(info.st_mode):
+                if info.st_dev != device:
+                    crossed.append(os.path.join(directory, entry.name))
+                    continue
+                _remove_contents(os.path.join(directory, entry.name), device, crossed)
+                try:
+                    os.rmdir(entry.name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    if not crossed:
+                        raise
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _detach(point: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(point.encode(), _MNT_DETACH) != 0:
+        errno = ctypes.get_errno()
+        raise ImageBuildError(f"could not unmount {point} ({os.strerror(errno)}) left by a killed build; "
+                              f"hint: umount -R {point}")
+
+
+def clean_leftovers(folder: Path, progress: Callable[[str], None] = lambda line: None) -> list[Path]:
+    """Remove the staging directories under ``folder`` whose builds were killed; return them.
+
+    The dead build's processes are killed first (a package manager may still be writing there). A build of an
+    older version of this plugin mounted in the host's namespace: such mounts, below a dead build's staging
+    directory only, are detached (unmounting deletes nothing), then the tree is removed without crossing any
+    mount. The builder runs as a :class:`~pytest_systemd_harden.machine.cgroups.Contained` named after its staging directory."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for staging in sorted(folder.iterdir()):
+        if _MARK not in staging.name or _owner_alive(staging):
+            continue
+        stop_leftovers(staging.name)
+        for point in mounts_under(staging):
+            _detach(point)
+        remove_tree(staging)
+        progress(f"removed {staging.name}, left by a build that was killed")
+        removed.append(staging)
+    return removed
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary file beside it, renamed over it): concurrent runs and xdist
+    workers read either the old file or the new one. Raises OSError (a read-only cache), leaving nothing behind."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(text)
+        temporary.replace(path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""The report stage: terminal/JSON/JUnit/HTML reports, exposure scores, baselines."""

@@ -1,0 +1,497 @@
+"""Running a spec's scenarios and explaining their failures."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from dbus_next.errors import DBusError
+
+from ..errors import ServiceFailed
+from ..kernel.seccomp import KernelLog, seccomp_records
+from ..machine.backends.base import Machine
+from ..result import CommandResult
+from ..spec.directives import Directive
+from ..spec.load import Expectation, Scenario, Spec
+from ..unit.service import HardenedService, describe_hardening, indent
+from ..unit.under_test import FIX_DROPIN_NAME, effective_hardening
+from .diagnosis import BudgetExceeded, Diagnosis, Hardening, Trial, TrialResult, diagnose, replacing_dropin
+from .observe import Observation, denial_lines, parse_strace
+from .tighten import CATALOGUE, Step, Tightening, fall_back, revert, tighten
+
+
+def mismatches(expect: Expectation, result: CommandResult) -> list[str]:
+    """How ``result`` differs from ``expect``; empty when the scenario passed."""
+    found = []
+    if expect.signal is not None:
+        wanted = signal.Signals[expect.signal]
+        # Under `sh -c` a command killed by signal N is reported by the shell as exit status 128+N.
+        if result.signal != wanted and result.exit_status != 128 + wanted:
+            found.append(f"expected to be killed by {expect.signal}, but got {result.status_text()}")
+    elif result.signal is not None:
+        found.append(f"expected exit status {expect.exit if expect.exit is not None else 'any'}, "
+                     f"but it was {result.status_text()}")
+    elif expect.exit is not None and result.exit_status != expect.exit:
+        found.append(f"expected exit status {expect.exit}, got {result.status_text()}")
+    if expect.stdout is not None and expect.stdout not in result.stdout:
+        found.append(f"expected stdout to contain {expect.stdout!r}")
+    if expect.stderr is not None and expect.stderr not in result.stderr:
+        found.append(f"expected stderr to contain {expect.stderr!r}")
+    return found
+
+
+# How /bin/sh (dash) and bash say a command does not exist; the exit status is then 127.
+_NOT_FOUND = re.compile(r"^(?:/bin/sh: \d+: |bash: (?:line \d+: )?)?(\S+): (?:not found|command not found)$", re.MULTILINE)
+
+
+def missing_command_hint(result: CommandResult, spec_name: str, inside: bool) -> str | None:
+    """For a scenario whose command does not exist where it ran: the fix (the machine lacks its package), or
+    None."""
+    found = _NOT_FOUND.search(result.stderr) if result.exit_status == 127 else None
+    if found is None:
+        return None
+    command = found.group(1)
+    hint = (f"hint: {command} is not on the machine: add the Debian package that has it to machine.packages in "
+            f"{spec_name}")
+    if inside:  # the sandbox may hide what the machine has (InaccessiblePaths=, TemporaryFileSystem=)
+        hint += ", unless the hardening hides it (the diagnosis, if on, tells)"
+    return hint
+
+
+@dataclass(frozen=True)
+class ScenarioOutcome:
+    scenario: Scenario
+    result: CommandResult
+    problems: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+def run_scenario(service: HardenedService, scenario: Scenario, deadline: Deadline | None = None) -> ScenarioOutcome:
+    """Run ``scenario`` against ``service``; with a ``deadline``, its timeout is capped by the time left."""
+    run = service.inside if scenario.where == "inside" else service.client
+    result = run(scenario.command, deadline.cap(scenario.timeout) if deadline else scenario.timeout)
+    return ScenarioOutcome(scenario, result, mismatches(scenario.expect, result))
+
+
+class Deadline:
+    """The end of a diagnosis' or tighten's time budget. Every wait of a rerun (the service's start and readiness,
+    each scenario's timeout) is capped by the time left, so the budget bounds the whole search, not only the
+    decision to start one more rerun: a rerun that hangs is stopped at the deadline, not at its scenario's timeout.
+    """
+
+    def __init__(self, seconds: float, what: str, hint: str = "") -> None:
+        self.end = time.monotonic() + seconds
+        self.what = what  # "diagnosis"
+        self.hint = hint  # "raise it with --harden-diagnose-seconds"
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def exceeded(self) -> BudgetExceeded:
+        return BudgetExceeded(f"the time budget for {self.what} is spent" + (f" ({self.hint})" if self.hint else ""))
+
+    def check(self) -> None:
+        if self.left() <= 0:
+            raise self.exceeded()
+
+    def cap(self, seconds: float) -> float:
+        """``seconds``, or the time left if that is shorter (at least a second: a command needs some time)."""
+        return max(1.0, min(seconds, self.left()))
+
+    def spec(self, spec: Spec) -> Spec:
+        """``spec`` with its service's start and readiness waits capped."""
+        service = spec.service
+        return replace(spec, service=replace(service, start_timeout=self.cap(service.start_timeout),
+                                             ready=replace(service.ready, timeout=self.cap(service.ready.timeout))))
+
+    def bounded(self, trial: Trial) -> Trial:
+        """``trial`` refused once the time is spent. A rerun that failed at the deadline is no verdict on its
+        hardening (a capped wait may be what failed it): it ends the search instead of misleading it."""
+
+        def run(hardening: Hardening) -> TrialResult:
+            self.check()
+            result = trial(hardening)
+            if not result.passed and self.left() <= 0:
+                raise self.exceeded()
+            return result
+
+        return run
+
+
+def failure_report(service: HardenedService, outcome: ScenarioOutcome) -> str:
+    """Everything needed to fix the unit: the command, how it ended, the service's state and journal, the hardening."""
+    scenario = outcome.scenario
+    where = f"{service.spec.path.name}:{scenario.line}" if scenario.line else service.spec.path.name
+    lines = [f"scenario {scenario.name!r} failed under hardening ({where})"]
+    lines += [f"  {problem}" for problem in outcome.problems]
+    hint = missing_command_hint(outcome.result, service.spec.path.name, scenario.where == "inside")
+    if hint:
+        lines.append(f"  {hint}")
+    lines.append(f"expected: {scenario.expect.describe()}")
+    lines.append(outcome.result.describe())
+    lines.append(f"service {service.unit}: {service.state_text()}")
+    lines.append(f"journal of {service.unit} (last lines):")
+    lines.append(indent(service.journal() or "(empty)"))
+    lines.append(f"hardening in force ({service.spec.path.name}):")
+    lines.append(indent(describe_hardening(service.spec, service.under_test.own_directives())))
+    return "\n".join(lines)
+
+
+# --- diagnosis against the real machine -----------------------------------------------------------------------
+
+def machine_syscall_groups(machine: Machine) -> Callable[[], dict[str, list[str]]]:
+    """The syscall groups of the machine's own systemd - the one that enforces the filter - asked on first use and
+    once per machine (shared with the probes' facts)."""
+    from ..machine.probing import machine_facts
+
+    def groups() -> dict[str, list[str]]:
+        return {group: sorted(calls) for group, calls in machine_facts(machine).syscall_groups.items()}
+
+    return groups
+
+
+def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadline | None = None,
+           kernel_log: KernelLog | None = None, own: Sequence[Directive] = ()) -> Trial:
+    """An oracle for :func:`diagnose`: restart the service under a hardening and rerun the scenario (or just start).
+
+    The scenarios before ``scenario`` in the spec are replayed first, outcome ignored: they share one service,
+    and a later scenario may need what an earlier one made (a key, an account, a cache entry). With a
+    ``deadline``, every wait is capped by it (:class:`Deadline`). With a ``kernel_log``, a failure's evidence
+    ends with the kernel's seccomp records of the machine's processes made during the rerun. With ``own`` (the
+    unit's own directives, which the hardenings tried include), each is tried as a drop-in that resets what the unit
+    sets and the hardening changes (:func:`~pytest_systemd_harden.search.diagnosis.replacing_dropin`).
+    """
+    def trial(hardening: Hardening) -> TrialResult:
+        if kernel_log is None:
+            return attempt(hardening)
+        kernel_log.drain()  # what came before this rerun is not its evidence
+        result = attempt(hardening)
+        if result.passed:
+            return result
+        records = seccomp_records(kernel_log.drain(), service.machine.host_pids, machine_has)
+        if not records:
+            return result
+        lines = list(dict.fromkeys(record.describe() for record in records))
+        return TrialResult(False, result.summary, "\n".join([result.evidence, "kernel log (seccomp):", *lines]))
+
+    def machine_has(programs: list[str]) -> set[str]:
+        found = service.machine.run(["/bin/sh", "-c", 'for f; do [ -e "$f" ] && echo "$f"; done', "sh", *programs],
+                                    purpose="kernel-log")
+        return set(found.stdout.splitlines())
+
+    def attempt(hardening: Hardening) -> TrialResult:
+        spec = service.spec.with_hardening(hardening)
+        candidate = HardenedService(service.machine, deadline.spec(spec) if deadline else spec, unit=service.unit)
+        if own:
+            candidate.under_test.replacing_dropin = replacing_dropin(
+                own, hardening, f"Tried by pytest-systemd-harden's diagnosis of {service.spec.path.name}")
+        return _rerun(service, candidate, scenario, deadline)
+
+    return deadline.bounded(trial) if deadline else trial
+
+
+def _dropin_trial(service: HardenedService, scenario: Scenario | None) -> Callable[[str], TrialResult] | None:
+    """A check for :func:`diagnose`: the spec as written, with a drop-in text written literally as a file after
+    the spec's (:data:`~pytest_systemd_harden.unit.under_test.FIX_DROPIN_NAME`), and the failing check rerun. None where the plugin must not write
+    unit files (the host backend: the host's own systemd)."""
+    if not service.machine.WRITES_UNIT_FILES:
+        return None
+
+    def check(text: str) -> TrialResult:
+        candidate = HardenedService(service.machine, service.spec, unit=service.unit)
+        candidate.under_test.extra_dropins = {FIX_DROPIN_NAME: text}
+        return _rerun(service, candidate, scenario, None)
+
+    return check
+
+
+def _rerun(service: HardenedService, candidate: HardenedService, scenario: Scenario | None,
+           deadline: Deadline | None) -> TrialResult:
+    """Start ``candidate`` and run ``scenario`` (None: only the start), after the scenarios before it; stop it."""
+    scenarios = list(service.spec.scenarios)
+    preceding = scenarios[:scenarios.index(scenario)] if scenario in scenarios else []
+    try:
+        candidate.start()
+    except ServiceFailed as exc:
+        candidate.stop()  # and take back what it wrote (a drop-in): the next start must not find it
+        return TrialResult(False, str(exc).splitlines()[0])
+    except DBusError as exc:  # systemd refused the candidate itself (an invalid combination): not a fix
+        candidate.stop()
+        return TrialResult(False, f"systemd rejected this hardening: {exc.text}")
+    try:
+        if scenario is None:
+            return TrialResult(True)
+        for earlier in preceding:
+            run_scenario(candidate, earlier, deadline)
+        outcome = run_scenario(candidate, scenario, deadline)
+        if outcome.passed:
+            return TrialResult(True)
+        return TrialResult(False, "; ".join(outcome.problems), failure_report(candidate, outcome))
+    finally:
+        candidate.stop()
+
+
+def all_scenarios_trial(service: HardenedService, deadline: Deadline | None = None) -> Trial:
+    """An oracle for :func:`tighten`: the service starts under a hardening and every scenario passes, in order.
+    With a ``deadline``, every wait is capped by it (:class:`Deadline`)."""
+
+    def trial(hardening: Hardening) -> TrialResult:
+        spec = service.spec.with_hardening(hardening)
+        candidate = HardenedService(service.machine, deadline.spec(spec) if deadline else spec, unit=service.unit)
+        try:
+            try:
+                candidate.start()
+            except ServiceFailed as exc:
+                return TrialResult(False, "the service did not start", str(exc))
+            except DBusError as exc:
+                return TrialResult(False, f"systemd rejected this hardening: {exc.text}")
+            for scenario in service.spec.scenarios:
+                outcome = run_scenario(candidate, scenario, deadline)
+                if not outcome.passed:
+                    return TrialResult(False, f"scenario {scenario.name!r}: {'; '.join(outcome.problems)}",
+                                       failure_report(candidate, outcome))
+            return TrialResult(True)
+        finally:
+            candidate.stop()
+
+    return deadline.bounded(trial) if deadline else trial
+
+
+def _verify_dropin(service: HardenedService, result: Tightening) -> None:
+    """The printed drop-in, as a maintainer would ship it: written literally as a file after the spec's own
+    hardening, on the unit under test, every scenario run once more (``result.dropin_verified``). Not on a machine
+    whose unit files are not ours to write (the host backend)."""
+    if not service.machine.WRITES_UNIT_FILES:
+        return
+    candidate = HardenedService(service.machine, service.spec, unit=service.unit)
+    candidate.under_test.extra_dropins = {FIX_DROPIN_NAME: result.dropin()}
+    scenarios = service.spec.scenarios
+    outcome = _rerun(service, candidate, scenarios[-1] if scenarios else None, None)  # every scenario, in order
+    result.dropin_verified = outcome.passed
+    if not outcome.passed:
+        failed = f"the drop-in, written as a file after the spec's hardening, does not pass: {outcome.summary}"
+        result.note = "; ".join(filter(None, [result.note, failed]))
+
+
+def _verify_enforcement(service: HardenedService, result: Tightening, deadline: Deadline | None = None,
+                        rounds: int = 3) -> None:
+    """Scenarios cannot see a step that quietly undoes another directive (on systemd 252, ExecPaths= reopens a
+    read-only /usr): check every directive of the result is enforced, and revert the steps found undoing one. A
+    revert is checked by the scenarios too: a later step may have needed what the reverted one brought."""
+    from ..sandbox.expectations import NOT_ENFORCED
+    from ..unit.probe_host import verify_service
+
+    for _ in range(rounds):
+        candidate = HardenedService(service.machine, service.spec.with_hardening(result.after), unit=service.unit)
+        candidate.start()
+        try:
+            report = verify_service(candidate, denials=())
+        finally:
+            candidate.stop()
+        broken = [v for v in report.verdicts.values() if v.status == NOT_ENFORCED]
+        result.enforcement_checked = True
+        if not broken:
+            return
+        reverted = []
+        for verdict in broken:
+            suspects = [d.name for d in verdict.suspects]
+            reverted += revert(result, suspects, f"undoes {verdict.subject.name} (enforcement check)")
+        if not reverted:
+            result.note = "not enforced after tightening: " + "; ".join(v.subject.name for v in broken)
+            return
+        check = all_scenarios_trial(service, deadline)(result.after)
+        result.runs += 1
+        if not check.passed:
+            fall_back(result, check.summary)
+
+
+# --- observation: one run with strace attached ----------------------------------------------------------------
+
+OBSERVE_DIR = "/run/harden-observe"
+# The drop-in that wraps a loaded unit's ExecStart= in the tracer, read after harden.conf.
+OBSERVE_DROPIN_NAME = "zz-harden-observe.conf"
+# -D: strace runs as a detached grandchild, so the service's main process is the service itself (Type=notify and
+# MainPID= work as usual) and an inside command ends when it does, not when a daemon it started (gpg-agent) does.
+# -y: paths of file descriptors, so a write through a descriptor names its file. No -yy: that asks netlink, which
+# RestrictAddressFamilies= may deny to the tracer.
+STRACE = ("strace", "-f", "-D", "-qq", "-y")
+
+
+class ObservationFailed(Exception):
+    """The traced run could not be made; tighten then searches without observations."""
+
+
+def observe(service: HardenedService, hardening: Hardening | None = None, *,
+            deadline: Deadline | None = None) -> Observation:
+    """One run of ``service`` under ``hardening`` (default: its spec's) with strace attached to the service and to
+    every ``inside`` scenario, each scenario run once; what they did, as an :class:`Observation`.
+
+    The run keeps the hardening: scenarios that expect a denial still get it, so what they try is seen failing and
+    is not mistaken for a need (run without hardening, ``touch /etc/x`` would ask for ReadWritePaths=/etc). Only
+    what the tracer itself needs is added: its output directory, and ptrace(2) if a syscall filter is set.
+    ``client`` scenarios run unconfined and untraced; what the service does for them is in the service's trace.
+    With a ``deadline``, the scenarios' timeouts are capped by it.
+    """
+    machine = service.machine
+    spec = service.spec
+    hardening = spec.hardening if hardening is None else hardening
+    directory = f"{OBSERVE_DIR}/{service.unit.removesuffix('.service')}"
+    script = 'command -v strace >/dev/null || exit 3; rm -rf "$1"; mkdir -p -m 1777 "$1"'
+    prepared = machine.run(["/bin/sh", "-c", script, "sh", directory], purpose="observe")
+    if prepared.exit_status == 3:
+        raise ObservationFailed("strace is not installed on the machine (base images since recipe 3 have it)")
+    if not prepared.ok:
+        raise ObservationFailed(f"could not prepare {directory}: {prepared.stderr.strip()}")
+    traced_hardening = _for_tracer(hardening, directory, service.under_test.own_directives())
+    tracer = (*STRACE, "-o", f"{directory}/service", "--")
+    try:
+        # A unit systemd loads keeps its own command line, type and PIDFile=: the tracer goes in front of it.
+        wrapped = service.under_test.wrapped_exec_start(tracer)
+    except ValueError as exc:
+        raise ObservationFailed(str(exc)) from None
+    traced_spec = replace(spec, hardening=traced_hardening) if wrapped is not None else replace(
+        spec, hardening=traced_hardening, service=replace(spec.service, exec_start=(*tracer,
+                                                                                    *spec.service.exec_start)))
+    traced = HardenedService(machine, deadline.spec(traced_spec) if deadline else traced_spec, unit=service.unit)
+    if wrapped is not None:
+        traced.under_test.own_dropins[OBSERVE_DROPIN_NAME] = wrapped
+    runs = [("the service", f"{directory}/service")]
+    problems: list[str] = []
+    try:
+        try:
+            traced.start()
+        except (ServiceFailed, DBusError) as exc:
+            raise ObservationFailed(f"the service did not start under strace: {str(exc).splitlines()[0]}") from exc
+        for index, scenario in enumerate(spec.scenarios):
+            if scenario.where == "inside":
+                argv = ["/bin/sh", "-c", scenario.command] if isinstance(scenario.command, str) \
+                    else list(scenario.command)
+                trace = f"{directory}/scenario-{index}"
+                timeout = deadline.cap(scenario.timeout) if deadline else scenario.timeout
+                result = traced.inside([*STRACE, "-o", trace, "--", *argv], timeout)
+                runs.append((f"scenario {scenario.name!r}", trace))
+            else:
+                result = traced.client(scenario.command, deadline.cap(scenario.timeout) if deadline
+                                       else scenario.timeout)
+            problems += [f"scenario {scenario.name!r} {p}" for p in mismatches(scenario.expect, result)]
+    finally:
+        traced.stop()
+    observation = Observation()
+    for run, path in runs:
+        text = machine.run(["cat", path], purpose="observe", timeout=120)
+        if text.ok:
+            observation = observation.merge(parse_strace(text.stdout, run, cwd=spec.service.working_directory or "/"))
+    if observation.execs:  # NoNewPrivileges= stops the privileges of setuid programs: which ran?
+        found = machine.run(["find", *observation.execs, "-maxdepth", "0", "-perm", "/6000"], purpose="observe")
+        observation.setuid_execs = {path: observation.execs[path] for path in found.stdout.splitlines()
+                                    if path in observation.execs}
+    files = [path for path in observation.reads if not path.startswith(("/proc/", "/sys/", "/dev/", OBSERVE_DIR))]
+    if files:  # a dynamic user could not read what only the owner and group may
+        found = machine.run(["find", *files, "-maxdepth", "0", "!", "-type", "l", "!", "-perm", "-o=r"],
+                            purpose="observe")
+        observation.private_reads = {path: observation.reads[path] for path in found.stdout.splitlines()
+                                     if path in observation.reads}
+    machine.run(["rm", "-rf", directory], purpose="observe")
+    observation.failures += problems
+    return observation
+
+
+def _for_tracer(hardening: Hardening, directory: str, own: Sequence[Directive] = ()) -> Hardening:
+    """``hardening`` plus what strace needs: its output directory writable, ptrace(2) through a syscall filter
+    (the spec's, or the unit's ``own`` one, which a drop-in line adds to)."""
+    out = list(hardening)
+    grant = f"-{directory}"
+    for index, directive in enumerate(out):
+        if directive.name == "SystemCallFilter":
+            out[index] = Directive(directive.name, (*directive.assignments, "ptrace"), directive.line)
+        elif directive.name == "ReadWritePaths":
+            out[index] = Directive(directive.name, (*directive.assignments, grant), directive.line)
+            grant = ""
+    if grant:
+        out.append(Directive("ReadWritePaths", (grant,)))
+    if not any(d.name == "SystemCallFilter" for d in hardening) and any(d.name == "SystemCallFilter" for d in own):
+        out.append(Directive("SystemCallFilter", ("ptrace",)))
+    return tuple(out)
+
+
+def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never: Sequence[str] = (),
+                    max_runs: int = 200, max_seconds: float = 900.0, catalogue: Sequence[Step] = CATALOGUE,
+                    observations: bool = True, together: bool | None = None) -> Tightening:
+    """The strictest hardening under which ``service``'s spec still starts and passes every scenario.
+
+    With ``observations`` (the default), one traced run first (:func:`observe`) orders and pre-narrows the search,
+    and the steps it forecasts to fit are tried together (``together``: see :func:`tighten`).
+    """
+    try:
+        observation, note, started = None, "", time.monotonic()
+        # One budget for the whole tighten, the traced run and the enforcement check included.
+        deadline = Deadline(max_seconds, f"tighten ({max_seconds:g}s)")
+        if observations:
+            try:
+                observation = observe(service, deadline=deadline)
+            except ObservationFailed as exc:
+                note = f"searched without observations: {exc}"
+        observed_in = time.monotonic() - started
+        groups = machine_syscall_groups(service.machine)
+        # The traced run was the spec's own hardening with every scenario: when all passed, it is the baseline.
+        baseline = TrialResult(True, "passed while traced") if observation and not observation.failures else None
+        result = tighten(service.spec.hardening, all_scenarios_trial(service, deadline), catalogue=catalogue,
+                         keep=keep, never=never, syscall_groups=groups, max_runs=max_runs,
+                         max_seconds=max(0.0, deadline.left()),
+                         observation=observation, baseline=baseline, together=together,
+                         scenarios_from_outside=any(s.where == "client" for s in service.spec.scenarios),
+                         offline=service.spec.tighten_offline, own=service.under_test.own_directives())
+        if observations:  # the traced run is part of the cost
+            result.runs += 1 if observation is not None else 0
+            result.observe_seconds = observed_in
+            result.seconds += observed_in
+            result.note = "; ".join(filter(None, [result.note, note]))
+        if result.after != result.before:
+            try:
+                deadline.check()
+                _verify_enforcement(service, result, deadline)
+            except BudgetExceeded as exc:
+                result.note = "; ".join(filter(None, [result.note, f"enforcement not checked: {exc}"]))
+            _verify_dropin(service, result)
+        return result
+    finally:
+        try:
+            service.start()
+        except ServiceFailed:
+            pass
+
+
+def diagnose_failure(service: HardenedService, scenario: Scenario | None, evidence: str, *, max_runs: int = 60,
+                     max_seconds: float = 300.0, previous: Sequence[Diagnosis] = ()) -> Diagnosis:
+    """Diagnose why ``scenario`` (None: the start) fails under ``service``'s hardening, then restore the service."""
+    deadline = Deadline(max_seconds, "diagnosis", "raise it with --harden-diagnose-seconds")
+    kernel_log = KernelLog.open()
+
+    def observed_denials() -> str:
+        """A traced run of the spec (the failing check among its scenarios): the paths its calls were refused."""
+        try:
+            return denial_lines(observe(service, deadline=deadline))
+        except (ObservationFailed, BudgetExceeded):
+            return ""
+
+    # The unit's own directives are suspects too: the search runs on what is in force (unit file, then drop-in).
+    own = service.under_test.own_directives()
+    try:
+        return diagnose(effective_hardening(own, service.spec.hardening),
+                        _trial(service, scenario, deadline, kernel_log, own), evidence=evidence,
+                        syscall_groups=machine_syscall_groups(service.machine), max_runs=max_runs,
+                        max_seconds=max_seconds, spec_name=service.spec.path.name, previous=previous,
+                        observe=observed_denials, check_dropin=_dropin_trial(service, scenario))
+    finally:
+        if kernel_log is not None:
+            kernel_log.close()
+        try:
+            service.start()  # the scenarios after this one run against the spec as written
+        except ServiceFailed:
+            pass

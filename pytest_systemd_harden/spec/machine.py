@@ -1,0 +1,83 @@
+"""A spec's machine section: what a machine must have. Backends are known here only by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import MachineError
+from ..machine.images import package_units
+from .releases import DEFAULT_RELEASE
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """What a machine must have: extra Debian packages and files bound in from the host.
+
+    Specs whose machine sections are equal share one booted machine for the whole test session.
+    """
+
+    packages: tuple[str, ...] = ()
+    # (path on the machine, absolute path on the host), bound read-only.
+    files: tuple[tuple[str, str], ...] = ()
+    backend: str = "auto"  # see backends.resolve()
+    # The Debian release the image is built from (images.RELEASES); "" until the pool fills in the session's
+    # default (--harden-release, else images.DEFAULT_RELEASE) for a spec that names none.
+    release: str = ""
+    # Local .deb files installed on top of the image (absolute paths on the host): the maintainer's new build.
+    debs: tuple[str, ...] = ()
+    # nspawn only: run the container without a user namespace (its root is then root on the host) so that the
+    # directives needing host BPF (IPAddressDeny=, DeviceAllow=...) can be enforced. Announced at boot.
+    privileged: bool = False
+    # Units a package enables at boot are masked at boot (a package's daemon must not hold the port or state of the
+    # service under test), except these: machine.services, the package daemons a spec needs running (a resolver)...
+    services: tuple[str, ...] = ()
+    # ...and the unit the spec tests (service.unit / unit_file), which must stay startable.
+    tested_unit: str = ""
+
+    def check_files(self) -> None:
+        """Raise MachineError for a ``files:`` source that is gone from the host since the spec was loaded."""
+        for dest, source in self.files:
+            if not Path(source).exists():
+                raise MachineError(f"file to bind at {dest} does not exist on the host: {source}")
+        for deb in self.debs:
+            if not Path(deb).is_file():
+                raise MachineError(f"local package {deb} (machine.debs) does not exist on the host any more")
+
+    def describe(self) -> str:
+        # The host backend runs the host's own systemd: no Debian release of ours.
+        parts = [self.backend] if self.backend == "host" else [self.backend, f"Debian {self.release or DEFAULT_RELEASE}"]
+        if self.debs:
+            parts.append("debs: " + ", ".join(Path(deb).name for deb in self.debs))
+        if self.packages:
+            parts.append("packages: " + ", ".join(self.packages))
+        if self.files:
+            parts.append("files: " + ", ".join(dest for dest, _src in self.files))
+        if self.services:
+            parts.append("services: " + ", ".join(self.services))
+        if self.tested_unit:
+            parts.append("unit under test: " + self.tested_unit)
+        if self.privileged:
+            parts.append("privileged")
+        return "; ".join(parts)
+
+    def boot_masks(self, rootfs: Path) -> tuple[str, ...]:
+        """The units to mask at boot (``systemd.mask=`` on the machine's command line): every unit a package of
+        this image enables at boot but machine.services and the tested unit. MachineError for a machine.services
+        entry that no package enables, with the ones that are."""
+        enabled = package_units(rootfs)
+        for service in self.services:
+            if service not in enabled:
+                raise MachineError(f"machine.services: {service} is not a unit a package of this machine enables at "
+                                   f"boot (those are: {', '.join(enabled) or 'none'}); list only package daemons the "
+                                   "service needs running")
+        return tuple(unit for unit in enabled if unit not in (*self.services, self.tested_unit))
+
+    def boot_holds(self, rootfs: Path) -> tuple[str, ...]:
+        """The units to hold back at boot and release once booted: the tested unit, if a package enables it. Its
+        first start must be the test's, under the drop-in, as on a host where the drop-in ships with the package:
+        a start at boot without it would make state (a key an ExecStartPre= writes, a directory it creates) that
+        the hardened unit then never has to make itself."""
+        return (self.tested_unit,) if self.tested_unit and self.tested_unit in package_units(rootfs) else ()

@@ -1,0 +1,154 @@
+"""Machines shared across a test session: one per distinct machine section, booted on first use."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+
+from ..errors import BackendUnavailable, HardenError, ImageBuildError
+from ..machine import backends, cgroups
+from ..machine.backends.base import Machine
+from ..machine.images import ImageCache, ImageWanted
+from ..sandbox.capabilities import machine_capabilities
+from ..spec.load import Spec
+from ..spec.machine import MachineConfig
+from ..spec.releases import DEFAULT_RELEASE
+from .service import HardenedService
+
+Progress = Callable[[str], None]
+
+
+class MachinePool:
+    """Boots machines lazily, reuses them, and shuts every one down on :meth:`close` (or at exit).
+
+    ``backend`` overrides the backend each spec asks for (``--harden-backend``). A machine that failed to boot
+    is not retried for every test: its error is remembered and raised again. ``remeasure`` measures what each
+    machine enforces even when the capability cache has it (``--harden-remeasure``).
+    """
+
+    def __init__(self, *, backend: str | None = None, image_cache: ImageCache | None = None,
+                 progress: Progress = lambda line: None, boot_timeout: float = 60.0,
+                 default_release: str | None = None, remeasure: bool = False) -> None:
+        self.backend = backend
+        self.remeasure = remeasure
+        # The Debian release of specs that name none (--harden-release), else images.DEFAULT_RELEASE.
+        self.default_release = default_release or DEFAULT_RELEASE
+        self.image_cache = image_cache or ImageCache()
+        self.progress = progress
+        self.boot_timeout = boot_timeout
+        self._machines: dict[MachineConfig, Machine] = {}
+        self._failures: dict[MachineConfig, HardenError] = {}
+        self._services: dict[str, HardenedService] = {}  # machine name -> the service running there
+        self._lock = threading.Lock()
+        self._reaped = False
+        atexit.register(self.close)
+
+    def effective_config(self, config: MachineConfig) -> MachineConfig:
+        """``config`` on the backend this run uses: ``--harden-backend``, else the spec's, with ``auto`` resolved."""
+        return replace(config, backend=backends.resolve(self.backend or config.backend),
+                       release=config.release or self.default_release)
+
+    def running_machine(self, config: MachineConfig) -> Machine | None:
+        """The machine booted for ``config``, if there is one yet (never boots one)."""
+        with self._lock:
+            return self._machines.get(self.effective_config(config))
+
+    def machine_for(self, config: MachineConfig) -> Machine:
+        config = self.effective_config(config)
+        with self._lock:
+            if config in self._failures:
+                raise self._failures[config]
+            machine = self._machines.get(config)
+            if machine is not None:
+                return machine
+            backends.check_available(config.backend)
+            if not self._reaped:
+                self._reaped = True
+                for name in cgroups.reap_orphans():
+                    self.progress(f"removed container {name} left behind by a killed run")
+                if config.backend == "nspawn":
+                    from ..machine.backends.nspawn import sweep_runtime_leftovers
+
+                    for path in sweep_runtime_leftovers():
+                        self.progress(f"removed {path} left behind by a killed run")
+            cls = backends.machine_class(config.backend)
+            machine = cls(config, boot_timeout=self.boot_timeout, image_cache=self.image_cache)
+            self.progress(f"booting {config.backend} machine {machine.name} ({config.describe()})")
+            started = time.monotonic()
+            try:
+                machine.boot(self.progress)
+            except HardenError as exc:
+                self._failures[config] = exc
+                raise
+            masked = (f"; masked at boot, enabled by its packages: {', '.join(machine.masked_at_boot)} (keep one "
+                      "running with machine.services)") if machine.masked_at_boot else ""
+            if machine.held_at_boot:
+                masked += (f"; held back at boot, first started by the test under its drop-in: "
+                           f"{', '.join(machine.held_at_boot)}")
+            self.progress(f"{machine.name} booted in {time.monotonic() - started:.1f}s ({machine.describe()}{masked})")
+            self._machines[config] = machine
+        # Measured, not assumed from the backend: what this machine can enforce (see capabilities.py; cached on
+        # disk per kernel, image and backend command line).
+        try:
+            capabilities = machine_capabilities(machine, remeasure=self.remeasure)
+            self.progress(f"{machine.name} {capabilities.summary()} ({capabilities.how})")
+        except HardenError as exc:
+            self.progress(f"{machine.name}: could not measure what it enforces ({exc})")
+        return machine
+
+    def prepare_images(self, configs: Iterable[MachineConfig], *, threads: int = 2,
+                       rotate: int = 0) -> list[tuple[ImageWanted, ImageBuildError | None]]:
+        """Build the container images the machines of ``configs`` will boot from, those not cached yet, ``threads``
+        at a time, before the first boot needs one (:meth:`ImageCache.prepare`). Only the nspawn backend's images:
+        a VM's is built with its kernel when it boots, and the host backend has none. Nothing to do where nspawn
+        cannot run (the first boot says why)."""
+        wanted = []
+        for config in configs:
+            config = self.effective_config(config)
+            if config.backend != "nspawn":
+                continue
+            wanted.append(ImageWanted(config.release, tuple(sorted(set(config.packages))), tuple(config.debs)))
+        if not wanted:
+            return []
+        try:
+            backends.check_available("nspawn")
+        except BackendUnavailable:
+            return []
+        return self.image_cache.prepare(wanted, self.progress, threads=threads, rotate=rotate)
+
+    def service_for(self, spec: Spec, *, start: bool = True) -> HardenedService:
+        """The spec's service on its machine, (re)started clean; a different service there is stopped first."""
+        machine = self.machine_for(spec.machine)
+        previous = self._services.get(machine.name)
+        if previous is not None and previous.spec != spec:
+            previous.stop()
+        service = HardenedService(machine, spec)
+        self._services[machine.name] = service
+        if start:
+            service.start()
+        return service
+
+    def release(self, service: HardenedService) -> str | None:
+        """Stop ``service`` if it is the one running on its machine; say so if it had to be killed
+        (:meth:`HardenedService.stop`)."""
+        if self._services.get(service.machine.name) is service:
+            del self._services[service.machine.name]
+        if service.machine.running:
+            return service.stop()
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            machines, self._machines = list(self._machines.values()), {}
+            self._services.clear()
+        errors = []
+        for machine in machines:
+            try:
+                machine.shutdown()
+            except Exception as exc:  # noqa: BLE001 - shut down the others all the same
+                errors.append(f"{machine.name}: {exc}")
+        if errors:
+            raise HardenError("could not shut down every machine: " + "; ".join(errors))
