@@ -13,7 +13,7 @@ import pytest
 from pytest_systemd_harden.errors import SpecError
 from pytest_systemd_harden.machine import images
 from pytest_systemd_harden.machine.backends.base import Machine
-from pytest_systemd_harden.machine.images import ImageCache, installed_versions
+from pytest_systemd_harden.machine.images import ImageCache, boot_masks, installed_versions
 from pytest_systemd_harden.spec.load import load_spec
 from pytest_systemd_harden.spec.machine import MachineConfig
 from pytest_systemd_harden.spec.releases import DEFAULT_RELEASE
@@ -240,12 +240,12 @@ def test_machine_services_keep_package_units_and_the_tested_unit_is_never_masked
                          {"dnsmasq": ["/lib/systemd/system/dnsmasq.service"],
                           "memcached": ["/lib/systemd/system/memcached.service"]},
                          ["multi-user.target.wants/dnsmasq.service", "multi-user.target.wants/memcached.service"])
-    assert MachineConfig().boot_masks(rootfs) == ("dnsmasq.service", "memcached.service")
-    assert MachineConfig(services=("dnsmasq.service",)).boot_masks(rootfs) == ("memcached.service",)
-    assert MachineConfig(tested_unit="memcached.service").boot_masks(rootfs) == ("dnsmasq.service",)
+    assert boot_masks(MachineConfig(), rootfs) == ("dnsmasq.service", "memcached.service")
+    assert boot_masks(MachineConfig(services=("dnsmasq.service",)), rootfs) == ("memcached.service",)
+    assert boot_masks(MachineConfig(tested_unit="memcached.service"), rootfs) == ("dnsmasq.service",)
     with pytest.raises(MachineError, match=r"machine.services: dnsmsq.service is not a unit a package of this "
                                            r"machine enables at boot \(those are: dnsmasq.service, memcached"):
-        MachineConfig(services=("dnsmsq.service",)).boot_masks(rootfs)
+        boot_masks(MachineConfig(services=("dnsmsq.service",)), rootfs)
 
 
 def test_machine_services_in_the_spec(tmp_path: Path) -> None:

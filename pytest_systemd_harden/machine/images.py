@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import BackendUnavailable, ImageBuildError
+from ..errors import BackendUnavailable, ImageBuildError, MachineError
+from ..spec.machine import MachineConfig
 from ..spec.releases import DEFAULT_RELEASE, RELEASES
 from .cgroups import Contained
 from .staging import clean_leftovers, remove_tree, staging_dir, write_atomically
@@ -572,6 +573,27 @@ def package_units(rootfs: Path) -> tuple[str, ...]:
     enabled = {link.name for pattern in ("*.wants/*", "*.requires/*") for link in etc.glob(pattern)
                if link.name.endswith(_STARTING_KINDS)}
     return tuple(sorted(unit for unit in enabled if template_of(unit) in shipped))
+
+
+def boot_masks(config: MachineConfig, rootfs: Path) -> tuple[str, ...]:
+    """The units to mask at boot (``systemd.mask=`` on the machine's command line): every unit a package of
+    this image enables at boot but machine.services and the tested unit. MachineError for a machine.services
+    entry that no package enables, with the ones that are."""
+    enabled = package_units(rootfs)
+    for service in config.services:
+        if service not in enabled:
+            raise MachineError(f"machine.services: {service} is not a unit a package of this machine enables at "
+                               f"boot (those are: {', '.join(enabled) or 'none'}); list only package daemons the "
+                               "service needs running")
+    return tuple(unit for unit in enabled if unit not in (*config.services, config.tested_unit))
+
+
+def boot_holds(config: MachineConfig, rootfs: Path) -> tuple[str, ...]:
+    """The units to hold back at boot and release once booted: the tested unit, if a package enables it. Its
+    first start must be the test's, under the drop-in, as on a host where the drop-in ships with the package: a
+    start at boot without it would make state (a key an ExecStartPre= writes, a directory it creates) that the
+    hardened unit then never has to make itself."""
+    return (config.tested_unit,) if config.tested_unit and config.tested_unit in package_units(rootfs) else ()
 
 
 def template_of(unit: str) -> str:

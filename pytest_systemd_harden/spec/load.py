@@ -36,7 +36,7 @@ from ..errors import SpecError
 from ..probes.catalogue import Denial, DenialError, parse_denial
 from . import profiles
 from .directives import KNOWN, Directive, DirectiveError, Property, _closest_hint, path_problem, render_dropin
-from .machine import AUTO, MachineConfig
+from .machine import AUTO, BACKEND_NAMES, MachineConfig
 from .releases import RELEASES
 
 SERVICE_TYPES = ("simple", "exec", "notify", "oneshot", "forking")
@@ -579,7 +579,7 @@ def parse_spec(document: Any, path: Path, root: Path | None = None) -> Spec:
     max_exposure = _parse_max_exposure(check, doc) if "max_exposure" in doc else None
     keep, never = _parse_tighten(check, doc)
     if service.unit_name:
-        machine = replace(machine, tested_unit=service.unit_name)  # never masked at boot (MachineConfig.boot_masks)
+        machine = replace(machine, tested_unit=service.unit_name)  # never masked at boot (machine.images.boot_masks)
     return Spec(path, service, machine, hardening, scenarios, name, denials=denials, enforcement=enforcement,
                 profile=profile.name if profile else "",
                 max_exposure=max_exposure, tighten_keep=keep, tighten_never=never,
@@ -860,11 +860,9 @@ def _parse_machine(check: _Checker, section: _Mapping, releases: tuple[str, ...]
                                   "nspawn's --bind-ro= separates source and destination with :; rename the path")
             files.append((dest, str(host)))
     backend = check.string(section, "backend", "machine.backend") if "backend" in section else AUTO
-    from ..machine.backends import BACKENDS
-
-    if backend not in (*BACKENDS, AUTO):
+    if backend not in (*BACKEND_NAMES, AUTO):
         raise check.error(section, "backend", "machine.backend", f"unknown backend {backend!r}",
-                          _closest_hint(backend, [*BACKENDS, AUTO]) or f"one of {', '.join([*BACKENDS, AUTO])}")
+                          _closest_hint(backend, [*BACKEND_NAMES, AUTO]) or f"one of {', '.join([*BACKEND_NAMES, AUTO])}")
     privileged = section.get("privileged", False)
     if not isinstance(privileged, bool):
         raise check.error(section, "privileged", "machine.privileged", f"expected true or false, got {privileged!r}",

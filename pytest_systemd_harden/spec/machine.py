@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MachineError
-from ..machine.images import package_units
 from .releases import DEFAULT_RELEASE
 
 AUTO = "auto"
+# The backends a spec may name; machine.backends maps each to its class (a test keeps the two lists equal).
+BACKEND_NAMES = ("nspawn", "host", "qemu")
 
 
 @dataclass(frozen=True)
@@ -62,22 +63,3 @@ class MachineConfig:
         if self.privileged:
             parts.append("privileged")
         return "; ".join(parts)
-
-    def boot_masks(self, rootfs: Path) -> tuple[str, ...]:
-        """The units to mask at boot (``systemd.mask=`` on the machine's command line): every unit a package of
-        this image enables at boot but machine.services and the tested unit. MachineError for a machine.services
-        entry that no package enables, with the ones that are."""
-        enabled = package_units(rootfs)
-        for service in self.services:
-            if service not in enabled:
-                raise MachineError(f"machine.services: {service} is not a unit a package of this machine enables at "
-                                   f"boot (those are: {', '.join(enabled) or 'none'}); list only package daemons the "
-                                   "service needs running")
-        return tuple(unit for unit in enabled if unit not in (*self.services, self.tested_unit))
-
-    def boot_holds(self, rootfs: Path) -> tuple[str, ...]:
-        """The units to hold back at boot and release once booted: the tested unit, if a package enables it. Its
-        first start must be the test's, under the drop-in, as on a host where the drop-in ships with the package:
-        a start at boot without it would make state (a key an ExecStartPre= writes, a directory it creates) that
-        the hardened unit then never has to make itself."""
-        return (self.tested_unit,) if self.tested_unit and self.tested_unit in package_units(rootfs) else ()

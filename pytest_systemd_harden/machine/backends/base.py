@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 Progress = Callable[[str], None]
 
 
-# Holds the tested unit back at boot (MachineConfig.boot_holds): a systemd generator, run at boot and at every
+# Holds the tested unit back at boot (images.boot_holds): a systemd generator, run at boot and at every
 # daemon-reload, that masks each unit named by pytest_systemd_harden.hold= on the machine's command line (PID 1's:
 # a container's systemd reads its arguments as its kernel command line) until HOLD_RELEASED exists. A
 # systemd.mask= could not be taken back: its mask wins over every unit directory and returns at each reload.
@@ -90,9 +90,9 @@ class Machine(abc.ABC):
     _systemd: SystemdClient | None = field(default=None, init=False, repr=False)
     _units: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False, repr=False)
     _tested: dict[str, Any] | None = field(default=None, init=False, repr=False)
-    # Package units masked at this boot (MachineConfig.boot_masks), for the boot line.
+    # Package units masked at this boot (images.boot_masks), for the boot line.
     masked_at_boot: tuple[str, ...] = field(default=(), init=False)
-    # The tested unit held back at this boot and released once booted (MachineConfig.boot_holds), for the boot
+    # The tested unit held back at this boot and released once booted (images.boot_holds), for the boot
     # line; a backend that cannot hold it leaves this empty.
     held_at_boot: tuple[str, ...] = field(default=(), init=False)
 

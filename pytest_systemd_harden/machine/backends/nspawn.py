@@ -26,7 +26,7 @@ from pathlib import Path
 from ...errors import BackendUnavailable, ImageBuildError, MachineError
 from ...probes.inside import GUARD_KERNEL
 from ..cgroups import Contained, host_runs_systemd
-from ..images import Image, package_version
+from ..images import Image, boot_holds, boot_masks, package_version
 from ..staging import remove_tree, write_atomically
 from ..systemd import SocketConnector
 from . import userns
@@ -166,8 +166,8 @@ class NspawnMachine(Machine):
         image = self.image = self.image_cache.get(self.config.packages, progress, release=self.config.release,
                                                   debs=self.config.debs)
         rootfs = image.rootfs
-        self.masked_at_boot = self.config.boot_masks(image.rootfs)
-        self.held_at_boot = self.config.boot_holds(image.rootfs)
+        self.masked_at_boot = boot_masks(self.config, image.rootfs)
+        self.held_at_boot = boot_holds(self.config, image.rootfs)
         if self.held_at_boot:
             try:
                 self._hold_generator_file()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ...errors import BackendUnavailable, ImageBuildError, MachineError
 from ..cgroups import Contained
-from ..images import BUS_PORT, FILES_LABEL, OUTPUT_DIR, VmImage, package_version, vm_image
+from ..images import BUS_PORT, FILES_LABEL, OUTPUT_DIR, VmImage, boot_masks, package_version, vm_image
 from ..staging import remove_tree
 from ..systemd import OutputFiles
 from .base import Machine, Progress, proportional_set_size
@@ -179,7 +179,7 @@ class QemuMachine(Machine):
         check_available()
         image = self._image = vm_image(self.image_cache, self.config.packages, progress, release=self.config.release,
                                        debs=self.config.debs)
-        self.masked_at_boot = self.config.boot_masks(image.rootfs)
+        self.masked_at_boot = boot_masks(self.config, image.rootfs)
         self._runtime = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=os.environ.get("TMPDIR", "/tmp")))
         try:
             files_disk = self._files_disk(self._runtime) if self.config.files else None
