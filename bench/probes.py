@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pytest_systemd_harden.probes import on_machine, run_batch, standard_catalogue
+from pytest_systemd_harden.machine.probing import on_machine
+from pytest_systemd_harden.probes import run_batch, standard_catalogue
 from pytest_systemd_harden.spec.load import load_spec
 from pytest_systemd_harden.spec.machine import MachineConfig
 from pytest_systemd_harden.unit.pool import MachinePool

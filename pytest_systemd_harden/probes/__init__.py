@@ -3,15 +3,15 @@
 * :mod:`.inside` - the standalone script that runs the probes (stdlib only, sent to the image's python3);
 * :mod:`.model` - :class:`Probe` and :class:`ProbeResult`;
 * :mod:`.catalogue` - the full catalogue and the ``deny:`` vocabulary;
-* :mod:`.runner` - running a batch as one process, and what a machine's systemd knows.
+* :mod:`.runner` - a batch as one process, and what a machine's systemd knows; running one on a machine is
+  :mod:`pytest_systemd_harden.machine.probing`.
 
 Which probes a spec's directives must deny, and the verdicts, are in :mod:`pytest_systemd_harden.sandbox.expectations`.
 """
 
-from ..machine.probing import machine_facts, on_machine
 from .catalogue import Denial, DenialError, parse_denial, standard_catalogue
 from .model import Probe, ProbeResult
 from .runner import Batch, MachineFacts, run_batch
 
-__all__ = ["Batch", "Denial", "DenialError", "MachineFacts", "Probe", "ProbeResult", "machine_facts", "on_machine",
-           "parse_denial", "run_batch", "standard_catalogue"]
+__all__ = ["Batch", "Denial", "DenialError", "MachineFacts", "Probe", "ProbeResult", "parse_denial", "run_batch",
+           "standard_catalogue"]
