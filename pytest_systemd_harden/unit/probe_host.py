@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from dbus_next.signature import Variant
 
+from ..machine.backends.base import Machine
 from ..machine.probing import machine_facts, on_machine, probe_interpreter
 from ..machine.systemd import Property
 from ..probes.catalogue import (
@@ -16,30 +17,42 @@ from ..probes.catalogue import (
 )
 from ..probes.model import Probe, ProbeResult
 from ..probes.runner import Batch, MachineFacts, ProbeProgramError, ipc_lifecycle, run_batch, unique
+from ..result import CommandResult
+from ..sandbox.capabilities import machine_capabilities
 from ..sandbox.expectations import IPC_PROBE_USER, SERVICE_OWN_PROPERTIES, _paths, _with_ipc, plan
 from ..sandbox.verdict import Report, Verdict, verify
 from ..spec.directives import Directive
-from .under_test import effective_hardening
+from ..spec.load import Spec
+from .under_test import UnitUnderTest, effective_hardening
 
-if TYPE_CHECKING:
-    from .service import HardenedService
+
+class SandboxedService(Protocol):
+    """What a :class:`ServiceHost` needs of a started service (:class:`~.service.HardenedService` is one): this
+    module is below the service, which checks its sandbox with it."""
+
+    machine: Machine
+    spec: Spec
+    unit: str
+    under_test: UnitUnderTest
+
+    def inside(self, command: str | Sequence[str], timeout: float = ..., *, stdin: bytes = ...) -> CommandResult: ...
+
+    def sandbox_properties(self) -> list[Property]: ...
 
 
 class ServiceHost:
-    """A :class:`ProbeHost` for a started :class:`HardenedService` on its machine."""
+    """A :class:`ProbeHost` for a started service on its machine."""
 
-    def __init__(self, service: HardenedService) -> None:
+    def __init__(self, service: SandboxedService) -> None:
         self.service = service
 
     def facts(self) -> MachineFacts:
-        from ..sandbox.capabilities import machine_capabilities  # it judges with this module's checks
-
         machine = self.service.machine
         return replace(machine_facts(machine), unenforced=machine_capabilities(machine).unenforced())
 
     def sandbox(self, probes: Sequence[Probe]) -> Batch:
         # The object must outlive its unit: a unit of its own under the spec's directives, with a user of its own.
-        properties = [p for p in self.service._sandbox_properties() if p[0] not in SERVICE_OWN_PROPERTIES]
+        properties = [p for p in self.service.sandbox_properties() if p[0] not in SERVICE_OWN_PROPERTIES]
         properties.append(("User", Variant("s", IPC_PROBE_USER)))
         return _with_ipc(probes, self._sandbox, lambda label: ipc_lifecycle(
             self.service.machine, on_machine(self.service.machine, properties, purpose="probe-ipc"),
@@ -74,7 +87,7 @@ class ServiceHost:
                          lambda label: ipc_lifecycle(self.service.machine, run, label))
 
 
-def verify_service(service: HardenedService, denials: Sequence[Denial] | None = None,
+def verify_service(service: SandboxedService, denials: Sequence[Denial] | None = None,
                    skip: Sequence[str] | None = None) -> Report:
     """Plan and verify a started service's spec (its directives and its ``deny:`` list) on its machine."""
     host = ServiceHost(service)
@@ -82,7 +95,7 @@ def verify_service(service: HardenedService, denials: Sequence[Denial] | None = 
     return verify(host, plan(service.spec, host.facts(), denials, skip, own), service.spec.path.name)
 
 
-def check_denials(service: HardenedService, denials: Sequence[Denial]) -> list[Verdict]:
+def check_denials(service: SandboxedService, denials: Sequence[Denial]) -> list[Verdict]:
     """Verdicts for ``denials`` only (what :meth:`HardenedService.assert_denied` asks)."""
     host = ServiceHost(service)
     plan_ = plan(service.spec, host.facts(), denials, skip=[d.name for d in service.spec.hardening])

@@ -23,9 +23,14 @@ from ..machine.systemd import (
     UNIT_IFACE,
     Property,
 )
+from ..probes.catalogue import parse_denial
+from ..probes.runner import run_batch
 from ..result import SYSTEMD_EXIT_CODES, CommandResult, signal_name
+from ..sandbox.expectations import NOT_ENFORCED, UNVERIFIABLE
 from ..spec.directives import Directive, ignored_by_systemd
 from ..spec.load import Spec, unit_name
+from .probe_host import check_denials
+from .testinfra_host import make_host
 from .under_test import UnitUnderTest, effective_hardening, unit_under_test
 
 if TYPE_CHECKING:
@@ -122,8 +127,9 @@ class HardenedService:
 
     # -- properties ---------------------------------------------------------------------------------------
 
-    def _sandbox_properties(self) -> list[Property]:
-        # The unit's own settings first, then the spec's hardening: the order of unit file and drop-in.
+    def sandbox_properties(self) -> list[Property]:
+        """The properties a command in the service's sandbox runs with: the unit's own settings first, then the
+        spec's hardening (the order of unit file and drop-in)."""
         props = self.under_test.command_properties()
         props += [p for d in self.spec.hardening if d.name not in NOT_FOR_COMMANDS for p in d.properties()]
         if self.user and not self.spec.directive("User"):
@@ -231,7 +237,7 @@ class HardenedService:
 
     def inside(self, command: str | Sequence[str], timeout: float = 60.0, *, stdin: bytes = b"") -> CommandResult:
         """Run ``command`` (shell string or argv) under the service's sandbox; never raises for a failed command."""
-        return self.machine.run(command, self._joined(self._sandbox_properties()), stdin=stdin, timeout=timeout,
+        return self.machine.run(command, self._joined(self.sandbox_properties()), stdin=stdin, timeout=timeout,
                                 purpose="inside", where=f"inside the sandbox of {self.unit} ({self.sandbox_summary()})")
 
     def client(self, command: str | Sequence[str], timeout: float = 60.0, *, stdin: bytes = b"") -> CommandResult:
@@ -249,8 +255,6 @@ class HardenedService:
 
     def probe(self, probes: Sequence[Probe]) -> Batch:
         """Run ``probes`` (:mod:`pytest_systemd_harden.probes`) as one process in the service's sandbox."""
-        from ..probes.runner import run_batch
-
         return run_batch(lambda argv, stdin: self.inside(list(argv), timeout=120, stdin=stdin), probes,
                          f"in the sandbox of {self.unit}")
 
@@ -268,10 +272,6 @@ class HardenedService:
         should have denied it. The values are those of a spec's ``deny:`` list (see docs/probes.md).
         """
         __tracebackhide__ = True
-        from ..probes.catalogue import parse_denial
-        from ..sandbox.expectations import NOT_ENFORCED, UNVERIFIABLE
-        from .probe_host import check_denials
-
         asked = {"write": write, "read": read, "exec": exec, "connect": connect, "bind": bind, "syscall": syscall,
                  "capability": capability, "namespace": namespace, "family": family}
         denials = [parse_denial(kind, value) for kind, values in asked.items()
@@ -284,7 +284,7 @@ class HardenedService:
         if failed or (strict and unverifiable):
             raise AssertionError("\n".join(v.message() for v in [*failed, *(unverifiable if strict else [])]))
         if unverifiable:
-            import pytest
+            import pytest  # only here: the service works without pytest, and skips only under it
 
             pytest.skip("\n".join(v.message() for v in unverifiable))
 
@@ -342,8 +342,6 @@ class HardenedService:
     def host(self) -> testinfra.host.Host:
         """A testinfra Host for the machine, unconfined (``host.file('/etc/passwd').exists``)."""
         if self._host is None:
-            from .testinfra_host import make_host
-
             self._host = make_host(self.client, f"{self.machine.name}")
         return self._host
 
@@ -351,8 +349,6 @@ class HardenedService:
     def sandbox_host(self) -> testinfra.host.Host:
         """A testinfra Host whose commands run inside the service's sandbox (``sandbox_host.file('/etc').is_writable``)."""
         if self._sandbox_host is None:
-            from .testinfra_host import make_host
-
             self._sandbox_host = make_host(self.inside, f"{self.machine.name}:{self.unit}")
         return self._sandbox_host
 
