@@ -27,14 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MachineError
-from ..machine.backends.base import Machine
+from ..machine.backends.base import EXPOSURE_UNIT_DIR, Machine
 from ..spec.load import Spec
 from ..unit.service import unit_name_for
 from ..unit.under_test import unit_under_test
 
-# Where rendered units (and the policy) are written inside the machine: /run is a tmpfs, gone at shutdown (the
-# host backend, whose /run is the host's, removes its own directories when it stops).
-UNIT_DIR = "/run/harden-exposure"
+UNIT_DIR = EXPOSURE_UNIT_DIR  # where rendered units (and the policy) are written inside the machine
 
 # systemd's badness_table: the band of an exposure (0-100 scale) is the first whose floor it reaches.
 BANDS = ((100, "DANGEROUS"), (90, "UNSAFE"), (75, "EXPOSED"), (50, "MEDIUM"), (10, "OK"), (1, "SAFE"),

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from ...spec.load import Spec
 
 Progress = Callable[[str], None]
+# Where the exposure report writes rendered units (and the policy) inside a machine: /run is a tmpfs, gone at
+# shutdown (the host backend, whose /run is the host's, removes its own directories when it stops).
+EXPOSURE_UNIT_DIR = "/run/harden-exposure"
 
 
 # Holds the tested unit back at boot (images.boot_holds): a systemd generator, run at boot and at every

@@ -82,12 +82,11 @@ from dbus_next.errors import DBusError
 from ...errors import BackendUnavailable
 from ...probes.inside import GUARD_HOST
 from ...probes.runner import INTERPRETER
-from ...report.exposure import UNIT_DIR as EXPOSURE_DIR
 from ...result import CommandResult
 from ...spec.load import Spec
 from ..staging import remove_tree
 from ..systemd import Property, SystemdClient
-from .base import Machine, Progress
+from .base import EXPOSURE_UNIT_DIR, Machine, Progress
 from .nspawn import host_runs_systemd
 
 BUS_SOCKET = "/run/dbus/system_bus_socket"
@@ -191,10 +190,10 @@ class HostMachine(Machine):
             finally:
                 client.close()
         finally:
-            for path in Path(EXPOSURE_DIR).glob(f"{self.name}-*"):
+            for path in Path(EXPOSURE_UNIT_DIR).glob(f"{self.name}-*"):
                 remove_tree(path)
             try:
-                Path(EXPOSURE_DIR).rmdir()  # once no run's units are left in it
+                Path(EXPOSURE_UNIT_DIR).rmdir()  # once no run's units are left in it
             except OSError:
                 pass
 
