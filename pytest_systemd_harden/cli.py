@@ -18,6 +18,7 @@ machine could not run (not root, no systemd-nspawn); ``test`` exits with pytest'
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -27,16 +28,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from .errors import BackendUnavailable, HardenError, SpecError
-from .machine.images import BASE_PACKAGES
+from .errors import BackendUnavailable, HardenError, ServiceFailed, SpecError
+from .machine import backends
+from .machine.images import BASE_PACKAGES, ImageCache, cached_images, default_cache_dir, prune
+from .report import exposure
+from .sandbox.capabilities import Capabilities, machine_capabilities
+from .search.diagnosis import yaml_value
+from .search.scenarios import tighten_service
+from .spec.directives import DropinMismatch
 from .spec.load import Spec, load_spec
+from .spec.machine import MachineConfig
 from .spec.releases import DEFAULT_RELEASE, RELEASES, parse_releases
+from .unit.pool import MachinePool
 from .unit.service import unit_name_for
 
 if TYPE_CHECKING:
     from .report.exposure import Exposure
     from .search.tighten import Tightening
-    from .unit.pool import MachinePool
 
 T = TypeVar("T")
 
@@ -81,8 +89,6 @@ def _lint(args: argparse.Namespace) -> int:
 
 
 def _dropin(args: argparse.Namespace) -> int:
-    from .spec.directives import DropinMismatch
-
     spec = _load(args.spec)
     if spec is None:
         return 1
@@ -105,9 +111,6 @@ def _run_line(args: argparse.Namespace) -> int:
 
 def _on_machine(args: argparse.Namespace, command: str, work: Callable[[MachinePool], T]) -> T | None:
     """Run ``work`` with a machine pool that is always shut down; machine trouble is printed, and gives None."""
-    from .machine.images import ImageCache
-    from .unit.pool import MachinePool
-
     pool = MachinePool(image_cache=ImageCache(Path(args.cache_dir) if args.cache_dir else None),
                        progress=lambda line: print(f"[harden] {line}", file=sys.stderr, flush=True),
                        remeasure=getattr(args, "remeasure", False))
@@ -123,8 +126,6 @@ def _on_machine(args: argparse.Namespace, command: str, work: Callable[[MachineP
 
 
 def _exposure(args: argparse.Namespace) -> int:
-    from .report import exposure
-
     spec = _load(args.spec)
     if spec is None:
         return 1
@@ -166,10 +167,6 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _cache_key(args: argparse.Namespace) -> int:
-    import hashlib
-
-    from .machine.images import ImageCache
-
     specs = [_load(path) for path in args.specs]
     if any(spec is None for spec in specs):
         return 1
@@ -184,8 +181,6 @@ def _cache_key(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from .machine.images import cached_images, default_cache_dir, prune
-
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.action == "prune":
         removed = prune(cache_dir, args.unused_days, progress=print)
@@ -207,11 +202,6 @@ def _day(timestamp: float) -> str:
 
 
 def _tighten(args: argparse.Namespace) -> int:
-    from .errors import ServiceFailed
-    from .report import exposure
-    from .search.diagnosis import yaml_value
-    from .search.scenarios import tighten_service
-
     spec = _load(args.spec)
     if spec is None:
         return 1
@@ -253,10 +243,6 @@ PRIVILEGED_NSPAWN = "nspawn-privileged"
 
 
 def _backends(args: argparse.Namespace) -> int:
-    from .machine import backends
-    from .sandbox.capabilities import Capabilities, machine_capabilities
-    from .spec.machine import MachineConfig
-
     names = args.names or [*sorted(backends.BACKENDS), PRIVILEGED_NSPAWN]
     measured: dict[str, tuple[str, Capabilities]] = {}
     for name in names:

@@ -21,14 +21,22 @@ import pytest
 from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
 from .machine.backends.base import Machine
 from .machine.images import DEFAULT_MAX_AGE_DAYS, ImageCache
-from .report.baseline import Baseline, spec_key
-from .search.diagnosis import Diagnosis
+from .report import baseline, exposure
+from .report import formats as report
+from .report.baseline import Baseline, BaselineError, observe, records_by_spec, spec_key, spec_path_of
+from .report.exposure import check_policy
+from .report.formats import junit_properties
+from .sandbox.expectations import ENFORCED, UNVERIFIABLE, item_names
+from .sandbox.verdict import EnforcementFailed
+from .search.diagnosis import Diagnosis, yaml_value
 from .search.scenarios import diagnose_failure, failure_report, run_scenario, tighten_service
 from .search.tighten import Tightening
 from .spec.load import Scenario, Spec, load_spec
 from .spec.releases import DEFAULT_RELEASE, RELEASES, parse_releases
 from .unit.pool import MachinePool
+from .unit.probe_host import verify_service
 from .unit.service import HardenedService, hardening_in_force
+from .unit.under_test import check_unit, own_hardening_before_boot
 
 DEFAULT_SPEC_PATTERNS = ["harden.yaml", "harden-*.yaml", "*.harden.yaml"]
 MAX_IMAGE_BUILDS = 4  # image builds at once in a session, all xdist workers together
@@ -241,8 +249,6 @@ class HardenSession:
         if self.config.option.collectonly:
             return
         self._prepare_images(session)
-        from .unit.under_test import check_unit
-
         errors: list[str] = []
         runs: dict[int, SpecRun] = {}
         for item in session.items:
@@ -279,7 +285,6 @@ class HardenSession:
             self._pool.close()
         if hasattr(self.config, "workerinput"):
             return  # an xdist worker: the controller has every record and writes the files once
-        from .report import formats as report
 
         path = self.config.getoption("harden_json")
         if path:
@@ -305,8 +310,6 @@ class HardenSession:
             raise pytest.UsageError("--harden-baseline-update needs the file to write: add --harden-baseline=PATH")
         policy = option("harden_security_policy")
         if policy:
-            from .report.exposure import check_policy
-
             try:
                 check_policy(Path(policy))
             except ValueError as exc:
@@ -314,8 +317,6 @@ class HardenSession:
             self.security_policy = Path(policy).resolve()
         path = option("harden_baseline")
         if path:
-            from .report.baseline import Baseline, BaselineError
-
             if not Path(path).exists() and not option("harden_baseline_update"):
                 raise pytest.UsageError(f"--harden-baseline={path}: no such file; record one first with "
                                         f"--harden-baseline={path} --harden-baseline-update")
@@ -334,8 +335,6 @@ class HardenSession:
 
     def update_baseline(self, current: Baseline) -> None:
         """Rewrite the baseline file with what this run observed, keeping what it did not look at."""
-        from .report.baseline import observe, records_by_spec, spec_path_of
-
         observed = {}
         for spec_path, records in records_by_spec(self.records).items():
             try:
@@ -348,8 +347,6 @@ class HardenSession:
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        from .report import formats as report
-
         if self.not_started:
             terminalreporter.write_sep("=", "systemd hardening: services that did not start")
             for line in report.not_started_lines(self.not_started):
@@ -446,9 +443,6 @@ class SpecRun:
             yield ScenarioItem.from_parent(self, name=scenario.name, scenario=scenario)
         session = HardenSession.of(self.config)
         if self.spec.enforcement.enabled:
-            from .sandbox.expectations import item_names
-            from .unit.under_test import own_hardening_before_boot
-
             own = own_hardening_before_boot(self.spec, lambda: session.cached_rootfs(self.spec))
             for subject, title, line in item_names(self.spec, own):
                 yield EnforcementItem.from_parent(self, name=title, subject=subject, line=line)
@@ -664,10 +658,6 @@ class EnforcementItem(SpecItem):
         self.line = line
 
     def run_item(self) -> None:
-        from .sandbox.expectations import ENFORCED, UNVERIFIABLE
-        from .sandbox.verdict import EnforcementFailed
-        from .unit.probe_host import verify_service
-
         service = self.started_service()
         report = self.parent.stash.get(ENFORCEMENT_REPORT, None)
         if report is None:
@@ -693,8 +683,6 @@ class EnforcementItem(SpecItem):
         raise EnforcementFailed(verdict.message() + suffix)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str | Any:
-        from .sandbox.verdict import EnforcementFailed
-
         if isinstance(excinfo.value, EnforcementFailed):
             return str(excinfo.value)
         return super().repr_failure(excinfo, style)
@@ -709,8 +697,6 @@ class ExposureItem(SpecItem):
     """The spec's unit, scored by ``systemd-analyze security`` on the spec's machine; fails above max_exposure."""
 
     def run_item(self) -> None:
-        from .report import exposure
-
         spec, session = self.parent.spec, HardenSession.of(self.config)
         record = self.new_record(check="exposure", max_exposure=spec.max_exposure)
         try:
@@ -727,8 +713,6 @@ class BaselineItem(SpecItem):
     """This run of the spec against the --harden-baseline file: regressions fail, improvements are reported."""
 
     def run_item(self) -> None:
-        from .report import baseline
-
         session = HardenSession.of(self.config)
         assert session.baseline is not None
         spec = self.parent.spec
@@ -759,8 +743,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """Flat ``harden_*`` properties (spec, exposure, culprit, ...) beside each ``harden`` record, so JUnit XML
     readers see plain values rather than the record's Python repr."""
     if call.when == "call":
-        from .report.formats import junit_properties
-
         records = [record for name, record in item.user_properties if name == "harden" and isinstance(record, dict)]
         for record in records:
             item.user_properties.extend(junit_properties(record, item.config.rootpath))
@@ -770,8 +752,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.hookimpl
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     """--harden-tighten: each spec's tightened hardening, ready to paste into its ``hardening:`` section."""
-    from .search.diagnosis import yaml_value
-
     for spec, result in HardenSession.of(config).tightenings:
         terminalreporter.write_sep("-", f"tightened: {spec.path.name}")
         for line in result.render().splitlines():

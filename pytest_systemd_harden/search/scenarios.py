@@ -13,9 +13,12 @@ from dbus_next.errors import DBusError
 from ..errors import ServiceFailed
 from ..kernel.seccomp import KernelLog, seccomp_records
 from ..machine.backends.base import Machine
+from ..machine.probing import machine_facts
 from ..result import CommandResult
+from ..sandbox.expectations import NOT_ENFORCED
 from ..spec.directives import Directive
 from ..spec.load import Expectation, Scenario, Spec
+from ..unit.probe_host import verify_service
 from ..unit.service import HardenedService, describe_hardening, indent
 from ..unit.under_test import FIX_DROPIN_NAME, effective_hardening
 from .diagnosis import BudgetExceeded, Diagnosis, Hardening, Trial, TrialResult, diagnose, replacing_dropin
@@ -148,8 +151,6 @@ def failure_report(service: HardenedService, outcome: ScenarioOutcome) -> str:
 def machine_syscall_groups(machine: Machine) -> Callable[[], dict[str, list[str]]]:
     """The syscall groups of the machine's own systemd - the one that enforces the filter - asked on first use and
     once per machine (shared with the probes' facts)."""
-    from ..machine.probing import machine_facts
-
     def groups() -> dict[str, list[str]]:
         return {group: sorted(calls) for group, calls in machine_facts(machine).syscall_groups.items()}
 
@@ -284,9 +285,6 @@ def _verify_enforcement(service: HardenedService, result: Tightening, deadline: 
     """Scenarios cannot see a step that quietly undoes another directive (on systemd 252, ExecPaths= reopens a
     read-only /usr): check every directive of the result is enforced, and revert the steps found undoing one. A
     revert is checked by the scenarios too: a later step may have needed what the reverted one brought."""
-    from ..sandbox.expectations import NOT_ENFORCED
-    from ..unit.probe_host import verify_service
-
     for _ in range(rounds):
         candidate = HardenedService(service.machine, service.spec.with_hardening(result.after), unit=service.unit)
         candidate.start()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import glob
 import re
 import shlex
+import signal as signal_module
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1056,7 +1057,6 @@ def _parse_expect(check: _Checker, entry: _Mapping, dotted: str) -> Expectation:
         signal_name = check.string(expect, "signal", f"{dotted}.expect.signal").upper()
         if not signal_name.startswith("SIG"):
             signal_name = "SIG" + signal_name
-        import signal as signal_module
 
         if not hasattr(signal_module.Signals, signal_name):
             raise check.error(expect, "signal", f"{dotted}.expect.signal", f"{signal_name} is not a signal",

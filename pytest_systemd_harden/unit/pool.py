@@ -11,6 +11,7 @@ from dataclasses import replace
 from ..errors import BackendUnavailable, HardenError, ImageBuildError
 from ..machine import backends, cgroups
 from ..machine.backends.base import Machine
+from ..machine.backends.nspawn import sweep_runtime_leftovers
 from ..machine.images import ImageCache, ImageWanted
 from ..sandbox.capabilities import machine_capabilities
 from ..spec.load import Spec
@@ -70,8 +71,6 @@ class MachinePool:
                 for name in cgroups.reap_orphans():
                     self.progress(f"removed container {name} left behind by a killed run")
                 if config.backend == "nspawn":
-                    from ..machine.backends.nspawn import sweep_runtime_leftovers
-
                     for path in sweep_runtime_leftovers():
                         self.progress(f"removed {path} left behind by a killed run")
             cls = backends.machine_class(config.backend)
