@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_systemd_harden import HardenedService
 from pytest_systemd_harden.spec.load import Spec, load_spec
-from pytest_systemd_harden.unit.service import HardenedService
 
 pytestmark = pytest.mark.harden("memlock-regression.yaml")
 

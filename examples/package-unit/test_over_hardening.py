@@ -4,10 +4,10 @@ restarts and a diagnosis leaves the package's files in /etc exactly as installed
 
 import pytest
 
+from pytest_systemd_harden import HardenedService
 from pytest_systemd_harden.errors import ServiceFailed
 from pytest_systemd_harden.spec.load import Spec
 from pytest_systemd_harden.unit.pool import MachinePool
-from pytest_systemd_harden.unit.service import HardenedService
 
 pytestmark = pytest.mark.harden("over-hardened.yaml")
 
