@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from pytest_systemd_harden.errors import SpecError
+from pytest_systemd_harden.machine.backends import BACKENDS
 from pytest_systemd_harden.spec.directives import Directive
 from pytest_systemd_harden.spec.load import TOP_KEYS, Expectation, Readiness, Scenario, ServiceConfig, Spec, load_spec
-from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.spec.machine import BACKEND_NAMES, MachineConfig
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gpg-signing" / "harden.yaml"
 
@@ -483,3 +484,8 @@ def test_bad_scenario_timeout(tmp_path: Path) -> None:
     assert info.value.line == 6
     assert info.value.key == "scenarios[0].timeout"
     assert info.value.problem == "expected a number of seconds above 0 and at most 86400, got 0"
+
+
+def test_the_spec_knows_every_backend_by_name() -> None:
+    # The spec stage lists the names only; the machine stage maps them to classes. The two lists must agree.
+    assert sorted(BACKEND_NAMES) == sorted(BACKENDS)
