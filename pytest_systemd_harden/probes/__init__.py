@@ -6,7 +6,8 @@
 * :mod:`.runner` - a batch as one process, and what a machine's systemd knows; running one on a machine is
   :mod:`pytest_systemd_harden.machine.probing`.
 
-Which probes a spec's directives must deny, and the verdicts, are in :mod:`pytest_systemd_harden.sandbox.expectations`.
+Which probes a spec's directives must deny is in :mod:`pytest_systemd_harden.sandbox.expectations`, the verdicts in
+:mod:`pytest_systemd_harden.sandbox.verdict`.
 """
 
 from .catalogue import Denial, DenialError, parse_denial, standard_catalogue
