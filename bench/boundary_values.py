@@ -6,7 +6,7 @@ For each directive value below (and a few service sections), loads a one-directi
 the default backend, then prints one line: REFUSED (the loader said no), OK (started), FAILED (the service did not
 start: often right, e.g. a user the machine lacks; REFUSED also when the check against the machine's
 systemd refuses it before the start) or EXC (anything else: a D-Bus error, a traceback - a value that
-slipped through the loader; there should be none). Run it after changing directives.py or spec.py. The values
+slipped through the loader; there should be none). Run it after changing spec/directives.py or spec/load.py. The values
 found this way (TemporaryFileSystem=, errno in an allow list, 0 timeouts, Personality=, RuntimeDirectory=private,
 long names, dots in a dynamic user's name) are files of tests/data/malformed/ now.
 """

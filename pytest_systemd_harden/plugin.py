@@ -295,7 +295,7 @@ class HardenSession:
         if self.baseline is not None and self.config.getoption("harden_baseline_update"):
             self.update_baseline(self.baseline)
 
-    # -- exposure, baselines and reports (logic in exposure.py, baseline.py, report.py) -------------------------
+    # -- exposure, baselines and reports (logic in report/exposure.py, report/baseline.py, report/formats.py) ----------
 
     def check_report_options(self) -> None:
         """Fail fast, before collection, on report options that cannot work; load the baseline."""
@@ -639,7 +639,7 @@ class ScenarioItem(SpecItem):
         return self.path, line, f"{self.path.name}: scenario {self.scenario.name!r}"
 
 
-# --- enforcement items (logic in enforcement.py and probes/) --------------------------------------------------------
+# --- enforcement items (logic in sandbox/ and probes/) --------------------------------------------------------
 
 ENFORCEMENT_REPORT = pytest.StashKey[Any]()
 
@@ -691,7 +691,7 @@ class EnforcementItem(SpecItem):
         return self.path, self.line - 1 if self.line else None, f"{self.path.name}: {self.name}"
 
 
-# --- exposure and baseline items (logic in exposure.py and baseline.py) --------------------------------------------
+# --- exposure and baseline items (logic in report/exposure.py and report/baseline.py) ---------------------------------
 
 class ExposureItem(SpecItem):
     """The spec's unit, scored by ``systemd-analyze security`` on the spec's machine; fails above max_exposure."""

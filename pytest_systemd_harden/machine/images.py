@@ -4,7 +4,7 @@ A machine boots its image with ``--volatile=overlay``, so the cached tree is sha
 container, run and xdist worker. Builds happen under a lock, into a staging directory renamed into place only
 when complete, so a concurrent or interrupted build never leaves a half-made image behind; the builder runs in a
 mount namespace of its own and in a cgroup of its own, so whatever ends it, no mount of its reaches the host and
-no process of it outlives the build (see staging.py).
+no process of it outlives the build (see machine/staging.py).
 """
 
 from __future__ import annotations
@@ -789,8 +789,8 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
     chroot, from the sources the base was built with.
 
     apt runs in a mount namespace of its own (its /proc is mounted there only, and goes when apt ends) and in a
-    cgroup of its own (so nothing of it outlives the build, however it ends: see staging.py); /dev is the tree's
-    own device nodes (nothing of the host's bound in). Services are not started (policy-rc.d), the host's
+    cgroup of its own (so nothing of it outlives the build, however it ends: see machine/staging.py); /dev is
+    the tree's own device nodes (nothing of the host's bound in). Services are not started (policy-rc.d), the host's
     resolv.conf is lent for the download and taken back.
     """
     made = subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(rootfs)], capture_output=True, text=True,

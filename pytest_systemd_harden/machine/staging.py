@@ -8,8 +8,8 @@ build (an error, Ctrl-C, SIGKILL):
   vanish with its last process.
 * Nothing is ever removed across a mount point: :func:`remove_tree` refuses a tree with anything mounted at or
   below it, and never descends into another filesystem.
-* A staging directory is named after its owner (pid and start time, as cgroups.py names a container's cgroup), so
-  a later run can tell a killed build's leftovers from a build in progress and remove only the former, and a
+* A staging directory is named after its owner (pid and start time, as machine/cgroups.py names a container's
+  cgroup), so a later run can tell a killed build's leftovers from a build in progress and remove only the former, and a
   reused pid cannot collide with them.
 """
 

@@ -178,7 +178,7 @@ class MachineFacts:
     syscall_groups: dict[str, frozenset[str]] = field(compare=False)
     # Every syscall name it accepts (in a group, or listed as known but in none); empty where it does not say.
     known_syscalls: frozenset[str] = field(default=frozenset(), compare=False)
-    # Directive name -> what showed the machine does not enforce it, and why (measured: see capabilities.py).
+    # Directive name -> what showed the machine does not enforce it, and why (measured: see sandbox/capabilities.py).
     unenforced: dict[str, str] = field(default_factory=dict, compare=False)
     # The machine's root is root of a user namespace (a user-namespaced container): not root on the host's kernel.
     user_namespaced: bool = field(default=False, compare=False)

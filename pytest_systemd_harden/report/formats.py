@@ -51,7 +51,7 @@ class SpecReport:
     label: str  # the path as shown: relative to the run's root directory when inside it
     name: str = ""  # the spec's name (its label), when the spec could be loaded
     directives: list[tuple[str, str]] = field(default_factory=list)  # (name, value) in spec order
-    snapshot: Snapshot = field(default_factory=Snapshot)  # outcomes, exposure, enforcement (see baseline.py)
+    snapshot: Snapshot = field(default_factory=Snapshot)  # outcomes, exposure, enforcement (see report/baseline.py)
     exposure: Mapping[str, Any] | None = None  # the exposure item's record
     diagnoses: list[Diagnosed] = field(default_factory=list)
     baseline: Mapping[str, Any] | None = None  # the baseline item's record

@@ -879,7 +879,8 @@ class Directive:
     name: str
     assignments: tuple[str, ...]
     line: int | None = None
-    # The file it is written in, when that is not the spec: a unit file (a unit's own hardening, see unit.py).
+    # The file it is written in, when that is not the spec: a unit file (a unit's own hardening, see
+    # unit/under_test.py).
     source: str = ""
 
     @classmethod

@@ -89,7 +89,7 @@ class MachinePool:
                            f"{', '.join(machine.held_at_boot)}")
             self.progress(f"{machine.name} booted in {time.monotonic() - started:.1f}s ({machine.describe()}{masked})")
             self._machines[config] = machine
-        # Measured, not assumed from the backend: what this machine can enforce (see capabilities.py; cached on
+        # Measured, not assumed from the backend: what this machine can enforce (see sandbox/capabilities.py; cached on
         # disk per kernel, image and backend command line).
         try:
             capabilities = machine_capabilities(machine, remeasure=self.remeasure)

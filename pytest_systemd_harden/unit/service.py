@@ -122,7 +122,8 @@ class HardenedService:
             else None)
         self._host: testinfra.host.Host | None = None
         self._sandbox_host: testinfra.host.Host | None = None
-        # What the spec tests: a transient unit, a unit file beside the spec, or a package's unit (see unit.py).
+        # What the spec tests: a transient unit, a unit file beside the spec, or a package's unit (see
+        # unit/under_test.py).
         self.under_test: UnitUnderTest = unit_under_test(machine, spec, self.unit, self.service_properties)
 
     # -- properties ---------------------------------------------------------------------------------------
