@@ -17,7 +17,9 @@ own user, as that user with no hardening at all. A directive ends up:
   observed (no memory controller on hybrid cgroups), or the machine does not enforce the directive even alone
   (a systemd built without BPF_FRAMEWORK ignores ``SocketBindDeny=``) - always with the reason.
 
-Everything here but :class:`ServiceHost` is pure: the probe batches come through a :class:`ProbeHost`.
+This module holds the expectations (:func:`plan`); the verdicts are in :mod:`pytest_systemd_harden.sandbox.verdict`.
+Both are pure: the probe batches come through a :class:`~pytest_systemd_harden.sandbox.verdict.ProbeHost`, which
+:mod:`pytest_systemd_harden.unit.probe_host` makes of a started service.
 """
 
 from __future__ import annotations
