@@ -33,10 +33,11 @@ from .search.scenarios import diagnose_failure, failure_report, run_scenario, ti
 from .search.tighten import Tightening
 from .spec.load import Scenario, Spec, load_spec
 from .spec.releases import DEFAULT_RELEASE, RELEASES, parse_releases
+from .spec.unit_file import own_hardening_before_boot
 from .unit.pool import MachinePool
 from .unit.probe_host import verify_service
 from .unit.service import HardenedService, hardening_in_force
-from .unit.under_test import check_unit, own_hardening_before_boot
+from .unit.under_test import check_unit
 
 DEFAULT_SPEC_PATTERNS = ["harden.yaml", "harden-*.yaml", "*.harden.yaml"]
 MAX_IMAGE_BUILDS = 4  # image builds at once in a session, all xdist workers together

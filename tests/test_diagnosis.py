@@ -446,7 +446,7 @@ RestrictAddressFamilies=AF_INET AF_UNIX
 
 
 def _unit_and_spec() -> tuple[tuple[Directive, ...], tuple[Directive, ...]]:
-    from pytest_systemd_harden.unit.under_test import own_directives_from_files
+    from pytest_systemd_harden.spec.unit_file import own_directives_from_files
 
     own = own_directives_from_files("mc.service", [("/lib/systemd/system/mc.service", UNIT_TEXT)])
     spec = (Directive.parse("ProtectHome", "yes", 3), Directive.parse("RestrictAddressFamilies", ["AF_INET6"], 4))
@@ -455,7 +455,7 @@ def _unit_and_spec() -> tuple[tuple[Directive, ...], tuple[Directive, ...]]:
 
 def test_a_trial_resets_only_what_it_changes_of_the_units_own_directives() -> None:
     from pytest_systemd_harden.search.diagnosis import replacing_dropin
-    from pytest_systemd_harden.unit.under_test import effective_hardening
+    from pytest_systemd_harden.spec.unit_file import effective_hardening
 
     own, spec = _unit_and_spec()
     effective = effective_hardening(own, spec)
@@ -471,7 +471,7 @@ def test_a_trial_resets_only_what_it_changes_of_the_units_own_directives() -> No
 
 def test_an_own_culprit_is_named_with_the_unit_file_and_its_fix_is_a_drop_in() -> None:
     own, spec = _unit_and_spec()
-    from pytest_systemd_harden.unit.under_test import effective_hardening
+    from pytest_systemd_harden.spec.unit_file import effective_hardening
 
     effective = effective_hardening(own, spec)
 

@@ -395,7 +395,7 @@ Restart=always
 
 
 def test_the_units_own_hardening_gets_items_named_by_file_and_line(make_spec: MakeSpec) -> None:
-    from pytest_systemd_harden.unit.under_test import own_directives_from_files
+    from pytest_systemd_harden.spec.unit_file import own_directives_from_files
 
     own = own_directives_from_files("memcached.service", [("/lib/systemd/system/memcached.service", MEMCACHED_UNIT)])
     spec = spec_with(make_spec, '  ProtectSystem: strict\n  CapabilityBoundingSet: "~CAP_SETUID"\n')
@@ -418,7 +418,7 @@ def test_the_units_own_hardening_gets_items_named_by_file_and_line(make_spec: Ma
 def test_an_own_hardening_not_known_at_collection_is_one_item(make_spec: MakeSpec) -> None:
     from pytest_systemd_harden.sandbox.expectations import ENFORCED, NOT_ENFORCED, OWN_HARDENING, UNVERIFIABLE
     from pytest_systemd_harden.sandbox.verdict import Report, Verdict
-    from pytest_systemd_harden.unit.under_test import own_directives_from_files
+    from pytest_systemd_harden.spec.unit_file import own_directives_from_files
 
     spec = spec_with(make_spec, "  ProtectHome: yes\n")
     names = [name for name, _title, _line in item_names(spec, None)]

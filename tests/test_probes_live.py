@@ -111,7 +111,7 @@ def test_the_whole_catalogue_with_no_hardening_leaves_the_machine_unchanged(mach
                ("LimitCORE", Variant("t", 2**64 - 1)), ("LimitCORESoft", Variant("t", 2**64 - 1))]
     killed = run_batch(on_machine(machine, killing), probes, "with kills")
     # RemoveIPC='s probe leaves its object for the unit's stop; ipc_lifecycle removes what is left, in every case.
-    ipc_runs = {name: ipc_lifecycle(machine, on_machine(machine, properties), name) for name, properties in (
+    ipc_runs = {name: ipc_lifecycle(on_machine(machine, properties), on_machine(machine), name) for name, properties in (
         ("root", []), ("nobody", [("User", Variant("s", "nobody"))]),
         ("dynamic", [("DynamicUser", Variant("b", True)), ("User", Variant("s", "harden-probe-ipc"))]))}
     after, after_at = snapshot(machine)

@@ -13,9 +13,7 @@ from pytest_systemd_harden.machine.backends.base import Machine
 from pytest_systemd_harden.spec.directives import Directive
 from pytest_systemd_harden.spec.load import load_spec
 from pytest_systemd_harden.spec.machine import MachineConfig
-from pytest_systemd_harden.unit.pool import MachinePool
-from pytest_systemd_harden.unit.service import HardenedService
-from pytest_systemd_harden.unit.under_test import (
+from pytest_systemd_harden.spec.unit_file import (
     effective_hardening,
     expand_specifiers,
     own_directives,
@@ -24,6 +22,8 @@ from pytest_systemd_harden.unit.under_test import (
     unit_files_in,
     wrap_exec_start,
 )
+from pytest_systemd_harden.unit.pool import MachinePool
+from pytest_systemd_harden.unit.service import HardenedService
 
 UNIT = """\
 [Unit]

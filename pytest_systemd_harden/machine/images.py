@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -300,8 +301,6 @@ class ImageCache:
 
         progress(f"{len(todo)} image(s) to build, {min(threads, len(todo))} at a time: "
                  + "; ".join(one.describe() for one in todo))
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="harden-image") as builders:
             return list(builders.map(build, range(1, len(todo) + 1), todo))
 

@@ -14,14 +14,10 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..result import CommandResult
 from . import inside
 from .model import Probe, ProbeResult
-
-if TYPE_CHECKING:  # the backends run batches through guarded_batch: no import of them at run time
-    from ..machine.backends.base import Machine
 
 INTERPRETER = "/usr/bin/python3"
 
@@ -146,17 +142,17 @@ def run_batch(run: Run, probes: Iterable[Probe], label: str, interpreter: str = 
 IPC_PROBE = Probe("ipc")
 
 
-def ipc_lifecycle(machine: Machine, run: Run, label: str) -> ProbeResult:
+def ipc_lifecycle(run: Run, unconfined: Run, label: str) -> ProbeResult:
     """Whether a POSIX shared memory object made by a unit is removed when the unit stops (RemoveIPC=).
 
     ``run`` makes the object in a unit of its own, under the directives and user to be judged, and returns when the
-    unit is gone; then the machine (unconfined, as root) looks for the object and removes what is left, so the
-    probe leaves nothing behind either way. The result is ``allowed`` with the fact ``removed``."""
+    unit is gone; then ``unconfined`` (the machine, as root, no sandbox) looks for the object and removes what is
+    left, so the probe leaves nothing behind either way. The result is ``allowed`` with the fact ``removed``."""
     path = f"{inside.SHM_DIRECTORY}/{inside.SCRATCH_PREFIX}ipc-{secrets.token_hex(6)}"
     made = run_batch(run, [Probe("ipc", path)], label)[Probe("ipc", path)]
     # Looked for and removed whatever the unit reported: a unit killed half-way may still have made it.
-    looked = machine.run(["/bin/sh", "-c", 'if [ -e "$1" ]; then rm -f -- "$1"; echo left; else echo gone; fi',
-                          "sh", path], purpose="probe-ipc")
+    looked = unconfined(["/bin/sh", "-c", 'if [ -e "$1" ]; then rm -f -- "$1"; echo left; else echo gone; fi',
+                         "sh", path], b"")
     if made.status != "allowed":
         return replace(made, probe=IPC_PROBE)
     if looked.exit_status != 0 or looked.stdout.strip() not in ("left", "gone"):

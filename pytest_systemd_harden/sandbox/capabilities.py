@@ -101,8 +101,9 @@ _LOCK = threading.Lock()
 # Bump when what a measurement means changes in a way the hashed sources below do not show (a new key part).
 RECIPE_VERSION = 1
 # The code that decides a measurement's answer: the probes, how they run, and the checks that judge them.
-_RECIPE_SOURCES = ("sandbox/capabilities.py", "sandbox/expectations.py", "sandbox/verdict.py", "unit/probe_host.py", "spec/directives.py", "kernel/flags.py", "probes/inside.py", "probes/catalogue.py",
-                   "probes/runner.py", "machine/probing.py", "probes/model.py")
+_RECIPE_SOURCES = ("sandbox/capabilities.py", "sandbox/expectations.py", "sandbox/verdict.py", "unit/probe_host.py",
+                   "spec/directives.py", "spec/unit_file.py", "kernel/flags.py", "probes/inside.py",
+                   "probes/catalogue.py", "probes/runner.py", "machine/probing.py", "probes/model.py")
 
 
 def machine_capabilities(machine: Machine, *, remeasure: bool = False) -> Capabilities:

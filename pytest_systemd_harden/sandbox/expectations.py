@@ -48,7 +48,7 @@ from ..spec.directives import IP_SYMBOLS, Directive, DirectiveError
 from ..spec.directives import _caps_bus as capability_mask  # systemd's reading of a capability list (with ~)
 from ..spec.directives import _namespaces_bus as allowed_namespaces  # and of RestrictNamespaces=
 from ..spec.load import Spec
-from ..unit.under_test import effective_hardening, located
+from ..spec.unit_file import effective_hardening, located
 
 Status = Literal["enforced", "not enforced", "unverifiable"]
 ENFORCED: Status = "enforced"
@@ -1001,8 +1001,8 @@ def item_names(spec: Spec, own: Sequence[Directive] | None = ()) -> list[tuple[s
     """(subject name, item title, line) of each enforcement item of ``spec``, known without a machine, so the
     items can be collected before any machine boots; :func:`plan` gives the same subjects with their checks.
 
-    ``own`` is the unit's own hardening (:func:`~pytest_systemd_harden.unit.under_test.own_directives_from_files`); None when it cannot be known
-    yet: then one item (:data:`OWN_HARDENING`) stands for all of it."""
+    ``own`` is the unit's own hardening (:func:`~pytest_systemd_harden.spec.unit_file.own_directives_from_files`);
+    None when it cannot be known yet: then one item (:data:`OWN_HARDENING`) stands for all of it."""
     skipped = set(spec.enforcement.skip)
     names: dict[str, tuple[str, str, int | None]] = {}
     for d in effective_hardening(own or (), spec.hardening):
@@ -1055,7 +1055,8 @@ def denial_ways(directives: Sequence[Directive], facts: MachineFacts, probes: It
 def plan(spec: Spec, facts: MachineFacts, denials: Sequence[Denial] | None = None,
          skip: Sequence[str] | None = None, own: Sequence[Directive] = ()) -> Plan:
     """The enforcement items of ``spec``: one per confining directive in force (the unit's ``own``, then the
-    spec's, combined as systemd combines them: :func:`~pytest_systemd_harden.unit.under_test.effective_hardening`), one per declared denial.
+    spec's, combined as systemd combines them: :func:`~pytest_systemd_harden.spec.unit_file.effective_hardening`),
+    one per declared denial.
 
     ``denials`` defaults to the spec's ``deny:`` list, ``skip`` to its ``enforcement: {skip: [...]}``.
     """

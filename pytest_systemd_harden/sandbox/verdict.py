@@ -13,7 +13,7 @@ from ..probes.catalogue import (
 from ..probes.model import Probe, ProbeResult
 from ..probes.runner import Batch, MachineFacts, unique
 from ..spec.directives import Directive
-from ..unit.under_test import located
+from ..spec.unit_file import located
 from .expectations import (
     ENFORCED,
     NOT_ENFORCED,

@@ -26,7 +26,7 @@ from typing import TypeVar
 from ..kernel.flags import CAPABILITIES, NAMESPACE_FLAGS
 from ..kernel.seccomp import kernel_syscalls
 from ..spec.directives import BOOL, Directive, lookup, render_assignments
-from ..unit.under_test import accumulates, located
+from ..spec.unit_file import accumulates, located
 
 Hardening = tuple[Directive, ...]
 T = TypeVar("T")

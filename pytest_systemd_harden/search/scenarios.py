@@ -18,9 +18,10 @@ from ..result import CommandResult
 from ..sandbox.expectations import NOT_ENFORCED
 from ..spec.directives import Directive
 from ..spec.load import Expectation, Scenario, Spec
+from ..spec.unit_file import effective_hardening
 from ..unit.probe_host import verify_service
 from ..unit.service import HardenedService, describe_hardening, indent
-from ..unit.under_test import FIX_DROPIN_NAME, effective_hardening
+from ..unit.under_test import FIX_DROPIN_NAME
 from .diagnosis import BudgetExceeded, Diagnosis, Hardening, Trial, TrialResult, diagnose, replacing_dropin
 from .observe import Observation, denial_lines, parse_strace
 from .tighten import CATALOGUE, Step, Tightening, fall_back, revert, tighten

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..kernel.flags import CAPABILITIES, NAMESPACE_FLAGS
 from ..spec.directives import BOOL, KNOWN, Directive, render_dropin
-from ..unit.under_test import effective_hardening
+from ..spec.unit_file import effective_hardening
 from .diagnosis import (
     BudgetExceeded,
     Context,

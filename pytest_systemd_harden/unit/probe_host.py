@@ -23,7 +23,8 @@ from ..sandbox.expectations import IPC_PROBE_USER, SERVICE_OWN_PROPERTIES, _path
 from ..sandbox.verdict import Report, Verdict, verify
 from ..spec.directives import Directive
 from ..spec.load import Spec
-from .under_test import UnitUnderTest, effective_hardening
+from ..spec.unit_file import effective_hardening
+from .under_test import UnitUnderTest
 
 
 class SandboxedService(Protocol):
@@ -54,8 +55,9 @@ class ServiceHost:
         # The object must outlive its unit: a unit of its own under the spec's directives, with a user of its own.
         properties = [p for p in self.service.sandbox_properties() if p[0] not in SERVICE_OWN_PROPERTIES]
         properties.append(("User", Variant("s", IPC_PROBE_USER)))
+        machine = self.service.machine
         return _with_ipc(probes, self._sandbox, lambda label: ipc_lifecycle(
-            self.service.machine, on_machine(self.service.machine, properties, purpose="probe-ipc"),
+            on_machine(machine, properties, purpose="probe-ipc"), on_machine(machine, purpose="probe-ipc"),
             f"{label} (a unit of its own, user {IPC_PROBE_USER})"))
 
     def _sandbox(self, probes: Sequence[Probe]) -> Batch:
@@ -73,7 +75,7 @@ class ServiceHost:
     def machine(self, probes: Sequence[Probe]) -> Batch:
         run = on_machine(self.service.machine, purpose="probe-control")
         return _with_ipc(probes, lambda rest: run_batch(run, rest, "on the machine without hardening"),
-                         lambda label: ipc_lifecycle(self.service.machine, run, label))
+                         lambda label: ipc_lifecycle(run, on_machine(self.service.machine, purpose="probe-ipc"), label))
 
     def as_user(self, probes: Sequence[Probe], user: str | None, directives: Sequence[Directive]) -> Batch:
         properties: list[Property] = [p for d in directives for p in d.properties()]
@@ -84,7 +86,7 @@ class ServiceHost:
         label = f"as {user or 'root'}" + (f" with only {', '.join(d.name for d in directives)}" if directives else "")
         run = on_machine(self.service.machine, properties, purpose="probe-solo")
         return _with_ipc(probes, lambda rest: run_batch(run, rest, label),
-                         lambda label: ipc_lifecycle(self.service.machine, run, label))
+                         lambda label: ipc_lifecycle(run, on_machine(self.service.machine, purpose="probe-ipc"), label))
 
 
 def verify_service(service: SandboxedService, denials: Sequence[Denial] | None = None,

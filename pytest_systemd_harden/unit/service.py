@@ -29,9 +29,10 @@ from ..result import SYSTEMD_EXIT_CODES, CommandResult, signal_name
 from ..sandbox.expectations import NOT_ENFORCED, UNVERIFIABLE
 from ..spec.directives import Directive, ignored_by_systemd
 from ..spec.load import Spec, unit_name
+from ..spec.unit_file import effective_hardening
 from .probe_host import check_denials
 from .testinfra_host import make_host
-from .under_test import UnitUnderTest, effective_hardening, unit_under_test
+from .under_test import UnitUnderTest, unit_under_test
 
 if TYPE_CHECKING:
     import testinfra.host
