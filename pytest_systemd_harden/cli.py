@@ -105,6 +105,14 @@ def _run_line(args: argparse.Namespace) -> int:
     spec = _load(args.spec)
     if spec is None:
         return 1
+    if spec.service.unit_name:
+        # systemd-run makes a transient unit from nothing: a unit systemd loads from its file gets the hardening as
+        # a drop-in, and no command line reproduces that.
+        print(f"systemd-harden run-line: {args.spec}: the spec tests {spec.service.unit_name}, a unit systemd loads "
+              f"from its file, not a command (hint: ship the hardening as {spec.service.dropin_path}, printed by "
+              f"`systemd-harden dropin {args.spec}`, then `systemctl daemon-reload` and "
+              f"`systemctl restart {spec.service.unit_name}`)", file=sys.stderr)
+        return 1
     print(run_line(spec, args.unit))
     return 0
 

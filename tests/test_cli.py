@@ -87,6 +87,15 @@ def test_run_line_is_one_shell_command(tmp_path: Path, capsys: pytest.CaptureFix
         [line for d in spec.hardening for line in d.unit_lines()]
 
 
+def test_run_line_of_a_loaded_unit_points_to_its_drop_in(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # No command line makes a unit systemd loads from its file: the hardening ships as a drop-in instead.
+    path = write(tmp_path, "service: {unit: memcached.service}\nhardening: {ProtectHome: yes}\n")
+    status, out, err = cli("run-line", str(path), capsys=capsys)
+    assert (status, out) == (1, "")
+    assert err.startswith(f"systemd-harden run-line: {path}: the spec tests memcached.service, a unit systemd loads")
+    assert "/etc/systemd/system/memcached.service.d/harden.conf" in err and f"systemd-harden dropin {path}" in err
+
+
 # Properties systemd reports for a unit; the run-line must give the same values as the plugin's transient unit.
 COMPARED = ("Type", "Environment", "WorkingDirectory", "DynamicUser", "PrivateTmp", "ProtectSystem",
             "CapabilityBoundingSet", "SystemCallFilter", "RestrictAddressFamilies", "UMask", "ExecStart")
