@@ -328,7 +328,7 @@ def test_only_services_of_killed_runs_are_swept() -> None:
 @pytest.fixture
 def on_the_host(harden_pool: MachinePool, pytestconfig: pytest.Config) -> None:
     if harden_pool.effective_config(MachineConfig()).backend != "host":
-        pytest.skip("runs on the host backend (--harden-backend=host, or auto where PID 1 is systemd): "
+        pytest.skip("runs on the host backend (--harden-backend=host): "
                     "test_the_plugin_passes_on_the_host_backend_inside_a_container runs it so")
     try:
         host.check_available()

@@ -25,7 +25,7 @@ from pytest_systemd_harden.unit.pool import MachinePool
 
 print("host runs systemd:", host_runs_systemd())
 pool = MachinePool(image_cache=ImageCache(Path("/cache")))
-machine = pool.machine_for(MachineConfig(backend="nspawn"))  # auto would pick the host backend here
+machine = pool.machine_for(MachineConfig())  # the default: a container, even on a systemd host
 scopes = subprocess.run(["systemctl", "list-units", "--all", "--no-legend", "--plain", f"{machine.name}.scope"],
                         capture_output=True, text=True).stdout.split()
 print("scope while running:", scopes[:2])

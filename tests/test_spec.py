@@ -110,7 +110,7 @@ def test_good_spec_machine(good: Spec, tmp_path: Path) -> None:
     assert good.machine == MachineConfig(
         packages=("curl", "gnupg"),  # sorted, duplicates dropped
         files=(("/etc/signer.conf", str(root / "conf" / "signer.conf")), ("/opt/signer", str(root / "app"))),
-        backend="auto",  # not set: the host where it can, else nspawn
+        backend="auto",  # not set: the default, an nspawn container
     )
 
 

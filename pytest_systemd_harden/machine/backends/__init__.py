@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import os
 from types import ModuleType
 
 from ...errors import BackendUnavailable
 from ...spec.machine import AUTO, MachineConfig
-from ..cgroups import host_runs_systemd
 from .base import Machine
 
 __all__ = ["AUTO", "BACKENDS", "Machine", "MachineConfig", "check_available", "machine_class", "resolve"]
@@ -39,8 +37,7 @@ def check_available(name: str) -> None:
 
 
 def resolve(name: str) -> str:
-    """The backend ``auto`` means here: the host's own systemd where PID 1 is systemd and we are root (no
-    container needed: a CI runner), else an nspawn container. Any other name is itself."""
-    if name != AUTO:
-        return name
-    return "host" if host_runs_systemd() and os.geteuid() == 0 else "nspawn"
+    """The backend ``auto`` (the default) means: an nspawn container, wherever the run is. The host's own systemd
+    is never chosen for the user: a run on it starts units on somebody's real host, so it must be asked for by
+    name (``host``). Any other name is itself."""
+    return "nspawn" if name == AUTO else name
