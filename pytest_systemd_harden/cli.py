@@ -310,7 +310,7 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("spec", metavar="SPEC")
     score.add_argument("--security-policy", metavar="FILE", help="a systemd-analyze security policy (JSON)")
     score.add_argument("--cache-dir", metavar="DIR", help="image cache (default: $HARDEN_CACHE_DIR or "
-                                                          "~/.cache/pytest-systemd-harden)")
+                                                          "${XDG_CACHE_HOME:-~/.cache}/pytest-systemd-harden)")
     score.add_argument("--top", type=int, default=8, metavar="N", help="show the N costliest checks (default: 8)")
     score.add_argument("--json", action="store_true", help="print the score as JSON")
     score.set_defaults(run=_exposure)
@@ -332,7 +332,7 @@ def parser() -> argparse.ArgumentParser:
                          help="skip the first run under strace that orders and pre-narrows the search (slower "
                               "search, same kind of result; for comparison)")
     tighten.add_argument("--cache-dir", metavar="DIR", help="image cache (default: $HARDEN_CACHE_DIR or "
-                                                            "~/.cache/pytest-systemd-harden)")
+                                                            "${XDG_CACHE_HOME:-~/.cache}/pytest-systemd-harden)")
     tighten.set_defaults(run=_tighten)
 
     key = commands.add_parser("cache-key", help="print one key for the machine images the specs need (to key a CI "
@@ -347,7 +347,7 @@ def parser() -> argparse.ArgumentParser:
     cache.add_argument("--unused-days", type=float, default=30.0, metavar="DAYS",
                        help="prune: also remove images no run has booted for DAYS (default: %(default)s)")
     cache.add_argument("--cache-dir", metavar="DIR", help="image cache (default: $HARDEN_CACHE_DIR or "
-                                                          "~/.cache/pytest-systemd-harden)")
+                                                          "${XDG_CACHE_HOME:-~/.cache}/pytest-systemd-harden)")
     cache.set_defaults(run=_cache)
 
     backends = commands.add_parser("backends", help="boot each backend that can run here and print which "
@@ -360,7 +360,7 @@ def parser() -> argparse.ArgumentParser:
     backends.add_argument("--remeasure", action="store_true",
                           help="measure again even if the capability cache has this kernel, image and backend")
     backends.add_argument("--cache-dir", metavar="DIR", help="image cache (default: $HARDEN_CACHE_DIR or "
-                                                             "~/.cache/pytest-systemd-harden)")
+                                                             "${XDG_CACHE_HOME:-~/.cache}/pytest-systemd-harden)")
     backends.set_defaults(run=_backends)
     return main_parser
 

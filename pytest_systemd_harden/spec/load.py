@@ -890,7 +890,7 @@ def _parse_services(check: _Checker, section: _Mapping) -> tuple[str, ...]:
 
 def _parse_releases(check: _Checker, section: _Mapping) -> tuple[str, ...]:
     """``machine.release``: one Debian release or a list of them, pinned (the spec runs once on each); () for the
-    session's (--harden-release, else images.DEFAULT_RELEASE)."""
+    session's (--harden-release, else releases.DEFAULT_RELEASE)."""
     if "release" not in section:
         return ()
     raw = section["release"]

@@ -23,9 +23,9 @@ class MachineConfig:
     packages: tuple[str, ...] = ()
     # (path on the machine, absolute path on the host), bound read-only.
     files: tuple[tuple[str, str], ...] = ()
-    backend: str = "auto"  # see backends.resolve()
-    # The Debian release the image is built from (images.RELEASES); "" until the pool fills in the session's
-    # default (--harden-release, else images.DEFAULT_RELEASE) for a spec that names none.
+    backend: str = "auto"  # see machine.backends.resolve(): auto is nspawn
+    # The Debian release the image is built from (spec.releases.RELEASES); "" until the pool fills in the session's
+    # default (--harden-release, else spec.releases.DEFAULT_RELEASE) for a spec that names none.
     release: str = ""
     # Local .deb files installed on top of the image (absolute paths on the host): the maintainer's new build.
     debs: tuple[str, ...] = ()

@@ -35,7 +35,7 @@ class MachinePool:
                  default_release: str | None = None, remeasure: bool = False) -> None:
         self.backend = backend
         self.remeasure = remeasure
-        # The Debian release of specs that name none (--harden-release), else images.DEFAULT_RELEASE.
+        # The Debian release of specs that name none (--harden-release), else spec.releases.DEFAULT_RELEASE.
         self.default_release = default_release or DEFAULT_RELEASE
         self.image_cache = image_cache or ImageCache()
         self.progress = progress
