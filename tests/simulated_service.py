@@ -15,7 +15,10 @@ GROUPS: dict[str, list[str]] = {
     "@chown": ["chown", "fchown", "fchownat", "lchown"],
     "@privileged": PRIVILEGED,
     "@pkey": ["pkey_alloc", "pkey_free", "pkey_mprotect"],
-    "@system-service": ["@chown", "@memlock", "read", "write", "openat", "mmap", "socket"],
+    # As systemd lists it: every architecture's names (the *32 ones are i386's).
+    "@setuid": ["setgid", "setgid32", "setgroups", "setgroups32", "setregid", "setregid32", "setresgid", "setresgid32",
+                "setresuid", "setresuid32", "setreuid", "setreuid32", "setuid", "setuid32"],
+    "@system-service": ["@chown", "@memlock", "@setuid", "read", "write", "openat", "mmap", "socket"],
 }
 
 
@@ -92,6 +95,7 @@ class World:
     present: Sequence[str] = ()  # files that exist before it starts (a ReadWritePaths=-PATH of a missing PATH is void)
     x86: bool = False  # makes 32-bit (x86) system calls: SystemCallArchitectures=native kills it
     silent: bool = False  # swallows its errors: a failure says nothing about why
+    kernel_log: bool = False  # a killed call is named by the kernel's seccomp record, as the trials report it
     broken_anyway: bool = False
     flaky: bool = False
     runs: list[tuple[str, ...]] = field(default_factory=list)
@@ -113,7 +117,10 @@ class World:
                                "option set or an NFS file system without root privileges?")
         for syscall in self.syscalls:
             if not syscall_allowed(directives, syscall):
-                return TrialResult(False, f"{syscall}: SIGSYS")
+                record = f"\nkernel log (seccomp):\nthe kernel killed 4242 (svc) for syscall {syscall}" \
+                    if self.kernel_log else ""
+                return TrialResult(False, "exit status 159 (SIGSYS)" if self.kernel_log else f"{syscall}: SIGSYS",
+                                   record.lstrip("\n"))
         if self.x86 and "SystemCallArchitectures" in by_name and "x86" not in _values(by_name, "SystemCallArchitectures"):
             return TrialResult(False, "exit status 159 (SIGSYS)", "Bad system call")
         for device in self.devices:

@@ -82,6 +82,40 @@ def test_a_large_denied_group_is_narrowed_to_the_subgroup_needed() -> None:
         "SystemCallFilter=@system-service", "SystemCallFilter=~@privileged", "SystemCallFilter=@chown"]
 
 
+def test_the_kernel_names_each_call_a_service_needs_one_rerun_at_a_time() -> None:
+    # memcached dropping root under ~@setuid: each rerun is killed at the next call and the kernel names it, so the
+    # calls come one rerun each, not from a search over the group's 14 names (7 of them i386's).
+    directives = hardening(ProtectHome=True, SystemCallFilter=["@system-service", "~@setuid"])
+    needs = ["setgroups", "setgid", "setuid"]
+    first = "kernel log (seccomp):\nthe kernel killed 4242 (svc) for syscall setgroups"
+    guided = World(syscalls=needs, kernel_log=True)
+    diagnosis = run(guided, directives, evidence=first)
+    relaxation = diagnosis.findings[0].relaxation
+    assert relaxation is not None and diagnosis.verified
+    assert relaxation.needs == "setgroups, setgid, setuid (in @setuid)"
+    assert relaxation.apply(directives)[1].unit_lines()[-1] == "SystemCallFilter=setgroups setgid setuid"
+    # Without the records, a search; with them only what the kernel named, each once.
+    searched = run(World(syscalls=needs), directives)
+    assert searched.findings[0].relaxation is not None
+    assert sorted(searched.findings[0].relaxation.needs.split(" (")[0].split(", ")) == sorted(needs)
+    assert diagnosis.runs + 5 <= searched.runs, (diagnosis.runs, searched.runs)
+
+
+def test_a_search_over_a_group_tries_only_calls_a_native_process_can_make() -> None:
+    directives = hardening(ProtectHome=True, SystemCallFilter=["@system-service", "~@setuid"])
+    world = World(syscalls=["setresuid"])
+    diagnosis = run(world, directives)
+    relaxation = diagnosis.findings[0].relaxation
+    assert relaxation is not None and relaxation.needs == "setresuid (in @setuid)"
+    # Every rerun of the search keeps the i386 names denied: what a rerun re-allows of the group is native calls.
+    group = set(GROUPS["@setuid"])
+    denied_lists = [set(line.split("~", 1)[1].split()) for runs in world.runs for line in runs
+                    if line.startswith("SystemCallFilter=") and "~set" in line]
+    assert denied_lists, world.runs
+    for denied in denied_lists:
+        assert all(name.endswith("32") is False for name in group - denied), group - denied
+
+
 def test_an_allow_list_lacking_a_group_gets_the_group_and_its_syscall_named() -> None:
     directives = hardening(PrivateTmp=True, SystemCallFilter="@system-service")
     diagnosis = run(World(syscalls=["pkey_alloc"]), directives)

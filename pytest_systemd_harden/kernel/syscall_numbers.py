@@ -6,6 +6,8 @@ every kernel of the architecture, so one table serves every machine. Other archi
 
 from __future__ import annotations
 
+import platform
+
 
 def _table(text: str) -> dict[int, str]:
     return {int(number): name for number, name in (pair.split(":") for pair in text.split())}
@@ -126,3 +128,14 @@ SYSCALL_NAMES: dict[str, dict[int, str]] = {
 """),
 }
 ARCH_NAMES = {"c000003e": "x86-64", "40000003": "x86"}
+# The audit architecture of this host's kernel, as uname names the machine: every backend here runs it (a
+# container shares it, the qemu backend boots an x86-64 VM).
+_AUDIT_ARCH = {"x86_64": "c000003e", "i686": "40000003", "i386": "40000003"}
+
+
+def native_syscalls(machine: str | None = None) -> frozenset[str] | None:
+    """The names of the syscalls a native process of this host (``platform.machine()``, or ``machine``) can make;
+    None where the architecture has no table here. A group of systemd's lists every architecture's names
+    (``setuid32`` is i386's): a search over what a service calls need not try those it cannot make."""
+    names = SYSCALL_NAMES.get(_AUDIT_ARCH.get(machine or platform.machine(), ""))
+    return frozenset(names.values()) if names is not None else None
