@@ -120,13 +120,15 @@ class NspawnMachine(Machine):
     # show as nobody, readable only where their modes let anyone read them.
     idmapped_files: bool = field(default=True, init=False)
     _bus_socket: Path | None = field(default=None, init=False, repr=False)
+    # The hold generator's file on the host (see _hold_generator_file), bound when a unit is held at boot.
+    _hold_generator: Path | None = field(default=None, init=False, repr=False)
     image: Image | None = field(default=None, init=False, repr=False)
 
     def command_line(self, rootfs: Path) -> list[str]:
         idmap = ":idmap" if self.uid_base is not None and self.idmapped_files else ""
         binds = [f"--bind-ro={host}:{dest}{idmap}" for dest, host in self.config.files]
-        if self.held_at_boot:
-            binds.append(f"--bind-ro={self._hold_generator_file()}:{HOLD_GENERATOR_PATH}{idmap}")
+        if self.held_at_boot and self._hold_generator is not None:
+            binds.append(f"--bind-ro={self._hold_generator}:{HOLD_GENERATOR_PATH}{idmap}")
         users = [] if self.uid_base is None else [
             f"--private-users={self.uid_base}:{userns.RANGE}", "--private-users-ownership=off"]
         return [
@@ -170,7 +172,7 @@ class NspawnMachine(Machine):
         self.held_at_boot = boot_holds(self.config, image.rootfs)
         if self.held_at_boot:
             try:
-                self._hold_generator_file()
+                self._hold_generator = self._hold_generator_file()
             except OSError as exc:
                 progress(f"{self.name}: {', '.join(self.held_at_boot)} starts at boot as installed, without the "
                          f"drop-in: the generator that holds it back cannot be written to the cache ({exc})")
