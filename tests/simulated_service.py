@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pytest_systemd_harden.search.diagnosis import TrialResult, expand_group
+from pytest_systemd_harden.search.diagnosis import TrialResult
+from pytest_systemd_harden.search.observe import filter_allows
 from pytest_systemd_harden.spec.directives import Directive
 
 PRIVILEGED = ["@chown", "acct", "bpf", "capset", "chroot", "fanotify_init", "open_by_handle_at", "pivot_root",
@@ -37,26 +38,10 @@ GPG_LIKE = {
 
 
 def syscall_allowed(directives: Sequence[Directive], syscall: str) -> bool:
-    """systemd's SystemCallFilter= semantics: the first line sets the mode, later lines of the other kind remove,
-    an empty line resets."""
+    """systemd's SystemCallFilter= semantics (the first line sets the mode, later lines of the other kind remove, an
+    empty line resets), as the observation reads them (test_tighten checks it case by case)."""
     found = [d for d in directives if d.name == "SystemCallFilter"]
-    allow_mode: bool | None = None
-    listed: set[str] = set()
-    for assignment in found[0].assignments if found else ():
-        if not assignment.strip():
-            allow_mode, listed = None, set()
-            continue
-        deny = assignment.startswith("~")
-        names = {s for name in assignment.lstrip("~").split() for s in expand_group(name, GROUPS)}
-        if allow_mode is None:
-            allow_mode, listed = not deny, names
-        elif allow_mode == (not deny):
-            listed |= names
-        else:
-            listed -= names
-    if allow_mode is None:
-        return True
-    return syscall in listed if allow_mode else syscall not in listed
+    return filter_allows(found[0].assignments if found else (), syscall, GROUPS)
 
 
 # man systemd.exec, NoNewPrivileges=: what turns it on for a service without CAP_SYS_ADMIN (kept apart from the
