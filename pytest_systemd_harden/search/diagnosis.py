@@ -512,6 +512,12 @@ def _smallest_groups_containing(syscalls: Sequence[str], within: Sequence[str],
     return [name for _size, name in sorted(fitting)]
 
 
+def _denying_only(culprit: Directive, names: Sequence[str], denied: Sequence[str]) -> Relaxation:
+    """``culprit`` with the deny-list entries ``names`` (groups) replaced by just the calls ``denied``: the rest of
+    those groups re-allowed, to see which calls the service needs."""
+    return Relaxation("", replace=((culprit.name, _with_denies(culprit, set(names), denied)),))
+
+
 def _named_syscalls(culprit: Directive, names: Sequence[str], named: Sequence[str], groups: dict[str, list[str]],
                     context: Context) -> list[str]:
     """The kernel-named syscalls within the denied ``names``, if re-allowing just them (the rest of the groups
@@ -524,7 +530,7 @@ def _named_syscalls(culprit: Directive, names: Sequence[str], named: Sequence[st
         return needed
     while len(needed) < len(syscalls):
         rest = [s for s in syscalls if s not in needed]
-        result = context.result(Relaxation("", replace=((culprit.name, _with_denies(culprit, set(names), rest)),)))
+        result = context.result(_denying_only(culprit, names, rest))
         if result.passed:
             return needed
         more = [s for s in dict.fromkeys(kernel_syscalls(result.evidence)) if s in rest]
@@ -551,7 +557,7 @@ def _needed_syscalls(culprit: Directive, names: Sequence[str], groups: dict[str,
     def allowing(subset: Sequence[str]) -> bool:
         allowed = {*seed, *subset}
         rest = [s for s in syscalls if s not in allowed]
-        return context.try_(Relaxation("", replace=((culprit.name, _with_denies(culprit, set(names), rest)),)))
+        return context.try_(_denying_only(culprit, names, rest))
 
     others = [s for s in searched if s not in seed]
     try:
