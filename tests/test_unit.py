@@ -188,6 +188,8 @@ def test_a_package_unit_is_read_from_the_image_as_systemd_finds_it(tmp_path: Pat
     assert found["PrivateTmp"].value == "yes"  # systemd's boolean, as the spec writes it
     assert found["StateDirectory"].value == "foo-a"
     assert unit_files_in(tmp_path, "bar.service") is None
+    dotted = unit_files_in(tmp_path, "foo@10.0.0.1.service")  # an instance name may hold dots (an address)
+    assert dotted is not None and dotted[0][0] == "/usr/lib/systemd/system/foo@.service"
 
 
 def test_the_tracer_wraps_the_units_own_exec_start_keeping_its_prefixes() -> None:

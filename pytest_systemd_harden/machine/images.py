@@ -29,6 +29,7 @@ from typing import IO, Any
 from ..errors import BackendUnavailable, ImageBuildError, MachineError
 from ..spec.machine import MachineConfig
 from ..spec.releases import DEFAULT_RELEASE, RELEASES
+from ..spec.unit_file import template_of
 from .cgroups import Contained
 from .staging import clean_leftovers, remove_tree, staging_dir, write_atomically
 
@@ -593,11 +594,6 @@ def boot_holds(config: MachineConfig, rootfs: Path) -> tuple[str, ...]:
     start at boot without it would make state (a key an ExecStartPre= writes, a directory it creates) that the
     hardened unit then never has to make itself."""
     return (config.tested_unit,) if config.tested_unit and config.tested_unit in package_units(rootfs) else ()
-
-
-def template_of(unit: str) -> str:
-    """foo@bar.service -> foo@.service; a unit that is no instance is its own."""
-    return re.sub(r"@[^@]*(\.[a-z]+)$", r"@\1", unit)
 
 
 def _customize(rootfs: Path) -> None:

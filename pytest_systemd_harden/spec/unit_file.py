@@ -167,12 +167,17 @@ def own_directives_from_files(unit: str, files: Sequence[tuple[str, str]]) -> tu
 UNIT_PATHS = ("/etc/systemd/system", "/run/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 
 
+def template_of(unit: str) -> str:
+    """foo@bar.service -> foo@.service; a unit that is no instance is its own."""
+    return re.sub(r"@[^@]*(\.[a-z]+)$", r"@\1", unit)
+
+
 def unit_files_in(rootfs: Path, unit: str) -> list[tuple[str, str]] | None:
     """The unit file of ``unit`` in an image's root file system and its drop-ins, as systemd would read them (the
     first unit file found along :data:`UNIT_PATHS`, the template's for an instance; every ``NAME.d/*.conf``, a
     name in an earlier directory hiding the same name in a later one, read in the order of their names); None if
     the image has no such unit."""
-    template = re.sub(r"@[^@.]*(\.[a-z]+)$", r"@\1", unit)
+    template = template_of(unit)
     found: tuple[str, Path] | None = None
     for directory in UNIT_PATHS:
         for name in dict.fromkeys((unit, template)):
