@@ -311,10 +311,13 @@ SEND = "python3 -c \"import socket; socket.socket(socket.AF_INET, socket.SOCK_DG
 
 @pytest.mark.usefixtures("machine")  # a working backend (or the skip that says why)
 @pytest.mark.parametrize("name", ["baseline-2026", "maximum-2026"])
-def test_ip_address_deny_any_is_enforced(harden_pool: MachinePool, tmp_path: Path, name: str) -> None:
-    # A BPF firewall needs a privileged container on nspawn (docs/backends.md); the qemu and host backends have one
-    # anyway. The container has only lo, and all of it is "localhost": narrow the allow list to make a denied address.
-    machine = harden_pool.machine_for(MachineConfig(privileged=True))
+@pytest.mark.parametrize("privileged", [False, True], ids=["user-namespaced", "privileged"])
+def test_ip_address_deny_any_is_enforced(harden_pool: MachinePool, tmp_path: Path, name: str,
+                                         privileged: bool) -> None:
+    # On nspawn the container's systemd loads the BPF firewall itself when privileged, and the test process loads it
+    # for a user-namespaced one (docs/backends.md). The container has only lo, and all of it is "localhost": narrow
+    # the allow list to make a denied address.
+    machine = harden_pool.machine_for(MachineConfig(privileged=privileged))
     service = HardenedService(machine, load_spec(write(tmp_path, sleeper(
         f"ipdeny-{name}", name, "{RestrictAddressFamilies: [AF_UNIX, AF_INET], IPAddressAllow: 127.0.0.1}"))))
     service.start()

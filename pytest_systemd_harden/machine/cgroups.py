@@ -370,6 +370,19 @@ class Contained:
     def pids(self) -> set[int]:
         return self.cgroup.pids() if self.cgroup is not None else set()
 
+    def cgroup2_path(self) -> Path | None:
+        """The machine's group in the cgroup2 tree (where its systemd attaches BPF programs), or None."""
+        if self.cgroup is not None:
+            paths = self.cgroup.paths
+        elif self.scope is not None:
+            try:
+                paths = scope_paths(Path(f"/proc/{self.process.pid}/cgroup").read_text(), self.scope)
+            except OSError:
+                return None
+        else:
+            return None
+        return next((path for path in paths if (path / "cgroup.controllers").exists()), None)
+
     def cap_counters(self) -> dict[str, int]:
         """See :func:`cap_counters`: of our own group, or of the host systemd's scope."""
         if self.cgroup is not None:

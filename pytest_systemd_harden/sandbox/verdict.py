@@ -267,7 +267,11 @@ def unenforceable_reason(directive: Directive, facts: MachineFacts) -> str:
     if name in ("SocketBindDeny", "SocketBindAllow", "RestrictFileSystems") and facts.lacks("BPF_FRAMEWORK"):
         return (f"the machine's systemd {facts.version} is built without BPF_FRAMEWORK (-BPF_FRAMEWORK in "
                 f"systemctl --version), so it ignores {name}=; {same_on_hosts}")
-    if name in ("SocketBindDeny", "SocketBindAllow", "IPAddressDeny", "IPAddressAllow", "DeviceAllow",
+    if name in ("IPAddressDeny", "IPAddressAllow") and facts.user_namespaced:
+        return (f"{name}= needs BPF programs on the host's kernel, which the container's root (root of a user "
+                "namespace only) may not load, and the test process could not load them for it here (the boot "
+                "line says why): machine: {privileged: true} (no user namespace) or the qemu backend enforces it")
+    if name in ("SocketBindDeny", "SocketBindAllow", "DeviceAllow",
                 "DevicePolicy", "RestrictFileSystems") and facts.user_namespaced:
         return (f"{name}= needs BPF programs on the host's kernel, and the container's root is root of a user "
                 "namespace only (no CAP_BPF there): machine: {privileged: true} (no user namespace) or the qemu "

@@ -17,6 +17,7 @@ import os
 import re
 import resource
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from ...errors import BackendUnavailable, ImageBuildError, MachineError
 from ...probes.inside import GUARD_KERNEL
+from .. import bpf_delegation
+from ..bpf_delegation import BpfDelegate
 from ..cgroups import Contained, host_runs_systemd
 from ..images import Image, boot_holds, boot_masks, package_version
 from ..staging import remove_tree, write_atomically
@@ -123,6 +126,10 @@ class NspawnMachine(Machine):
     # The hold generator's file on the host (see _hold_generator_file), bound when a unit is held at boot.
     _hold_generator: Path | None = field(default=None, init=False, repr=False)
     image: Image | None = field(default=None, init=False, repr=False)
+    # A user-namespaced machine's bpf() calls, made for it under strict rules (machine/bpf_delegation.py) so
+    # that IPAddressDeny=/IPAddressAllow= work as on a host; why not, where they are not delegated.
+    _bpf: BpfDelegate | None = field(default=None, init=False, repr=False)
+    bpf_not_delegated: str = field(default="", init=False)
 
     def command_line(self, rootfs: Path) -> list[str]:
         idmap = ":idmap" if self.uid_base is not None and self.idmapped_files else ""
@@ -130,7 +137,11 @@ class NspawnMachine(Machine):
         if self.held_at_boot and self._hold_generator is not None:
             binds.append(f"--bind-ro={self._hold_generator}:{HOLD_GENERATOR_PATH}{idmap}")
         users = [] if self.uid_base is None else [
-            f"--private-users={self.uid_base}:{userns.RANGE}", "--private-users-ownership=off"]
+            f"--private-users={self.uid_base}:{userns.RANGE}", "--private-users-ownership=off",
+            # CAP_SYSLOG, which nspawn leaves out, so that ProtectKernelLogs= has a capability to drop from a
+            # service's bounding set, as on a host. Harmless here: the kernel checks it in the host's user
+            # namespace (syslog(), /dev/kmsg, kptr_restrict), where the container's root has no capability.
+            "--capability=CAP_SYSLOG"]
         return [
             "systemd-nspawn", "--quiet", "--boot",
             "--directory", str(rootfs), "--machine", self.name,
@@ -193,15 +204,49 @@ class NspawnMachine(Machine):
 
     def _launch(self, rootfs: Path) -> str:
         self._console.clear()
-        # If the test process dies without cleaning up, the container is shut down with it.
-        self._contained = Contained.start(self.command_line(rootfs), "machine", self.name,
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        command = self.command_line(rootfs)
+        channel: tuple[socket.socket, socket.socket] | None = None
+        if self.uid_base is None:
+            self.bpf_not_delegated = "privileged: the machine's systemd loads its BPF programs itself"
+        elif os.environ.get("HARDEN_BPF_DELEGATION", "on") == "off":
+            self.bpf_not_delegated = "switched off (HARDEN_BPF_DELEGATION=off)"
+        else:
+            self.bpf_not_delegated = bpf_delegation.supported() or ""
+        if not self.bpf_not_delegated:
+            channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            command = bpf_delegation.wrap(command, channel[1].fileno())
+        try:
+            # If the test process dies without cleaning up, the container is shut down with it.
+            self._contained = Contained.start(command, "machine", self.name, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              pass_fds=(channel[1].fileno(),) if channel else ())
+        finally:
+            if channel is not None:
+                channel[1].close()
         threading.Thread(target=self._collect_console, name=f"console {self.name}", daemon=True).start()
+        if channel is not None:
+            self._start_bpf_delegate(channel[0])
         try:
             return self._wait_for_bus()
         except BaseException:
             self._stop()
             raise
+
+    def _start_bpf_delegate(self, channel: socket.socket) -> None:
+        assert self._contained is not None
+        try:
+            listener = bpf_delegation.receive_listener(channel)
+        except OSError as exc:
+            self.bpf_not_delegated = f"the filter that hands the machine's bpf() calls over was refused ({exc})"
+            return
+        finally:
+            channel.close()
+        cgroup2 = self._contained.cgroup2_path()
+        if cgroup2 is None:
+            os.close(listener)  # the machine's bpf() calls now fail with ENOSYS, as they would without BPF
+            self.bpf_not_delegated = "the machine has no cgroup2 group of its own to attach BPF programs to"
+            return
+        self._bpf = BpfDelegate(listener, cgroup2, self.name, log=self._console.append)
 
     def boot(self, progress: Progress = lambda line: None) -> None:
         super().boot(progress)
@@ -217,7 +262,8 @@ class NspawnMachine(Machine):
         argv = [arg.replace(str(self.image.rootfs), "{rootfs}").replace(self.name, "{machine}")
                 for arg in self.command_line(self.image.rootfs) if not any(source in arg for source in bound)]
         return {"backend": self.NAME, "command_line": argv, "image": self.image.key,
-                "systemd": package_version(self.image.rootfs, "systemd")}
+                "systemd": package_version(self.image.rootfs, "systemd"),
+                "bpf_delegated": self.bpf_not_delegated or bpf_delegation.RULES_VERSION}
 
     def _collect_console(self) -> None:
         assert self._contained is not None and self._contained.process.stdout is not None
@@ -236,7 +282,9 @@ class NspawnMachine(Machine):
         if self.uid_base is None:
             return ("nspawn, PRIVILEGED: no user namespace, container root is host root (machine.privileged: for "
                     f"the directives that need host BPF){caps}")
-        return f"nspawn, user namespace: container root is uid {self.uid_base} on the host{caps}"
+        bpf = ("BPF firewall programs loaded for the machine by the test process (CGROUP_SKB on its own cgroups "
+               "only)" if self._bpf is not None else f"no BPF: {self.bpf_not_delegated}")
+        return f"nspawn, user namespace: container root is uid {self.uid_base} on the host; {bpf}{caps}"
 
     def _bus_connector(self) -> SocketConnector | None:
         base, path = self.uid_base, self._bus_socket
@@ -291,6 +339,9 @@ class NspawnMachine(Machine):
         if contained is not None:
             contained.stop()  # SIGTERM: nspawn asks the container's systemd to power off; SIGKILL if it hangs
             remove_runtime_directory(self.name)  # nspawn is gone: what it left is ours to remove
+        delegate, self._bpf = self._bpf, None
+        if delegate is not None:  # after the machine: its systemd detaches its programs while it powers off
+            delegate.stop()
         self.leader = None
         self._bus_socket = None
 

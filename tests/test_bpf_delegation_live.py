@@ -1,0 +1,97 @@
+"""BPF delegation on a real user-namespaced container: its root's bpf() calls are made for it as systemd's firewall
+needs, verified as a BPF token's would be, and nothing else (machine/bpf_delegation.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.machine.probing import machine_facts
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.unit.pool import MachinePool
+
+# Raw bpf() calls as the container's root, each printed as its result (an fd or -errno). The pointer leak stores
+# the program's context pointer into a map value: a privileged loader may, an unprivileged one (or a token's) may
+# not (the verifier's "leaks addr into map", EACCES).
+CALLS = r"""
+import ctypes, json, os, struct
+libc = ctypes.CDLL(None, use_errno=True)
+def bpf(cmd, attr):
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    r = libc.syscall(ctypes.c_long(321), ctypes.c_long(cmd), buf, ctypes.c_long(len(attr)))
+    return r if r >= 0 else -ctypes.get_errno()
+def insn(code, dst=0, src=0, off=0, imm=0):
+    return struct.pack("=BBhi", code, dst | src << 4, off, imm)
+keep = []
+def load(prog_type, insns):
+    code = ctypes.create_string_buffer(b"".join(insns)); lic = ctypes.create_string_buffer(b"GPL"); keep.extend([code, lic])
+    attr = struct.pack("=IIQQ", prog_type, len(code.raw) // 8, ctypes.addressof(code), ctypes.addressof(lic))
+    return bpf(5, attr.ljust(160, b"\0"))
+RET1 = [insn(0xb7, 0, imm=1), insn(0x95)]
+out = {"cgroup_skb": load(8, RET1)}
+array = bpf(0, struct.pack("=5I", 2, 4, 8, 1, 0).ljust(80, b"\0"))
+out["array_map"] = array
+out["pointer_leak"] = load(8, [insn(0xbf, 6, 1), insn(0x62, 10, 0, -4, 0), insn(0xbf, 2, 10), insn(0x07, 2, imm=-4),
+                               insn(0x18, 1, 1, imm=array), insn(0), insn(0x85, imm=1), insn(0x15, 0, 0, 1, 0),
+                               insn(0x7b, 0, 6, 0, 0), insn(0xb7, 0, imm=1), insn(0x95)])
+if UNPRIVILEGED:
+    out["kprobe"] = load(2, RET1)
+    out["socket_filter"] = load(1, RET1)
+    out["btf_load"] = bpf(18, b"\0" * 40)
+    out["obj_pin"] = bpf(6, b"\0" * 16)
+group = os.open("/sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified") else "/sys/fs/cgroup", os.O_RDONLY)
+prog = out["cgroup_skb"]
+out["attach_own"] = bpf(8, struct.pack("=iiII", group, prog, 1, 2).ljust(32, b"\0"))
+out["detach_own"] = bpf(9, struct.pack("=iiII", group, prog, 1, 0).ljust(32, b"\0"))
+out["attach_not_a_cgroup"] = bpf(8, struct.pack("=iiII", os.open("/", os.O_RDONLY), prog, 1, 2).ljust(32, b"\0"))
+out["detach_probe"] = bpf(9, struct.pack("=iiII", -1, -1, 1, 0).ljust(32, b"\0"))
+key = ctypes.create_string_buffer(4); value = ctypes.create_string_buffer(struct.pack("=Q", 42))
+out["update"] = bpf(2, struct.pack("=IIQQQ", array, 0, ctypes.addressof(key), ctypes.addressof(value), 0))
+back = ctypes.create_string_buffer(8)
+out["lookup"] = bpf(1, struct.pack("=IIQQQ", array, 0, ctypes.addressof(key), ctypes.addressof(back), 0))
+out["looked_up"] = struct.unpack("=Q", back.raw)[0]
+print(json.dumps(out))
+"""
+
+
+def bpf_calls(machine: Machine, unprivileged: bool) -> dict[str, int]:
+    result = machine.run(["python3", "-c", CALLS.replace("UNPRIVILEGED", str(unprivileged))])
+    assert result.ok, result.describe()
+    return dict(json.loads(result.stdout))
+
+
+@pytest.fixture
+def user_namespaced(machine: Machine) -> Machine:
+    """The shared base machine, which must be an nspawn container in a user namespace (the default)."""
+    if machine.NAME != "nspawn" or not machine_facts(machine).user_namespaced:
+        pytest.skip("BPF delegation is for nspawn's user-namespaced machines")
+    return machine
+
+
+EPERM, EACCES, EBADF = -1, -13, -9
+
+
+def test_the_firewall_s_calls_are_made_for_the_container_and_nothing_more(user_namespaced: Machine) -> None:
+    calls = bpf_calls(user_namespaced, unprivileged=True)
+    assert calls["cgroup_skb"] >= 0 and calls["array_map"] >= 0, calls
+    assert calls["attach_own"] == 0 and calls["detach_own"] == 0, calls  # its own cgroup
+    assert calls["update"] == 0 and calls["lookup"] == 0 and calls["looked_up"] == 42, calls
+    # As a host's kernel answers systemd's probe and a call on a directory that is no cgroup:
+    assert calls["detach_probe"] == EBADF and calls["attach_not_a_cgroup"] == EBADF, calls
+    # What the firewall does not need is refused, as the kernel refuses it to the container without delegation:
+    assert calls["kprobe"] == EPERM and calls["socket_filter"] == EPERM, calls
+    assert calls["btf_load"] == EPERM and calls["obj_pin"] == EPERM, calls
+    # Verified as an unprivileged program: no kernel pointer leaks out through a map.
+    assert calls["pointer_leak"] == EACCES, calls
+    assert "BPF firewall programs loaded for the machine by the test process" in user_namespaced.describe()
+
+
+@pytest.mark.usefixtures("user_namespaced")
+def test_a_privileged_container_loads_what_a_delegated_one_may_not(harden_pool: MachinePool) -> None:
+    # The other side of the pointer-leak check: with the host's CAP_SYS_ADMIN the same program is accepted, so the
+    # EACCES above is the delegate's dropped capabilities at work, not a program the verifier refuses anyway.
+    privileged = harden_pool.machine_for(MachineConfig(privileged=True))
+    calls = bpf_calls(privileged, unprivileged=False)
+    assert calls["cgroup_skb"] >= 0 and calls["pointer_leak"] >= 0, calls
