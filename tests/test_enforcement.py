@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -367,6 +368,17 @@ def test_results_are_read_from_json_lines_and_missing_ones_explained() -> None:
 ])
 def test_a_directive_not_enforced_even_alone_gets_a_specific_reason(name: str, value: str, says: str) -> None:
     assert says in verdict.unenforceable_reason(Directive.parse(name, value), FACTS)
+
+
+@pytest.mark.parametrize(("cgroup_fs", "says", "not_says"), [
+    ("tmpfs", "v1 devices controller", "privileged: true"),  # hybrid: a privileged container does not enforce it
+    ("cgroup2fs", "privileged: true", "v1 devices controller"),  # unified: a BPF program, as IPAddressDeny=
+])
+def test_the_device_policy_s_reason_in_a_user_namespace_follows_the_cgroup_layout(cgroup_fs: str, says: str,
+                                                                                  not_says: str) -> None:
+    facts = replace(FACTS, user_namespaced=True, cgroup_fs=cgroup_fs)
+    reason = verdict.unenforceable_reason(Directive.parse("DevicePolicy", "closed"), facts)
+    assert says in reason and not_says not in reason, reason
 
 
 def test_a_solo_run_that_observes_nothing_leaves_the_failure_standing(make_spec: MakeSpec) -> None:

@@ -271,15 +271,16 @@ def unenforceable_reason(directive: Directive, facts: MachineFacts) -> str:
         return (f"{name}= needs BPF programs on the host's kernel, which the container's root (root of a user "
                 "namespace only) may not load, and the test process could not load them for it here (the boot "
                 "line says why): machine: {privileged: true} (no user namespace) or the qemu backend enforces it")
-    if name in ("SocketBindDeny", "SocketBindAllow", "DeviceAllow",
-                "DevicePolicy", "RestrictFileSystems") and facts.user_namespaced:
+    device_rules_in_v1 = name in ("DevicePolicy", "DeviceAllow") and facts.cgroup_fs not in ("", "cgroup2fs")
+    if name in ("SocketBindDeny", "SocketBindAllow", "DeviceAllow", "DevicePolicy",
+                "RestrictFileSystems") and facts.user_namespaced and not device_rules_in_v1:
         return (f"{name}= needs BPF programs on the host's kernel, and the container's root is root of a user "
                 "namespace only (no CAP_BPF there): machine: {privileged: true} (no user namespace) or the qemu "
                 "backend enforces it")
     if name in ("DevicePolicy", "DeviceAllow"):
         return (f"{name}= needs cgroup device rules: on a host with hybrid cgroups the container's systemd would write "
-                "them to the v1 devices controller, which systemd-nspawn mounts read-only; the qemu backend "
-                "(--harden-backend=qemu) enforces it")
+                "them to the v1 devices controller, which systemd-nspawn mounts read-only (and which root of a user "
+                "namespace may not write); the qemu backend (--harden-backend=qemu) enforces it")
     if name in ("SocketBindDeny", "SocketBindAllow", "IPAddressDeny", "IPAddressAllow"):
         return f"{name}= needs BPF cgroup programs: cgroup v2 for the unit, and bpf() allowed in the container"
     if name == "RestrictFileSystems" and facts.cgroup_fs != "cgroup2fs":
