@@ -34,13 +34,13 @@ from .machine.images import BASE_PACKAGES, ImageCache, cached_images, default_ca
 from .report import exposure
 from .sandbox.capabilities import Capabilities, machine_capabilities
 from .search.diagnosis import yaml_value
-from .search.scenarios import tighten_service
+from .search.scenarios import diagnose_failure, failure_report, run_scenario, tighten_service
 from .spec.directives import DropinMismatch
-from .spec.load import Spec, load_spec
+from .spec.load import Scenario, Spec, load_spec
 from .spec.machine import MachineConfig
 from .spec.releases import DEFAULT_RELEASE, RELEASES, parse_releases
 from .unit.pool import MachinePool
-from .unit.service import unit_name_for
+from .unit.service import HardenedService, unit_name_for
 
 if TYPE_CHECKING:
     from .report.exposure import Exposure
@@ -209,34 +209,76 @@ def _day(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d", time.localtime(timestamp))
 
 
+def _run_elsewhere(service: HardenedService) -> str:
+    """The tightened spec's service started and every scenario run on another release: "" if all pass, else what
+    failed with the diagnosis of it (the directive of the result that breaks it there, and the fix)."""
+    failed: Scenario | None = None
+    try:
+        service.start()
+    except ServiceFailed as exc:
+        evidence = str(exc)
+    else:
+        for scenario in service.spec.scenarios:
+            outcome = run_scenario(service, scenario)
+            if not outcome.passed:
+                failed, evidence = scenario, failure_report(service, outcome)
+                break
+        else:
+            service.stop()
+            return ""
+    try:
+        diagnosis = diagnose_failure(service, failed, evidence).render()
+    finally:
+        service.stop()
+    what = f"scenario {failed.name!r}" if failed is not None else "the service does not start"
+    return f"{what}\n{diagnosis}"
+
+
 def _tighten(args: argparse.Namespace) -> int:
     spec = _load(args.spec)
     if spec is None:
         return 1
-    def work(pool: MachinePool) -> tuple[Tightening, Exposure, Exposure] | int:
-        machine = pool.machine_for(spec.machine)
+    # A spec pinned to several releases is tightened on the first and the result run on each other one: the
+    # printed hardening must pass everywhere the spec says it ships.
+    releases = list(spec.releases) or [DEFAULT_RELEASE]
+    first = spec.on_release(releases[0])
+
+    def work(pool: MachinePool) -> tuple[Tightening, Exposure, Exposure, dict[str, str]] | int:
+        machine = pool.machine_for(first.machine)
         try:
-            service = pool.service_for(spec)
+            service = pool.service_for(first)
         except ServiceFailed as exc:
             print(f"systemd-harden tighten: the spec as written does not start; fix that first:\n{exc}", file=sys.stderr)
             return 1
-        before = exposure.score(machine, spec)
+        before = exposure.score(machine, first)
         tightened = tighten_service(service, keep=(*spec.tighten_keep, *args.keep),
                                     never=(*spec.tighten_never, *args.never), max_runs=args.max_runs,
                                     observations=not args.no_observe)
-        return tightened, before, exposure.score(machine, spec.with_hardening(tightened.after))
+        elsewhere = {}
+        for release in releases[1:] if not tightened.note.startswith("the spec as written") else []:
+            other = spec.on_release(release).with_hardening(tightened.after)
+            elsewhere[release] = _run_elsewhere(HardenedService(pool.machine_for(other.machine), other))
+        return tightened, before, exposure.score(machine, first.with_hardening(tightened.after)), elsewhere
 
     found = _on_machine(args, "tighten", work)
     if found is None:
         return 2
     if isinstance(found, int):
         return found
-    result, before, after = found
+    result, before, after, elsewhere = found
     print(result.render())
     print(f"exposure: {before.describe()} -> {after.describe()}")
     if result.note.startswith("the spec as written"):
         return 1
-    print("\nhardening: (every scenario passes under it)")
+    failing = {release: why for release, why in elsewhere.items() if why}
+    for release, why in failing.items():
+        print(f"\non Debian {release} the result does NOT pass: {why}")
+    if failing:
+        print(f"\nsystemd-harden tighten: tightened on Debian {releases[0]}, the spec also ships on "
+              f"{', '.join(failing)}, where it fails: add the directive that breaks it to --never (or tighten: never:), "
+              "or pin the spec to one release", file=sys.stderr)
+        return 1
+    print(f"\nhardening: (every scenario passes under it on Debian {', '.join(releases)})")
     for directive in result.after:
         print(f"  {directive.name}: {yaml_value(directive)}")
     print()

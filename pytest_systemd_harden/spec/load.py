@@ -315,6 +315,11 @@ class Spec:
     def with_hardening(self, directives: Sequence[Directive]) -> Spec:
         return replace(self, hardening=tuple(directives))
 
+    def on_release(self, release: str) -> Spec:
+        """The same spec on one Debian release (one of several it pins, or the session's)."""
+        return self if self.machine.release == release or not release else \
+            replace(self, machine=replace(self.machine, release=release))
+
 
 # --- loading ------------------------------------------------------------------------------------------------
 
