@@ -12,7 +12,6 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -487,11 +486,11 @@ class SpecFile(SpecRun, pytest.File):
             raise self.CollectError(str(exc)) from None
         releases = HardenSession.of(self.config).releases_for(spec)
         if len(releases) == 1:
-            self.spec, self.key = _on_release(spec, releases[0]), spec_key(self.path)
+            self.spec, self.key = spec.on_release(releases[0]), spec_key(self.path)
             yield from self.items()
             return
         for release in releases:
-            yield ReleaseRun.from_parent(self, name=release, spec=_on_release(spec, release),
+            yield ReleaseRun.from_parent(self, name=release, spec=spec.on_release(release),
                                          key=spec_key(self.path, release))
 
 
@@ -504,11 +503,6 @@ class ReleaseRun(SpecRun, pytest.Collector):
 
     def collect(self) -> Iterator[pytest.Item]:
         yield from self.items()
-
-
-def _on_release(spec: Spec, release: str) -> Spec:
-    return spec if spec.machine.release == release or not release else \
-        replace(spec, machine=replace(spec.machine, release=release))
 
 
 class JsonRecord(dict[str, Any]):
