@@ -20,7 +20,10 @@ import pytest
 from pytest_systemd_harden.machine.backends.guest_agent import GuestAgent
 from pytest_systemd_harden.machine.backends.qemu import Accelerator, QemuMachine, _AcceleratorCache
 from pytest_systemd_harden.machine.images import VmImage
+from pytest_systemd_harden.spec.load import load_spec
 from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.unit.pool import MachinePool
+from pytest_systemd_harden.unit.service import HardenedService
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -131,3 +134,32 @@ def test_the_example_passes_and_memory_and_task_limits_are_enforced_in_a_vm(pyte
     left = subprocess.run(["pgrep", "-f", "qemu-system-x86_64 -name harden-"], capture_output=True, text=True,
                           check=False)
     assert left.stdout == "", f"a VM was left running: {left.stdout}"
+
+
+def test_the_tested_package_unit_is_held_at_boot_in_a_vm_too(harden_pool: MachinePool, tmp_path: Path) -> None:
+    # As on nspawn (tests/test_unit.py): memcached's package enables its unit, and its first start must be the
+    # test's, under the drop-in, not one at boot before it. The VM's disk carries the hold generator; the kernel
+    # command line names the unit.
+    spec_path = tmp_path / "harden.yaml"
+    spec_path.write_text("service: {unit: memcached.service, ready: {tcp: 11211}}\n"
+                         "machine: {backend: qemu, packages: [memcached]}\n")
+    spec = load_spec(spec_path)
+    machine = harden_pool.machine_for(spec.machine)
+    assert isinstance(machine, QemuMachine) and machine.held_at_boot == ("memcached.service",)
+    state = machine.run("systemctl is-active memcached.service; systemctl is-enabled memcached.service")
+    assert state.stdout.split()[:2] == ["inactive", "enabled"], state
+    service = HardenedService(machine, spec)
+    service.start()
+    try:
+        starts = machine.run("journalctl -b -o cat -u memcached.service | grep -c '^Started memcached'")
+        assert starts.stdout.strip() == "1", starts  # the test's start, not one at boot before it
+    finally:
+        service.stop()
+
+
+def test_the_kernel_command_line_names_the_units_held_at_boot(tmp_path: Path) -> None:
+    machine = QemuMachine(MachineConfig(backend="qemu"))
+    machine.held_at_boot = ("memcached.service",)
+    image = VmImage("k", tmp_path / "disk.ext4", tmp_path / "vmlinuz", tmp_path / "initrd.img")
+    append = machine.command_line(image, tmp_path, "tcg", None)
+    assert "pytest_systemd_harden.hold=memcached.service" in append[append.index("-append") + 1]

@@ -614,6 +614,26 @@ def _customize(rootfs: Path) -> None:
 
 # What a VM needs on top of a container's rootfs: a kernel (the cloud flavour: virtio built in or in its
 # initramfs, no firmware or sound), the guest agent that reads a command's output files back, and nothing else.
+# Holds the tested unit back at boot (boot_holds): a systemd generator, run at boot and at every daemon-reload,
+# that masks each unit named by pytest_systemd_harden.hold= on the machine's command line until HOLD_RELEASED
+# exists: PID 1's arguments in a container (its systemd reads them as its kernel command line; /proc/cmdline is the
+# host's there), the kernel's in a VM (where the generator is part of the disk). A systemd.mask= could not be taken
+# back: its mask wins over every unit directory and returns at each reload.
+HOLD_RELEASED = "/run/pytest-systemd-harden/booted"
+HOLD_ARGUMENT = "pytest_systemd_harden.hold"
+HOLD_GENERATOR_PATH = "/etc/systemd/system-generators/pytest-systemd-harden-hold"
+HOLD_GENERATOR = f"""#!/bin/sh
+# pytest-systemd-harden: hold the unit under test back at boot; its first start is the test's, under its drop-in.
+[ -e {HOLD_RELEASED} ] && exit 0
+for argument in $(tr '\\0' ' ' < /proc/1/cmdline) $(cat /proc/cmdline 2>/dev/null); do
+    case "$argument" in
+        {HOLD_ARGUMENT}=*) ln -sf /dev/null "$2/${{argument#*=}}" ;;
+    esac
+done
+"""
+
+
+
 VM_PACKAGES = ("linux-image-cloud-amd64", "qemu-guest-agent")
 # Bump when the disk recipe below (or the bus bridge shipped into it) changes.
 VM_RECIPE_VERSION = 1
@@ -680,7 +700,7 @@ def vm_image(cache: ImageCache, packages: Iterable[str], progress: Progress = la
     ``snapshot=on``: the file is never written."""
     wanted = tuple(sorted(set(packages) | set(VM_PACKAGES)))
     image = cache.get(wanted, progress, release=release, debs=debs)
-    recipe = hashlib.sha256(json.dumps([_GUEST_UNITS, VM_RECIPE_VERSION]).encode() + _guest_source())
+    recipe = hashlib.sha256(json.dumps([_GUEST_UNITS, HOLD_GENERATOR, VM_RECIPE_VERSION]).encode() + _guest_source())
     folder = image.rootfs.parent / f"vm-{recipe.hexdigest()[:12]}"
     found = _vm_files(folder)
     if found is not None:
@@ -721,6 +741,10 @@ def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
         link = wants / name
         if not link.is_symlink():
             link.symlink_to(f"../{name}")
+    generator = rootfs / HOLD_GENERATOR_PATH.lstrip("/")  # holds nothing unless the kernel command line asks
+    generator.parent.mkdir(parents=True, exist_ok=True)
+    generator.write_text(HOLD_GENERATOR)
+    generator.chmod(0o755)
     (rootfs / "etc" / "tmpfiles.d").mkdir(exist_ok=True)
     (rootfs / "etc" / "tmpfiles.d" / "harden-io.conf").write_text(f"d {OUTPUT_DIR} 0700 root root -\n")
     serial_getty = units / "serial-getty@.service"  # the console is for reading boot messages, not logins

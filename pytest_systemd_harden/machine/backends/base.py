@@ -23,7 +23,7 @@ from ...probes.catalogue import MACHINE_ADDRESS
 from ...probes.runner import guarded_batch
 from ...result import CommandResult
 from ...spec.machine import MachineConfig
-from ..images import ImageCache, deb_package_name
+from ..images import HOLD_RELEASED, ImageCache, deb_package_name
 from ..systemd import COMMAND_KILL_GRACE, OutputFiles, Property, SocketConnector, SystemdClient
 
 if TYPE_CHECKING:
@@ -33,24 +33,6 @@ Progress = Callable[[str], None]
 # Where the exposure report writes rendered units (and the policy) inside a machine: /run is a tmpfs, gone at
 # shutdown (the host backend, whose /run is the host's, removes its own directories when it stops).
 EXPOSURE_UNIT_DIR = "/run/harden-exposure"
-
-
-# Holds the tested unit back at boot (images.boot_holds): a systemd generator, run at boot and at every
-# daemon-reload, that masks each unit named by pytest_systemd_harden.hold= on the machine's command line (PID 1's:
-# a container's systemd reads its arguments as its kernel command line) until HOLD_RELEASED exists. A
-# systemd.mask= could not be taken back: its mask wins over every unit directory and returns at each reload.
-HOLD_RELEASED = "/run/pytest-systemd-harden/booted"
-HOLD_ARGUMENT = "pytest_systemd_harden.hold"
-HOLD_GENERATOR_PATH = "/etc/systemd/system-generators/pytest-systemd-harden-hold"
-HOLD_GENERATOR = f"""#!/bin/sh
-# pytest-systemd-harden: hold the unit under test back at boot; its first start is the test's, under its drop-in.
-[ -e {HOLD_RELEASED} ] && exit 0
-for argument in $(tr '\\0' ' ' < /proc/1/cmdline); do
-    case "$argument" in
-        {HOLD_ARGUMENT}=*) ln -sf /dev/null "$2/${{argument#*=}}" ;;
-    esac
-done
-"""
 
 
 def timeout_note(timeout: float, killed_by: int | None) -> str:

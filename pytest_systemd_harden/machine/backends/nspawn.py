@@ -29,11 +29,11 @@ from ...probes.inside import GUARD_KERNEL
 from .. import bpf_delegation
 from ..bpf_delegation import BpfDelegate
 from ..cgroups import Contained, host_runs_systemd
-from ..images import Image, boot_holds, boot_masks, package_version
+from ..images import HOLD_ARGUMENT, HOLD_GENERATOR, HOLD_GENERATOR_PATH, Image, boot_holds, boot_masks, package_version
 from ..staging import remove_tree, write_atomically
 from ..systemd import SocketConnector
 from . import userns
-from .base import HOLD_ARGUMENT, HOLD_GENERATOR, HOLD_GENERATOR_PATH, Machine, Progress, proportional_set_size
+from .base import Machine, Progress, proportional_set_size
 
 __all__ = ["NspawnMachine", "check_available", "host_runs_systemd", "remove_runtime_directory",
            "sweep_runtime_leftovers"]

@@ -28,7 +28,17 @@ from pathlib import Path
 
 from ...errors import BackendUnavailable, ImageBuildError, MachineError
 from ..cgroups import Contained
-from ..images import BUS_PORT, FILES_LABEL, OUTPUT_DIR, VmImage, boot_masks, package_version, vm_image
+from ..images import (
+    BUS_PORT,
+    FILES_LABEL,
+    HOLD_ARGUMENT,
+    OUTPUT_DIR,
+    VmImage,
+    boot_holds,
+    boot_masks,
+    package_version,
+    vm_image,
+)
 from ..staging import remove_tree
 from ..systemd import OutputFiles
 from .base import Machine, Progress, proportional_set_size
@@ -143,6 +153,7 @@ class QemuMachine(Machine):
         cpu = "host" if accelerator == "kvm" else "max"
         append = "console=ttyS0 root=/dev/vda rw systemd.firstboot=off" + (" harden.files" if files_disk else "")
         append += "".join(f" systemd.mask={unit}" for unit in self.masked_at_boot)
+        append += "".join(f" {HOLD_ARGUMENT}={unit}" for unit in self.held_at_boot)
         khz = host_tsc_khz() if accelerator == "tcg" else None
         if khz:
             # Under TCG the guest's TSC is the host's. Without its frequency the kernel calibrates it against the
@@ -180,6 +191,7 @@ class QemuMachine(Machine):
         image = self._image = vm_image(self.image_cache, self.config.packages, progress, release=self.config.release,
                                        debs=self.config.debs)
         self.masked_at_boot = boot_masks(self.config, image.rootfs)
+        self.held_at_boot = boot_holds(self.config, image.rootfs)
         self._runtime = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=os.environ.get("TMPDIR", "/tmp")))
         try:
             files_disk = self._files_disk(self._runtime) if self.config.files else None
