@@ -368,3 +368,13 @@ def test_a_boolean_refined_to_off_is_rejected_not_written() -> None:
     result = run(World(setuid=True))
     assert outcome(result, "NoNewPrivileges=yes")[0] == "rejected"
     assert "NoNewPrivileges=no" not in lines(result)
+
+
+def test_a_template_s_drop_in_names_the_instance_as_a_specifier_in_its_grants() -> None:
+    from pytest_systemd_harden.search.tighten import instance_as_specifier
+
+    dropin = ("[Service]\nStateDirectory=notes-8080\nReadWritePaths=/srv/8080/data /srv/app18080\n"
+              "LogsDirectory=8080\nSystemCallFilter=@system-service\nEnvironment=PORT=8080\n")
+    assert instance_as_specifier(dropin, "8080") == (
+        "[Service]\nStateDirectory=notes-%i\nReadWritePaths=/srv/%i/data /srv/app18080\n"
+        "LogsDirectory=%i\nSystemCallFilter=@system-service\nEnvironment=PORT=8080\n")  # grants only, whole words

@@ -446,6 +446,7 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
                          observation=observation, baseline=baseline, together=together,
                          scenarios_from_outside=any(s.where == "client" for s in service.spec.scenarios),
                          offline=service.spec.tighten_offline, own=service.under_test.own_directives())
+        result.instance = service.spec.service.instance
         if observations:  # the traced run is part of the cost
             result.runs += 1 if observation is not None else 0
             result.observe_seconds = observed_in

@@ -21,13 +21,14 @@ profiling tool would propose from the same observed run.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..kernel.flags import CAPABILITIES, NAMESPACE_FLAGS
-from ..spec.directives import BOOL, KNOWN, Directive, render_dropin
+from ..spec.directives import BOOL, KNOWN, Directive, escape_specifiers, render_dropin
 from ..spec.unit_file import effective_hardening
 from .diagnosis import (
     BudgetExceeded,
@@ -130,6 +131,17 @@ class StepOutcome:
     change: tuple[Hardening, Hardening] | None = None  # kept: the hardening before the step and after it (revert())
 
 
+def instance_as_specifier(dropin: str, instance: str) -> str:
+    """``dropin`` with the template instance ``instance`` written ``%i`` in its grants (``StateDirectory=notes-8080``
+    becomes ``notes-%i``): where it stands as a word of its own, not inside another (instance ``1`` in ``app1``)."""
+    word = re.compile(rf"(?<![A-Za-z0-9]){re.escape(escape_specifiers(instance))}(?![A-Za-z0-9])")
+    lines = []
+    for line in dropin.splitlines(keepends=True):
+        name, equals, value = line.partition("=")
+        lines.append(f"{name}={word.sub('%i', value)}" if equals and name in GRANTS else line)
+    return "".join(lines)
+
+
 @dataclass
 class Tightening:
     """The result: the tightened hardening, what each step did, and the cost."""
@@ -146,6 +158,8 @@ class Tightening:
     confirmations: int = 0  # runs spent confirming that an observed item is needed (or dropping it)
     # The drop-in (dropin()), written as a file after the spec's hardening, passed every scenario; None: not tried.
     dropin_verified: bool | None = None
+    # The instance tested, for a template unit: its drop-in is every instance's, so a grant naming it says %i.
+    instance: str = ""
 
     @property
     def tried(self) -> list[StepOutcome]:
@@ -173,7 +187,8 @@ class Tightening:
         directives = [Directive(d.name, ("", *d.assignments), d.line)
                       if d.name in own and d.name not in STRENGTH and d.assignments[:len(own[d.name])] != own[d.name]
                       else d for d in self.after]
-        return render_dropin(directives, header="Tightened by pytest-systemd-harden: every scenario passes under it")
+        text = render_dropin(directives, header="Tightened by pytest-systemd-harden: every scenario passes under it")
+        return instance_as_specifier(text, self.instance) if self.instance else text
 
     def render(self) -> str:
         lines = [f"tightened in {self.runs} runs, {self.seconds:.1f}s:"]
