@@ -183,3 +183,20 @@ def test_the_machine_s_programs_are_bounded_in_instructions(user_namespaced: Mac
     monkeypatch.setattr(bpf, "INSTRUCTION_BUDGET", delegate_of(user_namespaced).instructions + 2 * 4096)
     loads = run_script(user_namespaced, "print(json.dumps([load(4096) for _ in range(3)]))")
     assert isinstance(loads, list) and loads[0] >= 0 and loads[1] >= 0 and loads[2] == EPERM, loads
+
+
+def test_a_program_naming_maps_by_more_fd_numbers_than_the_kernel_takes_maps_is_refused(
+        user_namespaced: Machine) -> None:
+    # 65 fd numbers of one map: the kernel takes it (one map), but each number was a copy held by the test process
+    # while the call was made, up to 2048 of them. Refused as a program of more than 64 maps is (E2BIG).
+    loads = run_script(user_namespaced, """
+array = bpf(0, struct.pack("=5I", 2, 4, 8, 1, 0).ljust(80, bytes(1)))
+def load_naming(numbers):
+    body = b"".join(insn(0x18, 1, 1, imm=number) + insn(0) for number in numbers)
+    body += insn(0xb7, 0, imm=1) + insn(0x95)
+    code = ctypes.create_string_buffer(body); lic = ctypes.create_string_buffer(b"GPL"); keep.extend([code, lic])
+    attr = struct.pack("=IIQQ", 8, len(body) // 8, ctypes.addressof(code), ctypes.addressof(lic))
+    return bpf(5, attr.ljust(160, bytes(1)))
+print(json.dumps([load_naming([array, array]), load_naming([array] + [os.dup(array) for _ in range(64)])]))
+""")
+    assert isinstance(loads, list) and loads[0] >= 0 and loads[1] == -7, loads  # E2BIG

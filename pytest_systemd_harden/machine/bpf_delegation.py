@@ -12,7 +12,7 @@ descriptors (``pidfd_getfd``) and memory (``/proc/PID/mem``), and gives the resu
 caller with ``SECCOMP_IOCTL_NOTIF_ADDFD``). Only what systemd's IP firewall needs is made, and only so:
 
 * programs of type CGROUP_SKB, at most 4096 instructions, no BTF, no bpf-to-bpf or kernel-function calls, maps
-  referenced only by fds the caller holds;
+  referenced only by fds the caller holds (at most 64 fd numbers);
 * maps of type hash, array or LPM trie, at most :data:`MAX_MAP_BYTES` of kernel memory each when full (elements'
   headers counted: :func:`map_kernel_bytes`), no BTF, no inner maps;
 * attach and detach only as CGROUP_INET_INGRESS/EGRESS and only to a cgroup of this machine (checked by inode
@@ -58,6 +58,7 @@ BPF_F_ALLOW_OVERRIDE, BPF_F_ALLOW_MULTI = 1, 2
 BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE = 1, 2
 BPF_LD_IMM64, BPF_CALL = 0x18, 0x85
 BPF_MAXINSNS = 4096
+MAX_USED_MAPS = 64  # the verifier's limit of maps per program (E2BIG past it)
 MAX_ATTR_SIZE = 4096  # the kernel refuses a larger attr with E2BIG (PAGE_SIZE)
 MAX_MAP_BYTES = 16 << 20
 MAX_LOG_BYTES = 1 << 20
@@ -582,9 +583,17 @@ class BpfDelegate:
         self.programs += 1
         self.instructions += count
         insns = bytearray(caller.read(_u64(attr, 8), count * 8))
-        for slot in map_fd_slots(bytes(insns)):
-            map_fd = caller.fd(struct.unpack_from("=i", insns, slot * 8 + 4)[0] & 0xFFFFFFFF)
-            struct.pack_into("=i", insns, slot * 8 + 4, map_fd)
+        slots = map_fd_slots(bytes(insns))
+        # Each fd number is a copy held by the test process until the call is answered: 2048 of them for a program
+        # of 4096 instructions, enough to take the test process's last free fds (a soft limit of 1024 is common).
+        numbers = {int(struct.unpack_from("=I", insns, slot * 8 + 4)[0]) for slot in slots}
+        if len(numbers) > MAX_USED_MAPS:
+            raise Refused(errno.E2BIG, f"BPF_PROG_LOAD: maps by {len(numbers)} fd numbers (a program may use "
+                          f"{MAX_USED_MAPS} maps)")
+        local_fds = {number: caller.fd(number) for number in numbers}
+        for slot in slots:
+            number = int(struct.unpack_from("=I", insns, slot * 8 + 4)[0])
+            struct.pack_into("=i", insns, slot * 8 + 4, local_fds[number])
         license_text = b""
         license_address = _u64(attr, 16)
         while license_address and len(license_text) < 128:  # a C string: up to its end (pages may end anywhere)
