@@ -75,7 +75,7 @@ INSTRUCTION_BUDGET = 1 << 20
 # second). Past this many names, refusals are counted under one.
 MAX_TALLIED_NAMES = 64
 # Part of the capability cache's key: a change of what is delegated is measured anew.
-RULES_VERSION = "bpf-delegation-1"
+RULES_VERSION = "bpf-delegation-2"
 
 SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER = 1, 1 << 3
 SECCOMP_RET_ALLOW, SECCOMP_RET_USER_NOTIF = 0x7FFF0000, 0x7FC00000
