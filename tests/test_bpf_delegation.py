@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,70 @@ def test_only_a_group_of_the_machine_s_own_tree_is_a_target(tmp_path: Path) -> N
     assert place_of(machine) == bpf.IN_TREE
     assert place_of(tmp_path / "other") == bpf.OTHER_CGROUP  # the same filesystem, outside the tree
     assert place_of(Path("/proc/self")) == bpf.OTHER_FILESYSTEM
+
+
+@pytest.mark.parametrize(("map_type", "key", "value", "entries", "kernel_bytes"), [
+    # Measured on 6.18 (memlock in the map's fdinfo); the bound must be at least that.
+    (bpf.BPF_MAP_TYPE_HASH, 1, 1, 1 << 20, 83887184),
+    (bpf.BPF_MAP_TYPE_ARRAY, 4, 8, 1000, 8312),
+])
+def test_a_map_is_charged_at_least_what_the_kernel_measured(map_type: int, key: int, value: int, entries: int,
+                                                            kernel_bytes: int) -> None:
+    assert bpf.map_kernel_bytes(map_type, key, value, entries) >= kernel_bytes
+
+
+def test_a_map_of_small_elements_is_charged_its_elements_headers() -> None:
+    # 1-byte keys and values: 2 bytes an element by their sizes, 80 in the kernel. 8 Mi of them were 16 MiB by
+    # their sizes and 640 MiB of host memory; a machine could make 16 such maps.
+    with pytest.raises(Refused, match="kernel memory") as refused:
+        bpf.check_map_create(map_create(bpf.BPF_MAP_TYPE_HASH, key=1, value=1, entries=8 << 20, flags=0))
+    assert refused.value.code == errno.EPERM
+    # systemd's own stay far below: an IPv6 address list of 1000 prefixes, the accounting array.
+    assert bpf.map_kernel_bytes(bpf.BPF_MAP_TYPE_LPM_TRIE, 20, 8, 1000) < 1 << 20
+    assert bpf.map_kernel_bytes(bpf.BPF_MAP_TYPE_ARRAY, 4, 8, 2) < 8 << 10
+
+
+def test_an_address_past_the_user_half_is_the_kernel_s_efault() -> None:
+    # pread/pwrite take no offset past 2**63: before, OverflowError reached the catch-all and answered EPERM.
+    mem = os.open("/proc/self/mem", os.O_RDWR)
+    caller = bpf.Caller(os.getpid(), -1, mem)
+    try:
+        for attempt in (lambda: caller.read(0xFFFF_8000_0000_0000, 8), lambda: caller.write(1 << 63, b"\0")):
+            with pytest.raises(Refused) as refused:
+                attempt()
+            assert refused.value.code == errno.EFAULT
+    finally:
+        os.close(mem)
+
+
+def test_the_tally_of_calls_keeps_a_bounded_number_of_names() -> None:
+    counts: dict[str, int] = {}
+    for number in range(1000):
+        bpf.tally(counts, f"refused: BPF_PROG_LOAD: program type {number} is not delegated")
+    bpf.tally(counts, "prog_load")
+    assert len(counts) == bpf.MAX_TALLIED_NAMES + 2  # the first reasons, "other reasons" and the command
+    assert counts["refused: other reasons"] == 1000 - bpf.MAX_TALLIED_NAMES and counts["prog_load"] == 1
+
+
+def test_the_listener_stays_open_while_a_call_is_still_being_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A delegate whose call outlasts stop()'s wait: before, stop() closed the listener under it, and the call's
+    # answer went to whatever the fd number was by then (another machine's listener, opened meanwhile).
+    listener, peer = socket.socketpair()
+    in_call, release = threading.Event(), threading.Event()
+
+    def slow_call(self: bpf.BpfDelegate) -> None:
+        in_call.set()
+        release.wait(10)
+        os.read(self.listener, 1)
+
+    monkeypatch.setattr(bpf.BpfDelegate, "_one", slow_call)
+    delegate = bpf.BpfDelegate(listener.detach(), Path("/nonexistent"), "test")
+    peer.send(b"x")  # a notification is waiting
+    assert in_call.wait(10)
+    delegate.stop(wait=0.1)
+    os.fstat(delegate.listener)  # still ours: no OSError
+    release.set()
+    delegate.stop()
+    with pytest.raises(OSError):
+        os.fstat(delegate.listener)
+    peer.close()

@@ -12,8 +12,9 @@ descriptors (``pidfd_getfd``) and memory (``/proc/PID/mem``), and gives the resu
 caller with ``SECCOMP_IOCTL_NOTIF_ADDFD``). Only what systemd's IP firewall needs is made, and only so:
 
 * programs of type CGROUP_SKB, at most 4096 instructions, no BTF, no bpf-to-bpf or kernel-function calls, maps
-  referenced only by fds the caller holds;
-* maps of type hash, array or LPM trie, at most :data:`MAX_MAP_BYTES` each, no BTF, no inner maps;
+  referenced only by fds the caller holds (at most 64 fd numbers);
+* maps of type hash, array or LPM trie, at most :data:`MAX_MAP_BYTES` of kernel memory each when full (elements'
+  headers counted: :func:`map_kernel_bytes`), no BTF, no inner maps;
 * attach and detach only as CGROUP_INET_INGRESS/EGRESS and only to a cgroup of this machine (checked by inode
   against the machine's own cgroup2 tree);
 * element lookup/update/delete on those maps; the info of a bpf object;
@@ -57,6 +58,7 @@ BPF_F_ALLOW_OVERRIDE, BPF_F_ALLOW_MULTI = 1, 2
 BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE = 1, 2
 BPF_LD_IMM64, BPF_CALL = 0x18, 0x85
 BPF_MAXINSNS = 4096
+MAX_USED_MAPS = 64  # the verifier's limit of maps per program (E2BIG past it)
 MAX_ATTR_SIZE = 4096  # the kernel refuses a larger attr with E2BIG (PAGE_SIZE)
 MAX_MAP_BYTES = 16 << 20
 MAX_LOG_BYTES = 1 << 20
@@ -65,8 +67,15 @@ MAX_INFO_BYTES = 1024
 # cgroup, so their number is bounded (systemd makes a few small maps and two programs per start of a unit).
 MAP_BYTES_BUDGET = 256 << 20
 PROGRAM_BUDGET = 10000
+# A program of 4096 instructions pins 60 KiB (36 KiB of program, 24 KiB of JIT image, measured), 10000 of them 600
+# MiB: the instructions are bounded too (systemd's firewall programs have a few dozen each).
+INSTRUCTION_BUDGET = 1 << 20
+# The tally of calls (BpfDelegate.calls) names each refusal with its reason, which carries the caller's numbers:
+# a machine making refused calls of ever new numbers grew the test process by 160 bytes a call (20000 calls a
+# second). Past this many names, refusals are counted under one.
+MAX_TALLIED_NAMES = 64
 # Part of the capability cache's key: a change of what is delegated is measured anew.
-RULES_VERSION = "bpf-delegation-1"
+RULES_VERSION = "bpf-delegation-2"
 
 SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER = 1, 1 << 3
 SECCOMP_RET_ALLOW, SECCOMP_RET_USER_NOTIF = 0x7FFF0000, 0x7FC00000
@@ -185,9 +194,39 @@ def check_map_create(attr: bytes) -> None:
         raise Refused(errno.EPERM, f"BPF_MAP_CREATE: map type {map_type} is not delegated")
     if flags & ~BPF_F_NO_PREALLOC:
         raise Refused(errno.EPERM, f"BPF_MAP_CREATE: map flags {flags:#x} are not delegated")
-    if entries * (key_size + value_size) > MAX_MAP_BYTES:
-        raise Refused(errno.EPERM, f"BPF_MAP_CREATE: {entries} entries of {key_size}+{value_size} bytes is over "
-                      f"{MAX_MAP_BYTES >> 20} MiB")
+    if map_kernel_bytes(map_type, key_size, value_size, entries) > MAX_MAP_BYTES:
+        raise Refused(errno.EPERM, f"BPF_MAP_CREATE: {entries} entries of {key_size}+{value_size} bytes would take "
+                      f"over {MAX_MAP_BYTES >> 20} MiB of kernel memory")
+
+
+# What a full map costs the kernel beyond its keys and values. Counted from the key and value sizes alone, a hash
+# map of 1-byte keys and values was charged 2 bytes an element and took 80 (measured: memlock in its fdinfo), so
+# the budget let a machine pin 40 times its worth of host memory. Element headers: a hash element's is 48 bytes on
+# 6.x, an LPM trie node's 40; this rounds up. The map's own header (an array's is 120 bytes) takes less than a page.
+ELEMENT_HEADER = 64
+MAP_HEADER = 4096
+HASH_BUCKET_BYTES = 16
+
+
+def _power_of_two_at_least(size: int) -> int:
+    """Also a bound of the allocator's size class for ``size`` bytes."""
+    return 1 << max(size - 1, 0).bit_length()
+
+
+def map_kernel_bytes(map_type: int, key_size: int, value_size: int, entries: int) -> int:
+    """An upper bound of the kernel memory a map of these sizes takes when full (charged to the test process, not
+    to the machine's capped cgroup)."""
+    def round8(size: int) -> int:
+        return (size + 7) & ~7
+
+    if map_type == BPF_MAP_TYPE_ARRAY:  # made without CAP_PERFMON, its length is rounded up (Spectre masking)
+        return MAP_HEADER + _power_of_two_at_least(entries) * round8(value_size)
+    element = _power_of_two_at_least(ELEMENT_HEADER + round8(key_size) + round8(value_size))
+    if map_type == BPF_MAP_TYPE_LPM_TRIE:  # an intermediate node for each element at most
+        return MAP_HEADER + 2 * entries * element
+    # A preallocated hash has a spare element per CPU, and buckets to the next power of two of its length.
+    return (MAP_HEADER + (entries + (os.cpu_count() or 1)) * element
+            + _power_of_two_at_least(entries) * HASH_BUCKET_BYTES)
 
 
 # PROG_LOAD: prog_type .. prog_name [0, 64) and expected_attach_type [68, 72) may be set; log_true_size [140, 144)
@@ -314,12 +353,13 @@ class Caller:
             raise
         return cls(pid, pidfd, mem)
 
+    # An address past 2**63 (a kernel address) is no offset pread/pwrite take: OverflowError, the kernel's EFAULT.
     def read(self, address: int, size: int) -> bytes:
         if size == 0:
             return b""
         try:
             data = os.pread(self.mem, size, address)
-        except OSError:
+        except (OSError, OverflowError):
             data = b""
         if len(data) != size:
             raise Refused(errno.EFAULT, f"cannot read {size} bytes at {address:#x}")
@@ -328,7 +368,7 @@ class Caller:
     def write(self, address: int, data: bytes) -> None:
         try:
             written = os.pwrite(self.mem, data, address)
-        except OSError:
+        except (OSError, OverflowError):
             written = -1
         if written != len(data):
             raise Refused(errno.EFAULT, f"cannot write {len(data)} bytes at {address:#x}")
@@ -353,6 +393,14 @@ class Caller:
         self.local_fds.clear()
 
 
+def tally(counts: dict[str, int], name: str) -> None:
+    """Count one call under ``name``: a command's (a few) or a refusal's reason, a new one of which is counted as
+    "refused: other reasons" once there are :data:`MAX_TALLIED_NAMES` names."""
+    if name.startswith("refused: ") and name not in counts and len(counts) >= MAX_TALLIED_NAMES:
+        name = "refused: other reasons"
+    counts[name] = counts.get(name, 0) + 1
+
+
 @dataclass
 class Answer:
     value: int = 0
@@ -367,23 +415,29 @@ class BpfDelegate:
         self.listener = listener
         self.cgroup2 = cgroup2
         self.log = log
-        self.calls: dict[str, int] = {}  # command name (or "refused: ...") -> count, for the boot line and tests
-        self.map_bytes, self.programs = 0, 0  # made so far, against MAP_BYTES_BUDGET and PROGRAM_BUDGET
+        self.calls: dict[str, int] = {}  # command name (or "refused: ...") -> count, for diagnosis and tests
+        # Made so far, against MAP_BYTES_BUDGET, PROGRAM_BUDGET and INSTRUCTION_BUDGET.
+        self.map_bytes, self.programs, self.instructions = 0, 0, 0
         self._stopping = threading.Event()
         self._host_userns = os.stat("/proc/self/ns/user").st_ino
         self._thread = threading.Thread(target=self._serve, name=f"bpf delegate {name}", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 5.0) -> None:
+        """Stop answering (the machine is gone); the listener is closed by the thread when it ends, which may be
+        after ``wait``: closed under a call still being made, its number could be reused for another machine's
+        listener by the time that call is answered."""
         self._stopping.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=wait)
+
+    def _serve(self) -> None:
         try:
+            self._loop()
+        finally:
             os.close(self.listener)
-        except OSError:
-            pass
 
     # The loop: one notification at a time; a failure answers the call with an errno, it never leaves it waiting.
-    def _serve(self) -> None:
+    def _loop(self) -> None:
         try:
             drop_leaky_capabilities()
         except OSError as exc:  # then nothing is delegated: every call of the machine gets EPERM
@@ -428,7 +482,7 @@ class BpfDelegate:
         try:
             answer = self._answer(caller, notif_id, args[0], args[1], args[2])
         except Refused as refused:
-            self.calls[f"refused: {refused}"] = self.calls.get(f"refused: {refused}", 0) + 1
+            tally(self.calls, f"refused: {refused}")
             answer = Answer(error=refused.code)
         except OSError as exc:
             answer = Answer(error=exc.errno or errno.EPERM)
@@ -478,13 +532,12 @@ class BpfDelegate:
         answer = handler(caller, command, attr, address)
         name = {0: "map_create", 1: "map_lookup", 2: "map_update", 3: "map_delete", 5: "prog_load", 8: "attach",
                 9: "detach", 15: "info"}[command]
-        self.calls[name] = self.calls.get(name, 0) + 1
+        tally(self.calls, name)
         return answer
 
     def _map_create(self, caller: Caller, command: int, attr: bytes, address: int) -> Answer:
         check_map_create(attr)
-        _map_type, key_size, value_size, entries = struct.unpack_from("=4I", attr.ljust(16, b"\0"))
-        size = entries * (key_size + value_size)
+        size = map_kernel_bytes(*struct.unpack_from("=4I", attr.ljust(16, b"\0")))
         if self.map_bytes + size > MAP_BYTES_BUDGET:
             raise Refused(errno.EPERM, f"BPF_MAP_CREATE: the machine's maps would pass {MAP_BYTES_BUDGET >> 20} MiB")
         fd, _ = _bpf(command, attr)
@@ -521,14 +574,26 @@ class BpfDelegate:
 
     def _prog_load(self, caller: Caller, command: int, attr: bytes, address: int) -> Answer:
         check_prog_load(attr)
+        count = _u32(attr, 4)
         if self.programs >= PROGRAM_BUDGET:
             raise Refused(errno.EPERM, f"BPF_PROG_LOAD: the machine loaded {PROGRAM_BUDGET} programs already")
+        if self.instructions + count > INSTRUCTION_BUDGET:
+            raise Refused(errno.EPERM, f"BPF_PROG_LOAD: the machine loaded {self.instructions} instructions already "
+                          f"(of {INSTRUCTION_BUDGET})")
         self.programs += 1
-        count = _u32(attr, 4)
+        self.instructions += count
         insns = bytearray(caller.read(_u64(attr, 8), count * 8))
-        for slot in map_fd_slots(bytes(insns)):
-            map_fd = caller.fd(struct.unpack_from("=i", insns, slot * 8 + 4)[0] & 0xFFFFFFFF)
-            struct.pack_into("=i", insns, slot * 8 + 4, map_fd)
+        slots = map_fd_slots(bytes(insns))
+        # Each fd number is a copy held by the test process until the call is answered: 2048 of them for a program
+        # of 4096 instructions, enough to take the test process's last free fds (a soft limit of 1024 is common).
+        numbers = {int(struct.unpack_from("=I", insns, slot * 8 + 4)[0]) for slot in slots}
+        if len(numbers) > MAX_USED_MAPS:
+            raise Refused(errno.E2BIG, f"BPF_PROG_LOAD: maps by {len(numbers)} fd numbers (a program may use "
+                          f"{MAX_USED_MAPS} maps)")
+        local_fds = {number: caller.fd(number) for number in numbers}
+        for slot in slots:
+            number = int(struct.unpack_from("=I", insns, slot * 8 + 4)[0])
+            struct.pack_into("=i", insns, slot * 8 + 4, local_fds[number])
         license_text = b""
         license_address = _u64(attr, 16)
         while license_address and len(license_text) < 128:  # a C string: up to its end (pages may end anywhere)
@@ -546,9 +611,19 @@ class BpfDelegate:
                          log_level if log_size else 0, log_size, _address(log) if log_size else 0)
         try:
             fd, _ = _bpf(command, bytes(local[:max(len(attr), 72)]))
-        finally:
-            if log_size:
+        except OSError:
+            if log_size:  # the verifier's reasons; a log that cannot be written back is the kernel's EFAULT too
                 caller.write(log_address, log.raw[:log_size])
+            raise
+        if log_size:
+            try:
+                caller.write(log_address, log.raw[:log_size])
+            except Refused:
+                # As the kernel fails a load whose log it cannot copy out. Closing matters: the fd is ours until
+                # it is installed in the caller, and a kept one would be a program and an fd of the test process
+                # for every such call.
+                os.close(fd)
+                raise
         return Answer(fd=fd)
 
     def _attach(self, caller: Caller, command: int, attr: bytes, address: int) -> Answer:
