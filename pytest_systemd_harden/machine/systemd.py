@@ -116,6 +116,19 @@ class OutputFiles(Protocol):
         """The contents of ``path`` in the machine."""
 
 
+def _string_with_nul(value: Any) -> str | None:
+    """The first string in a message body (nested lists, tuples, variants) holding a NUL byte, or None."""
+    if isinstance(value, str):
+        return value if "\0" in value else None
+    if isinstance(value, Variant):
+        return _string_with_nul(value.value)
+    if isinstance(value, (list, tuple)):
+        return next((found for item in value if (found := _string_with_nul(item)) is not None), None)
+    if isinstance(value, dict):
+        return _string_with_nul([*value.keys(), *value.values()])
+    return None
+
+
 class SystemdClient:
     """A blocking client for one systemd manager, reached at ``address`` (a D-Bus address string).
 
@@ -198,6 +211,14 @@ class SystemdClient:
                     unix_fds: Sequence[int] = ()) -> list[Any]:
         if self._bus is None:
             raise MachineError(f"not connected to systemd at {self.address}")
+        # A string with a NUL byte is not a D-Bus string: the bus drops the whole connection for it, and every
+        # later call would wait out its timeout. Refused here, before anything is sent.
+        nul = _string_with_nul(body)
+        if nul is not None:
+            raise ValueError(f"{member}: a NUL byte cannot cross D-Bus (in {nul!r})")
+        if not self._bus.connected:
+            raise MachineError(f"the connection to systemd at {self.address} is closed (the machine stopped, or the "
+                               "bus dropped it)")
         return await self._call_on(self._bus, SYSTEMD, path, interface, member, signature, body, unix_fds)
 
     # -- queries ------------------------------------------------------------------------------------------
