@@ -68,7 +68,8 @@ def main() -> int:
                 print(f"{release} round {round_ + 1}: full {one_full:.1f} s, on the base {one_on_base:.1f} s, "
                       f"same packages: {same} ({count})", flush=True)
             print(f"{release}: {', '.join(extra)}: full build {statistics.median(full):.1f} s, on the cached base "
-                  f"{statistics.median(on_base):.1f} s, ratio {statistics.median(on_base) / statistics.median(full):.2f}")
+                  f"{statistics.median(on_base):.1f} s, "
+              f"ratio {statistics.median(on_base) / statistics.median(full):.2f}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

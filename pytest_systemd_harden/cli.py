@@ -248,7 +248,8 @@ def _tighten(args: argparse.Namespace) -> int:
         try:
             service = pool.service_for(first)
         except ServiceFailed as exc:
-            print(f"systemd-harden tighten: the spec as written does not start; fix that first:\n{exc}", file=sys.stderr)
+            print(f"systemd-harden tighten: the spec as written does not start; fix that first:\n{exc}",
+                  file=sys.stderr)
             return 1
         before = exposure.score(machine, first)
         tightened = tighten_service(service, keep=(*spec.tighten_keep, *args.keep),
@@ -275,8 +276,8 @@ def _tighten(args: argparse.Namespace) -> int:
         print(f"\non Debian {release} the result does NOT pass: {why}")
     if failing:
         print(f"\nsystemd-harden tighten: tightened on Debian {releases[0]}, the spec also ships on "
-              f"{', '.join(failing)}, where it fails: add the directive that breaks it to --never (or tighten: never:), "
-              "or pin the spec to one release", file=sys.stderr)
+              f"{', '.join(failing)}, where it fails: add the directive that breaks it to --never "
+              "(or tighten: never:), or pin the spec to one release", file=sys.stderr)
         return 1
     print(f"\nhardening: (every scenario passes under it on Debian {', '.join(releases)})")
     for directive in result.after:
@@ -394,7 +395,8 @@ def parser() -> argparse.ArgumentParser:
 
     backends = commands.add_parser("backends", help="boot each backend that can run here and print which "
                                                     "directives it enforces, measured (needs root)")
-    backends.add_argument("names", nargs="*", metavar="NAME", help=f"nspawn, {PRIVILEGED_NSPAWN}, qemu, host (default: all)")
+    backends.add_argument("names", nargs="*", metavar="NAME",
+                          help=f"nspawn, {PRIVILEGED_NSPAWN}, qemu, host (default: all)")
     backends.add_argument("--markdown", action="store_true", help="print a table (docs/backends.md has one)")
     backends.add_argument("--release", default="", choices=[*RELEASES, ""], metavar="RELEASE",
                           help=f"the Debian release the machines boot (default: {DEFAULT_RELEASE}): what a backend "

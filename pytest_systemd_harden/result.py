@@ -79,7 +79,8 @@ class CommandResult:
             return "did not finish"
         text = f"exit status {self.exit_status}"
         if self.exit_status in SYSTEMD_EXIT_CODES:
-            text += f" ({self.exit_status}/{SYSTEMD_EXIT_CODES[self.exit_status]}: systemd could not set up the sandbox)"
+            text += (f" ({self.exit_status}/{SYSTEMD_EXIT_CODES[self.exit_status]}: "
+                     "systemd could not set up the sandbox)")
         elif self.exit_status == 128 + signal.SIGSYS:
             text += " (a child was killed by SIGSYS: seccomp, Bad system call)"
         errnos = self.errno_names

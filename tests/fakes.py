@@ -33,8 +33,8 @@ def kernel_without_family_modules(monkeypatch: pytest.MonkeyPatch, directory: Pa
     """The probes' view of a kernel with no address-family module loaded: a /proc/net/protocols listing UNIX
     only and an empty /sys/module, both in ``directory``; returned so a test can load one."""
     protocols, modules = directory / "protocols", directory / "module"
-    protocols.write_text("protocol  size sockets  memory press maxhdr  slab module     cl co di ac io in de sh ss gs se "
-                         "re sp bi br ha uh gp em\nUNIX       1024     12      -1   NI       0   yes  kernel\n")
+    protocols.write_text("protocol  size sockets  memory press maxhdr  slab module     cl co di ac io in de sh ss gs "
+                         "se re sp bi br ha uh gp em\nUNIX       1024     12      -1   NI       0   yes  kernel\n")
     modules.mkdir()
     monkeypatch.setattr(inside, "PROTOCOLS_FILE", str(protocols))
     monkeypatch.setattr(inside, "MODULES_DIR", str(modules))

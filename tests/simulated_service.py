@@ -106,7 +106,8 @@ class World:
                     if self.kernel_log else ""
                 return TrialResult(False, "exit status 159 (SIGSYS)" if self.kernel_log else f"{syscall}: SIGSYS",
                                    record.lstrip("\n"))
-        if self.x86 and "SystemCallArchitectures" in by_name and "x86" not in _values(by_name, "SystemCallArchitectures"):
+        if (self.x86 and "SystemCallArchitectures" in by_name
+                and "x86" not in _values(by_name, "SystemCallArchitectures")):
             return TrialResult(False, "exit status 159 (SIGSYS)", "Bad system call")
         for device in self.devices:
             if not self.device_usable(by_name, device):
@@ -183,7 +184,8 @@ class World:
 
     @staticmethod
     def readable(by_name: dict[str, Directive], path: str) -> bool:
-        bound = {p.lstrip("-").split(":")[0] for p in _values(by_name, "BindReadOnlyPaths") + _values(by_name, "BindPaths")}
+        bound = {p.lstrip("-").split(":")[0]
+                 for p in _values(by_name, "BindReadOnlyPaths") + _values(by_name, "BindPaths")}
         if path.startswith(("/tmp/", "/var/tmp/")) and "PrivateTmp" in by_name and by_name["PrivateTmp"].value == "yes":
             return path in bound
         if path.startswith(("/home/", "/root/", "/run/user/")) and "ProtectHome" in by_name:

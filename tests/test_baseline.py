@@ -433,4 +433,5 @@ def test_a_directive_dropped_from_the_units_own_file_is_a_baseline_regression(py
     dropped = run(pytester)
     assert dropped.ret == 1
     dropped.stdout.fnmatch_lines(["*harden.yaml::baseline FAILED*",
-                                  "  - PrivateTmp=yes was dropped from the hardening (it was in force in the baseline)"])
+                                  ("  - PrivateTmp=yes was dropped from the hardening "
+                                   "(it was in force in the baseline)")])

@@ -55,7 +55,8 @@ def test_caps_are_written_and_a_hit_is_told_with_the_cap(tmp_path: Path) -> None
     assert group.caps_hit(before, caps) == [
         ("the machine hit its memory cap of 256 MiB (2 process(es) killed by the cgroup's OOM killer; raise it with "
          "$HARDEN_MACHINE_MEMORY_MAX)"),
-        "the machine hit its tasks cap of 300 (7 fork(s) or thread(s) refused; raise it with $HARDEN_MACHINE_TASKS_MAX)"]
+        ("the machine hit its tasks cap of 300 (7 fork(s) or thread(s) refused; raise it with "
+         "$HARDEN_MACHINE_TASKS_MAX)")]
     assert group.caps_hit(group.cap_counters(), caps) == []  # only what is new since `before`
 
 
@@ -76,7 +77,8 @@ def test_the_image_copy_is_shifted_keeping_setuid_bits_and_file_capabilities(tmp
         assert (path.stat().st_uid, path.stat().st_gid) == (base, base)
     assert os.lstat(root / "link").st_uid == base
     assert su.stat().st_mode & 0o7777 == 0o4755
-    magic, permitted, _inheritable, _p2, _i2, root_uid = struct.unpack("<IIIIII", os.getxattr(ping, "security.capability"))
+    magic, permitted, _inheritable, _p2, _i2, root_uid = struct.unpack("<IIIIII",
+                                                                       os.getxattr(ping, "security.capability"))
     assert (magic, permitted, root_uid) == (0x03000001, 1 << 13, base)
     userns.shift_ownership(root, base)  # idempotent: an interrupted shift can be run again
     assert su.stat().st_uid == base
@@ -100,7 +102,8 @@ def test_a_scope_of_the_host_systemd_is_found_in_every_hierarchy(tmp_path: Path)
                       tmp_path / "memory/machine.slice/harden-1234abcd.scope",
                       tmp_path / "unified/machine.slice/harden-1234abcd.scope"]
     (tmp_path / "cgroup.controllers").write_text("memory pids\n")
-    unified = cgroups.scope_paths("0::/machine.slice/harden-1234abcd.scope/payload\n", "harden-1234abcd.scope", tmp_path)
+    unified = cgroups.scope_paths("0::/machine.slice/harden-1234abcd.scope/payload\n", "harden-1234abcd.scope",
+                                  tmp_path)
     assert unified == [tmp_path / "machine.slice/harden-1234abcd.scope"]
     group = unified[0]
     group.mkdir(parents=True)

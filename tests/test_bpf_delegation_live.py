@@ -29,7 +29,8 @@ def insn(code, dst=0, src=0, off=0, imm=0):
     return struct.pack("=BBhi", code, dst | src << 4, off, imm)
 keep = []
 def load(prog_type, insns):
-    code = ctypes.create_string_buffer(b"".join(insns)); lic = ctypes.create_string_buffer(b"GPL"); keep.extend([code, lic])
+    code = ctypes.create_string_buffer(b"".join(insns)); lic = ctypes.create_string_buffer(b"GPL")
+    keep.extend([code, lic])
     attr = struct.pack("=IIQQ", prog_type, len(code.raw) // 8, ctypes.addressof(code), ctypes.addressof(lic))
     return bpf(5, attr.ljust(160, b"\0"))
 RET1 = [insn(0xb7, 0, imm=1), insn(0x95)]
@@ -117,7 +118,8 @@ def insn(code, dst=0, src=0, off=0, imm=0):
 keep = []
 def load(count=2, log_level=0, log_size=0, log_address=0, prog_type=8):
     body = [insn(0xb7, 0, imm=1)] + [insn(0x57, 0, imm=1)] * (count - 2) + [insn(0x95)]  # r0 = 1; r0 &= 1 ...
-    code = ctypes.create_string_buffer(b"".join(body)); lic = ctypes.create_string_buffer(b"GPL"); keep.extend([code, lic])
+    code = ctypes.create_string_buffer(b"".join(body)); lic = ctypes.create_string_buffer(b"GPL")
+    keep.extend([code, lic])
     attr = struct.pack("=IIQQIIQ", prog_type, count, ctypes.addressof(code), ctypes.addressof(lic), log_level, log_size,
                        log_address)
     return bpf(5, attr.ljust(160, b"\0"))

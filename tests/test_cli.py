@@ -64,7 +64,8 @@ def test_lint_passes_good_specs_and_prints_errors_as_file_line(tmp_path: Path,
     assert status == 1
     line = GOOD.splitlines().index("  ProtectSystem: strict") + 1
     assert out.splitlines() == [f"{good}: ok (7 directives, 1 scenarios)",
-                                f"{bad}:{line}: hardening.ProtectSytem: unknown directive (did you mean ProtectSystem?)"]
+                                (f"{bad}:{line}: hardening.ProtectSytem: unknown directive "
+                                 "(did you mean ProtectSystem?)")]
     assert cli("lint", "-q", str(good), capsys=capsys) == (0, "", "")
 
 

@@ -22,7 +22,8 @@ hardening:
   NoNewPrivileges: yes
 scenarios:
   - name: writes its marker where the release wants it
-    inside: sh -c 'systemctl --version | grep -q "^systemd 252" || (mkdir -p /etc/harden-marker && touch /etc/harden-marker/stamp)'
+    inside: sh -c 'systemctl --version | grep -q "^systemd 252" || \
+(mkdir -p /etc/harden-marker && touch /etc/harden-marker/stamp)'
 """
 
 

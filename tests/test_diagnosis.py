@@ -208,7 +208,8 @@ def test_relaxation_adds_to_a_directive_the_spec_already_has() -> None:
     directives = hardening(ProtectSystem="strict", ReadWritePaths="/var/tmp")
     relaxation = Relaxation("grant", add=(Directive("ReadWritePaths", ("-/srv",)),))
     assert relaxation.apply(directives)[1].unit_lines() == ["ReadWritePaths=/var/tmp", "ReadWritePaths=-/srv"]
-    assert relaxation.dropin(directives) == "[Service]\nReadWritePaths=\nReadWritePaths=/var/tmp\nReadWritePaths=-/srv\n"
+    assert relaxation.dropin(directives) == ("[Service]\nReadWritePaths=\nReadWritePaths=/var/tmp\n"
+                                             "ReadWritePaths=-/srv\n")
 
 
 def test_paths_in_takes_denied_paths_and_their_ancestors() -> None:
@@ -333,7 +334,7 @@ def test_a_root_service_has_no_implied_no_new_privileges() -> None:
     assert [d.name for d in no_new_privileges_sources(dynamic)] == ["DynamicUser", "ProtectClock"]
 
 
-# --- narrow relaxations first: a grant, then a weaker value, then removal ----------------------------------------------
+# --- narrow relaxations first: a grant, then a weaker value, then removal ---------------------------------------------
 
 def test_a_device_under_private_devices_is_bound_in_and_allowed() -> None:
     directives = hardening(PrivateDevices=True, PrivateTmp=True)
@@ -351,7 +352,8 @@ def test_a_file_hidden_by_private_tmp_is_bound_in_read_only() -> None:
     directives = hardening(PrivateTmp=True, ProtectSystem="strict")
     diagnosis = run(World(reads=["/tmp/shared.conf"]), directives, "cat: /tmp/shared.conf: No such file or directory")
     assert diagnosis.verified and diagnosis.combined is not None
-    assert diagnosis.combined.description == "bind /tmp/shared.conf into the sandbox with BindReadOnlyPaths=-/tmp/shared.conf"
+    assert diagnosis.combined.description == ("bind /tmp/shared.conf into the sandbox with "
+                                              "BindReadOnlyPaths=-/tmp/shared.conf")
     assert diagnosis.findings[0].relaxation.needs == "read access to /tmp/shared.conf"  # type: ignore[union-attr]
     assert diagnosis.combined.spec_change(directives) == "BindReadOnlyPaths: -/tmp/shared.conf"
 
@@ -390,7 +392,8 @@ def test_32_bit_calls_get_the_architecture_added_not_the_directive_removed() -> 
     directives = hardening(SystemCallArchitectures="native", PrivateTmp=True)
     diagnosis = run(World(x86=True), directives, "Bad system call")
     assert diagnosis.verified and diagnosis.combined is not None
-    assert diagnosis.combined.dropin(directives) == "[Service]\nSystemCallArchitectures=\nSystemCallArchitectures=native x86\n"
+    assert diagnosis.combined.dropin(directives) == ("[Service]\nSystemCallArchitectures=\n"
+                                                     "SystemCallArchitectures=native x86\n")
     assert diagnosis.findings[0].relaxation.needs == "x86 system calls (32-bit)"  # type: ignore[union-attr]
 
 

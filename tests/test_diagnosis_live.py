@@ -80,7 +80,8 @@ def test_a_write_under_protect_system_strict_gets_a_state_directory(diagnose) ->
 
 def test_write_execute_memory_under_memory_deny_write_execute(diagnose) -> None:  # type: ignore[no-untyped-def]
     diagnosis = diagnose("  MemoryDenyWriteExecute: yes\n",
-                         "python3 -c 'import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ|mmap.PROT_WRITE|mmap.PROT_EXEC)'")
+                         "python3 -c 'import mmap; "
+                         "mmap.mmap(-1, 4096, prot=mmap.PROT_READ|mmap.PROT_WRITE|mmap.PROT_EXEC)'")
     assert culprits(diagnosis) == ["MemoryDenyWriteExecute"]
     assert diagnosis.combined is not None and diagnosis.verified
     assert diagnosis.combined.description == "set MemoryDenyWriteExecute=no (systemd's default)"

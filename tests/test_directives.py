@@ -488,7 +488,8 @@ def test_ip_bad_address() -> None:
 
 def test_bind_read_only_paths() -> None:
     value = ["/srv/data:/data", "-/etc/app:/etc/app:norbind", "/opt/tool", "/a:/b:rbind"]
-    assert assignments("BindReadOnlyPaths", value) == ("/srv/data:/data -/etc/app:/etc/app:norbind /opt/tool /a:/b:rbind",)
+    assert assignments("BindReadOnlyPaths", value) == (
+        "/srv/data:/data -/etc/app:/etc/app:norbind /opt/tool /a:/b:rbind",)
     assert props("BindReadOnlyPaths", value) == [("BindReadOnlyPaths", "a(ssbt)", [
         ["/srv/data", "/data", False, MS_REC],
         ["/etc/app", "/etc/app", True, 0],

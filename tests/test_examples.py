@@ -32,7 +32,8 @@ ITEMS = {
     "package-unit": ["harden.yaml::a value is set and read back PASSED", "harden.yaml::the server answers stats PASSED",
                      "test_over_hardening.py::test_the_start_fails_and_the_diagnosis_names_the_drop_ins_line PASSED"],
     "unit-file": [f"harden.yaml::{release}::{item} PASSED" for release in ("bookworm", "trixie") for item in (
-        "a note is stored and read back", "the state directory is the instance's own, and the sandbox writes there only")],
+        "a note is stored and read back",
+        "the state directory is the instance's own, and the sandbox writes there only")],
     "version-bump": ["harden.yaml::says hello PASSED", "harden.yaml::says hello again, and counts PASSED",
                      "test_version_bump.py::test_the_baseline_notices_the_bump_and_the_regression_it_brought PASSED"],
     "privileged-port": ["harden.yaml::redirects plain HTTP to HTTPS PASSED",

@@ -33,7 +33,8 @@ def test_a_bound_device_the_policy_denies_fails_as_on_a_host(pytester: pytest.Py
     if machine.NAME == "nspawn":  # no device rules in the container: the failure says what a host does
         result.stdout.fnmatch_lines([
             "*expected: opening /dev/net/tun is denied (EPERM) by the closed device policy*",
-            "*on a host (or --harden-backend=qemu) opening /dev/net/tun fails with EPERM*add DeviceAllow=/dev/net/tun rw*",
+            ("*on a host (or --harden-backend=qemu) opening /dev/net/tun fails with EPERM*"
+             "add DeviceAllow=/dev/net/tun rw*"),
         ])
     allowed = spec.replace("  BindPaths: /dev/net/tun\n", "  BindPaths: /dev/net/tun\n  DeviceAllow: /dev/net/tun rw\n")
     (pytester.path / "harden.yaml").write_text(allowed)

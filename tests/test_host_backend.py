@@ -86,7 +86,8 @@ def test_a_host_whose_pid_1_is_not_systemd_is_sent_to_nspawn(monkeypatch: pytest
 def test_units_are_named_after_their_machine_so_runs_sharing_a_systemd_never_meet(make_spec: MakeSpec) -> None:
     one, two = host_machine(), host_machine()
     assert one.name.startswith("harden-host-") and two.name.startswith("harden-host-") and one.name != two.name
-    assert [one.unit_name("cmd"), one.unit_name("probe")] == [f"{one.name}-cmd-1.service", f"{one.name}-probe-2.service"]
+    assert [one.unit_name("cmd"), one.unit_name("probe")] == [f"{one.name}-cmd-1.service",
+                                                              f"{one.name}-probe-2.service"]
     service = HardenedService(one, make_spec(SLEEPER.format(name="gpg-signing")))
     assert service.unit == f"{one.name}-gpg-signing.service"
     # Its dynamic user is named after it: unique too, and within the 31 characters of a user name.
@@ -133,8 +134,9 @@ def test_careful_probes_leave_a_directory_untouched_even_its_mtime(tmp_path: Pat
     past = 1_000_000_000 * 10**9
     for path in (directory, directory / "file"):
         os.utime(path, ns=(past, past))
-    probes = [Probe("write", str(directory)), Probe("write", f"{directory}/missing"), Probe("write", f"{directory}/file"),
-              Probe("exec", str(directory)), Probe("umask"), Probe("setuid-bit", "suid"), Probe("setuid-bit", "sgid")]
+    probes = [Probe("write", str(directory)), Probe("write", f"{directory}/missing"),
+              Probe("write", f"{directory}/file"), Probe("exec", str(directory)), Probe("umask"),
+              Probe("setuid-bit", "suid"), Probe("setuid-bit", "sgid")]
     results = run_locally(probes, guard="host", scratch=directory)
     assert all(results[p].allowed for p in probes), [results[p].describe() for p in probes]
     assert results[Probe("umask")].facts["file_mode"] == 0o640  # 0666 under the umask 027 it ran with

@@ -65,7 +65,8 @@ def with_kernel(world: World, syscall_of: dict[str, str]) -> World:
         result = original(directives)
         name = result.summary.removesuffix(": SIGSYS")
         if not result.passed and name in syscall_of:
-            return TrialResult(False, result.summary, f"kernel log (seccomp):\nthe kernel killed 9 (gpg) for syscall {name}")
+            return TrialResult(False, result.summary,
+                               f"kernel log (seccomp):\nthe kernel killed 9 (gpg) for syscall {name}")
         return result
 
     world.trial = trial  # type: ignore[method-assign]

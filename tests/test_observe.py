@@ -121,7 +121,8 @@ def test_strace_line_forms() -> None:
         12    <... openat resumed>) = 3</srv/out/a>
         12    utimensat(3</srv/out/a>, NULL, NULL, 0) = 0
         12    mkdir("/etc/new", 0755) = -1 EROFS (Read-only file system)
-        12    connect(4<socket:[9]>, {sa_family=AF_INET, sin_port=htons(443), sin_addr=inet_addr("192.0.2.7")}, 16) = -1 EINPROGRESS (Operation now in progress)
+        12    connect(4<socket:[9]>, {sa_family=AF_INET, sin_port=htons(443), sin_addr=inet_addr("192.0.2.7")}, 16) = \
+-1 EINPROGRESS (Operation now in progress)
         12    --- SIGCHLD {si_signo=SIGCHLD, si_code=CLD_EXITED, si_pid=13} ---
         [ Process PID=14 runs in 32 bit mode. ]
         13    +++ exited with 0 +++
@@ -271,7 +272,8 @@ def test_refused_calls_are_kept_as_denials_for_the_diagnosis() -> None:
 
     trace = """\
 10    openat(AT_FDCWD</>, "/etc/app/app.conf", O_WRONLY|O_CREAT|O_TRUNC, 0666) = -1 EROFS (Read-only file system)
-10    openat(AT_FDCWD</>, "/lib/x86_64-linux-gnu/tls/libc.so.6", O_RDONLY|O_CLOEXEC) = -1 ENOENT (No such file or directory)
+10    openat(AT_FDCWD</>, "/lib/x86_64-linux-gnu/tls/libc.so.6", O_RDONLY|O_CLOEXEC) = \
+-1 ENOENT (No such file or directory)
 10    openat(AT_FDCWD</>, "/dev/net/tun", O_RDWR) = -1 ENOENT (No such file or directory)
 10    openat(AT_FDCWD</>, "/etc/hostname", O_RDONLY) = 3</etc/hostname>
 """

@@ -79,7 +79,8 @@ def test_transient_unit_and_rendered_dropin_have_the_same_settings(machine: Mach
     spec = make_spec(EVERYTHING)
     service = HardenedService(machine, spec, unit="harden-parity-transient.service")
     unit_file = "[Unit]\nDescription=parity\n" + render_dropin(spec.hardening) + "ExecStart=/bin/sleep infinity\n"
-    write = machine.run(["/bin/sh", "-c", "cat > /run/systemd/system/harden-parity-file.service && systemctl daemon-reload"],
+    write = machine.run(["/bin/sh", "-c",
+                         "cat > /run/systemd/system/harden-parity-file.service && systemctl daemon-reload"],
                         stdin=unit_file.encode())
     assert write.ok, write.describe()
     try:

@@ -35,7 +35,8 @@ hardening:
 """)
     result = pytester.runpytest()
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*harden.yaml:4: hardening.ProtectSytem: unknown directive (did you mean ProtectSystem?)"])
+    result.stdout.fnmatch_lines([
+        "*harden.yaml:4: hardening.ProtectSytem: unknown directive (did you mean ProtectSystem?)"])
     assert "Traceback" not in result.stdout.str()
     assert "booting" not in result.stdout.str()
 
@@ -94,7 +95,8 @@ def test_a_missing_backend_skips_with_the_fix_or_errors_when_required(pytester: 
     monkeypatch.setenv("PATH", str(pytester.path / "empty-bin"))  # no systemd-nspawn to be found
     skipped = pytester.runpytest_subprocess("-rs")
     skipped.assert_outcomes(skipped=3)  # the start item and the enforcement items of both directives
-    skipped.stdout.fnmatch_lines(["*backend unavailable: systemd-nspawn is not installed: apt-get install systemd-container*"])
+    skipped.stdout.fnmatch_lines([
+        "*backend unavailable: systemd-nspawn is not installed: apt-get install systemd-container*"])
     required = pytester.runpytest_subprocess("--harden-require-backend")
     required.assert_outcomes(failed=1, skipped=2)  # one cause: the start fails, the enforcement items are not run
     required.stdout.fnmatch_lines(["*backend unavailable (--harden-require-backend): systemd-nspawn is not installed*",

@@ -74,7 +74,8 @@ def test_the_script_reports_one_json_line_per_probe() -> None:
 
 def test_results_describe_themselves() -> None:
     probe = Probe("write", "/etc")
-    assert ProbeResult(probe, "denied", errno="EROFS", detail="create a file in /etc: Read-only file system").describe() \
+    assert ProbeResult(probe, "denied", errno="EROFS",
+                       detail="create a file in /etc: Read-only file system").describe() \
         == "denied: EROFS (create a file in /etc: Read-only file system)"
     assert ProbeResult(probe, "denied", signal="SIGSYS").describe() == "killed by SIGSYS (seccomp)"
     assert ProbeResult(probe, "error", errno="ENOENT", detail="stat /x: gone").describe() == \
@@ -92,7 +93,8 @@ def test_syscall_groups_are_resolved_through_nested_groups() -> None:
                                  "# Unlisted system calls (supported by the local kernel, but not in any group):\n"
                                  "#   osf_mount\n#   syslog\n")
     assert known == {"brk", "exit", "socket", "mount", "reboot", "osf_mount", "syslog"}
-    version, features = parse_version("systemd 252 (252.39-1~deb12u2)\n+PAM +SECCOMP -BPF_FRAMEWORK default-hierarchy=unified")
+    version, features = parse_version("systemd 252 (252.39-1~deb12u2)\n"
+                                      "+PAM +SECCOMP -BPF_FRAMEWORK default-hierarchy=unified")
     assert version == 252 and {"+SECCOMP", "-BPF_FRAMEWORK"} <= features
 
 

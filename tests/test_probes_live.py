@@ -100,7 +100,8 @@ def test_the_whole_catalogue_with_no_hardening_leaves_the_machine_unchanged(mach
     before, before_at = snapshot(machine)
     # Whatever moved between two snapshots with nothing run in between is the machine's own noise.
     noise = {f"{table}:{name}" for table in ("files", "sysctl") for name in set(first[table]) | set(before[table])
-             if first[table].get(name) != before[table].get(name) or (table == "sysctl" and VOLATILE_SYSCTL.search(name))}
+             if first[table].get(name) != before[table].get(name)
+                or (table == "sysctl" and VOLATILE_SYSCTL.search(name))}
     declared = [Probe("write", "/etc/passwd"), Probe("read", "/home"), Probe("connect", "127.0.0.1:53"),
                 Probe("connect", "tcp:127.0.0.1:9"), Probe("bind", "127.0.0.1:80"), Probe("exec", "/tmp")]
     probes = standard_catalogue() + declared
@@ -111,9 +112,10 @@ def test_the_whole_catalogue_with_no_hardening_leaves_the_machine_unchanged(mach
                ("LimitCORE", Variant("t", 2**64 - 1)), ("LimitCORESoft", Variant("t", 2**64 - 1))]
     killed = run_batch(on_machine(machine, killing), probes, "with kills")
     # RemoveIPC='s probe leaves its object for the unit's stop; ipc_lifecycle removes what is left, in every case.
-    ipc_runs = {name: ipc_lifecycle(on_machine(machine, properties), on_machine(machine), name) for name, properties in (
-        ("root", []), ("nobody", [("User", Variant("s", "nobody"))]),
-        ("dynamic", [("DynamicUser", Variant("b", True)), ("User", Variant("s", "harden-probe-ipc"))]))}
+    ipc_runs = {name: ipc_lifecycle(on_machine(machine, properties), on_machine(machine), name)
+                for name, properties in (
+                    ("root", []), ("nobody", [("User", Variant("s", "nobody"))]),
+                    ("dynamic", [("DynamicUser", Variant("b", True)), ("User", Variant("s", "harden-probe-ipc"))]))}
     after, after_at = snapshot(machine)
 
     # The probes really acted: as root, unconfined, these all reached the kernel and were allowed.

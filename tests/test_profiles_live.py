@@ -85,7 +85,8 @@ def test_private_users_puts_the_service_in_a_user_namespace_of_its_own(start: Ca
 
 
 # Copy a program to each scratch directory it can write, and run it from there.
-NOEXEC_PROBE = "for d in /tmp /var/tmp /dev/shm; do cp /usr/bin/true $d/p 2>/dev/null && $d/p && echo $d ran; done; true"
+NOEXEC_PROBE = ("for d in /tmp /var/tmp /dev/shm; do cp /usr/bin/true $d/p 2>/dev/null && $d/p && echo $d ran; "
+                "done; true")
 
 
 @pytest.mark.parametrize("name", ["baseline-2026", "maximum-2026"])

@@ -72,13 +72,16 @@ def test_status_text_other_signal() -> None:
 
 
 def test_status_text_shell_reports_child_sigsys() -> None:
-    assert result(128 + SIGSYS).status_text() == "exit status 159 (a child was killed by SIGSYS: seccomp, Bad system call)"
+    assert result(128 + SIGSYS).status_text() == ("exit status 159 "
+                                                  "(a child was killed by SIGSYS: seccomp, Bad system call)")
 
 
-@pytest.mark.parametrize(("status", "name"), [(226, "NAMESPACE"), (203, "EXEC"), (228, "SECCOMP"), (218, "CAPABILITIES")])
+@pytest.mark.parametrize(("status", "name"),
+                         [(226, "NAMESPACE"), (203, "EXEC"), (228, "SECCOMP"), (218, "CAPABILITIES")])
 def test_status_text_systemd_exit_codes(status: int, name: str) -> None:
     assert SYSTEMD_EXIT_CODES[status] == name
-    assert result(status).status_text() == f"exit status {status} ({status}/{name}: systemd could not set up the sandbox)"
+    assert result(status).status_text() == (f"exit status {status} ({status}/{name}: "
+                                            "systemd could not set up the sandbox)")
 
 
 def test_status_text_systemd_exit_code_with_errno() -> None:

@@ -100,7 +100,8 @@ hardening:
 def test_restart_starts_clean(started) -> None:  # type: ignore[no-untyped-def]
     text = """
 service:
-  exec_start: /bin/sh -c 'test ! -e $STATE_DIRECTORY/ran || echo not clean >&2; touch $STATE_DIRECTORY/ran; exec sleep infinity'
+  exec_start: /bin/sh -c 'test ! -e $STATE_DIRECTORY/ran || echo not clean >&2; touch $STATE_DIRECTORY/ran; \
+exec sleep infinity'
   ready: {file: /var/lib/private/cleanliness/ran}
 hardening:
   DynamicUser: yes

@@ -352,7 +352,8 @@ scenarios:
 
 def test_duplicate_yaml_key_in_hardening(tmp_path: Path) -> None:
     path, error = spec_error(tmp_path, SERVICE + "hardening:\n  PrivateTmp: yes\n  PrivateTmp: no\n")
-    assert_message(error, path, 5, "hardening.PrivateTmp", "duplicate key", "YAML would silently keep only the last one")
+    assert_message(error, path, 5, "hardening.PrivateTmp", "duplicate key",
+                   "YAML would silently keep only the last one")
 
 
 def test_duplicate_yaml_key_in_scenario(tmp_path: Path) -> None:

@@ -185,7 +185,8 @@ def test_an_observed_syscall_is_confirmed_in_the_allow_list_put_before_the_users
     mine = hardening(SystemCallFilter="~@memlock", SystemCallErrorNumber="EPERM")
     trace = '10    acct(NULL) = -1 EPERM (Operation not permitted)\n10    read(3</etc/hosts>, "", 1) = 0\n'
     result = run(World(syscalls=["read"]), directives=mine, observation=parse_strace(trace))
-    assert outcome(result, "SystemCallFilter=@system-service") == ("narrowed", "as observed; not needed after all: acct")
+    assert outcome(result, "SystemCallFilter=@system-service") == (
+        "narrowed", "as observed; not needed after all: acct")
     assert filter_lines(result) == [
         "SystemCallFilter=@system-service", "SystemCallFilter=~@memlock @privileged @resources"]
 
@@ -193,7 +194,8 @@ def test_an_observed_syscall_is_confirmed_in_the_allow_list_put_before_the_users
 def test_a_spec_with_an_allow_list_gets_no_second_one_which_would_widen_it() -> None:
     result = run(World(syscalls=["read"]), directives=hardening(SystemCallFilter="read write openat mmap"))
     assert outcome(result, "SystemCallFilter=@system-service")[0] == "skipped"
-    assert filter_lines(result) == ["SystemCallFilter=read write openat mmap", "SystemCallFilter=~@privileged @resources"]
+    assert filter_lines(result) == [
+        "SystemCallFilter=read write openat mmap", "SystemCallFilter=~@privileged @resources"]
     assert not syscall_allowed(result.after, "mlock")
 
 

@@ -160,7 +160,8 @@ class OwnedCgroup:
     def set_caps(self, caps: Caps) -> None:
         """Write ``caps`` into the group's limit files (cgroup2 memory.max/pids.max, or the v1 files)."""
         for path in self.paths:
-            if (path.parent / "cgroup.subtree_control").exists() and (path.parent.parent / "cgroup.controllers").exists():
+            if ((path.parent / "cgroup.subtree_control").exists()
+                    and (path.parent.parent / "cgroup.controllers").exists()):
                 # cgroup2: the controllers must be enabled on our shared parent first.
                 wanted = {"memory", "pids"} & set((path.parent / "cgroup.controllers").read_text().split())
                 if wanted:

@@ -137,7 +137,8 @@ def clean_leftovers(folder: Path, progress: Callable[[str], None] = lambda line:
     The dead build's processes are killed first (a package manager may still be writing there). A build of an
     older version of this plugin mounted in the host's namespace: such mounts, below a dead build's staging
     directory only, are detached (unmounting deletes nothing), then the tree is removed without crossing any
-    mount. The builder runs as a :class:`~pytest_systemd_harden.machine.cgroups.Contained` named after its staging directory."""
+    mount. The builder runs as a :class:`~pytest_systemd_harden.machine.cgroups.Contained` named after its staging
+    directory."""
     removed: list[Path] = []
     if not folder.is_dir():
         return removed

@@ -163,7 +163,8 @@ class SystemdClient:
             return future.result(timeout if timeout is not None else self.call_timeout)
         except TimeoutError:
             future.cancel()
-            raise MachineError(f"systemd at {self.address} did not answer within {timeout or self.call_timeout:.0f}s") from None
+            raise MachineError(f"systemd at {self.address} did not answer within "
+                               f"{timeout or self.call_timeout:.0f}s") from None
 
     def connect(self) -> None:
         self._run(self._connect())
@@ -174,7 +175,8 @@ class SystemdClient:
         bus = _ConnectedBus(self.connector, **options) if self.connector else MessageBus(**options)
         await bus.connect()
         bus.add_message_handler(self._on_message)
-        await self._call_on(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
+        await self._call_on(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                            "AddMatch", "s",
                             [f"type='signal',sender='{SYSTEMD}',interface='{MANAGER_IFACE}',member='JobRemoved'"])
         # Without a subscriber systemd may not emit JobRemoved at all.
         await self._call_on(bus, SYSTEMD, MANAGER_PATH, MANAGER_IFACE, "Subscribe", "", [])

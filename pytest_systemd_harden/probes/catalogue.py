@@ -115,7 +115,8 @@ def _loopback_address(text: str, what: str, default_port: bool) -> str:
         host, _, port = text.rpartition(":")
         host = host.strip("[]")
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise DenialError(f"{text!r} is not HOST:PORT", f"e.g. 127.0.0.1:53, [::1]:53{', or a port' if default_port else ''}")
+        raise DenialError(f"{text!r} is not HOST:PORT",
+                          f"e.g. 127.0.0.1:53, [::1]:53{', or a port' if default_port else ''}")
     if host == "localhost":
         host = "127.0.0.1"
     try:

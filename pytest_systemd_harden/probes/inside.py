@@ -286,7 +286,8 @@ def _harmless_call(name: str, tag: str) -> tuple[int, int]:
 # deliberately invalid arguments" - i.e. no seccomp filter or missing capability stopped it.
 SYSCALL_PROBES: dict[str, tuple[str, ...]] = {
     "mount": ("ENOENT",), "umount2": ("ENOENT",), "swapon": ("ENOENT",), "swapoff": ("ENOENT",),
-    "chroot": ("ENOENT",), "pivot_root": ("ENOENT", "EINVAL"), "reboot": ("EINVAL",), "kexec_load": ("EINVAL", "ENOSYS"),
+    "chroot": ("ENOENT",), "pivot_root": ("ENOENT", "EINVAL"), "reboot": ("EINVAL",),
+    "kexec_load": ("EINVAL", "ENOSYS"),
     "init_module": ("ENOEXEC", "EINVAL", "EFAULT", "ENOSYS"), "finit_module": ("EBADF", "ENOSYS"),
     "delete_module": ("ENOENT", "ENOSYS"), "sethostname": ("EINVAL",), "setdomainname": ("EINVAL",),
     "clock_settime": ("EINVAL",), "settimeofday": ("EINVAL",), "adjtimex": (), "iopl": ("EINVAL", "ENOSYS"),

@@ -36,8 +36,8 @@ PLACED_INTERPRETER = ".harden-probe-python3"
 
 
 def batch_argv(probes: Sequence[Probe], *, guard: str | None = None, interpreter: str = INTERPRETER) -> list[str]:
-    """The command of a batch; ``guard`` (:data:`~pytest_systemd_harden.probes.inside.GUARD_KERNEL` or ``GUARD_HOST``) for a machine that shares
-    the host's kernel or is the host (see :mod:`~pytest_systemd_harden.probes.inside`)."""
+    """The command of a batch; ``guard`` (:data:`~pytest_systemd_harden.probes.inside.GUARD_KERNEL` or ``GUARD_HOST``)
+    for a machine that shares the host's kernel or is the host (see :mod:`~pytest_systemd_harden.probes.inside`)."""
     # -I -S: the image's own stdlib only, no site-packages or environment that could change what a probe does.
     request: dict[str, object] = {"probes": [[probe.kind, probe.arg] for probe in probes]}
     if guard is not None:

@@ -2,8 +2,8 @@
 
 A baseline holds, per spec: the exposure score, each scenario's outcome (the start counts as one), the hardening
 directives in force (for a unit systemd loads, its own and the spec's drop-in on top, from the start item's
-``hardening_in_force``: a package update that drops a directive of its unit is a regression), and - when enforcement or denial checks ran - the directives proven enforced and the probes
-proven denied. Comparing a run with it gives:
+``hardening_in_force``: a package update that drops a directive of its unit is a regression), and - when enforcement or
+denial checks ran - the directives proven enforced and the probes proven denied. Comparing a run with it gives:
 
 * regressions (failing items): a scenario that passed now fails, the exposure rose, a directive was dropped or
   is no longer enforced, a denial is now allowed;

@@ -404,7 +404,8 @@ def _matrix(index: int, report: SpecReport) -> list[str]:
               else "not enforced" if report.snapshot.unenforced and name in report.snapshot.unenforced
               else "not probed" for name in names}
     values = dict(report.directives)
-    out = ['<div class="scroll">', f'<table class="matrix" id="matrix-{index}"><caption>scenarios × directives</caption><thead><tr>'
+    out = ['<div class="scroll">',
+           f'<table class="matrix" id="matrix-{index}"><caption>scenarios × directives</caption><thead><tr>'
            "<th>scenario</th><th>outcome</th>"
            + "".join(f'<th class="directive" data-directive="{_e(n)}" title="{_e(n)}={_e(values[n])} '
                      f'({status[n]})">{_e(n)}</th>' for n in names) + "</tr></thead><tbody>"]

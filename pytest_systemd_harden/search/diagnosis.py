@@ -76,7 +76,8 @@ ADDRESS_FAMILIES = ("AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET",
 # Per-service directories systemd creates and grants to the unit (even with DynamicUser=): the idiomatic way to
 # let a hardened service write under these trees.
 SERVICE_DIRECTORIES = (("/var/lib/", "StateDirectory"), ("/var/cache/", "CacheDirectory"),
-                       ("/var/log/", "LogsDirectory"), ("/run/", "RuntimeDirectory"), ("/etc/", "ConfigurationDirectory"))
+                       ("/var/log/", "LogsDirectory"), ("/run/", "RuntimeDirectory"),
+                       ("/etc/", "ConfigurationDirectory"))
 
 _PATH_RE = re.compile(r"(/(?:[\w.+@:-]+/?)+)")
 _DENIAL_WORDS = ("Read-only file system", "Permission denied", "Operation not permitted", "No such file or directory",

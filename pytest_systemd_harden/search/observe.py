@@ -9,10 +9,11 @@ scheduling, setuid bits, personality changes).
 :func:`forecast` reads an observation against one tightening step and says whether the step fits as it is,
 fits in a narrower form (an allow list holding what was used, the directories written granted), or conflicts
 with something observed. Tighten uses the forecast to order and pre-narrow its search; the scenarios stay the
-judge, so a wrong forecast costs a run, never a wrong result. The same forecast applied without any checking is
-what a profile-only suggester proposes from one observed run (:func:`pytest_systemd_harden.search.tighten.profile_only`).
+judge, so a wrong forecast costs a run, never a wrong result. The same forecast applied without any checking is what a
+profile-only suggester proposes from one observed run (:func:`pytest_systemd_harden.search.tighten.profile_only`).
 
-Everything here is plain text processing: the traced run itself is :func:`pytest_systemd_harden.search.scenarios.observe`.
+Everything here is plain text processing: the traced run itself is
+:func:`pytest_systemd_harden.search.scenarios.observe`.
 """
 
 from __future__ import annotations

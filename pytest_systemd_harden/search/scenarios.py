@@ -48,7 +48,8 @@ def mismatches(expect: Expectation, result: CommandResult) -> list[str]:
 
 
 # How /bin/sh (dash) and bash say a command does not exist; the exit status is then 127.
-_NOT_FOUND = re.compile(r"^(?:/bin/sh: \d+: |bash: (?:line \d+: )?)?(\S+): (?:not found|command not found)$", re.MULTILINE)
+_NOT_FOUND = re.compile(r"^(?:/bin/sh: \d+: |bash: (?:line \d+: )?)?(\S+): (?:not found|command not found)$",
+                        re.MULTILINE)
 
 
 def missing_command_hint(result: CommandResult, spec_name: str, inside: bool) -> str | None:
@@ -200,8 +201,8 @@ def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadli
 
 def _dropin_trial(service: HardenedService, scenario: Scenario | None) -> Callable[[str], TrialResult] | None:
     """A check for :func:`diagnose`: the spec as written, with a drop-in text written literally as a file after
-    the spec's (:data:`~pytest_systemd_harden.unit.under_test.FIX_DROPIN_NAME`), and the failing check rerun. None where the plugin must not write
-    unit files (the host backend: the host's own systemd)."""
+    the spec's (:data:`~pytest_systemd_harden.unit.under_test.FIX_DROPIN_NAME`), and the failing check rerun. None where
+    the plugin must not write unit files (the host backend: the host's own systemd)."""
     if not service.machine.WRITES_UNIT_FILES:
         return None
 

@@ -362,8 +362,8 @@ class _Search:
     def predict(self, step: Step, hardening: Hardening) -> Forecast | None:
         if self.observation is None:
             return None
-        return forecast(step.directives, self.observation, self.in_force(hardening), groups=self.syscall_groups(), never=self.never,
-                        scenarios_from_outside=self.outside)
+        return forecast(step.directives, self.observation, self.in_force(hardening), groups=self.syscall_groups(),
+                        never=self.never, scenarios_from_outside=self.outside)
 
     def _form(self, step: Step, hardening: Hardening) -> tuple[Step, Forecast | None]:
         """The form to try first: the forecast's narrowed one, or the step as it is."""

@@ -303,7 +303,8 @@ def _path_list_assign(value: Any) -> list[str]:
         prefix = re.match(r"^(-\+?|\+-?)?", word)
         path = word[prefix.end() if prefix else 0:]
         if not path.startswith("/"):
-            raise DirectiveError(f"{word!r} is not an absolute path", "paths start with /; prefix - to ignore a missing one")
+            raise DirectiveError(f"{word!r} is not an absolute path",
+                                 "paths start with /; prefix - to ignore a missing one")
         _absolute(path)
     return [" ".join(words)] if words else [""]
 
@@ -726,7 +727,8 @@ def _device_assign(value: Any) -> list[str]:
         text = _scalar(item)
         path, _, access = text.partition(" ")
         if not (path.startswith(("/dev/", "char-", "block-"))) or access.strip(" rwm"):
-            raise DirectiveError(f"{text!r} is not a device rule", "a /dev path, char-GROUP or block-GROUP, then r, w, m")
+            raise DirectiveError(f"{text!r} is not a device rule",
+                                 "a /dev path, char-GROUP or block-GROUP, then r, w, m")
         if path.startswith("/"):
             _absolute(path, "device path", "/dev/null")
         out.append(text)
@@ -868,7 +870,8 @@ def lookup(name: str) -> DirectiveType:
     try:
         return KNOWN[name]
     except KeyError:
-        hint = _closest_hint(name, list(KNOWN)) or "see `man systemd.exec` and docs/spec.md for the supported directives"
+        hint = (_closest_hint(name, list(KNOWN))
+                or "see `man systemd.exec` and docs/spec.md for the supported directives")
         raise DirectiveError("unknown directive", hint) from None
 
 

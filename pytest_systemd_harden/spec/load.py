@@ -407,7 +407,8 @@ def load_spec(path: str | Path, root: Path | None = None) -> Spec:
     text = _decode(raw, path)
     bad = _UNPRINTABLE.search(text)
     if bad:
-        raise SpecError(str(path), text.count("\n", 0, bad.start()) + 1, "", f"control character U+{ord(bad.group()):04X} in the file",
+        raise SpecError(str(path), text.count("\n", 0, bad.start()) + 1, "",
+                        f"control character U+{ord(bad.group()):04X} in the file",
                         "remove it: YAML allows only printable text")
     try:
         _check_nesting(raw, path)
@@ -570,7 +571,8 @@ def parse_spec(document: Any, path: Path, root: Path | None = None) -> Spec:
     doc = check.mapping(document, None, None, "")
     check.known_keys(doc, TOP_KEYS, "")
     if "service" not in doc:
-        raise check.error(doc, None, "service", "missing", "every spec needs `service: {exec_start: /path/to/program ...}`")
+        raise check.error(doc, None, "service", "missing",
+                          "every spec needs `service: {exec_start: /path/to/program ...}`")
     service = _parse_service(check, check.mapping(doc["service"], doc, "service", "service"))
     machine_section = check.mapping(doc.get("machine") or _as_mapping({}), doc, "machine", "machine")
     releases = _parse_releases(check, machine_section)
@@ -619,8 +621,8 @@ def _check_unit_name(check: _Checker, doc: _Mapping, label: str, hardening: Sequ
     user = next((d for d in hardening if d.name == "User"), None)
     if dynamic is not None and dynamic.assignments[-1:] == ("yes",) and user is None and "." in label:
         raise check.error(doc, "name" if "name" in doc else None, "name",
-                          f"with DynamicUser: yes the service's user is named after the unit ({unit.removesuffix('.service')}), "
-                          "and systemd refuses a . in a dynamic user's name",
+                          f"with DynamicUser: yes the service's user is named after the unit "
+                          f"({unit.removesuffix('.service')}), and systemd refuses a . in a dynamic user's name",
                           "give the spec a name: without dots, or set User:")
 
 
@@ -868,7 +870,8 @@ def _parse_machine(check: _Checker, section: _Mapping, releases: tuple[str, ...]
     backend = check.string(section, "backend", "machine.backend") if "backend" in section else AUTO
     if backend not in (*BACKEND_NAMES, AUTO):
         raise check.error(section, "backend", "machine.backend", f"unknown backend {backend!r}",
-                          _closest_hint(backend, [*BACKEND_NAMES, AUTO]) or f"one of {', '.join([*BACKEND_NAMES, AUTO])}")
+                          _closest_hint(backend, [*BACKEND_NAMES, AUTO])
+                          or f"one of {', '.join([*BACKEND_NAMES, AUTO])}")
     privileged = section.get("privileged", False)
     if not isinstance(privileged, bool):
         raise check.error(section, "privileged", "machine.privileged", f"expected true or false, got {privileged!r}",

@@ -49,7 +49,8 @@ class MachineConfig:
 
     def describe(self) -> str:
         # The host backend runs the host's own systemd: no Debian release of ours.
-        parts = [self.backend] if self.backend == "host" else [self.backend, f"Debian {self.release or DEFAULT_RELEASE}"]
+        parts = ([self.backend] if self.backend == "host"
+                 else [self.backend, f"Debian {self.release or DEFAULT_RELEASE}"])
         if self.debs:
             parts.append("debs: " + ", ".join(Path(deb).name for deb in self.debs))
         if self.packages:

@@ -209,8 +209,9 @@ class HardenedService:
                 raise self.failure(f"exited before it was ready ({ready.describe()}), and systemd restarts it "
                                    "(the unit's Restart=)")
             budget = max(0.1, min(0.5, deadline - time.monotonic()))
-            probe = self.machine.run(["/usr/bin/python3", "-I", "-S", "-c", _READY_CHECK, ready.kind, ready.target, str(budget)],
-                                     self._peer_properties(), purpose="ready", timeout=budget + 10)
+            probe = self.machine.run(
+                ["/usr/bin/python3", "-I", "-S", "-c", _READY_CHECK, ready.kind, ready.target, str(budget)],
+                self._peer_properties(), purpose="ready", timeout=budget + 10)
             if probe.ok:
                 return
             if time.monotonic() >= deadline:
@@ -227,8 +228,9 @@ class HardenedService:
     def stop(self) -> str | None:
         """Stop the service and forget its state (failed status, State/Cache/Logs/RuntimeDirectory contents).
 
-        A service still running :data:`~pytest_systemd_harden.machine.systemd.SERVICE_STOP_GRACE` seconds after SIGTERM is killed with SIGKILL,
-        every process of its unit; the return value then says so (None when it stopped by itself)."""
+        A service still running :data:`~pytest_systemd_harden.machine.systemd.SERVICE_STOP_GRACE` seconds after SIGTERM
+        is killed with SIGKILL, every process of its unit; the return value then says so (None when it stopped by
+        itself)."""
         how = self.under_test.retire()
         if how != "killed":
             return None
@@ -349,7 +351,8 @@ class HardenedService:
 
     @property
     def sandbox_host(self) -> testinfra.host.Host:
-        """A testinfra Host whose commands run inside the service's sandbox (``sandbox_host.file('/etc').is_writable``)."""
+        """A testinfra Host whose commands run inside the service's sandbox
+        (``sandbox_host.file('/etc').is_writable``)."""
         if self._sandbox_host is None:
             self._sandbox_host = make_host(self.inside, f"{self.machine.name}:{self.unit}")
         return self._sandbox_host

@@ -101,8 +101,8 @@ class Machine(abc.ABC):
 
     def capability_identity(self) -> dict[str, object]:
         """What decides, besides the host's kernel, which directives this machine enforces (the key of its cached
-        capabilities, see sandbox/capabilities.py): a backend adds how it runs the machine (its command line) and
-        the image. Called once the machine runs. Nothing that names only this one machine: the same setup, the same key."""
+        capabilities, see sandbox/capabilities.py): a backend adds how it runs the machine (its command line) and the
+        image. Called once the machine runs. Nothing that names only this one machine: the same setup, the same key."""
         return {"backend": self.NAME}
 
     def _output_files(self) -> OutputFiles | None:

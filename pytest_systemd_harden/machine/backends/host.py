@@ -28,9 +28,9 @@ unit of a live run always carries its run's reference, and the host's own units 
   service would remove every IPC object of that account, those of its real processes included.
 
 **Probes.** Every probe batch this machine runs is switched to careful mode (its ``PROBE_GUARD``, applied by
-:meth:`Machine.run <.base.Machine.run>` to every batch, so no caller can forget it). The control runs are unconfined root on the real
-host, and the sandbox runs are no safer where the spec is weak, so careful mode applies to every batch. The
-argument, per probe kind (the ordinary mode is in ``docs/probes.md``):
+:meth:`Machine.run <.base.Machine.run>` to every batch, so no caller can forget it). The control runs are unconfined
+root on the real host, and the sandbox runs are no safer where the spec is weak, so careful mode applies to every batch.
+The argument, per probe kind (the ordinary mode is in ``docs/probes.md``):
 
 * ``write``: a directory gets an unnamed file (``O_TMPFILE``), which never appears in it (no inotify event, no
   leftover if the probe is killed) and vanishes at close; where the filesystem has none, ``access(2)`` (which
@@ -52,7 +52,8 @@ argument, per probe kind (the ordinary mode is in ``docs/probes.md``):
 * ``syscall``: unchanged, harmless by their arguments on any machine: each call fails in the kernel before it acts
   (mount on a missing path, reboot with a bad magic, a 65-byte host name, a negative time, an empty module image,
   kexec with too many segments, semget of zero semaphores...) or changes nothing (setresuid(-1, -1, -1), setrlimit
-  to its current value, adjtimex and syslog only reading), see ``_harmless_call`` in :mod:`~pytest_systemd_harden.probes.inside`.
+  to its current value, adjtimex and syslog only reading), see ``_harmless_call`` in
+  :mod:`~pytest_systemd_harden.probes.inside`.
 * ``namespace``, ``personality``, ``realtime``, ``memory``, ``abi32``: confined to the probe's own process or a
   child that exits at once. ``status``, ``limits``, ``cgroup``, ``identity``, ``filesystem``, ``interfaces``,
   ``block-devices``: reads only.

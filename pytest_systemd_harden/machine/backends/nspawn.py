@@ -4,9 +4,9 @@ The image is never modified (``--volatile=overlay``), the container has only a l
 (``--private-network``) so nothing a service or probe does reaches the host's network, and it runs in a cgroup
 of its own that is killed and removed on shutdown (and by the next run, if this one was killed).
 
-The container runs in a user namespace of its own (see :mod:`~pytest_systemd_harden.machine.backends.userns`): its root has no power over the host's
-kernel, cgroups or bound files. ``machine: {privileged: true}`` turns that off, for the directives that need host
-BPF, and the boot line says so.
+The container runs in a user namespace of its own (see :mod:`~pytest_systemd_harden.machine.backends.userns`): its root
+has no power over the host's kernel, cgroups or bound files. ``machine: {privileged: true}`` turns that off, for the
+directives that need host BPF, and the boot line says so.
 """
 
 from __future__ import annotations

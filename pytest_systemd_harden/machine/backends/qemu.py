@@ -1,16 +1,18 @@
 """A QEMU virtual machine: its own kernel and a pure cgroup v2 hierarchy, so what a container cannot enforce
 (MemoryMax=, TasksMax=, DevicePolicy= on a hybrid-cgroup host, kernel-facing directives) is enforced for real.
 
-The disk is the cached rootfs plus a Debian kernel, made into an ext4 image once (:func:`~pytest_systemd_harden.machine.images.vm_image`) and
-booted with ``snapshot=on``: writes go to a temporary overlay, the image is never modified. The kernel boots
-directly (``-machine microvm``: no firmware, no PCI), with KVM where it works and TCG software emulation where it
-does not; which one, and why, is measured once per host and cached (:func:`choose_accelerator`).
+The disk is the cached rootfs plus a Debian kernel, made into an ext4 image once
+(:func:`~pytest_systemd_harden.machine.images.vm_image`) and booted with ``snapshot=on``: writes go to a temporary
+overlay, the image is never modified. The kernel boots directly (``-machine microvm``: no firmware, no PCI), with KVM
+where it works and TCG software emulation where it does not; which one, and why, is measured once per host and cached
+(:func:`choose_accelerator`).
 
 The VM has no network device (like nspawn's ``--private-network``: only its loopback). Two virtio-serial ports
 connect it to the host: the guest's system bus, relayed by ``harden-guest bridge`` (so the same
-:class:`~pytest_systemd_harden.machine.systemd.SystemdClient` drives it), and qemu-guest-agent, which reads command output files back (a byte
-stream cannot pass the file descriptors nspawn uses). A machine section's ``files:`` become a small read-only disk
-that the guest binds in place before any service starts: a copy taken at boot, where nspawn binds them live.
+:class:`~pytest_systemd_harden.machine.systemd.SystemdClient` drives it), and qemu-guest-agent, which reads command
+output files back (a byte stream cannot pass the file descriptors nspawn uses). A machine section's ``files:`` become a
+small read-only disk that the guest binds in place before any service starts: a copy taken at boot, where nspawn binds
+them live.
 """
 
 from __future__ import annotations

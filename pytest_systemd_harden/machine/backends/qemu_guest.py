@@ -1,10 +1,10 @@
 """Runs inside a QEMU machine, installed in the VM image as /usr/local/libexec/harden-guest. Two jobs:
 
 ``harden-guest bridge`` relays the guest's system bus to the host over a virtio-serial port. The host's
-:class:`~pytest_systemd_harden.machine.systemd.SystemdClient` connects to the port's socket on the host side; each time it
-does, this opens a fresh connection to the guest's system bus and relays bytes both ways until the host goes away.
-socat cannot do this: a virtio-serial port reads EOF while no host is connected, so socat would exit (and be
-restarted) over and over until one is.
+:class:`~pytest_systemd_harden.machine.systemd.SystemdClient` connects to the port's socket on the host side; each time
+it does, this opens a fresh connection to the guest's system bus and relays bytes both ways until the host goes away.
+socat cannot do this: a virtio-serial port reads EOF while no host is connected, so socat would exit (and be restarted)
+over and over until one is.
 
 ``harden-guest bind-files`` runs early in the boot, before any service starts: it mounts the read-only disk the
 host made of the machine section's ``files:`` and bind-mounts each entry, read-only, where the spec asked, which is
