@@ -18,7 +18,9 @@ caller with ``SECCOMP_IOCTL_NOTIF_ADDFD``). Only what systemd's IP firewall need
 * attach and detach only as CGROUP_INET_INGRESS/EGRESS and only to a cgroup of this machine (checked by inode
   against the machine's own cgroup2 tree);
 * element lookup/update/delete on those maps; the info of a bpf object;
-* every other command is refused with EPERM, as the kernel refuses it to the container today.
+* a call against these rules is refused with EPERM; every other command goes on as the caller's own call, with
+  its own credentials (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``): the kernel answers it as it answers the container
+  without delegation (EPERM for a privileged command, EINVAL for one it does not know), and nothing is granted.
 
 The calls are made from a thread that dropped CAP_SYS_ADMIN and CAP_PERFMON from its effective set (capabilities
 are per thread): the verifier then treats the program as a BPF token's would be treated, refusing pointer leaks and
@@ -75,7 +77,7 @@ INSTRUCTION_BUDGET = 1 << 20
 # second). Past this many names, refusals are counted under one.
 MAX_TALLIED_NAMES = 64
 # Part of the capability cache's key: a change of what is delegated is measured anew.
-RULES_VERSION = "bpf-delegation-2"
+RULES_VERSION = "bpf-delegation-3"
 
 SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER = 1, 1 << 3
 SECCOMP_RET_ALLOW, SECCOMP_RET_USER_NOTIF = 0x7FFF0000, 0x7FC00000
@@ -401,6 +403,10 @@ def tally(counts: dict[str, int], name: str) -> None:
     counts[name] = counts.get(name, 0) + 1
 
 
+DELEGATED_COMMANDS = frozenset({BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM,
+                                BPF_PROG_LOAD, BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_OBJ_GET_INFO_BY_FD})
+
+
 @dataclass
 class Answer:
     value: int = 0
@@ -471,13 +477,17 @@ class BpfDelegate:
         if same_userns:  # nspawn itself, not the machine: its call goes on as if no filter were there
             self._respond(notif_id, Answer(), flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
             return
-        if arch != AUDIT_ARCH_X86_64 or nr != SYS_BPF or self._refuse_all:
-            self._respond(notif_id, Answer(error=errno.EPERM))
+        # What is not delegated goes on as the caller's own call, with its own credentials (the root of a user
+        # namespace): the kernel answers it exactly as it would without the filter (EPERM for a privileged
+        # command, EINVAL for one it does not know), and nothing is granted.
+        if arch != AUDIT_ARCH_X86_64 or nr != SYS_BPF or self._refuse_all or args[0] not in DELEGATED_COMMANDS:
+            tally(self.calls, "the kernel's own answer")
+            self._respond(notif_id, Answer(), flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
             return
         try:
             caller = Caller.open(pid)
-        except OSError:
-            self._respond(notif_id, Answer(error=errno.EPERM))
+        except OSError:  # gone, or a thread (a tid has no pidfd of its own here): the kernel's own answer
+            self._respond(notif_id, Answer(), flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
             return
         try:
             answer = self._answer(caller, notif_id, args[0], args[1], args[2])
