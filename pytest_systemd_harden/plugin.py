@@ -290,10 +290,14 @@ class HardenSession:
                 check_unit(self.pool.machine_for(run.spec.machine), run.spec)
             except SpecError as exc:
                 errors.append(str(exc))
+                run.start_error = exc
             except HardenError:
                 continue  # no machine (or it failed): the start item says why, once
-        if errors:
+        if errors and not hasattr(self.config, "workerinput"):
             raise pytest.UsageError("\n".join(dict.fromkeys(errors)))
+        # An xdist worker cannot stop the session (its error only ends the worker, and pytest-xdist then reports
+        # an internal error without it): there each such spec's start item fails with the line, and its other
+        # items are not run.
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -480,6 +484,15 @@ class SpecRun:
             yield ExposureItem.from_parent(self, name="exposure" if limit is None else f"exposure <= {limit:.1f}")
         if session.baseline is not None:
             yield BaselineItem.from_parent(self, name="baseline")  # moved after every other item: see below
+
+    @property
+    def start_error(self) -> BaseException | None:
+        """Why the service cannot start (set before it is tried: a unit checked before the first test)."""
+        return self._start_error
+
+    @start_error.setter
+    def start_error(self, error: BaseException) -> None:
+        self._start_error = error
 
     def service(self) -> HardenedService:
         """The spec's service, started once for all its items (an earlier start failure is raised again)."""

@@ -235,3 +235,17 @@ def test_a_unit_that_cannot_be_tested_is_one_line_before_any_test_runs(
     lines = [line for line in result.stderr.lines if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("ERROR: ") and lines[0].endswith(error), result.stderr.lines
     assert not any(word in result.stdout.str() for word in ("PASSED", "FAILED", "SKIPPED")), result.stdout.str()
+
+
+def test_under_xdist_a_unit_that_cannot_be_tested_fails_its_start_item_with_the_line(
+        pytester: pytest.Pytester) -> None:
+    # A worker cannot stop the session: raising there ended the worker, and pytest-xdist reported an internal error
+    # ("Unexpectedly no active workers available") without the line.
+    spec_with(pytester.path, "{unit: no-such-daemon.service}", UNIT)
+    with (pytester.path / "harden.yaml").open("a") as spec:
+        spec.write("scenarios:\n  - {name: answers, client: 'true'}\n")
+    result = pytester.runpytest_subprocess("-n", "2", "--harden-require-backend", "-p", "no:cacheprovider")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed") == 1 and not outcomes.get("passed"), outcomes  # the start; the rest not run
+    result.stdout.fnmatch_lines(["*harden.yaml:1: service.unit: no unit no-such-daemon.service on the machine (add the *"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
