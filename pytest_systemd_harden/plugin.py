@@ -283,6 +283,12 @@ class HardenSession:
         for item in session.items:
             if isinstance(item.parent, SpecRun):
                 runs[id(item.parent)] = item.parent
+        if hasattr(self.config, "workerinput"):
+            # An xdist worker cannot stop the session (its error only ends the worker, and pytest-xdist then reports
+            # an internal error without the line), so checking first gains nothing there: each such spec's start
+            # item fails with the same line, and its other items are not run. Nor does every worker boot every unit
+            # spec's machine, and wait for its image, before its first test.
+            return
         for run in runs.values():
             if not run.spec.service.unit_name:
                 continue
@@ -290,14 +296,10 @@ class HardenSession:
                 check_unit(self.pool.machine_for(run.spec.machine), run.spec)
             except SpecError as exc:
                 errors.append(str(exc))
-                run.start_error = exc
             except HardenError:
                 continue  # no machine (or it failed): the start item says why, once
-        if errors and not hasattr(self.config, "workerinput"):
+        if errors:
             raise pytest.UsageError("\n".join(dict.fromkeys(errors)))
-        # An xdist worker cannot stop the session (its error only ends the worker, and pytest-xdist then reports
-        # an internal error without it): there each such spec's start item fails with the line, and its other
-        # items are not run.
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -484,15 +486,6 @@ class SpecRun:
             yield ExposureItem.from_parent(self, name="exposure" if limit is None else f"exposure <= {limit:.1f}")
         if session.baseline is not None:
             yield BaselineItem.from_parent(self, name="baseline")  # moved after every other item: see below
-
-    @property
-    def start_error(self) -> BaseException | None:
-        """Why the service cannot start (set before it is tried: a unit checked before the first test)."""
-        return self._start_error
-
-    @start_error.setter
-    def start_error(self, error: BaseException) -> None:
-        self._start_error = error
 
     def service(self) -> HardenedService:
         """The spec's service, started once for all its items (an earlier start failure is raised again)."""
