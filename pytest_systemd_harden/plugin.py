@@ -230,9 +230,11 @@ class HardenSession:
 
     def _image_order(self, items: list[pytest.Item]) -> list[MachineConfig]:
         """The machine sections of the collected specs, in the order their images are wanted: first those of the
-        specs whose unit is checked before the first test (pytest_collection_finish), then in the items' order."""
+        specs whose unit is checked before the first test (pytest_collection_finish; not on an xdist worker), then
+        in the items' order."""
         runs = list({id(item.parent): item.parent for item in items if isinstance(item, SpecItem)}.values())
-        runs.sort(key=lambda run: not run.spec.service.unit_name)
+        if not hasattr(self.config, "workerinput"):
+            runs.sort(key=lambda run: not run.spec.service.unit_name)
         return list(dict.fromkeys(run.spec.machine for run in runs))
 
     def image_ranks(self, items: list[pytest.Item]) -> dict[Path, int]:

@@ -341,7 +341,7 @@ def _fake_build(spans: dict[str, tuple[float, float]], seconds: float = 0.2) -> 
     return build
 
 
-def test_a_waited_for_image_is_built_next_and_the_others_go_on_in_the_background(
+def test_a_machine_waits_for_its_image_under_way_and_builds_one_not_started_itself(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
     spans: dict[str, tuple[float, float]] = {}
@@ -353,13 +353,20 @@ def test_a_waited_for_image_is_built_next_and_the_others_go_on_in_the_background
     started = time.monotonic()
     preparation = cache.start_preparing(wanted, lines.append, threads=1)
     assert time.monotonic() - started < 0.15, "start_preparing waited for a build"
+    time.sleep(0.05)
+    # Under way (the one build slot took the trixie base first): waited for, and said so.
+    preparation.wait(images.ImageWanted("trixie"), lines.append)
+    assert "trixie+" in spans and "waiting for image 1/5 (Debian trixie base), being built" in lines
+    # Not started (the slot has moved on to the bookworm base): taken off the list, and built by the caller (once
+    # its base is) beside the slot's next build, not behind the package sets queued ahead of it.
+    waited = time.monotonic()
     preparation.wait(images.ImageWanted("bookworm", ("memcached",)), lines.append)
-    # The waited-for image and its base came right after the build under way (the trixie base), before the
-    # package sets queued ahead of it.
-    assert set(spans) == {"trixie+", "bookworm+", "bookworm+memcached"}
-    assert "waiting for image 5/5 (Debian bookworm + memcached), being built" in lines
-    assert [error for _one, error in preparation.results()] == [None] * 5
-    assert spans["bookworm+memcached"][1] <= spans["trixie+curl"][0]
+    assert time.monotonic() - waited < 0.1, "waited for a build not started"
+    cache.get(("memcached",), release="bookworm")
+    done = preparation.results()
+    assert [one.describe() for one, error in done if error is None] == [
+        "Debian trixie base", "Debian bookworm base", "Debian trixie + curl", "Debian trixie + gnupg"]  # not memcached
+    assert spans["bookworm+memcached"][0] < spans["trixie+curl"][1]  # beside the slot's build
     assert spans["trixie+curl"][1] <= spans["trixie+gnupg"][0]  # the rest in the order given
     preparation.wait(images.ImageWanted("trixie", ("curl",)))  # built already: returns at once
     preparation.wait(images.ImageWanted("trixie", ("nothing-asked",)))  # not this preparation's: get() builds it
@@ -377,6 +384,7 @@ def test_stopping_a_preparation_finishes_the_build_under_way_and_starts_no_other
     assert list(spans) == ["trixie+"]  # finished, not cut off; bookworm's never began
     assert images._complete(cache.path_for((), release="trixie"))
     preparation.wait(images.ImageWanted("bookworm"))  # not built by a stopped preparation: returns, get() builds it
+    assert list(spans) == ["trixie+"]
 
 
 def test_the_pool_gives_each_image_a_user_namespaced_machine_boots_its_shifted_copy_as_it_is_built(

@@ -387,8 +387,8 @@ class ImageCache:
 
 class Preparation:
     """Images being built in the background (:meth:`ImageCache.start_preparing`), ``threads`` at a time in the order
-    of ``todo``. A machine that needs one now waits for it (:meth:`wait`), which moves it (and its base) ahead of
-    every image not started yet."""
+    of ``todo``. A machine that needs one now waits for it if its build is under way, else builds it itself
+    (:meth:`wait`): never behind builds of images it does not need."""
 
     def __init__(self, cache: ImageCache, todo: list[ImageWanted], progress: Progress, *, threads: int,
                  then: Callable[[ImageWanted, Image], None] | None = None) -> None:
@@ -437,17 +437,22 @@ class Preparation:
         return None
 
     def wait(self, want: ImageWanted, progress: Progress = lambda line: None) -> None:
-        """Return once ``want`` is built (or failed, or will not be built here: then the caller's
-        :meth:`ImageCache.get` builds it or raises the error); if it has not started, it starts next."""
+        """Return once ``want`` is built or failed, if its build is under way here; at once otherwise: when it has not
+        started, it (and its base, if not started either) is taken off this preparation's list, and the caller's
+        :meth:`ImageCache.get` builds it in the caller's thread, which would only wait. (A build slot may be busy
+        for a while with an image needed later: under xdist, one worker's first build is the second release's
+        base; a test should not wait behind it.)"""
         with self._changed:
+            if want in self._pending:
+                mine = {want, ImageWanted(want.release)}
+                self._pending = [one for one in self._pending if one not in mine]
+                return
             if want not in self.todo or want in self._results:
                 return
-            if want in self._pending:
-                first = [one for one in (ImageWanted(want.release), want) if one in self._pending]
-                self._pending = first + [one for one in self._pending if one not in first]
-            progress(f"waiting for image {self.todo.index(want) + 1}/{len(self.todo)} ({want.describe()}), "
-                     "being built")
-            while want not in self._results and not (self._stopped and want in self._pending):
+            shown = f"waiting for image {self.todo.index(want) + 1}/{len(self.todo)} ({want.describe()}), being built"
+        progress(shown)
+        with self._changed:
+            while want not in self._results:
                 self._changed.wait()
 
     def results(self) -> list[tuple[ImageWanted, ImageBuildError | None]]:
