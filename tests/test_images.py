@@ -372,6 +372,25 @@ def test_a_machine_waits_for_its_image_under_way_and_builds_one_not_started_itse
     preparation.wait(images.ImageWanted("trixie", ("nothing-asked",)))  # not this preparation's: get() builds it
 
 
+def test_a_base_taken_off_with_its_package_set_is_not_waited_for_by_a_machine_needing_the_base_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An xdist worker hung here: its first test took trixie + curl and the trixie base off the list, and the next
+    # machine, booting the base alone, waited for a build nobody would make.
+    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
+    spans: dict[str, tuple[float, float]] = {}
+    monkeypatch.setattr(ImageCache, "_build", _fake_build(spans))
+    cache = ImageCache(tmp_path)
+    preparation = cache.start_preparing([images.ImageWanted("bookworm"), images.ImageWanted("trixie", ("curl",))],
+                                        threads=1)
+    time.sleep(0.05)  # the one slot has the bookworm base
+    preparation.wait(images.ImageWanted("trixie", ("curl",)))  # not started: the caller's, with its base
+    waited = time.monotonic()
+    preparation.wait(images.ImageWanted("trixie"))
+    assert time.monotonic() - waited < 0.1, "waited for a base the preparation no longer builds"
+    cache.get(("curl",), release="trixie")
+    assert [one.describe() for one, _error in preparation.results()] == ["Debian bookworm base"]
+
+
 def test_stopping_a_preparation_finishes_the_build_under_way_and_starts_no_other(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")

@@ -398,6 +398,7 @@ class Preparation:
         self._then = then
         self._pending = list(todo)  # not started yet, in the order they will be
         self._results: dict[ImageWanted, ImageBuildError | None] = {}
+        self._left: set[ImageWanted] = set()  # taken off the list by wait(): the callers' get() builds them
         self._changed = threading.Condition()
         self._shown = threading.Lock()  # one line at a time, whole, from every build
         self._stopped = False
@@ -444,11 +445,12 @@ class Preparation:
         base; a test should not wait behind it.)"""
         with self._changed:
             if want in self._pending:
-                mine = {want, ImageWanted(want.release)}
+                mine = {want, ImageWanted(want.release)} & set(self._pending)
                 self._pending = [one for one in self._pending if one not in mine]
+                self._left |= mine
                 return
-            if want not in self.todo or want in self._results:
-                return
+            if want not in self.todo or want in self._results or want in self._left:
+                return  # a base taken off with its package set is the first caller's to build: get() waits for it
             shown = f"waiting for image {self.todo.index(want) + 1}/{len(self.todo)} ({want.describe()}), being built"
         progress(shown)
         with self._changed:
