@@ -12,7 +12,12 @@ Prints, with absolute medians and ratios against a baseline measured in the same
 3. the example suite serially vs with `pytest -n 2`;
 4. the resident memory (PSS) of one booted machine;
 5. with --cold-start: the example suite on a fresh, empty cache (every image built, every capability measured)
-   vs the same suite on the warm cache.
+   vs the same suite on the warm cache, serially and with `-n 2` (as ./dev.sh examples runs it);
+7. with --fresh-machine: `./dev.sh examples` as on a fresh machine (a clean clone, no virtualenv, pip's cache off,
+   an empty image cache), this checkout's HEAD and --baseline (a git ref) alternated, plus apt's part timed apart:
+   `apt-get update` into empty lists and the download of what the machine's own set-up installed (both in
+   temporary directories: nothing of the host's apt state changes), and dpkg's part as the set-up's apt history
+   recorded it (the packages are installed here already, and are not installed again).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import atexit
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -144,17 +150,82 @@ def example_suite(workers: int | None, cache_dir: Path | None = None) -> float:
     return elapsed
 
 
+def fresh_machine(ref: str) -> tuple[float, float]:
+    """``./dev.sh examples -q`` in a clean clone of ``ref``: no virtualenv, pip's cache off, an empty image cache.
+    (wall seconds, of which pytest's own session)."""
+    scratch = Path(tempfile.mkdtemp(prefix="harden-bench-fresh-", dir="/var/tmp"))
+    try:
+        repo = scratch / "repo"
+        subprocess.run(["git", "clone", "-q", "--no-checkout", str(ROOT), str(repo)], check=True)
+        subprocess.run(["git", "-C", str(repo), "checkout", "-q", ref], check=True)
+        env = {**os.environ, "HARDEN_CACHE_DIR": str(scratch / "cache"), "PIP_NO_CACHE_DIR": "1"}
+        started = time.monotonic()
+        done = subprocess.run(["./dev.sh", "examples", "-q"], cwd=repo, env=env, capture_output=True, text=True,
+                              check=False)
+        elapsed = time.monotonic() - started
+        if done.returncode != 0:
+            raise SystemExit(f"./dev.sh examples failed on {ref}:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
+        session = re.findall(r" in ([0-9.]+)s", done.stdout)
+        return elapsed, float(session[-1]) if session else elapsed
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def apt_part() -> tuple[float, float, float | None, list[str]]:
+    """What a fresh machine's apt does for ``./dev.sh examples``, on this one where it is done already: (update s,
+    download s, dpkg s as the set-up recorded it or None, the packages). The packages and dpkg's time come from
+    the last apt history entry that installed systemd-container and mmdebstrap; update and download go to
+    temporary lists and archives."""
+    packages, dpkg = ["systemd-container", "mmdebstrap"], None
+    history = Path("/var/log/apt/history.log")
+    entries = history.read_text().split("\n\n") if history.exists() else []
+    for entry in reversed(entries):
+        fields = dict(line.split(": ", 1) for line in entry.strip().splitlines() if ": " in line)
+        if "systemd-container" in fields.get("Commandline", "") and "mmdebstrap" in fields.get("Commandline", ""):
+            changed = ", ".join(filter(None, [fields.get("Install", ""), fields.get("Upgrade", "")]))
+            packages = [name.split(":")[0] for name in re.findall(r"(?:^|, )([^ ,(]+) \(", changed)] or packages
+            start, end = (time.mktime(time.strptime(fields[key], "%Y-%m-%d  %H:%M:%S"))
+                          for key in ("Start-Date", "End-Date"))
+            dpkg = end - start
+            break
+    scratch = Path(tempfile.mkdtemp(prefix="harden-bench-apt-", dir="/var/tmp"))
+    try:
+        for sub in ("lists/partial", "archives/partial", "cache"):
+            (scratch / sub).mkdir(parents=True)
+        private = ["-o", f"Dir::State::Lists={scratch / 'lists'}", "-o", f"Dir::Cache::Archives={scratch / 'archives'}",
+                   "-o", f"Dir::Cache={scratch / 'cache'}", "-o", "Debug::NoLocking=1", "-q"]
+        started = time.monotonic()
+        subprocess.run(["apt-get", *private, "update"], check=True, capture_output=True)
+        updated = time.monotonic()
+        subprocess.run(["apt-get", *private, "install", "-y", "--reinstall", "--download-only",
+                        "--no-install-recommends", *packages], check=True, capture_output=True)
+        return updated - started, time.monotonic() - updated, dpkg, packages
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="repetitions of the boot measurement (default 5)")
     parser.add_argument("--commands", type=int, default=30, help="commands per overhead measurement (default 30)")
-    parser.add_argument("--suite-rounds", type=int, default=2, help="runs of the example suite each way (default 2)")
+    parser.add_argument("--suite-rounds", type=int, default=2,
+                        help="runs of the example suite each way (default 2; 0: skip)")
     parser.add_argument("--vm-rounds", type=int, default=2, help="repetitions of the VM boot (default 2; 0: skip)")
     parser.add_argument("--image-rounds", type=int, default=1,
                         help=f"package-set builds each way on {' and '.join(RELEASES)} (default 1; 0: skip)")
     parser.add_argument("--cold-start", action="store_true",
                         help="also run the example suite on a fresh cache (builds every image: minutes)")
+    parser.add_argument("--fresh-machine", action="store_true",
+                        help="also time ./dev.sh examples on a fresh clone, virtualenv and cache, HEAD vs --baseline "
+                             "(minutes each), and apt's part")
+    parser.add_argument("--baseline", default="main", help="the git ref --fresh-machine compares HEAD with")
+    parser.add_argument("--fresh-rounds", type=int, default=1, help="--fresh-machine runs each way (default 1)")
+    parser.add_argument("--fresh-only", action="store_true", help="--fresh-machine alone, nothing else measured")
     args = parser.parse_args()
+    if args.fresh_only:
+        args.fresh_machine = True
+        print_fresh_machine(args)
+        return 0
     spec_path = Path(tempfile.mkdtemp(prefix="harden-bench-")) / "harden.yaml"
     atexit.register(shutil.rmtree, spec_path.parent, ignore_errors=True)
     spec_path.write_text(SPEC)
@@ -179,11 +250,11 @@ def main() -> int:
     for _ in range(args.suite_rounds):  # alternate, so drift in the machine's speed hits both alike
         serial.append(example_suite(None))
         parallel.append(example_suite(2))
-    cold_suite = None
-    if args.cold_start:
+    cold_suite: dict[int | None, float] = {}
+    for workers in (None, 2) if args.cold_start else ():  # serial, and as ./dev.sh examples runs it
         fresh = Path(tempfile.mkdtemp(prefix="harden-bench-cache-", dir="/var/tmp"))
         try:
-            cold_suite = example_suite(None, fresh)
+            cold_suite[workers] = example_suite(workers, fresh)
         finally:
             shutil.rmtree(fresh, ignore_errors=True)
 
@@ -219,21 +290,55 @@ def main() -> int:
     print(f"   inside() (the service's sandbox):            {median_ms(inside)}")
     print(f"   systemd-run --wait --pipe -p <same sandbox>: {median_ms(systemd_run_sandboxed)}   "
           f"ratio inside()/systemd-run: {statistics.median(inside) / statistics.median(systemd_run_sandboxed):.2f}")
-    print(f"3. example suite serial:                       {statistics.median(serial):7.1f} s")
-    print(f"   example suite -n 2:                         {statistics.median(parallel):7.1f} s   "
-          f"ratio -n 2/serial: {statistics.median(parallel) / statistics.median(serial):.2f}")
+    if serial:
+        print(f"3. example suite serial:                       {statistics.median(serial):7.1f} s")
+        print(f"   example suite -n 2:                         {statistics.median(parallel):7.1f} s   "
+              f"ratio -n 2/serial: {statistics.median(parallel) / statistics.median(serial):.2f}")
     print(f"4. resident memory of one booted machine (PSS): {statistics.median(memory) / 2**20:6.1f} MiB"
           + (f"   a VM: {statistics.median(vm_memory) / 2**20:6.1f} MiB" if vm_memory else ""))
-    if cold_suite is not None:
-        print(f"5. example suite on a fresh cache (every image built): {cold_suite:7.1f} s   "
-              f"ratio fresh/warm (serial): {cold_suite / statistics.median(serial):.1f}")
+    if cold_suite:
+        print(f"5. example suite on a fresh cache (every image built): {cold_suite[None]:7.1f} s"
+              + (f"   ratio fresh/warm (serial): {cold_suite[None] / statistics.median(serial):.1f}" if serial else ""))
+        print(f"   the same with -n 2 (./dev.sh examples):      {cold_suite[2]:7.1f} s   "
+              f"ratio -n 2/serial: {cold_suite[2] / cold_suite[None]:.2f}")
     for release, builds in release_images.items():
         full = statistics.median(b[0] for b in builds)
         on_base = statistics.median(b[1] for b in builds)
         print(f"6. Debian {release} + {', '.join(IMAGE_PACKAGES)}: full build {full:5.1f} s, on the cached base "
               f"{on_base:5.1f} s   ratio on base/full: {on_base / full:.2f}   same packages: "
               f"{all(b[2] for b in builds)} ({builds[0][3]})")
+    if args.fresh_machine:
+        print_fresh_machine(args)
     return 0
+
+
+def print_fresh_machine(args: argparse.Namespace) -> None:
+    """Section 7: ./dev.sh examples on a fresh clone, HEAD and the baseline alternated, and apt's part."""
+    runs: dict[str, list[tuple[float, float]]] = {args.baseline: [], "HEAD": []}
+    loads = [os.getloadavg()[0]]
+    for _ in range(args.fresh_rounds):  # alternate, so drift in the machine's speed hits both alike
+        for ref, times in runs.items():
+            times.append(fresh_machine(ref))
+            loads.append(os.getloadavg()[0])
+    update, download, dpkg, packages = apt_part()
+    apt = update + download + (dpkg or 0.0)
+    print(f"7. a fresh machine, ./dev.sh examples ({args.fresh_rounds} run(s) each, alternated; load average "
+          f"{min(loads):.1f}-{max(loads):.1f} between runs):")
+    totals = {}
+    for ref, times in runs.items():
+        wall = statistics.median(t[0] for t in times)
+        session = statistics.median(t[1] for t in times)
+        setup = wall - session
+        # The old dev.sh runs pip after apt; the new one beside it where python3-venv is there (see dev.sh).
+        beside = ref == "HEAD"
+        totals[ref] = (max(apt, setup) if beside else apt + setup) + session
+        print(f"   {ref:>10}: {wall:6.1f} s here (virtualenv and pip {setup:5.1f} s, pytest {session:6.1f} s); with "
+              f"apt's part {'beside' if beside else 'before'} pip: {totals[ref]:6.1f} s")
+    print(f"   apt's part: update {update:.1f} s + download {download:.1f} s + dpkg "
+          + (f"{dpkg:.0f} s (the set-up's history)" if dpkg is not None else "not recorded")
+          + f" = {apt:.1f} s ({len(packages)} packages: {' '.join(packages)})")
+    print(f"   ratio HEAD/{args.baseline}: {totals['HEAD'] / totals[args.baseline]:.2f}   HEAD vs the issue's 164 s: "
+          f"{totals['HEAD'] / 164:.2f}")
 
 
 if __name__ == "__main__":

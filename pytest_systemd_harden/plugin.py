@@ -19,7 +19,7 @@ import pytest
 
 from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
 from .machine.backends.base import Machine
-from .machine.images import DEFAULT_MAX_AGE_DAYS, ImageCache
+from .machine.images import DEFAULT_MAX_AGE_DAYS, ImageCache, ImageWanted
 from .report import baseline, exposure
 from .report import formats as report
 from .report.baseline import Baseline, BaselineError, observe, records_by_spec, spec_key, spec_path_of
@@ -31,6 +31,7 @@ from .search.diagnosis import Diagnosis, yaml_value
 from .search.scenarios import diagnose_failure, failure_report, run_scenario, tighten_service
 from .search.tighten import Tightening
 from .spec.load import Scenario, Spec, load_spec
+from .spec.machine import MachineConfig
 from .spec.releases import DEFAULT_RELEASE, RELEASES, parse_releases
 from .spec.unit_file import own_hardening_before_boot
 from .unit.pool import MachinePool
@@ -227,10 +228,39 @@ class HardenSession:
             earlier.append(diagnosis)
         return diagnosis
 
+    def _image_order(self, items: list[pytest.Item]) -> list[MachineConfig]:
+        """The machine sections of the collected specs, in the order their images are wanted: first those of the
+        specs whose unit is checked before the first test (pytest_collection_finish; not on an xdist worker), then
+        in the items' order."""
+        runs = list({id(item.parent): item.parent for item in items if isinstance(item, SpecItem)}.values())
+        if not hasattr(self.config, "workerinput"):
+            runs.sort(key=lambda run: not run.spec.service.unit_name)
+        return list(dict.fromkeys(run.spec.machine for run in runs))
+
+    def image_ranks(self, items: list[pytest.Item]) -> dict[Path, int]:
+        """Where each directory of ``items`` goes when images must be built first (empty when none must): after
+        the last image its specs need, in build order. The first tests then run while later images are still being
+        built, rather than after all of them; a directory's items stay together and in order. Directories without
+        spec items go last (what they need is built on demand, after the session's own images). Not with
+        --collect-only, nor on an xdist worker: every worker must collect the same order, whatever it finds built."""
+        if self.config.option.collectonly or hasattr(self.config, "workerinput"):
+            return {}
+        todo = self.pool.images_to_build(self._image_order(items))
+        if not todo:
+            return {}
+        position = {want: number for number, want in enumerate(todo)}
+        ranks: dict[Path, int] = {}
+        for item in items:
+            if isinstance(item, SpecItem):
+                want = self.pool.image_wanted(self.pool.effective_config(item.parent.spec.machine))
+                rank = max(position.get(want, -1), position.get(ImageWanted(want.release), -1))
+                ranks[item.path.parent] = max(rank, ranks.get(item.path.parent, -1))
+        return {item.path.parent: ranks.get(item.path.parent, len(todo)) for item in items}
+
     def _prepare_images(self, session: pytest.Session) -> None:
-        """Build every container image the collected specs need and the cache lacks, several at once, before the
-        first test waits for one (see MachinePool.prepare_images)."""
-        configs = {item.parent.spec.machine for item in session.items if isinstance(item, SpecItem)}
+        """Start building every container image the collected specs need and the cache lacks, several at once, in
+        the background: a test waits for its own machine's image only (see MachinePool.start_preparing_images)."""
+        configs = self._image_order(session.items)
         if not configs:
             return
         worker = getattr(self.config, "workerinput", None)
@@ -238,14 +268,15 @@ class HardenSession:
         # At most one build per core across all xdist workers (more would only make each slower), and four in all:
         # beyond that the mirror and the disk are what is shared.
         threads = max(1, min(os.cpu_count() or 1, MAX_IMAGE_BUILDS) // workers)
-        self.pool.prepare_images(sorted(configs, key=repr), threads=threads,
-                                 rotate=int(worker["workerid"].removeprefix("gw")) if worker else 0)
+        self.pool.start_preparing_images(configs, threads=threads,
+                                         rotate=int(worker["workerid"].removeprefix("gw")) if worker else 0)
 
     @pytest.hookimpl
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        """Before any test runs: the images the collected specs need, built several at once; then the units the
-        selected specs name, checked on their machines (a unit that does not exist, a package that ships no such
-        unit, a unit file systemd rejects are one line each, and no test runs)."""
+        """Before any test runs: the images the collected specs need start building, several at once; the units
+        the selected specs name are checked on their machines (a unit that does not exist, a package that ships no
+        such unit, a unit file systemd rejects are one line each, and no test runs). Their images are built first
+        (_image_order); the others go on building while the first tests run."""
         if self.config.option.collectonly:
             return
         self._prepare_images(session)
@@ -254,6 +285,12 @@ class HardenSession:
         for item in session.items:
             if isinstance(item.parent, SpecRun):
                 runs[id(item.parent)] = item.parent
+        if hasattr(self.config, "workerinput"):
+            # An xdist worker cannot stop the session (its error only ends the worker, and pytest-xdist then reports
+            # an internal error without the line), so checking first gains nothing there: each such spec's start
+            # item fails with the same line, and its other items are not run. Nor does every worker boot every unit
+            # spec's machine, and wait for its image, before its first test.
+            return
         for run in runs.values():
             if not run.spec.service.unit_name:
                 continue
@@ -727,10 +764,13 @@ class BaselineItem(SpecItem):
 
 
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Baseline items compare what every other item of their spec recorded, so they run after all of them
-    (enforcement and other items included, wherever they were collected); their relative order is kept."""
-    items.sort(key=lambda item: isinstance(item, BaselineItem))
+    (enforcement and other items included, wherever they were collected); their relative order is kept. Where
+    images must be built first, directories run in the order their images will be ready (HardenSession.image_ranks);
+    on a warm cache the collected order is kept."""
+    ranks = HardenSession.of(config).image_ranks(items)
+    items.sort(key=lambda item: (isinstance(item, BaselineItem), ranks.get(item.path.parent, 0)))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -324,23 +325,129 @@ def test_prepare_one_at_a_time_builds_in_turn(tmp_path: Path, monkeypatch: pytes
     assert len(spans) == 2 and spans[0][1] <= spans[1][0]
 
 
-def test_the_session_prepares_the_images_of_its_collected_specs_before_the_first_test(
+def _fake_build(spans: dict[str, tuple[float, float]], seconds: float = 0.2) -> object:
+    """ImageCache._build without mmdebstrap: records when each image was built, ``seconds`` each."""
+    def build(self: ImageCache, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
+              progress: images.Progress) -> None:
+        if extra:  # as _on_cached_base does: a package set is installed on its release's base, built first
+            self.get((), release=release)
+        started = time.monotonic()
+        time.sleep(seconds)
+        (final / "rootfs/usr/lib/systemd").mkdir(parents=True)
+        (final / "rootfs/usr/lib/systemd/systemd").touch()
+        (final / "manifest.json").write_text("{}")
+        spans[f"{release}+{','.join(extra)}"] = (started, time.monotonic())
+
+    return build
+
+
+def test_a_machine_waits_for_its_image_under_way_and_builds_one_not_started_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
+    spans: dict[str, tuple[float, float]] = {}
+    monkeypatch.setattr(ImageCache, "_build", _fake_build(spans))
+    cache = ImageCache(tmp_path)
+    lines: list[str] = []
+    wanted = [images.ImageWanted("trixie", ("curl",)), images.ImageWanted("trixie", ("gnupg",)),
+              images.ImageWanted("bookworm", ("memcached",))]
+    started = time.monotonic()
+    preparation = cache.start_preparing(wanted, lines.append, threads=1)
+    assert time.monotonic() - started < 0.15, "start_preparing waited for a build"
+    time.sleep(0.05)
+    # Under way (the one build slot took the trixie base first): waited for, and said so.
+    preparation.wait(images.ImageWanted("trixie"), lines.append)
+    assert "trixie+" in spans and "waiting for image 1/5 (Debian trixie base), being built" in lines
+    # Not started (the slot has moved on to the bookworm base): taken off the list, and built by the caller (once
+    # its base is) beside the slot's next build, not behind the package sets queued ahead of it.
+    waited = time.monotonic()
+    preparation.wait(images.ImageWanted("bookworm", ("memcached",)), lines.append)
+    assert time.monotonic() - waited < 0.1, "waited for a build not started"
+    cache.get(("memcached",), release="bookworm")
+    done = preparation.results()
+    assert [one.describe() for one, error in done if error is None] == [
+        "Debian trixie base", "Debian bookworm base", "Debian trixie + curl", "Debian trixie + gnupg"]  # not memcached
+    assert spans["bookworm+memcached"][0] < spans["trixie+curl"][1]  # beside the slot's build
+    assert spans["trixie+curl"][1] <= spans["trixie+gnupg"][0]  # the rest in the order given
+    preparation.wait(images.ImageWanted("trixie", ("curl",)))  # built already: returns at once
+    preparation.wait(images.ImageWanted("trixie", ("nothing-asked",)))  # not this preparation's: get() builds it
+
+
+def test_a_base_taken_off_with_its_package_set_is_not_waited_for_by_a_machine_needing_the_base_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An xdist worker hung here: its first test took trixie + curl and the trixie base off the list, and the next
+    # machine, booting the base alone, waited for a build nobody would make.
+    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
+    spans: dict[str, tuple[float, float]] = {}
+    monkeypatch.setattr(ImageCache, "_build", _fake_build(spans))
+    cache = ImageCache(tmp_path)
+    preparation = cache.start_preparing([images.ImageWanted("bookworm"), images.ImageWanted("trixie", ("curl",))],
+                                        threads=1)
+    time.sleep(0.05)  # the one slot has the bookworm base
+    preparation.wait(images.ImageWanted("trixie", ("curl",)))  # not started: the caller's, with its base
+    waited = time.monotonic()
+    preparation.wait(images.ImageWanted("trixie"))
+    assert time.monotonic() - waited < 0.1, "waited for a base the preparation no longer builds"
+    cache.get(("curl",), release="trixie")
+    assert [one.describe() for one, _error in preparation.results()] == ["Debian bookworm base"]
+
+
+def test_stopping_a_preparation_finishes_the_build_under_way_and_starts_no_other(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
+    spans: dict[str, tuple[float, float]] = {}
+    monkeypatch.setattr(ImageCache, "_build", _fake_build(spans, seconds=0.3))
+    cache = ImageCache(tmp_path)
+    preparation = cache.start_preparing([images.ImageWanted("trixie"), images.ImageWanted("bookworm")], threads=1)
+    time.sleep(0.1)
+    preparation.stop()
+    assert list(spans) == ["trixie+"]  # finished, not cut off; bookworm's never began
+    assert images._complete(cache.path_for((), release="trixie"))
+    preparation.wait(images.ImageWanted("bookworm"))  # not built by a stopped preparation: returns, get() builds it
+    assert list(spans) == ["trixie+"]
+
+
+def test_the_pool_gives_each_image_a_user_namespaced_machine_boots_its_shifted_copy_as_it_is_built(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_systemd_harden.machine import backends
+    from pytest_systemd_harden.machine.backends import userns
+
+    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
+    monkeypatch.setattr(ImageCache, "_build", _fake_build({}))
+    monkeypatch.setattr(backends, "check_available", lambda name: None)
+    shifted: list[tuple[Path, int]] = []
+
+    def shift(rootfs: Path, base: int) -> Path:
+        shifted.append((rootfs, base))
+        return rootfs
+
+    monkeypatch.setattr(userns, "shifted_rootfs", shift)
+    pool = MachinePool(image_cache=ImageCache(tmp_path), backend="nspawn")
+    preparation = pool.start_preparing_images([MachineConfig(packages=("curl",)),
+                                               MachineConfig(packages=("dnsmasq",), privileged=True)])
+    assert preparation is not None
+    preparation.results()
+    curl = pool.image_cache.get(("curl",), release=DEFAULT_RELEASE)
+    assert shifted == [(curl.rootfs, userns.base_for(curl.key))]  # not the base's, nor the privileged machine's
+
+
+def test_the_session_starts_the_images_of_its_collected_specs_before_the_first_test(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     from pytest_systemd_harden.errors import BackendUnavailable
     from pytest_systemd_harden.machine import backends
 
     asked: list[tuple[list[images.ImageWanted], int]] = []
 
-    def prepare(self: ImageCache, wanted: list[images.ImageWanted], progress: images.Progress, *, threads: int,
-                rotate: int) -> list[object]:
+    def start_preparing(self: ImageCache, wanted: list[images.ImageWanted], progress: images.Progress, *,
+                        threads: int, rotate: int, then: object) -> images.Preparation:
         asked.append((list(wanted), threads))
-        return []
+        return images.Preparation(self, [], progress, threads=threads)
 
     def no_start(self: MachinePool, spec: object, *, start: bool = True) -> object:
         assert asked, "an image was needed before prepare_images ran"
         raise BackendUnavailable("not booted in this test")
 
-    monkeypatch.setattr(ImageCache, "prepare", prepare)
+    monkeypatch.setattr(ImageCache, "start_preparing", start_preparing)
+    monkeypatch.setattr(ImageCache, "missing", lambda self, wanted: [])
     monkeypatch.setattr(MachinePool, "service_for", no_start)
     monkeypatch.setattr(backends, "check_available", lambda name: None)
     service = "service:\n  exec_start: /bin/sleep infinity\n"
@@ -356,3 +463,41 @@ def test_the_session_prepares_the_images_of_its_collected_specs_before_the_first
     assert threads == min(os.cpu_count() or 1, 4)
     assert pytester.runpytest_inprocess("--harden-backend=nspawn", "--collect-only").ret == 0
     assert len(asked) == 1  # collecting only builds nothing
+
+
+def test_where_images_must_be_built_directories_run_as_their_images_will_be_ready_unit_checks_first(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_systemd_harden.errors import BackendUnavailable
+    from pytest_systemd_harden.machine import backends
+
+    built = {"all": True}
+
+    def start_preparing(self: ImageCache, wanted: list[images.ImageWanted], progress: images.Progress, *,
+                        threads: int, rotate: int, then: object) -> images.Preparation:
+        return images.Preparation(self, [], progress, threads=threads)
+
+    def no_machine(self: MachinePool, config: MachineConfig) -> object:
+        raise BackendUnavailable("not booted in this test")
+
+    monkeypatch.setattr(ImageCache, "start_preparing", start_preparing)
+    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
+    monkeypatch.setattr(images, "_complete", lambda final: built["all"])
+    monkeypatch.setattr(MachinePool, "machine_for", no_machine)
+    monkeypatch.setattr(backends, "check_available", lambda name: None)
+    service = "service:\n  exec_start: /bin/sleep infinity\n"
+    for name, machine in (("a_curl", "machine:\n  packages: [curl]\n"), ("b_base", ""),
+                          ("c_unit", "machine:\n  packages: [memcached]\n")):
+        pytester.mkdir(name)
+        body = service if name != "c_unit" else "service:\n  unit: memcached.service\n"
+        pytester.path.joinpath(name, "harden.yaml").write_text(body + machine)
+    pytester.path.joinpath("b_base", "test_plain.py").write_text("def test_plain():\n    pass\n")
+    pytester.mkdir("d_python")
+    pytester.path.joinpath("d_python", "test_other.py").write_text("def test_other():\n    pass\n")
+
+    def order() -> list[str]:
+        result = pytester.runpytest_inprocess("--harden-backend=nspawn", "-p", "no:cacheprovider", "-v")
+        return list(dict.fromkeys(re.findall(r"^(\w+)/\S+::", result.stdout.str(), re.MULTILINE)))
+
+    assert order() == ["a_curl", "b_base", "c_unit", "d_python"]  # all cached: as collected
+    built["all"] = False  # a fresh cache: the base, then memcached (its unit is checked before the first test)
+    assert order() == ["b_base", "c_unit", "a_curl", "d_python"]

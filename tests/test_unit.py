@@ -214,7 +214,7 @@ def test_a_drop_in_adds_to_a_units_list_and_replaces_its_single_values() -> None
         "ProtectSystem": ("strict",), "SystemCallFilter": ("@system-service", "~@setuid"), "ReadWritePaths": ("/srv",)}
 
 
-@pytest.mark.parametrize(("service", "unit_text", "machine_section", "error"), [
+UNTESTABLE = [
     ("{unit: no-such-daemon.service}", UNIT, "",
      ("harden.yaml:1: service.unit: no unit no-such-daemon.service on the machine (add the package that ships it to "
      "machine.packages)")),
@@ -223,7 +223,11 @@ def test_a_drop_in_adds_to_a_units_list_and_replaces_its_single_values() -> None
      "memcached.service)")),
     ("{unit_file: echo@.service, instance: '8083'}", UNIT.replace("PrivateTmp=yes", "PrivateTmp yes"), "",
      "echo@.service:8: Missing '=', ignoring line. (systemd-analyze verify, on the machine)"),
-], ids=["no such unit", "no package ships it", "unit file systemd rejects"])
+]
+
+
+@pytest.mark.parametrize(("service", "unit_text", "machine_section", "error"), UNTESTABLE,
+                         ids=["no such unit", "no package ships it", "unit file systemd rejects"])
 def test_a_unit_that_cannot_be_tested_is_one_line_before_any_test_runs(
         pytester: pytest.Pytester, service: str, unit_text: str, machine_section: str, error: str) -> None:
     spec_with(pytester.path, service, unit_text)
@@ -235,3 +239,20 @@ def test_a_unit_that_cannot_be_tested_is_one_line_before_any_test_runs(
     lines = [line for line in result.stderr.lines if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("ERROR: ") and lines[0].endswith(error), result.stderr.lines
     assert not any(word in result.stdout.str() for word in ("PASSED", "FAILED", "SKIPPED")), result.stdout.str()
+
+
+
+@pytest.mark.parametrize(("service", "unit_text", "machine_section", "error"), UNTESTABLE,
+                         ids=["no such unit", "no package ships it", "unit file systemd rejects"])
+def test_under_xdist_a_unit_that_cannot_be_tested_fails_its_start_item_with_the_line(
+        pytester: pytest.Pytester, service: str, unit_text: str, machine_section: str, error: str) -> None:
+    # A worker cannot stop the session: raising there ended the worker, and pytest-xdist reported an internal error
+    # ("Unexpectedly no active workers available") without the line. The start item says it instead.
+    spec_with(pytester.path, service, unit_text)
+    with (pytester.path / "harden.yaml").open("a") as spec:
+        spec.write(machine_section + "scenarios:\n  - {name: answers, client: 'true'}\n")
+    result = pytester.runpytest_subprocess("-n", "2", "--harden-require-backend", "-p", "no:cacheprovider")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed") == 1 and not outcomes.get("passed"), outcomes  # the start; the rest not run
+    assert any(line.endswith(error) for line in result.stdout.lines), result.stdout.str()
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()

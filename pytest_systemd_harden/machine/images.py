@@ -21,7 +21,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -269,9 +268,18 @@ class ImageCache:
                 rotate: int = 0) -> list[tuple[ImageWanted, ImageBuildError | None]]:
         """Build the images of ``wanted`` not cached yet, ``threads`` at a time (bases first), each build's
         progress lines prefixed with its image; return each build tried and its error (None: built).
+        :meth:`start_preparing`, waited for."""
+        return self.start_preparing(wanted, progress, threads=threads, rotate=rotate).results()
+
+    def start_preparing(self, wanted: Iterable[ImageWanted], progress: Progress = lambda line: None, *,
+                        threads: int = 2, rotate: int = 0,
+                        then: Callable[[ImageWanted, Image], None] | None = None) -> Preparation:
+        """Start building the images of ``wanted`` not cached yet in the background, ``threads`` at a time, bases
+        first and the package sets in the order given; ``then`` runs in the build's thread after each image built.
 
         A session that needs several images pays for the slowest few, not their sum: a build is mostly dpkg
-        unpacking and configuring, one core's work, and apt's downloads overlap the other build's. ``rotate``
+        unpacking and configuring, one core's work, and apt's downloads overlap the other build's; and its first
+        tests run while the images of later ones are still being built (:meth:`Preparation.wait`). ``rotate``
         starts this process at another place in the list (an xdist worker's index), so two workers preparing
         the same session build different images first rather than waiting on one another's lock. A failed build
         is not raised here: the machine that needs the image raises its error (remembered, not built again)."""
@@ -282,28 +290,10 @@ class ImageCache:
             bases = bases[rotate % len(bases):] + bases[:rotate % len(bases)] if bases else bases
             tops = tops[rotate % len(tops):] + tops[:rotate % len(tops)] if tops else tops
         todo = bases + tops
-        if not todo:
-            return []
-        shown = threading.Lock()  # one line at a time, whole, from every build
-
-        def build(number: int, one: ImageWanted) -> tuple[ImageWanted, ImageBuildError | None]:
-            prefix = f"image {number}/{len(todo)} ({one.describe()}): "
-
-            def said(line: str) -> None:
-                with shown:
-                    progress(prefix + line.lstrip())
-
-            try:
-                self.get(one.packages, said, release=one.release, debs=one.debs)
-            except ImageBuildError as exc:
-                said(f"failed: {str(exc).splitlines()[0]} (the specs that need it will say why)")
-                return one, exc
-            return one, None
-
-        progress(f"{len(todo)} image(s) to build, {min(threads, len(todo))} at a time: "
-                 + "; ".join(one.describe() for one in todo))
-        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="harden-image") as builders:
-            return list(builders.map(build, range(1, len(todo) + 1), todo))
+        if todo:
+            progress(f"{len(todo)} image(s) to build, {min(threads, len(todo))} at a time: "
+                     + "; ".join(one.describe() for one in todo))
+        return Preparation(self, todo, progress, threads=threads, then=then)
 
     def _build(self, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
                progress: Progress) -> None:
@@ -393,6 +383,94 @@ class ImageCache:
                                   "local .deb's dependency exist there? Is the mirror "
                                   f"{self.mirror} reachable? (set HARDEN_MIRROR to use another)")
         return command[0]
+
+
+class Preparation:
+    """Images being built in the background (:meth:`ImageCache.start_preparing`), ``threads`` at a time in the order
+    of ``todo``. A machine that needs one now waits for it if its build is under way, else builds it itself
+    (:meth:`wait`): never behind builds of images it does not need."""
+
+    def __init__(self, cache: ImageCache, todo: list[ImageWanted], progress: Progress, *, threads: int,
+                 then: Callable[[ImageWanted, Image], None] | None = None) -> None:
+        self.todo = todo
+        self._cache = cache
+        self._progress = progress
+        self._then = then
+        self._pending = list(todo)  # not started yet, in the order they will be
+        self._results: dict[ImageWanted, ImageBuildError | None] = {}
+        self._left: set[ImageWanted] = set()  # taken off the list by wait(): the callers' get() builds them
+        self._changed = threading.Condition()
+        self._shown = threading.Lock()  # one line at a time, whole, from every build
+        self._stopped = False
+        self._threads = [threading.Thread(target=self._work, name=f"harden-image-{number}", daemon=True)
+                         for number in range(min(max(1, threads), len(todo)))]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                if self._stopped or not self._pending:
+                    return
+                one = self._pending.pop(0)
+            error = self._build(self.todo.index(one) + 1, one)
+            with self._changed:
+                self._results[one] = error
+                self._changed.notify_all()
+
+    def _build(self, number: int, one: ImageWanted) -> ImageBuildError | None:
+        prefix = f"image {number}/{len(self.todo)} ({one.describe()}): "
+
+        def said(line: str) -> None:
+            with self._shown:
+                self._progress(prefix + line.lstrip())
+
+        try:
+            image = self._cache.get(one.packages, said, release=one.release, debs=one.debs)
+            if self._then is not None:
+                self._then(one, image)
+        except ImageBuildError as exc:
+            said(f"failed: {str(exc).splitlines()[0]} (the specs that need it will say why)")
+            return exc
+        except Exception as exc:  # noqa: BLE001 - the machine that needs it meets the same error and says it
+            said(f"failed: {exc} (the specs that need it will say why)")
+            return ImageBuildError(str(exc))
+        return None
+
+    def wait(self, want: ImageWanted, progress: Progress = lambda line: None) -> None:
+        """Return once ``want`` is built or failed, if its build is under way here; at once otherwise: when it has not
+        started, it (and its base, if not started either) is taken off this preparation's list, and the caller's
+        :meth:`ImageCache.get` builds it in the caller's thread, which would only wait. (A build slot may be busy
+        for a while with an image needed later: under xdist, one worker's first build is the second release's
+        base; a test should not wait behind it.)"""
+        with self._changed:
+            if want in self._pending:
+                mine = {want, ImageWanted(want.release)} & set(self._pending)
+                self._pending = [one for one in self._pending if one not in mine]
+                self._left |= mine
+                return
+            if want not in self.todo or want in self._results or want in self._left:
+                return  # a base taken off with its package set is the first caller's to build: get() waits for it
+            shown = f"waiting for image {self.todo.index(want) + 1}/{len(self.todo)} ({want.describe()}), being built"
+        progress(shown)
+        with self._changed:
+            while want not in self._results:
+                self._changed.wait()
+
+    def results(self) -> list[tuple[ImageWanted, ImageBuildError | None]]:
+        """Every build tried and its error (None: built), once all are done."""
+        for thread in self._threads:
+            thread.join()
+        return [(one, self._results[one]) for one in self.todo if one in self._results]
+
+    def stop(self) -> None:
+        """Start no more builds, and wait for those under way: a build is never cut off (its staging directory
+        would be left for the next run to clean) and nothing of it outlives the session."""
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+        for thread in self._threads:
+            thread.join()
 
 
 # Run in a mount namespace of its own, with a tmpfs of its own on /dev/shm: the builder's mounts (proc, sysfs, the

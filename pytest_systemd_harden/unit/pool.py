@@ -10,9 +10,10 @@ from dataclasses import replace
 
 from ..errors import BackendUnavailable, HardenError, ImageBuildError
 from ..machine import backends, cgroups
+from ..machine.backends import userns
 from ..machine.backends.base import Machine
 from ..machine.backends.nspawn import sweep_runtime_leftovers
-from ..machine.images import ImageCache, ImageWanted
+from ..machine.images import Image, ImageCache, ImageWanted, Preparation
 from ..sandbox.capabilities import machine_capabilities
 from ..spec.load import Spec
 from ..spec.machine import MachineConfig
@@ -45,6 +46,7 @@ class MachinePool:
         self._services: dict[str, HardenedService] = {}  # machine name -> the service running there
         self._lock = threading.Lock()
         self._reaped = False
+        self._preparation: Preparation | None = None  # images being built in the background
         atexit.register(self.close)
 
     def effective_config(self, config: MachineConfig) -> MachineConfig:
@@ -73,6 +75,8 @@ class MachinePool:
                 if config.backend == "nspawn":
                     for path in sweep_runtime_leftovers():
                         self.progress(f"removed {path} left behind by a killed run")
+            if config.backend == "nspawn" and self._preparation is not None:
+                self._preparation.wait(self.image_wanted(config), self.progress)
             cls = backends.machine_class(config.backend)
             machine = cls(config, boot_timeout=self.boot_timeout, image_cache=self.image_cache)
             self.progress(f"booting {config.backend} machine {machine.name} ({config.describe()})")
@@ -100,23 +104,64 @@ class MachinePool:
 
     def prepare_images(self, configs: Iterable[MachineConfig], *, threads: int = 2,
                        rotate: int = 0) -> list[tuple[ImageWanted, ImageBuildError | None]]:
-        """Build the container images the machines of ``configs`` will boot from, those not cached yet, ``threads``
-        at a time, before the first boot needs one (:meth:`ImageCache.prepare`). Only the nspawn backend's images:
-        a VM's is built with its kernel when it boots, and the host backend has none. Nothing to do where nspawn
-        cannot run (the first boot says why)."""
-        wanted = []
+        """Build the images the machines of ``configs`` will boot from, and wait for them
+        (:meth:`start_preparing_images`)."""
+        preparation = self.start_preparing_images(configs, threads=threads, rotate=rotate)
+        return preparation.results() if preparation is not None else []
+
+    def start_preparing_images(self, configs: Iterable[MachineConfig], *, threads: int = 2,
+                               rotate: int = 0) -> Preparation | None:
+        """Start building the container images the machines of ``configs`` will boot from, those not cached yet,
+        ``threads`` at a time, in the background (:meth:`ImageCache.start_preparing`; package sets in the order of
+        ``configs``); a machine booted meanwhile waits for its own image only, moved to the front. Each image an
+        unprivileged machine boots is given its uid-shifted copy in the same build thread (a second or more per
+        image, else paid at the first boot). Only the nspawn backend's images: a VM's is built with its kernel when
+        it boots, and the host backend has none. Nothing to do where nspawn cannot run (the first boot says why)."""
+        wanted: list[ImageWanted] = []
+        shifted: set[ImageWanted] = set()  # the images a machine in a user namespace boots
         for config in configs:
             config = self.effective_config(config)
             if config.backend != "nspawn":
                 continue
-            wanted.append(ImageWanted(config.release, tuple(sorted(set(config.packages))), tuple(config.debs)))
+            want = self.image_wanted(config)
+            wanted.append(want)
+            if not config.privileged:
+                shifted.add(want)
+        if not wanted:
+            return None
+        try:
+            backends.check_available("nspawn")
+        except BackendUnavailable:
+            return None
+
+        def shift(want: ImageWanted, image: Image) -> None:
+            if want in shifted:
+                userns.shifted_rootfs(image.rootfs, userns.base_for(image.key))
+
+        with self._lock:
+            if self._preparation is not None:
+                self._preparation.stop()
+            self._preparation = self.image_cache.start_preparing(wanted, self.progress, threads=threads,
+                                                                 rotate=rotate, then=shift)
+            return self._preparation
+
+    def images_to_build(self, configs: Iterable[MachineConfig]) -> list[ImageWanted]:
+        """The images :meth:`start_preparing_images` would build for ``configs``, in its order ([] where nspawn
+        cannot run or nothing is missing)."""
+        wanted = [self.image_wanted(config) for config in map(self.effective_config, configs)
+                  if config.backend == "nspawn"]
         if not wanted:
             return []
         try:
             backends.check_available("nspawn")
         except BackendUnavailable:
             return []
-        return self.image_cache.prepare(wanted, self.progress, threads=threads, rotate=rotate)
+        return self.image_cache.missing(wanted)
+
+    @staticmethod
+    def image_wanted(config: MachineConfig) -> ImageWanted:
+        """The image the machine of ``config`` (effective: release filled in) boots from."""
+        return ImageWanted(config.release, tuple(sorted(set(config.packages))), tuple(config.debs))
 
     def service_for(self, spec: Spec, *, start: bool = True) -> HardenedService:
         """The spec's service on its machine, (re)started clean; a different service there is stopped first."""
@@ -143,6 +188,9 @@ class MachinePool:
         with self._lock:
             machines, self._machines = list(self._machines.values()), {}
             self._services.clear()
+            preparation, self._preparation = self._preparation, None
+        if preparation is not None:
+            preparation.stop()  # an image no test needed any more (a session cut short): built to its end, or not begun
         errors = []
         for machine in machines:
             try:
