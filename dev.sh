@@ -44,7 +44,7 @@ installed() {
     dpkg-query -W -f '${Status}' "$1" 2>/dev/null | grep -q ' installed$'
 }
 
-# examples: the plugin, its runtime dependencies and xdist; test: also the dev tools (mypy, ruff).
+# examples: the plugin and its runtime dependencies; test: also the dev tools (xdist, mypy, ruff).
 install_python_packages() {
     local job=$1
     if [ ! -x .venv/bin/python ]; then
@@ -58,7 +58,7 @@ install_python_packages() {
     if [ "$job" = test ]; then
         .venv/bin/python -m pip install -q -e '.[dev]'
     else
-        .venv/bin/python -m pip install -q -e '.[parallel]'
+        .venv/bin/python -m pip install -q -e .
     fi
 }
 
@@ -85,12 +85,7 @@ shift || true
 case "$command" in
     examples)
         need_root "$command"; install_packages examples
-        # Two workers: on a fresh machine the images build beside the tests and the long tests (a diagnosis, a
-        # version bump's two sessions) no longer wait for one another; pytest-xdist shows no [harden] progress
-        # lines from its workers (-n 0 shows them).
-        echo "dev.sh: the examples on two pytest workers, which show no [harden] progress lines (image builds, boots);" \
-            "./dev.sh examples -n 0 shows them"
-        exec .venv/bin/python -m pytest -p no:cacheprovider --harden-require-backend -n 2 -v examples "$@"
+        exec .venv/bin/python -m pytest -p no:cacheprovider --harden-require-backend -v examples "$@"
         ;;
     test)
         need_root "$command"; install_packages test
