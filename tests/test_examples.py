@@ -101,7 +101,7 @@ def test_dns_client_without_netlink_cannot_list_interfaces(pytester: pytest.Pyte
     result.stdout.fnmatch_lines([
         "*harden.yaml::list the machine's interfaces FAILED*",
         "*/interfaces failed: OSError(97, 'getifaddrs: Address family not supported by protocol')",
-        "  culprit: RestrictAddressFamilies=AF_UNIX AF_INET (harden.yaml:19)",
+        "  culprit: RestrictAddressFamilies=AF_UNIX AF_INET (harden.yaml:18)",
         "    smallest relaxation: also allow AF_NETLINK in RestrictAddressFamilies=",
     ])
 
