@@ -403,8 +403,11 @@ def tally(counts: dict[str, int], name: str) -> None:
     counts[name] = counts.get(name, 0) + 1
 
 
-DELEGATED_COMMANDS = frozenset({BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM,
-                                BPF_PROG_LOAD, BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_OBJ_GET_INFO_BY_FD})
+# The commands the delegate makes, by the name the tally counts them under; any other goes on as the caller's own.
+DELEGATED_COMMANDS = {BPF_MAP_CREATE: "map_create", BPF_MAP_LOOKUP_ELEM: "map_lookup",
+                      BPF_MAP_UPDATE_ELEM: "map_update", BPF_MAP_DELETE_ELEM: "map_delete",
+                      BPF_PROG_LOAD: "prog_load", BPF_PROG_ATTACH: "attach", BPF_PROG_DETACH: "detach",
+                      BPF_OBJ_GET_INFO_BY_FD: "info"}
 
 
 @dataclass
@@ -446,7 +449,7 @@ class BpfDelegate:
     def _loop(self) -> None:
         try:
             drop_leaky_capabilities()
-        except OSError as exc:  # then nothing is delegated: every call of the machine gets EPERM
+        except OSError as exc:  # then nothing is delegated: every call goes on as the caller's own (_one)
             self.log(f"BPF delegation off: cannot drop CAP_SYS_ADMIN/CAP_PERFMON in its thread ({exc})")
             self._refuse_all = True
         else:
@@ -507,13 +510,12 @@ class BpfDelegate:
             caller.close()
 
     def _respond(self, notif_id: int, answer: Answer, flags: int = 0) -> None:
-        ioctl = fcntl.ioctl
         try:
             if answer.fd is not None:
-                ioctl(self.listener, SECCOMP_IOCTL_NOTIF_ADDFD,
+                fcntl.ioctl(self.listener, SECCOMP_IOCTL_NOTIF_ADDFD,
                       NOTIF_ADDFD.pack(notif_id, SECCOMP_ADDFD_FLAG_SEND, answer.fd, 0, os.O_CLOEXEC))
                 return
-            ioctl(self.listener, SECCOMP_IOCTL_NOTIF_SEND,
+            fcntl.ioctl(self.listener, SECCOMP_IOCTL_NOTIF_SEND,
                   NOTIF_RESP.pack(notif_id, answer.value, -answer.error if answer.error else 0, flags))
         except OSError:
             pass  # the caller is gone (ENOENT): nothing to answer
@@ -536,13 +538,9 @@ class BpfDelegate:
             BPF_MAP_UPDATE_ELEM: self._map_element, BPF_MAP_DELETE_ELEM: self._map_element,
             BPF_PROG_LOAD: self._prog_load, BPF_PROG_ATTACH: self._attach, BPF_PROG_DETACH: self._attach,
             BPF_OBJ_GET_INFO_BY_FD: self._info,
-        }.get(command)
-        if handler is None:
-            raise Refused(errno.EPERM, f"bpf command {command} is not delegated")
+        }[command]  # one of DELEGATED_COMMANDS: _one lets every other go on as the caller's own call
         answer = handler(caller, command, attr, address)
-        name = {0: "map_create", 1: "map_lookup", 2: "map_update", 3: "map_delete", 5: "prog_load", 8: "attach",
-                9: "detach", 15: "info"}[command]
-        tally(self.calls, name)
+        tally(self.calls, DELEGATED_COMMANDS[command])
         return answer
 
     def _map_create(self, caller: Caller, command: int, attr: bytes, address: int) -> Answer:

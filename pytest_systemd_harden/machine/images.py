@@ -711,7 +711,6 @@ done
 """
 
 
-
 VM_PACKAGES = ("linux-image-cloud-amd64", "qemu-guest-agent")
 # Bump when the disk recipe below (or the bus bridge shipped into it) changes.
 VM_RECIPE_VERSION = 1
