@@ -117,22 +117,11 @@ class MachinePool:
         unprivileged machine boots is given its uid-shifted copy in the same build thread (a second or more per
         image, else paid at the first boot). Only the nspawn backend's images: a VM's is built with its kernel when
         it boots, and the host backend has none. Nothing to do where nspawn cannot run (the first boot says why)."""
-        wanted: list[ImageWanted] = []
-        shifted: set[ImageWanted] = set()  # the images a machine in a user namespace boots
-        for config in configs:
-            config = self.effective_config(config)
-            if config.backend != "nspawn":
-                continue
-            want = self.image_wanted(config)
-            wanted.append(want)
-            if not config.privileged:
-                shifted.add(want)
-        if not wanted:
+        nspawn = self._nspawn_configs(configs)
+        if not nspawn:
             return None
-        try:
-            backends.check_available("nspawn")
-        except BackendUnavailable:
-            return None
+        wanted = [self.image_wanted(config) for config in nspawn]
+        shifted = {self.image_wanted(config) for config in nspawn if not config.privileged}  # user-namespaced
 
         def shift(want: ImageWanted, image: Image) -> None:
             if want in shifted:
@@ -148,15 +137,20 @@ class MachinePool:
     def images_to_build(self, configs: Iterable[MachineConfig]) -> list[ImageWanted]:
         """The images :meth:`start_preparing_images` would build for ``configs``, in its order ([] where nspawn
         cannot run or nothing is missing)."""
-        wanted = [self.image_wanted(config) for config in map(self.effective_config, configs)
-                  if config.backend == "nspawn"]
-        if not wanted:
+        nspawn = self._nspawn_configs(configs)
+        return self.image_cache.missing([self.image_wanted(config) for config in nspawn]) if nspawn else []
+
+    def _nspawn_configs(self, configs: Iterable[MachineConfig]) -> list[MachineConfig]:
+        """The effective ``configs`` whose machines boot an nspawn image; none where nspawn cannot run here (the
+        first boot says why)."""
+        found = [config for config in map(self.effective_config, configs) if config.backend == "nspawn"]
+        if not found:
             return []
         try:
             backends.check_available("nspawn")
         except BackendUnavailable:
             return []
-        return self.image_cache.missing(wanted)
+        return found
 
     @staticmethod
     def image_wanted(config: MachineConfig) -> ImageWanted:
