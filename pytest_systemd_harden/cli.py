@@ -34,9 +34,9 @@ from .machine.images import BASE_PACKAGES, ImageCache, cached_images, default_ca
 from .report import exposure
 from .sandbox.capabilities import Capabilities, machine_capabilities
 from .search.diagnosis import yaml_value
-from .search.scenarios import diagnose_failure, failure_report, run_scenario, tighten_service
+from .search.scenarios import diagnosed_failure, tighten_service
 from .spec.directives import DropinMismatch
-from .spec.load import Scenario, Spec, load_spec
+from .spec.load import Spec, load_spec
 from .spec.machine import MachineConfig
 from .spec.releases import DEFAULT_RELEASE, RELEASES, parse_releases
 from .unit.pool import MachinePool
@@ -209,31 +209,6 @@ def _day(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d", time.localtime(timestamp))
 
 
-def _run_elsewhere(service: HardenedService) -> str:
-    """The tightened spec's service started and every scenario run on another release: "" if all pass, else what
-    failed with the diagnosis of it (the directive of the result that breaks it there, and the fix)."""
-    failed: Scenario | None = None
-    try:
-        service.start()
-    except ServiceFailed as exc:
-        evidence = str(exc)
-    else:
-        for scenario in service.spec.scenarios:
-            outcome = run_scenario(service, scenario)
-            if not outcome.passed:
-                failed, evidence = scenario, failure_report(service, outcome)
-                break
-        else:
-            service.stop()
-            return ""
-    try:
-        diagnosis = diagnose_failure(service, failed, evidence).render()
-    finally:
-        service.stop()
-    what = f"scenario {failed.name!r}" if failed is not None else "the service does not start"
-    return f"{what}\n{diagnosis}"
-
-
 def _tighten(args: argparse.Namespace) -> int:
     spec = _load(args.spec)
     if spec is None:
@@ -258,7 +233,7 @@ def _tighten(args: argparse.Namespace) -> int:
         elsewhere = {}
         for release in releases[1:] if not tightened.note.startswith("the spec as written") else []:
             other = spec.on_release(release).with_hardening(tightened.after)
-            elsewhere[release] = _run_elsewhere(HardenedService(pool.machine_for(other.machine), other))
+            elsewhere[release] = diagnosed_failure(HardenedService(pool.machine_for(other.machine), other))
         return tightened, before, exposure.score(machine, first.with_hardening(tightened.after)), elsewhere
 
     found = _on_machine(args, "tighten", work)

@@ -240,6 +240,38 @@ def _rerun(service: HardenedService, candidate: HardenedService, scenario: Scena
         candidate.stop()
 
 
+def first_failing(service: HardenedService,
+                  deadline: Deadline | None = None) -> tuple[Scenario, ScenarioOutcome] | None:
+    """The first of the spec's scenarios, run in order on the started ``service``, that fails, with its outcome."""
+    for scenario in service.spec.scenarios:
+        outcome = run_scenario(service, scenario, deadline)
+        if not outcome.passed:
+            return scenario, outcome
+    return None
+
+
+def diagnosed_failure(service: HardenedService) -> str:
+    """``service`` started and every scenario run (a tightened spec on another release it ships on): "" if all
+    pass, else what failed with its diagnosis there (the directive that breaks it, and the fix)."""
+    failed: Scenario | None = None
+    try:
+        service.start()
+    except ServiceFailed as exc:
+        evidence = str(exc)
+    else:
+        failing = first_failing(service)
+        if failing is None:
+            service.stop()
+            return ""
+        failed, evidence = failing[0], failure_report(service, failing[1])
+    try:
+        diagnosis = diagnose_failure(service, failed, evidence).render()
+    finally:
+        service.stop()
+    what = f"scenario {failed.name!r}" if failed is not None else "the service does not start"
+    return f"{what}\n{diagnosis}"
+
+
 def all_scenarios_trial(service: HardenedService, deadline: Deadline | None = None) -> Trial:
     """An oracle for :func:`tighten`: the service starts under a hardening and every scenario passes, in order.
     With a ``deadline``, every wait is capped by it (:class:`Deadline`)."""
@@ -254,11 +286,11 @@ def all_scenarios_trial(service: HardenedService, deadline: Deadline | None = No
                 return TrialResult(False, "the service did not start", str(exc))
             except DBusError as exc:
                 return TrialResult(False, f"systemd rejected this hardening: {exc.text}")
-            for scenario in service.spec.scenarios:
-                outcome = run_scenario(candidate, scenario, deadline)
-                if not outcome.passed:
-                    return TrialResult(False, f"scenario {scenario.name!r}: {'; '.join(outcome.problems)}",
-                                       failure_report(candidate, outcome))
+            failing = first_failing(candidate, deadline)
+            if failing is not None:
+                scenario, outcome = failing
+                return TrialResult(False, f"scenario {scenario.name!r}: {'; '.join(outcome.problems)}",
+                                   failure_report(candidate, outcome))
             return TrialResult(True)
         finally:
             candidate.stop()
