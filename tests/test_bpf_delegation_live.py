@@ -15,10 +15,9 @@ from pytest_systemd_harden.machine.probing import machine_facts
 from pytest_systemd_harden.spec.machine import MachineConfig
 from pytest_systemd_harden.unit.pool import MachinePool
 
-# Raw bpf() calls as the container's root, each printed as its result (an fd or -errno). The pointer leak stores
-# the program's context pointer into a map value: a privileged loader may, an unprivileged one (or a token's) may
-# not (the verifier's "leaks addr into map", EACCES).
-CALLS = r"""
+# bpf() as the container's root (its result, or -errno) and a BPF instruction, for every script below; the buffers a
+# call points at are kept alive in `keep`.
+SYSCALLS = r"""
 import ctypes, json, os, struct
 libc = ctypes.CDLL(None, use_errno=True)
 def bpf(cmd, attr):
@@ -28,6 +27,12 @@ def bpf(cmd, attr):
 def insn(code, dst=0, src=0, off=0, imm=0):
     return struct.pack("=BBhi", code, dst | src << 4, off, imm)
 keep = []
+"""
+
+# Raw bpf() calls as the container's root, each printed as its result (an fd or -errno). The pointer leak stores
+# the program's context pointer into a map value: a privileged loader may, an unprivileged one (or a token's) may
+# not (the verifier's "leaks addr into map", EACCES).
+CALLS = SYSCALLS + r"""
 def load(prog_type, insns):
     code = ctypes.create_string_buffer(b"".join(insns)); lic = ctypes.create_string_buffer(b"GPL")
     keep.extend([code, lic])
@@ -109,16 +114,7 @@ def test_a_privileged_container_loads_what_a_delegated_one_may_not(harden_pool: 
 
 
 # The start of a script for the tests below: bpf() as the container's root, and a program of N instructions.
-PRELUDE = r"""
-import ctypes, json, os, struct
-libc = ctypes.CDLL(None, use_errno=True)
-def bpf(cmd, attr):
-    buf = ctypes.create_string_buffer(attr, len(attr))
-    r = libc.syscall(ctypes.c_long(321), ctypes.c_long(cmd), buf, ctypes.c_long(len(attr)))
-    return r if r >= 0 else -ctypes.get_errno()
-def insn(code, dst=0, src=0, off=0, imm=0):
-    return struct.pack("=BBhi", code, dst | src << 4, off, imm)
-keep = []
+PRELUDE = SYSCALLS + r"""
 def load(count=2, log_level=0, log_size=0, log_address=0, prog_type=8):
     body = [insn(0xb7, 0, imm=1)] + [insn(0x57, 0, imm=1)] * (count - 2) + [insn(0x95)]  # r0 = 1; r0 &= 1 ...
     code = ctypes.create_string_buffer(b"".join(body)); lic = ctypes.create_string_buffer(b"GPL")
