@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from pytest_systemd_harden.plugin import HardenSession
 from pytest_systemd_harden.spec.load import Spec, load_spec
 from pytest_systemd_harden.spec.machine import MachineConfig
 from pytest_systemd_harden.unit.pool import MachinePool
+from pytest_systemd_harden.unit.service import HardenedService
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -40,3 +43,20 @@ def make_spec(tmp_path: Path):  # type: ignore[no-untyped-def]
         return load_spec(path)
 
     return make
+
+
+@pytest.fixture
+def started(machine: Machine, make_spec: Callable[[str], Spec]) -> Iterator[Callable[[str], HardenedService]]:
+    """Start a service from spec text (dedented) on the shared base machine: ``started("service: ...")``; every
+    service started is stopped after the test."""
+    services: list[HardenedService] = []
+
+    def start(text: str) -> HardenedService:
+        service = HardenedService(machine, make_spec(textwrap.dedent(text)))
+        services.append(service)
+        service.start()
+        return service
+
+    yield start
+    for service in services:
+        service.stop()

@@ -3,13 +3,12 @@ in force."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from test_profiles import NAMES, write
 
-from pytest_systemd_harden.machine.backends.base import Machine
 from pytest_systemd_harden.spec.load import load_spec
 from pytest_systemd_harden.spec.machine import MachineConfig
 from pytest_systemd_harden.unit.pool import MachinePool
@@ -18,22 +17,6 @@ from pytest_systemd_harden.unit.service import HardenedService
 # --- in a real container ----------------------------------------------------------------------------------------
 
 SERVER = "/usr/bin/python3 -m http.server 8080 --bind 127.0.0.1 --directory /usr/share/doc"
-
-
-@pytest.fixture
-def start(machine: Machine, tmp_path: Path) -> Iterator[Callable[[str], HardenedService]]:
-    """Start a service from spec text on the shared base machine; stopped after the test."""
-    services: list[HardenedService] = []
-
-    def started(text: str) -> HardenedService:
-        service = HardenedService(machine, load_spec(write(tmp_path, text)))
-        services.append(service)
-        service.start()
-        return service
-
-    yield started
-    for service in services:
-        service.stop()
 
 
 def sleeper(label: str, profile: str, hardening: str = "") -> str:
@@ -50,8 +33,8 @@ def _main_status(service: HardenedService) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_a_service_starts_under_the_profile_unchanged(start: Callable[[str], HardenedService], name: str) -> None:
-    service = start(sleeper(f"sleep-{name}", name))
+def test_a_service_starts_under_the_profile_unchanged(started: Callable[[str], HardenedService], name: str) -> None:
+    service = started(sleeper(f"sleep-{name}", name))
     assert service.state()["ActiveState"] == "active", service.state_text()
     status = _main_status(service)
     assert (status["CapBnd"] == "0000000000000000") is (name != "minimal-2026")  # minimal keeps root's caps
@@ -60,8 +43,8 @@ def test_a_service_starts_under_the_profile_unchanged(start: Callable[[str], Har
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_a_web_server_answers_under_the_profile(start: Callable[[str], HardenedService], name: str) -> None:
-    service = start(f"""\
+def test_a_web_server_answers_under_the_profile(started: Callable[[str], HardenedService], name: str) -> None:
+    service = started(f"""\
         name: web-{name}
         profile: {name}
         service:
@@ -75,9 +58,9 @@ def test_a_web_server_answers_under_the_profile(start: Callable[[str], HardenedS
 
 
 @pytest.mark.parametrize("name", ["baseline-2026", "maximum-2026"])
-def test_private_users_puts_the_service_in_a_user_namespace_of_its_own(start: Callable[[str], HardenedService],
+def test_private_users_puts_the_service_in_a_user_namespace_of_its_own(started: Callable[[str], HardenedService],
                                                                       name: str) -> None:
-    service = start(sleeper(f"userns-{name}", name))
+    service = started(sleeper(f"userns-{name}", name))
     pid = service.state()["MainPID"]
     namespaces = service.client(f"readlink /proc/1/ns/user /proc/{pid}/ns/user").stdout.split()
     assert len(namespaces) == 2 and namespaces[0] != namespaces[1]
@@ -90,23 +73,23 @@ NOEXEC_PROBE = ("for d in /tmp /var/tmp /dev/shm; do cp /usr/bin/true $d/p 2>/de
 
 
 @pytest.mark.parametrize("name", ["baseline-2026", "maximum-2026"])
-def test_nothing_the_service_can_write_executes(start: Callable[[str], HardenedService], name: str) -> None:
-    service = start(sleeper(f"noexec-{name}", name))
+def test_nothing_the_service_can_write_executes(started: Callable[[str], HardenedService], name: str) -> None:
+    service = started(sleeper(f"noexec-{name}", name))
     probe = service.inside(NOEXEC_PROBE)
     assert probe.stdout == "" and "/tmp/p: Permission denied" in probe.stderr, probe.describe()
     assert service.inside("/usr/bin/true").ok
 
 
 def test_the_noexec_probe_sees_executable_scratch_space_without_the_profile(
-        start: Callable[[str], HardenedService]) -> None:
-    service = start(sleeper("noexec-control", "minimal-2026"))
+        started: Callable[[str], HardenedService]) -> None:
+    service = started(sleeper("noexec-control", "minimal-2026"))
     assert service.inside(NOEXEC_PROBE).stdout.splitlines() == ["/tmp ran", "/var/tmp ran", "/dev/shm ran"]
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_the_system_stays_read_only_even_to_root(start: Callable[[str], HardenedService], name: str) -> None:
+def test_the_system_stays_read_only_even_to_root(started: Callable[[str], HardenedService], name: str) -> None:
     # baseline-2026 and minimal-2026 run the service as root, which owns the system: only the mount protects it.
-    service = start(sleeper(f"readonly-{name}", name))
+    service = started(sleeper(f"readonly-{name}", name))
     for directory in ("/usr", "/etc", "/var", *(["/run"] if name != "minimal-2026" else [])):
         written = service.inside(f"touch {directory}/harden-probe")
         assert "EROFS" in written.errno_names, written.describe()
@@ -138,13 +121,14 @@ def test_ip_address_deny_any_is_enforced(harden_pool: MachinePool, tmp_path: Pat
 
 @pytest.mark.parametrize(("name", "visible"), [("baseline-2026", False), ("maximum-2026", False),
                                                ("minimal-2026", True)])
-def test_proc_subset(start: Callable[[str], HardenedService], name: str, visible: bool) -> None:
-    service = start(sleeper(f"proc-{name}", name))
+def test_proc_subset(started: Callable[[str], HardenedService], name: str, visible: bool) -> None:
+    service = started(sleeper(f"proc-{name}", name))
     assert service.inside("test -e /proc/meminfo").ok is visible
 
 
-def test_minimal_keeps_the_system_read_only_but_logs_and_run_writable(start: Callable[[str], HardenedService]) -> None:
-    service = start(sleeper("minimal-rw", "minimal-2026"))
+def test_minimal_keeps_the_system_read_only_but_logs_and_run_writable(
+        started: Callable[[str], HardenedService]) -> None:
+    service = started(sleeper("minimal-rw", "minimal-2026"))
     assert "EROFS" in service.inside("touch /etc/probe").errno_names
     for directory in ("/var/log", "/run"):
         written = service.inside(f"touch {directory}/harden-probe && rm {directory}/harden-probe")

@@ -20,21 +20,6 @@ hardening:
 """
 
 
-@pytest.fixture
-def started(machine: Machine, make_spec):  # type: ignore[no-untyped-def]
-    services: list[HardenedService] = []
-
-    def start(text: str) -> HardenedService:
-        service = HardenedService(machine, make_spec(text))
-        services.append(service)
-        service.start()
-        return service
-
-    yield start
-    for service in services:
-        service.stop()
-
-
 def test_inside_runs_as_the_services_dynamic_user(started) -> None:  # type: ignore[no-untyped-def]
     service = started(SLEEPER)
     main_pid = service.state()["MainPID"]
