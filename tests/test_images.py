@@ -307,24 +307,6 @@ def test_prepare_builds_missing_images_bases_first_several_at_once_and_remembers
     assert cache.prepare(wanted, lines.append) == [(images.ImageWanted("trixie", ("broken",)), done[2][1])]
 
 
-def test_prepare_one_at_a_time_builds_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
-    spans: list[tuple[float, float]] = []
-
-    def build(self: ImageCache, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
-              progress: images.Progress) -> None:
-        started = time.monotonic()
-        time.sleep(0.1)
-        spans.append((started, time.monotonic()))
-        (final / "rootfs/usr/lib/systemd").mkdir(parents=True)
-        (final / "rootfs/usr/lib/systemd/systemd").touch()
-        (final / "manifest.json").write_text("{}")
-
-    monkeypatch.setattr(ImageCache, "_build", build)
-    ImageCache(tmp_path).prepare([images.ImageWanted("trixie"), images.ImageWanted("bookworm")], threads=1)
-    assert len(spans) == 2 and spans[0][1] <= spans[1][0]
-
-
 def _fake_build(spans: dict[str, tuple[float, float]], seconds: float = 0.2) -> object:
     """ImageCache._build without mmdebstrap: records when each image was built, ``seconds`` each."""
     def build(self: ImageCache, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
@@ -341,12 +323,26 @@ def _fake_build(spans: dict[str, tuple[float, float]], seconds: float = 0.2) -> 
     return build
 
 
-def test_a_machine_waits_for_its_image_under_way_and_builds_one_not_started_itself(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def fake_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[ImageCache, dict[str, tuple[float, float]]]:
+    """An image cache whose builds are :func:`_fake_build`'s (0.2 s each, no archive), and when each ran."""
     monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
     spans: dict[str, tuple[float, float]] = {}
     monkeypatch.setattr(ImageCache, "_build", _fake_build(spans))
-    cache = ImageCache(tmp_path)
+    return ImageCache(tmp_path), spans
+
+
+def test_prepare_one_at_a_time_builds_in_turn(fake_builds: tuple[ImageCache, dict[str, tuple[float, float]]]) -> None:
+    cache, spans = fake_builds
+    cache.prepare([images.ImageWanted("trixie"), images.ImageWanted("bookworm")], threads=1)
+    assert len(spans) == 2 and spans["trixie+"][1] <= spans["bookworm+"][0]
+
+
+
+
+def test_a_machine_waits_for_its_image_under_way_and_builds_one_not_started_itself(
+        fake_builds: tuple[ImageCache, dict[str, tuple[float, float]]]) -> None:
+    cache, spans = fake_builds
     lines: list[str] = []
     wanted = [images.ImageWanted("trixie", ("curl",)), images.ImageWanted("trixie", ("gnupg",)),
               images.ImageWanted("bookworm", ("memcached",))]
@@ -373,13 +369,10 @@ def test_a_machine_waits_for_its_image_under_way_and_builds_one_not_started_itse
 
 
 def test_a_base_taken_off_with_its_package_set_is_not_waited_for_by_a_machine_needing_the_base_alone(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        fake_builds: tuple[ImageCache, dict[str, tuple[float, float]]]) -> None:
     # An xdist worker hung here: its first test took trixie + curl and the trixie base off the list, and the next
     # machine, booting the base alone, waited for a build nobody would make.
-    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
-    spans: dict[str, tuple[float, float]] = {}
-    monkeypatch.setattr(ImageCache, "_build", _fake_build(spans))
-    cache = ImageCache(tmp_path)
+    cache, _spans = fake_builds
     preparation = cache.start_preparing([images.ImageWanted("bookworm"), images.ImageWanted("trixie", ("curl",))],
                                         threads=1)
     time.sleep(0.05)  # the one slot has the bookworm base
