@@ -226,13 +226,18 @@ UNTESTABLE = [
 ]
 
 
+def untestable_spec(directory: Path, service: str, unit_text: str, machine_section: str) -> None:
+    """harden.yaml (and the unit file) of one UNTESTABLE case, with a scenario that would pass."""
+    spec_with(directory, service, unit_text)
+    with (directory / "harden.yaml").open("a") as spec:
+        spec.write(machine_section + "scenarios:\n  - {name: answers, client: 'true'}\n")
+
+
 @pytest.mark.parametrize(("service", "unit_text", "machine_section", "error"), UNTESTABLE,
                          ids=["no such unit", "no package ships it", "unit file systemd rejects"])
 def test_a_unit_that_cannot_be_tested_is_one_line_before_any_test_runs(
         pytester: pytest.Pytester, service: str, unit_text: str, machine_section: str, error: str) -> None:
-    spec_with(pytester.path, service, unit_text)
-    with (pytester.path / "harden.yaml").open("a") as spec:
-        spec.write(machine_section + "scenarios:\n  - {name: answers, client: 'true'}\n")
+    untestable_spec(pytester.path, service, unit_text, machine_section)
     (pytester.path / "test_other.py").write_text("def test_other() -> None:\n    pass\n")
     result = pytester.runpytest("-v", "--harden-require-backend", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -248,9 +253,7 @@ def test_under_xdist_a_unit_that_cannot_be_tested_fails_its_start_item_with_the_
         pytester: pytest.Pytester, service: str, unit_text: str, machine_section: str, error: str) -> None:
     # A worker cannot stop the session: raising there ended the worker, and pytest-xdist reported an internal error
     # ("Unexpectedly no active workers available") without the line. The start item says it instead.
-    spec_with(pytester.path, service, unit_text)
-    with (pytester.path / "harden.yaml").open("a") as spec:
-        spec.write(machine_section + "scenarios:\n  - {name: answers, client: 'true'}\n")
+    untestable_spec(pytester.path, service, unit_text, machine_section)
     result = pytester.runpytest_subprocess("-n", "2", "--harden-require-backend", "-p", "no:cacheprovider")
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed") == 1 and not outcomes.get("passed"), outcomes  # the start; the rest not run
