@@ -217,6 +217,26 @@ def test_a_syscall_killed_silently_is_named_from_the_kernel_log(diagnose) -> Non
     assert diagnosis.findings[0].relaxation.needs == "mlockall (in @memlock)"
 
 
+def test_every_record_of_a_burst_of_kills_is_read(machine: Machine) -> None:
+    # The kernel prints at most 10 audit records per 5 s to its log for the whole host (printk_ratelimit): a
+    # diagnosis after a few kills anywhere would lose the records its search follows. The audit group has them all.
+    from dbus_next import Variant
+
+    from pytest_systemd_harden.kernel.seccomp import KernelLog, seccomp_records
+
+    log = KernelLog.open()
+    assert log is not None, "the tests run as root: the kernel's records must be readable"
+    try:
+        log.drain()
+        burst = "for i in $(seq 25); do python3 -I -S -c 'import ctypes; ctypes.CDLL(None).mlockall(1)'; done; true"
+        assert machine.run(burst, [("SystemCallFilter", Variant("(bas)", [False, ["mlockall"]]))]).ok
+        time.sleep(0.5)  # the kernel's audit thread sends them a moment after the kill
+        records = seccomp_records(log.drain(), machine.host_pids, lambda exes: set(exes))
+    finally:
+        log.close()
+    assert [r.syscall for r in records if r.comm == "python3"] == ["mlockall"] * 25
+
+
 def test_a_write_refused_silently_is_found_by_an_observed_rerun(machine: Machine, diagnose) -> None:  # type: ignore[no-untyped-def]
     assert machine.run(["mkdir", "-p", "/etc/app"]).ok
     diagnosis = diagnose("  ProtectSystem: strict\n", "sh -c '{ echo x > /etc/app/app.conf; } 2>/dev/null'")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 from simulated_service import GROUPS, World, hardening
 
@@ -55,6 +56,42 @@ def test_the_kernel_log_reader_starts_at_the_end() -> None:
         assert all("type=1326" not in m or parse_record(m) for m in log.drain())
     finally:
         log.close()
+
+
+class FakeAuditSocket:
+    """The audit multicast socket as the kernel fills it: netlink messages, several to a datagram."""
+
+    def __init__(self, *datagrams: bytes) -> None:
+        self.datagrams = list(datagrams)
+
+    def recv(self, size: int, flags: int) -> bytes:
+        if not self.datagrams:
+            raise BlockingIOError
+        return self.datagrams.pop(0)
+
+    def close(self) -> None:
+        pass
+
+
+def netlink(kind: int, text: str) -> bytes:
+    payload = text.encode() + b"\0"
+    message = struct.pack("=IHHII", 16 + len(payload), kind, 0, 0, 0) + payload
+    return message + b"\0" * (-len(message) % 4)
+
+
+def test_audit_records_are_read_from_the_multicast_group_and_counted_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    body = KILLED.split("type=1326 ", 1)[1]  # the group's text starts at audit(...): the type is the header's
+    other = netlink(1334, "audit(1796190406.600:5108): prog-id=7 op=LOAD")  # a BPF load: not a seccomp record
+    kmsg = tmp_path / "kmsg"  # /dev/kmsg's form, "prefix;message"; the same record as the group's, rate-limited
+    kmsg.write_text("5,100,1,-;" + KILLED + "\n")
+    fd = os.open(kmsg, os.O_RDONLY)
+    log = KernelLog(fd, FakeAuditSocket(other + netlink(1326, body), netlink(1326, body.replace(":5109)", ":5110)"))))
+    try:
+        messages = log.drain()
+    finally:
+        log.close()
+    assert [parse_record(m) is not None for m in messages] == [True, True]  # 5109 once, 5110; no BPF record
+    assert messages[0] == KILLED
 
 
 def with_kernel(world: World, syscall_of: dict[str, str]) -> World:
