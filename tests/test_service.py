@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from pytest_systemd_harden.errors import ServiceFailed
@@ -147,3 +150,23 @@ hardening:
     assert service.client("test -e /run/app/ready").ok, "the inside command's stop removed /run/app"
     service.stop()
     assert machine.run("test ! -e /run/app").ok  # the service's own stop still removes it
+
+
+def test_the_readiness_check_stops_waiting_when_the_unit_has_no_process_left(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Run here, as the machine runs it, against cgroup directories of our own: nothing listens on port 1.
+    from pytest_systemd_harden.unit.service import _READY_CHECK
+
+    unit = tmp_path / "system.slice" / "app.service"
+    unit.mkdir(parents=True)
+
+    def check(budget: float) -> int:
+        return subprocess.run([sys.executable, "-I", "-S", "-c", _READY_CHECK, "tcp", "1", str(budget),
+                               str(tmp_path / "no-such-tree" / "app.service"), str(unit)], check=False).returncode
+
+    (unit / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    assert check(0.1) == 1  # alive and not ready: the budget runs out (a tree that is not there changes nothing)
+    (unit / "cgroup.events").write_text("populated 0\nfrozen 0\n")
+    assert check(30) == 2  # no process left: it does not wait out the budget
+    (unit / "cgroup.events").unlink()
+    unit.rmdir()
+    assert check(30) == 2  # its cgroup removed (the unit waits to be restarted): the same

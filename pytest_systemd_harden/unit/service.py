@@ -52,13 +52,28 @@ NOT_FOR_COMMANDS = ("Restart", "RestartSec", "RemainAfterExit", "NotifyAccess", 
 # What state() reports: a unit not loaded (never started, or collected) has the Unit ones only.
 _STATE_PROPERTIES = ((UNIT_IFACE, "ActiveState"), (UNIT_IFACE, "SubState"),
                      *((SERVICE_IFACE, name) for name in ("Result", "ExecMainCode", "ExecMainStatus", "MainPID",
-                                                          "NRestarts")))
+                                                          "NRestarts", "ControlGroup")))
 # Run as `python3 -I -S`: no site module, no user paths; the script needs only built-in modules, and an interpreter
 # that skips site starts some 10 ms sooner (this runs before every start's first result).
+# The readiness check ends early when the unit's cgroup has no process left, or is gone (systemd removes it while
+# the unit waits to be restarted): it died before it was ready, and the state read next says how (or that systemd restarts it). Without that, every failing start of a diagnosis' trial
+# waited out the check's budget (0.5 s) first.
 _READY_CHECK = r"""
 import os, socket, sys, time
-kind, target, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
+kind, target, budget, cgroups = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4:]
 end = time.monotonic() + budget
+def gone():
+    for cgroup in cgroups:
+        try:
+            with open(f"{cgroup}/cgroup.events") as f:
+                if "populated 0" in f.read():
+                    return True
+        except FileNotFoundError:  # systemd removes the cgroup of a unit that died: gone if its parent is there
+            if os.path.isdir(os.path.dirname(cgroup)):
+                return True
+        except OSError:
+            pass
+    return False
 while True:
     try:
         if kind == "tcp":
@@ -77,6 +92,8 @@ while True:
             sys.exit(0)
     except OSError:
         pass
+    if gone():
+        sys.exit(2)
     if time.monotonic() > end:
         sys.exit(1)
     time.sleep(0.02)
@@ -210,12 +227,18 @@ class HardenedService:
                                    "(the unit's Restart=)")
             budget = max(0.1, min(0.5, deadline - time.monotonic()))
             probe = self.machine.run(
-                ["/usr/bin/python3", "-I", "-S", "-c", _READY_CHECK, ready.kind, ready.target, str(budget)],
-                self._peer_properties(), purpose="ready", timeout=budget + 10)
+                ["/usr/bin/python3", "-I", "-S", "-c", _READY_CHECK, ready.kind, ready.target, str(budget),
+                 *self._cgroup_dirs(state)], self._peer_properties(), purpose="ready", timeout=budget + 10)
             if probe.ok:
                 return
             if time.monotonic() >= deadline:
                 raise self.failure(f"was not ready within {ready.timeout:g}s (waiting until {ready.describe()})")
+
+    def _cgroup_dirs(self, state: dict[str, Any]) -> list[str]:
+        """Where the machine may have the unit's cgroup2 directory: the whole tree, or beside v1 (hybrid)."""
+        if not state["ControlGroup"] or self.spec.service.type == "oneshot":
+            return []  # a oneshot's processes may be gone while it still starts: nothing to end early on
+        return [f"{root}{state['ControlGroup']}" for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")]
 
     def _check_known_to_systemd(self) -> None:
         """SpecError for a syscall the machine's systemd does not know: it would ignore it, silently (the spec
@@ -303,6 +326,7 @@ class HardenedService:
             "Result": found.get("Result", ""), "ExecMainCode": found.get("ExecMainCode", 0),
             "ExecMainStatus": found.get("ExecMainStatus", 0), "MainPID": found.get("MainPID", 0),
             "NRestarts": found.get("NRestarts", 0),  # automatic restarts (Restart=) since this start
+            "ControlGroup": found.get("ControlGroup", ""),  # its cgroup, as the machine's cgroup tree names it
         }
 
     def state_text(self) -> str:
