@@ -105,6 +105,26 @@ def test_the_key_follows_the_backend_command_line_image_and_systemd_not_the_mach
     assert identity(systemd="252.40-1~deb12u1") != base
 
 
+def test_images_of_one_release_share_a_key_unless_what_enforces_differs(tmp_path: Path) -> None:
+    def identity(key: str, versions: dict[str, str], settings: str = "", held: tuple[str, ...] = ()) -> object:
+        rootfs = _installed(tmp_path / key / "rootfs", versions["systemd"])
+        if settings:
+            (rootfs / "etc/systemd/system.conf.d").mkdir(parents=True)
+            (rootfs / "etc/systemd/system.conf.d/pkg.conf").write_text(settings)
+        machine = NspawnMachine(MachineConfig(), image_cache=ImageCache(tmp_path))
+        machine.image = Image(key, rootfs, (), "trixie", versions)
+        machine.held_at_boot = machine.masked_at_boot = held  # a package unit of the spec, held back at boot
+        machine.uid_base = 65536 * len(list(tmp_path.iterdir()))  # each image's copy is shifted to a uid range of its own
+        return machine.capability_identity()
+
+    base = {"systemd": "257.13-1~deb13u1", "libseccomp2": "2.6.0-2", "bash": "5.2.37-2"}
+    same = identity("base", base)
+    assert identity("curl", {**base, "curl": "8.14.1-2"}, held=("memcached.service",)) == same  # a package set
+    assert identity("bpf", {**base, "libbpf1": "1:1.5.0-3"}) != same  # systemd loads libbpf for two directives
+    assert identity("seccomp", {**base, "libseccomp2": "2.6.0-3"}) != same
+    assert identity("settings", base, "[Manager]\nDefaultMemoryAccounting=no\n") != same
+
+
 def test_a_second_machine_of_the_same_setup_reads_the_cache_and_remeasure_measures(
         machine: Machine, harden_pool: MachinePool) -> None:
     first = machine_capabilities(machine)

@@ -606,6 +606,36 @@ def package_version(rootfs: Path, package: str) -> str:
         return ""
 
 
+# The packages of an image whose versions decide what its systemd can enforce: systemd itself, the libraries it
+# enforces with (libseccomp; libbpf, which it loads for RestrictFileSystems= and SocketBind*=; AppArmor's) and the C
+# library. A package set on top changes what the machine enforces only through these or the manager's settings.
+ENFORCING_PACKAGES = ("systemd", "libsystemd-shared", "libsystemd0", "libseccomp2", "libbpf1", "libbpf0", "libapparmor1",
+                      "apparmor", "libselinux1", "libcap2", "libc6")
+# The service manager's own settings (DefaultMemoryAccounting=, DefaultLimit*=, ...), where a package may add some.
+_MANAGER_SETTINGS = ("etc/systemd/system.conf", "etc/systemd/system.conf.d", "usr/lib/systemd/system.conf.d",
+                     "usr/local/lib/systemd/system.conf.d")
+
+
+def enforcement_identity(image: Image) -> dict[str, object]:
+    """What of ``image`` decides which directives a machine booted from it enforces: the release, the versions of
+    :data:`ENFORCING_PACKAGES` (absent ones too: libbpf missing is an answer) and the manager's settings. Images
+    of one release that differ only in other packages (the spec's package sets) have the same identity, so their
+    machines share one capability measurement; an image whose manifest has no versions (an older recipe) is its
+    own key."""
+    if not image.versions:
+        return {"image": image.key}
+    settings = hashlib.sha256()
+    for name in _MANAGER_SETTINGS:
+        path = image.rootfs / name
+        files = sorted(path.glob("*.conf")) if path.is_dir() else [path] if path.is_file() else []
+        for file in files:
+            settings.update(f"{file.relative_to(image.rootfs)}\0".encode())
+            with contextlib.suppress(OSError):
+                settings.update(file.read_bytes())
+    return {"release": image.release, "packages": {name: image.versions.get(name) for name in ENFORCING_PACKAGES},
+            "manager_settings": settings.hexdigest()[:16]}
+
+
 # What a unit of a package can be enabled as: the kinds that start something at boot.
 _STARTING_KINDS = (".service", ".socket", ".timer", ".path")
 

@@ -29,7 +29,16 @@ from ...probes.inside import GUARD_KERNEL
 from .. import bpf_delegation
 from ..bpf_delegation import BpfDelegate
 from ..cgroups import Contained, host_runs_systemd
-from ..images import HOLD_ARGUMENT, HOLD_GENERATOR, HOLD_GENERATOR_PATH, Image, boot_holds, boot_masks, package_version
+from ..images import (
+    HOLD_ARGUMENT,
+    HOLD_GENERATOR,
+    HOLD_GENERATOR_PATH,
+    Image,
+    boot_holds,
+    boot_masks,
+    enforcement_identity,
+    package_version,
+)
 from ..staging import remove_tree, write_atomically
 from ..systemd import SocketConnector
 from . import userns
@@ -255,13 +264,18 @@ class NspawnMachine(Machine):
     def capability_identity(self) -> dict[str, object]:
         # The command line decides what the container may do (namespaces, syscall filter, capabilities, user
         # namespacing): every flag as it runs, so changing one is a new key. Left out is only what names this one
-        # machine - its name, the rootfs path (the image key stands for it) and the spec's files bound read-only
-        # (their content is not what the kernel enforces).
+        # machine - its name, the rootfs path and the uid range its files are shifted to (the image's identity
+        # stands for them), the spec's files bound read-only (their content is not what the kernel enforces) and
+        # which units are masked or held back at boot (the spec's package units: what starts, not what is enforced).
         assert self.image is not None, "capability_identity() of a container not started"
         bound = [source for _dest, source in self.config.files]
+        boot_only = ("systemd.mask=", f"{HOLD_ARGUMENT}=", f"{HOLD_GENERATOR_PATH}")
+        uid_range = f"--private-users={self.uid_base}:"
         argv = [arg.replace(str(self.image.rootfs), "{rootfs}").replace(self.name, "{machine}")
-                for arg in self.command_line(self.image.rootfs) if not any(source in arg for source in bound)]
-        return {"backend": self.NAME, "command_line": argv, "image": self.image.key,
+                .replace(uid_range, "--private-users={uid base}:")
+                for arg in self.command_line(self.image.rootfs)
+                if not any(source in arg for source in bound) and not any(part in arg for part in boot_only)]
+        return {"backend": self.NAME, "command_line": argv, "image": enforcement_identity(self.image),
                 "systemd": package_version(self.image.rootfs, "systemd"),
                 "bpf_delegated": self.bpf_not_delegated or bpf_delegation.RULES_VERSION}
 
