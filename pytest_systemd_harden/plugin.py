@@ -291,9 +291,11 @@ class HardenSession:
             # item fails with the same line, and its other items are not run. Nor does every worker boot every unit
             # spec's machine, and wait for its image, before its first test.
             return
-        for run in runs.values():
-            if not run.spec.service.unit_name:
-                continue
+        # In the order their images are ready: on a fresh cache the first release's base may still be building
+        # while another's is done.
+        to_check = [run for run in runs.values() if run.spec.service.unit_name]
+        while to_check:
+            run = to_check.pop(self.pool.first_ready([run.spec.machine for run in to_check]))
             try:
                 check_unit(self.pool.machine_for(run.spec.machine), run.spec)
             except SpecError as exc:

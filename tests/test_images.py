@@ -368,6 +368,26 @@ def test_a_machine_waits_for_its_image_under_way_and_builds_one_not_started_itse
     preparation.wait(images.ImageWanted("trixie", ("nothing-asked",)))  # not this preparation's: get() builds it
 
 
+def test_machines_take_their_images_in_the_order_the_builds_finish(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The unit check before the first test boots a machine per unit spec: not behind a base still building
+    # when another's is done (a fresh cache: bookworm's base takes longer than trixie's).
+    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
+    spans: dict[str, tuple[float, float]] = {}
+    quick, slow = _fake_build(spans, seconds=0.1), _fake_build(spans, seconds=0.6)
+    monkeypatch.setattr(ImageCache, "_build", lambda self, final, extra, release, *rest: (
+        slow if release == "bookworm" else quick)(self, final, extra, release, *rest))
+    cache = ImageCache(tmp_path)
+    bookworm, trixie, curl = (images.ImageWanted("bookworm"), images.ImageWanted("trixie"),
+                              images.ImageWanted("trixie", ("curl",)))
+    preparation = cache.start_preparing([bookworm, trixie, curl], threads=2)
+    assert preparation.first_ready([bookworm, trixie]) == 1 and "trixie+" in spans and "bookworm+" not in spans
+    assert preparation.first_ready([bookworm, curl]) == 1 and "bookworm+" not in spans  # curl: 0.1 s after trixie
+    assert preparation.first_ready([bookworm]) == 0 and "bookworm+" in spans  # the last: waited for
+    assert preparation.first_ready([images.ImageWanted("bookworm", ("gnupg",))]) == 0  # not its own: at once
+    preparation.results()
+
+
 def test_a_base_taken_off_with_its_package_set_is_not_waited_for_by_a_machine_needing_the_base_alone(
         fake_builds: tuple[ImageCache, dict[str, tuple[float, float]]]) -> None:
     # An xdist worker hung here: its first test took trixie + curl and the trixie base off the list, and the next

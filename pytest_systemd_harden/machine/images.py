@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -455,6 +455,20 @@ class Preparation:
         progress(shown)
         with self._changed:
             while want not in self._results:
+                self._changed.wait()
+
+    def first_ready(self, wants: Sequence[ImageWanted]) -> int:
+        """The index in ``wants`` of the image a caller should take first: one that needs no wait (built, failed,
+        not this preparation's, or the caller's own to build); else the first to finish of those being built, waited
+        for; else (none started yet) the first. A caller with several machines to boot boots them in the order
+        their images are ready, not behind one still building."""
+        with self._changed:
+            while True:
+                for index, want in enumerate(wants):
+                    if want not in self.todo or want in self._results or want in self._left:
+                        return index
+                if all(want in self._pending for want in wants):
+                    return 0
                 self._changed.wait()
 
     def results(self) -> list[tuple[ImageWanted, ImageBuildError | None]]:

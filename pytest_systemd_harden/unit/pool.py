@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from ..errors import BackendUnavailable, HardenError, ImageBuildError
@@ -133,6 +133,17 @@ class MachinePool:
             self._preparation = self.image_cache.start_preparing(wanted, self.progress, threads=threads,
                                                                  rotate=rotate, then=shift)
             return self._preparation
+
+    def first_ready(self, configs: Sequence[MachineConfig]) -> int:
+        """The index of the config in ``configs`` whose machine can boot first: one not waiting for an image, else
+        the first whose image the background builds finish (:meth:`Preparation.first_ready`)."""
+        with self._lock:
+            preparation = self._preparation
+        effective = [self.effective_config(config) for config in configs]
+        no_image = [index for index, config in enumerate(effective) if config.backend != "nspawn"]
+        if preparation is None or no_image:
+            return no_image[0] if no_image else 0
+        return preparation.first_ready([self.image_wanted(config) for config in effective])
 
     def images_to_build(self, configs: Iterable[MachineConfig]) -> list[ImageWanted]:
         """The images :meth:`start_preparing_images` would build for ``configs``, in its order ([] where nspawn
