@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,26 @@ def test_a_scope_of_the_host_systemd_is_found_in_every_hierarchy(tmp_path: Path)
     (group / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n")
     (group / "pids.events").write_text("max 0\n")
     assert cgroups.cap_counters(unified) == {"memory": 1, "pids": 0}
+
+
+def test_the_idmapping_wrapper_shows_the_tree_shifted_read_only_and_only_to_its_command(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the tests run as root (./dev.sh test): the wrapper mounts, in a namespace of its own")
+    root = tmp_path / "rootfs"
+    (root / "usr" / "bin").mkdir(parents=True)
+    ping = root / "usr" / "bin" / "ping"
+    ping.write_text("")
+    os.setxattr(ping, "security.capability", struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0))  # v2, no uid
+    base = userns.base_for("00000000000000ff")
+    if userns.idmap_refused(root):
+        pytest.fail(f"this host's /tmp cannot be idmapped: {userns.idmap_refused(root)}")
+    look = ("import os, struct, sys; p = sys.argv[1]; st = os.stat(p); "
+            "caps = os.getxattr(p, 'security.capability'); "
+            "print(st.st_uid, st.st_gid, len(caps) == 24 and struct.unpack('<6I', caps)[5]); "
+            "open(p, 'a').close()")
+    seen = subprocess.run(userns.idmapped([sys.executable, "-c", look, str(ping)], root, base),
+                          capture_output=True, text=True, check=False)
+    assert seen.stdout.split() == [str(base), str(base), str(base)], seen.stderr  # the kernel maps the caps' root
+    assert "Read-only file system" in seen.stderr  # the cache's image cannot be written through it
+    assert (ping.stat().st_uid, len(os.getxattr(ping, "security.capability"))) == (0, 20)  # the tree is unchanged
+    assert str(root) not in Path("/proc/self/mountinfo").read_text()  # nothing mounted where the host sees it

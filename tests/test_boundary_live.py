@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.spec.machine import MachineConfig
+from pytest_systemd_harden.unit.pool import MachinePool
 
 pytestmark = pytest.mark.usefixtures("machine")  # a working backend, like the other live tests
 
@@ -120,3 +122,30 @@ def test_the_caps_are_out_of_the_machine_s_reach(machine: Machine) -> None:
         '    [ -e /run/harden-cg/$f ] && echo max > /run/harden-cg/$f 2>/dev/null && echo "raised $f"; done; '
         '  umount /run/harden-cg; done; true')
     assert raised.ok and "raised" not in raised.stdout, raised.describe()
+
+
+def test_the_image_is_booted_idmapped_where_only_nspawn_sees_the_mount(machine: Machine) -> None:
+    from pytest_systemd_harden.machine.backends.nspawn import NspawnMachine
+
+    assert isinstance(machine, NspawnMachine) and machine.image is not None
+    assert "(the image idmapped)" in machine.describe()  # no uid-shifted copy of it was needed
+    inside = machine.run("stat -c '%u %g' /etc/shadow /usr/bin/python3; touch /usr/harden-overlay && echo written")
+    assert inside.stdout.split() == ["0", "42", "0", "0", "written"], inside.describe()  # root:shadow, as installed
+    rootfs = machine.image.rootfs
+    assert (rootfs / "etc" / "shadow").stat().st_uid == 0 and not (rootfs / "usr" / "harden-overlay").exists()
+    assert str(rootfs) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_where_the_image_cannot_be_idmapped_a_shifted_copy_is_booted(harden_pool: MachinePool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_systemd_harden.machine.backends import userns
+
+    monkeypatch.setattr(userns, "idmap_refused", lambda rootfs: "mount_setattr: Invalid argument")
+    pool = MachinePool(image_cache=harden_pool.image_cache)
+    try:
+        machine = pool.machine_for(MachineConfig())
+        assert "(a uid-shifted copy of the image)" in machine.describe()
+        inside = machine.run("stat -c '%u %g' /etc/shadow")
+        assert inside.stdout.split() == ["0", "42"], inside.describe()
+    finally:
+        pool.close()

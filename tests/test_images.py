@@ -419,14 +419,16 @@ def test_stopping_a_preparation_finishes_the_build_under_way_and_starts_no_other
     assert list(spans) == ["trixie+"]
 
 
+@pytest.mark.parametrize("idmap", [None, "mount_setattr: Invalid argument"])
 def test_the_pool_gives_each_image_a_user_namespaced_machine_boots_its_shifted_copy_as_it_is_built(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, idmap: str | None) -> None:
     from pytest_systemd_harden.machine import backends
     from pytest_systemd_harden.machine.backends import userns
 
     monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
     monkeypatch.setattr(ImageCache, "_build", _fake_build({}))
     monkeypatch.setattr(backends, "check_available", lambda name: None)
+    monkeypatch.setattr(userns, "idmap_refused", lambda rootfs: idmap)  # whether this filesystem can be idmapped
     shifted: list[tuple[Path, int]] = []
 
     def shift(rootfs: Path, base: int) -> Path:
@@ -440,7 +442,10 @@ def test_the_pool_gives_each_image_a_user_namespaced_machine_boots_its_shifted_c
     assert preparation is not None
     preparation.results()
     curl = pool.image_cache.get(("curl",), release=DEFAULT_RELEASE)
-    assert shifted == [(curl.rootfs, userns.base_for(curl.key))]  # not the base's, nor the privileged machine's
+    if idmap is None:
+        assert shifted == []  # booted through an idmapped mount: no copy to make
+    else:
+        assert shifted == [(curl.rootfs, userns.base_for(curl.key))]  # not the base's, nor the privileged machine's
 
 
 def test_the_session_starts_the_images_of_its_collected_specs_before_the_first_test(

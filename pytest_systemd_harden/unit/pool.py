@@ -114,8 +114,8 @@ class MachinePool:
         """Start building the container images the machines of ``configs`` will boot from, those not cached yet,
         ``threads`` at a time, in the background (:meth:`ImageCache.start_preparing`; package sets in the order of
         ``configs``); a machine booted meanwhile waits for its own image only, moved to the front. Each image an
-        unprivileged machine boots is given its uid-shifted copy in the same build thread (a second or more per
-        image, else paid at the first boot). Only the nspawn backend's images: a VM's is built with its kernel when
+        unprivileged machine boots is given its uid-shifted copy in the same build thread where it needs one (a
+        filesystem that cannot be idmapped: seconds per image, else paid at the first boot). Only the nspawn backend's images: a VM's is built with its kernel when
         it boots, and the host backend has none. Nothing to do where nspawn cannot run (the first boot says why)."""
         nspawn = self._nspawn_configs(configs)
         if not nspawn:
@@ -124,7 +124,8 @@ class MachinePool:
         shifted = {self.image_wanted(config) for config in nspawn if not config.privileged}  # user-namespaced
 
         def shift(want: ImageWanted, image: Image) -> None:
-            if want in shifted:
+            # Only where the machine cannot boot the image through an idmapped mount (see backends/userns.py).
+            if want in shifted and userns.idmap_refused(image.rootfs) is not None:
                 userns.shifted_rootfs(image.rootfs, userns.base_for(image.key))
 
         with self._lock:

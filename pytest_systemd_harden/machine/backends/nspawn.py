@@ -131,6 +131,8 @@ class NspawnMachine(Machine):
     # Bound files keep their owners inside (idmapped binds), unless the host filesystem cannot idmap: then they
     # show as nobody, readable only where their modes let anyone read them.
     idmapped_files: bool = field(default=True, init=False)
+    # The image is booted through an idmapped mount of itself (userns.idmapped), not a shifted copy.
+    _idmapped: bool = field(default=False, init=False, repr=False)
     _bus_socket: Path | None = field(default=None, init=False, repr=False)
     # The hold generator's file on the host (see _hold_generator_file), bound when a unit is held at boot.
     _hold_generator: Path | None = field(default=None, init=False, repr=False)
@@ -199,7 +201,10 @@ class NspawnMachine(Machine):
                 self.held_at_boot = ()
         if not self.config.privileged:
             self.uid_base = userns.base_for(image.key)
-            rootfs = userns.shifted_rootfs(image.rootfs, self.uid_base)
+            if userns.idmap_refused(image.rootfs) is None:
+                self._idmapped = True  # the image itself, seen through an idmapped mount in nspawn's namespace
+            else:
+                rootfs = userns.shifted_rootfs(image.rootfs, self.uid_base)
         try:
             return self._launch(rootfs)
         except MachineError:
@@ -221,6 +226,9 @@ class NspawnMachine(Machine):
             self.bpf_not_delegated = "switched off (HARDEN_BPF_DELEGATION=off)"
         else:
             self.bpf_not_delegated = bpf_delegation.supported() or ""
+        if self._idmapped:
+            assert self.uid_base is not None
+            command = userns.idmapped(command, rootfs, self.uid_base)
         if not self.bpf_not_delegated:
             channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             command = bpf_delegation.wrap(command, channel[1].fileno())
@@ -298,7 +306,8 @@ class NspawnMachine(Machine):
                     f"the directives that need host BPF){caps}")
         bpf = ("BPF firewall programs loaded for the machine by the test process (CGROUP_SKB on its own cgroups "
                "only)" if self._bpf is not None else f"no BPF: {self.bpf_not_delegated}")
-        return f"nspawn, user namespace: container root is uid {self.uid_base} on the host; {bpf}{caps}"
+        image = "the image idmapped" if self._idmapped else "a uid-shifted copy of the image"
+        return f"nspawn, user namespace: container root is uid {self.uid_base} on the host ({image}); {bpf}{caps}"
 
     def _bus_connector(self) -> SocketConnector | None:
         base, path = self.uid_base, self._bus_socket
