@@ -194,7 +194,7 @@ def test_a_live_build_of_another_process_is_left_alone(tmp_path: Path) -> None:
 
 # -- the maintainer's own build: machine.debs ---------------------------------------------------------------------
 
-def build_deb(folder: Path, version: str, depends: str = "", postinst: str = "") -> Path:
+def build_deb(folder: Path, version: str, depends: str = "") -> Path:
     """A tiny package built with dpkg-deb, byte for byte the same for the same version (fixed times), so the
     image cache finds it again in the next run."""
     root = folder / f"harden-demo-{version}"
@@ -204,9 +204,6 @@ def build_deb(folder: Path, version: str, depends: str = "", postinst: str = "")
     control = (f"Package: harden-demo\nVersion: {version}\nArchitecture: all\nMaintainer: Test <t@example.org>\n"
                f"Description: a package of the plugin's own tests\n" + (f"Depends: {depends}\n" if depends else ""))
     (root / "DEBIAN" / "control").write_text(control)
-    if postinst:
-        (root / "DEBIAN" / "postinst").write_text(f"#!/bin/sh\nset -e\n{postinst}\n")
-        (root / "DEBIAN" / "postinst").chmod(0o755)
     for path in [root, *root.rglob("*")]:
         os.utime(path, (1700000000, 1700000000))
     deb = folder / f"harden-demo_{version}_all.deb"
@@ -228,28 +225,6 @@ def test_a_local_deb_is_installed_and_a_new_build_gives_a_new_image(tmp_path: Pa
     bumped = cache.get([], release="bookworm", debs=[str(build_deb(tmp_path / "c", "1.1"))])
     assert bumped.key != first.key and bumped.versions["harden-demo"] == "1.1"
     assert bumped.systemd_version and bumped.systemd_version.startswith("252")
-
-
-def test_a_package_set_shares_the_bases_files_and_never_writes_them(tmp_path: Path) -> None:
-    # The image on the base is the base's files hard-linked, with apt's layer applied: a maintainer script that
-    # writes a base file in place, deletes one and replaces a directory must change the new image only.
-    from pytest_systemd_harden.machine.images import ImageCache, default_cache_dir
-
-    _needs_root_and_builder()
-    cache = ImageCache(default_cache_dir())
-    base = cache.get([], release="bookworm").rootfs
-    script = ("echo harden-demo >> /etc/issue; rm /etc/issue.net; rm -r /etc/skel; mkdir /etc/skel; "
-              "touch /etc/skel/.harden-demo; chmod 0700 /etc/skel")
-    before = {name: (base / name).read_bytes() for name in ("etc/issue", "etc/issue.net", "etc/skel/.bashrc")}
-    image = cache.get([], release="bookworm", debs=[str(build_deb(tmp_path, "3.0", postinst=script))])
-    assert (image.rootfs / "etc/issue").read_text().endswith("harden-demo\n")
-    assert not (image.rootfs / "etc/issue.net").exists()
-    assert sorted(p.name for p in (image.rootfs / "etc/skel").iterdir()) == [".harden-demo"]
-    assert (image.rootfs / "etc/skel").stat().st_mode & 0o777 == 0o700
-    assert {name: (base / name).read_bytes() for name in before} == before  # the base is as it was
-    python = "usr/bin/python3"
-    assert (image.rootfs / python).resolve().stat().st_ino == (base / python).resolve().stat().st_ino  # shared
-    assert not list(image.rootfs.parent.glob("layer*"))  # the overlay's directories are gone
 
 
 def test_a_local_deb_whose_dependency_is_missing_fails_in_one_line(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import subprocess
 import threading
 import time
@@ -340,7 +339,7 @@ class ImageCache:
         except ImageBuildError:
             return None  # the full build says what is wrong
         shown = [*extra, *(os.path.basename(d) for d in debs)]
-        progress(f"  installing {', '.join(shown)} on the cached base image (an overlay of it)")
+        progress(f"  installing {', '.join(shown)} on a copy of the cached base image")
         try:
             install_on_base(base, rootfs, extra, progress, debs=debs)
         except AptRefused as exc:
@@ -924,132 +923,57 @@ class AptRefused(ImageBuildError):
     """apt says the packages cannot be installed from this archive (a full build would say the same)."""
 
 
-# Runs in a mount namespace of its own ($0: the merged view): apt installs on an overlay of the base tree, so it
-# writes only the layer above. Services are not started (policy-rc.d); the host's resolv.conf is lent for the
-# download and taken back; the indexes and caches are removed, as mmdebstrap leaves a tree. redirect_dir/index/
-# metacopy off: a renamed directory or a metadata-only change is then a plain copy in the layer, as _apply_layer
-# reads it.
-_APT_ON_OVERLAY = r"""
-M=$0
-mount -t overlay harden-layer -o "lowerdir=$HARDEN_BASE,upperdir=$HARDEN_UPPER,workdir=$HARDEN_WORK,redirect_dir=off,index=off,metacopy=off" "$M"
-R="$M/etc/resolv.conf" link= kept=
-if [ -L "$R" ]; then link=$(readlink "$R"); elif [ -e "$R" ]; then kept="$HARDEN_WORK.resolv"; cp -a "$R" "$kept"; fi
-rm -f "$R"; cp /etc/resolv.conf "$R"
-printf '#!/bin/sh
-exit 101
-' > "$M/usr/sbin/policy-rc.d"; chmod 755 "$M/usr/sbin/policy-rc.d"
-mkdir -p "$M/var/cache/harden-debs"
-(IFS='
-'; for deb in $HARDEN_DEBS; do cp "$deb" "$M/var/cache/harden-debs/"; done)
-mount -t proc proc "$M/proc"
-chroot "$M" apt-get -q update
-chroot "$M" apt-get -q install -y --no-install-recommends "$@"
-chroot "$M" apt-get -q clean
-umount "$M/proc"
-rm -rf "$M/usr/sbin/policy-rc.d" "$M/var/cache/harden-debs" "$R"
-if [ -n "$link" ]; then ln -s "$link" "$R"; elif [ -n "$kept" ]; then cp -a "$kept" "$R"; fi
-find "$M/var/lib/apt/lists" -maxdepth 1 -type f -delete
-rm -f "$M"/var/cache/apt/*.bin
-"""
-
-
 def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Progress = lambda line: None, *,
                     debs: Iterable[str] = ()) -> None:
-    """Make ``rootfs`` the built ``base`` tree with ``extra`` and the local ``debs`` installed by apt in a chroot,
-    from the sources the base was built with.
+    """Make ``rootfs`` a copy of the built ``base`` tree with ``extra`` and the local ``debs`` installed by apt in a
+    chroot, from the sources the base was built with.
 
-    apt runs on an overlay of ``base`` in a mount namespace of its own (the overlay and its /proc go when apt ends)
-    and in a cgroup of its own (so nothing of it outlives the build, however it ends: see machine/staging.py); /dev
-    is the tree's own device nodes (nothing of the host's bound in). It writes only the layer above the base, which
-    is then applied to a hard-linked copy of the base (:func:`_apply_layer`): a full copy would create each of the
-    base's 8,800 inodes again, 5-8 s where creating one costs a millisecond (this kind of machine's disk), where a
-    link costs a directory entry. Sharing the base's inodes is safe because nothing writes an image's files after
-    its build: every machine boots one read-only, under an overlay of its own.
+    apt runs in a mount namespace of its own (its /proc is mounted there only, and goes when apt ends) and in a
+    cgroup of its own (so nothing of it outlives the build, however it ends: see machine/staging.py); /dev is
+    the tree's own device nodes (nothing of the host's bound in). Services are not started (policy-rc.d), the host's
+    resolv.conf is lent for the download and taken back.
     """
-    work = rootfs.parent
-    upper, scratch, merged = work / "layer", work / "layer-work", work / "layer-merged"
-    for folder in (upper, scratch, merged):
-        folder.mkdir()
-    inside = [f"/var/cache/harden-debs/{os.path.basename(deb)}" for deb in debs]
-    env = {"DEBIAN_FRONTEND": "noninteractive", "HARDEN_BASE": str(base), "HARDEN_UPPER": str(upper),
-           "HARDEN_WORK": str(scratch), "HARDEN_DEBS": "\n".join(str(Path(deb).resolve()) for deb in debs)}
+    made = subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(rootfs)], capture_output=True, text=True,
+                          check=False)
+    if made.returncode != 0:
+        raise ImageBuildError(f"could not copy the base image {base} to {rootfs}: {made.stderr.strip()}")
+    resolv = rootfs / "etc" / "resolv.conf"
+    kept = resolv.read_bytes() if resolv.exists() and not resolv.is_symlink() else None
+    link = os.readlink(resolv) if resolv.is_symlink() else None
+    resolv.unlink(missing_ok=True)
+    shutil.copyfile("/etc/resolv.conf", resolv)
+    policy = rootfs / "usr" / "sbin" / "policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    local = rootfs / "var" / "cache" / "harden-debs"  # apt in the chroot installs the .debs from here
+    local.mkdir(parents=True, exist_ok=True)
+    inside = []
+    for deb in debs:
+        shutil.copyfile(deb, local / os.path.basename(deb))
+        inside.append(f"/var/cache/harden-debs/{os.path.basename(deb)}")
+    apt = 'chroot "$0" apt-get -q'
+    script = f'mount -t proc proc "$0/proc"; {apt} update; {apt} install -y --no-install-recommends "$@"; {apt} clean'
     try:
         returncode, tail = _run_contained(
-            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", _APT_ON_OVERLAY, str(merged),
-             *extra, *inside], rootfs.parent.name, env, progress,
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", script, str(rootfs), *extra,
+             *inside], rootfs.parent.name, {"DEBIAN_FRONTEND": "noninteractive"}, progress,
             lambda line: f"  apt-get: {line.strip()}" if " newly installed" in line else None)
-        if returncode != 0:
-            verdict = apt_verdict(tail)
-            failed = f"apt-get install {' '.join(extra)} on an overlay of {base} failed (exit status " \
-                f"{returncode}):\n" + "\n".join(tail)
-            raise AptRefused(f"{verdict}\n{failed}") if verdict else ImageBuildError(failed)
-        linked = subprocess.run(["cp", "-al", str(base), str(rootfs)], capture_output=True, text=True, check=False)
-        if linked.returncode != 0:
-            raise ImageBuildError(f"could not link the base image {base} to {rootfs}: {linked.stderr.strip()}")
-        _apply_layer(upper, rootfs)
     finally:
-        for folder in (upper, scratch, merged, Path(f"{scratch}.resolv")):
-            remove_tree(folder)
+        policy.unlink(missing_ok=True)
+        resolv.unlink(missing_ok=True)
+        if link is not None:
+            resolv.symlink_to(link)
+        elif kept is not None:
+            resolv.write_bytes(kept)
+        remove_tree(local)
+    if returncode != 0:
+        verdict = apt_verdict(tail)
+        failed = f"apt-get install {' '.join(extra)} on a copy of {base} failed (exit status " \
+            f"{returncode}):\n" + "\n".join(tail)
+        raise AptRefused(f"{verdict}\n{failed}") if verdict else ImageBuildError(failed)
 
-
-def _apply_layer(upper: Path, rootfs: Path) -> None:
-    """Make ``rootfs`` (the lower tree's copy) what the overlay showed: the layer's entries moved in place of the
-    tree's (a whiteout deletes, an opaque directory replaces the whole directory), a directory both have keeping the
-    layer's owner, mode, times and attributes. The overlay's own attributes (trusted.overlay.*) are left out."""
-    kept: list[tuple[Path, os.stat_result]] = []  # directories both have: their times are set last (a move in
-    for directory, dirs, files in os.walk(upper):  # changes a directory's mtime)
-        here = Path(directory)
-        target_dir = rootfs / here.relative_to(upper)
-        for name in list(dirs):
-            source, target = here / name, target_dir / name
-            if source.is_symlink():
-                dirs.remove(name)
-                files.append(name)  # a link to a directory: moved as what it is
-            elif _overlay_attribute(source, "opaque") or not target.is_dir() or target.is_symlink():
-                dirs.remove(name)
-                _remove_entry(target)
-                os.rename(source, target)
-                _drop_overlay_attributes(target)
-            else:
-                _copy_metadata(source, target)
-                kept.append((target, os.lstat(source)))
-        for name in files:
-            source, target = here / name, target_dir / name
-            _remove_entry(target)
-            st = os.lstat(source)
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                continue  # a whiteout: the entry was deleted
-            os.rename(source, target)
-            _drop_overlay_attributes(target)
-    for target, st in kept:
-        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def _overlay_attribute(path: Path, name: str) -> bytes | None:
-    try:
-        return os.getxattr(path, f"trusted.overlay.{name}", follow_symlinks=False)
-    except OSError:
-        return None
-
-
-def _drop_overlay_attributes(path: Path) -> None:
-    for entry in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else ())]:
-        for attribute in os.listxattr(entry, follow_symlinks=False):
-            if attribute.startswith("trusted.overlay."):
-                os.removexattr(entry, attribute, follow_symlinks=False)
-
-
-def _copy_metadata(source: Path, target: Path) -> None:
-    st = os.lstat(source)
-    os.chown(target, st.st_uid, st.st_gid)
-    os.chmod(target, stat.S_IMODE(st.st_mode))
-    for attribute in os.listxattr(source):
-        if not attribute.startswith("trusted.overlay."):
-            os.setxattr(target, attribute, os.getxattr(source, attribute))
-
-
-def _remove_entry(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        remove_tree(path)
-    elif path.is_symlink() or path.exists():
-        path.unlink()
+    for leftover in (rootfs / "var" / "lib" / "apt" / "lists").glob("*"):  # as mmdebstrap leaves it: no indexes
+        if leftover.is_file():
+            leftover.unlink()
+    for cached in (rootfs / "var" / "cache" / "apt").glob("*.bin"):
+        cached.unlink()
