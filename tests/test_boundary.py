@@ -135,3 +135,9 @@ def test_the_idmapping_wrapper_shows_the_tree_shifted_read_only_and_only_to_its_
     assert "Read-only file system" in seen.stderr  # the cache's image cannot be written through it
     assert (ping.stat().st_uid, len(os.getxattr(ping, "security.capability"))) == (0, 20)  # the tree is unchanged
     assert str(root) not in Path("/proc/self/mountinfo").read_text()  # nothing mounted where the host sees it
+
+
+def test_a_filesystem_that_cannot_be_idmapped_is_said_so_and_gets_the_shifted_copy() -> None:
+    # /proc cannot be idmapped: the machine would boot a shifted copy instead (see test_boundary_live).
+    refused = userns.idmap_refused(Path("/proc/self"))
+    assert refused is not None and "mount_setattr" in refused, refused

@@ -67,20 +67,29 @@ def check(result, what):
     return result
 unshared, mapped = os.pipe(), os.pipe()
 child = os.fork()
-if child == 0:  # holds a user namespace open until the mapping is taken from it
+if child == 0:  # holds a user namespace open until the mapping is taken from it; dies with the wrapper
+    os.close(unshared[0])
+    os.close(mapped[1])
+    libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
     failed = libc.unshare(0x10000000)  # CLONE_NEWUSER
     os.write(unshared[1], b"n" if failed else b"y")
-    os.read(mapped[0], 1)
+    os.read(mapped[0], 1)  # the wrapper's write, or its end (EOF)
     os._exit(0)
+os.close(unshared[1])
+os.close(mapped[0])
 try:
-    if os.read(unshared[0], 1) != b"y":
+    if os.read(unshared[0], 1) != b"y":  # "n", or the child's end
         sys.exit("pytest-systemd-harden: idmapping the image for a user-namespaced machine: no user namespace")
-    for name in ("uid_map", "gid_map"):
-        with open(f"/proc/{child}/{name}", "w") as mapping:
-            mapping.write(f"0 {base} 65536\n")
-    userns = os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{child}/{name}", "w") as mapping:
+                mapping.write(f"0 {base} 65536\n")
+        userns = os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        sys.exit(f"pytest-systemd-harden: idmapping the image for a user-namespaced machine: the uid map: {error}")
 finally:
-    os.write(mapped[1], b"x")
+    os.close(mapped[1])
+    os.close(unshared[0])
     os.waitpid(child, 0)
 check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
 check(libc.mount(b"none", b"/", None, 0x40000 | 0x4000, None), "making / private")  # MS_PRIVATE | MS_REC
@@ -103,12 +112,23 @@ def idmapped(command: list[str], rootfs: Path, base: int) -> list[str]:
 _IDMAP_VERDICTS: dict[int, str | None] = {}
 
 
+# Run in the wrapper's place of nspawn: what nspawn's --volatile=overlay does with the idmapped tree, an overlay
+# with it as the lower layer (overlayfs takes idmapped layers from Linux 5.19 on; 5.12-5.18 idmap, then refuse the
+# overlay). The tmpfs ($1: a directory that does not hold the tree) and the overlay are in the wrapper's mount
+# namespace only.
+_OVERLAY_PROBE = ('mount -t tmpfs harden-probe "$1" && mkdir "$1/upper" "$1/work" "$1/merged" && '
+                  'mount -t overlay harden-probe -o "lowerdir=$0,upperdir=$1/upper,workdir=$1/work" "$1/merged"')
+
+
 def idmap_refused(rootfs: Path) -> str | None:
-    """None where an image on ``rootfs``'s filesystem can be idmapped (tried once per filesystem, in a child with a
-    mount namespace of its own: nothing is mounted on the host), else the kernel's reason."""
+    """None where an image on ``rootfs``'s filesystem can be booted idmapped (tried once per filesystem, as nspawn
+    uses it, in a child with a mount namespace of its own: nothing is mounted on the host), else why not."""
     device = os.stat(rootfs).st_dev
     if device not in _IDMAP_VERDICTS:
-        tried = subprocess.run(idmapped(["true"], rootfs, _FIRST_BASE), capture_output=True, text=True, check=False)
+        scratch = next((d for d in ("/run", "/mnt", "/tmp", "/var/tmp") if os.path.isdir(d)
+                        and not str(rootfs.resolve()).startswith(d + "/")), "/run")
+        tried = subprocess.run(idmapped(["/bin/sh", "-c", _OVERLAY_PROBE, str(rootfs), scratch], rootfs, _FIRST_BASE),
+                               capture_output=True, text=True, check=False)
         _IDMAP_VERDICTS[device] = None if tried.returncode == 0 else (tried.stderr.strip().splitlines() or
                                                                         [f"exit status {tried.returncode}"])[-1]
     return _IDMAP_VERDICTS[device]
