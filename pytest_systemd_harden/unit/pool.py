@@ -115,8 +115,9 @@ class MachinePool:
         ``threads`` at a time, in the background (:meth:`ImageCache.start_preparing`; package sets in the order of
         ``configs``); a machine booted meanwhile waits for its own image only, moved to the front. Each image an
         unprivileged machine boots is given its uid-shifted copy in the same build thread where it needs one (a
-        filesystem that cannot be idmapped: seconds per image, else paid at the first boot). Only the nspawn backend's images: a VM's is built with its kernel when
-        it boots, and the host backend has none. Nothing to do where nspawn cannot run (the first boot says why)."""
+        filesystem that cannot be idmapped: seconds per image, else paid at the first boot). Only the nspawn
+        backend's images: a VM's is built with its kernel when it boots, and the host backend has none. Nothing to do
+        where nspawn cannot run (the first boot says why)."""
         nspawn = self._nspawn_configs(configs)
         if not nspawn:
             return None
