@@ -194,7 +194,7 @@ def test_a_live_build_of_another_process_is_left_alone(tmp_path: Path) -> None:
 
 # -- the maintainer's own build: machine.debs ---------------------------------------------------------------------
 
-def build_deb(folder: Path, version: str, depends: str = "") -> Path:
+def build_deb(folder: Path, version: str, depends: str = "", postinst: str = "") -> Path:
     """A tiny package built with dpkg-deb, byte for byte the same for the same version (fixed times), so the
     image cache finds it again in the next run."""
     root = folder / f"harden-demo-{version}"
@@ -204,6 +204,9 @@ def build_deb(folder: Path, version: str, depends: str = "") -> Path:
     control = (f"Package: harden-demo\nVersion: {version}\nArchitecture: all\nMaintainer: Test <t@example.org>\n"
                f"Description: a package of the plugin's own tests\n" + (f"Depends: {depends}\n" if depends else ""))
     (root / "DEBIAN" / "control").write_text(control)
+    if postinst:
+        (root / "DEBIAN" / "postinst").write_text(f"#!/bin/sh\n{postinst}\n")
+        (root / "DEBIAN" / "postinst").chmod(0o755)
     for path in [root, *root.rglob("*")]:
         os.utime(path, (1700000000, 1700000000))
     deb = folder / f"harden-demo_{version}_all.deb"
@@ -225,6 +228,28 @@ def test_a_local_deb_is_installed_and_a_new_build_gives_a_new_image(tmp_path: Pa
     bumped = cache.get([], release="bookworm", debs=[str(build_deb(tmp_path / "c", "1.1"))])
     assert bumped.key != first.key and bumped.versions["harden-demo"] == "1.1"
     assert bumped.systemd_version and bumped.systemd_version.startswith("252")
+
+
+def test_a_maintainer_script_cannot_leave_the_tree_it_is_installed_in(tmp_path: Path) -> None:
+    # A package's scripts run as root in a chroot of the image: through another process's /proc/PID/root, a
+    # second chroot, or a device node of the host's disk, root would reach the host. Each is tried, harmlessly (a
+    # canary file of the test's own, a chroot that would only leave, a node never opened).
+    from pytest_systemd_harden.machine.images import ImageCache
+
+    _needs_root_and_builder()
+    canary = Path(f"/var/tmp/harden-escape-canary-{os.getpid()}")
+    script = (f'for p in /proc/[0-9]*; do echo escaped > "$p/root{canary}" 2>/dev/null; done; '
+              'mkdir -p /harden-jail && chroot /harden-jail /bin/true 2>/dev/null && echo chroot >> /harden-escapes; '
+              'mknod /harden-disk b 254 0 2>/dev/null && echo mknod >> /harden-escapes; '
+              'ls /proc | grep -c "^[0-9]" > /harden-processes; true')
+    try:
+        image = ImageCache(tmp_path / "cache").get([], release="bookworm",
+                                                   debs=[str(build_deb(tmp_path, "4.0", postinst=script))])
+        assert not canary.exists(), "a maintainer script wrote to the host through /proc/PID/root"
+        assert not (image.rootfs / "harden-escapes").exists(), (image.rootfs / "harden-escapes").read_text()
+        assert int((image.rootfs / "harden-processes").read_text()) < 10  # its own PID namespace: no host process
+    finally:
+        canary.unlink(missing_ok=True)
 
 
 def test_a_local_deb_whose_dependency_is_missing_fails_in_one_line(tmp_path: Path) -> None:

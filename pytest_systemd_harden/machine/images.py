@@ -923,14 +923,34 @@ class AptRefused(ImageBuildError):
     """apt says the packages cannot be installed from this archive (a full build would say the same)."""
 
 
+# How apt and the packages' maintainer scripts run on a tree (host root in a chroot): in a mount namespace and a PID
+# namespace of their own, the chroot's shell their init, and a procfs of that namespace only in the tree - so no
+# /proc/PID/root leads to the host's root - and without the capabilities that leave a chroot or reach the host's
+# kernel and disks (a second chroot, mounts, device nodes, open_by_handle_at, modules, raw I/O, ptrace, BPF).
+_DROPPED_FOR_CHROOT = ("sys_chroot", "sys_admin", "mknod", "dac_read_search", "sys_module", "sys_rawio", "sys_ptrace",
+                       "bpf", "perfmon", "sys_boot", "sys_time", "mac_admin", "mac_override", "syslog", "net_admin",
+                       "sys_resource", "linux_immutable", "wake_alarm", "block_suspend", "audit_control",
+                       "checkpoint_restore")
+
+
+def chrooted(tree: Path, command: Sequence[str]) -> list[str]:
+    """``command`` run in ``tree`` as described above."""
+    # The tree's own setpriv (util-linux is essential in Debian) drops them once inside: chroot(2) itself needs
+    # CAP_SYS_CHROOT, and every later exec is bounded.
+    return ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
+            f"--mount-proc={tree}/proc", "chroot", str(tree), "setpriv", "--bounding-set",
+            ",".join(f"-{name}" for name in _DROPPED_FOR_CHROOT), "--", *command]
+
+
 def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Progress = lambda line: None, *,
                     debs: Iterable[str] = ()) -> None:
     """Make ``rootfs`` a copy of the built ``base`` tree with ``extra`` and the local ``debs`` installed by apt in a
     chroot, from the sources the base was built with.
 
-    apt runs in a mount namespace of its own (its /proc is mounted there only, and goes when apt ends) and in a
-    cgroup of its own (so nothing of it outlives the build, however it ends: see machine/staging.py); /dev is
-    the tree's own device nodes (nothing of the host's bound in). Services are not started (policy-rc.d), the host's
+    apt runs as :func:`chrooted` says (mount and PID namespaces of its own, its /proc showing only its own
+    processes and going when apt ends, no capability that leaves the chroot) and in a cgroup of its own (so nothing
+    of it outlives the build, however it ends: see machine/staging.py); /dev is the tree's own device nodes (nothing
+    of the host's bound in). Services are not started (policy-rc.d), the host's
     resolv.conf is lent for the download and taken back.
     """
     made = subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(rootfs)], capture_output=True, text=True,
@@ -951,12 +971,11 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
     for deb in debs:
         shutil.copyfile(deb, local / os.path.basename(deb))
         inside.append(f"/var/cache/harden-debs/{os.path.basename(deb)}")
-    apt = 'chroot "$0" apt-get -q'
-    script = f'mount -t proc proc "$0/proc"; {apt} update; {apt} install -y --no-install-recommends "$@"; {apt} clean'
+    script = 'apt-get -q update; apt-get -q install -y --no-install-recommends "$@"; apt-get -q clean'
     try:
         returncode, tail = _run_contained(
-            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", script, str(rootfs), *extra,
-             *inside], rootfs.parent.name, {"DEBIAN_FRONTEND": "noninteractive"}, progress,
+            chrooted(rootfs, ["/bin/sh", "-ec", script, "sh", *extra, *inside]), rootfs.parent.name,
+            {"DEBIAN_FRONTEND": "noninteractive"}, progress,
             lambda line: f"  apt-get: {line.strip()}" if " newly installed" in line else None)
     finally:
         policy.unlink(missing_ok=True)
