@@ -24,6 +24,7 @@ from ..machine.systemd import (
     Property,
 )
 from ..probes.catalogue import parse_denial
+from ..probes.inside import CGROUP_ROOTS
 from ..probes.runner import run_batch
 from ..result import SYSTEMD_EXIT_CODES, CommandResult, signal_name
 from ..sandbox.expectations import NOT_ENFORCED, UNVERIFIABLE
@@ -56,8 +57,8 @@ _STATE_PROPERTIES = ((UNIT_IFACE, "ActiveState"), (UNIT_IFACE, "SubState"),
 # Run as `python3 -I -S`: no site module, no user paths; the script needs only built-in modules, and an interpreter
 # that skips site starts some 10 ms sooner (this runs before every start's first result).
 # The readiness check ends early when the unit's cgroup has no process left, or is gone (systemd removes it while
-# the unit waits to be restarted): it died before it was ready, and the state read next says how (or that systemd restarts it). Without that, every failing start of a diagnosis' trial
-# waited out the check's budget (0.5 s) first.
+# the unit waits to be restarted): it died before it was ready, and the state read next says how (or that systemd
+# restarts it). Without that, every failing start of a diagnosis' trial waited out the check's budget (0.5 s) first.
 _READY_CHECK = r"""
 import os, socket, sys, time
 kind, target, budget, cgroups = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4:]
@@ -238,7 +239,7 @@ class HardenedService:
         """Where the machine may have the unit's cgroup2 directory: the whole tree, or beside v1 (hybrid)."""
         if not state["ControlGroup"] or self.spec.service.type == "oneshot":
             return []  # a oneshot's processes may be gone while it still starts: nothing to end early on
-        return [f"{root}{state['ControlGroup']}" for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")]
+        return [f"{root}{state['ControlGroup']}" for root in CGROUP_ROOTS]
 
     def _check_known_to_systemd(self) -> None:
         """SpecError for a syscall the machine's systemd does not know: it would ignore it, silently (the spec
