@@ -277,14 +277,15 @@ class NspawnMachine(Machine):
         # which units are masked or held back at boot (the spec's package units: what starts, not what is enforced).
         assert self.image is not None, "capability_identity() of a container not started"
         bound = [source for _dest, source in self.config.files]
-        boot_only = ("systemd.mask=", f"{HOLD_ARGUMENT}=", f"{HOLD_GENERATOR_PATH}")
+        boot_only = ("systemd.mask=", f"{HOLD_ARGUMENT}=", HOLD_GENERATOR_PATH)
         uid_range = f"--private-users={self.uid_base}:"
         argv = [arg.replace(str(self.image.rootfs), "{rootfs}").replace(self.name, "{machine}")
                 .replace(uid_range, "--private-users={uid base}:")
                 for arg in self.command_line(self.image.rootfs)
                 if not any(source in arg for source in bound) and not any(part in arg for part in boot_only)]
         return {"backend": self.NAME, "command_line": argv, "image": enforcement_identity(self.image),
-                "systemd": package_version(self.image.rootfs, "systemd"),
+                # From the image's manifest; an image of an older recipe has no versions there: its dpkg database.
+                "systemd": self.image.systemd_version or package_version(self.image.rootfs, "systemd"),
                 "bpf_delegated": self.bpf_not_delegated or bpf_delegation.RULES_VERSION}
 
     def _collect_console(self) -> None:
