@@ -449,7 +449,7 @@ class Preparation:
                 self._pending = [one for one in self._pending if one not in mine]
                 self._left |= mine
                 return
-            if want not in self.todo or want in self._results or want in self._left:
+            if self._needs_no_wait(want):
                 return  # a base taken off with its package set is the first caller's to build: get() waits for it
             shown = f"waiting for image {self.todo.index(want) + 1}/{len(self.todo)} ({want.describe()}), being built"
         progress(shown)
@@ -465,11 +465,15 @@ class Preparation:
         with self._changed:
             while True:
                 for index, want in enumerate(wants):
-                    if want not in self.todo or want in self._results or want in self._left:
+                    if self._needs_no_wait(want):
                         return index
                 if all(want in self._pending for want in wants):
                     return 0
                 self._changed.wait()
+
+    def _needs_no_wait(self, want: ImageWanted) -> bool:
+        """Built or failed, not this preparation's, or taken off its list for the caller to build (hold _changed)."""
+        return want not in self.todo or want in self._results or want in self._left
 
     def results(self) -> list[tuple[ImageWanted, ImageBuildError | None]]:
         """Every build tried and its error (None: built), once all are done."""
@@ -950,8 +954,8 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
     apt runs as :func:`chrooted` says (mount and PID namespaces of its own, its /proc showing only its own
     processes and going when apt ends, no capability that leaves the chroot) and in a cgroup of its own (so nothing
     of it outlives the build, however it ends: see machine/staging.py); /dev is the tree's own device nodes (nothing
-    of the host's bound in). Services are not started (policy-rc.d), the host's
-    resolv.conf is lent for the download and taken back.
+    of the host's bound in). Services are not started (policy-rc.d), the host's resolv.conf is lent for the
+    download and taken back.
     """
     made = subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(rootfs)], capture_output=True, text=True,
                           check=False)
