@@ -11,11 +11,11 @@ takes a message from anyone (unlike /proc/kmsg or registering as the audit daemo
 ``kernel.printk_ratelimit_burst`` records per ``printk_ratelimit`` seconds to its log for the whole host (10 per 5 s
 by default), so after a few kills anywhere on the host /dev/kmsg drops the very records a diagnosis follows; the
 multicast group gets every one. /dev/kmsg stays as the fallback where the group cannot be joined (no
-CAP_AUDIT_READ; a network namespace other than the host's, which the kernel never multicasts to). A record belongs to the machine when it was written while the check ran and its
-process is the machine's (alive in its cgroup), or is already gone and ran a program the machine has. A process
-that is gone cannot always be told apart from one of another machine on the same host killed in the same moment
-(the same image, the same program), so the diagnosis treats a record as a lead to try first, and the rerun
-decides.
+CAP_AUDIT_READ; a network namespace other than the host's, which the kernel never multicasts to). A record belongs
+to the machine when it was written while the check ran and its process is the machine's (alive in its cgroup), or
+is already gone and ran a program the machine has. A process that is gone cannot always be told apart from one of
+another machine on the same host killed in the same moment (the same image, the same program), so the diagnosis
+treats a record as a lead to try first, and the rerun decides.
 """
 
 from __future__ import annotations

@@ -627,8 +627,8 @@ def package_version(rootfs: Path, package: str) -> str:
 # The packages of an image whose versions decide what its systemd can enforce: systemd itself, the libraries it
 # enforces with (libseccomp; libbpf, which it loads for RestrictFileSystems= and SocketBind*=; AppArmor's) and the C
 # library. A package set on top changes what the machine enforces only through these or the manager's settings.
-ENFORCING_PACKAGES = ("systemd", "libsystemd-shared", "libsystemd0", "libseccomp2", "libbpf1", "libbpf0", "libapparmor1",
-                      "apparmor", "libselinux1", "libcap2", "libc6")
+ENFORCING_PACKAGES = ("systemd", "libsystemd-shared", "libsystemd0", "libseccomp2", "libbpf1", "libbpf0",
+                      "libapparmor1", "apparmor", "libselinux1", "libcap2", "libc6")
 # The service manager's own settings (DefaultMemoryAccounting=, DefaultLimit*=, ...), where a package may add some.
 _MANAGER_SETTINGS = ("etc/systemd/system.conf", "etc/systemd/system.conf.d", "usr/lib/systemd/system.conf.d",
                      "usr/local/lib/systemd/system.conf.d")

@@ -12,8 +12,9 @@ decides it (:func:`cache_key`): the host's kernel (release, build, command line,
 backend's own description of how it runs the machine (:meth:`Machine.capability_identity
 <pytest_systemd_harden.machine.backends.base.Machine.capability_identity>`: its command line, what of the image
 decides enforcement - on nspawn the release, systemd's and its enforcing libraries' versions and the manager's
-settings, so images that differ only in a spec's package set share a key) and the probes' recipe (the source of the code that measures and judges). The same key gives the same answer,
-so a machine booted again measures nothing (about 0.5 s saved per boot); any change of a part is a new key.
+settings, so images that differ only in a spec's package set share a key) and the probes' recipe (the source of
+the code that measures and judges). The same key gives the same answer, so a machine booted again measures nothing
+(about 0.5 s saved per boot); any change of a part is a new key.
 ``--harden-remeasure`` (``systemd-harden backends --remeasure``) measures again and rewrites the entry. The
 enforcement engine uses it to report a directive the machine cannot enforce
 as such at once ("the nspawn backend does not enforce MemoryMax= here: ..."), and ``systemd-harden backends``

@@ -11,8 +11,9 @@ overlay. So nspawn is started by a wrapper (:func:`idmapped`) in a mount namespa
 directory is replaced by an idmapped mount of itself (every owner seen moved up by ``base``; file capabilities
 follow, the kernel maps their root uid; read-only): nspawn lays its overlay over that, and boots with
 ``--private-users=BASE:65536 --private-users-ownership=off``. The mount exists only in nspawn's namespace and goes
-with it; the cached image is read, never changed. Where the image's filesystem cannot be idmapped (before Linux
-5.12, or a filesystem without support: :func:`idmap_refused`), the image gets a shifted copy instead (every owner
+with it; the cached image is read, never changed. Where the image cannot be booted that way (before Linux 5.19,
+whose overlayfs takes no idmapped layer, or a filesystem that cannot be idmapped: :func:`idmap_refused`), the image
+gets a shifted copy instead (every owner
 moved up by ``base``), made once beside it: 8,800 files, one inode each, which on a disk where creating one takes a
 millisecond cost 5-8 s per image.
 
@@ -109,15 +110,15 @@ def idmapped(command: list[str], rootfs: Path, base: int) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", _IDMAP, str(rootfs), str(base), "--", *command]
 
 
-_IDMAP_VERDICTS: dict[int, str | None] = {}
-
-
 # Run in the wrapper's place of nspawn: what nspawn's --volatile=overlay does with the idmapped tree, an overlay
 # with it as the lower layer (overlayfs takes idmapped layers from Linux 5.19 on; 5.12-5.18 idmap, then refuse the
 # overlay). The tmpfs ($1: a directory that does not hold the tree) and the overlay are in the wrapper's mount
 # namespace only.
 _OVERLAY_PROBE = ('mount -t tmpfs harden-probe "$1" && mkdir "$1/upper" "$1/work" "$1/merged" && '
                   'mount -t overlay harden-probe -o "lowerdir=$0,upperdir=$1/upper,workdir=$1/work" "$1/merged"')
+
+
+_IDMAP_VERDICTS: dict[int, str | None] = {}  # by the device of the filesystem tried
 
 
 def idmap_refused(rootfs: Path) -> str | None:
