@@ -86,6 +86,48 @@ def test_the_image_copy_is_shifted_keeping_setuid_bits_and_file_capabilities(tmp
     assert su.stat().st_uid == base
 
 
+def test_a_tree_built_by_the_sandbox_is_given_back_as_host_root_would_have_built_it(tmp_path: Path) -> None:
+    # What a sandboxed build leaves: owners in the build's range, file capabilities naming the build's root (as the
+    # kernel writes them for setcap in a user namespace). Taken back, each is what a build by host root leaves.
+    from pytest_systemd_harden.machine import build_sandbox
+
+    base = build_sandbox.build_base("harden-build-1")
+    root = tmp_path / "rootfs"
+    (root / "usr" / "bin").mkdir(parents=True)
+    passwd = root / "usr" / "bin" / "passwd"
+    passwd.write_text("")
+    (root / "usr" / "bin" / "linked").hardlink_to(passwd)  # seen twice by the walk: moved once
+    ping = root / "usr" / "bin" / "ping"
+    ping.write_text("")
+    mail = root / "var" / "mail"
+    mail.mkdir(parents=True)
+    for path in (root, root / "usr", root / "usr" / "bin", root / "var", passwd, ping, mail):
+        os.chown(path, base, base)
+    os.chown(mail, base, base + 8)  # group mail
+    os.chmod(mail, 0o2775)
+    os.chmod(passwd, 0o4755)
+    v3 = struct.pack("<IIIIII", 0x03000001, 1 << 13, 0, 0, 0, base)  # cap_net_raw=ep for the build's root
+    os.setxattr(ping, "security.capability", v3)
+    (root / "link").symlink_to("usr/bin/passwd")
+    os.lchown(root / "link", base, base)
+    build_sandbox.take_back(root, base)
+    for path in (root, root / "usr", passwd, ping, root / "link"):
+        assert (os.lstat(path).st_uid, os.lstat(path).st_gid) == (0, 0)
+    assert (mail.stat().st_gid, mail.stat().st_mode & 0o7777) == (8, 0o2775)
+    assert passwd.stat().st_mode & 0o7777 == 0o4755
+    assert os.getxattr(ping, "security.capability") == struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
+    build_sandbox.hand_over(root, base)  # and back again: the capability names the build's root
+    assert os.getxattr(ping, "security.capability") == v3 and passwd.stat().st_mode & 0o7777 == 0o4755
+
+
+def test_each_build_gets_its_own_uid_range_outside_every_machines() -> None:
+    from pytest_systemd_harden.machine import build_sandbox
+
+    bases = {build_sandbox.build_base(f"abc.building-{n:012x}") for n in range(1000)}
+    assert len(bases) > 800
+    assert all(b % userns.RANGE == 0 and 0x70000000 <= b and b + userns.RANGE <= 0x7FFE0000 for b in bases)
+
+
 def test_each_image_gets_its_own_uid_range_in_nspawns_container_range() -> None:
     bases = {userns.base_for(f"{n:016x}") for n in range(1000)}
     assert len(bases) > 900
@@ -141,3 +183,41 @@ def test_a_filesystem_that_cannot_be_idmapped_is_said_so_and_gets_the_shifted_co
     # /proc cannot be idmapped: the machine would boot a shifted copy instead (see test_boundary_live).
     refused = userns.idmap_refused(Path("/proc/self"))
     assert refused is not None and "mount_setattr" in refused, refused
+
+
+def test_a_build_whose_sandbox_cannot_be_set_up_says_so_in_one_line(tmp_path: Path) -> None:
+    # Not a package's fault: the message names the step the kernel refused, and what a build needs.
+    from pytest_systemd_harden.machine import build_sandbox
+
+    missing = tmp_path / "gone"  # no directory to assemble the view on
+    ran = subprocess.run(build_sandbox.sandboxed(["true"], missing, build_sandbox.build_base("gone")),
+                         capture_output=True, text=True, check=False, timeout=60)
+    refused = build_sandbox.refusal(ran.returncode, ran.stderr.splitlines())
+    assert refused is not None, (ran.returncode, ran.stderr)
+    first, hint = refused.splitlines()
+    assert first.startswith("the kernel refused the image build's sandbox: move_mount: No such file"), first
+    assert "Linux 5.12" in hint
+    assert build_sandbox.refusal(1, ran.stderr.splitlines()) is None  # another failure is the build's own
+
+
+def test_a_sandboxed_command_is_root_of_its_own_namespaces_in_a_read_only_host(tmp_path: Path) -> None:
+    from pytest_systemd_harden.machine import build_sandbox
+
+    build = tmp_path / "build"
+    build.mkdir()
+    base = build_sandbox.build_base(build.name)
+    build_sandbox.prepare(build, base)
+    script = ("cat /proc/self/uid_map; ls /proc | grep -c '^[0-9]'; touch /etc/harden-x 2>&1; "
+              f"touch {build_sandbox.INSIDE}/made /tmp/harden-scratch-{os.getpid()} && pwd")
+    try:
+        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base), capture_output=True,
+                             text=True, check=False, timeout=60)
+    finally:
+        build_sandbox.finish(build)
+    lines = (ran.stdout + ran.stderr).splitlines()
+    assert lines[0].split() == ["0", str(base), "65536"], lines
+    assert int(lines[1]) < 5, lines  # its own PID namespace: the shell, ls, grep
+    assert "Read-only file system" in lines[2], lines
+    assert lines[3] == build_sandbox.INSIDE, lines
+    assert (build / "made").stat().st_uid == base and not Path(f"/tmp/harden-scratch-{os.getpid()}").exists()
+    assert build.stat().st_uid == 0 and not (build / build_sandbox.VIEW).exists()

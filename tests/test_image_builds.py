@@ -33,7 +33,7 @@ BUILD = textwrap.dedent("""\
 
 
 def _needs_root_and_builder() -> None:
-    if os.geteuid() != 0 or not (shutil.which("mmdebstrap") or shutil.which("debootstrap")):
+    if os.geteuid() != 0 or not shutil.which("mmdebstrap"):
         pytest.fail("these tests build real images: run as root with mmdebstrap installed (./dev.sh test)")
 
 
@@ -230,26 +230,73 @@ def test_a_local_deb_is_installed_and_a_new_build_gives_a_new_image(tmp_path: Pa
     assert bumped.systemd_version and bumped.systemd_version.startswith("252")
 
 
-def test_a_maintainer_script_cannot_leave_the_tree_it_is_installed_in(tmp_path: Path) -> None:
-    # A package's scripts run as root in a chroot of the image: through another process's /proc/PID/root, a
-    # second chroot, or a device node of the host's disk, root would reach the host. Each is tried, harmlessly (a
-    # canary file of the test's own, a chroot that would only leave, a node never opened).
-    from pytest_systemd_harden.machine.images import ImageCache
+# Run by a maintainer script: a second chroot out of the tree (root of a user namespace may chroot), then a write to
+# each canary, by the host's path, and the names of those written printed.
+ESCAPE = """
+import os, sys
+os.makedirs("/harden-jail", exist_ok=True)
+here = os.open("/", os.O_RDONLY)
+os.chroot("/harden-jail")
+os.fchdir(here)
+for _ in range(64):
+    os.chdir("..")
+os.chroot(".")
+for path in sys.argv[1:]:
+    try:
+        with open(path, "w") as canary:
+            canary.write("escaped")
+        print("wrote", path)
+    except OSError:
+        pass
+"""
+
+
+@pytest.mark.parametrize("how", ["on the cached base", "in full"])
+def test_a_maintainer_script_cannot_reach_the_host(tmp_path: Path, how: str) -> None:
+    # A package's scripts run as root of the tree being built. Through another process's /proc/PID/root, a second
+    # chroot, or a device node of the host's disk, host root would reach the host. Each is tried, harmlessly: the
+    # canaries are the test's own (one in a world-writable directory on the host's disk, so that only the build's
+    # read-only view of the host stops it, one in /var/tmp, one through each /proc/PID/root), the node is never
+    # opened. Both ways a build runs them are tried: apt on a copy of the cached base, and mmdebstrap's full build
+    # (a base, a VM's kernel, or a .deb whose install on the base failed).
+    from pytest_systemd_harden.machine.images import BASE_PACKAGES, ImageCache
 
     _needs_root_and_builder()
-    canary = Path(f"/var/tmp/harden-escape-canary-{os.getpid()}")
-    script = (f'for p in /proc/[0-9]*; do echo escaped > "$p/root{canary}" 2>/dev/null; done; '
-              'mkdir -p /harden-jail && chroot /harden-jail /bin/true 2>/dev/null && echo chroot >> /harden-escapes; '
-              'mknod /harden-disk b 254 0 2>/dev/null && echo mknod >> /harden-escapes; '
-              'ls /proc | grep -c "^[0-9]" > /harden-processes; true')
+    pid = os.getpid()
+    shared = Path(f"/var/lib/harden-escape-canaries-{pid}")  # what any host user could write to
+    canaries = [shared / "canary", Path(f"/var/tmp/harden-escape-canary-{pid}")]
+    script = (f'cat /proc/self/uid_map > /harden-uid-map; ls /proc | grep -c "^[0-9]" > /harden-processes; '
+              f'for p in /proc/[0-9]*; do echo escaped > "$p/root{canaries[1]}" 2>/dev/null; done; '
+              f"python3 -c '{ESCAPE}' {' '.join(map(str, canaries))} >> /harden-escapes 2>&1; "
+              'mknod /harden-disk b 254 0 2>/dev/null && echo mknod >> /harden-escapes; true')
+    deb = build_deb(tmp_path, "4.0", depends="python3", postinst=script)
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    cache = ImageCache(tmp_path / "cache")
     try:
-        image = ImageCache(tmp_path / "cache").get([], release="bookworm",
-                                                   debs=[str(build_deb(tmp_path, "4.0", postinst=script))])
-        assert not canary.exists(), "a maintainer script wrote to the host through /proc/PID/root"
-        assert not (image.rootfs / "harden-escapes").exists(), (image.rootfs / "harden-escapes").read_text()
-        assert int((image.rootfs / "harden-processes").read_text()) < 10  # its own PID namespace: no host process
+        if how == "in full":
+            staging = tmp_path / "full"
+            staging.mkdir()
+            cache._run_builder(staging, staging / "rootfs", sorted(BASE_PACKAGES), "bookworm", (str(deb),),
+                               lambda line: None)
+            rootfs = staging / "rootfs"
+        else:
+            rootfs = cache.get([], release="bookworm", debs=[str(deb)]).rootfs
+        assert not [canary for canary in canaries if canary.exists()], (rootfs / "harden-escapes").read_text()
+        escapes = (rootfs / "harden-escapes").read_text()
+        assert "mknod" not in escapes and "wrote" not in escapes.replace("wrote /var/tmp", ""), escapes
+        assert int((rootfs / "harden-processes").read_text()) < 10  # its own PID namespace: no host process
+        # Root of the build is a uid of no account on the host: not host root (whose map is 0 0 4294967295).
+        inner, outer, count = (rootfs / "harden-uid-map").read_text().split()
+        assert inner == "0" and int(outer) >= 0x70000000 and count == "65536"
+        assert max(entry.lstat().st_uid for entry in rootfs.rglob("*")) < 65536  # the tree is given back
+        assert (rootfs / "usr/bin/passwd").stat().st_mode & 0o4000  # with its setuid bits
+        assert not mounts_under(tmp_path), "a mount of the build is visible on the host"
+        assert not _processes_mentioning(str(tmp_path)), "a process of the build outlived it"
     finally:
-        canary.unlink(missing_ok=True)
+        for canary in canaries:
+            canary.unlink(missing_ok=True)
+        shared.rmdir()
 
 
 def test_a_local_deb_whose_dependency_is_missing_fails_in_one_line(tmp_path: Path) -> None:

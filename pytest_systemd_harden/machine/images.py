@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -29,6 +30,8 @@ from ..errors import BackendUnavailable, ImageBuildError, MachineError
 from ..spec.machine import MachineConfig
 from ..spec.releases import DEFAULT_RELEASE, RELEASES
 from ..spec.unit_file import template_of
+from . import build_sandbox
+from .backends.userns import move_ownership
 from .cgroups import Contained
 from .staging import clean_leftovers, remove_tree, staging_dir, write_atomically
 
@@ -352,28 +355,42 @@ class ImageCache:
 
     def _run_builder(self, staging: Path, rootfs: Path, packages: list[str], release: str, debs: tuple[str, ...],
                      progress: Progress) -> str:
+        """Build ``rootfs`` (in ``staging``) in full, in the build sandbox (machine/build_sandbox.py): mmdebstrap as
+        root of a user namespace, so the packages' maintainer scripts never run as host root."""
         foreign = sorted({p.partition(":")[2] for p in packages if ":" in p})
-        if shutil.which("mmdebstrap"):
-            command = ["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}",
-                       *(f"--include={deb}" for deb in debs), release, str(rootfs), *self.sources(release)]
-            if foreign:
-                command.insert(1, f"--architectures={','.join([_native_architecture(), *foreign])}")
-            if debs:  # dpkg in the chroot must see the .deb files at the same paths
-                command.insert(1, "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount")
-        elif shutil.which("debootstrap") and not debs and not foreign:
-            command = ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", release, str(rootfs),
-                       self.mirror]
-        elif shutil.which("debootstrap"):
-            raise BackendUnavailable("machine.debs and foreign-architecture packages need mmdebstrap: "
-                                     "apt-get install mmdebstrap")
-        else:
-            raise BackendUnavailable("neither mmdebstrap nor debootstrap is installed: apt-get install mmdebstrap")
-        # The builder's temporary files (mmdebstrap's gpg home, apt config) stay inside the staging directory.
+        if not shutil.which("mmdebstrap"):
+            raise BackendUnavailable("mmdebstrap is not installed: apt-get install mmdebstrap")
+        base = build_sandbox.build_base(staging.name)
+        build_sandbox.prepare(staging, base)
+        inside = Path(build_sandbox.INSIDE)
+        # The .debs are copied in: the build's root may not read them where they are (a uid of no account).
+        local = staging / "debs"
+        local.mkdir()
+        for deb in debs:
+            shutil.copyfile(deb, local / os.path.basename(deb))
+        move_ownership(local, 0, base)
+        command = ["mmdebstrap", "--mode=unshare", "--variant=minbase", f"--include={','.join(packages)}",
+                   *(f"--include={inside / 'debs' / os.path.basename(deb)}" for deb in debs), release,
+                   str(inside / rootfs.relative_to(staging)), *self.sources(release)]
+        if foreign:
+            command.insert(1, f"--architectures={','.join([_native_architecture(), *foreign])}")
+        if debs:  # dpkg in the chroot must see the .deb files at the same paths
+            command.insert(1, "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount")
+        # The builder's temporary files (mmdebstrap's gpg home, apt config, dpkg's ~/.dpkg.cfg) stay in the build.
         tmp = staging / "tmp"
         tmp.mkdir()
-        returncode, tail = _run_contained(
-            _privately(command), staging.name, {"TMPDIR": str(tmp)}, progress,
-            lambda line: f"  {command[0]}: {line}" if line.startswith(("I:", "E:", "W:")) else None)
+        os.chown(tmp, base, base)
+        try:
+            returncode, tail = _run_contained(
+                build_sandbox.sandboxed(command, staging, base), staging.name,
+                {"TMPDIR": str(inside / "tmp"), "HOME": str(inside / "tmp")}, progress,
+                lambda line: f"  {command[0]}: {line}" if line.startswith(("I:", "E:", "W:")) else None)
+        finally:
+            build_sandbox.finish(staging)
+            remove_tree(local)
+        refused = build_sandbox.refusal(returncode, tail)
+        if refused:
+            raise ImageBuildError(refused)
         if returncode != 0:
             verdict = apt_verdict(tail)
             raise ImageBuildError((f"Debian {release}: {verdict}\n" if verdict else "")
@@ -382,6 +399,8 @@ class ImageCache:
                                   + f"\nhint: is every package name a Debian {release} package, and does every "
                                   "local .deb's dependency exist there? Is the mirror "
                                   f"{self.mirror} reachable? (set HARDEN_MIRROR to use another)")
+        build_sandbox.take_back(rootfs, base)
+        _make_device_nodes(rootfs)
         return command[0]
 
 
@@ -489,17 +508,6 @@ class Preparation:
             self._changed.notify_all()
         for thread in self._threads:
             thread.join()
-
-
-# Run in a mount namespace of its own, with a tmpfs of its own on /dev/shm: the builder's mounts (proc, sysfs, the
-# device binds, its bind of /dev/shm) are invisible to the host and vanish with the build's last process, and no
-# bind reaches a host file.
-_PRIVATE_MOUNTS = 'mount -t tmpfs -o mode=1777,nosuid,nodev harden-build-shm /dev/shm && exec "$@"'
-
-
-def _privately(command: list[str]) -> list[str]:
-    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _PRIVATE_MOUNTS, "sh",
-            *command]
 
 
 @dataclass(frozen=True)
@@ -722,6 +730,27 @@ def boot_holds(config: MachineConfig, rootfs: Path) -> tuple[str, ...]:
     return (config.tested_unit,) if config.tested_unit and config.tested_unit in package_units(rootfs) else ()
 
 
+# The device nodes a build by host root leaves in /dev (mmdebstrap's root mode; a sandboxed build cannot make them):
+# apt's maintainer scripts on a copy of the tree need /dev/null; a machine's /dev is its own tmpfs.
+_DEVICE_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0),
+                 "console": (5, 1), "ptmx": (5, 2)}
+_DEVICE_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+                 "stderr": "/proc/self/fd/2"}
+
+
+def _make_device_nodes(rootfs: Path) -> None:
+    dev = rootfs / "dev"
+    for name, (major, minor) in _DEVICE_NODES.items():
+        if not os.path.lexists(dev / name):
+            os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+            os.chmod(dev / name, 0o666)  # whatever the umask
+    for name, target in _DEVICE_LINKS.items():
+        if not os.path.lexists(dev / name):
+            (dev / name).symlink_to(target)
+    for name in ("pts", "shm"):
+        (dev / name).mkdir(mode=0o755, exist_ok=True)
+
+
 def _customize(rootfs: Path) -> None:
     """Make the tree boot fast and quietly as a container."""
     (rootfs / "etc" / "hostname").write_text(HOSTNAME + "\n")
@@ -927,10 +956,11 @@ class AptRefused(ImageBuildError):
     """apt says the packages cannot be installed from this archive (a full build would say the same)."""
 
 
-# How apt and the packages' maintainer scripts run on a tree (host root in a chroot): in a mount namespace and a PID
-# namespace of their own, the chroot's shell their init, and a procfs of that namespace only in the tree - so no
-# /proc/PID/root leads to the host's root - and without the capabilities that leave a chroot or reach the host's
-# kernel and disks (a second chroot, mounts, device nodes, open_by_handle_at, modules, raw I/O, ptrace, BPF).
+# How apt and the packages' maintainer scripts run on a tree, inside the build sandbox (which already makes them a uid
+# of no account on the host, in a read-only view of it): in a mount namespace and a PID namespace of their own, the
+# chroot's shell their init, and a procfs of that namespace only in the tree, and without the capabilities that
+# leave a chroot or reach a kernel's and disks' interfaces (a second chroot, mounts, device nodes,
+# open_by_handle_at, modules, raw I/O, ptrace, BPF): a second wall where the first fails.
 _DROPPED_FOR_CHROOT = ("sys_chroot", "sys_admin", "mknod", "dac_read_search", "sys_module", "sys_rawio", "sys_ptrace",
                        "bpf", "perfmon", "sys_boot", "sys_time", "mac_admin", "mac_override", "syslog", "net_admin",
                        "sys_resource", "linux_immutable", "wake_alarm", "block_suspend", "audit_control",
@@ -951,11 +981,11 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
     """Make ``rootfs`` a copy of the built ``base`` tree with ``extra`` and the local ``debs`` installed by apt in a
     chroot, from the sources the base was built with.
 
-    apt runs as :func:`chrooted` says (mount and PID namespaces of its own, its /proc showing only its own
-    processes and going when apt ends, no capability that leaves the chroot) and in a cgroup of its own (so nothing
-    of it outlives the build, however it ends: see machine/staging.py); /dev is the tree's own device nodes (nothing
-    of the host's bound in). Services are not started (policy-rc.d), the host's resolv.conf is lent for the
-    download and taken back.
+    apt runs in the build sandbox (machine/build_sandbox.py: root of a user namespace, the host read-only, the tree
+    handed over to the sandbox's ids and taken back), chrooted as :func:`chrooted` says, and in a cgroup of its own
+    (so nothing of it outlives the build, however it ends: see machine/staging.py); /dev is the tree's own device
+    nodes (nothing of the host's bound in). Services are not started (policy-rc.d), the host's resolv.conf is lent
+    for the download and taken back.
     """
     made = subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(rootfs)], capture_output=True, text=True,
                           check=False)
@@ -976,12 +1006,19 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
         shutil.copyfile(deb, local / os.path.basename(deb))
         inside.append(f"/var/cache/harden-debs/{os.path.basename(deb)}")
     script = 'apt-get -q update; apt-get -q install -y --no-install-recommends "$@"; apt-get -q clean'
+    build = rootfs.parent
+    uid_base = build_sandbox.build_base(build.name)
+    build_sandbox.prepare(build, uid_base)
+    build_sandbox.hand_over(rootfs, uid_base)
     try:
         returncode, tail = _run_contained(
-            chrooted(rootfs, ["/bin/sh", "-ec", script, "sh", *extra, *inside]), rootfs.parent.name,
-            {"DEBIAN_FRONTEND": "noninteractive"}, progress,
+            build_sandbox.sandboxed(chrooted(Path(build_sandbox.INSIDE) / rootfs.name,
+                                             ["/bin/sh", "-ec", script, "sh", *extra, *inside]), build, uid_base),
+            build.name, {"DEBIAN_FRONTEND": "noninteractive"}, progress,
             lambda line: f"  apt-get: {line.strip()}" if " newly installed" in line else None)
     finally:
+        build_sandbox.take_back(rootfs, uid_base)
+        build_sandbox.finish(build)
         policy.unlink(missing_ok=True)
         resolv.unlink(missing_ok=True)
         if link is not None:
@@ -989,6 +1026,9 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
         elif kept is not None:
             resolv.write_bytes(kept)
         remove_tree(local)
+    refused = build_sandbox.refusal(returncode, tail)
+    if refused:
+        raise AptRefused(refused)  # a full build would meet the same refusal
     if returncode != 0:
         verdict = apt_verdict(tail)
         failed = f"apt-get install {' '.join(extra)} on a copy of {base} failed (exit status " \

@@ -29,6 +29,7 @@ import array
 import fcntl
 import os
 import socket
+import stat
 import subprocess
 import sys
 import uuid
@@ -168,24 +169,30 @@ def shifted_rootfs(rootfs: Path, base: int) -> Path:
 
 
 def shift_ownership(root: Path, base: int) -> None:
-    """Move every owner under ``root`` up by ``base``, keeping setuid bits and file capabilities (chown drops
-    both; a file capability must name the container's root to count in its user namespace)."""
-    def shift(path: str) -> None:
+    """Move every owner under ``root`` up by ``base`` (see :func:`move_ownership`)."""
+    move_ownership(root, 0, base)
+
+
+def move_ownership(root: Path, old_base: int, new_base: int) -> None:
+    """Give every entry under ``root`` owned by ``old_base`` + id (id 0-65535) to ``new_base`` + id, keeping setuid
+    bits and file capabilities (chown drops both). A file capability names the root uid it counts for: moved with
+    the owners (revision 3 for a user namespace's root, revision 2 for host root, as a build by host root writes
+    it). An entry owned outside the old range is left: moved already (a hard link seen twice)."""
+    def move(path: str) -> None:
         st = os.lstat(path)
-        if st.st_uid >= RANGE or st.st_gid >= RANGE:
-            return  # already shifted
-        link = os.path.islink(path)
-        caps = None if link else _file_capability(path)
-        os.lchown(path, st.st_uid + base, st.st_gid + base)
-        if not link:
+        if not (old_base <= st.st_uid < old_base + RANGE and old_base <= st.st_gid < old_base + RANGE):
+            return
+        caps = _file_capability(path) if stat.S_ISREG(st.st_mode) else None
+        os.lchown(path, st.st_uid - old_base + new_base, st.st_gid - old_base + new_base)
+        if st.st_mode & 0o6000 and not stat.S_ISLNK(st.st_mode):
             os.chmod(path, st.st_mode & 0o7777)
-            if caps is not None:
-                os.setxattr(path, "security.capability", _with_root_uid(caps, base))
+        if caps is not None:
+            os.setxattr(path, "security.capability", _with_root_uid(caps, new_base))
 
     for directory, dirs, files in os.walk(root):
         for name in (*dirs, *files):
-            shift(os.path.join(directory, name))
-    shift(str(root))
+            move(os.path.join(directory, name))
+    move(str(root))
 
 
 def _file_capability(path: str) -> bytes | None:
@@ -196,8 +203,12 @@ def _file_capability(path: str) -> bytes | None:
 
 
 def _with_root_uid(caps: bytes, root_uid: int) -> bytes:
-    """A VFS_CAP_REVISION_3 xattr (the capability sets of ``caps``, v2 or v3) owned by ``root_uid``."""
+    """The capability sets of ``caps`` (v2 or v3) as an xattr that counts for ``root_uid``: VFS_CAP_REVISION_3
+    naming it, or VFS_CAP_REVISION_2 for host root."""
     words = array.array("I", caps[:20].ljust(20, b"\0"))
+    if root_uid == 0:
+        words[0] = 0x02000000 | (words[0] & 0x1)  # revision 2, keep the effective bit
+        return words.tobytes()
     words[0] = 0x03000000 | (words[0] & 0x1)  # revision 3, keep the effective bit
     return words.tobytes() + root_uid.to_bytes(4, sys.byteorder)
 

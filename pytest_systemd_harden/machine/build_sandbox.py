@@ -1,0 +1,156 @@
+"""Where an image build runs the packages' code: as an unprivileged host uid, in a read-only view of the host.
+
+Building an image runs Debian packages' maintainer scripts, and a spec's own .debs': code from outside the project,
+run as root of the tree being built. Run as host root (mmdebstrap's root mode, apt in a chroot), such a script can
+reach the host: write any file through a second chroot or another process's ``/proc/PID/root``, make a device node
+for the host's disk, load a kernel module, talk to host root's services over abstract sockets as uid 0. So every
+build step that runs them (:func:`sandboxed`) runs
+
+- in a user namespace whose root is host uid ``base`` (:func:`build_base`: a range of 65,536 ids in
+  0x70000000-0x7FFDFFFF, which systemd leaves unallocated (its docs/UIDS-GIDS.md) and machines never get): no
+  capability over the host's files, processes or kernel. The tree is handed over owned by that range
+  (:func:`hand_over`) and taken back to 0-65535 with its setuid bits and file capabilities (:func:`take_back`)
+  before anything else reads it;
+- in a mount namespace whose root is a recursive read-only copy of the host's: the build's own directory (seen at
+  :data:`INSIDE`) and fresh tmpfs on /tmp, /var/tmp and /dev/shm are all it can write, even after a second chroot;
+  mounts it makes are its own (the copy's flags are locked by the kernel: it cannot remount them writable);
+- in a PID namespace of its own, with a procfs of it: it sees only the build's processes, and when the build's first
+  process ends, the kernel ends every other.
+
+It keeps the host's network: apt downloads the packages. (As any unprivileged host user, it can connect to the
+host's sockets; what answers sees a uid of no account.)
+
+Needs Linux 5.12 (``mount_setattr``, for the read-only copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from .backends.userns import RANGE, move_ownership
+
+INSIDE = "/tmp/harden-build"  # where the build sees its own directory (the host's path may be unreadable to it)
+VIEW = "view"  # the empty directory in the build's directory where the read-only copy is assembled
+_REFUSED = "pytest-systemd-harden: the kernel refused the image build's sandbox: "
+_REFUSED_STATUS = 125
+_FIRST_BASE = 0x70000000
+_BASES = (0x7FFE0000 - _FIRST_BASE) // RANGE
+
+# Runs as host root: sets up the read-only view in a mount namespace of its own, then enters a user namespace whose
+# root is host uid BASE (mapped from outside by the parent, which alone may write a map to another uid), becomes
+# that root and execs the command (util-linux unshare: a PID namespace and its procfs, then the build).
+_SANDBOX = r"""
+import ctypes, os, struct, sys
+build, base, argv = sys.argv[1].encode(), int(sys.argv[2]), sys.argv[4:]
+inside = b"INSIDE"
+libc = ctypes.CDLL(None, use_errno=True)
+def refuse(what):
+    print(f"PREFIX{what}", file=sys.stderr, flush=True)
+    os._exit(STATUS)
+def check(result, what):
+    if result < 0:
+        error = ctypes.get_errno()
+        refuse(f"{what}: {os.strerror(error)}")
+    return result
+unshared, mapped = os.pipe(), os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(unshared[0])
+    os.close(mapped[1])
+    libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: the build goes with the wrapper
+    check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
+    check(libc.mount(b"none", b"/", None, 0x40000 | 0x4000, None), "making / private")  # MS_PRIVATE | MS_REC
+    view = check(libc.syscall(428, -100, b"/", 0x1 | 0x8000 | 0o2000000), "open_tree")  # CLONE, AT_RECURSIVE
+    attr = struct.pack("=QQQQ", 0x1, 0, 0, 0)  # MOUNT_ATTR_RDONLY
+    check(libc.syscall(442, view, b"", 0x1000 | 0x8000, attr, len(attr)), "mount_setattr")  # AT_EMPTY_PATH, AT_RECURSIVE
+    root = build + b"/VIEW"
+    check(libc.syscall(429, view, b"", -100, root, 0x4), "move_mount")  # MOVE_MOUNT_F_EMPTY_PATH
+    os.close(view)
+    # The host's procfs stays writable (its files still answer to host uids only): the kernel lets a user namespace
+    # mount a procfs of its own only no less writable than one it already sees.
+    attr = struct.pack("=QQQQ", 0, 0x1, 0, 0)
+    check(libc.syscall(442, -100, root + b"/proc", 0, attr, len(attr)), "mount_setattr /proc")
+    for scratch in (b"/tmp", b"/var/tmp", b"/dev/shm"):
+        if os.path.isdir(root + scratch):  # MS_NOSUID | MS_NODEV
+            check(libc.mount(b"harden-build", root + scratch, b"tmpfs", 0x2 | 0x4, b"mode=1777"), "tmpfs")
+    os.mkdir(root + inside)
+    check(libc.mount(build, root + inside, None, 0x1000, None), "binding the build's directory")  # MS_BIND
+    os.chdir(root)
+    check(libc.syscall(155, b".", b"."), "pivot_root")
+    check(libc.umount2(b".", 2), "detaching the host's tree")  # MNT_DETACH
+    os.chdir(inside)
+    check(libc.unshare(0x10000000), "unshare(CLONE_NEWUSER)")
+    os.write(unshared[1], b"y")
+    if os.read(mapped[0], 1) != b"y":
+        os._exit(1)
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
+                          "--mount-proc", "--", *argv])
+os.close(unshared[1])
+os.close(mapped[0])
+if os.read(unshared[0], 1) == b"y":
+    try:
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{child}/{name}", "w") as mapping:
+                mapping.write(f"0 {base} 65536\n")
+        os.write(mapped[1], b"y")
+    except OSError as error:
+        refuse(f"the uid map: {error}")
+os.close(mapped[1])
+_, status = os.waitpid(child, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+""".replace("INSIDE", INSIDE).replace("VIEW", VIEW).replace("PREFIX", _REFUSED).replace("STATUS", str(_REFUSED_STATUS))
+
+
+def refusal(returncode: int, output: Sequence[str]) -> str | None:
+    """The one-line error and hint when a build step failed because its sandbox could not be set up, else None."""
+    said = [line for line in output if line.startswith(_REFUSED)]
+    if returncode != _REFUSED_STATUS or not said:
+        return None
+    return (said[-1].removeprefix("pytest-systemd-harden: ") + "\nhint: image builds run as root of a user namespace "
+            "in a read-only view of the host (docs/backends.md#image-builds-never-run-as-host-root); they need Linux "
+            "5.12 or later (mount_setattr) and user namespaces (sysctl user.max_user_namespaces above 0)")
+
+
+def build_base(name: str) -> int:
+    """The host uid of the build's root for the build directory ``name``: its own range, so two builds at once
+    cannot write each other's files."""
+    return _FIRST_BASE + (zlib.crc32(name.encode()) % _BASES) * RANGE
+
+
+def sandboxed(command: Sequence[str], build: Path, base: int) -> list[str]:
+    """``command`` run as described above, with ``build`` (prepared by :func:`prepare`) writable at :data:`INSIDE`
+    and its working directory there. Paths in ``command`` must be the build's view of them."""
+    return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), "--", *command]
+
+
+def prepare(build: Path, base: int) -> None:
+    """Make the build directory writable for the build's root (host uid ``base``), with the empty directory the view
+    is assembled on."""
+    (build / VIEW).mkdir(exist_ok=True)
+    os.chown(build, base, base)
+
+
+def finish(build: Path) -> None:
+    """Give the build directory back to host root, without the view's mount point, once the build has ended."""
+    with contextlib.suppress(FileNotFoundError):
+        (build / VIEW).rmdir()
+    os.chown(build, 0, 0)
+
+
+def hand_over(tree: Path, base: int) -> None:
+    """Give ``tree`` (owned by 0-65535, as in the cache) to the build's ids ``base``-``base``+65535."""
+    move_ownership(tree, 0, base)
+
+
+def take_back(tree: Path, base: int) -> None:
+    """Give ``tree`` back to 0-65535 from the build's ids: every owner, setuid bit and file capability as the build
+    left them, as a build by host root would have."""
+    move_ownership(tree, base, 0)
