@@ -105,6 +105,12 @@ def test_a_tree_built_by_the_sandbox_is_given_back_as_host_root_would_have_built
         os.chown(path, base, base)
     os.chown(mail, base, base + 8)  # group mail
     os.chmod(mail, 0o2775)
+
+    def acl(group: int) -> bytes:  # owner rwx, group r-x, group `group` r-x, mask r-x, others r-x
+        entries = [(1, 7, 0xFFFFFFFF), (4, 5, 0xFFFFFFFF), (8, 5, group), (16, 5, 0xFFFFFFFF), (32, 5, 0xFFFFFFFF)]
+        return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+    os.setxattr(mail, "system.posix_acl_default", acl(base + 4))  # as tmpfiles sets one in a user namespace
     os.chmod(passwd, 0o4755)
     v3 = struct.pack("<IIIIII", 0x03000001, 1 << 13, 0, 0, 0, base)  # cap_net_raw=ep for the build's root
     os.setxattr(ping, "security.capability", v3)
@@ -114,6 +120,7 @@ def test_a_tree_built_by_the_sandbox_is_given_back_as_host_root_would_have_built
     for path in (root, root / "usr", passwd, ping, root / "link"):
         assert (os.lstat(path).st_uid, os.lstat(path).st_gid) == (0, 0)
     assert (mail.stat().st_gid, mail.stat().st_mode & 0o7777) == (8, 0o2775)
+    assert os.getxattr(mail, "system.posix_acl_default") == acl(4)  # group adm, as in the machine
     assert passwd.stat().st_mode & 0o7777 == 0o4755
     assert os.getxattr(ping, "security.capability") == struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
     build_sandbox.hand_over(root, base)  # and back again: the capability names the build's root

@@ -30,6 +30,7 @@ import fcntl
 import os
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import uuid
@@ -175,19 +176,27 @@ def shift_ownership(root: Path, base: int) -> None:
 
 def move_ownership(root: Path, old_base: int, new_base: int) -> None:
     """Give every entry under ``root`` owned by ``old_base`` + id (id 0-65535) to ``new_base`` + id, keeping setuid
-    bits and file capabilities (chown drops both). A file capability names the root uid it counts for: moved with
-    the owners (revision 3 for a user namespace's root, revision 2 for host root, as a build by host root writes
-    it). An entry owned outside the old range is left: moved already (a hard link seen twice)."""
+    bits and file capabilities (chown drops both). What names a uid in an extended attribute moves with the owners:
+    a file capability's root uid (revision 3 for a user namespace's root, revision 2 for host root, as a build by
+    host root writes it) and the users and groups of POSIX ACLs (systemd's tmpfiles gives /var/log/journal one for
+    group adm). An entry owned outside the old range is left: moved already (a hard link seen twice)."""
     def move(path: str) -> None:
         st = os.lstat(path)
         if not (old_base <= st.st_uid < old_base + RANGE and old_base <= st.st_gid < old_base + RANGE):
             return
-        caps = _file_capability(path) if stat.S_ISREG(st.st_mode) else None
+        named = () if stat.S_ISLNK(st.st_mode) else os.listxattr(path, follow_symlinks=False)
+        caps = os.getxattr(path, _CAPABILITY, follow_symlinks=False) if _CAPABILITY in named else None
         os.lchown(path, st.st_uid - old_base + new_base, st.st_gid - old_base + new_base)
         if st.st_mode & 0o6000 and not stat.S_ISLNK(st.st_mode):
             os.chmod(path, st.st_mode & 0o7777)
         if caps is not None:
-            os.setxattr(path, "security.capability", _with_root_uid(caps, new_base))
+            os.setxattr(path, _CAPABILITY, _with_root_uid(caps, new_base))
+        for name in _ACLS:
+            if name in named:
+                acl = os.getxattr(path, name)
+                moved = _acl_moved(acl, old_base, new_base)
+                if moved != acl:
+                    os.setxattr(path, name, moved)
 
     for directory, dirs, files in os.walk(root):
         for name in (*dirs, *files):
@@ -195,11 +204,19 @@ def move_ownership(root: Path, old_base: int, new_base: int) -> None:
     move(str(root))
 
 
-def _file_capability(path: str) -> bytes | None:
-    try:
-        return os.getxattr(path, "security.capability", follow_symlinks=False)
-    except OSError:
-        return None
+_CAPABILITY = "security.capability"
+_ACLS = ("system.posix_acl_access", "system.posix_acl_default")
+
+
+def _acl_moved(acl: bytes, old_base: int, new_base: int) -> bytes:
+    """A POSIX ACL xattr (a version word, then entries of tag, permissions, id) with the ids of its named users and
+    groups (tags ACL_USER 2, ACL_GROUP 8) moved from ``old_base`` to ``new_base``."""
+    entries = bytearray(acl)
+    for offset in range(4, len(entries) - 7, 8):
+        tag, _permissions, named = struct.unpack_from("<HHI", entries, offset)
+        if tag in (2, 8) and old_base <= named < old_base + RANGE:
+            struct.pack_into("<I", entries, offset + 4, named - old_base + new_base)
+    return bytes(entries)
 
 
 def _with_root_uid(caps: bytes, root_uid: int) -> bytes:
