@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -519,3 +522,47 @@ def test_where_images_must_be_built_directories_run_as_their_images_will_be_read
     assert order() == ["a_curl", "b_base", "c_unit", "d_python"]  # all cached: as collected
     built["all"] = False  # a fresh cache: the base, then memcached (its unit is checked before the first test)
     assert order() == ["b_base", "c_unit", "a_curl", "d_python"]
+
+
+def test_a_tree_copied_in_parts_is_what_cp_a_makes(tmp_path: Path) -> None:
+    # Cut into parts of at most 3 entries, a tree with what an image holds (setuid bits, a file capability, an ACL,
+    # hard links within and across parts, symlinks, a device node, a fifo, empty directories, owners, old times)
+    # copies to the same listing, link counts and extended attributes as one `cp -a`.
+    from pytest_systemd_harden.machine.staging import copy_tree
+
+    source = tmp_path / "rootfs"
+    for folder in ("usr/bin", "usr/lib/x", "usr/share/doc/a", "var/log/journal", "empty"):
+        (source / folder).mkdir(parents=True)
+    for number in range(7):
+        (source / "usr/share/doc/a" / f"f{number}").write_text(str(number))
+    perl = source / "usr/bin/perl"
+    perl.write_text("perl")
+    os.link(perl, source / "usr/bin/perl5")  # the same part
+    os.link(perl, source / "usr/lib/x/perl-elsewhere")  # another part
+    os.chmod(perl, 0o4755)
+    os.setxattr(source / "usr/share/doc/a/f1", "security.capability",
+                struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0))
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in (
+        (1, 7, 0xFFFFFFFF), (4, 5, 0xFFFFFFFF), (8, 5, 4), (16, 5, 0xFFFFFFFF), (32, 5, 0xFFFFFFFF)))
+    os.setxattr(source / "var/log/journal", "system.posix_acl_default", acl)
+    os.chown(source / "var/log/journal", 0, 101)
+    (source / "bin").symlink_to("usr/bin")
+    os.mknod(source / "usr/lib/x/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mkfifo(source / "usr/lib/x/fifo")
+    for path in sorted(source.rglob("*"), key=lambda p: -len(p.parts)):
+        os.utime(path, (1700000000, 1700000000), follow_symlinks=False)
+
+    def listing(root: Path) -> list[tuple[object, ...]]:
+        rows = []
+        for path in [root, *sorted(root.rglob("*"))]:
+            st = os.lstat(path)
+            names = [] if path.is_symlink() else sorted(os.listxattr(path, follow_symlinks=False))
+            rows.append((str(path.relative_to(root)), st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size,
+                         st.st_mtime_ns, st.st_rdev, [(n, os.getxattr(path, n, follow_symlinks=False)) for n in names]))
+        return rows
+
+    subprocess.run(["cp", "-a", str(source), str(tmp_path / "by-cp")], check=True)
+    copy_tree(source, tmp_path / "in-parts", jobs=4, whole=3)
+    assert listing(tmp_path / "in-parts") == listing(tmp_path / "by-cp")
+    copied = tmp_path / "in-parts"
+    assert os.stat(copied / "usr/lib/x/perl-elsewhere").st_ino == os.stat(copied / "usr/bin/perl").st_ino

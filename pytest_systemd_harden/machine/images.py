@@ -33,7 +33,7 @@ from ..spec.unit_file import template_of
 from . import build_sandbox
 from .backends.userns import move_ownership
 from .cgroups import Contained
-from .staging import clean_leftovers, remove_tree, staging_dir, write_atomically
+from .staging import clean_leftovers, copy_tree, remove_tree, staging_dir, write_atomically
 
 # Bump when the recipe below changes, so old caches are not reused for a different image.
 RECIPE_VERSION = 4
@@ -987,10 +987,10 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
     nodes (nothing of the host's bound in). Services are not started (policy-rc.d), the host's resolv.conf is lent
     for the download and taken back.
     """
-    made = subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(rootfs)], capture_output=True, text=True,
-                          check=False)
-    if made.returncode != 0:
-        raise ImageBuildError(f"could not copy the base image {base} to {rootfs}: {made.stderr.strip()}")
+    try:
+        copy_tree(base, rootfs)
+    except OSError as exc:
+        raise ImageBuildError(f"could not copy the base image {base} to {rootfs}: {exc}") from None
     resolv = rootfs / "etc" / "resolv.conf"
     kept = resolv.read_bytes() if resolv.exists() and not resolv.is_symlink() else None
     link = os.readlink(resolv) if resolv.is_symlink() else None

@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path
 
 from ...errors import MachineError
-from ..staging import remove_tree
+from ..staging import copy_tree, remove_tree
 
 RANGE = 0x10000  # uids 0-65535 of the container
 # nspawn's own range for container uids (systemd's docs/UIDS-GIDS.md): 0x00080000-0x6FFEFFFF.
@@ -157,10 +157,10 @@ def shifted_rootfs(rootfs: Path, base: int) -> Path:
         staging = rootfs.parent / f"{SHIFTED_PREFIX}staging-{uuid.uuid4().hex[:12]}"
         try:
             staging.mkdir()
-            copied = subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs), str(staging / "rootfs")],
-                                    capture_output=True, text=True, check=False)
-            if copied.returncode != 0:
-                raise MachineError(f"could not copy {rootfs} for a user-namespaced container: {copied.stderr.strip()}")
+            try:
+                copy_tree(rootfs, staging / "rootfs")
+            except OSError as exc:
+                raise MachineError(f"could not copy {rootfs} for a user-namespaced container: {exc}") from None
             shift_ownership(staging / "rootfs", base)
             remove_tree(folder)
             staging.rename(folder)
