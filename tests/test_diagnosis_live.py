@@ -282,7 +282,9 @@ def test_a_killed_step_whose_grandchild_holds_on_is_diagnosed_in_seconds(diagnos
     took = time.monotonic() - started
     assert culprits(diagnosis) == ["SystemCallFilter"] and diagnosis.verified, diagnosis.render()
     assert "mlockall" in diagnosis.render()
-    assert took < 30, f"the diagnosis took {took:.0f}s"
+    # Not a speed bound (speed is measured in bench/): one failing rerun that waited for its grandchild would wait out
+    # the scenario's 60 s timeout alone, and the search has several. It takes 20-25 s on a loaded 2-core machine.
+    assert took < 60, f"the diagnosis took {took:.0f}s: a failing rerun waited out the scenario's timeout"
 
 
 # A setuid-root helper of the test's own (Debian's own setuid programs behave the same with and without privilege
