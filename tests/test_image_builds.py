@@ -258,14 +258,17 @@ def test_a_maintainer_script_cannot_reach_the_host(tmp_path: Path, how: str) -> 
     # canaries are the test's own (one in a world-writable directory on the host's disk, so that only the build's
     # read-only view of the host stops it, one in /var/tmp, one through each /proc/PID/root), the node is never
     # opened. Both ways a build runs them are tried: apt on a copy of the cached base, and mmdebstrap's full build
-    # (a base, a VM's kernel, or a .deb whose install on the base failed).
-    from pytest_systemd_harden.machine.images import BASE_PACKAGES, ImageCache
+    # (a base, a VM's kernel, or a .deb whose install on the base failed). Then host root finishes the tree (its
+    # hostname, machine-id): the script left both as links to host files, which host root must not write through.
+    from pytest_systemd_harden.machine.images import BASE_PACKAGES, HOSTNAME, ImageCache, _customize
 
     _needs_root_and_builder()
     pid = os.getpid()
     shared = Path(f"/var/lib/harden-escape-canaries-{pid}")  # what any host user could write to
     canaries = [shared / "canary", Path(f"/var/tmp/harden-escape-canary-{pid}")]
+    deputies = [shared / "hostname", shared / "machine-id"]  # what host root would write through the links
     script = (f'cat /proc/self/uid_map > /harden-uid-map; ls /proc | grep -c "^[0-9]" > /harden-processes; '
+              f"ln -sf {deputies[0]} /etc/hostname; ln -sf {deputies[1]} /etc/machine-id; "
               f'for p in /proc/[0-9]*; do echo escaped > "$p/root{canaries[1]}" 2>/dev/null; done; '
               f"python3 -c '{ESCAPE}' {' '.join(map(str, canaries))} >> /harden-escapes 2>&1; "
               'mknod /harden-disk b 254 0 2>/dev/null && echo mknod >> /harden-escapes; true')
@@ -280,9 +283,12 @@ def test_a_maintainer_script_cannot_reach_the_host(tmp_path: Path, how: str) -> 
             cache._run_builder(staging, staging / "rootfs", sorted(BASE_PACKAGES), "bookworm", (str(deb),),
                                lambda line: None)
             rootfs = staging / "rootfs"
+            _customize(rootfs)  # as ImageCache.get does after either way
         else:
             rootfs = cache.get([], release="bookworm", debs=[str(deb)]).rootfs
         assert not [canary for canary in canaries if canary.exists()], (rootfs / "harden-escapes").read_text()
+        assert not [path for path in deputies if os.path.lexists(path)], "host root wrote through the build's link"
+        assert (rootfs / "etc/hostname").read_text() == HOSTNAME + "\n" and not (rootfs / "etc/hostname").is_symlink()
         escapes = (rootfs / "harden-escapes").read_text()
         assert "mknod" not in escapes and "wrote" not in escapes.replace("wrote /var/tmp", ""), escapes
         assert int((rootfs / "harden-processes").read_text()) < 10  # its own PID namespace: no host process
@@ -294,7 +300,7 @@ def test_a_maintainer_script_cannot_reach_the_host(tmp_path: Path, how: str) -> 
         assert not mounts_under(tmp_path), "a mount of the build is visible on the host"
         assert not _processes_mentioning(str(tmp_path)), "a process of the build outlived it"
     finally:
-        for canary in canaries:
+        for canary in (*canaries, *deputies):
             canary.unlink(missing_ok=True)
         shared.rmdir()
 

@@ -21,9 +21,10 @@ PACKAGE = "pytest_systemd_harden"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 # Lowest first: a module may import its own stage's modules and those of earlier stages, never a later one.
-# "shared" are the two leaf modules every stage uses; "wiring" is what only connects stages to pytest and the CLI.
+# "shared" are the leaf modules every stage uses; "wiring" is what only connects stages to pytest and the CLI.
 STAGES = ("shared", "kernel", "probes", "spec", "machine", "sandbox", "unit", "search", "report", "wiring")
-STAGE_OF_TOP_MODULE = {"errors": "shared", "result": "shared", "": "wiring", "plugin": "wiring", "cli": "wiring"}
+STAGE_OF_TOP_MODULE = {"errors": "shared", "result": "shared", "in_tree": "shared", "": "wiring", "plugin": "wiring",
+                       "cli": "wiring"}
 
 # Imports inside a function: only of what is optional or measured slow to import, each with its reason.
 # (module, imported module) -> why. Never one of the package's own modules: that hides a circle.

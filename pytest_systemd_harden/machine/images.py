@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import BackendUnavailable, ImageBuildError, MachineError
+from ..in_tree import InTree
 from ..spec.machine import MachineConfig
 from ..spec.releases import DEFAULT_RELEASE, RELEASES
 from ..spec.unit_file import template_of
@@ -605,7 +606,7 @@ def _native_architecture() -> str:
 
 def installed_packages(rootfs: Path) -> list[dict[str, str]]:
     """The fields of every package installed in ``rootfs`` (its dpkg database; continuation lines left out)."""
-    status = (rootfs / "var" / "lib" / "dpkg" / "status").read_text(errors="replace")
+    status = InTree(rootfs).read_text("var/lib/dpkg/status")
     stanzas = (dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
                for stanza in status.split("\n\n"))
     return [fields for fields in stanzas if fields.get("Status", "").endswith(" installed")]
@@ -651,13 +652,14 @@ def enforcement_identity(image: Image) -> dict[str, object]:
     if not image.versions:
         return {"image": image.key}
     settings = hashlib.sha256()
+    tree = InTree(image.rootfs)
     for name in _MANAGER_SETTINGS:
-        path = image.rootfs / name
-        files = sorted(path.glob("*.conf")) if path.is_dir() else [path] if path.is_file() else []
+        files = [f"{name}/{conf}" for conf in tree.names(name, "*.conf")] if tree.is_dir(name) else \
+            [name] if tree.is_file(name) else []
         for file in files:
-            settings.update(f"{file.relative_to(image.rootfs)}\0".encode())
+            settings.update(f"{file}\0".encode())
             with contextlib.suppress(OSError):
-                settings.update(file.read_bytes())
+                settings.update(tree.read_bytes(file))
     return {"release": image.release, "packages": {name: image.versions.get(name) for name in ENFORCING_PACKAGES},
             "manager_settings": settings.hexdigest()[:16]}
 
@@ -694,18 +696,18 @@ def package_units(rootfs: Path) -> tuple[str, ...]:
                 if package in depends and package not in base:
                     base.add(package)
                     queue.append(package)
-    info = rootfs / "var" / "lib" / "dpkg" / "info"
+    tree = InTree(rootfs)
     shipped: dict[str, str] = {}  # unit file name -> package
-    for listing in info.glob("*.list"):
-        package = listing.stem.split(":", 1)[0]
+    for listing in tree.names("var/lib/dpkg/info", "*.list"):
+        package = listing.removesuffix(".list").split(":", 1)[0]
         if package in base:
             continue
-        for line in listing.read_text(errors="replace").splitlines():
+        for line in tree.read_text(f"var/lib/dpkg/info/{listing}").splitlines():
             if "/systemd/system/" in line and line.endswith(_STARTING_KINDS):
                 shipped[line.rsplit("/", 1)[-1]] = package
-    etc = rootfs / "etc" / "systemd" / "system"
-    enabled = {link.name for pattern in ("*.wants/*", "*.requires/*") for link in etc.glob(pattern)
-               if link.name.endswith(_STARTING_KINDS)}
+    etc = "etc/systemd/system"
+    enabled = {name for pattern in ("*.wants", "*.requires") for folder in tree.names(etc, pattern)
+               for name in tree.names(f"{etc}/{folder}") if name.endswith(_STARTING_KINDS)}
     return tuple(sorted(unit for unit in enabled if template_of(unit) in shipped))
 
 
@@ -739,30 +741,25 @@ _DEVICE_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/
 
 
 def _make_device_nodes(rootfs: Path) -> None:
-    dev = rootfs / "dev"
+    tree = InTree(rootfs)
+    tree.mkdir("dev")
     for name, (major, minor) in _DEVICE_NODES.items():
-        if not os.path.lexists(dev / name):
-            os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
-            os.chmod(dev / name, 0o666)  # whatever the umask
+        tree.unlink(f"dev/{name}")  # a file the build left in its place
+        tree.mknod(f"dev/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
     for name, target in _DEVICE_LINKS.items():
-        if not os.path.lexists(dev / name):
-            (dev / name).symlink_to(target)
+        tree.symlink(f"dev/{name}", target)
     for name in ("pts", "shm"):
-        (dev / name).mkdir(mode=0o755, exist_ok=True)
+        tree.mkdir(f"dev/{name}")
 
 
 def _customize(rootfs: Path) -> None:
     """Make the tree boot fast and quietly as a container."""
-    (rootfs / "etc" / "hostname").write_text(HOSTNAME + "\n")
-    machine_id = rootfs / "etc" / "machine-id"
-    machine_id.write_text("")  # every boot gets a fresh one
-    units = rootfs / "etc" / "systemd" / "system"
-    units.mkdir(parents=True, exist_ok=True)
+    tree = InTree(rootfs)
+    tree.write_text("etc/hostname", HOSTNAME + "\n")
+    tree.write_text("etc/machine-id", "")  # every boot gets a fresh one
+    tree.mkdir("etc/systemd/system")
     for unit in MASKED_UNITS:
-        link = units / unit
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to("/dev/null")
+        tree.symlink(f"etc/systemd/system/{unit}", "/dev/null")
 
 
 # --- virtual machine disks ------------------------------------------------------------------------------------
@@ -878,38 +875,32 @@ def _vm_files(folder: Path) -> VmImage | None:
 def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
     started = time.monotonic()
     progress(f"making a VM disk from {rootfs.parent.name} into {folder}")
-    kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
+    tree = InTree(rootfs)
+    kernels = tree.names("boot", "vmlinuz-*")
     if not kernels:
         raise ImageBuildError(f"no kernel in {rootfs}/boot: the image was built without {VM_PACKAGES[0]}")
-    release = kernels[-1].name.removeprefix("vmlinuz-")
+    release = kernels[-1].removeprefix("vmlinuz-")
     # The guest helper, its units, and the directory command output goes to. They are added to this VM-only
     # rootfs (its package set includes a kernel, so no container boots it).
-    helper = rootfs / GUEST_HELPER.lstrip("/")
-    helper.parent.mkdir(parents=True, exist_ok=True)
-    helper.write_bytes(_guest_source())
-    units = rootfs / "etc" / "systemd" / "system"
+    tree.mkdir(os.path.dirname(GUEST_HELPER))
+    tree.write_bytes(GUEST_HELPER, _guest_source())
+    units = "etc/systemd/system"
     for name, text, wanted_by in _GUEST_UNITS:
-        (units / name).write_text(text)
-        wants = units / f"{wanted_by}.wants"
-        wants.mkdir(exist_ok=True)
-        link = wants / name
-        if not link.is_symlink():
-            link.symlink_to(f"../{name}")
-    generator = rootfs / HOLD_GENERATOR_PATH.lstrip("/")  # holds nothing unless the kernel command line asks
-    generator.parent.mkdir(parents=True, exist_ok=True)
-    generator.write_text(HOLD_GENERATOR)
-    generator.chmod(0o755)
-    (rootfs / "etc" / "tmpfiles.d").mkdir(exist_ok=True)
-    (rootfs / "etc" / "tmpfiles.d" / "harden-io.conf").write_text(f"d {OUTPUT_DIR} 0700 root root -\n")
-    serial_getty = units / "serial-getty@.service"  # the console is for reading boot messages, not logins
-    if not serial_getty.is_symlink():
-        serial_getty.symlink_to("/dev/null")
+        tree.write_text(f"{units}/{name}", text)
+        tree.mkdir(f"{units}/{wanted_by}.wants")
+        tree.symlink(f"{units}/{wanted_by}.wants/{name}", f"../{name}")
+    tree.mkdir(os.path.dirname(HOLD_GENERATOR_PATH))  # holds nothing unless the kernel command line asks
+    tree.write_text(HOLD_GENERATOR_PATH, HOLD_GENERATOR, mode=0o755)
+    tree.mkdir("etc/tmpfiles.d")
+    tree.write_text("etc/tmpfiles.d/harden-io.conf", f"d {OUTPUT_DIR} 0700 root root -\n")
+    tree.symlink(f"{units}/serial-getty@.service", "/dev/null")  # the console is for boot messages, not logins
 
     clean_leftovers(folder.parent, progress)
     staging = staging_dir(folder)
     staging.mkdir(parents=True)
     try:
-        used = sum(entry.stat(follow_symlinks=False).st_blocks * 512 for entry in rootfs.rglob("*"))
+        used = sum(os.lstat(os.path.join(folder_, name)).st_blocks * 512
+                   for folder_, dirs, files in os.walk(rootfs) for name in (*dirs, *files))
         size_mib = used // 2**20 + 1024  # room for what tests write; the file is sparse
         made = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "harden", "-d", str(rootfs),
                                str(staging / "disk.ext4"), f"{size_mib}M"], check=False, capture_output=True,
@@ -917,8 +908,8 @@ def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
         if made.returncode != 0:
             raise ImageBuildError(f"mkfs.ext4 failed making {staging / 'disk.ext4'}:\n{made.stderr.strip()}\n"
                                   "hint: mkfs.ext4 -d needs e2fsprogs 1.43 or later (apt-get install e2fsprogs)")
-        shutil.copyfile(kernels[-1], staging / "vmlinuz")
-        shutil.copyfile(rootfs / "boot" / f"initrd.img-{release}", staging / "initrd.img")
+        tree.copy_out(f"boot/{kernels[-1]}", staging / "vmlinuz")
+        tree.copy_out(f"boot/initrd.img-{release}", staging / "initrd.img")
         (staging / "manifest.json").write_text(json.dumps({"kernel": release, "recipe": VM_RECIPE_VERSION,
                                                            "size_mib": size_mib}, indent=2))
         staging.rename(folder)
@@ -991,19 +982,18 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
         copy_tree(base, rootfs)
     except OSError as exc:
         raise ImageBuildError(f"could not copy the base image {base} to {rootfs}: {exc}") from None
-    resolv = rootfs / "etc" / "resolv.conf"
-    kept = resolv.read_bytes() if resolv.exists() and not resolv.is_symlink() else None
-    link = os.readlink(resolv) if resolv.is_symlink() else None
-    resolv.unlink(missing_ok=True)
-    shutil.copyfile("/etc/resolv.conf", resolv)
-    policy = rootfs / "usr" / "sbin" / "policy-rc.d"
-    policy.write_text("#!/bin/sh\nexit 101\n")
-    policy.chmod(0o755)
-    local = rootfs / "var" / "cache" / "harden-debs"  # apt in the chroot installs the .debs from here
-    local.mkdir(parents=True, exist_ok=True)
+    tree = InTree(rootfs)
+    resolv, policy, local = "etc/resolv.conf", "usr/sbin/policy-rc.d", "var/cache/harden-debs"
+    link = os.readlink(tree.real_path(resolv)) if tree.is_link(resolv) else None
+    kept = tree.read_bytes(resolv) if link is None and tree.is_file(resolv) else None
+    with open("/etc/resolv.conf", "rb") as host_resolv:
+        tree.write_bytes(resolv, host_resolv.read())
+    tree.write_text(policy, "#!/bin/sh\nexit 101\n", mode=0o755)
+    tree.mkdir(local)  # apt in the chroot installs the .debs from here
     inside = []
     for deb in debs:
-        shutil.copyfile(deb, local / os.path.basename(deb))
+        with open(deb, "rb") as package:
+            tree.write_bytes(f"{local}/{os.path.basename(deb)}", package.read())
         inside.append(f"/var/cache/harden-debs/{os.path.basename(deb)}")
     script = 'apt-get -q update; apt-get -q install -y --no-install-recommends "$@"; apt-get -q clean'
     build = rootfs.parent
@@ -1019,13 +1009,13 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
     finally:
         build_sandbox.take_back(rootfs, uid_base)
         build_sandbox.finish(build)
-        policy.unlink(missing_ok=True)
-        resolv.unlink(missing_ok=True)
+        tree.unlink(policy)
+        tree.unlink(resolv)
         if link is not None:
-            resolv.symlink_to(link)
+            tree.symlink(resolv, link)
         elif kept is not None:
-            resolv.write_bytes(kept)
-        remove_tree(local)
+            tree.write_bytes(resolv, kept)
+        remove_tree(tree.real_path(local))
     refused = build_sandbox.refusal(returncode, tail)
     if refused:
         raise AptRefused(refused)  # a full build would meet the same refusal
@@ -1035,8 +1025,8 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
             f"{returncode}):\n" + "\n".join(tail)
         raise AptRefused(f"{verdict}\n{failed}") if verdict else ImageBuildError(failed)
 
-    for leftover in (rootfs / "var" / "lib" / "apt" / "lists").glob("*"):  # as mmdebstrap leaves it: no indexes
-        if leftover.is_file():
-            leftover.unlink()
-    for cached in (rootfs / "var" / "cache" / "apt").glob("*.bin"):
-        cached.unlink()
+    for leftover in tree.names("var/lib/apt/lists"):  # as mmdebstrap leaves it: no indexes
+        if tree.is_file(f"var/lib/apt/lists/{leftover}") and not tree.is_link(f"var/lib/apt/lists/{leftover}"):
+            tree.unlink(f"var/lib/apt/lists/{leftover}")
+    for cached in tree.names("var/cache/apt", "*.bin"):
+        tree.unlink(f"var/cache/apt/{cached}")

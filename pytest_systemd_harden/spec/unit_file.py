@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..in_tree import InTree
 from .directives import BOOL, CAPS, KNOWN, NAMESPACES, Directive
 
 if TYPE_CHECKING:
@@ -177,23 +178,23 @@ def unit_files_in(rootfs: Path, unit: str) -> list[tuple[str, str]] | None:
     first unit file found along :data:`UNIT_PATHS`, the template's for an instance; every ``NAME.d/*.conf``, a
     name in an earlier directory hiding the same name in a later one, read in the order of their names); None if
     the image has no such unit."""
+    tree = InTree(rootfs)  # links resolved as in the machine (an alias to /usr/lib/...), never on the host
     template = template_of(unit)
-    found: tuple[str, Path] | None = None
+    found: str | None = None
     for directory in UNIT_PATHS:
         for name in dict.fromkeys((unit, template)):
-            path = rootfs / directory.lstrip("/") / name
-            if found is None and path.is_file():
-                found = (f"{directory}/{name}", path)
+            if found is None and tree.is_file(f"{directory}/{name}"):
+                found = f"{directory}/{name}"
     if found is None:
         return None
-    dropins: dict[str, tuple[str, Path]] = {}
+    dropins: dict[str, str] = {}
     for directory in UNIT_PATHS:
         for name in dict.fromkeys((template, unit)):
-            folder = rootfs / directory.lstrip("/") / f"{name}.d"
-            for conf in sorted(folder.glob("*.conf")) if folder.is_dir() else []:
-                dropins.setdefault(conf.name, (f"{directory}/{name}.d/{conf.name}", conf))
+            for conf in tree.names(f"{directory}/{name}.d", "*.conf"):
+                if tree.is_file(f"{directory}/{name}.d/{conf}"):  # a dangling link is no drop-in for systemd
+                    dropins.setdefault(conf, f"{directory}/{name}.d/{conf}")
     files = [found, *(dropins[name] for name in sorted(dropins))]
-    return [(shown, path.read_text(errors="replace")) for shown, path in files]
+    return [(path, tree.read_text(path)) for path in files]
 
 
 def own_hardening_before_boot(spec: Spec, rootfs: Callable[[], Path | None]) -> tuple[Directive, ...] | None:

@@ -1,0 +1,170 @@
+"""Host root's way into an image's tree: every path resolved as the machine would resolve it, never outside the tree.
+
+A build leaves whatever its packages' maintainer scripts made: they run as an unprivileged uid
+(machine/build_sandbox.py), but they can leave ``etc`` as a link to ``/etc``. Afterwards host root reads and writes
+the tree (the image's hostname, its device nodes, a VM's units, the dpkg database, a package's unit file); with
+plain paths, a write of ``etc/hostname`` would then follow the link to the host's /etc. Here every path is opened
+with ``openat2(RESOLVE_IN_ROOT)``: a link, absolute or relative, resolves inside the tree as in a chroot (so a unit
+alias or a link to ``/usr/lib/...`` is read as the machine reads it, not from the host), ``..`` stops at the tree's
+top, and no mount point or ``/proc`` magic link is crossed. A write replaces what is at its path (a link
+included), never what a link points to. Needs Linux 5.6.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fnmatch
+import os
+import shutil
+import stat
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+_OPENAT2 = 437
+_RESOLVE_NO_XDEV, _RESOLVE_NO_MAGICLINKS, _RESOLVE_IN_ROOT = 0x01, 0x02, 0x10
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class InTree:
+    """Paths (relative, ``/``-separated, an absolute one taken as from the tree's top) under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def open(self, relative: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+        """A file descriptor of ``relative`` opened as the tree resolves it (see above); OSError as open(2) fails."""
+        top = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            how = struct.pack("=QQQ", flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0,  # else EINVAL
+                              _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS | _RESOLVE_NO_XDEV)
+            fd = _libc.syscall(_OPENAT2, top, relative.lstrip("/").encode() or b".", how, len(how))
+            if fd < 0:
+                error = ctypes.get_errno()
+                raise OSError(error, os.strerror(error), str(self.root / relative.lstrip("/")))
+            return int(fd)
+        finally:
+            os.close(top)
+
+    @contextlib.contextmanager
+    def _parent(self, relative: str) -> Iterator[tuple[int, str]]:
+        """The directory holding ``relative`` (resolved in the tree) and the last name of it."""
+        folder, _, name = relative.strip("/").rpartition("/")
+        if name in ("", ".", ".."):
+            raise OSError(errno.EINVAL, "not a name in a directory", str(self.root / relative))
+        fd = self.open(folder, os.O_PATH | os.O_DIRECTORY)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def read_bytes(self, relative: str) -> bytes:
+        with os.fdopen(self.open(relative), "rb") as file:
+            return file.read()
+
+    def read_text(self, relative: str) -> str:
+        return self.read_bytes(relative).decode(errors="replace")
+
+    def kind(self, relative: str) -> int | None:
+        """The file type bits (``stat.S_IFMT``) of what ``relative`` resolves to, None if nothing is there."""
+        try:
+            fd = self.open(relative, os.O_PATH)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                return None  # a link that never ends in the tree: nothing the machine could open either
+            raise
+        try:
+            return stat.S_IFMT(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+
+    def is_file(self, relative: str) -> bool:
+        return self.kind(relative) == stat.S_IFREG
+
+    def is_dir(self, relative: str) -> bool:
+        return self.kind(relative) == stat.S_IFDIR
+
+    def is_link(self, relative: str) -> bool:
+        """Whether ``relative`` itself (its last name) is a symbolic link."""
+        try:
+            with self._parent(relative) as (folder, name):
+                return stat.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def names(self, relative: str, pattern: str = "*") -> list[str]:
+        """The sorted names in the directory ``relative`` that match ``pattern``; none if it is no directory."""
+        try:
+            fd = self.open(relative, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        try:
+            return sorted(name for name in os.listdir(fd) if fnmatch.fnmatchcase(name, pattern))
+        finally:
+            os.close(fd)
+
+    def copy_out(self, relative: str, target: Path) -> None:
+        """Copy the file ``relative`` to ``target`` (outside the tree, written as usual)."""
+        with os.fdopen(self.open(relative), "rb") as source, open(target, "wb") as copied:
+            shutil.copyfileobj(source, copied, 1 << 20)
+
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    def write_bytes(self, relative: str, data: bytes, mode: int = 0o644) -> None:
+        """``relative`` made a regular file holding ``data``: whatever was there (a link included) is replaced."""
+        with self._parent(relative) as (folder, name):
+            with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISREG(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+                    os.unlink(name, dir_fd=folder)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                         dir_fd=folder)
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+                os.fchmod(file.fileno(), mode)
+
+    def write_text(self, relative: str, text: str, mode: int = 0o644) -> None:
+        self.write_bytes(relative, text.encode(), mode)
+
+    def mkdir(self, relative: str, mode: int = 0o755) -> None:
+        """``relative`` and its missing parents made directories (each resolved in the tree)."""
+        done = ""
+        for part in relative.strip("/").split("/"):
+            done = f"{done}/{part}" if done else part
+            if self.kind(done) == stat.S_IFDIR:
+                continue
+            with self._parent(done) as (folder, name):
+                os.mkdir(name, mode, dir_fd=folder)
+
+    def unlink(self, relative: str) -> None:
+        """Remove the file or link ``relative`` (a link itself, never what it points to); nothing if absent."""
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError), self._parent(relative) as (folder, name):
+            os.unlink(name, dir_fd=folder)
+
+    def symlink(self, relative: str, target: str) -> None:
+        """``relative`` made a link to ``target``, replacing a file or link there."""
+        with self._parent(relative) as (folder, name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=folder)
+            os.symlink(target, name, dir_fd=folder)
+
+    def mknod(self, relative: str, mode: int, device: int) -> None:
+        """A device node at ``relative`` (absent before), with exactly ``mode``'s permission bits."""
+        with self._parent(relative) as (folder, name):
+            os.mknod(name, mode, device, dir_fd=folder)
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=folder)
+            try:
+                os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode))  # whatever the umask took
+            finally:
+                os.close(fd)
+
+    def real_path(self, relative: str) -> Path:
+        """Where ``relative``'s directory really is under the tree, with its last name: for a caller that removes
+        a whole subtree with staging.remove_tree (which follows no link below it)."""
+        with self._parent(relative) as (folder, name):
+            return Path(os.readlink(f"/proc/self/fd/{folder}")) / name

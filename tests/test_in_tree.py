@@ -1,0 +1,94 @@
+"""Host root's way into a built tree (pytest_systemd_harden.in_tree): links resolve inside the tree, never on the host.
+
+A maintainer script can leave any link in the tree it builds; host root then reads and writes the tree. Each case
+here is a link a build could leave, pointing at a host directory of the test's own (world-writable, so only the
+resolution stops a write).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from pytest_systemd_harden.in_tree import InTree
+from pytest_systemd_harden.spec.unit_file import unit_files_in
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Path:
+    """A directory standing for the host's files, with a file the tree must never reach."""
+    outside = tmp_path / "host"
+    outside.mkdir(mode=0o1777)
+    (outside / "secret").write_text("the host's\n")
+    return outside
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "rootfs"
+    (root / "usr/lib/systemd/system").mkdir(parents=True)
+    (root / "etc").mkdir()
+    return root
+
+
+def test_a_link_out_of_the_tree_is_followed_inside_it(tree: Path, host: Path) -> None:
+    (tree / "etc" / "hostname").symlink_to(host / "hostname")  # absolute: the host's path
+    (tree / "etc" / "secret").symlink_to(host / "secret")
+    (tree / "var").mkdir()
+    (tree / "var" / "up").symlink_to("../../../..")  # climbs above the tree
+    in_tree = InTree(tree)
+    in_tree.write_text("etc/hostname", "harden\n")
+    assert not (host / "hostname").exists()
+    assert (tree / "etc/hostname").read_text() == "harden\n" and not (tree / "etc/hostname").is_symlink()
+    assert in_tree.kind("etc/secret") is None  # the host's file is not there as the machine sees it
+    with pytest.raises(FileNotFoundError):
+        in_tree.read_text("etc/secret")
+    assert in_tree.names("var/up") == ["etc", "usr", "var"]  # `..` stops at the tree's top
+
+
+def test_a_directory_linked_out_is_never_written_through(tree: Path, host: Path) -> None:
+    (tree / "dev").symlink_to(host)
+    (tree / "etc" / "systemd").mkdir()
+    (tree / "etc" / "systemd" / "system").symlink_to(host)
+    in_tree = InTree(tree)
+    for write in (lambda: in_tree.mknod("dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3)),
+                  lambda: in_tree.symlink("etc/systemd/system/x.timer", "/dev/null"),
+                  lambda: in_tree.write_text("etc/systemd/system/x.service", "[Unit]\n"),
+                  lambda: in_tree.mkdir("etc/systemd/system/x.wants")):
+        with pytest.raises(OSError):
+            write()
+    in_tree.unlink("dev")  # the link itself
+    assert sorted(os.listdir(host)) == ["secret"] and host.is_dir()
+
+
+def test_writes_and_nodes_inside_the_tree(tree: Path) -> None:
+    in_tree = InTree(tree)
+    in_tree.mkdir("etc/systemd/system/multi-user.target.wants")
+    in_tree.mkdir("usr/local/libexec")
+    in_tree.write_text("usr/local/libexec/helper", "#!/bin/sh\n", mode=0o755)
+    assert stat.S_IMODE((tree / "usr/local/libexec/helper").stat().st_mode) == 0o755
+    in_tree.symlink("etc/systemd/system/multi-user.target.wants/a.service", "../a.service")
+    in_tree.symlink("etc/systemd/system/multi-user.target.wants/a.service", "../b.service")  # replaced
+    assert os.readlink(tree / "etc/systemd/system/multi-user.target.wants/a.service") == "../b.service"
+    in_tree.mkdir("dev")
+    in_tree.mknod("dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    st = os.lstat(tree / "dev/null")
+    assert stat.S_ISCHR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o666 and st.st_rdev == os.makedev(1, 3)
+    assert in_tree.real_path("usr/local/libexec/helper") == tree / "usr/local/libexec/helper"
+
+
+def test_a_unit_alias_is_read_as_the_machine_reads_it(tree: Path, host: Path) -> None:
+    # systemd's aliases are absolute links (/usr/lib/systemd/system/...): read on the host, they would be the
+    # host's unit (or any host file the link names), not the image's.
+    (tree / "usr/lib/systemd/system/real.service").write_text("[Service]\nExecStart=/bin/true\n")
+    (tree / "usr/lib/systemd/system/alias.service").symlink_to("/usr/lib/systemd/system/real.service")
+    (tree / "etc/systemd/system/evil.service.d").mkdir(parents=True)
+    (tree / "usr/lib/systemd/system/evil.service").write_text("[Service]\n")
+    (tree / "etc/systemd/system/evil.service.d/x.conf").symlink_to(host / "secret")
+    assert unit_files_in(tree, "alias.service") == [
+        ("/usr/lib/systemd/system/alias.service", "[Service]\nExecStart=/bin/true\n")]
+    files = unit_files_in(tree, "evil.service")
+    assert files is not None and "the host's" not in str(files)
