@@ -1,14 +1,20 @@
 """Benchmark: a new package set built in full vs installed on a copy of the cached base image, in one run.
 
     sudo .venv/bin/python bench/images.py [--packages gnupg,curl] [--releases trixie,bookworm] [--rounds 1]
+    sudo .venv/bin/python bench/images.py --copy [--rounds 3]
 
 Both builds go to a temporary directory (removed at the end); each release's base image comes from the usual
 cache (built first if missing). Prints the wall time of each and whether both trees hold the same packages.
+
+--copy times only the first step of a build on the base, the copy of the base image: one ``cp -a`` vs
+staging.copy_tree (parts copied by eight cp at once), alternated, each right after 300 MB written to the same
+disk (what a build leaves behind it, not yet written back), and prints the medians and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -18,6 +24,7 @@ import time
 from pathlib import Path
 
 from pytest_systemd_harden.machine.images import BASE_PACKAGES, ImageCache, _customize, install_on_base
+from pytest_systemd_harden.machine.staging import copy_tree, remove_tree
 from pytest_systemd_harden.spec.releases import DEFAULT_RELEASE
 
 
@@ -50,18 +57,47 @@ def full_and_on_base(extra: tuple[str, ...], release: str, scratch: Path) -> tup
     return full, on_base, installed(full_rootfs) == packages, len(packages)
 
 
+def copies(release: str, rounds: int, scratch: Path) -> None:
+    """cp -a vs copy_tree of ``release``'s base image, alternated, each after fresh writes (see the docstring)."""
+    base = ImageCache().get((), release=release).rootfs
+    times: dict[str, list[float]] = {"cp -a": [], "copy_tree": []}
+    for round_ in range(rounds):
+        for way, target in (("cp -a", scratch / f"cp-{round_}"), ("copy_tree", scratch / f"parts-{round_}")):
+            subprocess.run(["sync"], check=True)
+            with open(scratch / "written", "wb") as written:  # what a build leaves: not yet on the disk
+                written.writelines(os.urandom(1 << 20) for _ in range(300))
+            started = time.monotonic()
+            if way == "cp -a":
+                subprocess.run(["cp", "-a", str(base), str(target)], check=True)
+            else:
+                copy_tree(base, target)
+            times[way].append(time.monotonic() - started)
+            print(f"round {round_ + 1}: {way} {times[way][-1]:.2f} s", flush=True)
+            (scratch / "written").unlink()
+            remove_tree(target)
+    one, parts = statistics.median(times["cp -a"]), statistics.median(times["copy_tree"])
+    print(f"{release} base image copy: cp -a {one:.2f} s, copy_tree {parts:.2f} s (medians of {rounds}), "
+          f"ratio {parts / one:.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--packages", default="gnupg,curl", help="the extra package set (default: gnupg,curl)")
     parser.add_argument("--releases", default=DEFAULT_RELEASE, help=f"comma-separated (default: {DEFAULT_RELEASE})")
-    parser.add_argument("--rounds", type=int, default=1, help="builds each way, alternating (default 1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="builds each way, alternating (default 1; with --copy, copies each way, default 3)")
+    parser.add_argument("--copy", action="store_true", help="time the base image's copy only (see above)")
     args = parser.parse_args()
     extra = tuple(sorted(args.packages.split(",")))
     scratch = Path(tempfile.mkdtemp(prefix="harden-bench-images-", dir="/var/tmp"))
     try:
+        if args.copy:
+            for release in args.releases.split(","):
+                copies(release, args.rounds or 3, scratch)
+            return 0
         for release in args.releases.split(","):
             full, on_base = [], []
-            for round_ in range(args.rounds):
+            for round_ in range(args.rounds or 1):
                 one_full, one_on_base, same, count = full_and_on_base(extra, release, scratch)
                 full.append(one_full)
                 on_base.append(one_on_base)
