@@ -36,7 +36,8 @@ class InTree:
 
     def open(self, relative: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
         """A file descriptor of ``relative`` opened as the tree resolves it (see above); OSError as open(2) fails."""
-        top = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # The tree's top itself is never a link (ENOTDIR): a build could leave one where its tree should be.
+        top = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             how = struct.pack("=QQQ", flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0,  # else EINVAL
                               _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS | _RESOLVE_NO_XDEV)

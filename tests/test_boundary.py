@@ -207,6 +207,21 @@ def test_a_build_whose_sandbox_cannot_be_set_up_says_so_in_one_line(tmp_path: Pa
     assert build_sandbox.refusal(1, ran.stderr.splitlines()) is None  # another failure is the build's own
 
 
+# Runs its arguments with a key in a session keyring of its own: the key of whoever starts a run.
+_WITH_A_KEY = """
+import ctypes, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.syscall(250, 1, None) >= 0  # KEYCTL_JOIN_SESSION_KEYRING: this test's own, not the caller's
+assert libc.syscall(248, b"user", b"harden-test-secret", b"s3cret", 6, -3) >= 0  # add_key to the session keyring
+sys.exit(subprocess.run(sys.argv[1:]).returncode)
+"""
+# Prints the key's payload if the process can find it in its keyrings (KEYCTL_SEARCH, KEYCTL_READ), else "none".
+_READ_THE_KEY = ("import ctypes; libc = ctypes.CDLL(None); key = libc.syscall(250, 10, -3, b'user', "
+                 "b'harden-test-secret', 0); buffer = ctypes.create_string_buffer(16); "
+                 "read = libc.syscall(250, 11, key, buffer, 16) if key > 0 else -1; "
+                 "print(buffer.raw[:read].decode() if read > 0 else 'none')")
+
+
 def test_a_sandboxed_command_is_root_of_its_own_namespaces_in_a_read_only_host(tmp_path: Path) -> None:
     from pytest_systemd_harden.machine import build_sandbox
 
@@ -215,16 +230,47 @@ def test_a_sandboxed_command_is_root_of_its_own_namespaces_in_a_read_only_host(t
     base = build_sandbox.build_base(build.name)
     build_sandbox.prepare(build, base)
     script = ("cat /proc/self/uid_map; ls /proc | grep -c '^[0-9]'; touch /etc/harden-x 2>&1; "
-              f"touch {build_sandbox.INSIDE}/made /tmp/harden-scratch-{os.getpid()} && pwd")
+              f"mkdir tree && touch tree/made /tmp/harden-scratch-{os.getpid()} && pwd; "
+              f'readlink /proc/self/ns/ipc /proc/self/ns/uts; /usr/bin/python3 -I -c "{_READ_THE_KEY}"; true')
+    outside = subprocess.run([sys.executable, "-c", _WITH_A_KEY, sys.executable, "-I", "-c", _READ_THE_KEY],
+                             capture_output=True, text=True, check=False, timeout=60)
+    assert outside.stdout.strip() == "s3cret", outside  # the key is there to be read, unsandboxed
     try:
-        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base), capture_output=True,
-                             text=True, check=False, timeout=60)
+        ran = subprocess.run([sys.executable, "-c", _WITH_A_KEY,
+                              *build_sandbox.sandboxed(["sh", "-c", script], build, base)],
+                             capture_output=True, text=True, check=False, timeout=60)
     finally:
-        build_sandbox.finish(build)
+        tree = build_sandbox.finish(build, "tree")
     lines = (ran.stdout + ran.stderr).splitlines()
     assert lines[0].split() == ["0", str(base), "65536"], lines
     assert int(lines[1]) < 5, lines  # its own PID namespace: the shell, ls, grep
     assert "Read-only file system" in lines[2], lines
     assert lines[3] == build_sandbox.INSIDE, lines
-    assert (build / "made").stat().st_uid == base and not Path(f"/tmp/harden-scratch-{os.getpid()}").exists()
-    assert build.stat().st_uid == 0 and not (build / build_sandbox.VIEW).exists()
+    assert lines[4] != os.readlink("/proc/self/ns/ipc") and lines[5] != os.readlink("/proc/self/ns/uts"), lines
+    assert lines[6] == "none", lines  # the caller's keys are not the build's
+    assert tree == build / "tree" and (tree / "made").stat().st_uid == base
+    assert not Path(f"/tmp/harden-scratch-{os.getpid()}").exists()
+    assert sorted(os.listdir(build)) == ["tree"]  # the view's mount point and the work directory are gone
+
+
+def test_a_build_writes_only_its_work_directory_and_a_link_for_its_tree_is_not_taken(tmp_path: Path) -> None:
+    # Host root later writes the build directory (a manifest, a lock) and renames it into the cache: the build
+    # cannot plant a link there, and a link where its tree should be is dropped, never followed.
+    from pytest_systemd_harden.machine import build_sandbox
+
+    build = tmp_path / "build"
+    build.mkdir()
+    host = tmp_path / "host"
+    host.mkdir()
+    base = build_sandbox.build_base(build.name)
+    work = build_sandbox.prepare(build, base)
+    script = (f"ln -s {host} rootfs; ln -s {host} ../manifest.json 2>/dev/null; "
+              f"ls -la {build_sandbox.INSIDE}/.. >/dev/null; true")
+    try:
+        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base), capture_output=True,
+                             text=True, check=False, timeout=60)
+        assert ran.returncode == 0, ran
+        assert (work / "rootfs").is_symlink()  # the build ran
+    finally:
+        tree = build_sandbox.finish(build, "rootfs")
+    assert tree is None and sorted(os.listdir(build)) == [] and host.is_dir() and not os.path.lexists(host / "x")

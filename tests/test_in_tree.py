@@ -49,6 +49,17 @@ def test_a_link_out_of_the_tree_is_followed_inside_it(tree: Path, host: Path) ->
     assert in_tree.names("var/up") == ["etc", "usr", "var"]  # `..` stops at the tree's top
 
 
+def test_a_tree_that_is_a_link_is_refused(tmp_path: Path, host: Path) -> None:
+    # A build that left a link where its tree should be: host root must not take the host's directory for the tree.
+    (tmp_path / "rootfs").symlink_to(host)
+    in_tree = InTree(tmp_path / "rootfs")
+    with pytest.raises(NotADirectoryError):
+        in_tree.write_text("etc/hostname", "harden\n")
+    with pytest.raises(NotADirectoryError):
+        in_tree.read_text("secret")
+    assert sorted(os.listdir(host)) == ["secret"]
+
+
 def test_a_directory_linked_out_is_never_written_through(tree: Path, host: Path) -> None:
     (tree / "dev").symlink_to(host)
     (tree / "etc" / "systemd").mkdir()

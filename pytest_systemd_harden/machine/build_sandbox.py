@@ -15,7 +15,11 @@ build step that runs them (:func:`sandboxed`) runs
   :data:`INSIDE`) and fresh tmpfs on /tmp, /var/tmp and /dev/shm are all it can write, even after a second chroot;
   mounts it makes are its own (the copy's flags are locked by the kernel: it cannot remount them writable);
 - in a PID namespace of its own, with a procfs of it: it sees only the build's processes, and when the build's first
-  process ends, the kernel ends every other.
+  process ends, the kernel ends every other; in IPC and UTS namespaces of its own (no System V shared memory or
+  hostname shared with the host), with a session keyring of its own (not the keys of the host user who started it);
+- writing only a work directory (:func:`prepare`) in the build directory, never the build directory itself: what
+  host root later writes there (a manifest, a lock) or renames into the cache is out of the build's reach, and the
+  tree it made is taken out of the work directory only if it is a directory (:func:`finish`), never a link.
 
 It keeps the host's network: apt downloads the packages. (As any unprivileged host user, it can connect to the
 host's sockets; what answers sees a uid of no account.)
@@ -27,15 +31,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from .backends.userns import RANGE, move_ownership
+from .staging import remove_tree
 
 INSIDE = "/tmp/harden-build"  # where the build sees its own directory (the host's path may be unreadable to it)
 VIEW = "view"  # the empty directory in the build's directory where the read-only copy is assembled
+WORK = "work"  # the directory in the build's directory that the build writes, seen at INSIDE
 _REFUSED = "pytest-systemd-harden: the kernel refused the image build's sandbox: "
 _REFUSED_STATUS = 125
 _FIRST_BASE = 0x70000000
@@ -63,7 +70,7 @@ if child == 0:
     os.close(unshared[0])
     os.close(mapped[1])
     libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: the build goes with the wrapper
-    check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
+    check(libc.unshare(0x20000 | 0x8000000 | 0x4000000), "unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)")
     check(libc.mount(b"none", b"/", None, 0x40000 | 0x4000, None), "making / private")  # MS_PRIVATE | MS_REC
     view = check(libc.syscall(428, -100, b"/", 0x1 | 0x8000 | 0o2000000), "open_tree")  # CLONE, AT_RECURSIVE
     attr = struct.pack("=QQQQ", 0x1, 0, 0, 0)  # MOUNT_ATTR_RDONLY
@@ -79,7 +86,7 @@ if child == 0:
         if os.path.isdir(root + scratch):  # MS_NOSUID | MS_NODEV
             check(libc.mount(b"harden-build", root + scratch, b"tmpfs", 0x2 | 0x4, b"mode=1777"), "tmpfs")
     os.mkdir(root + inside)
-    check(libc.mount(build, root + inside, None, 0x1000, None), "binding the build's directory")  # MS_BIND
+    check(libc.mount(build + b"/WORK", root + inside, None, 0x1000, None), "binding the build's directory")  # MS_BIND
     os.chdir(root)
     check(libc.syscall(155, b".", b"."), "pivot_root")
     check(libc.umount2(b".", 2), "detaching the host's tree")  # MNT_DETACH
@@ -91,6 +98,10 @@ if child == 0:
     os.setgroups([])
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
+    # The session keyring is inherited: the keys of whoever started the run (KEYCTL_JOIN_SESSION_KEYRING, a new
+    # anonymous one). ENOSYS: a kernel without keyrings has none to share.
+    if libc.syscall(250, 1, None) < 0 and ctypes.get_errno() != 38:
+        check(-1, "a session keyring of its own")
     os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
                           "--mount-proc", "--", *argv])
 os.close(unshared[1])
@@ -106,7 +117,7 @@ if os.read(unshared[0], 1) == b"y":
 os.close(mapped[1])
 _, status = os.waitpid(child, 0)
 sys.exit(os.waitstatus_to_exitcode(status))
-""".replace("INSIDE", INSIDE).replace("VIEW", VIEW).replace("PREFIX", _REFUSED).replace("STATUS", str(_REFUSED_STATUS))
+""".replace("INSIDE", INSIDE).replace("VIEW", VIEW).replace("WORK", WORK).replace("PREFIX", _REFUSED).replace("STATUS", str(_REFUSED_STATUS))
 
 
 def refusal(returncode: int, output: Sequence[str]) -> str | None:
@@ -120,29 +131,45 @@ def refusal(returncode: int, output: Sequence[str]) -> str | None:
 
 
 def build_base(name: str) -> int:
-    """The host uid of the build's root for the build directory ``name``: its own range, so two builds at once
-    cannot write each other's files."""
+    """The host uid of the build's root for the build directory ``name``: one of 4,094 ranges, picked by the name, so
+    two builds at once rarely share one. Sharing is harmless: what keeps two builds apart is the read-only view (each
+    writes only its own work directory) and their namespaces, not the uids."""
     return _FIRST_BASE + (zlib.crc32(name.encode()) % _BASES) * RANGE
 
 
 def sandboxed(command: Sequence[str], build: Path, base: int) -> list[str]:
-    """``command`` run as described above, with ``build`` (prepared by :func:`prepare`) writable at :data:`INSIDE`
-    and its working directory there. Paths in ``command`` must be the build's view of them."""
+    """``command`` run as described above, with the work directory of ``build`` (made by :func:`prepare`) writable
+    at :data:`INSIDE` and its working directory there. Paths in ``command`` must be the build's view of them."""
     return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), "--", *command]
 
 
-def prepare(build: Path, base: int) -> None:
-    """Make the build directory writable for the build's root (host uid ``base``), with the empty directory the view
-    is assembled on."""
+def prepare(build: Path, base: int) -> Path:
+    """Make the work directory in ``build`` (the build's own, host root's), writable for the build's root (host uid
+    ``base``), and the empty directory the view is assembled on. Returns the work directory: what host root puts
+    there for the build is seen at :data:`INSIDE`."""
     (build / VIEW).mkdir(exist_ok=True)
-    os.chown(build, base, base)
+    work = build / WORK
+    work.mkdir()
+    os.chown(work, base, base)
+    return work
 
 
-def finish(build: Path) -> None:
-    """Give the build directory back to host root, without the view's mount point, once the build has ended."""
+def finish(build: Path, tree: str) -> Path | None:
+    """Once the build has ended (nothing of it runs any more), move the tree it made (``tree`` in the work
+    directory) to ``build``/``tree`` and remove the rest of the work directory and the view's mount point. None,
+    leaving nothing, when the build left no directory there: it failed, or left a link (never followed)."""
     with contextlib.suppress(FileNotFoundError):
         (build / VIEW).rmdir()
-    os.chown(build, 0, 0)
+    work = build / WORK
+    made = work / tree
+    try:
+        kept = stat.S_ISDIR(os.lstat(made).st_mode)
+    except FileNotFoundError:
+        kept = False
+    if kept:
+        os.rename(made, build / tree)  # renames what is there (the build is over), never where a link points
+    remove_tree(work)
+    return build / tree if kept else None
 
 
 def hand_over(tree: Path, base: int) -> None:

@@ -319,7 +319,6 @@ class ImageCache:
                 "builder": builder, "sources": self.sources(release), "recipe": RECIPE_VERSION,
                 "seconds": round(time.monotonic() - started, 1), "built": time.time(), "versions": versions,
             }, indent=2))
-            remove_tree(staging / "tmp")
             remove_tree(final)
             staging.rename(final)
         finally:
@@ -362,23 +361,23 @@ class ImageCache:
         if not shutil.which("mmdebstrap"):
             raise BackendUnavailable("mmdebstrap is not installed: apt-get install mmdebstrap")
         base = build_sandbox.build_base(staging.name)
-        build_sandbox.prepare(staging, base)
+        work = build_sandbox.prepare(staging, base)
         inside = Path(build_sandbox.INSIDE)
         # The .debs are copied in: the build's root may not read them where they are (a uid of no account).
-        local = staging / "debs"
+        local = work / "debs"
         local.mkdir()
         for deb in debs:
             shutil.copyfile(deb, local / os.path.basename(deb))
         move_ownership(local, 0, base)
         command = ["mmdebstrap", "--mode=unshare", "--variant=minbase", f"--include={','.join(packages)}",
                    *(f"--include={inside / 'debs' / os.path.basename(deb)}" for deb in debs), release,
-                   str(inside / rootfs.relative_to(staging)), *self.sources(release)]
+                   str(inside / rootfs.name), *self.sources(release)]
         if foreign:
             command.insert(1, f"--architectures={','.join([_native_architecture(), *foreign])}")
         if debs:  # dpkg in the chroot must see the .deb files at the same paths
             command.insert(1, "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount")
         # The builder's temporary files (mmdebstrap's gpg home, apt config, dpkg's ~/.dpkg.cfg) stay in the build.
-        tmp = staging / "tmp"
+        tmp = work / "tmp"
         tmp.mkdir()
         os.chown(tmp, base, base)
         try:
@@ -387,8 +386,7 @@ class ImageCache:
                 {"TMPDIR": str(inside / "tmp"), "HOME": str(inside / "tmp")}, progress,
                 lambda line: f"  {command[0]}: {line}" if line.startswith(("I:", "E:", "W:")) else None)
         finally:
-            build_sandbox.finish(staging)
-            remove_tree(local)
+            made = build_sandbox.finish(staging, rootfs.name)
         refused = build_sandbox.refusal(returncode, tail)
         if refused:
             raise ImageBuildError(refused)
@@ -400,6 +398,8 @@ class ImageCache:
                                   + f"\nhint: is every package name a Debian {release} package, and does every "
                                   "local .deb's dependency exist there? Is the mirror "
                                   f"{self.mirror} reachable? (set HARDEN_MIRROR to use another)")
+        if made != rootfs:
+            raise ImageBuildError(_no_tree_left(command[0], rootfs))
         build_sandbox.take_back(rootfs, base)
         _make_device_nodes(rootfs)
         return command[0]
@@ -740,6 +740,12 @@ _DEVICE_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/
                  "stderr": "/proc/self/fd/2"}
 
 
+def _no_tree_left(builder: str, rootfs: Path) -> str:
+    return (f"{builder} left no directory tree to take as {rootfs}: something in the build removed it or put a link "
+            "there (a link is never followed: host root would write where it points)\nhint: a package's maintainer "
+            "script did this; build the image without the packages just added to find which")
+
+
 def _make_device_nodes(rootfs: Path) -> None:
     tree = InTree(rootfs)
     tree.mkdir("dev")
@@ -978,44 +984,48 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
     nodes (nothing of the host's bound in). Services are not started (policy-rc.d), the host's resolv.conf is lent
     for the download and taken back.
     """
-    try:
-        copy_tree(base, rootfs)
-    except OSError as exc:
-        raise ImageBuildError(f"could not copy the base image {base} to {rootfs}: {exc}") from None
-    tree = InTree(rootfs)
     resolv, policy, local = "etc/resolv.conf", "usr/sbin/policy-rc.d", "var/cache/harden-debs"
-    link = os.readlink(tree.real_path(resolv)) if tree.is_link(resolv) else None
-    kept = tree.read_bytes(resolv) if link is None and tree.is_file(resolv) else None
-    with open("/etc/resolv.conf", "rb") as host_resolv:
-        tree.write_bytes(resolv, host_resolv.read())
-    tree.write_text(policy, "#!/bin/sh\nexit 101\n", mode=0o755)
-    tree.mkdir(local)  # apt in the chroot installs the .debs from here
-    inside = []
-    for deb in debs:
-        with open(deb, "rb") as package:
-            tree.write_bytes(f"{local}/{os.path.basename(deb)}", package.read())
-        inside.append(f"/var/cache/harden-debs/{os.path.basename(deb)}")
     script = 'apt-get -q update; apt-get -q install -y --no-install-recommends "$@"; apt-get -q clean'
     build = rootfs.parent
     uid_base = build_sandbox.build_base(build.name)
-    build_sandbox.prepare(build, uid_base)
-    build_sandbox.hand_over(rootfs, uid_base)
+    work = build_sandbox.prepare(build, uid_base)
     try:
+        copy = work / rootfs.name
+        try:
+            copy_tree(base, copy)
+        except OSError as exc:
+            raise ImageBuildError(f"could not copy the base image {base} to {copy}: {exc}") from None
+        tree = InTree(copy)
+        link = os.readlink(tree.real_path(resolv)) if tree.is_link(resolv) else None
+        kept = tree.read_bytes(resolv) if link is None and tree.is_file(resolv) else None
+        with open("/etc/resolv.conf", "rb") as host_resolv:
+            tree.write_bytes(resolv, host_resolv.read())
+        tree.write_text(policy, "#!/bin/sh\nexit 101\n", mode=0o755)
+        tree.mkdir(local)  # apt in the chroot installs the .debs from here
+        inside = []
+        for deb in debs:
+            with open(deb, "rb") as package:
+                tree.write_bytes(f"{local}/{os.path.basename(deb)}", package.read())
+            inside.append(f"/var/cache/harden-debs/{os.path.basename(deb)}")
+        build_sandbox.hand_over(copy, uid_base)
         returncode, tail = _run_contained(
             build_sandbox.sandboxed(chrooted(Path(build_sandbox.INSIDE) / rootfs.name,
                                              ["/bin/sh", "-ec", script, "sh", *extra, *inside]), build, uid_base),
             build.name, {"DEBIAN_FRONTEND": "noninteractive"}, progress,
             lambda line: f"  apt-get: {line.strip()}" if " newly installed" in line else None)
     finally:
-        build_sandbox.take_back(rootfs, uid_base)
-        build_sandbox.finish(build)
-        tree.unlink(policy)
-        tree.unlink(resolv)
-        if link is not None:
-            tree.symlink(resolv, link)
-        elif kept is not None:
-            tree.write_bytes(resolv, kept)
-        remove_tree(tree.real_path(local))
+        made = build_sandbox.finish(build, rootfs.name)
+    if made != rootfs:
+        raise ImageBuildError(_no_tree_left("apt-get", rootfs))
+    build_sandbox.take_back(rootfs, uid_base)
+    tree = InTree(rootfs)
+    tree.unlink(policy)
+    tree.unlink(resolv)
+    if link is not None:
+        tree.symlink(resolv, link)
+    elif kept is not None:
+        tree.write_bytes(resolv, kept)
+    remove_tree(tree.real_path(local))
     refused = build_sandbox.refusal(returncode, tail)
     if refused:
         raise AptRefused(refused)  # a full build would meet the same refusal
