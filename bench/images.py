@@ -23,15 +23,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_systemd_harden.machine.images import BASE_PACKAGES, ImageCache, _customize, install_on_base
+from pytest_systemd_harden.machine.images import (
+    BASE_PACKAGES,
+    ImageCache,
+    _customize,
+    install_on_base,
+    installed_versions,
+)
 from pytest_systemd_harden.machine.staging import copy_tree, remove_tree
 from pytest_systemd_harden.spec.releases import DEFAULT_RELEASE
 
 
 def installed(rootfs: Path) -> set[str]:
-    listed = subprocess.run(["chroot", str(rootfs), "dpkg-query", "-W", "-f", "${Package}\n"], capture_output=True,
-                            text=True, check=True)
-    return set(listed.stdout.split())
+    # Read from the dpkg database, never by running the tree's dpkg-query: a package's code never runs as host root.
+    return set(installed_versions(rootfs))
 
 
 def full_and_on_base(extra: tuple[str, ...], release: str, scratch: Path) -> tuple[float, float, bool, int]:
