@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -251,6 +254,45 @@ def test_a_sandboxed_command_is_root_of_its_own_namespaces_in_a_read_only_host(t
     assert tree == build / "tree" and (tree / "made").stat().st_uid == base
     assert not Path(f"/tmp/harden-scratch-{os.getpid()}").exists()
     assert sorted(os.listdir(build)) == ["tree"]  # the view's mount point and the work directory are gone
+
+
+# Connects to the abstract socket named by its argument: "connected", or the error.
+_CONNECT = ("import socket, sys; peer = socket.socket(socket.AF_UNIX); "
+            "print(peer.connect_ex(b'\\0' + sys.argv[1].encode()) or 'connected')")
+
+
+def test_a_sandboxed_command_reaches_no_host_process_secret_socket_or_device(tmp_path: Path) -> None:
+    # What a script that left its chroot would try next: the host's procfs under the build's (unmounted), the
+    # caller's environment, a user's files, a host service's abstract socket (another build's too: a descriptor
+    # passed between two builds would let one change the other's tree while host root finishes it), a device node
+    # left in its tree (a base's console).
+    from pytest_systemd_harden.machine import build_sandbox
+
+    build = tmp_path / "build"
+    build.mkdir()
+    base = build_sandbox.build_base(build.name)
+    work = build_sandbox.prepare(build, base)
+    os.mknod(work / "full", 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    os.chmod(work / "full", 0o666)  # open to anyone, as the node is: only the mount's nodev stops it
+    listening = socket.socket(socket.AF_UNIX)
+    name = f"harden-test-{os.getpid()}"
+    listening.bind(b"\0" + name.encode())
+    listening.listen()
+    script = ("umount /proc 2>/dev/null; umount -l /proc 2>/dev/null; ls /proc | grep -c '^[0-9]'; "
+              "env | grep -c HARDEN_TEST_TOKEN; grep -c ' /root .* - tmpfs harden-build ' /proc/self/mountinfo; "
+              f"/usr/bin/python3 -I -c \"{_CONNECT}\" {name}; "
+              "(exec 3<>full) 2>/dev/null && echo opened || echo refused; true")
+    try:
+        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base), capture_output=True,
+                             text=True, check=False, timeout=60, env={**os.environ, "HARDEN_TEST_TOKEN": "s3cret"})
+    finally:
+        listening.close()
+        build_sandbox.finish(build, "tree")
+    lines = (ran.stdout + ran.stderr).splitlines()
+    assert int(lines[0]) < 6, lines  # still the build's own procfs: the host's is not under it to be seen
+    assert lines[1:3] == ["0", "1"], lines  # no caller's variable; an empty /root over host root's
+    assert lines[3] == str(errno.EPERM), lines  # Landlock's scope: no abstract socket outside the build
+    assert lines[4] == "refused", lines
 
 
 def test_a_build_writes_only_its_work_directory_and_a_link_for_its_tree_is_not_taken(tmp_path: Path) -> None:

@@ -252,7 +252,7 @@ for path in sys.argv[1:]:
 
 
 @pytest.mark.parametrize("how", ["on the cached base", "in full"])
-def test_a_maintainer_script_cannot_reach_the_host(tmp_path: Path, how: str) -> None:
+def test_a_maintainer_script_cannot_reach_the_host(tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # A package's scripts run as root of the tree being built. Through another process's /proc/PID/root, a second
     # chroot, or a device node of the host's disk, host root would reach the host. Each is tried, harmlessly: the
     # canaries are the test's own (one in a world-writable directory on the host's disk, so that only the build's
@@ -263,6 +263,7 @@ def test_a_maintainer_script_cannot_reach_the_host(tmp_path: Path, how: str) -> 
     from pytest_systemd_harden.machine.images import BASE_PACKAGES, HOSTNAME, ImageCache, _customize
 
     _needs_root_and_builder()
+    monkeypatch.setenv("HARDEN_TEST_TOKEN", "s3cret")  # a CI token in the caller's environment
     pid = os.getpid()
     shared = Path(f"/var/lib/harden-escape-canaries-{pid}")  # what any host user could write to
     canaries = [shared / "canary", Path(f"/var/tmp/harden-escape-canary-{pid}")]
@@ -271,7 +272,8 @@ def test_a_maintainer_script_cannot_reach_the_host(tmp_path: Path, how: str) -> 
               f"ln -sf {deputies[0]} /etc/hostname; ln -sf {deputies[1]} /etc/machine-id; "
               f'for p in /proc/[0-9]*; do echo escaped > "$p/root{canaries[1]}" 2>/dev/null; done; '
               f"python3 -c '{ESCAPE}' {' '.join(map(str, canaries))} >> /harden-escapes 2>&1; "
-              'mknod /harden-disk b 254 0 2>/dev/null && echo mknod >> /harden-escapes; true')
+              'mknod /harden-disk b 254 0 2>/dev/null && echo mknod >> /harden-escapes; '
+              '(exec 3</dev/console) 2>/dev/null && echo console >> /harden-escapes; env > /harden-env; true')
     deb = build_deb(tmp_path, "4.0", depends="python3", postinst=script)
     shared.mkdir(mode=0o1777)
     shared.chmod(0o1777)
@@ -291,6 +293,8 @@ def test_a_maintainer_script_cannot_reach_the_host(tmp_path: Path, how: str) -> 
         assert (rootfs / "etc/hostname").read_text() == HOSTNAME + "\n" and not (rootfs / "etc/hostname").is_symlink()
         escapes = (rootfs / "harden-escapes").read_text()
         assert "mknod" not in escapes and "wrote" not in escapes.replace("wrote /var/tmp", ""), escapes
+        assert "console" not in escapes, escapes  # the base's console node opens nothing (the tree is nodev)
+        assert "HARDEN_TEST_TOKEN" not in (rootfs / "harden-env").read_text()
         assert int((rootfs / "harden-processes").read_text()) < 10  # its own PID namespace: no host process
         # Root of the build is a uid of no account on the host: not host root (whose map is 0 0 4294967295).
         inner, outer, count = (rootfs / "harden-uid-map").read_text().split()

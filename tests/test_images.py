@@ -566,3 +566,13 @@ def test_a_tree_copied_in_parts_is_what_cp_a_makes(tmp_path: Path) -> None:
     assert listing(tmp_path / "in-parts") == listing(tmp_path / "by-cp")
     copied = tmp_path / "in-parts"
     assert os.stat(copied / "usr/lib/x/perl-elsewhere").st_ino == os.stat(copied / "usr/bin/perl").st_ino
+
+
+def test_a_build_s_output_reaches_the_terminal_without_its_control_sequences() -> None:
+    # A package's script prints what it likes; the user's terminal must not take it as commands (a title, a cleared
+    # screen, a rewritten line).
+    shown: list[str] = []
+    returncode, tail = images._run_contained(
+        ["printf", "I: \\033]0;owned\\007unpacking\\033[2J\\rdone\\n"], f"harden-test-output-{os.getpid()}",
+        shown.append, lambda line: line)
+    assert returncode == 0 and tail == ["I: ?]0;owned?unpacking?[2J?done"] and shown == tail

@@ -12,17 +12,21 @@ build step that runs them (:func:`sandboxed`) runs
   (:func:`hand_over`) and taken back to 0-65535 with its setuid bits and file capabilities (:func:`take_back`)
   before anything else reads it;
 - in a mount namespace whose root is a recursive read-only copy of the host's: the build's own directory (seen at
-  :data:`INSIDE`) and fresh tmpfs on /tmp, /var/tmp and /dev/shm are all it can write, even after a second chroot;
-  mounts it makes are its own (the copy's flags are locked by the kernel: it cannot remount them writable);
-- in a PID namespace of its own, with a procfs of it: it sees only the build's processes, and when the build's first
-  process ends, the kernel ends every other; in IPC and UTS namespaces of its own (no System V shared memory or
-  hostname shared with the host), with a session keyring of its own (not the keys of the host user who started it);
+  :data:`INSIDE`, without device nodes) and fresh tmpfs on /tmp, /var/tmp and /dev/shm are all it can write, even
+  after a second chroot, and users' directories (/home, /root, ...) are empty; mounts it makes are its own (the
+  copy's mounts are locked by the kernel: it can neither remount them writable nor unmount one to see under it);
+- in a PID namespace of its own, whose procfs host root mounts over the host's: it sees only the build's processes,
+  and when the build's first process ends, the kernel ends every other; in IPC and UTS namespaces of its own (no
+  System V shared memory or hostname shared with the host), with a session keyring of its own (not the keys of the
+  host user who started it) and an environment of its own (not the caller's tokens);
+- scoped by Landlock (Linux 6.12): no abstract socket or signal outside itself, so two builds at once cannot pass
+  each other a descriptor into their trees; on older kernels builds take turns instead;
 - writing only a work directory (:func:`prepare`) in the build directory, never the build directory itself: what
   host root later writes there (a manifest, a lock) or renames into the cache is out of the build's reach, and the
   tree it made is taken out of the work directory only if it is a directory (:func:`finish`), never a link.
 
 It keeps the host's network: apt downloads the packages. (As any unprivileged host user, it can connect to the
-host's sockets; what answers sees a uid of no account.)
+host's TCP services and named sockets it can reach; what answers sees a uid of no account.)
 
 Needs Linux 5.12 (``mount_setattr``, for the read-only copy).
 """
@@ -34,7 +38,7 @@ import os
 import stat
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .backends.userns import RANGE, move_ownership
@@ -48,12 +52,17 @@ _REFUSED_STATUS = 125
 _FIRST_BASE = 0x70000000
 _BASES = (0x7FFE0000 - _FIRST_BASE) // RANGE
 
-# Runs as host root: sets up the read-only view in a mount namespace of its own, then enters a user namespace whose
-# root is host uid BASE (mapped from outside by the parent, which alone may write a map to another uid), becomes
-# that root and execs the command (util-linux unshare: a PID namespace and its procfs, then the build).
+# Runs as host root. The wrapper enters new PID, IPC and UTS namespaces and forks the build's first process (PID 1
+# there), which sets up the read-only view in a mount namespace of its own, mounts the procfs of its PID namespace
+# over the host's there (so the build can never unmount it to see the host's: mounts made before the user namespace
+# are locked), then enters a user namespace whose root is host uid BASE (mapped from outside by the wrapper, which
+# alone may write a map to another uid), becomes that root and execs the command in a mount namespace it owns, with
+# the environment it was given and nothing of the caller's.
 _SANDBOX = r"""
-import ctypes, os, struct, sys
-build, base, argv = sys.argv[1].encode(), int(sys.argv[2]), sys.argv[4:]
+import ctypes, fcntl, os, struct, sys
+build, base = sys.argv[1].encode(), int(sys.argv[2])
+split = sys.argv.index("--")
+env, argv = dict(entry.split("=", 1) for entry in sys.argv[3:split]), sys.argv[split + 1:]
 inside = b"INSIDE"
 libc = ctypes.CDLL(None, use_errno=True)
 def refuse(what):
@@ -64,13 +73,21 @@ def check(result, what):
         error = ctypes.get_errno()
         refuse(f"{what}: {os.strerror(error)}")
     return result
+# Landlock scopes (Linux 6.12): the build cannot connect to an abstract socket, nor signal a process, outside
+# itself; so two builds at once cannot pass each other a descriptor. Without them, builds take turns.
+scoped = libc.syscall(444, None, 0, 1) >= 6  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
+if not scoped:
+    turns = os.open("/run/pytest-systemd-harden-builds.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600)
+    fcntl.flock(turns, fcntl.LOCK_EX)
+check(libc.unshare(0x20000000 | 0x8000000 | 0x4000000), "unshare(CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS)")
 unshared, mapped = os.pipe(), os.pipe()
 child = os.fork()
 if child == 0:
     os.close(unshared[0])
     os.close(mapped[1])
     libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: the build goes with the wrapper
-    check(libc.unshare(0x20000 | 0x8000000 | 0x4000000), "unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)")
+    check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
     check(libc.mount(b"none", b"/", None, 0x40000 | 0x4000, None), "making / private")  # MS_PRIVATE | MS_REC
     view = check(libc.syscall(428, -100, b"/", 0x1 | 0x8000 | 0o2000000), "open_tree")  # CLONE, AT_RECURSIVE
     attr = struct.pack("=QQQQ", 0x1, 0, 0, 0)  # MOUNT_ATTR_RDONLY
@@ -78,15 +95,19 @@ if child == 0:
     root = build + b"/VIEW"
     check(libc.syscall(429, view, b"", -100, root, 0x4), "move_mount")  # MOVE_MOUNT_F_EMPTY_PATH
     os.close(view)
-    # The host's procfs stays writable (its files still answer to host uids only): the kernel lets a user namespace
-    # mount a procfs of its own only no less writable than one it already sees.
-    attr = struct.pack("=QQQQ", 0, 0x1, 0, 0)
-    check(libc.syscall(442, -100, root + b"/proc", 0, attr, len(attr)), "mount_setattr /proc")
+    # MS_NOSUID | MS_NODEV | MS_NOEXEC: this PID namespace's processes only
+    check(libc.mount(b"proc", root + b"/proc", b"proc", 0x2 | 0x4 | 0x8, None), "mounting the build's procfs")
     for scratch in (b"/tmp", b"/var/tmp", b"/dev/shm"):
         if os.path.isdir(root + scratch):  # MS_NOSUID | MS_NODEV
             check(libc.mount(b"harden-build", root + scratch, b"tmpfs", 0x2 | 0x4, b"mode=1777"), "tmpfs")
+    # Where users keep what is theirs (keys, tokens, checkouts): empty to the build. MS_RDONLY | MS_NOSUID | MS_NODEV
+    for private in (b"/home", b"/root", b"/run/user", b"/srv", b"/mnt", b"/media"):
+        if os.path.isdir(root + private) and not os.path.islink(root + private):
+            check(libc.mount(b"harden-build", root + private, b"tmpfs", 0x1 | 0x2 | 0x4, b"mode=755"), "tmpfs")
     os.mkdir(root + inside)
+    # The build's tree is bound without device nodes (MS_NODEV): a node copied with a base (its console) opens nothing.
     check(libc.mount(build + b"/WORK", root + inside, None, 0x1000, None), "binding the build's directory")  # MS_BIND
+    check(libc.mount(None, root + inside, None, 0x1000 | 0x20 | 0x4, None), "the build's directory without devices")
     os.chdir(root)
     check(libc.syscall(155, b".", b"."), "pivot_root")
     check(libc.umount2(b".", 2), "detaching the host's tree")  # MNT_DETACH
@@ -102,8 +123,13 @@ if child == 0:
     # anonymous one). ENOSYS: a kernel without keyrings has none to share.
     if libc.syscall(250, 1, None) < 0 and ctypes.get_errno() != 38:
         check(-1, "a session keyring of its own")
-    os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
-                          "--mount-proc", "--", *argv])
+    if scoped:  # handled_access_fs, handled_access_net, scoped: LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | _SIGNAL
+        rules = struct.pack("=QQQ", 0, 0, 0x1 | 0x2)
+        ruleset = check(libc.syscall(444, rules, len(rules), 0), "landlock_create_ruleset")
+        check(libc.syscall(446, ruleset, 0), "landlock_restrict_self")
+        os.close(ruleset)
+    os.execvpe("unshare", ["unshare", "--mount", "--propagation", "private", "--fork", "--kill-child", "--", *argv],
+               env)
 os.close(unshared[1])
 os.close(mapped[0])
 if os.read(unshared[0], 1) == b"y":
@@ -137,10 +163,18 @@ def build_base(name: str) -> int:
     return _FIRST_BASE + (zlib.crc32(name.encode()) % _BASES) * RANGE
 
 
-def sandboxed(command: Sequence[str], build: Path, base: int) -> list[str]:
+# What a build's environment holds: nothing of the caller's (its tokens, its credentials) but a proxy apt needs.
+_PASSED_ON = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
+def sandboxed(command: Sequence[str], build: Path, base: int, env: Mapping[str, str] | None = None) -> list[str]:
     """``command`` run as described above, with the work directory of ``build`` (made by :func:`prepare`) writable
-    at :data:`INSIDE` and its working directory there. Paths in ``command`` must be the build's view of them."""
-    return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), "--", *command]
+    at :data:`INSIDE` and its working directory there, its environment ``env`` and a plain ``PATH`` (plus a proxy the
+    caller has set: apt needs it). Paths in ``command`` must be the build's view of them."""
+    given = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
+             **{name: os.environ[name] for name in _PASSED_ON if name in os.environ}, **(env or {})}
+    return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base),
+            *(f"{name}={value}" for name, value in given.items()), "--", *command]
 
 
 def prepare(build: Path, base: int) -> Path:

@@ -236,7 +236,7 @@ class ImageCache:
         if not _complete(final):
             if key in self._failed:
                 raise self._failed[key]
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _private(final.parent)
             # A lock file of its own, not KEY.lock: a run using the image holds a shared lock on that one for as long
             # as it lives (_hold), and a second builder waiting there for the first would wait until the first's
             # whole run ended (an xdist worker), or forever (another thread of the same run: prepare()).
@@ -249,6 +249,8 @@ class ImageCache:
                     except ImageBuildError as exc:
                         self._failed[key] = exc
                         raise
+        with contextlib.suppress(OSError):  # one built before images were kept private, unless read-only
+            _private(final.parent)
         manifest = json.loads((final / "manifest.json").read_text())
         self._hold(final)
         with contextlib.suppress(OSError):  # a read-only cache (restored in CI) is still usable
@@ -382,8 +384,9 @@ class ImageCache:
         os.chown(tmp, base, base)
         try:
             returncode, tail = _run_contained(
-                build_sandbox.sandboxed(command, staging, base), staging.name,
-                {"TMPDIR": str(inside / "tmp"), "HOME": str(inside / "tmp")}, progress,
+                build_sandbox.sandboxed(command, staging, base, {"TMPDIR": str(inside / "tmp"),
+                                                                 "HOME": str(inside / "tmp")}),
+                staging.name, progress,
                 lambda line: f"  {command[0]}: {line}" if line.startswith(("I:", "E:", "W:")) else None)
         finally:
             made = build_sandbox.finish(staging, rootfs.name)
@@ -740,6 +743,15 @@ _DEVICE_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/
                  "stderr": "/proc/self/fd/2"}
 
 
+def _private(images: Path) -> None:
+    """Make the images directory host root's alone: a built tree holds setuid files and file capabilities as the
+    packages made them (a hostile package's too), and a build must not reach another build's work directory
+    through its read-only view of the host."""
+    images.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if os.stat(images).st_mode & 0o077:
+        os.chmod(images, 0o700)
+
+
 def _no_tree_left(builder: str, rootfs: Path) -> str:
     return (f"{builder} left no directory tree to take as {rootfs}: something in the build removed it or put a link "
             "there (a link is never followed: host root would write where it points)\nhint: a package's maintainer "
@@ -926,19 +938,20 @@ def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
 
 # --- a package set on top of the cached base image (measured against a full build: docs/performance.md) -------
 
-def _run_contained(argv: list[str], name: str, env: dict[str, str], progress: Progress,
+def _run_contained(argv: list[str], name: str, progress: Progress,
                    shown: Callable[[str], str | None]) -> tuple[int, list[str]]:
     """Run a build step (``argv``) in a cgroup of its own named after its staging directory ``name`` (so a later
     run can stop what a killed one left, see staging.clean_leftovers), passing on the output lines ``shown`` maps to
     a progress line; return its exit status and its last 30 lines. Interrupted or not, every process of it is gone
     when this returns: nobody removes a directory it still writes to."""
     step = Contained.start(argv, "build", name, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, env={**os.environ, **env})
+                           stderr=subprocess.STDOUT)
     tail: list[str] = []
     try:
         assert step.process.stdout is not None
         for raw in step.process.stdout:
-            line = raw.decode(errors="replace").rstrip()
+            # The build's output is the packages' text: no control sequence of it reaches the user's terminal.
+            line = "".join(char if char.isprintable() else "?" for char in raw.decode(errors="replace").rstrip())
             tail = [*tail[-29:], line]
             said = shown(line)
             if said is not None:
@@ -964,12 +977,20 @@ _DROPPED_FOR_CHROOT = ("sys_chroot", "sys_admin", "mknod", "dac_read_search", "s
                        "checkpoint_restore")
 
 
+# The host's harmless device nodes, bound over the tree's: the build sees its tree without devices (nodev), so a
+# node it finds there (a base's console) opens nothing.
+_BOUND_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+_CHROOT = ('tree=$1; shift; for node in ' + " ".join(_BOUND_DEVICES) + '; do [ -e "$tree/dev/$node" ] || '
+           ': > "$tree/dev/$node"; mount --bind "/dev/$node" "$tree/dev/$node"; done; '
+           'mount -t proc -o nosuid,nodev,noexec proc "$tree/proc"; exec chroot "$tree" "$@"')
+
+
 def chrooted(tree: Path, command: Sequence[str]) -> list[str]:
     """``command`` run in ``tree`` as described above."""
     # The tree's own setpriv (util-linux is essential in Debian) drops them once inside: chroot(2) itself needs
     # CAP_SYS_CHROOT, and every later exec is bounded.
     return ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
-            f"--mount-proc={tree}/proc", "chroot", str(tree), "setpriv", "--bounding-set",
+            "/bin/sh", "-ec", _CHROOT, "sh", str(tree), "setpriv", "--bounding-set",
             ",".join(f"-{name}" for name in _DROPPED_FOR_CHROOT), "--", *command]
 
 
@@ -1010,8 +1031,9 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
         build_sandbox.hand_over(copy, uid_base)
         returncode, tail = _run_contained(
             build_sandbox.sandboxed(chrooted(Path(build_sandbox.INSIDE) / rootfs.name,
-                                             ["/bin/sh", "-ec", script, "sh", *extra, *inside]), build, uid_base),
-            build.name, {"DEBIAN_FRONTEND": "noninteractive"}, progress,
+                                             ["/bin/sh", "-ec", script, "sh", *extra, *inside]), build, uid_base,
+                                    {"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}),
+            build.name, progress,
             lambda line: f"  apt-get: {line.strip()}" if " newly installed" in line else None)
     finally:
         made = build_sandbox.finish(build, rootfs.name)
