@@ -17,7 +17,6 @@ import ctypes
 import errno
 import fnmatch
 import os
-import shutil
 import stat
 import struct
 from collections.abc import Iterator
@@ -63,9 +62,28 @@ class InTree:
 
     # -- reading ---------------------------------------------------------------------------------------------
 
-    def read_bytes(self, relative: str) -> bytes:
-        with os.fdopen(self.open(relative), "rb") as file:
-            return file.read()
+    def _regular(self, relative: str, limit: int) -> tuple[int, int]:
+        """``relative`` opened for reading, and its size, if it is a regular file of at most ``limit`` bytes: a
+        build can leave a pipe (a read that never ends), a device node (``dev/zero``: one that never ends) or a huge
+        file where host root reads text."""
+        path = self.open(relative, os.O_PATH)
+        try:
+            found = os.fstat(path)
+            where = str(self.root / relative.lstrip("/"))
+            if not stat.S_ISREG(found.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file (a device node, a pipe, a socket or a directory)",
+                              where)
+            if found.st_size > limit:
+                raise OSError(errno.EFBIG, f"larger than the {limit >> 20} MiB read from a tree", where)
+            return os.open(f"/proc/self/fd/{path}", os.O_RDONLY | os.O_CLOEXEC), found.st_size
+        finally:
+            os.close(path)
+
+    def read_bytes(self, relative: str, limit: int = 64 << 20) -> bytes:
+        """The content of the regular file ``relative`` (OSError if it is anything else, or above ``limit``)."""
+        fd, size = self._regular(relative, limit)
+        with os.fdopen(fd, "rb") as file:
+            return file.read(size)
 
     def read_text(self, relative: str) -> str:
         return self.read_bytes(relative).decode(errors="replace")
@@ -110,10 +128,17 @@ class InTree:
         finally:
             os.close(fd)
 
-    def copy_out(self, relative: str, target: Path) -> None:
-        """Copy the file ``relative`` to ``target`` (outside the tree, written as usual)."""
-        with os.fdopen(self.open(relative), "rb") as source, open(target, "wb") as copied:
-            shutil.copyfileobj(source, copied, 1 << 20)
+    def copy_out(self, relative: str, target: Path, limit: int = 1 << 30) -> None:
+        """Copy the regular file ``relative`` (at most ``limit`` bytes: a kernel, an initrd) to ``target``
+        (outside the tree, written as usual)."""
+        fd, size = self._regular(relative, limit)
+        with os.fdopen(fd, "rb") as source, open(target, "wb") as copied:
+            while size > 0:
+                chunk = source.read(min(size, 1 << 20))
+                if not chunk:
+                    break
+                copied.write(chunk)
+                size -= len(chunk)
 
     # -- writing ---------------------------------------------------------------------------------------------
 

@@ -49,6 +49,31 @@ def test_a_link_out_of_the_tree_is_followed_inside_it(tree: Path, host: Path) ->
     assert in_tree.names("var/up") == ["etc", "usr", "var"]  # `..` stops at the tree's top
 
 
+def test_only_a_regular_file_of_bounded_size_is_read(tree: Path, tmp_path: Path) -> None:
+    # What a build can leave where host root reads text: a pipe (a read that never returns), the tree's dev/zero
+    # through a link (one that never ends), a sparse file of many gigabytes.
+    (tree / "dev").mkdir()
+    os.mknod(tree / "dev/zero", 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    (tree / "var/lib/dpkg").mkdir(parents=True)
+    (tree / "var/lib/dpkg/status").symlink_to("/dev/zero")
+    os.mkfifo(tree / "etc/hostname")
+    with open(tree / "etc/huge", "wb") as huge:
+        huge.truncate(8 << 30)
+    (tree / "etc/os-release").write_text("ID=debian\n")
+    in_tree = InTree(tree)
+    for path in ("var/lib/dpkg/status", "etc/hostname", "dev/zero", "etc"):
+        with pytest.raises(OSError, match="not a regular file"):
+            in_tree.read_text(path)
+    with pytest.raises(OSError, match="larger than"):
+        in_tree.read_bytes("etc/huge")
+    with pytest.raises(OSError, match="larger than"):
+        in_tree.copy_out("etc/huge", tmp_path / "copied", limit=1 << 20)
+    assert not (tmp_path / "copied").exists()
+    assert in_tree.read_text("etc/os-release") == "ID=debian\n"
+    in_tree.copy_out("etc/os-release", tmp_path / "copied")
+    assert (tmp_path / "copied").read_text() == "ID=debian\n"
+
+
 def test_a_tree_that_is_a_link_is_refused(tmp_path: Path, host: Path) -> None:
     # A build that left a link where its tree should be: host root must not take the host's directory for the tree.
     (tmp_path / "rootfs").symlink_to(host)
