@@ -576,3 +576,34 @@ def test_a_build_s_output_reaches_the_terminal_without_its_control_sequences() -
         ["printf", "I: \\033]0;owned\\007unpacking\\033[2J\\rdone\\n"], f"harden-test-output-{os.getpid()}",
         shown.append, lambda line: line)
     assert returncode == 0 and tail == ["I: ?]0;owned?unpacking?[2J?done"] and shown == tail
+
+
+def _deep_tree(top: Path, levels: int) -> None:
+    """``top``/d/d/d/... ``levels`` directories deep, made by descriptors (its paths outgrow PATH_MAX)."""
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(levels):
+        os.mkdir("d", dir_fd=fd)
+        below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+    os.close(fd)
+
+
+def test_a_tree_too_deep_to_walk_fails_the_build_in_one_line_and_is_removed(tmp_path: Path) -> None:
+    # A package's script can leave directories nested thousands deep: a walk by path or by recursion (taking the
+    # tree back, removing it) would fail, and a staging directory nobody can remove would stop every later build.
+    from pytest_systemd_harden.errors import ImageBuildError
+    from pytest_systemd_harden.machine.build_sandbox import take_back
+    from pytest_systemd_harden.machine.staging import check_shape, remove_tree
+
+    shallow = tmp_path / "shallow"
+    _deep_tree(shallow, 40)
+    check_shape(shallow)  # as deep as a real tree gets: no error
+    deep = tmp_path / "deep"
+    _deep_tree(deep, 2500)  # 2 bytes a level: 5,000 bytes, past PATH_MAX
+    with pytest.raises(ImageBuildError) as raised:
+        take_back(deep, 0x70000000)
+    assert "deeper than 256 directories" in str(raised.value).splitlines()[0], raised.value
+    remove_tree(deep)
+    assert not deep.exists()

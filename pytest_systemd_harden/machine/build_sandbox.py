@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .backends.userns import RANGE, move_ownership
-from .staging import remove_tree
+from .staging import check_shape, remove_tree
 
 INSIDE = "/tmp/harden-build"  # where the build sees its own directory (the host's path may be unreadable to it)
 VIEW = "view"  # the empty directory in the build's directory where the read-only copy is assembled
@@ -213,5 +213,7 @@ def hand_over(tree: Path, base: int) -> None:
 
 def take_back(tree: Path, base: int) -> None:
     """Give ``tree`` back to 0-65535 from the build's ids: every owner, setuid bit and file capability as the build
-    left them, as a build by host root would have."""
+    left them, as a build by host root would have. ImageBuildError, before anything is changed, for a tree too deep
+    or with paths too long to walk (staging.check_shape)."""
+    check_shape(tree)
     move_ownership(tree, base, 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import errno
 import os
 import stat
 import subprocess
@@ -87,7 +88,18 @@ def remove_tree(path: Path) -> None:
     except FileNotFoundError:
         return  # removed meanwhile by its owner (a machine's own stop)
     crossed: list[str] = []
-    _remove_contents(str(path), top.st_dev, crossed)
+    try:
+        _remove_contents(str(path), top.st_dev, crossed)
+    except (RecursionError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENAMETOOLONG, errno.EMFILE):
+            raise
+        # A tree deeper than Python's recursion or paths longer than PATH_MAX (a build can make one): rm walks by
+        # descriptors, stays on this filesystem and follows no link.
+        removed = subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], capture_output=True, text=True,
+                                 check=False)
+        if removed.returncode != 0:
+            raise ImageBuildError(f"could not remove {path}: {removed.stderr.strip()}") from None
+        return
     if crossed:
         raise ImageBuildError(f"not removing {', '.join(crossed)} under {path}: another filesystem is there "
                               "(something mounted it during the removal); nothing below it was touched")
@@ -150,10 +162,33 @@ def clean_leftovers(folder: Path, progress: Callable[[str], None] = lambda line:
         stop_leftovers(staging.name)
         for point in mounts_under(staging):
             _detach(point)
-        remove_tree(staging)
+        try:
+            remove_tree(staging)
+        except ImageBuildError as exc:  # said, and tried again next time: it must not stop every later build
+            progress(f"could not remove {staging.name}, left by a build that was killed: {exc}")
+            continue
         progress(f"removed {staging.name}, left by a build that was killed")
         removed.append(staging)
     return removed
+
+
+def check_shape(root: Path, *, depth: int = 256, length: int = 3072) -> None:
+    """Raise ImageBuildError if the tree at ``root`` is deeper than ``depth`` directories or holds a path longer than
+    ``length`` bytes: no Debian tree does (its deepest are about 20 and 250), but a package's script can make one
+    that walks by path would fail on (recursion, PATH_MAX). Follows no link; never descends past either bound."""
+    stack = [(str(root), 0)]
+    while stack:
+        directory, level = stack.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if level + 1 > depth or len(os.fsencode(entry.path)) > length:
+                    what = f"deeper than {depth} directories" if level + 1 > depth else f"longer than {length} bytes"
+                    raise ImageBuildError(
+                        f"the build left a path {what} in {root} ({entry.path[:160]}...): no Debian tree has one, so "
+                        "a package's maintainer script made it\nhint: build the image without the packages just "
+                        "added to find which")
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, level + 1))
 
 
 def write_atomically(path: Path, text: str) -> None:
