@@ -30,16 +30,20 @@ _libc = ctypes.CDLL(None, use_errno=True)
 class InTree:
     """Paths (relative, ``/``-separated, an absolute one taken as from the tree's top) under ``root``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, running: bool = False) -> None:
         self.root = root
+        # A running machine's tree is /proc/PID/root, a link by nature (to the root its processes see): followed,
+        # and so are the machine's own mounts under it (its /run), which a built tree has none of.
+        self._top_flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | (0 if running else os.O_NOFOLLOW)
+        self._resolve = _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS | (0 if running else _RESOLVE_NO_XDEV)
 
     def open(self, relative: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
         """A file descriptor of ``relative`` opened as the tree resolves it (see above); OSError as open(2) fails."""
         # The tree's top itself is never a link (ENOTDIR): a build could leave one where its tree should be.
-        top = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        top = os.open(self.root, self._top_flags)
         try:
             how = struct.pack("=QQQ", flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0,  # else EINVAL
-                              _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS | _RESOLVE_NO_XDEV)
+                              self._resolve)
             fd = _libc.syscall(_OPENAT2, top, relative.lstrip("/").encode() or b".", how, len(how))
             if fd < 0:
                 error = ctypes.get_errno()

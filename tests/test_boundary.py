@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_systemd_harden.errors import MachineError
 from pytest_systemd_harden.machine import cgroups
 from pytest_systemd_harden.machine.backends import userns
 from pytest_systemd_harden.machine.cgroups import Caps, OwnedCgroup
@@ -316,3 +317,25 @@ def test_a_build_writes_only_its_work_directory_and_a_link_for_its_tree_is_not_t
     finally:
         tree = build_sandbox.finish(build, "rootfs")
     assert tree is None and sorted(os.listdir(build)) == [] and host.is_dir() and not os.path.lexists(host / "x")
+
+
+def test_the_bus_socket_is_found_as_the_machine_sees_it_never_through_its_links_to_the_host(tmp_path: Path) -> None:
+    # A machine's image can make its bus socket's path a link to a host socket (/run/systemd/private): the plugin,
+    # as host root, must reach the machine's own socket or none.
+    host_socket = socket.socket(socket.AF_UNIX)
+    host_socket.bind(str(tmp_path / "host.sock"))
+    host_socket.listen()
+    root = tmp_path / "root"
+    (root / "run/dbus").mkdir(parents=True)
+    (root / "run/dbus/system_bus_socket").symlink_to(tmp_path / "host.sock")
+    with pytest.raises(MachineError, match="could not connect"):
+        userns.connect_as(root, "run/dbus/system_bus_socket", os.geteuid())
+    (root / "run/dbus/system_bus_socket").unlink()
+    own = socket.socket(socket.AF_UNIX)
+    own.bind(str(root / "run/dbus/system_bus_socket"))
+    own.listen()
+    userns.connect_as(root, "run/dbus/system_bus_socket", os.geteuid()).close()
+    own.settimeout(1)
+    own.accept()[0].close()  # the machine's own socket took the connection
+    host_socket.close()
+    own.close()

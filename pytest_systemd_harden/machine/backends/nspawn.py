@@ -18,6 +18,7 @@ import re
 import resource
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import BackendUnavailable, ImageBuildError, MachineError
+from ...in_tree import InTree
 from ...probes.inside import GUARD_KERNEL
 from .. import bpf_delegation
 from ..bpf_delegation import BpfDelegate
@@ -43,6 +45,8 @@ from ..staging import remove_tree, write_atomically
 from ..systemd import SocketConnector
 from . import userns
 from .base import Machine, Progress, proportional_set_size
+
+_BUS = "run/dbus/system_bus_socket"  # in the machine's tree
 
 __all__ = ["NspawnMachine", "check_available", "host_runs_systemd", "remove_runtime_directory",
            "sweep_runtime_leftovers"]
@@ -133,7 +137,7 @@ class NspawnMachine(Machine):
     idmapped_files: bool = field(default=True, init=False)
     # The image is booted through an idmapped mount of itself (userns.idmapped), not a shifted copy.
     _idmapped: bool = field(default=False, init=False, repr=False)
-    _bus_socket: Path | None = field(default=None, init=False, repr=False)
+    _bus_root: Path | None = field(default=None, init=False, repr=False)
     # The hold generator's file on the host (see _hold_generator_file), bound when a unit is held at boot.
     _hold_generator: Path | None = field(default=None, init=False, repr=False)
     image: Image | None = field(default=None, init=False, repr=False)
@@ -311,10 +315,13 @@ class NspawnMachine(Machine):
         return f"nspawn, user namespace: container root is uid {self.uid_base} on the host ({image}); {bpf}{caps}"
 
     def _bus_connector(self) -> SocketConnector | None:
-        base, path = self.uid_base, self._bus_socket
-        if base is None or path is None:
+        # Never the kernel's resolution of the path as host root: a link the machine made at its bus socket's path
+        # would lead there to a host socket (see userns.connect_as). A privileged machine connects as host root,
+        # which is its root.
+        base, root = self.uid_base, self._bus_root
+        if root is None:
             return None
-        return lambda: userns.connect_as(path, base)
+        return lambda: userns.connect_as(root, _BUS, 0 if base is None else base)
 
     def cap_counters(self) -> dict[str, int]:
         return self._contained.cap_counters() if self._contained is not None else {}
@@ -347,11 +354,11 @@ class NspawnMachine(Machine):
                 try:
                     if os.readlink(f"/proc/{pid}/ns/pid") == own_pidns:
                         continue
-                    socket = Path(f"/proc/{pid}/root/run/dbus/system_bus_socket")
-                    if socket.exists():
+                    root = Path(f"/proc/{pid}/root")
+                    if InTree(root, running=True).kind(_BUS) == stat.S_IFSOCK:  # resolved as the machine does
                         self.leader = pid
-                        self._bus_socket = socket
-                        return f"unix:path={socket}"
+                        self._bus_root = root
+                        return f"unix:path={root / _BUS}"  # for the record: the connector connects (see there)
                 except OSError:
                     continue
             time.sleep(0.02)
@@ -367,7 +374,7 @@ class NspawnMachine(Machine):
         if delegate is not None:  # after the machine: its systemd detaches its programs while it powers off
             delegate.stop()
         self.leader = None
-        self._bus_socket = None
+        self._bus_root = None
 
 
 def _descendants(pid: int) -> list[int]:

@@ -37,6 +37,7 @@ import uuid
 from pathlib import Path
 
 from ...errors import MachineError
+from ...in_tree import InTree
 from ..staging import copy_tree, remove_tree
 
 RANGE = 0x10000  # uids 0-65535 of the container
@@ -230,9 +231,29 @@ def _with_root_uid(caps: bytes, root_uid: int) -> bytes:
     return words.tobytes() + root_uid.to_bytes(4, sys.byteorder)
 
 
-def connect_as(socket_path: Path, uid: int) -> socket.socket:
-    """A unix socket connected to ``socket_path`` by a process running as ``uid`` (so the peer sees that uid)."""
-    path_fd = os.open(socket_path, os.O_PATH | os.O_CLOEXEC)
+def connect_as(root: Path, relative: str, uid: int) -> socket.socket:
+    """A unix socket connected to the socket at ``relative`` in a running machine's tree (``root``: its
+    /proc/PID/root) by a process running as ``uid`` (so the peer sees that uid). The path is resolved as the machine
+    resolves it (in_tree.InTree): a link the machine made there to a host path (``/run/systemd/private``) reaches
+    the machine's own file, never the host's socket."""
+    socket_path = root / relative
+    try:
+        path_fd = InTree(root, running=True).open(relative, os.O_PATH)
+    except OSError as exc:
+        raise MachineError(f"could not connect to {socket_path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(os.fstat(path_fd).st_mode):
+        os.close(path_fd)
+        raise MachineError(f"could not connect to {socket_path}: not a socket")
+    if uid == os.geteuid():  # no helper needed to be who we are
+        bus = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            bus.connect(f"/proc/self/fd/{path_fd}")
+        except OSError as exc:
+            bus.close()
+            raise MachineError(f"could not connect to {socket_path}: {exc.strerror}") from None
+        finally:
+            os.close(path_fd)
+        return bus
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         helper = subprocess.run(
