@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pytest_systemd_harden.machine.backends.guest_agent import GuestAgent
-from pytest_systemd_harden.machine.backends.qemu import Accelerator, QemuMachine, _AcceleratorCache
+from pytest_systemd_harden.machine.backends.qemu import Accelerator, QemuMachine, _AcceleratorCache, qemu_uid
 from pytest_systemd_harden.machine.images import VmImage
 from pytest_systemd_harden.spec.load import load_spec
 from pytest_systemd_harden.spec.machine import MachineConfig
@@ -148,6 +148,12 @@ def test_the_tested_package_unit_is_held_at_boot_in_a_vm_too(harden_pool: Machin
     assert isinstance(machine, QemuMachine) and machine.held_at_boot == ("memcached.service",)
     state = machine.run("systemctl is-active memcached.service; systemctl is-enabled memcached.service")
     assert state.stdout.split()[:2] == ["inactive", "enabled"], state
+    # QEMU emulates the guest's devices as a uid of its own under its seccomp filter, never as host root.
+    uid = qemu_uid(machine.name)
+    assert machine._contained is not None
+    status = Path(f"/proc/{machine._contained.process.pid}/status").read_text()
+    assert "Name:\tqemu-system-x86" in status and f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}" in status, status
+    assert "Seccomp:\t2" in status, status
     service = HardenedService(machine, spec)
     service.start()
     try:
