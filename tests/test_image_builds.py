@@ -339,3 +339,18 @@ def test_a_tree_removed_meanwhile_by_its_owner_is_no_error(tmp_path: Path, monke
     monkeypatch.setattr(staging.os, "lstat", gone_after_check)
     staging.remove_tree(tree)
     assert not tree.exists()
+
+
+def test_a_local_deb_s_name_is_read_from_its_control_file_even_where_only_root_may_read_it(tmp_path: Path) -> None:
+    # dpkg-deb unpacks the spec's own archive to read it: as a uid of no account, the file handed over open, so a
+    # .deb only root may read (0600, in a 0700 directory) is read all the same.
+    from pytest_systemd_harden.machine.images import deb_package_name
+
+    _needs_root_and_builder()
+    folder = tmp_path / "private"
+    folder.mkdir(mode=0o700)
+    deb = build_deb(folder, "5.0")
+    renamed = deb.rename(folder / "misleading_5.0_all.deb")
+    renamed.chmod(0o600)
+    assert deb_package_name(str(renamed)) == "harden-demo"
+    assert deb_package_name(str(folder / "gone_1.0_all.deb")) == "gone"  # no file: the name's first part

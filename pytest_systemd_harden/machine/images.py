@@ -106,9 +106,20 @@ class ImageWanted:
         return f"Debian {self.release}" + (f" + {', '.join(extra)}" if extra else " base")
 
 
+# dpkg-deb unpacks a spec's own .deb (ar, a compressed tar) to read its control file: not as host root, but as a uid
+# of no account (above every build's and VM's, see build_sandbox and backends/qemu), the file given open on stdin.
+_DEB_READER_UID = 0x7FFEFFFF
+
+
 def deb_package_name(path: str) -> str:
     """The package a local .deb file holds (its control file's Package:), or the file name's first part."""
-    found = subprocess.run(["dpkg-deb", "-f", path, "Package"], capture_output=True, text=True, check=False)
+    try:
+        with open(path, "rb") as deb:
+            found = subprocess.run(["setpriv", f"--reuid={_DEB_READER_UID}", f"--regid={_DEB_READER_UID}",
+                                    "--clear-groups", "--no-new-privs", "dpkg-deb", "-f", "-", "Package"],
+                                   stdin=deb, capture_output=True, text=True, check=False)
+    except OSError:
+        return Path(path).name.split("_", 1)[0]
     return found.stdout.strip() or Path(path).name.split("_", 1)[0]
 
 
