@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -294,6 +296,48 @@ def test_a_sandboxed_command_reaches_no_host_process_secret_socket_or_device(tmp
     assert lines[1:3] == ["0", "1"], lines  # no caller's variable; an empty /root over host root's
     assert lines[3] == str(errno.EPERM), lines  # Landlock's scope: no abstract socket outside the build
     assert lines[4] == "refused", lines
+
+
+def _running(mark: str) -> list[int]:
+    """Host pids of processes whose command line holds ``mark``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if mark.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_nothing_of_a_build_outlives_its_wrapper(tmp_path: Path, stop: signal.Signals) -> None:
+    # Stopped (a run's cgroup stopped: SIGTERM) or killed (SIGKILL), the wrapper takes the build with it: a build
+    # left running would go on with the host's network, and builds that should take turns would overlap.
+    from pytest_systemd_harden.machine import build_sandbox
+
+    build = tmp_path / "build"
+    build.mkdir()
+    base = build_sandbox.build_base(build.name)
+    build_sandbox.prepare(build, base)
+    mark = f"{os.getpid()}{int(stop):02d}"  # sleep takes seconds with a fraction: a command line of its own
+    wrapper = subprocess.Popen(build_sandbox.sandboxed(["sh", "-c", f"sleep 300.{mark}; true"], build, base))
+    try:
+        deadline = time.monotonic() + 30
+        while not _running(f"sleep\x00300.{mark}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [pid for pid in _running(f"sleep\x00300.{mark}")], "the build did not start"
+        wrapper.send_signal(stop)
+        wrapper.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while _running(f"300.{mark}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(f"300.{mark}"), "a process of the build outlived its wrapper"
+    finally:
+        for pid in _running(f"300.{mark}"):
+            os.kill(pid, signal.SIGKILL)
+        build_sandbox.finish(build, "tree")
 
 
 def test_a_build_writes_only_its_work_directory_and_a_link_for_its_tree_is_not_taken(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ Needs Linux 5.12 (``mount_setattr``, for the read-only copy).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import sys
@@ -52,6 +53,11 @@ _REFUSED_STATUS = 125
 _FIRST_BASE = 0x70000000
 _BASES = (0x7FFE0000 - _FIRST_BASE) // RANGE
 
+# What a build's environment holds: nothing of the caller's (its tokens, its credentials) but a proxy apt needs.
+_PLAIN = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
+_PASSED_ON = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
 # Runs as host root. The wrapper enters new PID, IPC and UTS namespaces and forks the build's first process (PID 1
 # there), which sets up the read-only view in a mount namespace of its own, mounts the procfs of its PID namespace
 # over the host's there (so the build can never unmount it to see the host's: mounts made before the user namespace
@@ -59,10 +65,9 @@ _BASES = (0x7FFE0000 - _FIRST_BASE) // RANGE
 # alone may write a map to another uid), becomes that root and execs the command in a mount namespace it owns, with
 # the environment it was given and nothing of the caller's.
 _SANDBOX = r"""
-import ctypes, fcntl, os, struct, sys
-build, base = sys.argv[1].encode(), int(sys.argv[2])
-split = sys.argv.index("--")
-env, argv = dict(entry.split("=", 1) for entry in sys.argv[3:split]), sys.argv[split + 1:]
+import ctypes, fcntl, json, os, select, signal, struct, sys
+build, base, argv = sys.argv[1].encode(), int(sys.argv[2]), sys.argv[4:]
+env = json.loads(os.environ.get("HARDEN_BUILD_ENV") or DEFAULT_ENV)  # not argv: any host user reads argv
 inside = b"INSIDE"
 libc = ctypes.CDLL(None, use_errno=True)
 def refuse(what):
@@ -119,6 +124,11 @@ if child == 0:
     os.setgroups([])
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
+    # Changing ids clears the parent-death signal: set it again, then make sure the wrapper did not die meanwhile
+    # (it holds the pipe's other end until the build is over).
+    libc.prctl(1, 9)
+    if select.select([mapped[0]], [], [], 0)[0]:
+        os._exit(1)
     # The session keyring is inherited: the keys of whoever started the run (KEYCTL_JOIN_SESSION_KEYRING, a new
     # anonymous one). ENOSYS: a kernel without keyrings has none to share.
     if libc.syscall(250, 1, None) < 0 and ctypes.get_errno() != 38:
@@ -140,10 +150,14 @@ if os.read(unshared[0], 1) == b"y":
         os.write(mapped[1], b"y")
     except OSError as error:
         refuse(f"the uid map: {error}")
-os.close(mapped[1])
+# Stopped (a run interrupted, its cgroup stopped), the wrapper ends the build first: killing the PID namespace's
+# first process kills every process in it.
+for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(stop, lambda number, frame: os.kill(child, signal.SIGKILL))
 _, status = os.waitpid(child, 0)
+os.close(mapped[1])
 sys.exit(os.waitstatus_to_exitcode(status))
-""".replace("INSIDE", INSIDE).replace("VIEW", VIEW).replace("WORK", WORK).replace("PREFIX", _REFUSED).replace("STATUS", str(_REFUSED_STATUS))
+""".replace("INSIDE", INSIDE).replace("VIEW", VIEW).replace("WORK", WORK).replace("DEFAULT_ENV", repr(json.dumps(_PLAIN))).replace("PREFIX", _REFUSED).replace("STATUS", str(_REFUSED_STATUS))
 
 
 def refusal(returncode: int, output: Sequence[str]) -> str | None:
@@ -163,18 +177,19 @@ def build_base(name: str) -> int:
     return _FIRST_BASE + (zlib.crc32(name.encode()) % _BASES) * RANGE
 
 
-# What a build's environment holds: nothing of the caller's (its tokens, its credentials) but a proxy apt needs.
-_PASSED_ON = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
-
-
-def sandboxed(command: Sequence[str], build: Path, base: int, env: Mapping[str, str] | None = None) -> list[str]:
+def sandboxed(command: Sequence[str], build: Path, base: int) -> list[str]:
     """``command`` run as described above, with the work directory of ``build`` (made by :func:`prepare`) writable
-    at :data:`INSIDE` and its working directory there, its environment ``env`` and a plain ``PATH`` (plus a proxy the
-    caller has set: apt needs it). Paths in ``command`` must be the build's view of them."""
-    given = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
-             **{name: os.environ[name] for name in _PASSED_ON if name in os.environ}, **(env or {})}
-    return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base),
-            *(f"{name}={value}" for name, value in given.items()), "--", *command]
+    at :data:`INSIDE` and its working directory there, and the environment :func:`environment` gives the wrapper
+    (without it: a plain ``PATH`` and nothing else). Paths in ``command`` must be the build's view of them."""
+    return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), "--", *command]
+
+
+def environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment to start :func:`sandboxed`'s wrapper with, so that the build gets ``env``, a plain ``PATH``
+    and a proxy the caller has set (apt needs it), and nothing else of the caller's. (Handed over in the wrapper's
+    environment, which only root may read, not its argv, which any host user may.)"""
+    given = {**_PLAIN, **{name: os.environ[name] for name in _PASSED_ON if name in os.environ}, **env}
+    return {**os.environ, "HARDEN_BUILD_ENV": json.dumps(given)}
 
 
 def prepare(build: Path, base: int) -> Path:

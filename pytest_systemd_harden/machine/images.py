@@ -395,10 +395,9 @@ class ImageCache:
         os.chown(tmp, base, base)
         try:
             returncode, tail = _run_contained(
-                build_sandbox.sandboxed(command, staging, base, {"TMPDIR": str(inside / "tmp"),
-                                                                 "HOME": str(inside / "tmp")}),
-                staging.name, progress,
-                lambda line: f"  {command[0]}: {line}" if line.startswith(("I:", "E:", "W:")) else None)
+                build_sandbox.sandboxed(command, staging, base), staging.name, progress,
+                lambda line: f"  {command[0]}: {line}" if line.startswith(("I:", "E:", "W:")) else None,
+                build_sandbox.environment({"TMPDIR": str(inside / "tmp"), "HOME": str(inside / "tmp")}))
         finally:
             made = build_sandbox.finish(staging, rootfs.name)
         refused = build_sandbox.refusal(returncode, tail)
@@ -949,14 +948,14 @@ def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
 
 # --- a package set on top of the cached base image (measured against a full build: docs/performance.md) -------
 
-def _run_contained(argv: list[str], name: str, progress: Progress,
-                   shown: Callable[[str], str | None]) -> tuple[int, list[str]]:
+def _run_contained(argv: list[str], name: str, progress: Progress, shown: Callable[[str], str | None],
+                   env: dict[str, str] | None = None) -> tuple[int, list[str]]:
     """Run a build step (``argv``) in a cgroup of its own named after its staging directory ``name`` (so a later
     run can stop what a killed one left, see staging.clean_leftovers), passing on the output lines ``shown`` maps to
     a progress line; return its exit status and its last 30 lines. Interrupted or not, every process of it is gone
     when this returns: nobody removes a directory it still writes to."""
     step = Contained.start(argv, "build", name, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT)
+                           stderr=subprocess.STDOUT, env=env)
     tail: list[str] = []
     try:
         assert step.process.stdout is not None
@@ -1042,10 +1041,10 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
         build_sandbox.hand_over(copy, uid_base)
         returncode, tail = _run_contained(
             build_sandbox.sandboxed(chrooted(Path(build_sandbox.INSIDE) / rootfs.name,
-                                             ["/bin/sh", "-ec", script, "sh", *extra, *inside]), build, uid_base,
-                                    {"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}),
+                                             ["/bin/sh", "-ec", script, "sh", *extra, *inside]), build, uid_base),
             build.name, progress,
-            lambda line: f"  apt-get: {line.strip()}" if " newly installed" in line else None)
+            lambda line: f"  apt-get: {line.strip()}" if " newly installed" in line else None,
+            build_sandbox.environment({"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}))
     finally:
         made = build_sandbox.finish(build, rootfs.name)
     if made != rootfs:
