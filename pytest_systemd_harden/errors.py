@@ -17,6 +17,16 @@ from __future__ import annotations
 
 import re
 
+# Colour, cursor and erase sequences (CSI): dropped from text a machine or a build printed.
+_CONTROL_SEQUENCE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def printable(text: str) -> str:
+    """``text`` (printed by a machine, a build or a package: not trusted) as a terminal shows it harmlessly: colour
+    and cursor sequences dropped, every other control character (the ESC and BEL of a sequence that sets a title or
+    the clipboard) a ``?``; newlines and tabs kept."""
+    return "".join(char if char.isprintable() or char in "\n\t" else "?" for char in _CONTROL_SEQUENCE.sub("", text))
+
 
 class HardenError(Exception):
     """Base class of every error this plugin raises on purpose."""

@@ -138,7 +138,7 @@ def test_each_build_gets_its_own_uid_range_outside_every_machines() -> None:
 
     bases = {build_sandbox.build_base(f"abc.building-{n:012x}") for n in range(1000)}
     assert len(bases) > 800
-    assert all(b % userns.RANGE == 0 and 0x70000000 <= b and b + userns.RANGE <= 0x7FFE0000 for b in bases)
+    assert all(b % userns.RANGE == 0 and 0x70000000 <= b and b + userns.RANGE <= 0x7FFD0000 for b in bases)
 
 
 def test_each_image_gets_its_own_uid_range_in_nspawns_container_range() -> None:
@@ -284,7 +284,9 @@ def test_a_sandboxed_command_reaches_no_host_process_secret_socket_or_device(tmp
     script = ("umount /proc 2>/dev/null; umount -l /proc 2>/dev/null; ls /proc | grep -c '^[0-9]'; "
               "env | grep -c HARDEN_TEST_TOKEN; grep -c ' /root .* - tmpfs harden-build ' /proc/self/mountinfo; "
               f"/usr/bin/python3 -I -c \"{_CONNECT}\" {name}; "
-              "(exec 3<>full) 2>/dev/null && echo opened || echo refused; true")
+              "(exec 3<>full) 2>/dev/null && echo opened || echo refused; "
+              f"test -e {Path(__file__).resolve()} && echo seen || echo hidden; "
+              "test -e /usr/bin/env && echo seen || echo hidden; true")
     try:
         ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base), capture_output=True,
                              text=True, check=False, timeout=60, env={**os.environ, "HARDEN_TEST_TOKEN": "s3cret"})
@@ -296,6 +298,7 @@ def test_a_sandboxed_command_reaches_no_host_process_secret_socket_or_device(tmp
     assert lines[1:3] == ["0", "1"], lines  # no caller's variable; an empty /root over host root's
     assert lines[3] == str(errno.EPERM), lines  # Landlock's scope: no abstract socket outside the build
     assert lines[4] == "refused", lines
+    assert lines[5:7] == ["hidden", "seen"], lines  # this checkout is not the build's to read; the system is
 
 
 def _running(mark: str) -> list[int]:
@@ -338,6 +341,29 @@ def test_nothing_of_a_build_outlives_its_wrapper(tmp_path: Path, stop: signal.Si
         for pid in _running(f"300.{mark}"):
             os.kill(pid, signal.SIGKILL)
         build_sandbox.finish(build, "tree")
+
+
+def test_a_host_path_given_to_the_build_is_seen_and_its_neighbours_are_not(tmp_path: Path) -> None:
+    # A file:// mirror outside the system's directories: the build reads it, not what lies beside it.
+    from pytest_systemd_harden.machine import build_sandbox
+
+    mirror = Path(f"/var/lib/harden-test-mirror-{os.getpid()}")
+    mirror.mkdir()
+    (mirror / "Release").write_text("Suite: trixie\n")
+    build = tmp_path / "build"
+    build.mkdir()
+    base = build_sandbox.build_base(build.name)
+    build_sandbox.prepare(build, base)
+    script = (f"cat {mirror}/Release; test -e /var/log && ls -A /var/log | wc -l; "
+              f"test -e {Path(__file__).resolve()} && echo seen || echo hidden")
+    try:
+        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base, [f"{mirror}/"]),
+                             capture_output=True, text=True, check=False, timeout=60)
+    finally:
+        build_sandbox.finish(build, "tree")
+        (mirror / "Release").unlink()
+        mirror.rmdir()
+    assert (ran.stdout + ran.stderr).splitlines() == ["Suite: trixie", "0", "hidden"], ran
 
 
 def test_a_build_writes_only_its_work_directory_and_a_link_for_its_tree_is_not_taken(tmp_path: Path) -> None:

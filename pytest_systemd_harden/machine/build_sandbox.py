@@ -7,13 +7,14 @@ for the host's disk, load a kernel module, talk to host root's services over abs
 build step that runs them (:func:`sandboxed`) runs
 
 - in a user namespace whose root is host uid ``base`` (:func:`build_base`: a range of 65,536 ids in
-  0x70000000-0x7FFDFFFF, which systemd leaves unallocated (its docs/UIDS-GIDS.md) and machines never get): no
+  0x70000000-0x7FFCFFFF, which systemd leaves unallocated (its docs/UIDS-GIDS.md) and machines never get): no
   capability over the host's files, processes or kernel. The tree is handed over owned by that range
   (:func:`hand_over`) and taken back to 0-65535 with its setuid bits and file capabilities (:func:`take_back`)
   before anything else reads it;
 - in a mount namespace whose root is a recursive read-only copy of the host's: the build's own directory (seen at
   :data:`INSIDE`, without device nodes) and fresh tmpfs on /tmp, /var/tmp and /dev/shm are all it can write, even
-  after a second chroot, and users' directories (/home, /root, ...) are empty; mounts it makes are its own (the
+  after a second chroot, and only the system's directories (/usr, /etc, /var/tmp, ...) are not empty; mounts it
+  makes are its own (the
   copy's mounts are locked by the kernel: it can neither remount them writable nor unmount one to see under it);
 - in a PID namespace of its own, whose procfs host root mounts over the host's: it sees only the build's processes,
   and when the build's first process ends, the kernel ends every other; in IPC and UTS namespaces of its own (no
@@ -51,12 +52,20 @@ WORK = "work"  # the directory in the build's directory that the build writes, s
 _REFUSED = "pytest-systemd-harden: the kernel refused the image build's sandbox: "
 _REFUSED_STATUS = 125
 _FIRST_BASE = 0x70000000
-_BASES = (0x7FFE0000 - _FIRST_BASE) // RANGE
+# The last range below systemd's foreign uids (0x7FFE0000-0x7FFEFFFF, systemd 257) is for the host's helpers that
+# drop root without a sandbox of their own: QEMU (backends/qemu.py) and the .deb reader (images.py).
+HELPER_UIDS = 0x7FFD0000
+_BASES = (HELPER_UIDS - _FIRST_BASE) // RANGE
 
 # What a build's environment holds: nothing of the caller's (its tokens, its credentials) but a proxy apt needs.
 _PLAIN = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
 _PASSED_ON = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 
+
+# What of the host's tree a build sees (read-only): the system's programs, libraries and configuration, its devices
+# and /run (the resolver's files), with the Nix and Guix stores where the system lives there.
+_SYSTEM = {b"usr", b"etc", b"bin", b"sbin", b"lib", b"lib32", b"lib64", b"libx32", b"dev", b"proc", b"sys", b"tmp",
+           b"var", b"run", b"nix", b"gnu"}
 
 # Runs as host root. The wrapper enters new PID, IPC and UTS namespaces and forks the build's first process (PID 1
 # there), which sets up the read-only view in a mount namespace of its own, mounts the procfs of its PID namespace
@@ -66,7 +75,8 @@ _PASSED_ON = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROX
 # the environment it was given and nothing of the caller's.
 _SANDBOX = r"""
 import ctypes, fcntl, json, os, select, signal, struct, sys
-build, base, argv = sys.argv[1].encode(), int(sys.argv[2]), sys.argv[4:]
+build, base, argv = sys.argv[1].encode(), int(sys.argv[2]), sys.argv[5:]
+visible = [os.fsencode(path.rstrip("/")) for path in json.loads(sys.argv[3])]
 env = json.loads(os.environ.get("HARDEN_BUILD_ENV") or DEFAULT_ENV)  # not argv: any host user reads argv
 inside = b"INSIDE"
 libc = ctypes.CDLL(None, use_errno=True)
@@ -105,10 +115,15 @@ if child == 0:
     for scratch in (b"/tmp", b"/var/tmp", b"/dev/shm"):
         if os.path.isdir(root + scratch):  # MS_NOSUID | MS_NODEV
             check(libc.mount(b"harden-build", root + scratch, b"tmpfs", 0x2 | 0x4, b"mode=1777"), "tmpfs")
-    # Where users keep what is theirs (keys, tokens, checkouts): empty to the build. MS_RDONLY | MS_NOSUID | MS_NODEV
-    for private in (b"/home", b"/root", b"/run/user", b"/srv", b"/mnt", b"/media"):
-        if os.path.isdir(root + private) and not os.path.islink(root + private):
-            check(libc.mount(b"harden-build", root + private, b"tmpfs", 0x1 | 0x2 | 0x4, b"mode=755"), "tmpfs")
+    # The build sees the system, not what the host keeps (users' keys and tokens, checkouts, CI workspaces, service
+    # data, logs): every other directory at the top, and in /var, is empty to it, unless it holds a path the build
+    # is given (a file:// mirror). MS_RDONLY | MS_NOSUID | MS_NODEV
+    private = [b"/" + name for name in os.listdir(root) if name not in SYSTEM]
+    private += [b"/var/" + name for name in os.listdir(root + b"/var") if name != b"tmp"]
+    for path in (*private, b"/run/user", b"/run/secrets"):
+        if os.path.isdir(root + path) and not os.path.islink(root + path) and \
+                not any(wanted == path or wanted.startswith(path + b"/") for wanted in visible):
+            check(libc.mount(b"harden-build", root + path, b"tmpfs", 0x1 | 0x2 | 0x4, b"mode=755"), "tmpfs")
     os.mkdir(root + inside)
     # The build's tree is bound without device nodes (MS_NODEV): a node copied with a base (its console) opens nothing.
     check(libc.mount(build + b"/WORK", root + inside, None, 0x1000, None), "binding the build's directory")  # MS_BIND
@@ -157,7 +172,7 @@ for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
 _, status = os.waitpid(child, 0)
 os.close(mapped[1])
 sys.exit(os.waitstatus_to_exitcode(status))
-""".replace("INSIDE", INSIDE).replace("VIEW", VIEW).replace("WORK", WORK).replace("DEFAULT_ENV", repr(json.dumps(_PLAIN))).replace("PREFIX", _REFUSED).replace("STATUS", str(_REFUSED_STATUS))
+""".replace("INSIDE", INSIDE).replace("VIEW", VIEW).replace("WORK", WORK).replace("DEFAULT_ENV", repr(json.dumps(_PLAIN))).replace("SYSTEM", repr(_SYSTEM)).replace("PREFIX", _REFUSED).replace("STATUS", str(_REFUSED_STATUS))
 
 
 def refusal(returncode: int, output: Sequence[str]) -> str | None:
@@ -177,11 +192,12 @@ def build_base(name: str) -> int:
     return _FIRST_BASE + (zlib.crc32(name.encode()) % _BASES) * RANGE
 
 
-def sandboxed(command: Sequence[str], build: Path, base: int) -> list[str]:
+def sandboxed(command: Sequence[str], build: Path, base: int, visible: Sequence[str] = ()) -> list[str]:
     """``command`` run as described above, with the work directory of ``build`` (made by :func:`prepare`) writable
-    at :data:`INSIDE` and its working directory there, and the environment :func:`environment` gives the wrapper
-    (without it: a plain ``PATH`` and nothing else). Paths in ``command`` must be the build's view of them."""
-    return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), "--", *command]
+    at :data:`INSIDE` and its working directory there, the host paths ``visible`` seen (read-only) where the view
+    would hide them, and the environment :func:`environment` gives the wrapper (without it: a plain ``PATH`` and
+    nothing else). Paths in ``command`` must be the build's view of them."""
+    return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), json.dumps(list(visible)), "--", *command]
 
 
 def environment(env: Mapping[str, str]) -> dict[str, str]:

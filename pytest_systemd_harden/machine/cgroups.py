@@ -19,10 +19,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from ..errors import printable
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 OUR_SUBTREE = "pytest-systemd-harden"
@@ -329,6 +331,21 @@ _JOIN_CGROUPS_AND_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 1; shi
 
 def host_runs_systemd() -> bool:
     return Path("/run/systemd/system").is_dir() and Path("/proc/1/comm").read_text().strip() == "systemd"
+
+
+def output_lines(stream: IO[bytes], longest: int = 4096) -> Iterator[str]:
+    """The lines of a process's output (a machine's console, a build's log: not trusted), each made printable
+    (errors.printable) and cut at ``longest`` bytes: the rest of a longer line is read and dropped, never held."""
+    while True:
+        raw = stream.readline(longest)
+        if not raw:
+            return
+        if len(raw) == longest and not raw.endswith(b"\n"):
+            rest = raw
+            while rest and not rest.endswith(b"\n"):
+                rest = stream.readline(1 << 16)
+            raw += b" [...]"
+        yield printable(raw.decode(errors="replace").rstrip())
 
 
 @dataclass

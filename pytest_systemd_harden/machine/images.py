@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import BackendUnavailable, ImageBuildError, MachineError
+from ..errors import BackendUnavailable, ImageBuildError, MachineError, printable
 from ..in_tree import InTree
 from ..spec.machine import MachineConfig
 from ..spec.releases import DEFAULT_RELEASE, RELEASES
 from ..spec.unit_file import template_of
 from . import build_sandbox
 from .backends.userns import move_ownership
-from .cgroups import Contained
+from .cgroups import Contained, output_lines
 from .staging import clean_leftovers, copy_tree, remove_tree, staging_dir, write_atomically
 
 # Bump when the recipe below changes, so old caches are not reused for a different image.
@@ -107,8 +107,8 @@ class ImageWanted:
 
 
 # dpkg-deb unpacks a spec's own .deb (ar, a compressed tar) to read its control file: not as host root, but as a uid
-# of no account (above every build's and VM's, see build_sandbox and backends/qemu), the file given open on stdin.
-_DEB_READER_UID = 0x7FFEFFFF
+# of no account (the last of build_sandbox.HELPER_UIDS; QEMU's are below it), the file given open on stdin.
+_DEB_READER_UID = build_sandbox.HELPER_UIDS + 0xFFFF
 
 
 def deb_package_name(path: str) -> str:
@@ -117,7 +117,8 @@ def deb_package_name(path: str) -> str:
         with open(path, "rb") as deb:
             found = subprocess.run(["setpriv", f"--reuid={_DEB_READER_UID}", f"--regid={_DEB_READER_UID}",
                                     "--clear-groups", "--no-new-privs", "dpkg-deb", "-f", "-", "Package"],
-                                   stdin=deb, capture_output=True, text=True, check=False)
+                                   stdin=deb, capture_output=True, text=True, check=False,
+                                   env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"})
     except OSError:
         return Path(path).name.split("_", 1)[0]
     return found.stdout.strip() or Path(path).name.split("_", 1)[0]
@@ -389,13 +390,17 @@ class ImageCache:
             command.insert(1, f"--architectures={','.join([_native_architecture(), *foreign])}")
         if debs:  # dpkg in the chroot must see the .deb files at the same paths
             command.insert(1, "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount")
+        # A file:// mirror is the one host directory outside the system's the build reads (build_sandbox hides the
+        # others).
+        mirrors = [word.removeprefix("file://") for source in self.sources(release) for word in source.split()
+                   if word.startswith("file://")]
         # The builder's temporary files (mmdebstrap's gpg home, apt config, dpkg's ~/.dpkg.cfg) stay in the build.
         tmp = work / "tmp"
         tmp.mkdir()
         os.chown(tmp, base, base)
         try:
             returncode, tail = _run_contained(
-                build_sandbox.sandboxed(command, staging, base), staging.name, progress,
+                build_sandbox.sandboxed(command, staging, base, mirrors), staging.name, progress,
                 lambda line: f"  {command[0]}: {line}" if line.startswith(("I:", "E:", "W:")) else None,
                 build_sandbox.environment({"TMPDIR": str(inside / "tmp"), "HOME": str(inside / "tmp")}))
         finally:
@@ -934,7 +939,7 @@ def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
                                str(staging / "disk.ext4"), f"{size_mib}M"], check=False, capture_output=True,
                               text=True)
         if made.returncode != 0:
-            raise ImageBuildError(f"mkfs.ext4 failed making {staging / 'disk.ext4'}:\n{made.stderr.strip()}\n"
+            raise ImageBuildError(f"mkfs.ext4 failed making {staging / 'disk.ext4'}:\n{printable(made.stderr.strip())}\n"
                                   "hint: mkfs.ext4 -d needs e2fsprogs 1.43 or later (apt-get install e2fsprogs)")
         tree.copy_out(f"boot/{kernels[-1]}", staging / "vmlinuz")
         tree.copy_out(f"boot/initrd.img-{release}", staging / "initrd.img")
@@ -959,9 +964,7 @@ def _run_contained(argv: list[str], name: str, progress: Progress, shown: Callab
     tail: list[str] = []
     try:
         assert step.process.stdout is not None
-        for raw in step.process.stdout:
-            # The build's output is the packages' text: no control sequence of it reaches the user's terminal.
-            line = "".join(char if char.isprintable() else "?" for char in raw.decode(errors="replace").rstrip())
+        for line in output_lines(step.process.stdout):  # the packages' text: printable, of bounded length
             tail = [*tail[-29:], line]
             said = shown(line)
             if said is not None:

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import ImageBuildError
+from ..errors import ImageBuildError, printable
 from .cgroups import process_start_time, stop_leftovers
 
 _MARK = ".building-"
@@ -184,7 +184,7 @@ def check_shape(root: Path, *, depth: int = 256, length: int = 3072) -> None:
                 if level + 1 > depth or len(os.fsencode(entry.path)) > length:
                     what = f"deeper than {depth} directories" if level + 1 > depth else f"longer than {length} bytes"
                     raise ImageBuildError(
-                        f"the build left a path {what} in {root} ({entry.path[:160]}...): no Debian tree has one, so "
+                        f"the build left a path {what} in {root} ({printable(entry.path[:160])}...): no Debian tree has one, so "
                         "a package's maintainer script made it\nhint: build the image without the packages just "
                         "added to find which")
                 if entry.is_dir(follow_symlinks=False):

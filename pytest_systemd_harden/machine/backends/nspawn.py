@@ -30,7 +30,7 @@ from ...in_tree import InTree
 from ...probes.inside import GUARD_KERNEL
 from .. import bpf_delegation
 from ..bpf_delegation import BpfDelegate
-from ..cgroups import Contained, host_runs_systemd
+from ..cgroups import Contained, host_runs_systemd, output_lines
 from ..images import (
     HOLD_ARGUMENT,
     HOLD_GENERATOR,
@@ -294,8 +294,8 @@ class NspawnMachine(Machine):
 
     def _collect_console(self) -> None:
         assert self._contained is not None and self._contained.process.stdout is not None
-        for raw in self._contained.process.stdout:
-            self._console.append(raw.decode(errors="replace").rstrip())
+        for line in output_lines(self._contained.process.stdout):  # the image's text: printable, bounded
+            self._console.append(line)
 
     def boot_log(self) -> str:
         return "\n".join(self._console)

@@ -29,8 +29,9 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...errors import BackendUnavailable, ImageBuildError, MachineError
-from ..cgroups import Contained
+from ...errors import BackendUnavailable, ImageBuildError, MachineError, printable
+from ..build_sandbox import HELPER_UIDS
+from ..cgroups import Contained, output_lines
 from ..images import (
     BUS_PORT,
     FILES_LABEL,
@@ -50,10 +51,10 @@ from .guest_agent import GuestAgent
 QEMU = "qemu-system-x86_64"
 # QEMU emulates devices for a guest that runs the image's code: a flaw in that emulation must not be host root's.
 # Once set up (its disk, kernel, sockets and /dev/kvm open), it becomes a uid of its own per VM (above the build
-# sandbox's ranges, 0x7FFE0001-0x7FFEFFFF: no file or process of the host is that uid's) under QEMU's seccomp
+# sandbox's ranges, in build_sandbox.HELPER_UIDS: no file or process of the host is that uid's) under QEMU's seccomp
 # filter (no spawning, no obsolete or resource-control calls).
 QEMU_SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
-_FIRST_QEMU_UID = 0x7FFE0001
+_FIRST_QEMU_UID = HELPER_UIDS + 1
 MEMORY_MIB = 512
 # TCG's translated-code cache defaults to 1 GiB, more than the guest's memory: 128 MiB costs no speed here.
 TCG_CACHE_MIB = 128
@@ -66,9 +67,15 @@ TCG_SLOWDOWN = 3.0
 # The kernel prints without pause until it starts init (about 3 s under TCG); this long a silence is a hang.
 EARLY_BOOT_STALL_SECONDS = 20.0
 
+def _qemu_environment(runtime: Path) -> dict[str, str]:
+    """QEMU's environment: where its overlay goes, and nothing of the caller's (its tokens) for a QEMU the guest
+    may have taken over to read in its own memory."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(runtime), "LC_ALL": "C.UTF-8"}
+
+
 def qemu_uid(name: str) -> int:
     """The host uid QEMU runs as for the VM ``name``: one of its own, so no two VMs' QEMUs can trace each other."""
-    return _FIRST_QEMU_UID + zlib.crc32(name.encode()) % 0xFFFE
+    return _FIRST_QEMU_UID + zlib.crc32(name.encode()) % 0xFFFE  # up to HELPER_UIDS + 0xFFFE
 
 
 def host_tsc_khz() -> int | None:
@@ -315,7 +322,7 @@ class QemuMachine(Machine):
         self._stderr.clear()
         self._contained = Contained.start(self.command_line(image, self._runtime, accelerator, files_disk), "qemu",
                                           self.name, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(self._runtime)})
+                                          stderr=subprocess.PIPE, env=_qemu_environment(self._runtime))
         threading.Thread(target=self._collect_stderr, args=(self._contained,), name=f"qemu {self.name}",
                          daemon=True).start()
         deadline = time.monotonic() + 10
@@ -328,8 +335,8 @@ class QemuMachine(Machine):
 
     def _collect_stderr(self, contained: Contained) -> None:
         assert contained.process.stderr is not None
-        for raw in contained.process.stderr:
-            self._stderr.append(raw.decode(errors="replace").rstrip())
+        for line in output_lines(contained.process.stderr):
+            self._stderr.append(line)
 
     def _files_disk(self, runtime: Path) -> Path:
         """A read-only ext4 disk holding the machine section's files, with binds.json saying where each goes."""
@@ -358,8 +365,10 @@ class QemuMachine(Machine):
     def _console_text(self) -> str:
         if self._runtime is None:
             return ""
-        try:
-            return (self._runtime / "console.log").read_text(errors="replace")
+        try:  # the guest's text: its last 64 KiB, printable (the file grows with whatever the guest prints)
+            with open(self._runtime / "console.log", "rb") as console:
+                console.seek(max(0, os.fstat(console.fileno()).st_size - (64 << 10)))
+                return printable(console.read().decode(errors="replace"))
         except OSError:
             return ""
 
