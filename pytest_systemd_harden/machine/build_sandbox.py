@@ -14,10 +14,11 @@ build step that runs them (:func:`sandboxed`) runs
 - in a mount namespace whose root is a recursive read-only copy of the host's: the build's own directory (seen at
   :data:`INSIDE`, without device nodes) and fresh tmpfs on /tmp, /var/tmp and /dev/shm are all it can write, even
   after a second chroot, and only the system's directories (/usr, /etc, /var/tmp, ...) are not empty; mounts it
-  makes are its own (the
-  copy's mounts are locked by the kernel: it can neither remount them writable nor unmount one to see under it);
+  makes are its own (the copy's mounts are locked by the kernel: it can neither remount them writable nor unmount
+  one to see under it);
 - in a PID namespace of its own, whose procfs host root mounts over the host's: it sees only the build's processes,
-  and when the build's first process ends, the kernel ends every other; in IPC and UTS namespaces of its own (no
+  and when the build's first process ends, the kernel ends every other (and the wrapper ends it when stopped or
+  killed itself); in IPC and UTS namespaces of its own (no
   System V shared memory or hostname shared with the host), with a session keyring of its own (not the keys of the
   host user who started it) and an environment of its own (not the caller's tokens);
 - scoped by Landlock (Linux 6.12): no abstract socket or signal outside itself, so two builds at once cannot pass
@@ -60,7 +61,6 @@ _BASES = (HELPER_UIDS - _FIRST_BASE) // RANGE
 # What a build's environment holds: nothing of the caller's (its tokens, its credentials) but a proxy apt needs.
 _PLAIN = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
 _PASSED_ON = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
-
 
 # What of the host's tree a build sees (read-only): the system's programs, libraries and configuration, its devices
 # and /run (the resolver's files), with the Nix and Guix stores where the system lives there.
