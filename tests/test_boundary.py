@@ -262,9 +262,13 @@ def test_a_sandboxed_command_is_root_of_its_own_namespaces_in_a_read_only_host(t
 # Connects to the abstract socket named by its argument: "connected", or the error.
 _CONNECT = ("import socket, sys; peer = socket.socket(socket.AF_UNIX); "
             "print(peer.connect_ex(b'\\0' + sys.argv[1].encode()) or 'connected')")
+# Connects over TCP to 127.0.0.1 at each port given: the error number of each, or "connected".
+_CONNECT_TCP = ("import socket, sys; [print(socket.socket().connect_ex(('127.0.0.1', int(port))) or 'connected') "
+                "for port in sys.argv[1:]]")
 
 
-def test_a_sandboxed_command_reaches_no_host_process_secret_socket_or_device(tmp_path: Path) -> None:
+def test_a_sandboxed_command_reaches_no_host_process_secret_socket_or_device(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # What a script that left its chroot would try next: the host's procfs under the build's (unmounted), the
     # caller's environment, a user's files, a host service's abstract socket (another build's too: a descriptor
     # passed between two builds would let one change the other's tree while host root finishes it), a device node
@@ -281,17 +285,30 @@ def test_a_sandboxed_command_reaches_no_host_process_secret_socket_or_device(tmp
     name = f"harden-test-{os.getpid()}"
     listening.bind(b"\0" + name.encode())
     listening.listen()
+    service = socket.socket()  # a host service on a port of its own (a database, an admin API)
+    service.bind(("127.0.0.1", 0))
+    service.listen()
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
     script = ("umount /proc 2>/dev/null; umount -l /proc 2>/dev/null; ls /proc | grep -c '^[0-9]'; "
               "env | grep -c HARDEN_TEST_TOKEN; grep -c ' /root .* - tmpfs harden-build ' /proc/self/mountinfo; "
               f"/usr/bin/python3 -I -c \"{_CONNECT}\" {name}; "
               "(exec 3<>full) 2>/dev/null && echo opened || echo refused; "
               f"test -e {Path(__file__).resolve()} && echo seen || echo hidden; "
-              "test -e /usr/bin/env && echo seen || echo hidden; true")
+              "test -e /usr/bin/env && echo seen || echo hidden; "
+              f"/usr/bin/python3 -I -c \"{_CONNECT_TCP}\" {service.getsockname()[1]} {free.getsockname()[1]}; "
+              "true")
+    # The mirror's port is one the build may reach (nothing listens on ``free``: refused, not denied).
+    mirror = f"http://127.0.0.1:{free.getsockname()[1]}/debian"
     try:
-        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base), capture_output=True,
-                             text=True, check=False, timeout=60, env={**os.environ, "HARDEN_TEST_TOKEN": "s3cret"})
+        monkeypatch.setenv("HARDEN_MIRROR", mirror)
+        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base),
+                             capture_output=True, text=True, check=False, timeout=60,
+                             env={**os.environ, "HARDEN_TEST_TOKEN": "s3cret"})
     finally:
         listening.close()
+        service.close()
+        free.close()
         build_sandbox.finish(build, "tree")
     lines = (ran.stdout + ran.stderr).splitlines()
     assert int(lines[0]) < 6, lines  # still the build's own procfs: the host's is not under it to be seen
@@ -299,6 +316,7 @@ def test_a_sandboxed_command_reaches_no_host_process_secret_socket_or_device(tmp
     assert lines[3] == str(errno.EPERM), lines  # Landlock's scope: no abstract socket outside the build
     assert lines[4] == "refused", lines
     assert lines[5:7] == ["hidden", "seen"], lines  # this checkout is not the build's to read; the system is
+    assert lines[7:9] == [str(errno.EACCES), str(errno.ECONNREFUSED)], lines  # Landlock: only the mirror's port
 
 
 def _running(mark: str) -> list[int]:

@@ -22,13 +22,15 @@ build step that runs them (:func:`sandboxed`) runs
   System V shared memory or hostname shared with the host), with a session keyring of its own (not the keys of the
   host user who started it) and an environment of its own (not the caller's tokens);
 - scoped by Landlock (Linux 6.12): no abstract socket or signal outside itself, so two builds at once cannot pass
-  each other a descriptor into their trees; on older kernels builds take turns instead;
+  each other a descriptor into their trees (on older kernels builds take turns instead), and TCP connections to the
+  HTTP(S), mirror and proxy ports only;
 - writing only a work directory (:func:`prepare`) in the build directory, never the build directory itself: what
   host root later writes there (a manifest, a lock) or renames into the cache is out of the build's reach, and the
   tree it made is taken out of the work directory only if it is a directory (:func:`finish`), never a link.
 
 It keeps the host's network: apt downloads the packages. (As any unprivileged host user, it can connect to the
-host's TCP services and named sockets it can reach; what answers sees a uid of no account.)
+host's TCP services on the ports it may reach and to named sockets it can see; what answers sees a uid of no
+account.)
 
 Needs Linux 5.12 (``mount_setattr``, for the read-only copy).
 """
@@ -40,6 +42,7 @@ import json
 import os
 import stat
 import sys
+import urllib.parse
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -76,7 +79,8 @@ _SYSTEM = {b"usr", b"etc", b"bin", b"sbin", b"lib", b"lib32", b"lib64", b"libx32
 _SANDBOX = r"""
 import ctypes, fcntl, json, os, select, signal, struct, sys
 build, base, argv = sys.argv[1].encode(), int(sys.argv[2]), sys.argv[5:]
-visible = [os.fsencode(path.rstrip("/")) for path in json.loads(sys.argv[3])]
+given = json.loads(sys.argv[3])
+visible, ports = [os.fsencode(path.rstrip("/")) for path in given["visible"]], given["ports"]
 env = json.loads(os.environ.get("HARDEN_BUILD_ENV") or DEFAULT_ENV)  # not argv: any host user reads argv
 inside = b"INSIDE"
 libc = ctypes.CDLL(None, use_errno=True)
@@ -148,9 +152,14 @@ if child == 0:
     # anonymous one). ENOSYS: a kernel without keyrings has none to share.
     if libc.syscall(250, 1, None) < 0 and ctypes.get_errno() != 38:
         check(-1, "a session keyring of its own")
-    if scoped:  # handled_access_fs, handled_access_net, scoped: LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | _SIGNAL
-        rules = struct.pack("=QQQ", 0, 0, 0x1 | 0x2)
+    if scoped:
+        # handled_access_fs, handled_access_net (LANDLOCK_ACCESS_NET_CONNECT_TCP), scoped (ABSTRACT_UNIX_SOCKET |
+        # SIGNAL); then a rule per TCP port it may connect to (LANDLOCK_RULE_NET_PORT): the mirrors' and a proxy's.
+        rules = struct.pack("=QQQ", 0, 0x2, 0x1 | 0x2)
         ruleset = check(libc.syscall(444, rules, len(rules), 0), "landlock_create_ruleset")
+        for port in ports:
+            rule = struct.pack("=QQ", 0x2, port)
+            check(libc.syscall(445, ruleset, 2, rule, 0), "landlock_add_rule")
         check(libc.syscall(446, ruleset, 0), "landlock_restrict_self")
         os.close(ruleset)
     os.execvpe("unshare", ["unshare", "--mount", "--propagation", "private", "--fork", "--kill-child", "--", *argv],
@@ -195,9 +204,24 @@ def build_base(name: str) -> int:
 def sandboxed(command: Sequence[str], build: Path, base: int, visible: Sequence[str] = ()) -> list[str]:
     """``command`` run as described above, with the work directory of ``build`` (made by :func:`prepare`) writable
     at :data:`INSIDE` and its working directory there, the host paths ``visible`` seen (read-only) where the view
-    would hide them, and the environment :func:`environment` gives the wrapper (without it: a plain ``PATH`` and
-    nothing else). Paths in ``command`` must be the build's view of them."""
-    return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), json.dumps(list(visible)), "--", *command]
+    would hide them, TCP connections to the ports :func:`reachable_ports` names only, and the environment
+    :func:`environment` gives the wrapper (without it: a plain ``PATH`` and nothing else). Paths in ``command``
+    must be the build's view of them."""
+    given = {"visible": list(visible), "ports": sorted(reachable_ports())}
+    return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), json.dumps(given), "--", *command]
+
+
+def reachable_ports() -> set[int]:
+    """The TCP ports a build may connect to (where Landlock scopes it): HTTP and HTTPS, and the ports of the
+    mirrors (HARDEN_MIRROR, HARDEN_SECURITY_MIRROR) and proxies set. A host service on any other port (a database,
+    a local admin API) does not answer it."""
+    ports = {80, 443}
+    for name in ("HARDEN_MIRROR", "HARDEN_SECURITY_MIRROR", *_PASSED_ON):
+        with contextlib.suppress(ValueError):
+            port = urllib.parse.urlsplit(os.environ.get(name, "")).port
+            if port:
+                ports.add(port)
+    return ports
 
 
 def environment(env: Mapping[str, str]) -> dict[str, str]:
