@@ -267,8 +267,7 @@ _CONNECT_TCP = ("import socket, sys; [print(socket.socket().connect_ex(('127.0.0
                 "for port in sys.argv[1:]]")
 
 
-def test_a_sandboxed_command_reaches_no_host_process_secret_socket_or_device(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sandboxed_command_reaches_no_host_process_secret_socket_or_device(tmp_path: Path) -> None:
     # What a script that left its chroot would try next: the host's procfs under the build's (unmounted), the
     # caller's environment, a user's files, a host service's abstract socket (another build's too: a descriptor
     # passed between two builds would let one change the other's tree while host root finishes it), a device node
@@ -301,8 +300,7 @@ def test_a_sandboxed_command_reaches_no_host_process_secret_socket_or_device(
     # The mirror's port is one the build may reach (nothing listens on ``free``: refused, not denied).
     mirror = f"http://127.0.0.1:{free.getsockname()[1]}/debian"
     try:
-        monkeypatch.setenv("HARDEN_MIRROR", mirror)
-        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base),
+        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base, [f"deb {mirror} trixie main"]),
                              capture_output=True, text=True, check=False, timeout=60,
                              env={**os.environ, "HARDEN_TEST_TOKEN": "s3cret"})
     finally:
@@ -375,7 +373,8 @@ def test_a_host_path_given_to_the_build_is_seen_and_its_neighbours_are_not(tmp_p
     script = (f"cat {mirror}/Release; test -e /var/log && ls -A /var/log | wc -l; "
               f"test -e {Path(__file__).resolve()} && echo seen || echo hidden")
     try:
-        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base, [f"{mirror}/"]),
+        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base,
+                                                     [f"deb file://{mirror}/ trixie main"]),
                              capture_output=True, text=True, check=False, timeout=60)
     finally:
         build_sandbox.finish(build, "tree")

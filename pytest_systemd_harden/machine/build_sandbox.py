@@ -61,6 +61,12 @@ _FIRST_BASE = 0x70000000
 HELPER_UIDS = 0x7FFD0000
 _BASES = (HELPER_UIDS - _FIRST_BASE) // RANGE
 
+
+def helper_environment(**extra: str) -> dict[str, str]:
+    """The environment of a helper that drops root (QEMU, the .deb reader): the host's ``PATH`` to find its
+    programs, ``extra``, and nothing else of the caller's (its tokens), for a helper taken over to read."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8", **extra}
+
 # What a build's environment holds: nothing of the caller's (its tokens, its credentials) but a proxy apt needs.
 _PLAIN = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
 _PASSED_ON = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
@@ -201,27 +207,21 @@ def build_base(name: str) -> int:
     return _FIRST_BASE + (zlib.crc32(name.encode()) % _BASES) * RANGE
 
 
-def sandboxed(command: Sequence[str], build: Path, base: int, visible: Sequence[str] = ()) -> list[str]:
+def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[str] = ()) -> list[str]:
     """``command`` run as described above, with the work directory of ``build`` (made by :func:`prepare`) writable
-    at :data:`INSIDE` and its working directory there, the host paths ``visible`` seen (read-only) where the view
-    would hide them, TCP connections to the ports :func:`reachable_ports` names only, and the environment
-    :func:`environment` gives the wrapper (without it: a plain ``PATH`` and nothing else). Paths in ``command``
-    must be the build's view of them."""
-    given = {"visible": list(visible), "ports": sorted(reachable_ports())}
-    return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), json.dumps(given), "--", *command]
-
-
-def reachable_ports() -> set[int]:
-    """The TCP ports a build may connect to (where Landlock scopes it): HTTP and HTTPS, and the ports of the
-    mirrors (HARDEN_MIRROR, HARDEN_SECURITY_MIRROR) and proxies set. A host service on any other port (a database,
-    a local admin API) does not answer it."""
+    at :data:`INSIDE` and its working directory there, and the environment :func:`environment` gives the wrapper
+    (without it: a plain ``PATH`` and nothing else). ``sources`` are the apt source lines the build downloads from:
+    a ``file://`` one's directory is seen (read-only) where the view would hide it, and TCP connections go only to
+    HTTP, HTTPS, their ports and a proxy's (a host service on any other port, a database or a local admin API,
+    does not answer the build). Paths in ``command`` must be the build's view of them."""
+    urls = [word for line in sources for word in line.split() if "://" in word]
     ports = {80, 443}
-    for name in ("HARDEN_MIRROR", "HARDEN_SECURITY_MIRROR", *_PASSED_ON):
+    for url in [*urls, *(os.environ.get(name, "") for name in _PASSED_ON)]:
         with contextlib.suppress(ValueError):
-            port = urllib.parse.urlsplit(os.environ.get(name, "")).port
-            if port:
-                ports.add(port)
-    return ports
+            ports.add(urllib.parse.urlsplit(url).port or 80)
+    given = {"visible": [url.removeprefix("file://") for url in urls if url.startswith("file://")],
+             "ports": sorted(ports)}
+    return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), json.dumps(given), "--", *command]
 
 
 def environment(env: Mapping[str, str]) -> dict[str, str]:

@@ -113,15 +113,16 @@ _DEB_READER_UID = build_sandbox.HELPER_UIDS + 0xFFFF
 
 def deb_package_name(path: str) -> str:
     """The package a local .deb file holds (its control file's Package:), or the file name's first part."""
+    guessed = Path(path).name.split("_", 1)[0]
     try:
         with open(path, "rb") as deb:
             found = subprocess.run(["setpriv", f"--reuid={_DEB_READER_UID}", f"--regid={_DEB_READER_UID}",
                                     "--clear-groups", "--no-new-privs", "dpkg-deb", "-f", "-", "Package"],
                                    stdin=deb, capture_output=True, text=True, check=False,
-                                   env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"})
+                                   env=build_sandbox.helper_environment())
     except OSError:
-        return Path(path).name.split("_", 1)[0]
-    return found.stdout.strip() or Path(path).name.split("_", 1)[0]
+        return guessed
+    return found.stdout.strip() or guessed
 
 
 def deb_digest(path: str) -> str:
@@ -261,8 +262,9 @@ class ImageCache:
                     except ImageBuildError as exc:
                         self._failed[key] = exc
                         raise
-        with contextlib.suppress(OSError):  # one built before images were kept private, unless read-only
-            _private(final.parent)
+        else:
+            with contextlib.suppress(OSError):  # one built before images were kept private, unless read-only
+                _private(final.parent)
         manifest = json.loads((final / "manifest.json").read_text())
         self._hold(final)
         with contextlib.suppress(OSError):  # a read-only cache (restored in CI) is still usable
@@ -390,17 +392,13 @@ class ImageCache:
             command.insert(1, f"--architectures={','.join([_native_architecture(), *foreign])}")
         if debs:  # dpkg in the chroot must see the .deb files at the same paths
             command.insert(1, "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount")
-        # A file:// mirror is the one host directory outside the system's the build reads (build_sandbox hides the
-        # others).
-        mirrors = [word.removeprefix("file://") for source in self.sources(release) for word in source.split()
-                   if word.startswith("file://")]
         # The builder's temporary files (mmdebstrap's gpg home, apt config, dpkg's ~/.dpkg.cfg) stay in the build.
         tmp = work / "tmp"
         tmp.mkdir()
         os.chown(tmp, base, base)
         try:
             returncode, tail = _run_contained(
-                build_sandbox.sandboxed(command, staging, base, mirrors), staging.name, progress,
+                build_sandbox.sandboxed(command, staging, base, self.sources(release)), staging.name, progress,
                 lambda line: f"  {command[0]}: {line}" if line.startswith(("I:", "E:", "W:")) else None,
                 build_sandbox.environment({"TMPDIR": str(inside / "tmp"), "HOME": str(inside / "tmp")}))
         finally:
@@ -1020,6 +1018,10 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
     """
     resolv, policy, local = "etc/resolv.conf", "usr/sbin/policy-rc.d", "var/cache/harden-debs"
     script = 'apt-get -q update; apt-get -q install -y --no-install-recommends "$@"; apt-get -q clean'
+    # apt on the copy downloads from the sources the base was built with (its sources.list), as its manifest says.
+    sources: list[str] = []
+    with contextlib.suppress(OSError, ValueError):  # an older recipe's manifest may not say: HTTP(S) only
+        sources = json.loads((base.parent / "manifest.json").read_text()).get("sources", [])
     build = rootfs.parent
     uid_base = build_sandbox.build_base(build.name)
     work = build_sandbox.prepare(build, uid_base)
@@ -1044,7 +1046,8 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
         build_sandbox.hand_over(copy, uid_base)
         returncode, tail = _run_contained(
             build_sandbox.sandboxed(chrooted(Path(build_sandbox.INSIDE) / rootfs.name,
-                                             ["/bin/sh", "-ec", script, "sh", *extra, *inside]), build, uid_base),
+                                             ["/bin/sh", "-ec", script, "sh", *extra, *inside]), build, uid_base,
+                                    sources),
             build.name, progress,
             lambda line: f"  apt-get: {line.strip()}" if " newly installed" in line else None,
             build_sandbox.environment({"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}))

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import BackendUnavailable, ImageBuildError, MachineError, printable
-from ..build_sandbox import HELPER_UIDS
+from ..build_sandbox import HELPER_UIDS, helper_environment
 from ..cgroups import Contained, output_lines
 from ..images import (
     BUS_PORT,
@@ -66,12 +66,6 @@ KVM_TRIAL_SECONDS = 10.0
 TCG_SLOWDOWN = 3.0
 # The kernel prints without pause until it starts init (about 3 s under TCG); this long a silence is a hang.
 EARLY_BOOT_STALL_SECONDS = 20.0
-
-def _qemu_environment(runtime: Path) -> dict[str, str]:
-    """QEMU's environment: where its overlay goes, and nothing of the caller's (its tokens) for a QEMU the guest
-    may have taken over to read in its own memory."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(runtime), "LC_ALL": "C.UTF-8"}
-
 
 def qemu_uid(name: str) -> int:
     """The host uid QEMU runs as for the VM ``name``: one of its own, so no two VMs' QEMUs can trace each other."""
@@ -322,7 +316,7 @@ class QemuMachine(Machine):
         self._stderr.clear()
         self._contained = Contained.start(self.command_line(image, self._runtime, accelerator, files_disk), "qemu",
                                           self.name, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, env=_qemu_environment(self._runtime))
+                                          stderr=subprocess.PIPE, env=helper_environment(TMPDIR=str(self._runtime)))  # its overlay
         threading.Thread(target=self._collect_stderr, args=(self._contained,), name=f"qemu {self.name}",
                          daemon=True).start()
         deadline = time.monotonic() + 10
