@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python bench/images.py [--packages gnupg,curl] [--releases trixie,bookworm] [--rounds 1]
     sudo .venv/bin/python bench/images.py --copy [--rounds 3]
+    sudo .venv/bin/python bench/images.py --memory [--packages gnupg,curl] [--rounds 3]
 
 Both builds go to a temporary directory (removed at the end); each release's base image comes from the usual
 cache (built first if missing). Prints the wall time of each and whether both trees hold the same packages.
@@ -9,6 +10,10 @@ cache (built first if missing). Prints the wall time of each and whether both tr
 --copy times only the first step of a build on the base, the copy of the base image: one ``cp -a`` vs
 staging.copy_tree (parts copied by eight cp at once), alternated, each right after 300 MB written to the same
 disk (what a build leaves behind it, not yet written back), and prints the medians and their ratio.
+
+--memory times whole builds as the cache makes them, in memory (a tmpfs, copied to the disk when done: the
+default) vs on the disk (``HARDEN_BUILD_MEMORY=0``), alternated: the base image of each release, then the package
+set on it. Prints the medians and their ratios.
 """
 
 from __future__ import annotations
@@ -85,6 +90,27 @@ def copies(release: str, rounds: int, scratch: Path) -> None:
           f"ratio {parts / one:.2f}")
 
 
+def in_memory_vs_on_disk(release: str, extra: tuple[str, ...], rounds: int, scratch: Path) -> None:
+    """A base image and ``extra`` on it, built by the cache in memory and on the disk, alternated (see above)."""
+    times: dict[tuple[str, str], list[float]] = {}
+    for round_ in range(rounds):
+        for way, memory in (("in memory", ""), ("on the disk", "0")):
+            os.environ["HARDEN_BUILD_MEMORY"] = memory
+            cache = ImageCache(Path(tempfile.mkdtemp(prefix="cache-", dir=scratch)))
+            for what, packages in (("base", ()), ("+ " + ", ".join(extra), extra)):
+                subprocess.run(["sync"], check=True)
+                started = time.monotonic()
+                cache.get(packages, release=release)
+                times.setdefault((what, way), []).append(time.monotonic() - started)
+                print(f"{release} round {round_ + 1}: {what} {way} {times[what, way][-1]:.1f} s", flush=True)
+            remove_tree(cache.cache_dir)
+    os.environ.pop("HARDEN_BUILD_MEMORY")
+    for what in dict.fromkeys(what for what, _ in times):
+        memory, disk = statistics.median(times[what, "in memory"]), statistics.median(times[what, "on the disk"])
+        print(f"{release} {what}: in memory {memory:.1f} s, on the disk {disk:.1f} s (medians of {rounds}), "
+              f"ratio {memory / disk:.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--packages", default="gnupg,curl", help="the extra package set (default: gnupg,curl)")
@@ -92,10 +118,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None,
                         help="builds each way, alternating (default 1; with --copy, copies each way, default 3)")
     parser.add_argument("--copy", action="store_true", help="time the base image's copy only (see above)")
+    parser.add_argument("--memory", action="store_true", help="builds in memory vs on the disk (see above)")
     args = parser.parse_args()
     extra = tuple(sorted(args.packages.split(",")))
     scratch = Path(tempfile.mkdtemp(prefix="harden-bench-images-", dir="/var/tmp"))
     try:
+        if args.memory:
+            for release in args.releases.split(","):
+                in_memory_vs_on_disk(release, extra, args.rounds or 3, scratch)
+            return 0
         if args.copy:
             for release in args.releases.split(","):
                 copies(release, args.rounds or 3, scratch)

@@ -228,13 +228,20 @@ _READ_THE_KEY = ("import ctypes; libc = ctypes.CDLL(None); key = libc.syscall(25
                  "print(buffer.raw[:read].decode() if read > 0 else 'none')")
 
 
-def test_a_sandboxed_command_is_root_of_its_own_namespaces_in_a_read_only_host(tmp_path: Path) -> None:
+@pytest.mark.parametrize("memory", ["", "0"], ids=["in memory", "on the disk"])
+def test_a_sandboxed_command_is_root_of_its_own_namespaces_in_a_read_only_host(
+        tmp_path: Path, memory: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from pytest_systemd_harden.machine import build_sandbox
+    from pytest_systemd_harden.machine.staging import mounts_under
 
+    monkeypatch.setenv(build_sandbox.MEMORY_ENV, memory)
     build = tmp_path / "build"
     build.mkdir()
     base = build_sandbox.build_base(build.name)
-    build_sandbox.prepare(build, base)
+    work = build_sandbox.prepare(build, base)
+    # In memory: a tmpfs only the build and host root (through the keeper's /proc/PID/root) see, never the host.
+    assert (work.parts[1] == "proc") == (memory == ""), work
+    assert not mounts_under(tmp_path)
     script = ("cat /proc/self/uid_map; ls /proc | grep -c '^[0-9]'; touch /etc/harden-x 2>&1; "
               f"mkdir tree && touch tree/made /tmp/harden-scratch-{os.getpid()} && pwd; "
               f'readlink /proc/self/ns/ipc /proc/self/ns/uts; /usr/bin/python3 -I -c "{_READ_THE_KEY}"; true')
@@ -257,6 +264,62 @@ def test_a_sandboxed_command_is_root_of_its_own_namespaces_in_a_read_only_host(t
     assert tree == build / "tree" and (tree / "made").stat().st_uid == base
     assert not Path(f"/tmp/harden-scratch-{os.getpid()}").exists()
     assert sorted(os.listdir(build)) == ["tree"]  # the view's mount point and the work directory are gone
+    assert not os.path.exists(work), "the keeper of the build's memory outlived it"
+
+
+def test_a_build_that_fills_its_memory_fails_in_one_line_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # In memory, a build cannot fill the cache's disk: it fills its own tmpfs, and says so.
+    from pytest_systemd_harden.errors import ImageBuildError
+    from pytest_systemd_harden.machine import build_sandbox
+    from pytest_systemd_harden.machine.staging import mounts_under
+
+    monkeypatch.setenv(build_sandbox.MEMORY_ENV, "16M")
+    build = tmp_path / "build"
+    build.mkdir()
+    base = build_sandbox.build_base(build.name)
+    work = build_sandbox.prepare(build, base)
+    ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", "mkdir tree; head -c 32M /dev/zero > tree/big"], build,
+                                                 base), capture_output=True, text=True, check=False, timeout=60)
+    assert "No space left on device" in ran.stderr, ran
+    with pytest.raises(ImageBuildError, match=r"filled the 0.0 GiB of memory .* HARDEN_BUILD_MEMORY=0 builds on"):
+        build_sandbox.finish(build, "tree")
+    assert sorted(os.listdir(build)) == [] and not mounts_under(tmp_path) and not os.path.exists(work)
+
+
+def test_the_build_s_memory_is_never_seen_by_the_host_even_where_its_mounts_propagate(tmp_path: Path) -> None:
+    # systemd as PID 1 makes every mount shared: a mount made in a copy of the host's namespace would appear on the
+    # host, unless the copy receives the host's events only (a slave), as the keeper's does.
+    from pytest_systemd_harden.machine import build_sandbox
+    from pytest_systemd_harden.machine.staging import mounts_under
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    subprocess.run(["mount", "--bind", "--make-shared", str(shared), str(shared)], check=True)
+    try:
+        assert mounts_under(shared) == [str(shared)]
+        build = shared / "build"
+        build.mkdir()
+        work = build_sandbox.prepare(build, build_sandbox.build_base(build.name))
+        try:
+            assert work.parts[1] == "proc" and mounts_under(shared) == [str(shared)]
+        finally:
+            build_sandbox.finish(build, "tree")
+    finally:
+        subprocess.run(["umount", "-l", str(shared)], check=True)
+
+
+def test_the_build_s_memory_is_a_size_or_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_systemd_harden.errors import ImageBuildError
+    from pytest_systemd_harden.machine import build_sandbox
+
+    monkeypatch.setenv(build_sandbox.MEMORY_ENV, "2G")
+    assert build_sandbox.build_memory() == 2 << 30
+    monkeypatch.setenv(build_sandbox.MEMORY_ENV, "0")
+    assert build_sandbox.build_memory() == 0
+    monkeypatch.setenv(build_sandbox.MEMORY_ENV, "lots")
+    with pytest.raises(ImageBuildError, match=r"HARDEN_BUILD_MEMORY='lots': expected a size \(4G, 512M\) or 0"):
+        build_sandbox.build_memory()
 
 
 # Connects to the abstract socket named by its argument: "connected", or the error.

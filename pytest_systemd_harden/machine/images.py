@@ -377,14 +377,7 @@ class ImageCache:
         if not shutil.which("mmdebstrap"):
             raise BackendUnavailable("mmdebstrap is not installed: apt-get install mmdebstrap")
         base = build_sandbox.build_base(staging.name)
-        work = build_sandbox.prepare(staging, base)
         inside = Path(build_sandbox.INSIDE)
-        # The .debs are copied in: the build's root may not read them where they are (a uid of no account).
-        local = work / "debs"
-        local.mkdir()
-        for deb in debs:
-            shutil.copyfile(deb, local / os.path.basename(deb))
-        move_ownership(local, 0, base)
         command = ["mmdebstrap", "--mode=unshare", "--variant=minbase", f"--include={','.join(packages)}",
                    *(f"--include={inside / 'debs' / os.path.basename(deb)}" for deb in debs), release,
                    str(inside / rootfs.name), *self.sources(release)]
@@ -392,11 +385,18 @@ class ImageCache:
             command.insert(1, f"--architectures={','.join([_native_architecture(), *foreign])}")
         if debs:  # dpkg in the chroot must see the .deb files at the same paths
             command.insert(1, "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount")
-        # The builder's temporary files (mmdebstrap's gpg home, apt config, dpkg's ~/.dpkg.cfg) stay in the build.
-        tmp = work / "tmp"
-        tmp.mkdir()
-        os.chown(tmp, base, base)
+        work = build_sandbox.prepare(staging, base)
         try:
+            # The .debs are copied in: the build's root may not read them where they are (a uid of no account).
+            local = work / "debs"
+            local.mkdir()
+            for deb in debs:
+                shutil.copyfile(deb, local / os.path.basename(deb))
+            move_ownership(local, 0, base)
+            # The builder's temporary files (mmdebstrap's gpg home, apt config, dpkg's ~/.dpkg.cfg) stay in the build.
+            tmp = work / "tmp"
+            tmp.mkdir()
+            os.chown(tmp, base, base)
             returncode, tail = _run_contained(
                 build_sandbox.sandboxed(command, staging, base, self.sources(release)), staging.name, progress,
                 lambda line: f"  {command[0]}: {line}" if line.startswith(("I:", "E:", "W:")) else None,

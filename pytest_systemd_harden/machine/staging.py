@@ -5,7 +5,8 @@ build (an error, Ctrl-C, SIGKILL):
 
 * The builder mounts nothing the host sees: it runs in mount namespaces of its own (machine/build_sandbox.py), with
   throwaway tmpfs over /tmp, /var/tmp and /dev/shm, so even a bind the builder makes of them reaches no host file,
-  and its mounts vanish with its last process.
+  and its mounts vanish with its last process. The tmpfs a build may write its tree in is mounted in a namespace of
+  its own as well (build_sandbox.prepare), gone when the build's last process and its keeper are.
 * Nothing is ever removed across a mount point: :func:`remove_tree` refuses a tree with anything mounted at or
   below it, and never descends into another filesystem.
 * A staging directory is named after its owner (pid and start time, as machine/cgroups.py names a container's
