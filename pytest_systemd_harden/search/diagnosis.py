@@ -399,6 +399,25 @@ def _names(assignments: Iterable[str], deny: bool) -> list[str]:
     return [name for a in assignments if a.startswith("~") == deny for name in a.lstrip("~").split()]
 
 
+def _filters_denying(hardening: Sequence[Directive], syscalls: Sequence[str],
+                     syscall_groups: Callable[[], dict[str, list[str]]]) -> list[Directive]:
+    """The SystemCallFilter= lines of ``hardening`` that deny one of ``syscalls``: a deny list holding it, or an
+    allow list without it."""
+    if not syscalls:
+        return []
+    groups = syscall_groups()
+    found = []
+    for directive in hardening:
+        if directive.name != "SystemCallFilter":
+            continue
+        denied = {s for name in _names(directive.assignments, deny=True) for s in expand_group(name, groups)}
+        allowed = _names(directive.assignments, deny=False)
+        allowed_calls = {s for name in allowed for s in expand_group(name, groups)}
+        if any(s in denied or (allowed and s not in allowed_calls) for s in syscalls):
+            found.append(directive)
+    return found
+
+
 def expand_group(name: str, groups: dict[str, list[str]]) -> list[str]:
     """The syscalls of ``@group`` (nested groups expanded); a plain syscall name expands to itself."""
     if not name.startswith("@"):
@@ -923,11 +942,6 @@ def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
     # The control keeps what configures the service (StateDirectory=, User=, Environment=, ...): only the
     # restricting directives are hardening, and only they are ever taken away.
     candidates = [d for d in hardening if d.name in RESTRICTING]
-    unhardened = oracle.result(tuple(d for d in hardening if d not in candidates))
-    if not unhardened.passed:
-        diagnosis.verdict = "not-hardening"
-        diagnosis.note = f"Without any hardening: {unhardened.summary}" if unhardened.summary else ""
-        return
     for earlier in previous:
         if earlier.combined is not None and earlier.verified and oracle.passes(earlier.combined.apply(hardening)):
             diagnosis.verdict, diagnosis.verified = "found", True
@@ -939,13 +953,28 @@ def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
     unprivileged = runs_unprivileged(hardening) if unprivileged is None else unprivileged
     group = tuple(no_new_privileges_sources(candidates, unprivileged))
     grouped = len(group) > 1
-    units = ([group] if grouped else []) + [(d,) for d in candidates if not grouped or d not in group]
 
     def passes_without(removed: list[tuple[Directive, ...]]) -> bool:
         gone = {id(d) for unit in removed for d in unit}
         return oracle.passes(tuple(d for d in hardening if id(d) not in gone))
 
-    culprit_units = ddmin(units, passes_without)
+    # The kernel's records name the call a filter killed: the SystemCallFilter= lines that deny it are taken away
+    # first. If that passes, the culprits are among them (ddmin when several), and neither the run without any
+    # hardening (taking part of it away passed) nor the search over every directive is needed. Not where they are
+    # all of what puts NoNewPrivileges= in force: passing might then be NoNewPrivileges= gone, not the call.
+    suspects: list[tuple[Directive, ...]] = [
+        (d,) for d in _filters_denying(candidates, kernel_syscalls(evidence), syscall_groups)]
+    culprit_units: list[tuple[Directive, ...]] = []
+    if suspects and (not group or any((d,) not in suspects for d in group)) and passes_without(suspects):
+        culprit_units = ddmin(suspects, passes_without) if len(suspects) > 1 else suspects
+    else:
+        unhardened = oracle.result(tuple(d for d in hardening if d not in candidates))
+        if not unhardened.passed:
+            diagnosis.verdict = "not-hardening"
+            diagnosis.note = f"Without any hardening: {unhardened.summary}" if unhardened.summary else ""
+            return
+        units = ([group] if grouped else []) + [(d,) for d in candidates if not grouped or d not in group]
+        culprit_units = ddmin(units, passes_without)
     context = Context(oracle, hardening, evidence, syscall_groups, observe)
     relaxations: list[Relaxation] = []
     culprits = [d for unit in culprit_units if unit is not group for d in unit]
