@@ -18,7 +18,7 @@ import pytest
 from pytest_systemd_harden.errors import MachineError
 from pytest_systemd_harden.machine import cgroups
 from pytest_systemd_harden.machine.backends import userns
-from pytest_systemd_harden.machine.cgroups import Caps, OwnedCgroup
+from pytest_systemd_harden.machine.cgroups import Caps, Contained, OwnedCgroup
 
 
 def test_caps_come_from_the_environment_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,8 +203,7 @@ def test_a_build_whose_sandbox_cannot_be_set_up_says_so_in_one_line(tmp_path: Pa
     from pytest_systemd_harden.machine import build_sandbox
 
     missing = tmp_path / "gone"  # no directory to assemble the view on
-    ran = subprocess.run(build_sandbox.sandboxed(["true"], missing, build_sandbox.build_base("gone")),
-                         capture_output=True, text=True, check=False, timeout=60)
+    ran = run_as_a_build(build_sandbox.sandboxed(["true"], missing, build_sandbox.build_base("gone")), "gone")
     refused = build_sandbox.refusal(ran.returncode, ran.stderr.splitlines())
     assert refused is not None, (ran.returncode, ran.stderr)
     first, hint = refused.splitlines()
@@ -215,13 +214,23 @@ def test_a_build_whose_sandbox_cannot_be_set_up_says_so_in_one_line(tmp_path: Pa
 
 # Runs its arguments with a key in a session keyring of its own: the key of whoever starts a run.
 _WITH_A_KEY = """
-import ctypes, subprocess, sys
+import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
 assert libc.syscall(250, 1, None) >= 0  # KEYCTL_JOIN_SESSION_KEYRING: this test's own, not the caller's
 assert libc.syscall(248, b"user", b"harden-test-secret", b"s3cret", 6, -3) >= 0  # add_key to the session keyring
-sys.exit(subprocess.run(sys.argv[1:]).returncode)
+os.execv(sys.argv[1], sys.argv[1:])  # the same process: alone in its cgroup, as a build's wrapper must be
 """
 # Prints the key's payload if the process can find it in its keyrings (KEYCTL_SEARCH, KEYCTL_READ), else "none".
+def run_as_a_build(argv: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a sandbox's wrapper as an image build runs it: in a cgroup of its own (its network filter goes there)."""
+    step = Contained.start(argv, "build", name, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = step.process.communicate(timeout=60)
+    finally:
+        step.stop()
+    return subprocess.CompletedProcess(argv, step.process.returncode, out, err)
+
+
 _READ_THE_KEY = ("import ctypes; libc = ctypes.CDLL(None); key = libc.syscall(250, 10, -3, b'user', "
                  "b'harden-test-secret', 0); buffer = ctypes.create_string_buffer(16); "
                  "read = libc.syscall(250, 11, key, buffer, 16) if key > 0 else -1; "
@@ -249,9 +258,8 @@ def test_a_sandboxed_command_is_root_of_its_own_namespaces_in_a_read_only_host(
                              capture_output=True, text=True, check=False, timeout=60)
     assert outside.stdout.strip() == "s3cret", outside  # the key is there to be read, unsandboxed
     try:
-        ran = subprocess.run([sys.executable, "-c", _WITH_A_KEY,
-                              *build_sandbox.sandboxed(["sh", "-c", script], build, base)],
-                             capture_output=True, text=True, check=False, timeout=60)
+        ran = run_as_a_build([sys.executable, "-c", _WITH_A_KEY, *build_sandbox.sandboxed(["sh", "-c", script], build,
+                                                                                          base)], build.name)
     finally:
         tree = build_sandbox.finish(build, "tree")
     lines = (ran.stdout + ran.stderr).splitlines()
@@ -279,8 +287,8 @@ def test_a_build_that_fills_its_memory_fails_in_one_line_and_leaves_nothing(
     build.mkdir()
     base = build_sandbox.build_base(build.name)
     work = build_sandbox.prepare(build, base)
-    ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", "mkdir tree; head -c 32M /dev/zero > tree/big"], build,
-                                                 base), capture_output=True, text=True, check=False, timeout=60)
+    ran = run_as_a_build(build_sandbox.sandboxed(["sh", "-c", "mkdir tree; head -c 32M /dev/zero > tree/big"], build,
+                                                 base), build.name)
     assert "No space left on device" in ran.stderr, ran
     with pytest.raises(ImageBuildError, match=r"filled the 0.0 GiB of memory .* HARDEN_BUILD_MEMORY=0 builds on"):
         build_sandbox.finish(build, "tree")
@@ -363,9 +371,8 @@ def test_a_sandboxed_command_reaches_no_host_process_secret_socket_or_device(tmp
     # The mirror's port is one the build may reach (nothing listens on ``free``: refused, not denied).
     mirror = f"http://127.0.0.1:{free.getsockname()[1]}/debian"
     try:
-        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base, [f"deb {mirror} trixie main"]),
-                             capture_output=True, text=True, check=False, timeout=60,
-                             env={**os.environ, "HARDEN_TEST_TOKEN": "s3cret"})
+        ran = run_as_a_build(build_sandbox.sandboxed(["sh", "-c", script], build, base, [f"deb {mirror} trixie main"]),
+                             build.name, env={**os.environ, "HARDEN_TEST_TOKEN": "s3cret"})
     finally:
         listening.close()
         service.close()
@@ -404,7 +411,9 @@ def test_nothing_of_a_build_outlives_its_wrapper(tmp_path: Path, stop: signal.Si
     base = build_sandbox.build_base(build.name)
     build_sandbox.prepare(build, base)
     mark = f"{os.getpid()}{int(stop):02d}"  # sleep takes seconds with a fraction: a command line of its own
-    wrapper = subprocess.Popen(build_sandbox.sandboxed(["sh", "-c", f"sleep 300.{mark}; true"], build, base))
+    step = Contained.start(build_sandbox.sandboxed(["sh", "-c", f"sleep 300.{mark}; true"], build, base), "build",
+                           build.name)
+    wrapper = step.process
     try:
         deadline = time.monotonic() + 30
         while not _running(f"sleep\x00300.{mark}") and time.monotonic() < deadline:
@@ -420,6 +429,53 @@ def test_nothing_of_a_build_outlives_its_wrapper(tmp_path: Path, stop: signal.Si
         for pid in _running(f"300.{mark}"):
             os.kill(pid, signal.SIGKILL)
         build_sandbox.finish(build, "tree")
+        step.stop()
+
+
+# Tries each "tcp|udp HOST PORT" of its arguments: "ok", or the error's number.
+_REACH = ("import socket, sys\n"
+          "for kind, host, port in zip(*[iter(sys.argv[1:])] * 3):\n"
+          "    s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET,\n"
+          "                      socket.SOCK_STREAM if kind == 'tcp' else socket.SOCK_DGRAM)\n"
+          "    s.settimeout(1)\n"
+          "    try:\n"
+          "        s.connect((host, int(port))) if kind == 'tcp' else s.sendto(b'?', (host, int(port)))\n"
+          "        print('ok')\n"
+          "    except OSError as error:\n"
+          "        print(error.errno or 'timeout')\n")
+
+
+def test_a_build_reaches_its_mirror_and_the_internet_but_no_other_address_of_the_host_or_its_network(
+        tmp_path: Path) -> None:
+    # What a maintainer script would ask next: a cloud's metadata service (an instance role's credentials), a web
+    # interface on the host's loopback, the local network; each refused before a packet leaves (EPERM). A mirror
+    # on the host's loopback (a caching proxy) is the build's to reach, and so is the internet.
+    from pytest_systemd_harden.machine import build_sandbox
+
+    build = tmp_path / "build"
+    build.mkdir()
+    base = build_sandbox.build_base(build.name)
+    build_sandbox.prepare(build, base)
+    mirror = socket.socket()
+    mirror.bind(("127.0.0.1", 0))
+    mirror.listen()
+    port = mirror.getsockname()[1]
+    tries = ["tcp", "127.0.0.1", str(port),  # the mirror
+             "tcp", "169.254.169.254", "80", "udp", "169.254.169.254", "53",  # a cloud's metadata service
+             "tcp", "127.0.0.1", "80", "tcp", "::1", "443",  # the host's loopback: nothing listens there
+             "tcp", "10.0.0.1", "80", "tcp", "192.168.1.1", "443", "tcp", "fd00:ec2::254", "80",  # local networks
+             "tcp", "192.0.2.1", "80"]  # the internet (a documentation address: nothing answers it)
+    try:
+        ran = run_as_a_build(build_sandbox.sandboxed(["/usr/bin/python3", "-I", "-c", _REACH, *tries], build, base,
+                                                     [f"deb http://127.0.0.1:{port}/debian trixie main"]), build.name)
+    finally:
+        mirror.close()
+        build_sandbox.finish(build, "tree")
+    lines = (ran.stdout + ran.stderr).splitlines()
+    refused = str(errno.EPERM)
+    assert lines[0] == "ok", lines
+    assert lines[1:8] == [refused] * 7, lines
+    assert lines[8] != refused, lines
 
 
 def test_a_host_path_given_to_the_build_is_seen_and_its_neighbours_are_not(tmp_path: Path) -> None:
@@ -436,9 +492,8 @@ def test_a_host_path_given_to_the_build_is_seen_and_its_neighbours_are_not(tmp_p
     script = (f"cat {mirror}/Release; test -e /var/log && ls -A /var/log | wc -l; "
               f"test -e {Path(__file__).resolve()} && echo seen || echo hidden")
     try:
-        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base,
-                                                     [f"deb file://{mirror}/ trixie main"]),
-                             capture_output=True, text=True, check=False, timeout=60)
+        ran = run_as_a_build(build_sandbox.sandboxed(["sh", "-c", script], build, base,
+                                                     [f"deb file://{mirror}/ trixie main"]), build.name)
     finally:
         build_sandbox.finish(build, "tree")
         (mirror / "Release").unlink()
@@ -460,8 +515,7 @@ def test_a_build_writes_only_its_work_directory_and_a_link_for_its_tree_is_not_t
     script = (f"ln -s {host} rootfs; ln -s {host} ../manifest.json 2>/dev/null; "
               f"ls -la {build_sandbox.INSIDE}/.. >/dev/null; true")
     try:
-        ran = subprocess.run(build_sandbox.sandboxed(["sh", "-c", script], build, base), capture_output=True,
-                             text=True, check=False, timeout=60)
+        ran = run_as_a_build(build_sandbox.sandboxed(["sh", "-c", script], build, base), build.name)
         assert ran.returncode == 0, ran
         assert (work / "rootfs").is_symlink()  # the build ran
     finally:

@@ -33,9 +33,10 @@ build step that runs them (:func:`sandboxed`) runs
   own, kept by a small process (:func:`prepare`), which the host never sees and the kernel takes down with the
   keeper and the build, however the run ends; the finished tree is copied to the disk (:func:`finish`).
 
-It keeps the host's network: apt downloads the packages. (As any unprivileged host user, it can connect to the
-host's TCP services on the ports it may reach and to named sockets it can see; what answers sees a uid of no
-account.)
+It keeps the host's network (apt downloads the packages), but only the internet's addresses and those of its
+mirrors, proxies and name servers: BPF programs on its cgroup refuse the host's loopback, private and link-local
+networks (a cloud's metadata service) to its TCP connections and UDP sends (machine/build_network.py). (It can
+still open the named sockets it can see, as any unprivileged host user; what answers sees a uid of no account.)
 
 Needs Linux 5.12 (``mount_setattr``, for the read-only copy).
 """
@@ -55,6 +56,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..errors import ImageBuildError, printable
+from . import build_network
 from .backends.userns import RANGE, move_ownership
 from .staging import check_shape, copy_tree, remove_tree
 
@@ -109,6 +111,33 @@ def check(result, what):
         error = ctypes.get_errno()
         refuse(f"{what}: {os.strerror(error)}")
     return result
+# The build's cgroup (its own: it holds only this process now) gets the programs that keep its connections to the
+# internet and its mirrors, proxies and name servers (build_network.py); attached before anything of it runs.
+procs = None
+for line in open("/proc/self/cgroup").read().splitlines():
+    if line.startswith("0::"):
+        for top in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+            if os.path.exists(top + "/cgroup.controllers"):
+                procs = top + line[3:].rstrip("/") + "/cgroup.procs"
+                break
+if procs is None or open(procs).read().split() != [str(os.getpid())]:
+    refuse("the build's cgroup2 group is not its own, so its connections cannot be limited")
+group = check(os.open(os.path.dirname(procs), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), "opening its cgroup")
+license = ctypes.create_string_buffer(b"GPL")
+for code, types in given["network"]:
+    insns = ctypes.create_string_buffer(bytes.fromhex(code), len(code) // 2)
+    for attach_type in types:
+        # bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, ..., expected_attach_type at 68
+        attr = bytearray(128)
+        struct.pack_into("=IIQQ", attr, 0, 18, len(code) // 16, ctypes.addressof(insns), ctypes.addressof(license))
+        struct.pack_into("=I", attr, 68, attach_type)
+        buffer = ctypes.create_string_buffer(bytes(attr), len(attr))
+        program = check(libc.syscall(321, 5, buffer, len(attr)), "loading its network filter (BPF)")
+        # BPF_PROG_ATTACH: target_fd, attach_bpf_fd, attach_type, attach_flags (BPF_F_ALLOW_MULTI)
+        attach = ctypes.create_string_buffer(struct.pack("=IIII", group, program, attach_type, 2), 128)
+        check(libc.syscall(321, 8, attach, 128), "attaching its network filter to its cgroup")
+        os.close(program)
+os.close(group)
 if given["keeper"]:  # the work directory is a tmpfs in the keeper's mount namespace (prepare()): build there
     namespace = os.open(f"/proc/{given['keeper']}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     check(libc.setns(namespace, 0x20000), "entering the mount namespace of the build's memory")  # CLONE_NEWNS
@@ -212,7 +241,8 @@ def refusal(returncode: int, output: Sequence[str]) -> str | None:
         return None
     return (said[-1].removeprefix("pytest-systemd-harden: ") + "\nhint: image builds run as root of a user namespace "
             "in a read-only view of the host (docs/backends.md#image-builds-never-run-as-host-root); they need Linux "
-            "5.12 or later (mount_setattr) and user namespaces (sysctl user.max_user_namespaces above 0)")
+            "5.12 or later (mount_setattr), user namespaces (sysctl user.max_user_namespaces above 0), and a cgroup2 "
+            "tree with BPF (CONFIG_CGROUP_BPF) for the filter of their connections")
 
 
 def build_base(name: str) -> int:
@@ -236,8 +266,16 @@ def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[
             ports.add(urllib.parse.urlsplit(url).port or 80)
     with _KEEPERS_LOCK:
         keeper = _KEEPERS.get(str(build))
+    proxies = [os.environ.get(name, "") for name in _PASSED_ON if "proxy" in name.lower() and "no_" not in name.lower()]
+    try:
+        with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as resolv_conf:
+            servers = resolv_conf.read()
+    except OSError:
+        servers = ""
+    network = [(code.hex(), types) for code, types in
+               build_network.programs(build_network.allowed_endpoints([*urls, *proxies], servers))]
     given = {"visible": [url.removeprefix("file://") for url in urls if url.startswith("file://")],
-             "ports": sorted(ports), "keeper": keeper.pid if keeper else None}
+             "ports": sorted(ports), "keeper": keeper.pid if keeper else None, "network": network}
     return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), json.dumps(given), "--", *command]
 
 
