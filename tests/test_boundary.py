@@ -295,6 +295,22 @@ def test_a_build_that_fills_its_memory_fails_in_one_line_and_leaves_nothing(
     assert sorted(os.listdir(build)) == [] and not mounts_under(tmp_path) and not os.path.exists(work)
 
 
+def test_a_build_that_ended_badly_leaves_no_tree_to_take(tmp_path: Path) -> None:
+    # After an error or an interruption some of the build may still run and change its tree: host root copies
+    # nothing of it (a link swapped in during the copy would be followed from the host's root).
+    from pytest_systemd_harden.machine import build_sandbox
+
+    build = tmp_path / "build"
+    build.mkdir()
+    base = build_sandbox.build_base(build.name)
+    work = build_sandbox.prepare(build, base)
+    ran = run_as_a_build(build_sandbox.sandboxed(["sh", "-c", "mkdir tree; touch tree/made; exit 3"], build, base),
+                         build.name)
+    assert ran.returncode == 3 and (work / "tree" / "made").exists()
+    assert build_sandbox.finish(build, "tree", keep=False) is None
+    assert sorted(os.listdir(build)) == [] and not os.path.exists(work)
+
+
 def test_the_build_s_memory_is_never_seen_by_the_host_even_where_its_mounts_propagate(tmp_path: Path) -> None:
     # systemd as PID 1 makes every mount shared: a mount made in a copy of the host's namespace would appear on the
     # host, unless the copy receives the host's events only (a slave), as the keeper's does.
@@ -323,6 +339,8 @@ def test_the_build_s_memory_is_a_size_or_nothing(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setenv(build_sandbox.MEMORY_ENV, "2G")
     assert build_sandbox.build_memory() == 2 << 30
+    with build_sandbox.on_the_disk():
+        assert build_sandbox.build_memory() == 0
     monkeypatch.setenv(build_sandbox.MEMORY_ENV, "0")
     assert build_sandbox.build_memory() == 0
     monkeypatch.setenv(build_sandbox.MEMORY_ENV, "lots")

@@ -612,3 +612,31 @@ def test_a_tree_too_deep_to_walk_fails_the_build_in_one_line_and_is_removed(tmp_
     assert "deeper than 256 directories" in str(raised.value).splitlines()[0], raised.value
     remove_tree(deep)
     assert not deep.exists()
+
+
+def test_a_build_that_fills_its_memory_is_built_again_on_the_disk(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # A package set larger than the tmpfs a build gets (an eighth of the host's memory) still gets its image.
+    from pytest_systemd_harden.machine import build_sandbox
+
+    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
+    monkeypatch.setattr(images, "_customize", lambda rootfs: None)
+    monkeypatch.setattr(images, "installed_versions", lambda rootfs: {"systemd": "257"})
+    memory: list[int] = []
+
+    def builder(self: ImageCache, staging: Path, rootfs: Path, *args: object) -> str:
+        memory.append(build_sandbox.build_memory())
+        if len(memory) == 1:
+            raise build_sandbox.MemoryFilled("the build filled the 0.5 GiB of memory it runs in (a tmpfs, "
+                                             "$HARDEN_BUILD_MEMORY); hint: ...")
+        rootfs.mkdir()
+        return "mmdebstrap"
+
+    monkeypatch.setattr(ImageCache, "_run_builder", builder)
+    monkeypatch.setenv(build_sandbox.MEMORY_ENV, "1G")
+    lines: list[str] = []
+    image = ImageCache(tmp_path).get([], lines.append, release="trixie")
+    assert image.rootfs.is_dir() and memory == [1 << 30, 0], memory
+    assert "  the build filled the 0.5 GiB of memory it runs in (a tmpfs, $HARDEN_BUILD_MEMORY): building it again " \
+        "on the disk" in lines, lines
+    assert build_sandbox.build_memory() == 1 << 30  # only that build

@@ -28,7 +28,7 @@ build step that runs them (:func:`sandboxed`) runs
   host root later writes there (a manifest, a lock) or renames into the cache is out of the build's reach, and the
   tree it made is taken out of the work directory only if it is a directory (:func:`finish`), never a link;
 - in memory where the host has it to spare: the work directory is a tmpfs of its own (:func:`build_memory`), so a
-  build cannot fill the cache's disk, and writes no journal: a base image built there took 15-17 s against 24-32 s
+  build writes to the cache's disk only a finished tree that fits there (at most that size), and no journal: a base image built there took 15-17 s against 24-32 s
   on this project's CI disk (docs/performance.md, section 8). The tmpfs is mounted in a mount namespace of its
   own, kept by a small process (:func:`prepare`), which the host never sees and the kernel takes down with the
   keeper and the build, however the run ends; the finished tree is copied to the disk (:func:`finish`).
@@ -44,15 +44,17 @@ Needs Linux 5.12 (``mount_setattr``, for the read-only copy).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
+import select
 import stat
 import subprocess
 import sys
 import threading
 import urllib.parse
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from ..errors import ImageBuildError, printable
@@ -72,7 +74,7 @@ HELPER_UIDS = 0x7FFD0000
 _BASES = (HELPER_UIDS - _FIRST_BASE) // RANGE
 MEMORY_ENV = "HARDEN_BUILD_MEMORY"
 _MEMORY_LIMIT = 8 << 30  # more than any package set this plugin has met needs (a base image: about 400 MB at most)
-_MIN_MEMORY = 1 << 30
+_MIN_MEMORY = 512 << 20
 
 
 def helper_environment(**extra: str) -> dict[str, str]:
@@ -290,9 +292,13 @@ def environment(env: Mapping[str, str]) -> dict[str, str]:
 def build_memory() -> int:
     """The size of the tmpfs a build's work directory is (bytes), or 0 to build on the disk.
 
-    ``$HARDEN_BUILD_MEMORY`` sets it (``4G``, ``512M``; ``0``: on the disk). Otherwise a quarter of the host's
-    memory, at most 8 GiB, where that much is available now and it is at least 1 GiB. A tmpfs takes memory only as
-    the build writes, and gives it back when the tree is on the disk."""
+    ``$HARDEN_BUILD_MEMORY`` sets it (``4G``, ``512M``; ``0``: on the disk). Otherwise an eighth of the host's
+    memory, at most 8 GiB, where twice that is available now and it is at least 512 MiB (a base image needs about
+    400 MB): four builds at once, each filling its tmpfs, leave the host half its memory. A tmpfs takes memory only as
+    the build writes, and gives it back when the tree is on the disk. A build that fills it is built again on the
+    disk (images.py)."""
+    if not _IN_MEMORY.get():
+        return 0
     text = os.environ.get(MEMORY_ENV, "").strip()
     if text:
         size = _size(text)
@@ -302,8 +308,25 @@ def build_memory() -> int:
     info = {}
     with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo", encoding="ascii") as lines:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines}
-    size = min(info.get("MemTotal", 0) // 4, _MEMORY_LIMIT)
-    return size if size >= _MIN_MEMORY and info.get("MemAvailable", 0) >= size else 0
+    size = min(info.get("MemTotal", 0) // 8, _MEMORY_LIMIT)
+    return size if size >= _MIN_MEMORY and info.get("MemAvailable", 0) >= 2 * size else 0
+
+
+@contextlib.contextmanager
+def on_the_disk() -> Iterator[None]:
+    """Builds started in this block (in this thread) write on the disk, whatever :func:`build_memory` says."""
+    token = _IN_MEMORY.set(False)
+    try:
+        yield
+    finally:
+        _IN_MEMORY.reset(token)
+
+
+_IN_MEMORY: contextvars.ContextVar[bool] = contextvars.ContextVar("in_memory", default=True)
+
+
+class MemoryFilled(ImageBuildError):
+    """The build filled the tmpfs it ran in (it can be built again on the disk)."""
 
 
 def _size(text: str) -> int | None:
@@ -318,62 +341,80 @@ def prepare(build: Path, base: int) -> Path:
     directory at: what it puts there for the build is seen at :data:`INSIDE`.
 
     With :func:`build_memory`, the work directory is a tmpfs in the mount namespace of a keeper process, reached
-    through ``/proc/KEEPER/root``: :func:`finish` must follow, whatever happens between (it ends the keeper). The
-    keeper ends by itself when the process that started it dies (its stdin closes), and the tmpfs with it."""
+    through the keeper's working directory (``/proc/KEEPER/cwd``: no host path is walked below it): :func:`finish`
+    must follow, whatever happens between (it ends the keeper). The keeper ends by itself when the process that
+    started it dies (its stdin closes), and the tmpfs with it."""
     (build / VIEW).mkdir(exist_ok=True)
-    work = Path(os.path.abspath(build / WORK))
+    work = Path(os.path.realpath(build / WORK))
     work.mkdir()
     size = build_memory()
     if not size:
         os.chown(work, base, base)
         return work
-    keeper = subprocess.Popen(
-        [sys.executable, "-I", "-c", _KEEPER, str(work), f"size={size},mode=0755,uid={base},gid={base}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=helper_environment())
-    assert keeper.stdout is not None and keeper.stdin is not None and keeper.stderr is not None
-    if keeper.stdout.readline() != b"ready\n":
-        keeper.stdin.close()
-        error = printable(keeper.stderr.read().decode(errors="replace")).strip()
-        keeper.wait()
-        raise ImageBuildError(f"could not mount a tmpfs for the build at {work}: {error}; hint: {MEMORY_ENV}=0 "
-                              "builds on the disk")
+    # At most one inode per 8 KiB (a Debian tree's files average more): the kernel's memory for inodes is bounded too.
+    options = f"size={size},nr_inodes={max(size // 8192, 65536)},mode=0755,uid={base},gid={base}"
+    keeper = subprocess.Popen([sys.executable, "-I", "-c", _KEEPER, str(work), options], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=helper_environment())
+    try:
+        assert keeper.stdout is not None and keeper.stderr is not None
+        ready = select.select([keeper.stdout], [], [], 30)[0] and keeper.stdout.readline() == b"ready\n"
+        if not ready:
+            keeper.kill()
+            error = printable(keeper.stderr.read().decode(errors="replace")).strip() or "no answer in 30 s"
+            raise ImageBuildError(f"could not mount a tmpfs for the build at {work}: {error}; hint: {MEMORY_ENV}=0 "
+                                  "builds on the disk")
+    except BaseException:
+        _end(keeper)
+        work.rmdir()
+        with contextlib.suppress(FileNotFoundError):
+            (build / VIEW).rmdir()
+        raise
     with _KEEPERS_LOCK:
         _KEEPERS[str(build)] = keeper
-    return _seen_by_keeper(keeper, work)
+    return _seen_by_keeper(keeper)
 
 
-def _seen_by_keeper(keeper: subprocess.Popen[bytes], path: Path) -> Path:
-    return Path(f"/proc/{keeper.pid}/root") / path.relative_to("/")
+def _seen_by_keeper(keeper: subprocess.Popen[bytes]) -> Path:
+    return Path(f"/proc/{keeper.pid}/cwd")  # the tmpfs's top, in the keeper's namespace
 
 
-def finish(build: Path, tree: str) -> Path | None:
+def finish(build: Path, tree: str, *, keep: bool = True) -> Path | None:
     """Once the build has ended (nothing of it runs any more), move the tree it made (``tree`` in the work
     directory) to ``build``/``tree`` and remove the rest of the work directory and the view's mount point. None,
-    leaving nothing, when the build left no directory there: it failed, or left a link (never followed).
+    leaving nothing, when the build left no directory there: it failed, or left a link (never followed). With
+    ``keep`` false (the build failed or was interrupted: its processes may not all be gone), nothing is taken.
 
-    A work directory in memory is copied to the disk (its shape checked first: staging.check_shape) and its
-    keeper ended, which takes the tmpfs down, even when that fails; ImageBuildError when the build had filled it."""
+    A work directory in memory is copied to the disk (its shape checked first: staging.check_shape; refused if it
+    does not fit there) and its keeper ended, which takes the tmpfs down, even when that fails; :class:`MemoryFilled`
+    when the build had filled it."""
     with contextlib.suppress(FileNotFoundError):
         (build / VIEW).rmdir()
     with _KEEPERS_LOCK:
         keeper = _KEEPERS.pop(str(build), None)
-    work = Path(os.path.abspath(build / WORK))
+    work = Path(os.path.realpath(build / WORK))
     if keeper is None:
-        kept = _is_directory(work / tree)
+        kept = keep and _is_directory(work / tree)
         if kept:
             os.rename(work / tree, build / tree)  # renames what is there (the build is over), never a link's target
         remove_tree(work)
         return build / tree if kept else None
+    kept = False
     try:
-        seen = _seen_by_keeper(keeper, work)
+        seen = _seen_by_keeper(keeper)
         usage = os.statvfs(seen)
-        if usage.f_bavail * usage.f_frsize < 4 << 20:
-            raise ImageBuildError(f"the build filled the {usage.f_blocks * usage.f_frsize / (1 << 30):.1f} GiB of "
-                                  f"memory it runs in (a tmpfs, ${MEMORY_ENV}); hint: {MEMORY_ENV}=16G gives it "
-                                  f"more, {MEMORY_ENV}=0 builds on the disk")
-        kept = _is_directory(seen / tree)
+        if usage.f_bavail * usage.f_frsize < 4 << 20 or usage.f_favail < 64:
+            raise MemoryFilled(f"the build filled the {usage.f_blocks * usage.f_frsize / (1 << 30):.1f} GiB of memory "
+                               f"it runs in (a tmpfs, ${MEMORY_ENV}); hint: {MEMORY_ENV}=16G gives it more, "
+                               f"{MEMORY_ENV}=0 builds on the disk")
+        kept = keep and _is_directory(seen / tree)
         if kept:
             check_shape(seen / tree)
+            disk = os.statvfs(build)
+            needed = (usage.f_blocks - usage.f_bfree) * usage.f_frsize
+            files = usage.f_files - usage.f_ffree
+            if needed > disk.f_bavail * disk.f_frsize or files > disk.f_favail:
+                raise ImageBuildError(f"the built tree ({needed >> 20} MiB, {files} files) does not fit on the disk "
+                                      f"of {build}; hint: free space there, or set HARDEN_CACHE_DIR to another disk")
             try:
                 copy_tree(seen / tree, build / tree)
             except OSError as exc:
@@ -420,6 +461,7 @@ for result, what in ((lambda: libc.unshare(0x20000), "unshare(CLONE_NEWNS)"),
                                          sys.argv[2].encode()), "mounting the tmpfs")):
     if result() != 0:
         sys.exit(f"{what}: {os.strerror(ctypes.get_errno())}")
+os.chdir(sys.argv[1])  # host root reaches the tmpfs as /proc/KEEPER/cwd
 sys.stdout.write("ready\n")
 sys.stdout.flush()
 while sys.stdin.buffer.read(4096):

@@ -326,8 +326,15 @@ class ImageCache:
         progress(f"building {label} (Debian {release}, {len(packages) + len(debs)} packages) into {final}")
         started = time.monotonic()
         try:
-            builder = self._on_cached_base(rootfs, extra, release, debs, progress) or \
-                self._run_builder(staging, rootfs, packages, release, debs, progress)
+            try:
+                builder = self._on_cached_base(rootfs, extra, release, debs, progress) or \
+                    self._run_builder(staging, rootfs, packages, release, debs, progress)
+            except build_sandbox.MemoryFilled as exc:
+                progress(f"  {str(exc).split(';')[0]}: building it again on the disk")
+                remove_tree(rootfs)
+                with build_sandbox.on_the_disk():
+                    builder = self._on_cached_base(rootfs, extra, release, debs, progress) or \
+                        self._run_builder(staging, rootfs, packages, release, debs, progress)
             _customize(rootfs)
             versions = installed_versions(rootfs)
             (staging / "manifest.json").write_text(json.dumps({
@@ -363,6 +370,8 @@ class ImageCache:
             install_on_base(base, rootfs, extra, progress, debs=debs)
         except AptRefused as exc:
             raise ImageBuildError(f"Debian {release}: {exc}") from None
+        except build_sandbox.MemoryFilled:
+            raise  # a full build would fill it too: built again on the disk (_build)
         except ImageBuildError as exc:
             progress(f"  that failed, building the image in full instead: {str(exc).splitlines()[0]}")
             remove_tree(rootfs)
@@ -386,6 +395,7 @@ class ImageCache:
         if debs:  # dpkg in the chroot must see the .deb files at the same paths
             command.insert(1, "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount")
         work = build_sandbox.prepare(staging, base)
+        returncode: int | None = None
         try:
             # The .debs are copied in: the build's root may not read them where they are (a uid of no account).
             local = work / "debs"
@@ -402,7 +412,8 @@ class ImageCache:
                 lambda line: f"  {command[0]}: {line}" if line.startswith(("I:", "E:", "W:")) else None,
                 build_sandbox.environment({"TMPDIR": str(inside / "tmp"), "HOME": str(inside / "tmp")}))
         finally:
-            made = build_sandbox.finish(staging, rootfs.name)
+            # Only a build that ended well is taken out: after an error or an interruption, some of it may still run.
+            made = build_sandbox.finish(staging, rootfs.name, keep=returncode == 0)
         refused = build_sandbox.refusal(returncode, tail)
         if refused:
             raise ImageBuildError(refused)
@@ -1025,6 +1036,7 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
     build = rootfs.parent
     uid_base = build_sandbox.build_base(build.name)
     work = build_sandbox.prepare(build, uid_base)
+    returncode: int | None = None
     try:
         copy = work / rootfs.name
         try:
@@ -1052,7 +1064,16 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
             lambda line: f"  apt-get: {line.strip()}" if " newly installed" in line else None,
             build_sandbox.environment({"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}))
     finally:
-        made = build_sandbox.finish(build, rootfs.name)
+        # Only a build that ended well is taken out: after an error or an interruption, some of it may still run.
+        made = build_sandbox.finish(build, rootfs.name, keep=returncode == 0)
+    refused = build_sandbox.refusal(returncode, tail)
+    if refused:
+        raise AptRefused(refused)  # a full build would meet the same refusal
+    if returncode != 0:
+        verdict = apt_verdict(tail)
+        failed = f"apt-get install {' '.join(extra)} on a copy of {base} failed (exit status " \
+            f"{returncode}):\n" + "\n".join(tail)
+        raise AptRefused(f"{verdict}\n{failed}") if verdict else ImageBuildError(failed)
     if made != rootfs:
         raise ImageBuildError(_no_tree_left("apt-get", rootfs))
     build_sandbox.take_back(rootfs, uid_base)
@@ -1064,14 +1085,6 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
     elif kept is not None:
         tree.write_bytes(resolv, kept)
     remove_tree(tree.real_path(local))
-    refused = build_sandbox.refusal(returncode, tail)
-    if refused:
-        raise AptRefused(refused)  # a full build would meet the same refusal
-    if returncode != 0:
-        verdict = apt_verdict(tail)
-        failed = f"apt-get install {' '.join(extra)} on a copy of {base} failed (exit status " \
-            f"{returncode}):\n" + "\n".join(tail)
-        raise AptRefused(f"{verdict}\n{failed}") if verdict else ImageBuildError(failed)
 
     for leftover in tree.names("var/lib/apt/lists"):  # as mmdebstrap leaves it: no indexes
         if tree.is_file(f"var/lib/apt/lists/{leftover}") and not tree.is_link(f"var/lib/apt/lists/{leftover}"):
