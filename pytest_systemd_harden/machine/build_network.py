@@ -8,15 +8,23 @@ a few ports (HTTP, HTTPS, the mirrors'), not to a few addresses.
 So the build's cgroup gets BPF programs (``BPF_PROG_TYPE_CGROUP_SOCK_ADDR``, on TCP connect and UDP send, IPv4 and
 IPv6; attached by the sandbox's wrapper to its own cgroup before the build starts) that refuse, with EPERM, every
 address that is not the internet's: loopback, private (RFC 1918, unique local), carrier-grade NAT, link-local,
-multicast, "this network", and IPv4 in IPv6; except the exact address and port of each mirror and proxy the build
-is given (resolved now) and of each name server in the host's ``/etc/resolv.conf`` (port 53). A mirror on the local
-network or a caching proxy on the host (apt-cacher-ng on localhost:3142) is reached; nothing else there is.
+multicast, "this network", the host's own addresses (a service listening on all of them answers on a public one
+too) and the networks it routes to other than by its default route (:func:`host_networks`: the local network, a
+VPN's); IPv4 in IPv6 (mapped, NAT64) is judged as the IPv4 address; except the exact address and port of each
+mirror and proxy the build is given (resolved now) and of each name server in the host's ``/etc/resolv.conf``
+(port 53). A mirror on the local network or a caching proxy on the host (apt-cacher-ng on localhost:3142) is
+reached; nothing else there is, unless a proxy given forwards there (a proxy must refuse those destinations
+itself).
+
+Not covered (said in docs/backends.md): IPv4 source-route options (the hooks see the final address; Linux hosts
+drop such packets), SCTP and ICMP echo sockets (no hooks; no HTTP through them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import socket
 import struct
 import sys
@@ -32,12 +40,60 @@ BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_SENDMSG = 14, 15
 # struct bpf_sock_addr: user_ip4 at 4, user_ip6[4] at 8, user_port at 24 (each read as 32 bits, network byte order)
 _USER_IP4, _USER_IP6, _USER_PORT = 4, 8, 24
 
-# What a build never reaches unless it is a mirror's, a proxy's or a name server's own address.
+# What a build never reaches unless it is a mirror's, a proxy's or a name server's own address (besides the host's own
+# addresses and the networks it routes to: host_networks).
 REFUSED_V4 = tuple(ipaddress.IPv4Network(n) for n in (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16",
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+    "192.168.0.0/16", "198.18.0.0/15", "168.63.129.16/32",  # Azure's host agent (WireServer), a metadata service too
     "224.0.0.0/3"))  # multicast and the reserved rest, up to the broadcast address
+# IPv4 in IPv6 that a connection reaches as the IPv4 address: judged as that address (allowed to the internet).
+EMBEDDING_V4 = tuple(ipaddress.IPv6Network(n) for n in ("::ffff:0:0/96", "64:ff9b::/96"))
 REFUSED_V6 = tuple(ipaddress.IPv6Network(n) for n in (
-    "::/127", "::ffff:0:0/96", "fc00::/7", "fe80::/10", "ff00::/8"))  # unspecified and loopback; IPv4 in IPv6
+    "::/96",  # unspecified, loopback, and the old IPv4-compatible addresses
+    "64:ff9b:1::/48",  # NAT64 for local use
+    "2002::/16",  # 6to4, with any IPv4 address inside
+    "fc00::/7", "fe80::/10", "ff00::/8"))
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def host_networks() -> list[Network]:
+    """The host's own addresses (a service listening on all of them answers on its public one too) and the networks
+    it routes to other than by its default route (the local network, a VPN's), from its procfs; prefixes shorter
+    than /8 (IPv4) and /16 (IPv6) are taken as default routes (a VPN's 0.0.0.0/1 and 128.0.0.0/1)."""
+    found: list[Network] = []
+    trie = _lines("/proc/net/fib_trie")
+    for previous, line in itertools.pairwise(trie):
+        if "/32 host LOCAL" in line:
+            with contextlib.suppress(ValueError, IndexError):
+                found.append(ipaddress.IPv4Network(previous.split()[-1]))
+    for line in _lines("/proc/net/route")[1:]:
+        fields = line.split()
+        with contextlib.suppress(ValueError, IndexError):
+            # printed as the host reads the address: a 32-bit number in its own byte order
+            destination, mask = (ipaddress.IPv4Address(int(f, 16).to_bytes(4, sys.byteorder)) for f in fields[1:8:6])
+            network = ipaddress.IPv4Network(f"{destination}/{mask}", strict=False)
+            if network.prefixlen >= 8:
+                found.append(network)
+    for line in _lines("/proc/net/if_inet6"):
+        with contextlib.suppress(ValueError, IndexError):
+            found.append(ipaddress.IPv6Network(ipaddress.IPv6Address(bytes.fromhex(line.split()[0]))))
+    for line in _lines("/proc/net/ipv6_route"):
+        fields = line.split()
+        with contextlib.suppress(ValueError, IndexError):
+            route = ipaddress.IPv6Network(f"{ipaddress.IPv6Address(bytes.fromhex(fields[0]))}/{int(fields[1], 16)}",
+                                          strict=False)
+            if route.prefixlen >= 16:
+                found.append(route)
+    return list(dict.fromkeys(found))
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="ascii", errors="replace") as text:
+            return text.read().splitlines()
+    except OSError:
+        return []
 
 
 def allowed_endpoints(urls: Iterable[str], resolv_conf: str) -> list[tuple[Address, int]]:
@@ -60,13 +116,20 @@ def allowed_endpoints(urls: Iterable[str], resolv_conf: str) -> list[tuple[Addre
     return list(dict.fromkeys(found))
 
 
-def programs(allowed: Sequence[tuple[Address, int]]) -> list[tuple[bytes, tuple[int, ...]]]:
-    """The programs to load and the attach types of each: one for IPv4, one for IPv6."""
-    v4 = [(a, p) for a, p in allowed if a.version == 4]
-    v6 = [(a, p) for a, p in allowed if a.version == 6]
-    return [(_program(v4, REFUSED_V4, [_USER_IP4]), (BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_UDP4_SENDMSG)),
-            (_program(v6, REFUSED_V6, [_USER_IP6 + 4 * i for i in range(4)]),
-             (BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_UDP6_SENDMSG))]
+def programs(allowed: Sequence[tuple[Address, int]], refused: Sequence[Network] = ()
+             ) -> list[tuple[bytes, tuple[int, ...]]]:
+    """The programs to load and the attach types of each: on connect and on send, for IPv4 and IPv6. ``refused``
+    adds to the built-in ranges (:func:`host_networks`)."""
+    v4 = [(a, p) for a, p in allowed if isinstance(a, ipaddress.IPv4Address)]
+    v6 = [(a, p) for a, p in allowed if isinstance(a, ipaddress.IPv6Address)]
+    refused4 = [*REFUSED_V4, *(n for n in refused if isinstance(n, ipaddress.IPv4Network))]
+    refused6 = [*REFUSED_V6, *(n for n in refused if isinstance(n, ipaddress.IPv6Network))]
+    made: list[tuple[bytes, tuple[int, ...]]] = []
+    for sending, four, six in ((False, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT),
+                               (True, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_SENDMSG)):
+        made.append((_program(sending, v4, refused4), (four,)))
+        made.append((_program(sending, v4, refused4, v6, refused6), (six,)))
+    return made
 
 
 def _words(packed: bytes) -> list[int]:
@@ -94,13 +157,10 @@ class _Assembler:
         self._next += 1
         return f"l{self._next}"
 
-    def load(self, register: int, offset: int) -> None:  # rD = *(u32 *)(r1 + offset)
+    def load(self, register: int, offset: int, mask: int = 0xFFFFFFFF) -> None:  # wD = *(u32 *)(r1 + off) & mask
         self.code.append((0x61, register, 1, offset, 0))
-
-    def load_masked(self, register: int, offset: int, mask: int) -> None:
-        self.load(register, offset)
         if mask != 0xFFFFFFFF:
-            self.code.append((0x54, register, 0, 0, mask))  # wD &= mask (32-bit AND with an immediate)
+            self.code.append((0x54, register, 0, 0, mask))  # 32-bit AND with an immediate
 
     def jump_if(self, equal: bool, register: int, value: int, target: str) -> None:  # JMP32 JEQ/JNE immediate
         self.code.append((0x16 if equal else 0x56, register, 0, target, value))
@@ -117,14 +177,23 @@ class _Assembler:
         for index, (opcode, dst, src, offset, imm) in enumerate(self.code):
             if isinstance(offset, str):
                 offset = self.labels[offset] - index - 1
-            out += struct.pack("<BBhI", opcode, (src << 4) | dst, offset, imm & 0xFFFFFFFF)
+            # struct bpf_insn in the host's order: dst_reg is the low nibble on a little-endian machine
+            registers = (src << 4) | dst if sys.byteorder == "little" else (dst << 4) | src
+            out += struct.pack("=BBhI", opcode, registers, offset, imm & 0xFFFFFFFF)
         return out
 
 
-def _program(allowed: Sequence[tuple[Address, int]], refused: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
-             offsets: Sequence[int]) -> bytes:
-    """Allow an allowed (address, port); refuse an address in ``refused``; allow the rest."""
-    asm = _Assembler()
+def _matches(asm: _Assembler, offsets: Sequence[int], network: Network, otherwise: str) -> None:
+    """Fall through if the address at ``offsets`` is in ``network``, else go to ``otherwise``."""
+    for offset, word, mask in zip(offsets, _words(network.network_address.packed), _words(network.netmask.packed)):
+        if mask:
+            asm.load(2, offset, mask)
+            asm.jump_if(False, 2, word, otherwise)
+
+
+def _rules(asm: _Assembler, offsets: Sequence[int], allowed: Sequence[tuple[Address, int]],
+           refused: Sequence[Network]) -> None:
+    """Allow an allowed (address, port); refuse an address in ``refused``; else fall through."""
     for address, port in allowed:
         other = asm.fresh()
         for offset, word in zip(offsets, _words(address.packed)):
@@ -135,13 +204,34 @@ def _program(allowed: Sequence[tuple[Address, int]], refused: Sequence[ipaddress
         asm.label(other)
     for network in refused:
         other = asm.fresh()
-        masks = _words(network.netmask.packed)
-        for offset, word, mask in zip(offsets, _words(network.network_address.packed), masks):
-            if mask:
-                asm.load_masked(2, offset, mask)
-                asm.jump_if(False, 2, word, other)
+        _matches(asm, offsets, network, other)
         asm.jump("refuse")
         asm.label(other)
+
+
+def _program(sending: bool, allowed4: Sequence[tuple[Address, int]], refused4: Sequence[Network],
+             allowed6: Sequence[tuple[Address, int]] | None = None, refused6: Sequence[Network] = ()) -> bytes:
+    """An IPv4 program, or with ``allowed6`` an IPv6 one (its IPv4-in-IPv6 addresses judged as IPv4). On a send
+    (``sending``), port 0 is allowed: that is a connected socket's send with control data, whose destination the
+    kernel does not give (its connect was judged)."""
+    asm = _Assembler()
+    if sending:
+        asm.load(2, _USER_PORT)
+        asm.jump_if(True, 2, 0, "allow")
+    if allowed6 is None:
+        _rules(asm, [_USER_IP4], allowed4, refused4)
+    else:
+        words = [_USER_IP6 + 4 * i for i in range(4)]
+        _rules(asm, words, allowed6, [])
+        for network in EMBEDDING_V4:
+            other = asm.fresh()
+            _matches(asm, words, network, other)
+            asm.jump("embedded")
+            asm.label(other)
+        _rules(asm, words, [], refused6)
+        asm.jump("allow")
+        asm.label("embedded")
+        _rules(asm, [words[3]], allowed4, refused4)
     asm.label("allow")
     asm.give(1)
     asm.label("refuse")

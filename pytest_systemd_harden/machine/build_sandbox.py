@@ -262,7 +262,7 @@ def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[
     HTTP, HTTPS, their ports and a proxy's (a host service on any other port, a database or a local admin API,
     does not answer the build). Paths in ``command`` must be the build's view of them."""
     urls = [word for line in sources for word in line.split() if "://" in word]
-    ports = {80, 443}
+    ports = {53, 80, 443}  # 53: a name server's answer too long for UDP comes over TCP
     for url in [*urls, *(os.environ.get(name, "") for name in _PASSED_ON)]:
         with contextlib.suppress(ValueError):
             ports.add(urllib.parse.urlsplit(url).port or 80)
@@ -274,8 +274,8 @@ def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[
             servers = resolv_conf.read()
     except OSError:
         servers = ""
-    network = [(code.hex(), types) for code, types in
-               build_network.programs(build_network.allowed_endpoints([*urls, *proxies], servers))]
+    network = [(code.hex(), types) for code, types in build_network.programs(
+        build_network.allowed_endpoints([*urls, *proxies], servers), build_network.host_networks())]
     given = {"visible": [url.removeprefix("file://") for url in urls if url.startswith("file://")],
              "ports": sorted(ports), "keeper": keeper.pid if keeper else None, "network": network}
     return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), json.dumps(given), "--", *command]
