@@ -507,6 +507,42 @@ def test_a_build_reaches_its_mirror_and_the_internet_but_no_other_address_of_the
     assert refused not in lines[12:14], lines
 
 
+# Makes each socket of its arguments (family, type, protocol), then calls io_uring_setup: "ok", or the error's number.
+_SOCKETS = ("import ctypes, socket, sys\n"
+            "for family, kind, protocol in zip(*[iter(map(int, sys.argv[1:]))] * 3):\n"
+            "    try:\n"
+            "        socket.socket(family, kind, protocol).close()\n"
+            "        print('ok')\n"
+            "    except OSError as error:\n"
+            "        print(error.errno)\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "params = ctypes.create_string_buffer(120)\n"
+            "print('ok' if libc.syscall(425, 1, params) >= 0 else ctypes.get_errno())\n")
+
+
+def test_a_build_makes_only_the_sockets_apt_and_maintainer_scripts_use(tmp_path: Path) -> None:
+    # Sockets whose sends no cgroup hook judges (SCTP, ICMP echo, vsock to the hypervisor) and io_uring (which makes
+    # sockets past seccomp) are refused; unix, netlink, TCP, UDP are made.
+    from pytest_systemd_harden.machine import build_sandbox
+
+    build = tmp_path / "build"
+    build.mkdir()
+    base = build_sandbox.build_base(build.name)
+    build_sandbox.prepare(build, base)
+    made = [socket.AF_UNIX, socket.SOCK_STREAM, 0, socket.AF_NETLINK, socket.SOCK_RAW, 0,
+            socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC, 0, socket.AF_INET6, socket.SOCK_DGRAM, 17]
+    refused = [socket.AF_INET, socket.SOCK_STREAM, 132, socket.AF_INET6, socket.SOCK_SEQPACKET, 0,  # SCTP
+               socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP, 40, socket.SOCK_STREAM, 0,  # ping; vsock
+               socket.AF_PACKET, socket.SOCK_DGRAM, 0]
+    try:
+        ran = run_as_a_build(build_sandbox.sandboxed(["/usr/bin/python3", "-I", "-c", _SOCKETS,
+                                                      *map(str, made + refused)], build, base), build.name)
+    finally:
+        build_sandbox.finish(build, "tree")
+    lines = (ran.stdout + ran.stderr).splitlines()
+    assert lines == ["ok"] * 4 + [str(errno.EPERM)] * 5 + [str(errno.ENOSYS)], lines
+
+
 def test_a_host_path_given_to_the_build_is_seen_and_its_neighbours_are_not(tmp_path: Path) -> None:
     # A file:// mirror outside the system's directories: the build reads it, not what lies beside it.
     from pytest_systemd_harden.machine import build_sandbox

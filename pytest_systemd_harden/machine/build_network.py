@@ -16,8 +16,8 @@ mirror and proxy the build is given (resolved now) and of each name server in th
 reached; nothing else there is, unless a proxy given forwards there (a proxy must refuse those destinations
 itself).
 
-Not covered (said in docs/backends.md): IPv4 source-route options (the hooks see the final address; Linux hosts
-drop such packets), SCTP and ICMP echo sockets (no hooks; no HTTP through them).
+The sockets no hook sees are not made (:func:`socket_filter`). Not covered (said in docs/backends.md): IPv4
+source-route options (the hooks see the final address; Linux hosts drop such packets).
 """
 
 from __future__ import annotations
@@ -237,3 +237,93 @@ def _program(sending: bool, allowed4: Sequence[tuple[Address, int]], refused4: S
     asm.label("refuse")
     asm.give(0)
     return asm.assemble()
+
+
+# --- the sockets a build may make (seccomp) -------------------------------------------------------------------------
+# Some sockets send where the hooks above never look: SCTP (its connect and send run no cgroup hook; the module loads
+# on the first socket()), ICMP echo ("ping") sockets' sends, AF_VSOCK to the hypervisor; and io_uring makes sockets
+# past seccomp. A build makes the sockets apt and the packages' scripts use: unix, netlink, and TCP, UDP, UDP-Lite
+# and MPTCP over IPv4 and IPv6; any other socket() is refused with EPERM, io_uring_setup with ENOSYS (no io_uring).
+
+_SECCOMP_ALLOW, _SECCOMP_ERRNO = 0x7FFF0000, 0x00050000
+_EPERM, _ENOSYS = 1, 38
+# (audit arch, socket, socketcall or None, io_uring_setup) of the host's own and its compat ABI
+_ABIS = {
+    "x86_64": ((0xC000003E, 41, None, 425), (0x40000003, 359, 102, 425)),
+    "aarch64": ((0xC00000B7, 198, None, 425), (0x40000028, 281, None, 425)),
+}
+_X32 = 0x40000000  # x86-64's x32 calls: no Debian package uses them
+_FAMILIES = (1, 16)  # AF_UNIX, AF_NETLINK
+_INTERNET = (2, 10)  # AF_INET, AF_INET6
+_TYPES = (1, 2)  # SOCK_STREAM, SOCK_DGRAM (SOCK_SEQPACKET with protocol 0 is SCTP)
+_PROTOCOLS = (0, 6, 17, 136, 262)  # the type's default (TCP, UDP), TCP, UDP, UDP-Lite, MPTCP
+
+
+def socket_filter(machine: str) -> bytes:
+    """The seccomp program (classic BPF, struct sock_filter in the host's order) for a host of architecture
+    ``machine`` (platform.machine()); b"" where it is not known (the hooks above still judge every address)."""
+    abis = _ABIS.get(machine)
+    if abis is None:
+        return b""
+    code: list[tuple[int, int | str, int | str, int]] = []  # code, jump if true, jump if false, k
+    labels: dict[str, int] = {}
+
+    def load(offset: int) -> None:
+        code.append((0x20, 0, 0, offset))  # BPF_LD | BPF_W | BPF_ABS
+
+    def arg(index: int) -> None:  # the low 32 bits of a 64-bit argument
+        load(16 + 8 * index + (0 if sys.byteorder == "little" else 4))
+
+    def when(value: int, target: str, *, at_least: bool = False) -> None:  # BPF_JMP | BPF_JEQ/JGE | BPF_K
+        code.append((0x35 if at_least else 0x15, target, 0, value))
+
+    def give(value: int) -> None:
+        code.append((0x06, 0, 0, value))  # BPF_RET | BPF_K
+
+    load(4)  # arch
+    for index, _abi in enumerate(abis):
+        when(_abi[0], f"abi{index}")
+    give(_SECCOMP_ALLOW)
+    for index, (_arch, socket_nr, socketcall, io_uring) in enumerate(abis):
+        labels[f"abi{index}"] = len(code)
+        load(0)  # nr
+        if machine == "x86_64" and index == 0:
+            when(_X32, "enosys", at_least=True)
+        when(io_uring, "enosys")
+        when(socket_nr, "socket")
+        if socketcall is not None:
+            when(socketcall, f"socketcall{index}")
+        give(_SECCOMP_ALLOW)
+        if socketcall is not None:
+            labels[f"socketcall{index}"] = len(code)
+            arg(0)
+            when(1, "eperm")  # SYS_SOCKET: its arguments are behind a pointer seccomp cannot read
+            give(_SECCOMP_ALLOW)
+    labels["socket"] = len(code)
+    arg(0)
+    for family in _FAMILIES:
+        when(family, "allow")
+    for family in _INTERNET:
+        when(family, "internet")
+    give(_SECCOMP_ERRNO | _EPERM)
+    labels["internet"] = len(code)
+    arg(1)
+    code.append((0x54, 0, 0, 0xF))  # BPF_ALU | BPF_AND | BPF_K: the type without SOCK_NONBLOCK, SOCK_CLOEXEC
+    for kind in _TYPES:
+        when(kind, "protocol")
+    give(_SECCOMP_ERRNO | _EPERM)
+    labels["protocol"] = len(code)
+    arg(2)
+    for protocol in _PROTOCOLS:
+        when(protocol, "allow")
+    labels["eperm"] = len(code)
+    give(_SECCOMP_ERRNO | _EPERM)
+    labels["allow"] = len(code)
+    give(_SECCOMP_ALLOW)
+    labels["enosys"] = len(code)
+    give(_SECCOMP_ERRNO | _ENOSYS)
+    out = b""
+    for index, (opcode, if_true, if_false, k) in enumerate(code):
+        jumps = [labels[j] - index - 1 if isinstance(j, str) else j for j in (if_true, if_false)]
+        out += struct.pack("=HBBI", opcode, *jumps, k)
+    return out

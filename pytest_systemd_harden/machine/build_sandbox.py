@@ -47,6 +47,7 @@ import contextlib
 import contextvars
 import json
 import os
+import platform
 import select
 import stat
 import subprocess
@@ -214,6 +215,11 @@ if child == 0:
             check(libc.syscall(445, ruleset, 2, rule, 0), "landlock_add_rule")
         check(libc.syscall(446, ruleset, 0), "landlock_restrict_self")
         os.close(ruleset)
+    if given["seccomp"]:  # the sockets it may make (build_network.socket_filter): no SCTP, ping, vsock, io_uring
+        code = bytes.fromhex(given["seccomp"])
+        filters = ctypes.create_string_buffer(code, len(code))
+        program = ctypes.create_string_buffer(struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(filters)), 16)
+        check(libc.prctl(22, 2, program, 0, 0), "installing its socket filter (seccomp)")  # PR_SET_SECCOMP, FILTER
     os.execvpe("unshare", ["unshare", "--mount", "--propagation", "private", "--fork", "--kill-child", "--", *argv],
                env)
 os.close(unshared[1])
@@ -258,9 +264,10 @@ def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[
     """``command`` run as described above, with the work directory of ``build`` (made by :func:`prepare`) writable
     at :data:`INSIDE` and its working directory there, and the environment :func:`environment` gives the wrapper
     (without it: a plain ``PATH`` and nothing else). ``sources`` are the apt source lines the build downloads from:
-    a ``file://`` one's directory is seen (read-only) where the view would hide it, and TCP connections go only to
+    a ``file://`` one's directory is seen (read-only) where the view would hide it, TCP connections go only to DNS,
     HTTP, HTTPS, their ports and a proxy's (a host service on any other port, a database or a local admin API,
-    does not answer the build). Paths in ``command`` must be the build's view of them."""
+    does not answer the build), and only to the internet's addresses and theirs (build_network.py). Paths in
+    ``command`` must be the build's view of them."""
     urls = [word for line in sources for word in line.split() if "://" in word]
     ports = {53, 80, 443}  # 53: a name server's answer too long for UDP comes over TCP
     for url in [*urls, *(os.environ.get(name, "") for name in _PASSED_ON)]:
@@ -277,7 +284,8 @@ def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[
     network = [(code.hex(), types) for code, types in build_network.programs(
         build_network.allowed_endpoints([*urls, *proxies], servers), build_network.host_networks())]
     given = {"visible": [url.removeprefix("file://") for url in urls if url.startswith("file://")],
-             "ports": sorted(ports), "keeper": keeper.pid if keeper else None, "network": network}
+             "ports": sorted(ports), "keeper": keeper.pid if keeper else None, "network": network,
+             "seccomp": build_network.socket_filter(platform.machine()).hex()}
     return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), json.dumps(given), "--", *command]
 
 
