@@ -242,21 +242,24 @@ def _program(sending: bool, allowed4: Sequence[tuple[Address, int]], refused4: S
 # --- the sockets a build may make (seccomp) -------------------------------------------------------------------------
 # Some sockets send where the hooks above never look: SCTP (its connect and send run no cgroup hook; the module loads
 # on the first socket()), ICMP echo ("ping") sockets' sends, AF_VSOCK to the hypervisor; and io_uring makes sockets
-# past seccomp. A build makes the sockets apt and the packages' scripts use: unix, netlink, and TCP, UDP, UDP-Lite
-# and MPTCP over IPv4 and IPv6; any other socket() is refused with EPERM, io_uring_setup with ENOSYS (no io_uring).
+# past seccomp. A build makes the sockets apt and the packages' scripts use: unix, netlink, and TCP, UDP and MPTCP
+# over IPv4 and IPv6 (UDP-Lite's connect runs no hook either); any other socket() or socketpair() is refused as a
+# kernel without that family (EAFNOSUPPORT) or protocol (EPROTONOSUPPORT) refuses it, so a program that probes for
+# one falls back; io_uring_setup with ENOSYS (no io_uring). 32-bit x86 code whose C library makes sockets through
+# socketcall() gets none (its arguments are behind a pointer seccomp cannot read).
 
 _SECCOMP_ALLOW, _SECCOMP_ERRNO = 0x7FFF0000, 0x00050000
-_EPERM, _ENOSYS = 1, 38
-# (audit arch, socket, socketcall or None, io_uring_setup) of the host's own and its compat ABI
+_ENOSYS, _EPROTONOSUPPORT, _EAFNOSUPPORT = 38, 93, 97
+# (audit arch, socket, socketpair, socketcall or None, io_uring_setup) of the host's own and its compat ABI
 _ABIS = {
-    "x86_64": ((0xC000003E, 41, None, 425), (0x40000003, 359, 102, 425)),
-    "aarch64": ((0xC00000B7, 198, None, 425), (0x40000028, 281, None, 425)),
+    "x86_64": ((0xC000003E, 41, 53, None, 425), (0x40000003, 359, 360, 102, 425)),
+    "aarch64": ((0xC00000B7, 198, 199, None, 425), (0x40000028, 281, 288, None, 425)),
 }
 _X32 = 0x40000000  # x86-64's x32 calls: no Debian package uses them
 _FAMILIES = (1, 16)  # AF_UNIX, AF_NETLINK
 _INTERNET = (2, 10)  # AF_INET, AF_INET6
 _TYPES = (1, 2)  # SOCK_STREAM, SOCK_DGRAM (SOCK_SEQPACKET with protocol 0 is SCTP)
-_PROTOCOLS = (0, 6, 17, 136, 262)  # the type's default (TCP, UDP), TCP, UDP, UDP-Lite, MPTCP
+_PROTOCOLS = (0, 6, 17, 262)  # the type's default (TCP, UDP), TCP, UDP, MPTCP
 
 
 def socket_filter(machine: str) -> bytes:
@@ -284,20 +287,22 @@ def socket_filter(machine: str) -> bytes:
     for index, _abi in enumerate(abis):
         when(_abi[0], f"abi{index}")
     give(_SECCOMP_ALLOW)
-    for index, (_arch, socket_nr, socketcall, io_uring) in enumerate(abis):
+    for index, (_arch, socket_nr, socketpair_nr, socketcall, io_uring) in enumerate(abis):
         labels[f"abi{index}"] = len(code)
         load(0)  # nr
         if machine == "x86_64" and index == 0:
             when(_X32, "enosys", at_least=True)
         when(io_uring, "enosys")
         when(socket_nr, "socket")
+        when(socketpair_nr, "socket")  # the same arguments (AF_TIPC makes pairs)
         if socketcall is not None:
             when(socketcall, f"socketcall{index}")
         give(_SECCOMP_ALLOW)
         if socketcall is not None:
             labels[f"socketcall{index}"] = len(code)
             arg(0)
-            when(1, "eperm")  # SYS_SOCKET: its arguments are behind a pointer seccomp cannot read
+            when(1, "no family")  # SYS_SOCKET, SYS_SOCKETPAIR: arguments behind a pointer seccomp cannot read
+            when(8, "no family")
             give(_SECCOMP_ALLOW)
     labels["socket"] = len(code)
     arg(0)
@@ -305,19 +310,19 @@ def socket_filter(machine: str) -> bytes:
         when(family, "allow")
     for family in _INTERNET:
         when(family, "internet")
-    give(_SECCOMP_ERRNO | _EPERM)
+    labels["no family"] = len(code)
+    give(_SECCOMP_ERRNO | _EAFNOSUPPORT)
     labels["internet"] = len(code)
     arg(1)
     code.append((0x54, 0, 0, 0xF))  # BPF_ALU | BPF_AND | BPF_K: the type without SOCK_NONBLOCK, SOCK_CLOEXEC
     for kind in _TYPES:
         when(kind, "protocol")
-    give(_SECCOMP_ERRNO | _EPERM)
+    give(_SECCOMP_ERRNO | _EPROTONOSUPPORT)
     labels["protocol"] = len(code)
     arg(2)
     for protocol in _PROTOCOLS:
         when(protocol, "allow")
-    labels["eperm"] = len(code)
-    give(_SECCOMP_ERRNO | _EPERM)
+    give(_SECCOMP_ERRNO | _EPROTONOSUPPORT)
     labels["allow"] = len(code)
     give(_SECCOMP_ALLOW)
     labels["enosys"] = len(code)

@@ -206,13 +206,15 @@ if child == 0:
     if libc.syscall(250, 1, None) < 0 and ctypes.get_errno() != 38:
         check(-1, "a session keyring of its own")
     if scoped:
-        # handled_access_fs, handled_access_net (LANDLOCK_ACCESS_NET_CONNECT_TCP), scoped (ABSTRACT_UNIX_SOCKET |
-        # SIGNAL); then a rule per TCP port it may connect to (LANDLOCK_RULE_NET_PORT): the mirrors' and a proxy's.
-        rules = struct.pack("=QQQ", 0, 0x2, 0x1 | 0x2)
+        # handled_access_fs, handled_access_net (LANDLOCK_ACCESS_NET_BIND_TCP | CONNECT_TCP), scoped (ABSTRACT_UNIX_SOCKET
+        # | SIGNAL); then a rule per TCP port it may connect to (LANDLOCK_RULE_NET_PORT): the mirrors' and a proxy's;
+        # and binding only port 0 (an ephemeral port): no server of the build takes a host port, nor answers on one.
+        rules = struct.pack("=QQQ", 0, 0x1 | 0x2, 0x1 | 0x2)
         ruleset = check(libc.syscall(444, rules, len(rules), 0), "landlock_create_ruleset")
         for port in ports:
             rule = struct.pack("=QQ", 0x2, port)
             check(libc.syscall(445, ruleset, 2, rule, 0), "landlock_add_rule")
+        check(libc.syscall(445, ruleset, 2, struct.pack("=QQ", 0x1, 0), 0), "landlock_add_rule")
         check(libc.syscall(446, ruleset, 0), "landlock_restrict_self")
         os.close(ruleset)
     if given["seccomp"]:  # the sockets it may make (build_network.socket_filter): no SCTP, ping, vsock, io_uring
