@@ -172,3 +172,22 @@ def test_the_kernel_command_line_names_the_units_held_at_boot(tmp_path: Path) ->
     image = VmImage("k", tmp_path / "disk.ext4", tmp_path / "vmlinuz", tmp_path / "initrd.img")
     append = machine.command_line(image, tmp_path, "tcg", None)
     assert "pytest_systemd_harden.hold=memcached.service" in append[append.index("-append") + 1]
+
+
+def test_the_guest_s_console_is_read_from_a_pipe_and_only_its_last_64_kib_kept() -> None:
+    # A guest printing without end fills no disk and no memory: QEMU writes its console to a pipe (-chardev
+    # stdio), which is always drained (a full one would stop the guest), and the count says it still grows.
+    machine = QemuMachine(MachineConfig(backend="qemu"))
+    command = machine.command_line(VmImage("k", Path("/d"), Path("/k"), Path("/i")), Path("/run/x"), "tcg", None)
+    assert command[command.index("-serial") + 1] == "chardev:console" and "stdio,id=console,signal=off" in command
+    printer = subprocess.Popen(["python3", "-c", "import sys; [sys.stdout.write('line %06d\\n' % i) for i in "
+                                "range(100000)]"], stdout=subprocess.PIPE)
+
+    class Started:
+        process = printer
+
+    machine._collect_console(Started())  # type: ignore[arg-type]
+    printer.wait()
+    text = machine._console_text()
+    assert machine._console_bytes == 1_200_000 and len(text) == 64 << 10
+    assert text.endswith("line 099999\n")

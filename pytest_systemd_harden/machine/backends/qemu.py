@@ -160,6 +160,10 @@ class QemuMachine(Machine):
     _agent: GuestAgent | None = field(default=None, init=False, repr=False)
     _stderr: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=50), init=False,
                                             repr=False)
+    # The guest's console as QEMU passes it on (a pipe, not a file that grows with whatever the guest prints): its
+    # last 64 KiB, and how many bytes came in all (the early-boot check watches it grow).
+    _console: bytearray = field(default_factory=bytearray, init=False, repr=False)
+    _console_bytes: int = field(default=0, init=False, repr=False)
 
     # -- the command line ---------------------------------------------------------------------------------
 
@@ -180,7 +184,7 @@ class QemuMachine(Machine):
             "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
             "-sandbox", QEMU_SANDBOX, "-runas", f"{qemu_uid(self.name)}:{qemu_uid(self.name)}",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append,
-            "-serial", f"file:{runtime / 'console.log'}",
+            "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
             # snapshot=on: writes go to a temporary overlay (in TMPDIR, our runtime directory), never the image.
             "-drive", f"id=root,file={image.disk},format=raw,if=none,snapshot=on",
             "-device", "virtio-blk-device,drive=root",
@@ -286,8 +290,8 @@ class QemuMachine(Machine):
             if self._contained.process.poll() is not None:
                 return f"qemu exited ({next(reversed(self._stderr), 'no message')})"
             now = time.monotonic()
-            if len(text) != last_size:
-                last_size, last_change = len(text), now
+            if self._console_bytes != last_size:
+                last_size, last_change = self._console_bytes, now
             elif now - last_change > EARLY_BOOT_STALL_SECONDS:
                 tail = text.strip().splitlines()[-1:] or ["nothing"]
                 return f"the kernel printed nothing for {EARLY_BOOT_STALL_SECONDS:.0f}s after: {tail[0]}"
@@ -311,13 +315,17 @@ class QemuMachine(Machine):
 
     def _launch(self, image: VmImage, files_disk: Path | None, accelerator: str) -> None:
         assert self._runtime is not None
-        for stale in ("console.log", "bus.sock", "agent.sock"):
+        for stale in ("bus.sock", "agent.sock"):
             (self._runtime / stale).unlink(missing_ok=True)
         self._stderr.clear()
+        self._console.clear()
+        self._console_bytes = 0
         self._contained = Contained.start(self.command_line(image, self._runtime, accelerator, files_disk), "qemu",
-                                          self.name, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          self.name, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, env=helper_environment(TMPDIR=str(self._runtime)))  # its overlay
         threading.Thread(target=self._collect_stderr, args=(self._contained,), name=f"qemu {self.name}",
+                         daemon=True).start()
+        threading.Thread(target=self._collect_console, args=(self._contained,), name=f"qemu console {self.name}",
                          daemon=True).start()
         deadline = time.monotonic() + 10
         while not (self._runtime / "agent.sock").exists():  # QEMU listens before the guest runs
@@ -326,6 +334,15 @@ class QemuMachine(Machine):
                 raise MachineError(f"{QEMU} did not start ({self._contained.process.poll()}):\n"
                                    + "\n".join(self._stderr))
             time.sleep(0.02)
+
+    def _collect_console(self, contained: Contained) -> None:
+        """Read the guest's console for as long as QEMU writes it (a full pipe would stop the guest), keeping the
+        last 64 KiB."""
+        assert contained.process.stdout is not None
+        while chunk := os.read(contained.process.stdout.fileno(), 1 << 16):
+            self._console += chunk
+            self._console_bytes += len(chunk)
+            del self._console[:-(64 << 10)]
 
     def _collect_stderr(self, contained: Contained) -> None:
         assert contained.process.stderr is not None
@@ -357,14 +374,8 @@ class QemuMachine(Machine):
         return disk
 
     def _console_text(self) -> str:
-        if self._runtime is None:
-            return ""
-        try:  # the guest's text: its last 64 KiB, printable (the file grows with whatever the guest prints)
-            with open(self._runtime / "console.log", "rb") as console:
-                console.seek(max(0, os.fstat(console.fileno()).st_size - (64 << 10)))
-                return printable(console.read().decode(errors="replace"))
-        except OSError:
-            return ""
+        """The guest's text: its console's last 64 KiB, printable."""
+        return printable(bytes(self._console).decode(errors="replace"))
 
     def boot_log(self) -> str:
         lines = self._console_text().splitlines()[-60:]
