@@ -271,13 +271,13 @@ def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[
     does not answer the build), and only to the internet's addresses and theirs (build_network.py). Paths in
     ``command`` must be the build's view of them."""
     urls = [word for line in sources for word in line.split() if "://" in word]
+    proxies = [os.environ.get(name, "") for name in _PASSED_ON if not name.lower().startswith("no_")]
     ports = {53, 80, 443}  # 53: a name server's answer too long for UDP comes over TCP
-    for url in [*urls, *(os.environ.get(name, "") for name in _PASSED_ON)]:
+    for url in [*urls, *proxies]:
         with contextlib.suppress(ValueError):
             ports.add(urllib.parse.urlsplit(url).port or 80)
     with _KEEPERS_LOCK:
         keeper = _KEEPERS.get(str(build))
-    proxies = [os.environ.get(name, "") for name in _PASSED_ON if "proxy" in name.lower() and "no_" not in name.lower()]
     try:
         with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as resolv_conf:
             servers = resolv_conf.read()

@@ -325,16 +325,19 @@ class ImageCache:
             (f" + {', '.join(os.path.basename(d) for d in debs)}" if debs else "")
         progress(f"building {label} (Debian {release}, {len(packages) + len(debs)} packages) into {final}")
         started = time.monotonic()
+
+        def run_builder() -> str:
+            return self._on_cached_base(rootfs, extra, release, debs, progress) or \
+                self._run_builder(staging, rootfs, packages, release, debs, progress)
+
         try:
             try:
-                builder = self._on_cached_base(rootfs, extra, release, debs, progress) or \
-                    self._run_builder(staging, rootfs, packages, release, debs, progress)
+                builder = run_builder()
             except build_sandbox.MemoryFilled as exc:
                 progress(f"  {str(exc).split(';')[0]}: building it again on the disk")
                 remove_tree(rootfs)
                 with build_sandbox.on_the_disk():
-                    builder = self._on_cached_base(rootfs, extra, release, debs, progress) or \
-                        self._run_builder(staging, rootfs, packages, release, debs, progress)
+                    builder = run_builder()
             _customize(rootfs)
             versions = installed_versions(rootfs)
             (staging / "manifest.json").write_text(json.dumps({
