@@ -180,8 +180,8 @@ def test_the_guest_s_console_is_read_from_a_pipe_and_only_its_last_64_kib_kept()
     machine = QemuMachine(MachineConfig(backend="qemu"))
     command = machine.command_line(VmImage("k", Path("/d"), Path("/k"), Path("/i")), Path("/run/x"), "tcg", None)
     assert command[command.index("-serial") + 1] == "chardev:console" and "stdio,id=console,signal=off" in command
-    printer = subprocess.Popen(["python3", "-c", "import sys; [sys.stdout.write('line %06d\\n' % i) for i in "
-                                "range(100000)]"], stdout=subprocess.PIPE)
+    printer = subprocess.Popen(["python3", "-c", ("import sys; [sys.stdout.write('line %06d\\n' % i) for i in "
+                                                  "range(100000)]")], stdout=subprocess.PIPE)
 
     class Started:
         process = printer
