@@ -1,4 +1,4 @@
-"""Benchmark: a new package set built in full vs installed on a copy of the cached base image, in one run.
+"""Benchmark: a new package set built in full vs installed as a layer over the cached base image, in one run.
 
     sudo .venv/bin/python bench/images.py [--packages gnupg,curl] [--releases trixie,bookworm] [--rounds 1]
     sudo .venv/bin/python bench/images.py --copy [--rounds 3]
@@ -7,8 +7,8 @@
 Both builds go to a temporary directory (removed at the end); each release's base image comes from the usual
 cache (built first if missing). Prints the wall time of each and whether both trees hold the same packages.
 
---copy times only the first step of a build on the base, the copy of the base image: one ``cp -a`` vs
-staging.copy_tree (parts copied by eight cp at once), alternated, each right after 300 MB written to the same
+--copy times what a build on the base copied before package sets became layers, the base image: one ``cp -a``
+vs staging.copy_tree (parts copied by eight cp at once), alternated, each right after 300 MB written to the same
 disk (what a build leaves behind it, not yet written back), and prints the medians and their ratio.
 
 --memory times whole builds as the cache makes them, in memory (a tmpfs, copied to the disk when done: the
@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pytest_systemd_harden.in_tree import InTree
 from pytest_systemd_harden.machine.images import (
     BASE_PACKAGES,
     ImageCache,
@@ -55,15 +56,13 @@ def full_and_on_base(extra: tuple[str, ...], release: str, scratch: Path) -> tup
     started = time.monotonic()
     ImageCache(scratch)._run_builder(full_rootfs.parent, full_rootfs, sorted(set(BASE_PACKAGES) | set(extra)),
                                      release, (), lambda line: None)
-    _customize(full_rootfs)
+    _customize(InTree(full_rootfs))
     full = time.monotonic() - started
-    target = folder / "base" / "rootfs"
-    target.parent.mkdir()
+    layer = folder / "base" / "layer"  # a layer over the base, as the cache makes a package set's image
+    layer.parent.mkdir()
     started = time.monotonic()
-    install_on_base(base.rootfs, target, extra)
-    _customize(target)
+    packages = set(install_on_base(base.rootfs, layer, extra))
     on_base = time.monotonic() - started
-    packages = installed(target)
     return full, on_base, installed(full_rootfs) == packages, len(packages)
 
 

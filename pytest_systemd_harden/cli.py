@@ -201,7 +201,7 @@ def _cache(args: argparse.Namespace) -> int:
         extra = [p for p in image.packages if p not in BASE_PACKAGES] + list(image.debs)
         print(f"{image.key}  {image.release:<9} built {_day(image.built)}  used {_day(image.used)}  "
               f"{image.size() / 2**20:5.0f} MiB  {'superseded  ' if image.superseded else ''}"
-              f"{', '.join(extra) or '(base)'}")
+              f"{', '.join(extra) or '(base)'}{f'  (a layer over {image.base})' if image.base else ''}")
     return 0
 
 

@@ -27,6 +27,11 @@ _RESOLVE_NO_XDEV, _RESOLVE_NO_MAGICLINKS, _RESOLVE_IN_ROOT = 0x01, 0x02, 0x10
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def as_tree(root: Path | InTree) -> InTree:
+    """``root`` as a tree: an InTree as it is, a path as ``InTree(root)``."""
+    return root if isinstance(root, InTree) else InTree(root)
+
+
 class InTree:
     """Paths (relative, ``/``-separated, an absolute one taken as from the tree's top) under ``root``."""
 
@@ -121,6 +126,11 @@ class InTree:
         except (FileNotFoundError, NotADirectoryError):
             return False
 
+    def readlink(self, relative: str) -> str:
+        """The target of the symbolic link ``relative`` (its last name), as written."""
+        with self._parent(relative) as (folder, name):
+            return os.readlink(name, dir_fd=folder)
+
     def names(self, relative: str, pattern: str = "*") -> list[str]:
         """The sorted names in the directory ``relative`` that match ``pattern``; none if it is no directory."""
         try:
@@ -175,6 +185,11 @@ class InTree:
         """Remove the file or link ``relative`` (a link itself, never what it points to); nothing if absent."""
         with contextlib.suppress(FileNotFoundError, NotADirectoryError), self._parent(relative) as (folder, name):
             os.unlink(name, dir_fd=folder)
+
+    def rmdir(self, relative: str) -> None:
+        """Remove the empty directory ``relative``; nothing if absent."""
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError), self._parent(relative) as (folder, name):
+            os.rmdir(name, dir_fd=folder)
 
     def symlink(self, relative: str, target: str) -> None:
         """``relative`` made a link to ``target``, replacing a file or link there."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 
 from .errors import BackendUnavailable, HardenError, MachineError, ServiceFailed, SpecError
+from .in_tree import InTree
 from .machine.backends.base import Machine
 from .machine.images import DEFAULT_MAX_AGE_DAYS, ImageCache, ImageWanted
 from .report import baseline, exposure
@@ -199,12 +200,12 @@ class HardenSession:
             return list(spec.releases)
         return self.releases or [spec.machine.release]
 
-    def cached_rootfs(self, spec: Spec) -> Path | None:
-        """The root file system of ``spec``'s image if it is cached (built by an earlier run), else None."""
-        cache = self.pool.image_cache
-        rootfs = cache.path_for(spec.machine.packages, release=spec.machine.release or self.pool.default_release,
-                                debs=spec.machine.debs) / "rootfs"
-        return rootfs if rootfs.is_dir() else None
+    def cached_tree(self, spec: Spec) -> InTree | None:
+        """The tree of ``spec``'s image if it is cached (built by an earlier run), else None."""
+        image = self.pool.image_cache.cached(spec.machine.packages,
+                                             release=spec.machine.release or self.pool.default_release,
+                                             debs=spec.machine.debs)
+        return image.tree() if image is not None else None
 
     def start(self, spec: Spec) -> HardenedService:
         """The spec's service, started; a backend that cannot run skips (or fails under --harden-require-backend)."""
@@ -482,7 +483,7 @@ class SpecRun:
             yield ScenarioItem.from_parent(self, name=scenario.name, scenario=scenario)
         session = HardenSession.of(self.config)
         if self.spec.enforcement.enabled:
-            own = own_hardening_before_boot(self.spec, lambda: session.cached_rootfs(self.spec))
+            own = own_hardening_before_boot(self.spec, lambda: session.cached_tree(self.spec))
             for subject, title, line in item_names(self.spec, own):
                 yield EnforcementItem.from_parent(self, name=title, subject=subject, line=line)
         if session.wants_exposure(self.spec):

@@ -136,16 +136,19 @@ def test_the_image_is_booted_idmapped_where_only_nspawn_sees_the_mount(machine: 
     assert str(rootfs) not in Path("/proc/self/mountinfo").read_text()
 
 
+@pytest.mark.parametrize("packages", [(), ("curl",)], ids=["base", "a layer over the base"])
 def test_where_the_image_cannot_be_idmapped_a_shifted_copy_is_booted(harden_pool: MachinePool,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     packages: tuple[str, ...]) -> None:
     from pytest_systemd_harden.machine.backends import userns
 
     monkeypatch.setattr(userns, "idmap_refused", lambda rootfs: "mount_setattr: Invalid argument")
     pool = MachinePool(image_cache=harden_pool.image_cache)
     try:
-        machine = pool.machine_for(MachineConfig())
+        machine = pool.machine_for(MachineConfig(packages=packages))
         assert "(a uid-shifted copy of the image)" in machine.describe()
-        inside = machine.run("stat -c '%u %g' /etc/shadow")
-        assert inside.stdout.split() == ["0", "42"], inside.describe()
+        # /usr/bin/curl from the layer (each layer shifted), /etc/shadow from the base
+        inside = machine.run("stat -c '%u %g' /etc/shadow; command -v curl || true")
+        assert inside.stdout.split() == ["0", "42", *(["/usr/bin/curl"] if packages else [])], inside.describe()
     finally:
         pool.close()

@@ -222,7 +222,7 @@ def test_a_local_deb_is_installed_and_a_new_build_gives_a_new_image(tmp_path: Pa
     cache = ImageCache(default_cache_dir())
     first = cache.get([], release="bookworm", debs=[str(build_deb(tmp_path / "a", "1.0"))])
     assert first.versions["harden-demo"] == "1.0"
-    assert (first.rootfs / "usr/share/harden-demo/VERSION").read_text() == "1.0\n"
+    assert first.tree().read_text("usr/share/harden-demo/VERSION") == "1.0\n"
     again = cache.get([], release="bookworm", debs=[str(build_deb(tmp_path / "b", "1.0"))])
     assert again.key == first.key  # the same package built again: the cached image
     bumped = cache.get([], release="bookworm", debs=[str(build_deb(tmp_path / "c", "1.1"))])
@@ -260,6 +260,7 @@ def test_a_maintainer_script_cannot_reach_the_host(tmp_path: Path, how: str, mon
     # opened. Both ways a build runs them are tried: apt on a copy of the cached base, and mmdebstrap's full build
     # (a base, a VM's kernel, or a .deb whose install on the base failed). Then host root finishes the tree (its
     # hostname, machine-id): the script left both as links to host files, which host root must not write through.
+    from pytest_systemd_harden.in_tree import InTree
     from pytest_systemd_harden.machine.images import BASE_PACKAGES, HOSTNAME, ImageCache, _customize
 
     _needs_root_and_builder()
@@ -285,22 +286,24 @@ def test_a_maintainer_script_cannot_reach_the_host(tmp_path: Path, how: str, mon
             cache._run_builder(staging, staging / "rootfs", sorted(BASE_PACKAGES), "bookworm", (str(deb),),
                                lambda line: None)
             rootfs = staging / "rootfs"
-            _customize(rootfs)  # as ImageCache.get does after either way
+            tree = InTree(rootfs)
+            _customize(tree)  # as ImageCache.get does after either way
         else:
-            rootfs = cache.get([], release="bookworm", debs=[str(deb)]).rootfs
-        assert not [canary for canary in canaries if canary.exists()], (rootfs / "harden-escapes").read_text()
+            image = cache.get([], release="bookworm", debs=[str(deb)])
+            rootfs, tree = image.layers[0], image.tree()  # the layer the build made, and the image's tree
+        assert not [canary for canary in canaries if canary.exists()], tree.read_text("harden-escapes")
         assert not [path for path in deputies if os.path.lexists(path)], "host root wrote through the build's link"
-        assert (rootfs / "etc/hostname").read_text() == HOSTNAME + "\n" and not (rootfs / "etc/hostname").is_symlink()
-        escapes = (rootfs / "harden-escapes").read_text()
+        assert tree.read_text("etc/hostname") == HOSTNAME + "\n" and not tree.is_link("etc/hostname")
+        escapes = tree.read_text("harden-escapes")
         assert "mknod" not in escapes and "wrote" not in escapes.replace("wrote /var/tmp", ""), escapes
         assert "console" not in escapes, escapes  # the base's console node opens nothing (the tree is nodev)
-        assert "HARDEN_TEST_TOKEN" not in (rootfs / "harden-env").read_text()
-        assert int((rootfs / "harden-processes").read_text()) < 10  # its own PID namespace: no host process
+        assert "HARDEN_TEST_TOKEN" not in tree.read_text("harden-env")
+        assert int(tree.read_text("harden-processes")) < 10  # its own PID namespace: no host process
         # Root of the build is a uid of no account on the host: not host root (whose map is 0 0 4294967295).
-        inner, outer, count = (rootfs / "harden-uid-map").read_text().split()
+        inner, outer, count = tree.read_text("harden-uid-map").split()
         assert inner == "0" and int(outer) >= 0x70000000 and count == "65536"
-        assert max(entry.lstat().st_uid for entry in rootfs.rglob("*")) < 65536  # the tree is given back
-        assert (rootfs / "usr/bin/passwd").stat().st_mode & 0o4000  # with its setuid bits
+        assert max(entry.lstat().st_uid for entry in rootfs.rglob("*")) < 65536  # the tree (layer) is given back
+        assert os.stat(tree.open("usr/bin/passwd")).st_mode & 0o4000  # with its setuid bits
         assert not mounts_under(tmp_path), "a mount of the build is visible on the host"
         assert not _processes_mentioning(str(tmp_path)), "a process of the build outlived it"
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import struct
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pytest_systemd_harden.errors import SpecError
+from pytest_systemd_harden.in_tree import InTree
 from pytest_systemd_harden.machine import images
 from pytest_systemd_harden.machine.backends.base import Machine
 from pytest_systemd_harden.machine.images import ImageCache, boot_masks, installed_versions
@@ -151,18 +153,31 @@ def test_a_new_package_set_is_installed_on_the_cached_base_image_and_boots(
         with_curl = pool.machine_for(MachineConfig(packages=("curl",), backend="nspawn"))
         result = with_curl.run(["curl", "--version"])
         assert result.ok, result.describe()
+        # The machine sees one tree, as on a host: a file of the layer and one of the base, each with one link and
+        # owned by root; what it writes stays in its own volatile overlay.
+        seen = with_curl.run(["sh", "-c", "stat -c '%h %U %n' /usr/bin/curl /usr/bin/dpkg && echo x >> /etc/hostname"])
+        assert seen.stdout.split("\n")[:2] == ["1 root /usr/bin/curl", "1 root /usr/bin/dpkg"], seen.describe()
     finally:
         pool.close()
     built = cache.path_for(("curl",))
     manifest = json.loads((built / "manifest.json").read_text())
     assert manifest["builder"] == f"apt on the cached base image {base.name}", lines
+    assert manifest["base"] == base.name
     assert manifest["versions"]["curl"]  # the versions are read from the image, however it was built
-    rootfs = built / "rootfs"
-    assert not (rootfs / "usr/sbin/policy-rc.d").exists()  # services start again in the booted machine
-    assert not (rootfs / "var/cache/harden-debs").exists()
-    assert not list((rootfs / "var/lib/apt/lists").glob("*Packages*"))
-    base_resolv, resolv = base / "rootfs/etc/resolv.conf", rootfs / "etc/resolv.conf"
-    assert resolv.is_symlink() == base_resolv.is_symlink() and resolv.exists() == base_resolv.exists()
+    # The image is a layer over its base: what apt added, not a copy of the base's files.
+    layer = built / "layer"
+    assert (layer / "usr/bin/curl").is_file() and not (layer / "usr/lib/systemd/systemd").exists()
+    assert len(list(layer.rglob("*"))) * 5 < len(list((base / "rootfs").rglob("*")))
+    assert not list((built / "rootfs").iterdir())  # where a machine joins them, in its own mount namespace
+    tree, base_tree = cache.get(("curl",)).tree(), InTree(base / "rootfs")
+    assert tree.read_text("etc/hostname") == "harden\n"  # the machine's write stayed in the machine
+    assert not tree.is_file("usr/sbin/policy-rc.d")  # services start again in the booted machine
+    assert tree.kind("var/cache/harden-debs") is None
+    assert not tree.names("var/lib/apt/lists", "*Packages*")
+    assert tree.is_link("etc/resolv.conf") == base_tree.is_link("etc/resolv.conf")
+    assert tree.kind("etc/resolv.conf") == base_tree.kind("etc/resolv.conf")
+    if base_tree.is_file("etc/resolv.conf"):
+        assert tree.read_bytes("etc/resolv.conf") == base_tree.read_bytes("etc/resolv.conf")
     assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()  # /proc was mounted in a private namespace
 
 
@@ -196,6 +211,43 @@ def test_cache_list_marks_superseded_images_and_prune_spares_one_in_use(tmp_path
     assert sorted(i.key for i in removed) == ["aaaa", "cccc"]
     assert not old.exists() and not stale.exists() and new.exists() and in_use.exists()
     assert "kept dddd: a run is using it" in said
+
+
+def test_a_layer_is_whole_only_over_its_base_and_prune_keeps_the_base_of_a_kept_layer(tmp_path: Path) -> None:
+    from pytest_systemd_harden.machine.images import _complete, cached_images, prune
+
+    def image(key: str, built: float, packages: list[str], used_days_ago: float = 0, base: str = "") -> Path:
+        folder = tmp_path / "images" / key
+        if base:
+            (folder / "layer" / "usr" / "bin").mkdir(parents=True)
+            (folder / "rootfs").mkdir()
+        else:
+            (folder / "rootfs" / "usr" / "lib" / "systemd").mkdir(parents=True)
+            (folder / "rootfs" / "usr" / "lib" / "systemd" / "systemd").write_text("")
+        manifest = folder / "manifest.json"
+        manifest.write_text(json.dumps({"release": "trixie", "packages": packages, "debs": [], "built": built,
+                                        **({"base": base} if base else {})}))
+        used = time.time() - used_days_ago * 86400
+        os.utime(manifest, (used, used))
+        return folder
+
+    old_base = image("00000000000000aa", 1.0, [], used_days_ago=40)  # superseded, and unused for long
+    layer = image("00000000000000bb", 2.0, ["curl"], base="00000000000000aa")  # kept: used today
+    new_base = image("00000000000000cc", 3.0, [])
+    stale = image("00000000000000dd", 1.5, ["gnupg"], used_days_ago=40, base="00000000000000cc")
+    assert _complete(layer) and _complete(new_base)
+    assert not _complete(image("00000000000000ee", 4.0, ["x"], base="../../etc"))  # a base is a key, no path
+    assert not _complete(image("00000000000000ff", 4.0, ["y"], base="0000000000000099"))  # its base is gone
+    listed = {i.key: i for i in cached_images(tmp_path)}
+    assert listed["00000000000000bb"].base == "00000000000000aa" and listed["00000000000000cc"].base is None
+    said: list[str] = []
+    removed = prune(tmp_path, unused_days=30, progress=said.append)
+    # The stale layer goes, the old base stays under the layer kept; the new base was never stale.
+    assert [i.key for i in removed] == ["00000000000000dd"], said
+    assert old_base.exists() and layer.exists() and new_base.exists() and not stale.exists()
+    assert "kept 00000000000000aa: the base of 00000000000000bb" in said
+    shutil.rmtree(layer)
+    assert [i.key for i in prune(tmp_path, unused_days=30)] == ["00000000000000aa"]  # no longer under a layer
 
 
 def fake_rootfs(root: Path, status: str, lists: dict[str, list[str]], enabled: list[str]) -> Path:

@@ -30,8 +30,10 @@ build step that runs them (:func:`sandboxed`) runs
 - in memory where the host has it to spare: the work directory is a tmpfs of its own (:func:`build_memory`), so a
   build writes to the cache's disk only a finished tree that fits there (at most that size), and no journal: a base image built there took 15-17 s against 24-32 s
   on this project's CI disk (docs/performance.md, section 8). The tmpfs is mounted in a mount namespace of its
-  own, kept by a small process (:func:`prepare`), which the host never sees and the kernel takes down with the
-  keeper and the build, however the run ends; the finished tree is copied to the disk (:func:`finish`).
+  own, kept by a small process (:func:`prepare`, machine/mounts.py), which the host never sees and the kernel
+  takes down with the keeper and the build, however the run ends; the finished tree is copied to the disk
+  (:func:`finish`). A build on a built tree (a package set on its base) writes on an overlay of it mounted there
+  too, and only the overlay's upper layer is taken.
 
 It keeps the host's network (apt downloads the packages), but only the internet's addresses and those of its
 mirrors, proxies and name servers: BPF programs on its cgroup refuse the host's loopback, private and link-local
@@ -48,9 +50,7 @@ import contextvars
 import json
 import os
 import platform
-import select
 import stat
-import subprocess
 import sys
 import threading
 import urllib.parse
@@ -58,14 +58,16 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from ..errors import ImageBuildError, printable
-from . import build_network
+from ..errors import ImageBuildError
+from . import build_network, mounts
 from .backends.userns import RANGE, move_ownership
 from .staging import check_shape, copy_tree, remove_tree
 
 INSIDE = "/tmp/harden-build"  # where the build sees its own directory (the host's path may be unreadable to it)
 VIEW = "view"  # the empty directory in the build's directory where the read-only copy is assembled
 WORK = "work"  # the directory in the build's directory that the build writes, seen at INSIDE
+TREE = "rootfs"  # in the work directory: the overlay a build on a built tree writes (prepare's lower)
+UPPER = ".layer/upper"  # in the work directory: that overlay's upper layer, what the build added
 _REFUSED = "pytest-systemd-harden: the kernel refused the image build's sandbox: "
 _REFUSED_STATUS = 125
 _FIRST_BASE = 0x70000000
@@ -183,7 +185,8 @@ if child == 0:
             check(libc.mount(b"harden-build", root + path, b"tmpfs", 0x1 | 0x2 | 0x4, b"mode=755"), "tmpfs")
     os.mkdir(root + inside)
     # The build's tree is bound without device nodes (MS_NODEV): a node copied with a base (its console) opens nothing.
-    check(libc.mount(build + b"/WORK", root + inside, None, 0x1000, None), "binding the build's directory")  # MS_BIND
+    # Recursive: an overlay the build writes on a built tree is mounted in it (prepare()). MS_BIND | MS_REC
+    check(libc.mount(build + b"/WORK", root + inside, None, 0x1000 | 0x4000, None), "binding the build's directory")
     check(libc.mount(None, root + inside, None, 0x1000 | 0x20 | 0x4, None), "the build's directory without devices")
     os.chdir(root)
     check(libc.syscall(155, b".", b"."), "pivot_root")
@@ -277,7 +280,7 @@ def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[
         with contextlib.suppress(ValueError):
             ports.add(urllib.parse.urlsplit(url).port or 80)
     with _KEEPERS_LOCK:
-        keeper = _KEEPERS.get(str(build))
+        keeper, _in_memory = _KEEPERS.get(str(build), (None, False))
     try:
         with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as resolv_conf:
             servers = resolv_conf.read()
@@ -345,72 +348,87 @@ def _size(text: str) -> int | None:
     return int(number) * unit if number.isdigit() else None
 
 
-def prepare(build: Path, base: int) -> Path:
+def prepare(build: Path, base: int, *, lower: Path | None = None) -> Path:
     """Make the work directory in ``build`` (the build's own, host root's), writable for the build's root (host uid
     ``base``), and the empty directory the view is assembled on. Returns the path host root reaches the work
     directory at: what it puts there for the build is seen at :data:`INSIDE`.
 
-    With :func:`build_memory`, the work directory is a tmpfs in the mount namespace of a keeper process, reached
-    through the keeper's working directory (``/proc/KEEPER/cwd``: no host path is walked below it): :func:`finish`
-    must follow, whatever happens between (it ends the keeper). The keeper ends by itself when the process that
-    started it dies (its stdin closes), and the tmpfs with it."""
+    With :func:`build_memory`, the work directory is a tmpfs in the mount namespace of a keeper process
+    (machine/mounts.py), reached through the keeper's working directory (``/proc/KEEPER/cwd``: no host path is
+    walked below it). With ``lower`` (a built tree), :data:`TREE` in it is an overlay whose lower layer is ``lower``
+    seen through an idmapped mount (every owner moved up by ``base``: nothing of ``lower`` is written or copied) and
+    whose upper layer, :data:`UPPER`, gets what the build writes: where only the upper layer, the image's own layer,
+    is taken (:func:`finish`); it is in a directory of host root's that the build cannot enter (only the overlay
+    writes there). Either way :func:`finish` must follow, whatever happens between (it ends the keeper). The keeper
+    ends by itself when the process that started it dies (its stdin closes), and its mounts with it."""
     (build / VIEW).mkdir(exist_ok=True)
     work = Path(os.path.realpath(build / WORK))
     work.mkdir()
     size = build_memory()
-    if not size:
+    if not size and lower is None:
         os.chown(work, base, base)
         return work
-    # At most one inode per 8 KiB (a Debian tree's files average more): the kernel's memory for inodes is bounded too.
-    options = f"size={size},nr_inodes={max(size // 8192, 65536)},mode=0755,uid={base},gid={base}"
-    keeper = subprocess.Popen([sys.executable, "-I", "-c", _KEEPER, str(work), options], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=helper_environment())
+    plan: list[dict[str, object]] = []
+    if size:
+        # At most one inode per 8 KiB (a Debian tree's files average more): the kernel's memory for inodes is bounded.
+        plan.append({"tmpfs": str(work),
+                     "options": f"size={size},nr_inodes={max(size // 8192, 65536)},mode=0755,uid={base},gid={base}"})
+    else:
+        os.chown(work, base, base)
+    if lower is not None:
+        top = os.lstat(lower)
+        layer = work / os.path.dirname(UPPER)
+        plan += [{"dir": str(layer), "mode": 0o700, "owner": 0},
+                 {"dir": str(work / UPPER), "mode": stat.S_IMODE(top.st_mode), "owner": base + top.st_uid},
+                 {"dir": str(layer / "work"), "mode": 0o700, "owner": 0},
+                 {"dir": str(layer / "lower"), "mode": 0o700, "owner": 0},
+                 {"idmap": str(lower), "base": base, "target": str(layer / "lower"), "inert": True},
+                 {"dir": str(work / TREE), "mode": 0o755, "owner": base},
+                 {"overlay": str(work / TREE), "lower": [str(layer / "lower")], "upper": str(work / UPPER),
+                  "work": str(layer / "work"), "inert": True}]
     try:
-        assert keeper.stdout is not None and keeper.stderr is not None
-        ready = select.select([keeper.stdout], [], [], 30)[0] and keeper.stdout.readline() == b"ready\n"
-        if not ready:
-            keeper.kill()
-            error = printable(keeper.stderr.read().decode(errors="replace")).strip() or "no answer in 30 s"
-            raise ImageBuildError(f"could not mount a tmpfs for the build at {work}: {error}; hint: {MEMORY_ENV}=0 "
-                                  "builds on the disk")
-    except BaseException:
-        _end(keeper)
-        work.rmdir()
+        keeper = mounts.keep(plan, work, helper_environment())
+    except OSError as exc:
+        what = "a tmpfs for the build" if lower is None else f"the build's overlay on {lower}"
+        hint = f"{MEMORY_ENV}=0 builds on the disk" if lower is None else \
+            "an overlay with an idmapped lower layer needs Linux 5.19 or later"
+        remove_tree(work)
         with contextlib.suppress(FileNotFoundError):
             (build / VIEW).rmdir()
-        raise
+        raise ImageBuildError(f"could not mount {what} at {work}: {exc}; hint: {hint}") from None
     with _KEEPERS_LOCK:
-        _KEEPERS[str(build)] = keeper
-    return _seen_by_keeper(keeper)
+        _KEEPERS[str(build)] = (keeper, bool(size))
+    return keeper.seen
 
 
-def _seen_by_keeper(keeper: subprocess.Popen[bytes]) -> Path:
-    return Path(f"/proc/{keeper.pid}/cwd")  # the tmpfs's top, in the keeper's namespace
-
-
-def finish(build: Path, tree: str, *, keep: bool = True) -> Path | None:
+def finish(build: Path, tree: str, *, keep: bool = True, into: str | None = None) -> Path | None:
     """Once the build has ended (nothing of it runs any more), move the tree it made (``tree`` in the work
-    directory) to ``build``/``tree`` and remove the rest of the work directory and the view's mount point. None,
-    leaving nothing, when the build left no directory there: it failed, or left a link (never followed). With
-    ``keep`` false (the build failed or was interrupted: its processes may not all be gone), nothing is taken.
+    directory) to ``build``/``into`` (default: ``tree``) and remove the rest of the work directory and the view's
+    mount point. None, leaving nothing, when the build left no directory there: it failed, or left a link (never
+    followed). With ``keep`` false (the build failed or was interrupted: its processes may not all be gone), nothing
+    is taken.
 
     A work directory in memory is copied to the disk (its shape checked first: staging.check_shape; refused if it
     does not fit there) and its keeper ended, which takes the tmpfs down, even when that fails; :class:`MemoryFilled`
     when the build had filled it."""
+    into = into or tree
     with contextlib.suppress(FileNotFoundError):
         (build / VIEW).rmdir()
     with _KEEPERS_LOCK:
-        keeper = _KEEPERS.pop(str(build), None)
+        keeper, in_memory = _KEEPERS.pop(str(build), (None, False))
     work = Path(os.path.realpath(build / WORK))
-    if keeper is None:
+    if not in_memory:
+        if keeper is not None:
+            keeper.end()  # an overlay on the disk: its upper layer is taken once it is unmounted
         kept = keep and _is_directory(work / tree)
         if kept:
-            os.rename(work / tree, build / tree)  # renames what is there (the build is over), never a link's target
+            os.rename(work / tree, build / into)  # renames what is there (the build is over), never a link's target
         remove_tree(work)
-        return build / tree if kept else None
+        return build / into if kept else None
+    assert keeper is not None
     kept = False
     try:
-        seen = _seen_by_keeper(keeper)
+        seen = keeper.seen
         usage = os.statvfs(seen)
         if usage.f_bavail * usage.f_frsize < 4 << 20 or usage.f_favail < 64:
             raise MemoryFilled(f"the build filled the {usage.f_blocks * usage.f_frsize / (1 << 30):.1f} GiB of memory "
@@ -426,14 +444,14 @@ def finish(build: Path, tree: str, *, keep: bool = True) -> Path | None:
                 raise ImageBuildError(f"the built tree ({needed >> 20} MiB, {files} files) does not fit on the disk "
                                       f"of {build}; hint: free space there, or set HARDEN_CACHE_DIR to another disk")
             try:
-                copy_tree(seen / tree, build / tree)
+                copy_tree(seen / tree, build / into)
             except OSError as exc:
-                remove_tree(build / tree)
-                raise ImageBuildError(f"could not copy the built tree to {build / tree}: {exc}") from None
+                remove_tree(build / into)
+                raise ImageBuildError(f"could not copy the built tree to {build / into}: {exc}") from None
     finally:
-        _end(keeper)
+        keeper.end()
         work.rmdir()  # on the disk, the tmpfs was never over it
-    return build / tree if kept else None
+    return build / into if kept else None
 
 
 def _is_directory(path: Path) -> bool:
@@ -443,40 +461,8 @@ def _is_directory(path: Path) -> bool:
         return False
 
 
-def _end(keeper: subprocess.Popen[bytes]) -> None:
-    """End a keeper (its stdin closed: it exits), and with it the tmpfs, once no build process holds it."""
-    for pipe in (keeper.stdin, keeper.stdout, keeper.stderr):
-        if pipe is not None:
-            pipe.close()
-    try:
-        keeper.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        keeper.kill()
-        keeper.wait()
-
-
-_KEEPERS: dict[str, subprocess.Popen[bytes]] = {}  # build directory -> the keeper of its work directory's tmpfs
+_KEEPERS: dict[str, tuple[mounts.Keeper, bool]] = {}  # build directory -> its keeper, and whether in memory
 _KEEPERS_LOCK = threading.Lock()
-
-# Runs as host root: keeps the mount namespace a build's work directory is a tmpfs in (see prepare). A slave of the
-# host's, so the host's unmounts reach it and its mount never reaches the host. It ends when its stdin does: when
-# finish() closes it, or the process that started it dies; not on a Ctrl-C, which the run handles (finish).
-_KEEPER = r"""
-import ctypes, os, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-libc = ctypes.CDLL(None, use_errno=True)
-for result, what in ((lambda: libc.unshare(0x20000), "unshare(CLONE_NEWNS)"),
-                     (lambda: libc.mount(b"none", b"/", None, 0x80000 | 0x4000, None), "making / a slave"),
-                     (lambda: libc.mount(b"harden-build", sys.argv[1].encode(), b"tmpfs", 0x2 | 0x4,
-                                         sys.argv[2].encode()), "mounting the tmpfs")):
-    if result() != 0:
-        sys.exit(f"{what}: {os.strerror(ctypes.get_errno())}")
-os.chdir(sys.argv[1])  # host root reaches the tmpfs as /proc/KEEPER/cwd
-sys.stdout.write("ready\n")
-sys.stdout.flush()
-while sys.stdin.buffer.read(4096):
-    pass
-"""
 
 
 def hand_over(tree: Path, base: int) -> None:

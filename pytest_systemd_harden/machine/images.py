@@ -1,7 +1,9 @@
 """Debian root filesystems for the test machines: built once per package set, cached, never modified.
 
 A machine boots its image with ``--volatile=overlay``, so the cached tree is shared read-only by every
-container, run and xdist worker. Builds happen under a lock, into a staging directory renamed into place only
+container, run and xdist worker. A release's base is a whole tree; a package set is a layer over it (what apt
+added, :func:`install_on_base`), joined with it by an overlay wherever it is used (machine/mounts.py): in a
+machine's mount namespace, or a keeper's for host root to read it (:func:`layers_tree`), never on the host. Builds happen under a lock, into a staging directory renamed into place only
 when complete, so a concurrent or interrupted build never leaves a half-made image behind; the builder runs in a
 mount namespace of its own and in a cgroup of its own, so whatever ends it, no mount of its reaches the host and
 no process of it outlives the build (see machine/staging.py).
@@ -27,14 +29,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import BackendUnavailable, ImageBuildError, MachineError, printable
-from ..in_tree import InTree
+from ..in_tree import InTree, as_tree
 from ..spec.machine import MachineConfig
 from ..spec.releases import DEFAULT_RELEASE, RELEASES
 from ..spec.unit_file import template_of
-from . import build_sandbox
+from . import build_sandbox, mounts
 from .backends.userns import move_ownership
 from .cgroups import Contained, output_lines
-from .staging import clean_leftovers, copy_tree, remove_tree, staging_dir, write_atomically
+from .staging import clean_leftovers, remove_tree, staging_dir, write_atomically
 
 # Bump when the recipe below changes, so old caches are not reused for a different image.
 RECIPE_VERSION = 4
@@ -86,10 +88,18 @@ class Image:
     # Every installed package's version, as dpkg records it in the image ({} for images of an older recipe).
     versions: Mapping[str, str] = field(default_factory=dict)
     debs: tuple[str, ...] = ()  # the local .deb files installed on top, as given
+    # The trees the image is made of, top first: a package set built on its release's base is its own layer (what
+    # apt added) over the base's tree, and ``rootfs`` the empty directory they are joined on where a machine boots
+    # it (an overlay in the machine's mount namespace only); an image built in full is ``rootfs`` alone.
+    layers: tuple[Path, ...] = ()
 
     @property
     def systemd_version(self) -> str | None:
         return self.versions.get("systemd")
+
+    def tree(self) -> InTree:
+        """The image's tree as a machine booted from it sees it, for host root to read (see :func:`layers_tree`)."""
+        return layers_tree(self.layers or (self.rootfs,), self.rootfs)
 
 
 @dataclass(frozen=True)
@@ -265,11 +275,30 @@ class ImageCache:
         else:
             with contextlib.suppress(OSError):  # one built before images were kept private, unless read-only
                 _private(final.parent)
+        return self._found(final, extra, release, debs)
+
+    def cached(self, packages: Iterable[str], *, release: str = DEFAULT_RELEASE, debs: Iterable[str] = ()) \
+            -> Image | None:
+        """The image of ``release`` with ``packages`` and ``debs`` if it is cached, else None: nothing is built."""
+        debs = tuple(debs)
+        if release not in RELEASES or any(not os.path.isfile(deb) for deb in debs):
+            return None
+        extra = tuple(sorted(set(packages)))
+        final = self.path_for(extra, release=release, debs=debs)
+        return self._found(final, extra, release, debs) if _complete(final) else None
+
+    def _found(self, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...]) -> Image:
+        """The complete image in ``final``, held in use for as long as this process lives."""
         manifest = json.loads((final / "manifest.json").read_text())
+        layers: tuple[Path, ...] = ()
+        if manifest.get("base"):  # _complete() checked its name and that it is complete
+            base = final.parent / manifest["base"]
+            self._hold(base)  # prune keeps it while this image is in use
+            layers = (final / LAYER, base / "rootfs")
         self._hold(final)
         with contextlib.suppress(OSError):  # a read-only cache (restored in CI) is still usable
             os.utime(final / "manifest.json")  # its mtime says when the image was last used (cache list, prune)
-        return Image(key, final / "rootfs", extra, release, manifest.get("versions", {}), debs)
+        return Image(final.name, final / "rootfs", extra, release, manifest.get("versions", {}), debs, layers)
 
     def missing(self, wanted: Iterable[ImageWanted]) -> list[ImageWanted]:
         """The images of ``wanted`` not cached yet, each once, the base image of each release among them first
@@ -326,24 +355,31 @@ class ImageCache:
         progress(f"building {label} (Debian {release}, {len(packages) + len(debs)} packages) into {final}")
         started = time.monotonic()
 
-        def run_builder() -> str:
-            return self._on_cached_base(rootfs, extra, release, debs, progress) or \
-                self._run_builder(staging, rootfs, packages, release, debs, progress)
+        def run_builder() -> tuple[str, dict[str, str] | None, str | None]:
+            on_base = self._on_cached_base(staging, extra, release, debs, progress)
+            if on_base is not None:
+                return on_base
+            return self._run_builder(staging, rootfs, packages, release, debs, progress), None, None
 
         try:
             try:
-                builder = run_builder()
+                builder, versions, base = run_builder()
             except build_sandbox.MemoryFilled as exc:
                 progress(f"  {str(exc).split(';')[0]}: building it again on the disk")
                 remove_tree(rootfs)
+                remove_tree(staging / LAYER)
                 with build_sandbox.on_the_disk():
-                    builder = run_builder()
-            _customize(rootfs)
-            versions = installed_versions(rootfs)
+                    builder, versions, base = run_builder()
+            if versions is None:
+                _customize(InTree(rootfs))
+                versions = installed_versions(rootfs)
+            else:
+                rootfs.mkdir()  # where a machine's mount namespace joins the layer and its base
             (staging / "manifest.json").write_text(json.dumps({
                 "release": release, "packages": packages, "debs": [os.path.basename(d) for d in debs],
                 "builder": builder, "sources": self.sources(release), "recipe": RECIPE_VERSION,
                 "seconds": round(time.monotonic() - started, 1), "built": time.time(), "versions": versions,
+                **({"base": base} if base else {}),
             }, indent=2))
             remove_tree(final)
             staging.rename(final)
@@ -353,33 +389,35 @@ class ImageCache:
         shown = ", ".join(f"{name} {versions[name]}" for name in named if name in versions)
         progress(f"built {label} in {time.monotonic() - started:.0f}s ({shown})")
 
-    def _on_cached_base(self, rootfs: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
-                        progress: Progress) -> str | None:
-        """Build ``rootfs`` as the cached base image plus ``extra`` (about a quarter of a full build's time, see
-        docs/performance.md); None, and nothing left at ``rootfs``, where a full build must do it: no extra
-        packages, a VM's kernel (its initramfs hooks were measured only by full builds), another architecture's
-        package (mmdebstrap sets up multiarch), or apt failing on the copy. Local .debs are installed with the rest.
-        A base not cached yet is built first: base and packages on top cost about half a full build, and every
-        later package set starts from it (a fresh cache's first image is usually one with packages)."""
+    def _on_cached_base(self, staging: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
+                        progress: Progress) -> tuple[str, dict[str, str], str] | None:
+        """Build the image in ``staging`` as a layer over the cached base image: what apt adds installing ``extra``
+        (:func:`install_on_base`; about a quarter of a full build's time, see docs/performance.md); its builder,
+        package versions and the base's key. None, and nothing left in ``staging``, where a full build must do it:
+        no extra packages, a VM's kernel (a VM's disk is made from one tree; its initramfs hooks were measured only
+        by full builds), another architecture's package (mmdebstrap sets up multiarch), or apt failing on the base.
+        Local .debs are installed with the rest. A base not cached yet is built first: base and packages on top cost
+        about half a full build, and every later package set starts from it (a fresh cache's first image is usually
+        one with packages)."""
         if not (extra or debs) or set(extra) & set(VM_PACKAGES) or any(":" in p for p in extra):
             return None
         try:
-            base = self.get((), progress, release=release).rootfs
+            base = self.get((), progress, release=release)
         except ImageBuildError:
             return None  # the full build says what is wrong
         shown = [*extra, *(os.path.basename(d) for d in debs)]
-        progress(f"  installing {', '.join(shown)} on a copy of the cached base image")
+        progress(f"  installing {', '.join(shown)} on the cached base image")
         try:
-            install_on_base(base, rootfs, extra, progress, debs=debs)
+            versions = install_on_base(base.rootfs, staging / LAYER, extra, progress, debs=debs)
         except AptRefused as exc:
             raise ImageBuildError(f"Debian {release}: {exc}") from None
         except build_sandbox.MemoryFilled:
             raise  # a full build would fill it too: built again on the disk (_build)
         except ImageBuildError as exc:
             progress(f"  that failed, building the image in full instead: {str(exc).splitlines()[0]}")
-            remove_tree(rootfs)
+            remove_tree(staging / LAYER)
             return None
-        return f"apt on the cached base image {base.parent.name}"
+        return f"apt on the cached base image {base.key}", versions, base.key
 
     def _run_builder(self, staging: Path, rootfs: Path, packages: list[str], release: str, debs: tuple[str, ...],
                      progress: Progress) -> str:
@@ -553,8 +591,10 @@ class CachedImage:
     built: float
     used: float  # when a run last booted it
     superseded: bool  # a newer image of the same release, packages and .deb names exists
+    base: str | None = None  # the key of the base image its layer is over (None: built in full)
 
     def size(self) -> int:
+        """The bytes it takes on the disk (a layered image: its layer, not its base's)."""
         return sum(entry.lstat().st_blocks * 512 for entry in self.path.rglob("*"))
 
 
@@ -579,16 +619,23 @@ def cached_images(cache_dir: Path) -> list[CachedImage]:
 
     newest = {what(manifest): folder.name for manifest, folder, _used in found}  # the last built wins
     return [CachedImage(folder.name, folder, *what(manifest), float(manifest.get("built", used)), used,
-                        newest[what(manifest)] != folder.name)
+                        newest[what(manifest)] != folder.name, manifest.get("base") or None)
             for manifest, folder, used in found]
 
 
 def prune(cache_dir: Path, unused_days: float = 30.0, progress: Progress = lambda line: None) -> list[CachedImage]:
     """Remove superseded images and images no run has booted for ``unused_days``; never one in use (a run holds
-    it) or being built. Return what was removed."""
+    it), being built, or the base of an image kept (its layer is over it). Return what was removed."""
+    images = cached_images(cache_dir)
+    stale = {image.key for image in images
+             if image.superseded or time.time() - image.used >= unused_days * 86400}
     removed = []
-    for image in cached_images(cache_dir):
-        if not image.superseded and time.time() - image.used < unused_days * 86400:
+    for image in sorted(images, key=lambda image: image.base is None):  # layers first: their bases may follow
+        if image.key not in stale:
+            continue
+        over = [other.key for other in images if other.base == image.key and other not in removed]
+        if over:
+            progress(f"kept {image.key}: the base of {', '.join(over)}")
             continue
         with open(image.path.parent / f"{image.key}.lock", "a") as lock:
             try:
@@ -626,7 +673,15 @@ def apt_verdict(lines: Iterable[str]) -> str:
 
 
 def _complete(final: Path) -> bool:
-    return (final / "manifest.json").exists() and (final / "rootfs" / "usr" / "lib" / "systemd" / "systemd").exists()
+    """Whether ``final`` holds a whole image: built in full, or its layer over a base that is whole."""
+    try:
+        base = json.loads((final / "manifest.json").read_text()).get("base")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if base:
+        return isinstance(base, str) and re.fullmatch(r"[0-9a-f]{16}", base) is not None and \
+            (final / LAYER).is_dir() and _complete(final.parent / base)
+    return (final / "rootfs" / "usr" / "lib" / "systemd" / "systemd").exists()
 
 
 def _native_architecture() -> str:
@@ -634,15 +689,15 @@ def _native_architecture() -> str:
                           check=True).stdout.strip()
 
 
-def installed_packages(rootfs: Path) -> list[dict[str, str]]:
+def installed_packages(rootfs: Path | InTree) -> list[dict[str, str]]:
     """The fields of every package installed in ``rootfs`` (its dpkg database; continuation lines left out)."""
-    status = InTree(rootfs).read_text("var/lib/dpkg/status")
+    status = as_tree(rootfs).read_text("var/lib/dpkg/status")
     stanzas = (dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
                for stanza in status.split("\n\n"))
     return [fields for fields in stanzas if fields.get("Status", "").endswith(" installed")]
 
 
-def installed_versions(rootfs: Path) -> dict[str, str]:
+def installed_versions(rootfs: Path | InTree) -> dict[str, str]:
     """Every package installed in ``rootfs`` and its version, read from its dpkg database (a foreign-architecture
     package as NAME:ARCH)."""
     versions: dict[str, str] = {}
@@ -655,7 +710,7 @@ def installed_versions(rootfs: Path) -> dict[str, str]:
     return versions
 
 
-def package_version(rootfs: Path, package: str) -> str:
+def package_version(rootfs: Path | InTree, package: str) -> str:
     """The version of ``package`` installed in ``rootfs`` (from dpkg's database), or "" if it is not installed."""
     try:
         return installed_versions(rootfs).get(package, "")
@@ -682,7 +737,7 @@ def enforcement_identity(image: Image) -> dict[str, object]:
     if not image.versions:
         return {"image": image.key}
     settings = hashlib.sha256()
-    tree = InTree(image.rootfs)
+    tree = image.tree()
     for name in _MANAGER_SETTINGS:
         files = [f"{name}/{conf}" for conf in tree.names(name, "*.conf")] if tree.is_dir(name) else \
             [name] if tree.is_file(name) else []
@@ -698,7 +753,7 @@ def enforcement_identity(image: Image) -> dict[str, object]:
 _STARTING_KINDS = (".service", ".socket", ".timer", ".path")
 
 
-def package_units(rootfs: Path) -> tuple[str, ...]:
+def package_units(rootfs: Path | InTree) -> tuple[str, ...]:
     """The units enabled in ``rootfs`` (wanted or required by another unit, as ``systemctl enable`` leaves them)
     that the machine section's packages brought: shipped by a package a bare image would not have. A bare image
     is mmdebstrap's minbase (every ``Priority: required`` package, and apt) plus :data:`BASE_PACKAGES`, with
@@ -726,7 +781,7 @@ def package_units(rootfs: Path) -> tuple[str, ...]:
                 if package in depends and package not in base:
                     base.add(package)
                     queue.append(package)
-    tree = InTree(rootfs)
+    tree = as_tree(rootfs)
     shipped: dict[str, str] = {}  # unit file name -> package
     for listing in tree.names("var/lib/dpkg/info", "*.list"):
         package = listing.removesuffix(".list").split(":", 1)[0]
@@ -741,7 +796,7 @@ def package_units(rootfs: Path) -> tuple[str, ...]:
     return tuple(sorted(unit for unit in enabled if template_of(unit) in shipped))
 
 
-def boot_masks(config: MachineConfig, rootfs: Path) -> tuple[str, ...]:
+def boot_masks(config: MachineConfig, rootfs: Path | InTree) -> tuple[str, ...]:
     """The units to mask at boot (``systemd.mask=`` on the machine's command line): every unit a package of
     this image enables at boot but machine.services and the tested unit. MachineError for a machine.services
     entry that no package enables, with the ones that are."""
@@ -754,7 +809,7 @@ def boot_masks(config: MachineConfig, rootfs: Path) -> tuple[str, ...]:
     return tuple(unit for unit in enabled if unit not in (*config.services, config.tested_unit))
 
 
-def boot_holds(config: MachineConfig, rootfs: Path) -> tuple[str, ...]:
+def boot_holds(config: MachineConfig, rootfs: Path | InTree) -> tuple[str, ...]:
     """The units to hold back at boot and release once booted: the tested unit, if a package enables it. Its
     first start must be the test's, under the drop-in, as on a host where the drop-in ships with the package: a
     start at boot without it would make state (a key an ExecStartPre= writes, a directory it creates) that the
@@ -797,14 +852,18 @@ def _make_device_nodes(rootfs: Path) -> None:
         tree.mkdir(f"dev/{name}")
 
 
-def _customize(rootfs: Path) -> None:
-    """Make the tree boot fast and quietly as a container."""
-    tree = InTree(rootfs)
-    tree.write_text("etc/hostname", HOSTNAME + "\n")
-    tree.write_text("etc/machine-id", "")  # every boot gets a fresh one
+def _customize(tree: InTree) -> None:
+    """Make the tree boot fast and quietly as a container. Only what differs is written: on a layer over a base that
+    was made so already, nothing of the base is copied up into the layer."""
+    if not (tree.is_file("etc/hostname") and tree.read_text("etc/hostname") == HOSTNAME + "\n"):
+        tree.write_text("etc/hostname", HOSTNAME + "\n")
+    if not (tree.is_file("etc/machine-id") and tree.read_text("etc/machine-id") == ""):
+        tree.write_text("etc/machine-id", "")  # every boot gets a fresh one
     tree.mkdir("etc/systemd/system")
     for unit in MASKED_UNITS:
-        tree.symlink(f"etc/systemd/system/{unit}", "/dev/null")
+        masked = f"etc/systemd/system/{unit}"
+        if not (tree.is_link(masked) and tree.readlink(masked) == "/dev/null"):
+            tree.symlink(masked, "/dev/null")
 
 
 # --- virtual machine disks ------------------------------------------------------------------------------------
@@ -1019,35 +1078,36 @@ def chrooted(tree: Path, command: Sequence[str]) -> list[str]:
             ",".join(f"-{name}" for name in _DROPPED_FOR_CHROOT), "--", *command]
 
 
-def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Progress = lambda line: None, *,
-                    debs: Iterable[str] = ()) -> None:
-    """Make ``rootfs`` a copy of the built ``base`` tree with ``extra`` and the local ``debs`` installed by apt in a
-    chroot, from the sources the base was built with.
+def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Progress = lambda line: None, *,
+                    debs: Iterable[str] = ()) -> dict[str, str]:
+    """Make ``layer`` what apt adds to the built ``base`` tree installing ``extra`` and the local ``debs``, from the
+    sources the base was built with; return every installed package's version. The image is ``layer`` over
+    ``base`` (:func:`layers_tree`): nothing of the base is copied.
 
-    apt runs in the build sandbox (machine/build_sandbox.py: root of a user namespace, the host read-only, the tree
-    handed over to the sandbox's ids and taken back), chrooted as :func:`chrooted` says, and in a cgroup of its own
-    (so nothing of it outlives the build, however it ends: see machine/staging.py); /dev is the tree's own device
-    nodes (nothing of the host's bound in). Services are not started (policy-rc.d), the host's resolv.conf is lent
-    for the download and taken back.
+    apt runs on an overlay of the base (build_sandbox.prepare: the base idmapped to the sandbox's ids, read-only;
+    what apt writes goes to the upper layer, which becomes ``layer``), in the build sandbox (machine/build_sandbox.py:
+    root of a user namespace, the host read-only, the layer taken back to 0-65535), chrooted as :func:`chrooted`
+    says, and in a cgroup of its own (so nothing of it outlives the build, however it ends: see
+    machine/staging.py); /dev is the tree's own device nodes (nothing of the host's bound in). Services are not
+    started (policy-rc.d), the host's resolv.conf is lent for the download and taken back: the layer holds what
+    the packages made, with the tree made to boot as a container (:func:`_customize`), and no apt indexes.
     """
     resolv, policy, local = "etc/resolv.conf", "usr/sbin/policy-rc.d", "var/cache/harden-debs"
     script = 'apt-get -q update; apt-get -q install -y --no-install-recommends "$@"; apt-get -q clean'
-    # apt on the copy downloads from the sources the base was built with (its sources.list), as its manifest says.
+    # apt on the base downloads from the sources the base was built with (its sources.list), as its manifest says.
     sources: list[str] = []
     with contextlib.suppress(OSError, ValueError):  # an older recipe's manifest may not say: HTTP(S) only
         sources = json.loads((base.parent / "manifest.json").read_text()).get("sources", [])
-    build = rootfs.parent
+    build = layer.parent
     uid_base = build_sandbox.build_base(build.name)
-    work = build_sandbox.prepare(build, uid_base)
+    work = build_sandbox.prepare(build, uid_base, lower=base)
     returncode: int | None = None
+    tail: list[str] = []
+    versions: dict[str, str] = {}
     try:
-        copy = work / rootfs.name
-        try:
-            copy_tree(base, copy)
-        except OSError as exc:
-            raise ImageBuildError(f"could not copy the base image {base} to {copy}: {exc}") from None
-        tree = InTree(copy)
-        link = os.readlink(tree.real_path(resolv)) if tree.is_link(resolv) else None
+        # The overlay: host root's writes here go to the upper layer, as the build's do.
+        tree = InTree(work / build_sandbox.TREE)
+        link = tree.readlink(resolv) if tree.is_link(resolv) else None
         kept = tree.read_bytes(resolv) if link is None and tree.is_file(resolv) else None
         with open("/etc/resolv.conf", "rb") as host_resolv:
             tree.write_bytes(resolv, host_resolv.read())
@@ -1057,40 +1117,73 @@ def install_on_base(base: Path, rootfs: Path, extra: Iterable[str], progress: Pr
         for deb in debs:
             with open(deb, "rb") as package:
                 tree.write_bytes(f"{local}/{os.path.basename(deb)}", package.read())
-            inside.append(f"/var/cache/harden-debs/{os.path.basename(deb)}")
-        build_sandbox.hand_over(copy, uid_base)
+            inside.append(f"/{local}/{os.path.basename(deb)}")
         returncode, tail = _run_contained(
-            build_sandbox.sandboxed(chrooted(Path(build_sandbox.INSIDE) / rootfs.name,
+            build_sandbox.sandboxed(chrooted(Path(build_sandbox.INSIDE) / build_sandbox.TREE,
                                              ["/bin/sh", "-ec", script, "sh", *extra, *inside]), build, uid_base,
                                     sources),
             build.name, progress,
             lambda line: f"  apt-get: {line.strip()}" if " newly installed" in line else None,
             build_sandbox.environment({"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}))
+        if returncode == 0:  # the build is over (nothing of it runs): what it was lent is taken back
+            tree.unlink(policy)
+            tree.unlink(resolv)
+            if link is not None:
+                tree.symlink(resolv, link)
+            elif kept is not None:
+                tree.write_bytes(resolv, kept)
+            for name in tree.names(local):
+                tree.unlink(f"{local}/{name}")
+            tree.rmdir(local)
+            lists = "var/lib/apt/lists"
+            for leftover in tree.names(lists):  # as mmdebstrap leaves it: no indexes
+                if tree.is_file(f"{lists}/{leftover}") and not tree.is_link(f"{lists}/{leftover}"):
+                    tree.unlink(f"{lists}/{leftover}")
+            for cached in tree.names("var/cache/apt", "*.bin"):
+                tree.unlink(f"var/cache/apt/{cached}")
+            _customize(tree)
+            versions = installed_versions(tree)
     finally:
         # Only a build that ended well is taken out: after an error or an interruption, some of it may still run.
-        made = build_sandbox.finish(build, rootfs.name, keep=returncode == 0)
+        made = build_sandbox.finish(build, build_sandbox.UPPER, keep=returncode == 0, into=layer.name)
     refused = build_sandbox.refusal(returncode, tail)
     if refused:
         raise AptRefused(refused)  # a full build would meet the same refusal
     if returncode != 0:
         verdict = apt_verdict(tail)
-        failed = f"apt-get install {' '.join(extra)} on a copy of {base} failed (exit status " \
+        failed = f"apt-get install {' '.join(extra)} on the base image {base} failed (exit status " \
             f"{returncode}):\n" + "\n".join(tail)
         raise AptRefused(f"{verdict}\n{failed}") if verdict else ImageBuildError(failed)
-    if made != rootfs:
-        raise ImageBuildError(_no_tree_left("apt-get", rootfs))
-    build_sandbox.take_back(rootfs, uid_base)
-    tree = InTree(rootfs)
-    tree.unlink(policy)
-    tree.unlink(resolv)
-    if link is not None:
-        tree.symlink(resolv, link)
-    elif kept is not None:
-        tree.write_bytes(resolv, kept)
-    remove_tree(tree.real_path(local))
+    if made != layer:
+        raise ImageBuildError(_no_tree_left("apt-get", layer))
+    build_sandbox.take_back(layer, uid_base)
+    return versions
 
-    for leftover in tree.names("var/lib/apt/lists"):  # as mmdebstrap leaves it: no indexes
-        if tree.is_file(f"var/lib/apt/lists/{leftover}") and not tree.is_link(f"var/lib/apt/lists/{leftover}"):
-            tree.unlink(f"var/lib/apt/lists/{leftover}")
-    for cached in tree.names("var/cache/apt", "*.bin"):
-        tree.unlink(f"var/cache/apt/{cached}")
+
+# --- the trees of layered images, read by host root ------------------------------------------------------------
+
+LAYER = "layer"  # in an image's directory: its own layer, where it is built on its release's base
+_VIEWS: dict[tuple[Path, ...], mounts.Keeper] = {}
+_VIEWS_LOCK = threading.Lock()
+
+
+def layers_tree(layers: Sequence[Path], mount_point: Path) -> InTree:
+    """The tree of an image made of ``layers`` (top first) as a machine booted from it sees it, for host root to
+    read: the one tree itself, or the layers joined by a read-only overlay on ``mount_point`` (an empty directory)
+    in the mount namespace of a keeper (machine/mounts.py), which lives as long as this process: the kernel's own
+    overlay decides what a path is (a file the layer removed is gone, a directory it replaced hides the base's),
+    as it does in the machine. Nothing is mounted on the host."""
+    if len(layers) == 1:
+        return InTree(layers[0])
+    key = tuple(layers)
+    with _VIEWS_LOCK:
+        keeper = _VIEWS.get(key)
+        if keeper is None or keeper.process.poll() is not None:
+            try:
+                keeper = mounts.keep([{"overlay": str(mount_point), "lower": [str(layer) for layer in layers],
+                                       "inert": True}],
+                                     mount_point.parent, build_sandbox.helper_environment())
+            except OSError as exc:
+                raise MachineError(f"could not join the layers of the image {mount_point.parent}: {exc}") from None
+            _VIEWS[key] = keeper
+    return InTree(keeper.seen / mount_point.name)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..in_tree import InTree
+from ..in_tree import InTree, as_tree
 from .directives import BOOL, CAPS, KNOWN, NAMESPACES, Directive
 
 if TYPE_CHECKING:
@@ -173,12 +173,12 @@ def template_of(unit: str) -> str:
     return re.sub(r"@[^@]*(\.[a-z]+)$", r"@\1", unit)
 
 
-def unit_files_in(rootfs: Path, unit: str) -> list[tuple[str, str]] | None:
+def unit_files_in(rootfs: Path | InTree, unit: str) -> list[tuple[str, str]] | None:
     """The unit file of ``unit`` in an image's root file system and its drop-ins, as systemd would read them (the
     first unit file found along :data:`UNIT_PATHS`, the template's for an instance; every ``NAME.d/*.conf``, a
     name in an earlier directory hiding the same name in a later one, read in the order of their names); None if
     the image has no such unit."""
-    tree = InTree(rootfs)  # links resolved as in the machine (an alias to /usr/lib/...), never on the host
+    tree = as_tree(rootfs)  # links resolved as in the machine (an alias to /usr/lib/...), never on the host
     template = template_of(unit)
     found: str | None = None
     for directory in UNIT_PATHS:
@@ -197,7 +197,7 @@ def unit_files_in(rootfs: Path, unit: str) -> list[tuple[str, str]] | None:
     return [(path, tree.read_text(path)) for path in files]
 
 
-def own_hardening_before_boot(spec: Spec, rootfs: Callable[[], Path | None]) -> tuple[Directive, ...] | None:
+def own_hardening_before_boot(spec: Spec, rootfs: Callable[[], Path | InTree | None]) -> tuple[Directive, ...] | None:
     """The tested unit's own hardening, known before any machine boots: a ``unit_file:`` from the file beside the
     spec; a package's ``unit:`` from the cached image ``rootfs()`` (None: not built yet, or without the unit: then
     it is known only once the machine runs); a transient unit has none."""

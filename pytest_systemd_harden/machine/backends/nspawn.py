@@ -28,7 +28,7 @@ from pathlib import Path
 from ...errors import BackendUnavailable, ImageBuildError, MachineError
 from ...in_tree import InTree
 from ...probes.inside import GUARD_KERNEL
-from .. import bpf_delegation
+from .. import bpf_delegation, mounts
 from ..bpf_delegation import BpfDelegate
 from ..cgroups import Contained, host_runs_systemd, output_lines
 from ..images import (
@@ -137,6 +137,9 @@ class NspawnMachine(Machine):
     idmapped_files: bool = field(default=True, init=False)
     # The image is booted through an idmapped mount of itself (userns.idmapped), not a shifted copy.
     _idmapped: bool = field(default=False, init=False, repr=False)
+    # The trees a layered image is joined from on its rootfs directory, top first (shifted copies where the image
+    # cannot be idmapped); empty for an image built in full.
+    _layers: tuple[Path, ...] = field(default=(), init=False, repr=False)
     _bus_root: Path | None = field(default=None, init=False, repr=False)
     # The hold generator's file on the host (see _hold_generator_file), bound when a unit is held at boot.
     _hold_generator: Path | None = field(default=None, init=False, repr=False)
@@ -194,8 +197,9 @@ class NspawnMachine(Machine):
         image = self.image = self.image_cache.get(self.config.packages, progress, release=self.config.release,
                                                   debs=self.config.debs)
         rootfs = image.rootfs
-        self.masked_at_boot = boot_masks(self.config, image.rootfs)
-        self.held_at_boot = boot_holds(self.config, image.rootfs)
+        self._layers = image.layers
+        self.masked_at_boot = boot_masks(self.config, image.tree())
+        self.held_at_boot = boot_holds(self.config, image.tree())
         if self.held_at_boot:
             try:
                 self._hold_generator = self._hold_generator_file()
@@ -207,6 +211,8 @@ class NspawnMachine(Machine):
             self.uid_base = userns.base_for(image.key)
             if userns.idmap_refused(image.rootfs) is None:
                 self._idmapped = True  # the image itself, seen through an idmapped mount in nspawn's namespace
+            elif self._layers:
+                self._layers = tuple(userns.shifted_rootfs(layer, self.uid_base) for layer in self._layers)
             else:
                 rootfs = userns.shifted_rootfs(image.rootfs, self.uid_base)
         try:
@@ -230,9 +236,16 @@ class NspawnMachine(Machine):
             self.bpf_not_delegated = "switched off (HARDEN_BPF_DELEGATION=off)"
         else:
             self.bpf_not_delegated = bpf_delegation.supported() or ""
+        # The tree nspawn boots, made in a mount namespace that nspawn alone lives in: the image (each of its layers)
+        # idmapped to the machine's uids, the layers joined by an overlay on the image's empty rootfs directory.
+        plan: list[dict[str, object]] = []
         if self._idmapped:
             assert self.uid_base is not None
-            command = userns.idmapped(command, rootfs, self.uid_base)
+            plan += [{"idmap": str(tree), "base": self.uid_base} for tree in self._layers or (rootfs,)]
+        if self._layers:
+            plan.append({"overlay": str(rootfs), "lower": [str(layer) for layer in self._layers]})
+        if plan:
+            command = mounts.then(plan, command)
         if not self.bpf_not_delegated:
             channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             command = bpf_delegation.wrap(command, channel[1].fileno())
@@ -289,7 +302,7 @@ class NspawnMachine(Machine):
                 if not any(source in arg for source in bound) and not any(part in arg for part in boot_only)]
         return {"backend": self.NAME, "command_line": argv, "image": enforcement_identity(self.image),
                 # From the image's manifest; an image of an older recipe has no versions there: its dpkg database.
-                "systemd": self.image.systemd_version or package_version(self.image.rootfs, "systemd"),
+                "systemd": self.image.systemd_version or package_version(self.image.tree(), "systemd"),
                 "bpf_delegated": self.bpf_not_delegated or bpf_delegation.RULES_VERSION}
 
     def _collect_console(self) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from ...errors import MachineError
 from ...in_tree import InTree
+from .. import mounts
 from ..staging import copy_tree, remove_tree
 
 RANGE = 0x10000  # uids 0-65535 of the container
@@ -57,60 +58,10 @@ socket.send_fds(socket.socket(fileno=channel_fd), [b"."], [bus.fileno()])
 """
 
 
-# Runs as host root, in place of nspawn, which it becomes (exec): a mount namespace of its own in which the image
-# directory is an idmapped mount of itself. The user namespace that carries the mapping is a child's, made for it.
-_IDMAP = r"""
-import ctypes, os, struct, sys
-rootfs, base, argv = sys.argv[1].encode(), int(sys.argv[2]), sys.argv[4:]
-libc = ctypes.CDLL(None, use_errno=True)
-def check(result, what):
-    if result < 0:
-        error = ctypes.get_errno()
-        sys.exit(f"pytest-systemd-harden: idmapping the image for a user-namespaced machine: {what}: "
-                 f"{os.strerror(error)}")
-    return result
-unshared, mapped = os.pipe(), os.pipe()
-child = os.fork()
-if child == 0:  # holds a user namespace open until the mapping is taken from it; dies with the wrapper
-    os.close(unshared[0])
-    os.close(mapped[1])
-    libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    failed = libc.unshare(0x10000000)  # CLONE_NEWUSER
-    os.write(unshared[1], b"n" if failed else b"y")
-    os.read(mapped[0], 1)  # the wrapper's write, or its end (EOF)
-    os._exit(0)
-os.close(unshared[1])
-os.close(mapped[0])
-try:
-    if os.read(unshared[0], 1) != b"y":  # "n", or the child's end
-        sys.exit("pytest-systemd-harden: idmapping the image for a user-namespaced machine: no user namespace")
-    try:
-        for name in ("uid_map", "gid_map"):
-            with open(f"/proc/{child}/{name}", "w") as mapping:
-                mapping.write(f"0 {base} 65536\n")
-        userns = os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as error:
-        sys.exit(f"pytest-systemd-harden: idmapping the image for a user-namespaced machine: the uid map: {error}")
-finally:
-    os.close(mapped[1])
-    os.close(unshared[0])
-    os.waitpid(child, 0)
-check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
-check(libc.mount(b"none", b"/", None, 0x40000 | 0x4000, None), "making / private")  # MS_PRIVATE | MS_REC
-tree = check(libc.syscall(428, -100, rootfs, 1 | 0o2000000), "open_tree")  # OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
-attr = struct.pack("=QQQQ", 0x00100000 | 0x1, 0, 0, userns)  # MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY: the cache's
-check(libc.syscall(442, tree, b"", 0x1000, attr, len(attr)), "mount_setattr")  # AT_EMPTY_PATH
-check(libc.syscall(429, tree, b"", -100, rootfs, 0x4), "move_mount")  # MOVE_MOUNT_F_EMPTY_PATH
-os.close(tree)
-os.close(userns)
-os.execvp(argv[0], argv)
-"""
-
-
 def idmapped(command: list[str], rootfs: Path, base: int) -> list[str]:
     """``command`` (nspawn's) started where ``rootfs`` is an idmapped mount of itself, owners moved up by ``base``
-    (see the module docstring)."""
-    return [sys.executable, "-I", "-S", "-c", _IDMAP, str(rootfs), str(base), "--", *command]
+    (see the module docstring), in a mount namespace of its own (machine/mounts.py)."""
+    return mounts.then([{"idmap": str(rootfs), "base": base}], command)
 
 
 # Run in the wrapper's place of nspawn: what nspawn's --volatile=overlay does with the idmapped tree, an overlay
@@ -146,12 +97,12 @@ def base_for(image_key: str) -> int:
 def shifted_rootfs(rootfs: Path, base: int) -> Path:
     """A copy of ``rootfs`` with every owner moved up by ``base``, made once beside it under a lock."""
     folder = rootfs.parent / f"{SHIFTED_PREFIX}{base:x}"
-    done = folder / "rootfs"
-    if (done / "usr" / "lib" / "systemd" / "systemd").exists():
+    done = folder / rootfs.name  # a layered image's layer is shifted as its base is (each a copy of its own)
+    if done.is_dir():  # made in a staging directory, renamed into place whole
         return done
     with open(rootfs.parent / f"{SHIFTED_PREFIX}lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (done / "usr" / "lib" / "systemd" / "systemd").exists():
+        if done.is_dir():
             return done
         for stale in rootfs.parent.glob(f"{SHIFTED_PREFIX}staging-*"):
             remove_tree(stale)  # a copy a killed run left: we hold the lock, so nobody is making it
@@ -159,10 +110,10 @@ def shifted_rootfs(rootfs: Path, base: int) -> Path:
         try:
             staging.mkdir()
             try:
-                copy_tree(rootfs, staging / "rootfs")
+                copy_tree(rootfs, staging / rootfs.name)
             except OSError as exc:
                 raise MachineError(f"could not copy {rootfs} for a user-namespaced container: {exc}") from None
-            shift_ownership(staging / "rootfs", base)
+            shift_ownership(staging / rootfs.name, base)
             remove_tree(folder)
             staging.rename(folder)
         finally:
