@@ -169,6 +169,9 @@ def test_a_new_package_set_is_installed_on_the_cached_base_image_and_boots(
     assert (layer / "usr/bin/curl").is_file() and not (layer / "usr/lib/systemd/systemd").exists()
     assert len(list(layer.rglob("*"))) * 5 < len(list((base / "rootfs").rglob("*")))
     assert not list((built / "rootfs").iterdir())  # where a machine joins them, in its own mount namespace
+    marks = {name for entry in [layer, *layer.rglob("*")] for name in os.listxattr(entry, follow_symlinks=False)
+             if name.startswith("trusted.overlay.")}
+    assert marks <= {"trusted.overlay.opaque"}, marks  # nothing of the build's overlay but what readers need
     tree, base_tree = cache.get(("curl",)).tree(), InTree(base / "rootfs")
     assert tree.read_text("etc/hostname") == "harden\n"  # the machine's write stayed in the machine
     assert not tree.is_file("usr/sbin/policy-rc.d")  # services start again in the booted machine
@@ -248,6 +251,30 @@ def test_a_layer_is_whole_only_over_its_base_and_prune_keeps_the_base_of_a_kept_
     assert "kept 00000000000000aa: the base of 00000000000000bb" in said
     shutil.rmtree(layer)
     assert [i.key for i in prune(tmp_path, unused_days=30)] == ["00000000000000aa"]  # no longer under a layer
+
+
+def test_host_root_reads_a_layered_image_as_the_machine_sees_it(tmp_path: Path) -> None:
+    # A layer over its base, as a build leaves it: a file added, one removed (a whiteout), a directory replaced
+    # (opaque). Read through the kernel's overlay, in a keeper's mount namespace: never mounted on the host.
+    from pytest_systemd_harden.machine.images import layers_tree
+
+    base, layer, mount_point = tmp_path / "base", tmp_path / "layer", tmp_path / "rootfs"
+    for folder in (base / "etc/conf.d", base / "usr/bin", layer / "etc/conf.d", layer / "usr/bin", mount_point):
+        folder.mkdir(parents=True)
+    (base / "etc/a").write_text("base")
+    (base / "etc/conf.d/old.conf").write_text("old")
+    (base / "usr/bin/tool").write_text("tool")
+    (layer / "etc/new").write_text("layer")
+    (layer / "etc/conf.d/new.conf").write_text("new")
+    os.setxattr(layer / "etc/conf.d", "trusted.overlay.opaque", b"y")
+    os.mknod(layer / "usr/bin/tool", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    tree = layers_tree((layer, base), mount_point)
+    assert tree.read_text("etc/a") == "base" and tree.read_text("etc/new") == "layer"
+    assert tree.names("etc/conf.d") == ["new.conf"]  # the base's directory is hidden, not merged
+    assert tree.kind("usr/bin/tool") is None
+    assert layers_tree((layer, base), mount_point).root == tree.root  # one keeper per image, kept
+    assert str(mount_point) not in Path("/proc/self/mountinfo").read_text()
+    assert layers_tree((base,), mount_point).read_text("usr/bin/tool") == "tool"  # one tree: itself
 
 
 def fake_rootfs(root: Path, status: str, lists: dict[str, list[str]], enabled: list[str]) -> Path:

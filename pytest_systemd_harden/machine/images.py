@@ -1157,7 +1157,24 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
     if made != layer:
         raise ImageBuildError(_no_tree_left("apt-get", layer))
     build_sandbox.take_back(layer, uid_base)
+    _plain_layer(layer)
     return versions
+
+
+# What an overlay keeps for itself in its upper layer: only the opaque mark means anything to the layer's readers.
+_OVERLAY_OWN = "trusted.overlay."
+_OVERLAY_KEPT = ("trusted.overlay.opaque",)
+
+
+def _plain_layer(layer: Path) -> None:
+    """Remove from ``layer`` the marks the build's overlay made for its own use (the lower files' handles, "impure"
+    directories, its uuid): a layer is files, whiteouts and opaque directories, read the same by any overlay it is
+    joined in later, whatever the base's file handles are then."""
+    for directory, dirs, files in os.walk(layer):
+        for path in (directory, *(os.path.join(directory, name) for name in (*dirs, *files))):
+            for name in os.listxattr(path, follow_symlinks=False):
+                if name.startswith(_OVERLAY_OWN) and name not in _OVERLAY_KEPT:
+                    os.removexattr(path, name, follow_symlinks=False)
 
 
 # --- the trees of layered images, read by host root ------------------------------------------------------------
