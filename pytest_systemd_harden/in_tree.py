@@ -186,6 +186,14 @@ class InTree:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError), self._parent(relative) as (folder, name):
             os.unlink(name, dir_fd=folder)
 
+    def chown(self, relative: str, uid: int, gid: int) -> None:
+        """Give ``relative`` itself (a link's target never) to ``uid``:``gid``."""
+        fd = self.open(relative, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            os.chown(f"/proc/self/fd/{fd}", uid, gid)  # the magic link leads to what was opened, a link too
+        finally:
+            os.close(fd)
+
     def rmdir(self, relative: str) -> None:
         """Remove the empty directory ``relative``; nothing if absent."""
         with contextlib.suppress(FileNotFoundError, NotADirectoryError), self._parent(relative) as (folder, name):

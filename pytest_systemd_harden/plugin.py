@@ -205,7 +205,12 @@ class HardenSession:
         image = self.pool.image_cache.cached(spec.machine.packages,
                                              release=spec.machine.release or self.pool.default_release,
                                              debs=spec.machine.debs)
-        return image.tree() if image is not None else None
+        if image is None:
+            return None
+        try:
+            return image.tree()
+        except MachineError:
+            return None  # a layered image whose layers cannot be joined here: the machine's first boot says why
 
     def start(self, spec: Spec) -> HardenedService:
         """The spec's service, started; a backend that cannot run skips (or fails under --harden-require-backend)."""

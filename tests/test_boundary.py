@@ -275,6 +275,42 @@ def test_a_sandboxed_command_is_root_of_its_own_namespaces_in_a_read_only_host(
     assert not os.path.exists(work), "the keeper of the build's memory outlived it"
 
 
+@pytest.mark.parametrize("memory", ["", "0"], ids=["in memory", "on the disk"])
+def test_a_build_on_a_built_tree_writes_only_its_layer_and_cannot_send_host_root_elsewhere(
+        tmp_path: Path, memory: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A package set's build writes on an overlay of its base: it sees the base as root's, writes the upper layer
+    # only, cannot enter the directory the layer is in, and cannot make host root take another directory for it:
+    # it owns the work directory, so it renames that directory and leaves a link to a host directory in its place.
+    from pytest_systemd_harden.machine import build_sandbox
+    from pytest_systemd_harden.machine.staging import mounts_under
+
+    monkeypatch.setenv(build_sandbox.MEMORY_ENV, memory)
+    lower = tmp_path / "base"
+    (lower / "etc").mkdir(parents=True)
+    (lower / "etc/kept").write_text("kept\n")
+    (lower / "etc/gone").write_text("gone\n")
+    victim = tmp_path / "victim"
+    (victim / "upper").mkdir(parents=True)
+    (victim / "upper/secret").write_text("host data")
+    build = tmp_path / "build"
+    build.mkdir()
+    base = build_sandbox.build_base(build.name)
+    build_sandbox.prepare(build, base, lower=lower)
+    script = ("cat rootfs/etc/kept; stat -c %u rootfs/etc/kept; echo new > rootfs/etc/added; rm rootfs/etc/gone; "
+              "ls .layer/upper >/dev/null 2>&1 || echo refused; "
+              f"echo x > rootfs/etc/kept 2>/dev/null; mv .layer moved && ln -s {victim} .layer && echo swapped")
+    try:
+        ran = run_as_a_build(build_sandbox.sandboxed(["sh", "-c", script], build, base), build.name)
+    finally:
+        layer = build_sandbox.finish(build, build_sandbox.UPPER, into="layer")
+    assert ran.stdout.split() == ["kept", "0", "refused", "swapped"], ran
+    assert layer == build / "layer" and (layer / "etc/added").read_text() == "new\n"
+    assert stat.S_ISCHR(os.lstat(layer / "etc/gone").st_mode)  # the overlay's whiteout: gone from the image
+    assert (layer / "etc/kept").read_text() == "x\n" and (lower / "etc/kept").read_text() == "kept\n"
+    assert (victim / "upper/secret").read_text() == "host data" and not (layer / "secret").exists()
+    assert sorted(os.listdir(build)) == ["layer"] and not mounts_under(tmp_path)
+
+
 def test_a_build_that_fills_its_memory_fails_in_one_line_and_leaves_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # In memory, a build cannot fill the cache's disk: it fills its own tmpfs, and says so.

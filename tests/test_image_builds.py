@@ -274,7 +274,8 @@ def test_a_maintainer_script_cannot_reach_the_host(tmp_path: Path, how: str, mon
               f'for p in /proc/[0-9]*; do echo escaped > "$p/root{canaries[1]}" 2>/dev/null; done; '
               f"python3 -c '{ESCAPE}' {' '.join(map(str, canaries))} >> /harden-escapes 2>&1; "
               'mknod /harden-disk b 254 0 2>/dev/null && echo mknod >> /harden-escapes; '
-              '(exec 3</dev/console) 2>/dev/null && echo console >> /harden-escapes; env > /harden-env; true')
+              '(exec 3</dev/console) 2>/dev/null && echo console >> /harden-escapes; env > /harden-env; '
+              "stat -c %u /etc/resolv.conf /usr/sbin/policy-rc.d > /harden-lent 2>&1; true")
     deb = build_deb(tmp_path, "4.0", depends="python3", postinst=script)
     shared.mkdir(mode=0o1777)
     shared.chmod(0o1777)
@@ -299,6 +300,8 @@ def test_a_maintainer_script_cannot_reach_the_host(tmp_path: Path, how: str, mon
         assert "console" not in escapes, escapes  # the base's console node opens nothing (the tree is nodev)
         assert "HARDEN_TEST_TOKEN" not in tree.read_text("harden-env")
         assert int(tree.read_text("harden-processes")) < 10  # its own PID namespace: no host process
+        if how == "on the cached base":  # what host root lent the build is the build's root's, not nobody's
+            assert tree.read_text("harden-lent").split() == ["0", "0"], tree.read_text("harden-lent")
         # Root of the build is a uid of no account on the host: not host root (whose map is 0 0 4294967295).
         inner, outer, count = tree.read_text("harden-uid-map").split()
         assert inner == "0" and int(outer) >= 0x70000000 and count == "65536"

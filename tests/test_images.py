@@ -256,7 +256,7 @@ def test_a_layer_is_whole_only_over_its_base_and_prune_keeps_the_base_of_a_kept_
 def test_host_root_reads_a_layered_image_as_the_machine_sees_it(tmp_path: Path) -> None:
     # A layer over its base, as a build leaves it: a file added, one removed (a whiteout), a directory replaced
     # (opaque). Read through the kernel's overlay, in a keeper's mount namespace: never mounted on the host.
-    from pytest_systemd_harden.machine.images import layers_tree
+    from pytest_systemd_harden.machine.images import layers_tree, on_overlayfs
 
     base, layer, mount_point = tmp_path / "base", tmp_path / "layer", tmp_path / "rootfs"
     for folder in (base / "etc/conf.d", base / "usr/bin", layer / "etc/conf.d", layer / "usr/bin", mount_point):
@@ -273,8 +273,21 @@ def test_host_root_reads_a_layered_image_as_the_machine_sees_it(tmp_path: Path) 
     assert tree.names("etc/conf.d") == ["new.conf"]  # the base's directory is hidden, not merged
     assert tree.kind("usr/bin/tool") is None
     assert layers_tree((layer, base), mount_point).root == tree.root  # one keeper per image, kept
+    assert on_overlayfs(tree.root) and not on_overlayfs(tmp_path)
     assert str(mount_point) not in Path("/proc/self/mountinfo").read_text()
     assert layers_tree((base,), mount_point).read_text("usr/bin/tool") == "tool"  # one tree: itself
+
+
+def test_where_the_cache_is_on_an_overlayfs_a_package_set_is_built_in_full(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A container's own root (a Docker executor): a layer over a base there would be a third overlay at boot.
+    monkeypatch.setattr(images, "on_overlayfs", lambda path: True)
+    monkeypatch.setattr(ImageCache, "get", lambda *args, **kwargs: pytest.fail("no base is needed"))
+    lines: list[str] = []
+    assert ImageCache(tmp_path)._on_cached_base(tmp_path, ("curl",), DEFAULT_RELEASE, (), lines.append) is None
+    assert lines == [("  building it in full: the cache is on an overlayfs (a container's own root?), and a layer "
+                      "over a base there could not be booted (the kernel stacks overlays two deep at most, and "
+                      "nspawn's volatile overlay is a third)")]
 
 
 def fake_rootfs(root: Path, status: str, lists: dict[str, list[str]], enabled: list[str]) -> Path:

@@ -128,3 +128,16 @@ def test_a_unit_alias_is_read_as_the_machine_reads_it(tree: Path, host: Path) ->
         ("/usr/lib/systemd/system/alias.service", "[Service]\nExecStart=/bin/true\n")]
     files = unit_files_in(tree, "evil.service")
     assert files is not None and "the host's" not in str(files)
+
+
+def test_a_link_is_given_away_and_read_itself_never_what_it_points_to(tree: Path, host: Path) -> None:
+    (tree / "etc").mkdir(exist_ok=True)
+    (tree / "etc/resolv.conf").symlink_to(host / "secret")  # as a build may leave it
+    inside = InTree(tree)
+    inside.chown("etc/resolv.conf", 0x70000000, 0x70000000)
+    assert os.lstat(tree / "etc/resolv.conf").st_uid == 0x70000000 and (host / "secret").stat().st_uid == 0
+    assert inside.readlink("etc/resolv.conf") == str(host / "secret")
+    (tree / "empty").mkdir()
+    inside.rmdir("empty")
+    inside.rmdir("empty")  # absent: nothing to do
+    assert not (tree / "empty").exists()

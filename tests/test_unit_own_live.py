@@ -117,7 +117,7 @@ def test_a_package_unit_not_in_the_image_cache_yet_has_one_item_for_its_own_hard
     # As on a first run, before the image is built: the unit's directives are known only once the machine runs.
     pytester.makeconftest("""
 from pytest_systemd_harden.plugin import HardenSession
-HardenSession.cached_rootfs = lambda self, spec: None
+HardenSession.cached_tree = lambda self, spec: None
 """)
     result = pytester.runpytest(str(spec), "-rP", *RUN)
     result.assert_outcomes(passed=5)  # the start, two scenarios, ProtectHome=, and the unit's own hardening

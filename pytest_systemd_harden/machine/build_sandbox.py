@@ -280,7 +280,7 @@ def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[
         with contextlib.suppress(ValueError):
             ports.add(urllib.parse.urlsplit(url).port or 80)
     with _KEEPERS_LOCK:
-        keeper, _in_memory = _KEEPERS.get(str(build), (None, False))
+        keeper, _in_memory, _held = _KEEPERS.get(str(build), (None, False, None))
     try:
         with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as resolv_conf:
             servers = resolv_conf.read()
@@ -359,7 +359,8 @@ def prepare(build: Path, base: int, *, lower: Path | None = None) -> Path:
     seen through an idmapped mount (every owner moved up by ``base``: nothing of ``lower`` is written or copied) and
     whose upper layer, :data:`UPPER`, gets what the build writes: where only the upper layer, the image's own layer,
     is taken (:func:`finish`); it is in a directory of host root's that the build cannot enter (only the overlay
-    writes there). Either way :func:`finish` must follow, whatever happens between (it ends the keeper). The keeper
+    writes there), which finish() reaches through a descriptor opened before the build starts (the build owns the
+    work directory: it could rename that directory and leave a link in its place). Either way :func:`finish` must follow, whatever happens between (it ends the keeper). The keeper
     ends by itself when the process that started it dies (its stdin closes), and its mounts with it."""
     (build / VIEW).mkdir(exist_ok=True)
     work = Path(os.path.realpath(build / WORK))
@@ -386,9 +387,24 @@ def prepare(build: Path, base: int, *, lower: Path | None = None) -> Path:
                  {"dir": str(work / TREE), "mode": 0o755, "owner": base},
                  {"overlay": str(work / TREE), "lower": [str(layer / "lower")], "upper": str(work / UPPER),
                   "work": str(layer / "work"), "inert": True}]
+    held: int | None = None
+    keeper: mounts.Keeper | None = None
     try:
         keeper = mounts.keep(plan, work, helper_environment())
+        if lower is not None:
+            # The build owns the work directory, so it could rename .layer and put a link to a host directory in
+            # its place: finish() reaches the upper layer through this descriptor, opened before the build starts
+            # (on the disk, by the host's own path: a rename across two namespaces' mounts would be EXDEV).
+            held = os.open((keeper.seen if size else work) / os.path.dirname(UPPER),
+                           os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            found = os.fstat(held)
+            if found.st_uid != 0 or stat.S_IMODE(found.st_mode) != 0o700:
+                raise OSError(f"{os.path.dirname(UPPER)} is not the directory the keeper made")
     except OSError as exc:
+        if held is not None:
+            os.close(held)
+        if keeper is not None:
+            keeper.end()
         what = "a tmpfs for the build" if lower is None else f"the build's overlay on {lower}"
         hint = f"{MEMORY_ENV}=0 builds on the disk" if lower is None else \
             "an overlay with an idmapped lower layer needs Linux 5.19 or later"
@@ -397,7 +413,7 @@ def prepare(build: Path, base: int, *, lower: Path | None = None) -> Path:
             (build / VIEW).rmdir()
         raise ImageBuildError(f"could not mount {what} at {work}: {exc}; hint: {hint}") from None
     with _KEEPERS_LOCK:
-        _KEEPERS[str(build)] = (keeper, bool(size))
+        _KEEPERS[str(build)] = (keeper, bool(size), held)
     return keeper.seen
 
 
@@ -415,53 +431,64 @@ def finish(build: Path, tree: str, *, keep: bool = True, into: str | None = None
     with contextlib.suppress(FileNotFoundError):
         (build / VIEW).rmdir()
     with _KEEPERS_LOCK:
-        keeper, in_memory = _KEEPERS.pop(str(build), (None, False))
+        keeper, in_memory, held = _KEEPERS.pop(str(build), (None, False, None))
     work = Path(os.path.realpath(build / WORK))
-    if not in_memory:
-        if keeper is not None:
-            keeper.end()  # an overlay on the disk: its upper layer is taken once it is unmounted
-        kept = keep and _is_directory(work / tree)
-        if kept:
-            os.rename(work / tree, build / into)  # renames what is there (the build is over), never a link's target
-        remove_tree(work)
+    try:
+        if not in_memory:
+            if keeper is not None:
+                keeper.end()  # an overlay on the disk: its upper layer is taken once it is unmounted
+            folder, name = (held, os.path.basename(tree)) if held is not None else (None, str(work / tree))
+            kept = keep and _is_directory(name, folder)
+            if kept:  # renames what is there (the build is over), never a link's target
+                os.rename(name, build / into, src_dir_fd=folder)
+            remove_tree(work)
+            return build / into if kept else None
+        assert keeper is not None
+        kept = False
+        try:
+            seen = keeper.seen
+            # Reached through the descriptor held since prepare(), by path for cp (a process of its own).
+            source = Path(f"/proc/{os.getpid()}/fd/{held}") / os.path.basename(tree) if held is not None \
+                else seen / tree
+            usage = os.statvfs(seen)
+            if usage.f_bavail * usage.f_frsize < 4 << 20 or usage.f_favail < 64:
+                raise MemoryFilled(f"the build filled the {usage.f_blocks * usage.f_frsize / (1 << 30):.1f} GiB of "
+                                   f"memory it runs in (a tmpfs, ${MEMORY_ENV}); hint: {MEMORY_ENV}=16G gives it "
+                                   f"more, {MEMORY_ENV}=0 builds on the disk")
+            kept = keep and _is_directory(str(source))
+            if kept:
+                check_shape(source)
+                disk = os.statvfs(build)
+                needed = (usage.f_blocks - usage.f_bfree) * usage.f_frsize
+                files = usage.f_files - usage.f_ffree
+                if needed > disk.f_bavail * disk.f_frsize or files > disk.f_favail:
+                    raise ImageBuildError(f"the built tree ({needed >> 20} MiB, {files} files) does not fit on the "
+                                          f"disk of {build}; hint: free space there, or set HARDEN_CACHE_DIR to "
+                                          "another disk")
+                try:
+                    copy_tree(source, build / into)
+                except OSError as exc:
+                    remove_tree(build / into)
+                    raise ImageBuildError(f"could not copy the built tree to {build / into}: {exc}") from None
+        finally:
+            keeper.end()
+            work.rmdir()  # on the disk, the tmpfs was never over it
         return build / into if kept else None
-    assert keeper is not None
-    kept = False
-    try:
-        seen = keeper.seen
-        usage = os.statvfs(seen)
-        if usage.f_bavail * usage.f_frsize < 4 << 20 or usage.f_favail < 64:
-            raise MemoryFilled(f"the build filled the {usage.f_blocks * usage.f_frsize / (1 << 30):.1f} GiB of memory "
-                               f"it runs in (a tmpfs, ${MEMORY_ENV}); hint: {MEMORY_ENV}=16G gives it more, "
-                               f"{MEMORY_ENV}=0 builds on the disk")
-        kept = keep and _is_directory(seen / tree)
-        if kept:
-            check_shape(seen / tree)
-            disk = os.statvfs(build)
-            needed = (usage.f_blocks - usage.f_bfree) * usage.f_frsize
-            files = usage.f_files - usage.f_ffree
-            if needed > disk.f_bavail * disk.f_frsize or files > disk.f_favail:
-                raise ImageBuildError(f"the built tree ({needed >> 20} MiB, {files} files) does not fit on the disk "
-                                      f"of {build}; hint: free space there, or set HARDEN_CACHE_DIR to another disk")
-            try:
-                copy_tree(seen / tree, build / into)
-            except OSError as exc:
-                remove_tree(build / into)
-                raise ImageBuildError(f"could not copy the built tree to {build / into}: {exc}") from None
     finally:
-        keeper.end()
-        work.rmdir()  # on the disk, the tmpfs was never over it
-    return build / into if kept else None
+        if held is not None:
+            os.close(held)
 
 
-def _is_directory(path: Path) -> bool:
+def _is_directory(path: str, folder: int | None = None) -> bool:
+    """Whether ``path`` (in the directory ``folder``, if given) is a directory itself, not a link to one."""
     try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
+        return stat.S_ISDIR(os.stat(path, dir_fd=folder, follow_symlinks=False).st_mode)
     except FileNotFoundError:
         return False
 
 
-_KEEPERS: dict[str, tuple[mounts.Keeper, bool]] = {}  # build directory -> its keeper, and whether in memory
+# build directory -> its keeper, whether in memory, and the directory of the overlay's upper layer, held open
+_KEEPERS: dict[str, tuple[mounts.Keeper, bool, int | None]] = {}
 _KEEPERS_LOCK = threading.Lock()
 
 

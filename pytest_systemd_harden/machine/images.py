@@ -12,6 +12,7 @@ no process of it outlives the build (see machine/staging.py).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -20,6 +21,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -285,19 +287,23 @@ class ImageCache:
             return None
         extra = tuple(sorted(set(packages)))
         final = self.path_for(extra, release=release, debs=debs)
-        return self._found(final, extra, release, debs) if _complete(final) else None
+        return self._found(final, extra, release, debs, use=False) if _complete(final) else None
 
-    def _found(self, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...]) -> Image:
-        """The complete image in ``final``, held in use for as long as this process lives."""
+    def _found(self, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...], *,
+               use: bool = True) -> Image:
+        """The complete image in ``final``; with ``use``, held in use for as long as this process lives and
+        marked as used now (a look at it, :meth:`cached`, is neither)."""
         manifest = json.loads((final / "manifest.json").read_text())
         layers: tuple[Path, ...] = ()
         if manifest.get("base"):  # _complete() checked its name and that it is complete
             base = final.parent / manifest["base"]
-            self._hold(base)  # prune keeps it while this image is in use
+            if use:
+                self._hold(base)  # prune keeps it while this image is in use
             layers = (final / LAYER, base / "rootfs")
-        self._hold(final)
-        with contextlib.suppress(OSError):  # a read-only cache (restored in CI) is still usable
-            os.utime(final / "manifest.json")  # its mtime says when the image was last used (cache list, prune)
+        if use:
+            self._hold(final)
+            with contextlib.suppress(OSError):  # a read-only cache (restored in CI) is still usable
+                os.utime(final / "manifest.json")  # its mtime says when the image was last used (cache list, prune)
         return Image(final.name, final / "rootfs", extra, release, manifest.get("versions", {}), debs, layers)
 
     def missing(self, wanted: Iterable[ImageWanted]) -> list[ImageWanted]:
@@ -400,6 +406,11 @@ class ImageCache:
         about half a full build, and every later package set starts from it (a fresh cache's first image is usually
         one with packages)."""
         if not (extra or debs) or set(extra) & set(VM_PACKAGES) or any(":" in p for p in extra):
+            return None
+        if on_overlayfs(staging):
+            progress("  building it in full: the cache is on an overlayfs (a container's own root?), and a layer "
+                     "over a base there could not be booted (the kernel stacks overlays two deep at most, and "
+                     "nspawn's volatile overlay is a third)")
             return None
         try:
             base = self.get((), progress, release=release)
@@ -672,15 +683,15 @@ def apt_verdict(lines: Iterable[str]) -> str:
     return "; ".join(dict.fromkeys(found))
 
 
-def _complete(final: Path) -> bool:
-    """Whether ``final`` holds a whole image: built in full, or its layer over a base that is whole."""
+def _complete(final: Path, *, layer: bool = True) -> bool:
+    """Whether ``final`` holds a whole image: built in full, or (``layer``) its layer over a base built in full."""
     try:
         base = json.loads((final / "manifest.json").read_text()).get("base")
     except (OSError, ValueError, AttributeError):
         return False
-    if base:
-        return isinstance(base, str) and re.fullmatch(r"[0-9a-f]{16}", base) is not None and \
-            (final / LAYER).is_dir() and _complete(final.parent / base)
+    if base:  # one level: a base is built in full (never the image itself, nor another layer)
+        return layer and isinstance(base, str) and re.fullmatch(r"[0-9a-f]{16}", base) is not None and \
+            (final / LAYER).is_dir() and _complete(final.parent / base, layer=False)
     return (final / "rootfs" / "usr" / "lib" / "systemd" / "systemd").exists()
 
 
@@ -1118,6 +1129,9 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
             with open(deb, "rb") as package:
                 tree.write_bytes(f"{local}/{os.path.basename(deb)}", package.read())
             inside.append(f"/{local}/{os.path.basename(deb)}")
+        # What host root wrote is the build's root's, as if it had written it (not host root's: unmapped, nobody)
+        for lent in (resolv, policy, local, *(path.removeprefix("/") for path in inside)):
+            tree.chown(lent, uid_base, uid_base)
         returncode, tail = _run_contained(
             build_sandbox.sandboxed(chrooted(Path(build_sandbox.INSIDE) / build_sandbox.TREE,
                                              ["/bin/sh", "-ec", script, "sh", *extra, *inside]), build, uid_base,
@@ -1178,6 +1192,17 @@ def _plain_layer(layer: Path) -> None:
 
 
 # --- the trees of layered images, read by host root ------------------------------------------------------------
+
+_OVERLAYFS_MAGIC = 0x794C7630
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def on_overlayfs(path: Path) -> bool:
+    """Whether ``path`` is on an overlayfs (statfs's f_type, the first word of struct statfs on Linux)."""
+    buffer = ctypes.create_string_buffer(256)
+    if _libc.statfs(os.fsencode(path), buffer) != 0:
+        return False
+    return int.from_bytes(buffer.raw[:8], sys.byteorder) & 0xFFFFFFFF == _OVERLAYFS_MAGIC
 
 LAYER = "layer"  # in an image's directory: its own layer, where it is built on its release's base
 _VIEWS: dict[tuple[Path, ...], mounts.Keeper] = {}
