@@ -136,8 +136,6 @@ class HardenSession:
         self.security_policy: Path | None = None  # --harden-security-policy
         self.stop_notes: list[str] = []  # services that had to be killed at teardown, for the summary
         self.not_started: dict[str, tuple[str, int]] = {}  # spec -> (why its service did not start, items not run)
-        # Runs whose unit is still to be checked once their image is built (pytest_collection_finish).
-        self.unchecked: list[SpecRun] = []
 
     @staticmethod
     def of(config: pytest.Config) -> HardenSession:
@@ -283,12 +281,12 @@ class HardenSession:
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """Before any test runs: the images the collected specs need start building, several at once; the units
         the selected specs name are checked on their machines (a unit that does not exist, a package that ships no
-        such unit, a unit file systemd rejects are one line each, and no test runs): those whose image is cached
-        now; the others' once their image is built (pytest_runtest_setup), whose builds come first (_image_order),
-        while the first tests run."""
+        such unit, a unit file systemd rejects are one line each, and no test runs). Their images are built first
+        (_image_order); the others go on building while the first tests run."""
         if self.config.option.collectonly:
             return
         self._prepare_images(session)
+        errors: list[str] = []
         runs: dict[int, SpecRun] = {}
         for item in session.items:
             if isinstance(item.parent, SpecRun):
@@ -299,44 +297,19 @@ class HardenSession:
             # item fails with the same line, and its other items are not run. Nor does every worker boot every unit
             # spec's machine, and wait for its image, before its first test.
             return
-        # Those whose image is there now; on a fresh cache, each of the others once its image is built, so that the
-        # first tests run while later images are still being built (pytest_runtest_setup).
-        self.unchecked = [run for run in runs.values() if run.spec.service.unit_name]
-        errors = self._check_units()
-        if errors:
-            raise pytest.UsageError("\n".join(errors))
-
-    def _check_units(self, now: SpecRun | None = None) -> list[str]:
-        """Check the units of the runs not checked yet whose images are ready (and ``now``'s, waiting for its image);
-        their errors, each once."""
-        ready = [run for run in self.unchecked if run is now or self.pool.image_ready(run.spec.machine)]
-        self.unchecked = [run for run in self.unchecked if run not in ready]
-        errors: list[str] = []
-        for run in ready:
+        # In the order their images are ready: on a fresh cache the first release's base may still be building
+        # while another's is done.
+        to_check = [run for run in runs.values() if run.spec.service.unit_name]
+        while to_check:
+            run = to_check.pop(self.pool.first_ready([run.spec.machine for run in to_check]))
             try:
                 check_unit(self.pool.machine_for(run.spec.machine), run.spec)
             except SpecError as exc:
                 errors.append(str(exc))
             except HardenError:
                 continue  # no machine (or it failed): the start item says why, once
-        return list(dict.fromkeys(errors))
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        """A unit not checked before the first test (its image was still being built) is checked once its image is
-        ready, before the next test, and before its own first test at the latest; one that cannot be tested stops
-        the run there, as it would have before the first test."""
-        if not self.unchecked:
-            return
-        errors = self._check_units(now=item.parent if isinstance(item.parent, SpecRun) else None)
         if errors:
-            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-            if reporter is not None:
-                reporter.write_line("")
-                for error in errors:
-                    reporter.write_line(f"ERROR: {error}", red=True, bold=True)
-            pytest.exit("a spec's unit cannot be tested (the ERROR lines above); no more tests run",
-                        returncode=pytest.ExitCode.USAGE_ERROR)
+            raise pytest.UsageError("\n".join(dict.fromkeys(errors)))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:

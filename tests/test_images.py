@@ -616,50 +616,6 @@ def test_where_images_must_be_built_directories_run_as_their_images_will_be_read
     assert order() == ["b_base", "c_unit", "a_curl", "d_python"]
 
 
-def test_a_unit_whose_image_is_still_being_built_is_checked_once_it_is_and_stops_the_run_there(
-        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A fresh cache: the unit spec's image is built after the base, and the first tests do not wait for it. Once it
-    # is built, its unit is checked before the next test; a unit that cannot be tested stops the run there.
-    from pytest_systemd_harden import plugin
-    from pytest_systemd_harden.errors import BackendUnavailable, SpecError
-    from pytest_systemd_harden.machine import backends
-
-    asked: list[str] = []
-
-    def image_ready(self: MachinePool, config: MachineConfig) -> bool:
-        asked.append(",".join(config.packages))
-        return len(asked) > 2  # built while the first spec's items run
-
-    def check_unit(machine: object, spec: object) -> None:
-        raise SpecError("harden.yaml", 3, "service.unit", "no unit no-such.service on the machine")
-
-    def no_machine(self: MachinePool, config: MachineConfig) -> object:
-        if config.packages:
-            return object()  # the unit spec's machine, for the check
-        raise BackendUnavailable("not booted in this test")
-
-    monkeypatch.setattr(ImageCache, "start_preparing", lambda self, wanted, progress, **kwargs:
-                        images.Preparation(self, [], progress, threads=1))
-    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
-    monkeypatch.setattr(images, "_complete", lambda final: False)
-    monkeypatch.setattr(MachinePool, "image_ready", image_ready)
-    monkeypatch.setattr(MachinePool, "machine_for", no_machine)
-    monkeypatch.setattr(plugin, "check_unit", check_unit)
-    monkeypatch.setattr(backends, "check_available", lambda name: None)
-    for name, body in (("a_base", "service:\n  exec_start: /bin/sleep infinity\n"),
-                       ("b_unit", "service:\n  unit: no-such.service\nmachine:\n  packages: [memcached]\n")):
-        pytester.mkdir(name)
-        pytester.path.joinpath(name, "harden.yaml").write_text(body)
-    pytester.path.joinpath("a_base", "test_plain.py").write_text("def test_plain():\n    pass\n")
-    result = pytester.runpytest_inprocess("--harden-backend=nspawn", "-p", "no:cacheprovider", "-v")
-    output = result.stdout.str()
-    assert result.ret == pytest.ExitCode.USAGE_ERROR, output
-    assert asked[0] == "memcached"  # not ready when collected: not checked then
-    error = "ERROR: harden.yaml:3: service.unit: no unit no-such.service on the machine"
-    assert "a_base/harden.yaml::service starts under hardening SKIPPED" in output.split(error)[0], output
-    assert "b_unit/" not in output.split(error)[1] and "test_plain PASSED" not in output, output
-
-
 def test_a_tree_copied_in_parts_is_what_cp_a_makes(tmp_path: Path) -> None:
     # Cut into parts of at most 3 entries, a tree with what an image holds (setuid bits, a file capability, an ACL,
     # hard links within and across parts, symlinks, a device node, a fifo, empty directories, owners, old times)

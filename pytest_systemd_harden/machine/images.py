@@ -570,11 +570,6 @@ class Preparation:
                     return 0
                 self._changed.wait()
 
-    def ready(self, want: ImageWanted) -> bool:
-        """Whether ``want`` is built or failed, or not this preparation's to build: nothing to wait for."""
-        with self._changed:
-            return want not in self.todo or want in self._results
-
     def _needs_no_wait(self, want: ImageWanted) -> bool:
         """Built or failed, not this preparation's, or taken off its list for the caller to build (hold _changed)."""
         return want not in self.todo or want in self._results or want in self._left

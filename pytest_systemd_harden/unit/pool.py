@@ -148,15 +148,6 @@ class MachinePool:
             return no_image[0] if no_image else 0
         return preparation.first_ready([self.image_wanted(config) for config in effective])
 
-    def image_ready(self, config: MachineConfig) -> bool:
-        """Whether the machine of ``config`` can boot without waiting for an image being built in the background (or
-        building it: then it is not ready either)."""
-        with self._lock:
-            preparation = self._preparation
-        effective = self.effective_config(config)
-        return preparation is None or effective.backend != "nspawn" or \
-            preparation.ready(self.image_wanted(effective))
-
     def images_to_build(self, configs: Iterable[MachineConfig]) -> list[ImageWanted]:
         """The images :meth:`start_preparing_images` would build for ``configs``, in its order ([] where nspawn
         cannot run or nothing is missing)."""
