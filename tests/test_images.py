@@ -216,7 +216,8 @@ def test_cache_list_marks_superseded_images_and_prune_spares_one_in_use(tmp_path
     assert "kept dddd: a run is using it" in said
 
 
-def test_a_layer_is_whole_only_over_its_base_and_prune_keeps_the_base_of_a_kept_layer(tmp_path: Path) -> None:
+def test_a_layer_is_whole_only_over_its_base_and_prune_keeps_the_base_of_a_kept_layer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pytest_systemd_harden.machine.images import _complete, cached_images, prune
 
     def image(key: str, built: float, packages: list[str], used_days_ago: float = 0, base: str = "") -> Path:
@@ -249,6 +250,9 @@ def test_a_layer_is_whole_only_over_its_base_and_prune_keeps_the_base_of_a_kept_
     assert [i.key for i in removed] == ["00000000000000dd"], said
     assert old_base.exists() and layer.exists() and new_base.exists() and not stale.exists()
     assert "kept 00000000000000aa: the base of 00000000000000bb" in said
+    monkeypatch.setattr(images, "on_overlayfs", lambda path: True)  # the cache restored into a container
+    assert not _complete(layer) and _complete(new_base)  # a layer there cannot be booted: built again, in full
+    monkeypatch.undo()
     shutil.rmtree(layer)
     assert [i.key for i in prune(tmp_path, unused_days=30)] == ["00000000000000aa"]  # no longer under a layer
 
@@ -276,6 +280,10 @@ def test_host_root_reads_a_layered_image_as_the_machine_sees_it(tmp_path: Path) 
     assert on_overlayfs(tree.root) and not on_overlayfs(tmp_path)
     assert str(mount_point) not in Path("/proc/self/mountinfo").read_text()
     assert layers_tree((base,), mount_point).read_text("usr/bin/tool") == "tool"  # one tree: itself
+    shutil.rmtree(layer)  # the image removed, and built again under the same key: read as it is now
+    (layer / "etc").mkdir(parents=True)
+    (layer / "etc/new").write_text("again")
+    assert layers_tree((layer, base), mount_point).read_text("etc/new") == "again"
 
 
 def test_where_the_cache_is_on_an_overlayfs_a_package_set_is_built_in_full(

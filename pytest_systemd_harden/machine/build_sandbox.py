@@ -360,7 +360,8 @@ def prepare(build: Path, base: int, *, lower: Path | None = None) -> Path:
     whose upper layer, :data:`UPPER`, gets what the build writes: where only the upper layer, the image's own layer,
     is taken (:func:`finish`); it is in a directory of host root's that the build cannot enter (only the overlay
     writes there), which finish() reaches through a descriptor opened before the build starts (the build owns the
-    work directory: it could rename that directory and leave a link in its place). Either way :func:`finish` must follow, whatever happens between (it ends the keeper). The keeper
+    work directory: it could rename that directory and leave a link in its place). Either way :func:`finish` must
+    follow, whatever happens between (it ends the keeper). The keeper
     ends by itself when the process that started it dies (its stdin closes), and its mounts with it."""
     (build / VIEW).mkdir(exist_ok=True)
     work = Path(os.path.realpath(build / WORK))
@@ -428,20 +429,24 @@ def finish(build: Path, tree: str, *, keep: bool = True, into: str | None = None
     does not fit there) and its keeper ended, which takes the tmpfs down, even when that fails; :class:`MemoryFilled`
     when the build had filled it."""
     into = into or tree
-    with contextlib.suppress(FileNotFoundError):
-        (build / VIEW).rmdir()
     with _KEEPERS_LOCK:
         keeper, in_memory, held = _KEEPERS.pop(str(build), (None, False, None))
     work = Path(os.path.realpath(build / WORK))
     try:
+        with contextlib.suppress(FileNotFoundError):
+            (build / VIEW).rmdir()
         if not in_memory:
-            if keeper is not None:
-                keeper.end()  # an overlay on the disk: its upper layer is taken once it is unmounted
-            folder, name = (held, os.path.basename(tree)) if held is not None else (None, str(work / tree))
-            kept = keep and _is_directory(name, folder)
-            if kept:  # renames what is there (the build is over), never a link's target
-                os.rename(name, build / into, src_dir_fd=folder)
-            remove_tree(work)
+            try:
+                if keeper is not None:
+                    keeper.end()  # an overlay on the disk: its upper layer is taken once it is unmounted
+                folder, name = (held, os.path.basename(tree)) if held is not None else (None, str(work / tree))
+                kept = keep and _is_directory(name, folder)
+                if kept:  # renames what is there (the build is over), never a link's target
+                    os.rename(name, build / into, src_dir_fd=folder)
+            except OSError as exc:
+                raise ImageBuildError(f"could not take the built tree to {build / into}: {exc}") from None
+            finally:
+                remove_tree(work)
             return build / into if kept else None
         assert keeper is not None
         kept = False

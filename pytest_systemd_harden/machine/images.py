@@ -3,7 +3,8 @@
 A machine boots its image with ``--volatile=overlay``, so the cached tree is shared read-only by every
 container, run and xdist worker. A release's base is a whole tree; a package set is a layer over it (what apt
 added, :func:`install_on_base`), joined with it by an overlay wherever it is used (machine/mounts.py): in a
-machine's mount namespace, or a keeper's for host root to read it (:func:`layers_tree`), never on the host. Builds happen under a lock, into a staging directory renamed into place only
+machine's mount namespace, or a keeper's for host root to read it (:func:`layers_tree`), never on the host.
+Builds happen under a lock, into a staging directory renamed into place only
 when complete, so a concurrent or interrupted build never leaves a half-made image behind; the builder runs in a
 mount namespace of its own and in a cgroup of its own, so whatever ends it, no mount of its reaches the host and
 no process of it outlives the build (see machine/staging.py).
@@ -690,8 +691,9 @@ def _complete(final: Path, *, layer: bool = True) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     if base:  # one level: a base is built in full (never the image itself, nor another layer)
+        # On an overlayfs (a cache restored into a container) a layer cannot be booted: it is built again, in full.
         return layer and isinstance(base, str) and re.fullmatch(r"[0-9a-f]{16}", base) is not None and \
-            (final / LAYER).is_dir() and _complete(final.parent / base, layer=False)
+            (final / LAYER).is_dir() and _complete(final.parent / base, layer=False) and not on_overlayfs(final)
     return (final / "rootfs" / "usr" / "lib" / "systemd" / "systemd").exists()
 
 
@@ -1204,8 +1206,9 @@ def on_overlayfs(path: Path) -> bool:
         return False
     return int.from_bytes(buffer.raw[:8], sys.byteorder) & 0xFFFFFFFF == _OVERLAYFS_MAGIC
 
+
 LAYER = "layer"  # in an image's directory: its own layer, where it is built on its release's base
-_VIEWS: dict[tuple[Path, ...], mounts.Keeper] = {}
+_VIEWS: dict[tuple[tuple[Path, int], ...], mounts.Keeper] = {}
 _VIEWS_LOCK = threading.Lock()
 
 
@@ -1217,7 +1220,8 @@ def layers_tree(layers: Sequence[Path], mount_point: Path) -> InTree:
     as it does in the machine. Nothing is mounted on the host."""
     if len(layers) == 1:
         return InTree(layers[0])
-    key = tuple(layers)
+    # By inode too: an image removed and built again under the same key is joined again, not read as it was.
+    key = tuple((layer, os.stat(layer).st_ino) for layer in layers)
     with _VIEWS_LOCK:
         keeper = _VIEWS.get(key)
         if keeper is None or keeper.process.poll() is not None:

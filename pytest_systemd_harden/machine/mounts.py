@@ -108,7 +108,8 @@ for step in plan:
         # MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY (the cache's tree, read), MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
         attr = struct.pack("=QQQQ", 0x00100000 | 0x1 | (0x2 | 0x4 if step.get("inert") else 0), 0, 0,
                            userns(step["base"]))
-        check(libc.syscall(442, tree, b"", 0x1000, attr, len(attr)), f"mount_setattr, idmapping {step['idmap']}")  # AT_EMPTY_PATH
+        check(libc.syscall(442, tree, b"", 0x1000, attr, len(attr)),  # AT_EMPTY_PATH
+              f"mount_setattr, idmapping {step['idmap']}")
         target = step.get("target", step["idmap"]).encode()
         check(libc.syscall(429, tree, b"", -100, target, 0x4), "move_mount")  # MOVE_MOUNT_F_EMPTY_PATH
         os.close(tree)
