@@ -15,7 +15,8 @@ Prints, with absolute medians and ratios against a baseline measured in the same
 5. with --cold-start: the example suite on a fresh, empty cache (every image built, every capability measured)
    vs the same suite on the warm cache, serially and with `-n 2` (as ./dev.sh examples runs it);
 7. with --fresh-machine: `./dev.sh examples` as on a fresh machine (a clean clone, no virtualenv, pip's cache off,
-   an empty image cache), this checkout's HEAD and --baseline (a git ref) alternated, plus apt's part timed apart:
+   an empty image cache), this checkout's HEAD and --baseline (a git ref) alternated, each started once the load
+   average is under 0.8 (at most 2 min after a sync: the run before is still writing), plus apt's part timed apart:
    `apt-get update` into empty lists and the download of what the machine's own set-up installed (both in
    temporary directories: nothing of the host's apt state changes), and dpkg's part as the set-up's apt history
    recorded it (the packages are installed here already, and are not installed again).
@@ -188,6 +189,16 @@ def example_suite(workers: int | None, cache_dir: Path | None = None) -> float:
     if done.returncode != 0:
         raise SystemExit(f"example suite failed ({' '.join(command)}):\n{done.stdout[-3000:]}")
     return elapsed
+
+
+def settle(below: float = 0.8, longest: float = 120.0) -> None:
+    """Wait until the one-minute load average is under ``below`` (at most ``longest`` seconds), after ``sync``: a
+    fresh run's writes (2 GB of images, then their removal) go on after it ends and slowed the next by up to 25 s."""
+    subprocess.run(["sync"], check=False)
+    waited = 0.0
+    while os.getloadavg()[0] >= below and waited < longest:
+        time.sleep(5)
+        waited += 5
 
 
 def fresh_machine(ref: str) -> tuple[float, float]:
@@ -364,12 +375,14 @@ def print_fresh_machine(args: argparse.Namespace) -> None:
     loads = [os.getloadavg()[0]]
     for _ in range(args.fresh_rounds):  # alternate, so drift in the machine's speed hits both alike
         for ref, times in runs.items():
-            times.append(fresh_machine(ref))
+            settle()
             loads.append(os.getloadavg()[0])
+            times.append(fresh_machine(ref))
     update, download, dpkg, packages = apt_part()
     apt = update + download + (dpkg or 0.0)
-    print(f"7. a fresh machine, ./dev.sh examples ({args.fresh_rounds} run(s) each, alternated; load average "
-          f"{min(loads):.1f}-{max(loads):.1f} between runs):")
+    print(f"7. a fresh machine, ./dev.sh examples ({args.fresh_rounds} run(s) each, alternated, each started once "
+          f"the load average was under 0.8 or 2 min had passed; load at the starts "
+          f"{min(loads):.1f}-{max(loads):.1f}):")
     totals = {}
     for ref, times in runs.items():
         wall = statistics.median(t[0] for t in times)
