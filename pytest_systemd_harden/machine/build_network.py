@@ -96,9 +96,10 @@ def _lines(path: str) -> list[str]:
         return []
 
 
-def allowed_endpoints(urls: Iterable[str], resolv_conf: str) -> list[tuple[Address, int]]:
+def allowed_endpoints(urls: Iterable[str], resolv_conf: str | None = None) -> list[tuple[Address, int]]:
     """The addresses and ports a build is let reach even where they are refused otherwise: each URL's host (its
-    addresses now) at its port, and each ``nameserver`` of ``resolv_conf`` (the host's) at 53."""
+    addresses now) at its port, and each ``nameserver`` of ``resolv_conf`` (default: the host's
+    ``/etc/resolv.conf``, read now, as :func:`host_networks` reads the host's routes) at 53."""
     found: list[tuple[Address, int]] = []
     for url in urls:
         with contextlib.suppress(ValueError, OSError):
@@ -108,7 +109,7 @@ def allowed_endpoints(urls: Iterable[str], resolv_conf: str) -> list[tuple[Addre
             port = parts.port or (443 if parts.scheme == "https" else 80)
             for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM):
                 found.append((ipaddress.ip_address(str(info[4][0]).split("%")[0]), port))
-    for line in resolv_conf.splitlines():
+    for line in _lines("/etc/resolv.conf") if resolv_conf is None else resolv_conf.splitlines():
         words = line.split()
         if len(words) >= 2 and words[0] == "nameserver":
             with contextlib.suppress(ValueError):

@@ -8,9 +8,9 @@ build step that runs them (:func:`sandboxed`) runs
 
 - in a user namespace whose root is host uid ``base`` (:func:`build_base`: a range of 65,536 ids in
   0x70000000-0x7FFCFFFF, which systemd leaves unallocated (its docs/UIDS-GIDS.md) and machines never get): no
-  capability over the host's files, processes or kernel. The tree is handed over owned by that range
-  (:func:`hand_over`) and taken back to 0-65535 with its setuid bits and file capabilities (:func:`take_back`)
-  before anything else reads it;
+  capability over the host's files, processes or kernel. The tree is built owned by that range (a package set's
+  base seen through an idmapped mount, :func:`prepare`) and taken back to 0-65535 with its setuid bits and file
+  capabilities (:func:`take_back`) before anything else reads it;
 - in a mount namespace whose root is a recursive read-only copy of the host's: the build's own directory (seen at
   :data:`INSIDE`, without device nodes) and fresh tmpfs on /tmp, /var/tmp and /dev/shm are all it can write, even
   after a second chroot, and only the system's directories (/usr, /etc, /var/tmp, ...) are not empty; mounts it
@@ -281,13 +281,8 @@ def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[
             ports.add(urllib.parse.urlsplit(url).port or 80)
     with _KEEPERS_LOCK:
         keeper, _in_memory, _held = _KEEPERS.get(str(build), (None, False, None))
-    try:
-        with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as resolv_conf:
-            servers = resolv_conf.read()
-    except OSError:
-        servers = ""
     network = [(code.hex(), types) for code, types in build_network.programs(
-        build_network.allowed_endpoints([*urls, *proxies], servers), build_network.host_networks())]
+        build_network.allowed_endpoints([*urls, *proxies]), build_network.host_networks())]
     given = {"visible": [url.removeprefix("file://") for url in urls if url.startswith("file://")],
              "ports": sorted(ports), "keeper": keeper.pid if keeper else None, "network": network,
              "seccomp": build_network.socket_filter(platform.machine()).hex()}
@@ -495,11 +490,6 @@ def _is_directory(path: str, folder: int | None = None) -> bool:
 # build directory -> its keeper, whether in memory, and the directory of the overlay's upper layer, held open
 _KEEPERS: dict[str, tuple[mounts.Keeper, bool, int | None]] = {}
 _KEEPERS_LOCK = threading.Lock()
-
-
-def hand_over(tree: Path, base: int) -> None:
-    """Give ``tree`` (owned by 0-65535, as in the cache) to the build's ids ``base``-``base``+65535."""
-    move_ownership(tree, 0, base)
 
 
 def take_back(tree: Path, base: int) -> None:

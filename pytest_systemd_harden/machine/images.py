@@ -100,9 +100,14 @@ class Image:
     def systemd_version(self) -> str | None:
         return self.versions.get("systemd")
 
+    @property
+    def trees(self) -> tuple[Path, ...]:
+        """The directories the image is made of, top first: its layers, or ``rootfs`` alone."""
+        return self.layers or (self.rootfs,)
+
     def tree(self) -> InTree:
         """The image's tree as a machine booted from it sees it, for host root to read (see :func:`layers_tree`)."""
-        return layers_tree(self.layers or (self.rootfs,), self.rootfs)
+        return layers_tree(self.trees, self.rootfs)
 
 
 @dataclass(frozen=True)

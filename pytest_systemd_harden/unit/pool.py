@@ -127,7 +127,7 @@ class MachinePool:
         def shift(want: ImageWanted, image: Image) -> None:
             # Only where the machine cannot boot the image through an idmapped mount (see backends/userns.py).
             if want in shifted and userns.idmap_refused(image.rootfs) is not None:
-                for tree in image.layers or (image.rootfs,):  # a layered image: each layer shifted
+                for tree in image.trees:  # a layered image: each layer shifted
                     userns.shifted_rootfs(tree, userns.base_for(image.key))
 
         with self._lock:

@@ -198,8 +198,9 @@ class NspawnMachine(Machine):
                                                   debs=self.config.debs)
         rootfs = image.rootfs
         self._layers = image.layers
-        self.masked_at_boot = boot_masks(self.config, image.tree())
-        self.held_at_boot = boot_holds(self.config, image.tree())
+        tree = image.tree()
+        self.masked_at_boot = boot_masks(self.config, tree)
+        self.held_at_boot = boot_holds(self.config, tree)
         if self.held_at_boot:
             try:
                 self._hold_generator = self._hold_generator_file()
