@@ -4,8 +4,10 @@
     sudo .venv/bin/python bench/images.py --copy [--rounds 3]
     sudo .venv/bin/python bench/images.py --memory [--packages gnupg,curl] [--rounds 3]
 
-Both builds go to a temporary directory (removed at the end); each release's base image comes from the usual
-cache (built first if missing). Prints the wall time of each and whether both trees hold the same packages.
+The builds go to a temporary directory (removed at the end); each release's base image comes from the usual
+cache (built first if missing). On the base, two ways: from the package lists the base's build kept (as the cache
+builds a package set) and with apt-get update first (as before they were kept; what a base built before does).
+Prints the wall time of each and whether the full build and the layer hold the same packages.
 
 --copy times what a build on the base copied before package sets became layers, the base image: one ``cp -a``
 vs staging.copy_tree (parts copied by eight cp at once), alternated, each right after 300 MB written to the same
@@ -45,9 +47,9 @@ def installed(rootfs: Path) -> set[str]:
     return set(installed_versions(rootfs))
 
 
-def full_and_on_base(extra: tuple[str, ...], release: str, scratch: Path) -> tuple[float, float, bool, int]:
-    """Build ``extra`` on ``release`` both ways under ``scratch``: (full build s, on the cached base s, same
-    packages, how many)."""
+def full_and_on_base(extra: tuple[str, ...], release: str, scratch: Path) -> tuple[float, float, float, bool, int]:
+    """Build ``extra`` on ``release`` three ways under ``scratch``: (full build s, on the cached base from its kept
+    package lists s, on the cached base with apt-get update first s, same packages, how many)."""
     base = ImageCache().get((), release=release)
     folder = Path(tempfile.mkdtemp(prefix=f"{release}-", dir=scratch))
     # The full build: mmdebstrap with every package, as the cache made every image before.
@@ -63,7 +65,14 @@ def full_and_on_base(extra: tuple[str, ...], release: str, scratch: Path) -> tup
     started = time.monotonic()
     packages = set(install_on_base(base.rootfs, layer, extra))
     on_base = time.monotonic() - started
-    return full, on_base, installed(full_rootfs) == packages, len(packages)
+    updated = folder / "updated" / "layer"  # the same, its package lists downloaded again (as before they were kept)
+    updated.parent.mkdir()
+    no_lists = folder / "no-lists"
+    no_lists.mkdir()
+    started = time.monotonic()
+    install_on_base(base.rootfs, updated, extra, lists=no_lists)
+    on_base_updated = time.monotonic() - started
+    return full, on_base, on_base_updated, installed(full_rootfs) == packages, len(packages)
 
 
 def copies(release: str, rounds: int, scratch: Path) -> None:
@@ -131,16 +140,18 @@ def main() -> int:
                 copies(release, args.rounds or 3, scratch)
             return 0
         for release in args.releases.split(","):
-            full, on_base = [], []
+            full, on_base, updated = [], [], []
             for round_ in range(args.rounds or 1):
-                one_full, one_on_base, same, count = full_and_on_base(extra, release, scratch)
+                one_full, one_on_base, one_updated, same, count = full_and_on_base(extra, release, scratch)
                 full.append(one_full)
                 on_base.append(one_on_base)
-                print(f"{release} round {round_ + 1}: full {one_full:.1f} s, on the base {one_on_base:.1f} s, "
-                      f"same packages: {same} ({count})", flush=True)
-            print(f"{release}: {', '.join(extra)}: full build {statistics.median(full):.1f} s, on the cached base "
-                  f"{statistics.median(on_base):.1f} s, "
-              f"ratio {statistics.median(on_base) / statistics.median(full):.2f}")
+                updated.append(one_updated)
+                print(f"{release} round {round_ + 1}: full {one_full:.1f} s, on the base {one_on_base:.1f} s "
+                      f"(apt-get update first: {one_updated:.1f} s), same packages: {same} ({count})", flush=True)
+            full_s, on_base_s, updated_s = (statistics.median(times) for times in (full, on_base, updated))
+            print(f"{release}: {', '.join(extra)}: full build {full_s:.1f} s, on the cached base {on_base_s:.1f} s "
+                  f"(ratio {on_base_s / full_s:.2f}); with apt-get update first {updated_s:.1f} s (ratio "
+                  f"{updated_s / full_s:.2f}); kept lists / update first: {on_base_s / updated_s:.2f}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

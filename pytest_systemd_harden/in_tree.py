@@ -17,10 +17,12 @@ import ctypes
 import errno
 import fnmatch
 import os
+import shutil
 import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 _OPENAT2 = 437
 _RESOLVE_NO_XDEV, _RESOLVE_NO_MAGICLINKS, _RESOLVE_IN_ROOT = 0x01, 0x02, 0x10
@@ -154,19 +156,34 @@ class InTree:
                 copied.write(chunk)
                 size -= len(chunk)
 
+    def move_out(self, relative: str, target: Path) -> None:
+        """Move the regular file ``relative`` (the name itself: a link is refused, never followed) out of the tree to
+        ``target``: renamed where both are on one filesystem, else copied and removed."""
+        with self._parent(relative) as (folder, name):
+            if not stat.S_ISREG(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(self.root / relative.lstrip("/")))
+            try:
+                os.rename(name, target, src_dir_fd=folder)
+                return
+            except OSError as error:
+                if error.errno != errno.EXDEV:
+                    raise
+            self.copy_out(relative, target)
+            os.unlink(name, dir_fd=folder)
+
     # -- writing ---------------------------------------------------------------------------------------------
 
     def write_bytes(self, relative: str, data: bytes, mode: int = 0o644) -> None:
         """``relative`` made a regular file holding ``data``: whatever was there (a link included) is replaced."""
-        with self._parent(relative) as (folder, name):
-            with contextlib.suppress(FileNotFoundError):
-                if not stat.S_ISREG(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
-                    os.unlink(name, dir_fd=folder)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                         dir_fd=folder)
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                os.fchmod(file.fileno(), mode)
+        with self._parent(relative) as (folder, name), _created(folder, name, mode) as file:
+            file.write(data)
+
+    def copy_in(self, source: Path, relative: str, mode: int = 0o644) -> None:
+        """``relative`` made a regular file holding a copy of the file ``source`` (outside the tree, read as usual):
+        whatever was there (a link included) is replaced."""
+        with open(source, "rb") as original, self._parent(relative) as (folder, name), \
+                _created(folder, name, mode) as copy:
+            shutil.copyfileobj(original, copy, 1 << 20)
 
     def write_text(self, relative: str, text: str, mode: int = 0o644) -> None:
         self.write_bytes(relative, text.encode(), mode)
@@ -221,3 +238,16 @@ class InTree:
         a whole subtree with staging.remove_tree (which follows no link below it)."""
         with self._parent(relative) as (folder, name):
             return Path(os.readlink(f"/proc/self/fd/{folder}")) / name
+
+
+@contextlib.contextmanager
+def _created(folder: int, name: str, mode: int) -> Iterator[BinaryIO]:
+    """``name`` in ``folder`` opened for writing as a regular file, empty, with exactly ``mode``: whatever was there
+    that is not a regular file (a link, a pipe) is removed first, never followed."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+            os.unlink(name, dir_fd=folder)
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=folder)
+    with os.fdopen(fd, "wb") as file:
+        os.fchmod(file.fileno(), mode)
+        yield file

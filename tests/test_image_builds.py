@@ -360,3 +360,34 @@ def test_a_local_deb_s_name_is_read_from_its_control_file_even_where_only_root_m
     renamed.chmod(0o600)
     assert deb_package_name(str(renamed)) == "harden-demo"
     assert deb_package_name(str(folder / "gone_1.0_all.deb")) == "gone"  # no file: the name's first part
+
+
+def test_a_package_set_installs_from_its_base_s_package_lists_and_updates_them_only_where_they_fall_short(
+        tmp_path: Path) -> None:
+    # A base's build keeps the package lists mmdebstrap downloaded, beside its tree (which is left as mmdebstrap's
+    # cleanup leaves it: no indexes); a package set built on it installs from them without apt-get update. Where
+    # they lack what it asks for (the archive moved on since), apt-get update runs first and the install succeeds.
+    from pytest_systemd_harden.machine.images import APT_LISTS, ImageCache
+
+    _needs_root_and_builder()
+    cache = ImageCache(tmp_path / "cache")
+    said: list[str] = []
+    image = cache.get(["jq"], said.append, release="bookworm")
+    base = image.layers[1].parent
+    kept = sorted(path.name for path in (base / APT_LISTS).iterdir())
+    assert any(name.endswith("_main_binary-amd64_Packages") for name in kept), kept
+    assert sorted(os.listdir(base / "rootfs" / "var" / "lib" / "apt" / "lists")) == ["lock", "partial"]
+    layered = said[said.index("  installing jq on the cached base image"):]  # after the base's own build
+    assert "  from the package lists of the base image's build" in layered, said
+    assert not [line for line in layered if "apt-get update" in line], said
+    assert image.versions["jq"].startswith("1.6")  # bookworm's
+    layer_lists = image.layers[0] / "var" / "lib" / "apt" / "lists"
+    assert not [path.name for path in layer_lists.glob("*Packages*")], "the layer kept the indexes it was lent"
+
+    for path in (base / APT_LISTS).iterdir():  # lists of an archive that has none of it
+        path.write_text("")
+    said.clear()
+    other = cache.get(["hello"], said.append, release="bookworm")
+    assert "  the base image's package lists are out of date for this: apt-get update first" in said, said
+    assert other.versions["hello"] and other.tree().is_file("usr/bin/hello")
+    assert not [path.name for path in (other.layers[0] / "var" / "lib" / "apt" / "lists").glob("*Packages*")]

@@ -141,3 +141,35 @@ def test_a_link_is_given_away_and_read_itself_never_what_it_points_to(tree: Path
     inside.rmdir("empty")
     inside.rmdir("empty")  # absent: nothing to do
     assert not (tree / "empty").exists()
+
+
+def test_a_file_moved_out_is_the_tree_s_own_and_a_copy_in_replaces_a_link(tree: Path, host: Path,
+                                                                          tmp_path: Path) -> None:
+    # What a base's build leaves in var/lib/apt/lists is moved out of the tree (images._keep_package_lists) and
+    # copied into the next build's: a link there (to a host file, or a directory linked away) is never followed.
+    lists = tree / "var" / "lib" / "apt" / "lists"
+    lists.mkdir(parents=True)
+    (lists / "Packages").write_text("Package: hello\n")
+    (lists / "linked").symlink_to(host / "secret")
+    (tree / "var" / "lib" / "away").symlink_to(host)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    in_tree = InTree(tree)
+    in_tree.move_out("var/lib/apt/lists/Packages", kept / "Packages")
+    assert (kept / "Packages").read_text() == "Package: hello\n" and not (lists / "Packages").exists()
+    with pytest.raises(OSError):
+        in_tree.move_out("var/lib/apt/lists/linked", kept / "linked")
+    with pytest.raises(OSError):
+        in_tree.move_out("var/lib/away/secret", kept / "secret")  # resolves to /var/lib/away/secret in the tree
+    assert (host / "secret").read_text() == "the host's\n" and not (kept / "secret").exists()
+    # Across filesystems (the cache on a disk, a tree in memory): copied, then removed from the tree.
+    (lists / "InRelease").write_text("signed\n")
+    elsewhere = Path("/dev/shm") / f"harden-test-moved-{os.getpid()}"
+    try:
+        in_tree.move_out("var/lib/apt/lists/InRelease", elsewhere)
+        assert elsewhere.read_text() == "signed\n" and not (lists / "InRelease").exists()
+    finally:
+        elsewhere.unlink(missing_ok=True)
+    in_tree.copy_in(kept / "Packages", "var/lib/apt/lists/linked")  # replaces the link, never writes through it
+    assert (lists / "linked").read_text() == "Package: hello\n" and not (lists / "linked").is_symlink()
+    assert (host / "secret").read_text() == "the host's\n"

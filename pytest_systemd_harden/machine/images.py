@@ -371,7 +371,8 @@ class ImageCache:
             on_base = self._on_cached_base(staging, extra, release, debs, progress)
             if on_base is not None:
                 return on_base
-            return self._run_builder(staging, rootfs, packages, release, debs, progress), None, None
+            lists = None if extra or debs else staging / APT_LISTS  # a base: its package sets install from them
+            return self._run_builder(staging, rootfs, packages, release, debs, progress, lists_into=lists), None, None
 
         try:
             try:
@@ -380,6 +381,7 @@ class ImageCache:
                 progress(f"  {str(exc).split(';')[0]}: building it again on the disk")
                 remove_tree(rootfs)
                 remove_tree(staging / LAYER)
+                remove_tree(staging / APT_LISTS)
                 with build_sandbox.on_the_disk():
                     builder, versions, base = run_builder()
             if versions is None:
@@ -437,9 +439,10 @@ class ImageCache:
         return f"apt on the cached base image {base.key}", versions, base.key
 
     def _run_builder(self, staging: Path, rootfs: Path, packages: list[str], release: str, debs: tuple[str, ...],
-                     progress: Progress) -> str:
+                     progress: Progress, *, lists_into: Path | None = None) -> str:
         """Build ``rootfs`` (in ``staging``) in full, in the build sandbox (machine/build_sandbox.py): mmdebstrap as
-        root of a user namespace, so the packages' maintainer scripts never run as host root."""
+        root of a user namespace, so the packages' maintainer scripts never run as host root. With ``lists_into``,
+        the package lists mmdebstrap downloaded are moved there (:func:`_keep_package_lists`)."""
         foreign = sorted({p.partition(":")[2] for p in packages if ":" in p})
         if not shutil.which("mmdebstrap"):
             raise BackendUnavailable("mmdebstrap is not installed: apt-get install mmdebstrap")
@@ -452,6 +455,8 @@ class ImageCache:
             command.insert(1, f"--architectures={','.join([_native_architecture(), *foreign])}")
         if debs:  # dpkg in the chroot must see the .deb files at the same paths
             command.insert(1, "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount")
+        if lists_into is not None:  # left in the tree, moved out of it below
+            command.insert(1, "--skip=cleanup/apt/lists")
         work = build_sandbox.prepare(staging, base)
         returncode: int | None = None
         try:
@@ -487,6 +492,8 @@ class ImageCache:
             raise ImageBuildError(_no_tree_left(command[0], rootfs))
         build_sandbox.take_back(rootfs, base)
         _make_device_nodes(rootfs)
+        if lists_into is not None:
+            _keep_package_lists(InTree(rootfs), lists_into)
         return command[0]
 
 
@@ -1096,8 +1103,41 @@ def chrooted(tree: Path, command: Sequence[str]) -> list[str]:
             ",".join(f"-{name}" for name in _DROPPED_FOR_CHROOT), "--", *command]
 
 
+_LISTS = "var/lib/apt/lists"
+APT_LISTS = "apt-lists"  # in a base image's directory: the package lists its build downloaded
+_SAYS = "harden: "  # a line of the script below for the build's progress
+# apt on a base: from the package lists the base's build downloaded where they were kept ($1 = kept), the archive's
+# state the image's key names (ImageCache.key_for), without downloading its indexes again; apt-get update first
+# where they are not, or where the archive has moved on since (a .deb gone from the mirror, a dependency only a
+# newer index has): the download-only pass fails before dpkg has run anything.
+_APT_ON_BASE = f"""
+lists=$1; shift
+if [ "$lists" != kept ]; then
+    echo "{_SAYS}apt-get update first (the base image kept no package lists)"
+    apt-get -q update
+elif apt-get -q install -y --no-install-recommends --download-only "$@"; then
+    echo "{_SAYS}from the package lists of the base image's build"
+else
+    echo "{_SAYS}the base image's package lists are out of date for this: apt-get update first"
+    apt-get -q update
+fi
+apt-get -q install -y --no-install-recommends "$@"
+apt-get -q clean
+"""
+
+
+def _keep_package_lists(tree: InTree, into: Path) -> None:
+    """Move the package lists a base's build left in its ``tree`` to ``into``, outside it: the tree is then as
+    mmdebstrap's own cleanup leaves it (no indexes, as before), and a package set built on the base installs from
+    them (:func:`install_on_base`) instead of downloading the archive's indexes again (about 2 s and 10 MB each)."""
+    into.mkdir()
+    for name in tree.names(_LISTS):
+        if name != "lock" and tree.is_file(f"{_LISTS}/{name}") and not tree.is_link(f"{_LISTS}/{name}"):
+            tree.move_out(f"{_LISTS}/{name}", into / name)
+
+
 def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Progress = lambda line: None, *,
-                    debs: Iterable[str] = ()) -> dict[str, str]:
+                    debs: Iterable[str] = (), lists: Path | None = None) -> dict[str, str]:
     """Make ``layer`` what apt adds to the built ``base`` tree installing ``extra`` and the local ``debs``, from the
     sources the base was built with; return every installed package's version. The image is ``layer`` over
     ``base`` (:func:`layers_tree`): nothing of the base is copied.
@@ -1108,10 +1148,14 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
     says, and in a cgroup of its own (so nothing of it outlives the build, however it ends: see
     machine/staging.py); /dev is the tree's own device nodes (nothing of the host's bound in). Services are not
     started (policy-rc.d), the host's resolv.conf is lent for the download and taken back: the layer holds what
-    the packages made, with the tree made to boot as a container (:func:`_customize`), and no apt indexes.
+    the packages made, with the tree made to boot as a container (:func:`_customize`), and no apt indexes. apt
+    installs from the package lists the base's build downloaded where they were kept beside it (:data:`APT_LISTS`;
+    ``lists`` names another directory of them),
+    so the packages are those of the archive's state the image's key names; it runs apt-get update first only where
+    there are none, or where they are out of date for these packages (:data:`_APT_ON_BASE`).
     """
     resolv, policy, local = "etc/resolv.conf", "usr/sbin/policy-rc.d", "var/cache/harden-debs"
-    script = 'apt-get -q update; apt-get -q install -y --no-install-recommends "$@"; apt-get -q clean'
+    kept_lists = sorted(path for path in (lists or base.parent / APT_LISTS).glob("*") if path.is_file())
     # apt on the base downloads from the sources the base was built with (its sources.list), as its manifest says.
     sources: list[str] = []
     with contextlib.suppress(OSError, ValueError):  # an older recipe's manifest may not say: HTTP(S) only
@@ -1136,15 +1180,28 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
             with open(deb, "rb") as package:
                 tree.write_bytes(f"{local}/{os.path.basename(deb)}", package.read())
             inside.append(f"/{local}/{os.path.basename(deb)}")
+        indexes = []
+        for path in kept_lists:  # the archive's indexes as the base's build downloaded them
+            tree.copy_in(path, f"{_LISTS}/{path.name}")
+            indexes.append(f"{_LISTS}/{path.name}")
         # What host root wrote is the build's root's, as if it had written it (not host root's: unmapped, nobody)
-        for lent in (resolv, policy, local, *(path.removeprefix("/") for path in inside)):
+        for lent in (resolv, policy, local, *(path.removeprefix("/") for path in inside), *indexes):
             tree.chown(lent, uid_base, uid_base)
+        shown: set[str] = set()
+
+        def show(line: str) -> str | None:  # each once: the download-only pass says the same as the install
+            if line.startswith(_SAYS):
+                return f"  {line.removeprefix(_SAYS).strip()}"
+            if " newly installed" in line and line not in shown:
+                shown.add(line)
+                return f"  apt-get: {line.strip()}"
+            return None
+
         returncode, tail = _run_contained(
             build_sandbox.sandboxed(chrooted(Path(build_sandbox.INSIDE) / build_sandbox.TREE,
-                                             ["/bin/sh", "-ec", script, "sh", *extra, *inside]), build, uid_base,
-                                    sources),
-            build.name, progress,
-            lambda line: f"  apt-get: {line.strip()}" if " newly installed" in line else None,
+                                             ["/bin/sh", "-ec", _APT_ON_BASE, "sh", "kept" if indexes else "none",
+                                              *extra, *inside]), build, uid_base, sources),
+            build.name, progress, show,
             build_sandbox.environment({"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}))
         if returncode == 0:  # the build is over (nothing of it runs): what it was lent is taken back
             tree.unlink(policy)
@@ -1156,10 +1213,9 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
             for name in tree.names(local):
                 tree.unlink(f"{local}/{name}")
             tree.rmdir(local)
-            lists = "var/lib/apt/lists"
-            for leftover in tree.names(lists):  # as mmdebstrap leaves it: no indexes
-                if tree.is_file(f"{lists}/{leftover}") and not tree.is_link(f"{lists}/{leftover}"):
-                    tree.unlink(f"{lists}/{leftover}")
+            for leftover in tree.names(_LISTS):  # as mmdebstrap leaves it: no indexes (its lock file stays)
+                if leftover != "lock" and tree.is_file(f"{_LISTS}/{leftover}") and not tree.is_link(f"{_LISTS}/{leftover}"):
+                    tree.unlink(f"{_LISTS}/{leftover}")
             for cached in tree.names("var/cache/apt", "*.bin"):
                 tree.unlink(f"var/cache/apt/{cached}")
             _customize(tree)
