@@ -259,3 +259,27 @@ def test_under_xdist_a_unit_that_cannot_be_tested_fails_its_start_item_with_the_
     assert outcomes.get("failed") == 1 and not outcomes.get("passed"), outcomes  # the start; the rest not run
     assert any(line.endswith(error) for line in result.stdout.lines), result.stdout.str()
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_the_pool_shuts_its_machines_down_all_at_once_and_every_one_when_one_fails() -> None:
+    import threading
+
+    from pytest_systemd_harden.errors import MachineError
+    from pytest_systemd_harden.unit.pool import shut_down
+
+    together = threading.Barrier(3, timeout=30)  # passed only by three shutdowns under way at the same time
+    down: list[str] = []
+
+    class Shutting:
+        def __init__(self, name: str, fails: bool = False) -> None:
+            self.name, self.fails = name, fails
+
+        def shutdown(self) -> None:
+            together.wait()
+            down.append(self.name)
+            if self.fails:
+                raise MachineError("nspawn did not exit")
+
+    errors = shut_down([Shutting("a"), Shutting("b", fails=True), Shutting("c")])  # type: ignore[list-item]
+    assert sorted(down) == ["a", "b", "c"]
+    assert errors == ["b: nspawn did not exit"]

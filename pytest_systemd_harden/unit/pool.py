@@ -199,11 +199,34 @@ class MachinePool:
             preparation, self._preparation = self._preparation, None
         if preparation is not None:
             preparation.stop()  # an image no test needed any more (a session cut short): built to its end, or not begun
-        errors = []
-        for machine in machines:
-            try:
-                machine.shutdown()
-            except Exception as exc:  # noqa: BLE001 - shut down the others all the same
-                errors.append(f"{machine.name}: {exc}")
+        errors = shut_down(machines)
         if errors:
             raise HardenError("could not shut down every machine: " + "; ".join(errors))
+
+
+def shut_down(machines: Sequence[Machine]) -> list[str]:
+    """Shut every one of ``machines`` down, all at once (each powers off in 0.2-0.6 s, mostly waiting for its
+    systemd: a session's eight machines one after another took 1.5 s of its end); return what failed, one line
+    each. An interruption (Ctrl-C) does not cut it short: it is raised once every machine is down."""
+    errors: list[str] = []
+
+    def shut(machine: Machine) -> None:
+        try:
+            machine.shutdown()
+        except Exception as exc:  # noqa: BLE001 - shut down the others all the same
+            errors.append(f"{machine.name}: {exc}")
+
+    threads = [threading.Thread(target=shut, args=(machine,), name=f"harden-shutdown-{machine.name}")
+               for machine in machines]
+    for thread in threads:
+        thread.start()
+    interrupted: BaseException | None = None
+    for thread in threads:
+        while thread.is_alive():
+            try:
+                thread.join()
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+    return errors
