@@ -724,7 +724,7 @@ def test_a_build_that_fills_its_memory_is_built_again_on_the_disk(tmp_path: Path
     monkeypatch.setattr(images, "installed_versions", lambda rootfs: {"systemd": "257"})
     memory: list[int] = []
 
-    def builder(self: ImageCache, staging: Path, rootfs: Path, *args: object) -> str:
+    def builder(self: ImageCache, staging: Path, rootfs: Path, *args: object, **kwargs: object) -> str:
         memory.append(build_sandbox.build_memory())
         if len(memory) == 1:
             raise build_sandbox.MemoryFilled("the build filled the 0.5 GiB of memory it runs in (a tmpfs, "
