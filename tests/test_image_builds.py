@@ -391,3 +391,29 @@ def test_a_package_set_installs_from_its_base_s_package_lists_and_updates_them_o
     assert "  the base image's package lists are out of date for this: apt-get update first" in said, said
     assert other.versions["hello"] and other.tree().is_file("usr/bin/hello")
     assert not [path.name for path in (other.layers[0] / "var" / "lib" / "apt" / "lists").glob("*Packages*")]
+
+
+def test_a_build_step_in_the_background_has_the_weakest_priority_until_raised() -> None:
+    # What images.BuildPriority asks of the kernel, for a process tree of a build (a session of its own): the nice
+    # value of its autogroup (how this kind of host shares the CPU between sessions) and of its processes.
+    from pytest_systemd_harden.machine.cgroups import BACKGROUND_NICE, Contained
+
+    _needs_root_and_builder()
+    step = Contained.start(["sh", "-c", "sleep 60 & wait"], "build", f"harden-priority-{os.getpid()}")
+    try:
+        deadline = time.monotonic() + 10
+        while len(step.pids()) < 2 and time.monotonic() < deadline:  # the shell and its sleep, forked
+            time.sleep(0.01)
+        leader = step.process.pid
+        step.set_background(True)
+        autogroup = Path(f"/proc/{leader}/autogroup")
+        if autogroup.exists():  # a kernel with CONFIG_SCHED_AUTOGROUP
+            assert autogroup.read_text().split()[-1] == str(BACKGROUND_NICE), autogroup.read_text()
+        assert {pid: os.getpriority(os.PRIO_PROCESS, pid) for pid in step.pids()} == dict.fromkeys(
+            step.pids(), BACKGROUND_NICE)
+        step.set_background(False)
+        if autogroup.exists():
+            assert autogroup.read_text().split()[-1] == "0"
+        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in step.pids()} == {0}
+    finally:
+        step.stop(grace=1.0)

@@ -10,6 +10,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -740,3 +741,57 @@ def test_a_build_that_fills_its_memory_is_built_again_on_the_disk(tmp_path: Path
     assert "  the build filled the 0.5 GiB of memory it runs in (a tmpfs, $HARDEN_BUILD_MEMORY): building it again " \
         "on the disk" in lines, lines
     assert build_sandbox.build_memory() == 1 << 30  # only that build
+
+
+def test_a_build_nobody_waits_for_runs_in_the_background_until_a_machine_waits_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Images are built while the first tests run; one no machine waits for yet takes only the CPU they leave idle,
+    # and gets its share from the moment one does (the example suite's fresh run: section 9 of docs/performance.md).
+    monkeypatch.setattr(ImageCache, "_fetch_archive_state", lambda self, release: "s")
+    calls: dict[str, list[bool]] = {}  # each build step's set_background calls, by image
+    started = {label: threading.Event() for label in ("trixie+", "bookworm+", "trixie+curl")}
+    go = threading.Event()
+
+    class Step:  # a process tree of a build (cgroups.Contained)
+        def __init__(self, label: str) -> None:
+            self.label = label
+
+        def set_background(self, background: bool) -> None:
+            calls[self.label].append(background)
+
+    def build(self: ImageCache, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
+              progress: images.Progress) -> None:
+        label = f"{release}+{','.join(extra)}"
+        if extra:
+            self.get((), release=release)
+        priority = images._BUILD_PRIORITY.get()
+        assert priority is not None, "a preparation's build without its priority"
+        step = Step(label)
+        calls[label] = []
+        priority.started(step)
+        started[label].set()
+        assert go.wait(30)
+        priority.ended(step)
+        (final / "rootfs/usr/lib/systemd").mkdir(parents=True)
+        (final / "rootfs/usr/lib/systemd/systemd").touch()
+        (final / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(ImageCache, "_build", build)
+    cache = ImageCache(tmp_path)
+    trixie, bookworm, curl = (images.ImageWanted("trixie"), images.ImageWanted("bookworm"),
+                              images.ImageWanted("trixie", ("curl",)))
+    preparation = cache.start_preparing([trixie, bookworm, curl], threads=2)
+    assert started["trixie+"].wait(30) and started["bookworm+"].wait(30)
+    assert calls == {"trixie+": [True], "bookworm+": [True]}  # nobody waits for either yet
+    assert preparation.first_ready([curl]) == 0  # not started yet: it will not start in the background
+    waiter = threading.Thread(target=preparation.wait, args=(bookworm,))
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while calls["bookworm+"] == [True] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls == {"trixie+": [True, False], "bookworm+": [True, False]}  # curl's base, and the one waited for
+    go.set()
+    waiter.join(30)
+    preparation.results()
+    assert calls["trixie+curl"] == []  # started for a machine that waits: never in the background
+    assert images._BUILD_PRIORITY.get() is None  # a caller's own build is never lowered

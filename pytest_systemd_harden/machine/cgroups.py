@@ -14,6 +14,7 @@ own group are the host's. A machine that hits a cap says so (:meth:`OwnedCgroup.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -33,6 +34,10 @@ _sequence = itertools.count(1)
 MEMORY_CAP_ENV = "HARDEN_MACHINE_MEMORY_MAX"
 TASKS_CAP_ENV = "HARDEN_MACHINE_TASKS_MAX"
 DEFAULT_TASKS_CAP = 4096  # a booted machine runs ~30 tasks; the host here allows 32768 in all
+# A process tree in the background (Contained.set_background): the weakest nice value (weight 15 against 1024 for
+# nice 0) and CPU weight (1 against the default 100).
+BACKGROUND_NICE = 19
+BACKGROUND_CPU_WEIGHT = 1
 DEFAULT_MEMORY_FRACTION = 4  # a quarter of the host's RAM per machine: a 24 GiB runner keeps 18 GiB
 _SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -387,6 +392,23 @@ class Contained:
 
     def pids(self) -> set[int]:
         return self.cgroup.pids() if self.cgroup is not None else set()
+
+    def set_background(self, background: bool) -> None:
+        """Give this process tree next to no CPU while ``background`` (it then runs on the cores nothing else
+        wants), else a share like any other's. Best effort, each way the host may schedule it: the nice value of
+        its autogroup (the kernel groups a session's tasks, and the tree is a session of its own: see start), and
+        of each of its processes (where no autogroup applies; their children inherit it), and the CPU weight of the
+        host systemd's scope (where cgroups decide)."""
+        nice = BACKGROUND_NICE if background else 0
+        with contextlib.suppress(OSError):  # gone, or a kernel without autogroups
+            Path(f"/proc/{self.process.pid}/autogroup").write_text(f"{nice}\n")
+        for pid in self.pids() | {self.process.pid}:
+            with contextlib.suppress(OSError):  # ended meanwhile
+                os.setpriority(os.PRIO_PROCESS, pid, nice)
+        if self.scope is not None:
+            subprocess.run(["systemctl", "set-property", "--runtime", self.scope,
+                            f"CPUWeight={BACKGROUND_CPU_WEIGHT if background else ''}"],  # empty: the default
+                           capture_output=True, check=False)
 
     def cgroup2_path(self) -> Path | None:
         """The machine's group in the cgroup2 tree (where its systemd attaches BPF programs), or None."""
