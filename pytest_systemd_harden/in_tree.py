@@ -157,11 +157,13 @@ class InTree:
                 size -= len(chunk)
 
     def move_out(self, relative: str, target: Path) -> None:
-        """Move the regular file ``relative`` (the name itself: a link is refused, never followed) out of the tree to
-        ``target``: renamed where both are on one filesystem, else copied and removed."""
+        """Move the regular file ``relative`` (the name itself: a link is refused, never followed; so is a file with
+        other names, which would stay in the tree with it) out of the tree to ``target``: renamed where both are on
+        one filesystem, else copied and removed."""
         with self._parent(relative) as (folder, name):
-            if not stat.S_ISREG(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
-                raise OSError(errno.EINVAL, "not a regular file", str(self.root / relative.lstrip("/")))
+            found = os.stat(name, dir_fd=folder, follow_symlinks=False)
+            if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
+                raise OSError(errno.EINVAL, "not a regular file of one name", str(self.root / relative.lstrip("/")))
             try:
                 os.rename(name, target, src_dir_fd=folder)
                 return
@@ -178,12 +180,15 @@ class InTree:
         with self._parent(relative) as (folder, name), _created(folder, name, mode) as file:
             file.write(data)
 
-    def copy_in(self, source: Path, relative: str, mode: int = 0o644) -> None:
-        """``relative`` made a regular file holding a copy of the file ``source`` (outside the tree, read as usual):
-        whatever was there (a link included) is replaced."""
-        with open(source, "rb") as original, self._parent(relative) as (folder, name), \
-                _created(folder, name, mode) as copy:
-            shutil.copyfileobj(original, copy, 1 << 20)
+    def copy_in(self, source: Path, relative: str, mode: int = 0o644, limit: int = 1 << 30) -> None:
+        """``relative`` made a regular file holding a copy of the regular file ``source`` (outside the tree, read as
+        usual; at most ``limit`` bytes): whatever was there (a link included) is replaced."""
+        with open(source, "rb") as original:
+            size = os.fstat(original.fileno()).st_size
+            if not stat.S_ISREG(os.fstat(original.fileno()).st_mode) or size > limit:
+                raise OSError(errno.EFBIG, f"not a regular file of at most {limit >> 20} MiB", str(source))
+            with self._parent(relative) as (folder, name), _created(folder, name, mode) as copy:
+                shutil.copyfileobj(original, copy, 1 << 20)
 
     def write_text(self, relative: str, text: str, mode: int = 0o644) -> None:
         self.write_bytes(relative, text.encode(), mode)

@@ -274,8 +274,11 @@ class HardenSession:
         # At most one build per core across all xdist workers (more would only make each slower), and four in all:
         # beyond that the mirror and the disk are what is shared.
         threads = max(1, min(os.cpu_count() or 1, MAX_IMAGE_BUILDS) // workers)
+        # Under xdist a worker may wait for another's build (its lock), which no wait of its own can raise: there
+        # every build runs as anything else.
         self.pool.start_preparing_images(configs, threads=threads,
-                                         rotate=int(worker["workerid"].removeprefix("gw")) if worker else 0)
+                                         rotate=int(worker["workerid"].removeprefix("gw")) if worker else 0,
+                                         background=workers == 1)
 
     @pytest.hookimpl
     def pytest_collection_finish(self, session: pytest.Session) -> None:

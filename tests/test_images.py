@@ -557,11 +557,11 @@ def test_the_session_starts_the_images_of_its_collected_specs_before_the_first_t
     from pytest_systemd_harden.errors import BackendUnavailable
     from pytest_systemd_harden.machine import backends
 
-    asked: list[tuple[list[images.ImageWanted], int]] = []
+    asked: list[tuple[list[images.ImageWanted], int, bool]] = []
 
     def start_preparing(self: ImageCache, wanted: list[images.ImageWanted], progress: images.Progress, *,
-                        threads: int, rotate: int, then: object) -> images.Preparation:
-        asked.append((list(wanted), threads))
+                        threads: int, rotate: int, then: object, background: bool) -> images.Preparation:
+        asked.append((list(wanted), threads, background))
         return images.Preparation(self, [], progress, threads=threads)
 
     def no_start(self: MachinePool, spec: object, *, start: bool = True) -> object:
@@ -579,7 +579,8 @@ def test_the_session_starts_the_images_of_its_collected_specs_before_the_first_t
     result = pytester.runpytest_inprocess("--harden-backend=nspawn", "-p", "no:cacheprovider")
     result.assert_outcomes(skipped=2)
     assert len(asked) == 1
-    wanted, threads = asked[0]
+    wanted, threads, background = asked[0]
+    assert background  # a serial session: builds nobody waits for yet take the CPU its tests leave idle
     assert sorted(wanted, key=repr) == [images.ImageWanted("bookworm"),
                                         images.ImageWanted(DEFAULT_RELEASE, ("curl", "gnupg"))]
     assert threads == min(os.cpu_count() or 1, 4)
@@ -595,7 +596,7 @@ def test_where_images_must_be_built_directories_run_as_their_images_will_be_read
     built = {"all": True}
 
     def start_preparing(self: ImageCache, wanted: list[images.ImageWanted], progress: images.Progress, *,
-                        threads: int, rotate: int, then: object) -> images.Preparation:
+                        threads: int, rotate: int, then: object, background: bool) -> images.Preparation:
         return images.Preparation(self, [], progress, threads=threads)
 
     def no_machine(self: MachinePool, config: MachineConfig) -> object:
@@ -795,3 +796,36 @@ def test_a_build_nobody_waits_for_runs_in_the_background_until_a_machine_waits_f
     preparation.results()
     assert calls["trixie+curl"] == []  # started for a machine that waits: never in the background
     assert images._BUILD_PRIORITY.get() is None  # a caller's own build is never lowered
+
+    # Stopped (the session ends): what is under way is waited for, and so raised. Under xdist (background=False),
+    # a worker may wait for another's build, which no wait of its own could raise: nothing is lowered there.
+    calls.clear()
+    go.clear()
+    for event in started.values():
+        event.clear()
+    stopped = ImageCache(tmp_path / "stopped").start_preparing([trixie], threads=1)
+    assert started["trixie+"].wait(30) and calls == {"trixie+": [True]}
+    stopper = threading.Thread(target=stopped.stop)
+    stopper.start()
+    deadline = time.monotonic() + 30
+    while calls["trixie+"] == [True] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls == {"trixie+": [True, False]}
+    go.set()
+    stopper.join(30)
+    calls.clear()
+    foreground = ImageCache(tmp_path / "xdist").start_preparing([bookworm], threads=1, background=False)
+    foreground.results()
+    assert calls == {"bookworm+": []}
+
+
+def test_a_base_s_build_keeps_only_apt_s_list_files_and_leaves_its_lock(tmp_path: Path) -> None:
+    lists = tmp_path / "rootfs" / "var" / "lib" / "apt" / "lists"
+    (lists / "partial").mkdir(parents=True)
+    for name in ("lock", "deb.debian.org_debian_dists_trixie_InRelease", "auxfile-of-a-script",
+                 "deb.debian.org_debian_dists_trixie_main_binary-amd64_Packages"):
+        (lists / name).write_text(name)
+    images._keep_package_lists(InTree(tmp_path / "rootfs"), tmp_path / "apt-lists")
+    assert sorted(path.name for path in (tmp_path / "apt-lists").iterdir()) == [
+        "deb.debian.org_debian_dists_trixie_InRelease", "deb.debian.org_debian_dists_trixie_main_binary-amd64_Packages"]
+    assert sorted(path.name for path in lists.iterdir()) == ["auxfile-of-a-script", "lock", "partial"]

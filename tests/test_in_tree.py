@@ -173,3 +173,11 @@ def test_a_file_moved_out_is_the_tree_s_own_and_a_copy_in_replaces_a_link(tree: 
     in_tree.copy_in(kept / "Packages", "var/lib/apt/lists/linked")  # replaces the link, never writes through it
     assert (lists / "linked").read_text() == "Package: hello\n" and not (lists / "linked").is_symlink()
     assert (host / "secret").read_text() == "the host's\n"
+    # A file with another name in the tree stays where it is (moved, the tree would keep a name of it).
+    os.link(lists / "linked", tree / "etc" / "other-name")
+    with pytest.raises(OSError):
+        in_tree.move_out("var/lib/apt/lists/linked", kept / "linked")
+    assert (lists / "linked").exists() and not (kept / "linked").exists()
+    with pytest.raises(OSError):  # larger than it may be
+        in_tree.copy_in(kept / "Packages", "var/lib/apt/lists/big", limit=4)
+    assert not (lists / "big").exists()

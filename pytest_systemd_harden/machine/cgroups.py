@@ -363,9 +363,11 @@ class Contained:
     caps: Caps = Caps(None, None)
 
     @classmethod
-    def start(cls, command: list[str], label: str, name: str, caps: Caps | None = None, **popen: Any) -> Contained:
+    def start(cls, command: list[str], label: str, name: str, caps: Caps | None = None, *, background: bool = False,
+              **popen: Any) -> Contained:
         """Start ``command`` under ``caps`` (default: :meth:`Caps.from_environment`); the new process tree is shut
-        down when the calling thread dies (pdeathsig)."""
+        down when the calling thread dies (pdeathsig). With ``background``, a scope of the host's systemd starts
+        with the weakest CPU weight (the scope may not exist yet when this returns: see set_background)."""
         caps = caps or Caps.from_environment()
         scope: str | None = None
         cgroup: OwnedCgroup | None = None
@@ -374,7 +376,8 @@ class Contained:
             scope = f"{name}.scope"
             command = ["systemd-run", "--scope", "--quiet", "--collect", f"--unit={scope}",
                        "--property=Delegate=yes", f"--property=MemoryMax={caps.memory or 'infinity'}",
-                       f"--property=TasksMax={caps.tasks or 'infinity'}", *command]
+                       f"--property=TasksMax={caps.tasks or 'infinity'}",
+                       *([f"--property=CPUWeight={BACKGROUND_CPU_WEIGHT}"] if background else []), *command]
         else:
             cgroup = OwnedCgroup.create(label, caps)
             # Join the cgroup before exec'ing, in the child: no Python runs between fork and exec (the bus
@@ -397,18 +400,33 @@ class Contained:
         """Give this process tree next to no CPU while ``background`` (it then runs on the cores nothing else
         wants), else a share like any other's. Best effort, each way the host may schedule it: the nice value of
         its autogroup (the kernel groups a session's tasks, and the tree is a session of its own: see start), and
-        of each of its processes (where no autogroup applies; their children inherit it), and the CPU weight of the
-        host systemd's scope (where cgroups decide)."""
+        of each of its processes (where no autogroup applies; children inherit it), and the CPU weight of the host
+        systemd's scope (where cgroups decide; see ``background`` of start). Never for a tree already reaped: its
+        pid may be another process's by now (the caller stops asking before it reaps, images.BuildPriority)."""
+        if self.process.returncode is not None:
+            return
         nice = BACKGROUND_NICE if background else 0
         with contextlib.suppress(OSError):  # gone, or a kernel without autogroups
             Path(f"/proc/{self.process.pid}/autogroup").write_text(f"{nice}\n")
-        for pid in self.pids() | {self.process.pid}:
+        # A pid read from the group may have ended and been reused in between: only after the pid space wrapped.
+        for pid in self._members() | {self.process.pid}:
             with contextlib.suppress(OSError):  # ended meanwhile
                 os.setpriority(os.PRIO_PROCESS, pid, nice)
         if self.scope is not None:
-            subprocess.run(["systemctl", "set-property", "--runtime", self.scope,
-                            f"CPUWeight={BACKGROUND_CPU_WEIGHT if background else ''}"],  # empty: the default
-                           capture_output=True, check=False)
+            with contextlib.suppress(OSError):  # no cpu controller there, or gone
+                path = self.cgroup2_path()
+                if path is not None:
+                    (path / "cpu.weight").write_text(f"{BACKGROUND_CPU_WEIGHT if background else 100}\n")
+
+    def _members(self) -> set[int]:
+        """Every process of the tree: of our own group, or of the host systemd's scope."""
+        if self.cgroup is not None:
+            return self.cgroup.pids()
+        path = self.cgroup2_path()
+        try:
+            return {int(pid) for pid in (path / "cgroup.procs").read_text().split()} if path is not None else set()
+        except OSError:
+            return set()
 
     def cgroup2_path(self) -> Path | None:
         """The machine's group in the cgroup2 tree (where its systemd attaches BPF programs), or None."""

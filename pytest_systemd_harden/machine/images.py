@@ -335,7 +335,8 @@ class ImageCache:
 
     def start_preparing(self, wanted: Iterable[ImageWanted], progress: Progress = lambda line: None, *,
                         threads: int = 2, rotate: int = 0,
-                        then: Callable[[ImageWanted, Image], None] | None = None) -> Preparation:
+                        then: Callable[[ImageWanted, Image], None] | None = None,
+                        background: bool = True) -> Preparation:
         """Start building the images of ``wanted`` not cached yet in the background, ``threads`` at a time, bases
         first and the package sets in the order given; ``then`` runs in the build's thread after each image built.
 
@@ -344,7 +345,8 @@ class ImageCache:
         tests run while the images of later ones are still being built (:meth:`Preparation.wait`). ``rotate``
         starts this process at another place in the list (an xdist worker's index), so two workers preparing
         the same session build different images first rather than waiting on one another's lock. A failed build
-        is not raised here: the machine that needs the image raises its error (remembered, not built again)."""
+        is not raised here: the machine that needs the image raises its error (remembered, not built again). With
+        ``background``, a build nobody waits for yet takes only the CPU left idle (:class:`BuildPriority`)."""
         todo = self.missing(wanted)
         bases = [one for one in todo if not (one.packages or one.debs)]
         tops = [one for one in todo if one.packages or one.debs]
@@ -355,7 +357,7 @@ class ImageCache:
         if todo:
             progress(f"{len(todo)} image(s) to build, {min(threads, len(todo))} at a time: "
                      + "; ".join(one.describe() for one in todo))
-        return Preparation(self, todo, progress, threads=threads, then=then)
+        return Preparation(self, todo, progress, threads=threads, then=then, background=background)
 
     def _build(self, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
                progress: Progress) -> None:
@@ -517,9 +519,15 @@ class BuildPriority:
             if self._background:
                 step.set_background(True)
 
+    @property
+    def in_background(self) -> bool:
+        return self._background
+
     def ended(self, step: Contained) -> None:
+        """``step`` is about to be reaped: never touched from here on (its pid could be reused). Idempotent."""
         with self._lock:
-            self._steps.remove(step)
+            if step in self._steps:
+                self._steps.remove(step)
 
     def wanted(self) -> None:
         """Someone waits for the image: its build runs as anything else from now on."""
@@ -543,8 +551,9 @@ class Preparation:
     background (:class:`BuildPriority`)."""
 
     def __init__(self, cache: ImageCache, todo: list[ImageWanted], progress: Progress, *, threads: int,
-                 then: Callable[[ImageWanted, Image], None] | None = None) -> None:
+                 then: Callable[[ImageWanted, Image], None] | None = None, background: bool = True) -> None:
         self.todo = todo
+        self._background = background
         self._cache = cache
         self._progress = progress
         self._then = then
@@ -580,7 +589,7 @@ class Preparation:
                 self._progress(prefix + line.lstrip())
 
         with self._changed:
-            priority = self._priorities[one] = BuildPriority(background=one not in self._wanted)
+            priority = self._priorities[one] = BuildPriority(background=self._background and one not in self._wanted)
         token = _BUILD_PRIORITY.set(priority)
         try:
             image = self._cache.get(one.packages, said, release=one.release, debs=one.debs)
@@ -663,6 +672,7 @@ class Preparation:
         with self._changed:
             self._stopped = True
             self._changed.notify_all()
+        self._want(self.todo)  # the caller waits for those under way
         for thread in self._threads:
             thread.join()
 
@@ -1119,9 +1129,10 @@ def _run_contained(argv: list[str], name: str, progress: Progress, shown: Callab
     run can stop what a killed one left, see staging.clean_leftovers), passing on the output lines ``shown`` maps to
     a progress line; return its exit status and its last 30 lines. Interrupted or not, every process of it is gone
     when this returns: nobody removes a directory it still writes to."""
-    step = Contained.start(argv, "build", name, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, env=env)
     priority = _BUILD_PRIORITY.get()
+    step = Contained.start(argv, "build", name, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, env=env,
+                           background=priority is not None and priority.in_background)
     if priority is not None:
         priority.started(step)
     tail: list[str] = []
@@ -1132,6 +1143,8 @@ def _run_contained(argv: list[str], name: str, progress: Progress, shown: Callab
             said = shown(line)
             if said is not None:
                 progress(said)
+        if priority is not None:
+            priority.ended(step)
         step.process.wait()
     finally:
         if priority is not None:
@@ -1195,13 +1208,17 @@ apt-get -q clean
 """
 
 
+# What apt keeps in its lists directory for a source: its Release file (signed or beside its signature) and indexes.
+_LIST_FILE = re.compile(r"[\w.~+%-]+_(InRelease|Release(\.gpg)?|Packages(\.(gz|xz|lz4|zst))?|Translation-[\w@.-]+)")
+
+
 def _keep_package_lists(tree: InTree, into: Path) -> None:
     """Move the package lists a base's build left in its ``tree`` to ``into``, outside it: the tree is then as
     mmdebstrap's own cleanup leaves it (no indexes, as before), and a package set built on the base installs from
     them (:func:`install_on_base`) instead of downloading the archive's indexes again (about 2 s and 10 MB each)."""
     into.mkdir()
     for name in tree.names(_LISTS):
-        if name != "lock" and tree.is_file(f"{_LISTS}/{name}") and not tree.is_link(f"{_LISTS}/{name}"):
+        if _LIST_FILE.fullmatch(name) and tree.is_file(f"{_LISTS}/{name}") and not tree.is_link(f"{_LISTS}/{name}"):
             tree.move_out(f"{_LISTS}/{name}", into / name)
 
 
@@ -1224,7 +1241,8 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
     there are none, or where they are out of date for these packages (:data:`_APT_ON_BASE`).
     """
     resolv, policy, local = "etc/resolv.conf", "usr/sbin/policy-rc.d", "var/cache/harden-debs"
-    kept_lists = sorted(path for path in (lists or base.parent / APT_LISTS).glob("*") if path.is_file())
+    kept_lists = sorted(path for path in (lists or base.parent / APT_LISTS).glob("*")
+                        if _LIST_FILE.fullmatch(path.name) and path.is_file())
     # apt on the base downloads from the sources the base was built with (its sources.list), as its manifest says.
     sources: list[str] = []
     with contextlib.suppress(OSError, ValueError):  # an older recipe's manifest may not say: HTTP(S) only

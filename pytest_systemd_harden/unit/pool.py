@@ -110,14 +110,15 @@ class MachinePool:
         return preparation.results() if preparation is not None else []
 
     def start_preparing_images(self, configs: Iterable[MachineConfig], *, threads: int = 2,
-                               rotate: int = 0) -> Preparation | None:
+                               rotate: int = 0, background: bool = True) -> Preparation | None:
         """Start building the container images the machines of ``configs`` will boot from, those not cached yet,
         ``threads`` at a time, in the background (:meth:`ImageCache.start_preparing`; package sets in the order of
         ``configs``); a machine booted meanwhile waits for its own image only, moved to the front. Each image an
         unprivileged machine boots is given its uid-shifted copy in the same build thread where it needs one (a
         filesystem that cannot be idmapped: seconds per image, else paid at the first boot). Only the nspawn
         backend's images: a VM's is built with its kernel when it boots, and the host backend has none. Nothing to do
-        where nspawn cannot run (the first boot says why)."""
+        where nspawn cannot run (the first boot says why). ``background``: builds nobody waits for yet take only
+        the CPU left idle (:class:`~..machine.images.BuildPriority`)."""
         nspawn = self._nspawn_configs(configs)
         if not nspawn:
             return None
@@ -134,7 +135,8 @@ class MachinePool:
             if self._preparation is not None:
                 self._preparation.stop()
             self._preparation = self.image_cache.start_preparing(wanted, self.progress, threads=threads,
-                                                                 rotate=rotate, then=shift)
+                                                                 rotate=rotate, then=shift,
+                                                                 background=background)
             return self._preparation
 
     def first_ready(self, configs: Sequence[MachineConfig]) -> int:
@@ -207,7 +209,8 @@ class MachinePool:
 def shut_down(machines: Sequence[Machine]) -> list[str]:
     """Shut every one of ``machines`` down, all at once (each powers off in 0.2-0.6 s, mostly waiting for its
     systemd: a session's eight machines one after another took 1.5 s of its end); return what failed, one line
-    each. An interruption (Ctrl-C) does not cut it short: it is raised once every machine is down."""
+    each. A first interruption (Ctrl-C) does not cut it short: it is raised once every machine is down; a second
+    one is raised at once (a shutdown that hangs can still be left)."""
     errors: list[str] = []
 
     def shut(machine: Machine) -> None:
@@ -216,16 +219,23 @@ def shut_down(machines: Sequence[Machine]) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - shut down the others all the same
             errors.append(f"{machine.name}: {exc}")
 
-    threads = [threading.Thread(target=shut, args=(machine,), name=f"harden-shutdown-{machine.name}")
-               for machine in machines]
-    for thread in threads:
-        thread.start()
-    interrupted: BaseException | None = None
+    threads = []
+    for machine in machines:
+        thread = threading.Thread(target=shut, args=(machine,), name=f"harden-shutdown-{machine.name}")
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had (at the interpreter's exit, or at the host's limit): here, then
+            shut(machine)
+            continue
+        threads.append(thread)
+    interrupted: KeyboardInterrupt | None = None
     for thread in threads:
         while thread.is_alive():
             try:
                 thread.join()
             except KeyboardInterrupt as exc:
+                if interrupted is not None:
+                    raise
                 interrupted = exc
     if interrupted is not None:
         raise interrupted
