@@ -1188,10 +1188,10 @@ def chrooted(tree: Path, command: Sequence[str]) -> list[str]:
 _LISTS = "var/lib/apt/lists"
 APT_LISTS = "apt-lists"  # in a base image's directory: the package lists its build downloaded
 _SAYS = "harden: "  # a line of the script below for the build's progress
-# apt on a base: from the package lists the base's build downloaded where they were kept ($1 = kept), the archive's
-# state the image's key names (ImageCache.key_for), without downloading its indexes again; apt-get update first
-# where they are not, or where the archive has moved on since (a .deb gone from the mirror, a dependency only a
-# newer index has): the download-only pass fails before dpkg has run anything.
+# apt on a base: from the package lists the base's build downloaded where they were kept ($1 = kept), the archive as
+# that build found it (as old as the base, which the image's key bounds), without its indexes downloaded again;
+# apt-get update first where they are not, or where the archive has moved on since (a .deb gone from the mirror, a
+# dependency only a newer index has): the download-only pass fails before dpkg has run anything.
 _APT_ON_BASE = f"""
 lists=$1; shift
 if [ "$lists" != kept ]; then
@@ -1236,9 +1236,9 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
     started (policy-rc.d), the host's resolv.conf is lent for the download and taken back: the layer holds what
     the packages made, with the tree made to boot as a container (:func:`_customize`), and no apt indexes. apt
     installs from the package lists the base's build downloaded where they were kept beside it (:data:`APT_LISTS`;
-    ``lists`` names another directory of them),
-    so the packages are those of the archive's state the image's key names; it runs apt-get update first only where
-    there are none, or where they are out of date for these packages (:data:`_APT_ON_BASE`).
+    ``lists`` names another directory of them), so the packages are those the archive had when the base was
+    built; it runs apt-get update first only where there are none, or where they are out of date for these
+    packages (:data:`_APT_ON_BASE`).
     """
     resolv, policy, local = "etc/resolv.conf", "usr/sbin/policy-rc.d", "var/cache/harden-debs"
     kept_lists = sorted(path for path in (lists or base.parent / APT_LISTS).glob("*")
