@@ -369,6 +369,13 @@ def main() -> int:
     return 0
 
 
+def pip_beside_apt(ref: str) -> bool:
+    """Whether ``ref``'s dev.sh installs the Python packages while apt runs (a background job) or after it."""
+    script = subprocess.run(["git", "show", f"{ref}:dev.sh"], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parent.parent).stdout
+    return re.search(r'^\s*install_python_packages "\$job" &\s*$', script, re.MULTILINE) is not None
+
+
 def print_fresh_machine(args: argparse.Namespace) -> None:
     """Section 7: ./dev.sh examples on a fresh clone, HEAD and the baseline alternated, and apt's part."""
     runs: dict[str, list[tuple[float, float]]] = {args.baseline: [], "HEAD": []}
@@ -388,8 +395,9 @@ def print_fresh_machine(args: argparse.Namespace) -> None:
         wall = statistics.median(t[0] for t in times)
         session = statistics.median(t[1] for t in times)
         setup = wall - session
-        # The old dev.sh runs pip after apt; the new one beside it where python3-venv is there (see dev.sh).
-        beside = ref == "HEAD"
+        # An old dev.sh runs pip after apt; a newer one beside it where python3-venv is there (see dev.sh): as the
+        # ref's own dev.sh says.
+        beside = pip_beside_apt(ref)
         totals[ref] = (max(apt, setup) if beside else apt + setup) + session
         print(f"   {ref:>10}: {wall:6.1f} s here (virtualenv and pip {setup:5.1f} s, pytest {session:6.1f} s); with "
               f"apt's part {'beside' if beside else 'before'} pip: {totals[ref]:6.1f} s")

@@ -504,8 +504,8 @@ class BuildPriority:
     """The CPU share of an image's build in the background (:class:`Preparation`): next to nothing while nobody
     waits for the image (:meth:`Contained.set_background`), so that the tests, and the builds of the images they
     wait for, have the cores first and it takes the time they leave idle; as much as any other's from the moment
-    someone waits for it (:meth:`wanted`). A serial run's tests keep one core of two busy; a fresh cache's
-    example suite finished in 0.85 of the time (docs/performance.md, section 9)."""
+    someone waits for it (:meth:`wanted`). A serial run's tests keep one core of two busy (docs/performance.md,
+    section 9, has the runs)."""
 
     def __init__(self, *, background: bool) -> None:
         self._background = background
