@@ -191,14 +191,7 @@ class OwnedCgroup:
         return caps_hit(self.cap_counters(), before, caps)
 
     def pids(self) -> set[int]:
-        found: set[int] = set()
-        for path in self.paths:
-            for procs in (Path(d) / "cgroup.procs" for d in _subgroups(path)):
-                try:
-                    found.update(int(line) for line in procs.read_text().split())
-                except OSError:
-                    continue
-        return found
+        return _pids_under(self.paths)
 
     def kill_and_remove(self, timeout: float = 10.0) -> None:
         """Kill whatever still runs in the group and remove it from every hierarchy."""
@@ -283,6 +276,18 @@ def _field(path: Path, name: str) -> int | None:
         if key == name and value.strip().isdigit():
             return int(value)
     return None
+
+
+def _pids_under(paths: Iterable[Path]) -> set[int]:
+    """The processes in the groups ``paths`` and every group below them (a group gone meanwhile holds none)."""
+    found: set[int] = set()
+    for path in paths:
+        for procs in (Path(d) / "cgroup.procs" for d in _subgroups(path)):
+            try:
+                found.update(int(line) for line in procs.read_text().split())
+            except OSError:
+                continue
+    return found
 
 
 def _subgroups(path: Path) -> list[str]:
@@ -419,14 +424,11 @@ class Contained:
                     (path / "cpu.weight").write_text(f"{BACKGROUND_CPU_WEIGHT if background else 100}\n")
 
     def _members(self) -> set[int]:
-        """Every process of the tree: of our own group, or of the host systemd's scope."""
+        """Every process of the tree: of our own group, or of the host systemd's scope (and the groups below it)."""
         if self.cgroup is not None:
             return self.cgroup.pids()
         path = self.cgroup2_path()
-        try:
-            return {int(pid) for pid in (path / "cgroup.procs").read_text().split()} if path is not None else set()
-        except OSError:
-            return set()
+        return _pids_under([path]) if path is not None else set()
 
     def cgroup2_path(self) -> Path | None:
         """The machine's group in the cgroup2 tree (where its systemd attaches BPF programs), or None."""
