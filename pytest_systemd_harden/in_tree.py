@@ -184,8 +184,8 @@ class InTree:
         """``relative`` made a regular file holding a copy of the regular file ``source`` (outside the tree, read as
         usual; at most ``limit`` bytes): whatever was there (a link included) is replaced."""
         with open(source, "rb") as original:
-            size = os.fstat(original.fileno()).st_size
-            if not stat.S_ISREG(os.fstat(original.fileno()).st_mode) or size > limit:
+            found = os.fstat(original.fileno())
+            if not stat.S_ISREG(found.st_mode) or found.st_size > limit:
                 raise OSError(errno.EFBIG, f"not a regular file of at most {limit >> 20} MiB", str(source))
             with self._parent(relative) as (folder, name), _created(folder, name, mode) as copy:
                 shutil.copyfileobj(original, copy, 1 << 20)

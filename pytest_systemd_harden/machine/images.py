@@ -1217,9 +1217,15 @@ def _keep_package_lists(tree: InTree, into: Path) -> None:
     mmdebstrap's own cleanup leaves it (no indexes, as before), and a package set built on the base installs from
     them (:func:`install_on_base`) instead of downloading the archive's indexes again (about 2 s and 10 MB each)."""
     into.mkdir()
-    for name in tree.names(_LISTS):
-        if _LIST_FILE.fullmatch(name) and tree.is_file(f"{_LISTS}/{name}") and not tree.is_link(f"{_LISTS}/{name}"):
+    for name in _files_in_lists(tree):
+        if _LIST_FILE.fullmatch(name):
             tree.move_out(f"{_LISTS}/{name}", into / name)
+
+
+def _files_in_lists(tree: InTree) -> list[str]:
+    """The names of the regular files in ``tree``'s apt lists directory (not links, whatever they lead to)."""
+    return [name for name in tree.names(_LISTS)
+            if tree.is_file(f"{_LISTS}/{name}") and not tree.is_link(f"{_LISTS}/{name}")]
 
 
 def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Progress = lambda line: None, *,
@@ -1300,8 +1306,8 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
             for name in tree.names(local):
                 tree.unlink(f"{local}/{name}")
             tree.rmdir(local)
-            for leftover in tree.names(_LISTS):  # as mmdebstrap leaves it: no indexes (its lock file stays)
-                if leftover != "lock" and tree.is_file(f"{_LISTS}/{leftover}") and not tree.is_link(f"{_LISTS}/{leftover}"):
+            for leftover in _files_in_lists(tree):  # as mmdebstrap leaves it: no indexes (its lock file stays)
+                if leftover != "lock":
                     tree.unlink(f"{_LISTS}/{leftover}")
             for cached in tree.names("var/cache/apt", "*.bin"):
                 tree.unlink(f"var/cache/apt/{cached}")
