@@ -12,6 +12,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -377,9 +378,7 @@ def test_prepare_builds_missing_images_bases_first_several_at_once_and_remembers
         spans[label] = (started, time.monotonic())
         if "broken" in extra:
             raise images.ImageBuildError("E: Unable to locate package broken")
-        (final / "rootfs/usr/lib/systemd").mkdir(parents=True)
-        (final / "rootfs/usr/lib/systemd/systemd").touch()
-        (final / "manifest.json").write_text("{}")
+        _made(final)
 
     monkeypatch.setattr(ImageCache, "_build", build)
     cache = ImageCache(tmp_path)
@@ -411,6 +410,20 @@ def test_prepare_builds_missing_images_bases_first_several_at_once_and_remembers
     assert cache.prepare(wanted, lines.append) == [(images.ImageWanted("trixie", ("broken",)), done[2][1])]
 
 
+def _made(final: Path) -> None:
+    """What a build leaves in ``final`` for images._complete to count it as an image built in full."""
+    (final / "rootfs/usr/lib/systemd").mkdir(parents=True)
+    (final / "rootfs/usr/lib/systemd/systemd").touch()
+    (final / "manifest.json").write_text("{}")
+
+
+def _until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    """Return once ``condition`` holds, or after ``seconds`` (the caller's assertion then says what did not)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _fake_build(spans: dict[str, tuple[float, float]], seconds: float = 0.2) -> object:
     """ImageCache._build without mmdebstrap: records when each image was built, ``seconds`` each."""
     def build(self: ImageCache, final: Path, extra: tuple[str, ...], release: str, debs: tuple[str, ...],
@@ -419,9 +432,7 @@ def _fake_build(spans: dict[str, tuple[float, float]], seconds: float = 0.2) -> 
             self.get((), release=release)
         started = time.monotonic()
         time.sleep(seconds)
-        (final / "rootfs/usr/lib/systemd").mkdir(parents=True)
-        (final / "rootfs/usr/lib/systemd/systemd").touch()
-        (final / "manifest.json").write_text("{}")
+        _made(final)
         spans[f"{release}+{','.join(extra)}"] = (started, time.monotonic())
 
     return build
@@ -773,9 +784,7 @@ def test_a_build_nobody_waits_for_runs_in_the_background_until_a_machine_waits_f
         started[label].set()
         assert go.wait(30)
         priority.ended(step)
-        (final / "rootfs/usr/lib/systemd").mkdir(parents=True)
-        (final / "rootfs/usr/lib/systemd/systemd").touch()
-        (final / "manifest.json").write_text("{}")
+        _made(final)
 
     monkeypatch.setattr(ImageCache, "_build", build)
     cache = ImageCache(tmp_path)
@@ -787,9 +796,7 @@ def test_a_build_nobody_waits_for_runs_in_the_background_until_a_machine_waits_f
     assert preparation.first_ready([curl]) == 0  # not started yet: it will not start in the background
     waiter = threading.Thread(target=preparation.wait, args=(bookworm,))
     waiter.start()
-    deadline = time.monotonic() + 30
-    while calls["bookworm+"] == [True] and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _until(lambda: calls["bookworm+"] != [True])
     assert calls == {"trixie+": [True, False], "bookworm+": [True, False]}  # curl's base, and the one waited for
     go.set()
     waiter.join(30)
@@ -807,9 +814,7 @@ def test_a_build_nobody_waits_for_runs_in_the_background_until_a_machine_waits_f
     assert started["trixie+"].wait(30) and calls == {"trixie+": [True]}
     stopper = threading.Thread(target=stopped.stop)
     stopper.start()
-    deadline = time.monotonic() + 30
-    while calls["trixie+"] == [True] and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _until(lambda: calls["trixie+"] != [True])
     assert calls == {"trixie+": [True, False]}
     go.set()
     stopper.join(30)
