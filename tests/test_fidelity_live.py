@@ -150,3 +150,40 @@ def test_kernel_facing_directives_remove_ipc_and_localhost_only_are_shown(pytest
         "*127.0.0.1:9 stays reachable despite IPAddressDeny=: yes*",
     ])
     assert "cannot be verified" not in output, output
+
+
+# A package's runtime directory, made at boot by its tmpfiles.d file (bound here as the package would ship it), which
+# the hardened service may write under ProtectSystem=strict: on a host, systemd-tmpfiles makes it before the service
+# starts. It did not in a user-namespaced machine whose "/" showed as owned by nobody (nspawn's volatile overlay):
+# tmpfiles refused every line ("unsafe path transition"), and the service failed here where a host starts it.
+RUNTIME_DIRECTORY_FROM_TMPFILES = """
+service:
+  exec_start: /bin/sh -c 'echo up > /run/myapp/state && exec sleep infinity'
+  ready: {file: /run/myapp/state}
+hardening:
+  ProtectSystem: strict
+  ReadWritePaths: /run/myapp
+machine:
+  files: {/etc/tmpfiles.d/myapp.conf: myapp.conf}
+"""
+
+
+@pytest.mark.parametrize("privileged", [False, True], ids=["user-namespaced", "privileged"])
+def test_tmpfiles_make_a_packages_directories_at_boot_as_on_a_host(pytester: pytest.Pytester, machine: Machine,
+                                                                   privileged: bool) -> None:
+    pytester.makefile(".conf", myapp="d /run/myapp 0755 root root -\n")
+    pytester.makefile(".yaml", harden=RUNTIME_DIRECTORY_FROM_TMPFILES
+                      + ("  privileged: true\n" if privileged else ""))
+    pytester.makepyfile(test_boot="""
+        import pytest
+
+        @pytest.mark.harden("harden.yaml")
+        def test_the_root_and_the_boots_tmpfiles(hardened_service):
+            assert hardened_service.client("stat -c %u:%g /").stdout == "0:0\\n"
+            tmpfiles = hardened_service.client("systemctl show -P ExecMainStatus systemd-tmpfiles-setup.service")
+            assert tmpfiles.stdout == "0\\n", tmpfiles.describe()  # 73 (CANTCREAT): some line was refused
+        """)
+    result = pytester.runpytest("-v", "-rA", "--harden-diagnose=off")
+    output = result.stdout.str()
+    assert "service starts under hardening PASSED" in output, output
+    assert "test_the_root_and_the_boots_tmpfiles PASSED" in output, output

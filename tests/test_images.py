@@ -156,7 +156,7 @@ def test_a_new_package_set_is_installed_on_the_cached_base_image_and_boots(
         result = with_curl.run(["curl", "--version"])
         assert result.ok, result.describe()
         # The machine sees one tree, as on a host: a file of the layer and one of the base, each with one link and
-        # owned by root; what it writes stays in its own volatile overlay.
+        # owned by root; what it writes stays in its own writable layer.
         seen = with_curl.run(["sh", "-c", "stat -c '%h %U %n' /usr/bin/curl /usr/bin/dpkg && echo x >> /etc/hostname"])
         assert seen.stdout.split("\n")[:2] == ["1 root /usr/bin/curl", "1 root /usr/bin/dpkg"], seen.describe()
     finally:

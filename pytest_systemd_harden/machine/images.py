@@ -1,9 +1,9 @@
 """Debian root filesystems for the test machines: built once per package set, cached, never modified.
 
-A machine boots its image with ``--volatile=overlay``, so the cached tree is shared read-only by every
-container, run and xdist worker. A release's base is a whole tree; a package set is a layer over it (what apt
-added, :func:`install_on_base`), joined with it by an overlay wherever it is used (machine/mounts.py): in a
-machine's mount namespace, or a keeper's for host root to read it (:func:`layers_tree`), never on the host.
+A machine boots its image under a writable layer of its own (backends/nspawn.py), so the cached tree is shared
+read-only by every container, run and xdist worker. A release's base is a whole tree; a package set is a layer over
+it (what apt added, :func:`install_on_base`), joined with it by an overlay wherever it is used (machine/mounts.py):
+in a machine's mount namespace, or a keeper's for host root to read it (:func:`layers_tree`), never on the host.
 Builds happen under a lock, into a staging directory renamed into place only
 when complete, so a concurrent or interrupted build never leaves a half-made image behind; the builder runs in a
 mount namespace of its own and in a cgroup of its own, so whatever ends it, no mount of its reaches the host and

@@ -13,7 +13,8 @@ never reach the host), makes the mounts of its plan in order, and then either
 
 A plan is a list of steps (JSON, so the script needs nothing but the standard library):
 
-- ``{"tmpfs": TARGET, "options": "size=..."}``
+- ``{"tmpfs": TARGET, "options": "size=..."}``: ``nosuid`` and ``nodev`` unless ``"inert": false`` (a machine's
+  writable layer, where its own setuid programs must keep working, as on a host's disk)
 - ``{"dir": PATH, "mode": 0o755, "owner": UID}``: a directory made (where the tmpfs was just mounted)
 - ``{"idmap": PATH, "base": BASE, "target": TARGET}``: a read-only idmapped mount of PATH on TARGET (without it:
   PATH replaced by it), every owner seen moved up by BASE (a user namespace made for the mapping, by a child that
@@ -21,7 +22,7 @@ A plan is a list of steps (JSON, so the script needs nothing but the standard li
 - ``{"overlay": TARGET, "lower": [TOP, ..., BOTTOM], "upper": PATH, "work": PATH}``: an overlayfs of the layers
   (without ``upper``: read-only); with idmapped layers from Linux 5.19 on.
 
-``"inert": true`` on a mount makes it ``nosuid`` and ``nodev``: a build's and host root's view of a tree (a
+``"inert": true`` on an idmap or overlay makes it ``nosuid`` and ``nodev``: a build's and host root's view of a tree (a
 machine's tree boots as a host's would, its setuid programs working).
 """
 
@@ -95,8 +96,9 @@ for step in plan:  # user namespaces first: a child forked after unshare(CLONE_N
 check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
 check(libc.mount(b"none", b"/", None, 0x80000 | 0x4000, None), "making / a slave")  # MS_SLAVE | MS_REC
 for step in plan:
-    if "tmpfs" in step:  # MS_NOSUID | MS_NODEV
-        check(libc.mount(b"harden", step["tmpfs"].encode(), b"tmpfs", 0x2 | 0x4, step["options"].encode()),
+    if "tmpfs" in step:  # MS_NOSUID | MS_NODEV, or MS_STRICTATIME (as nspawn mounts a volatile root's)
+        flags = 0x1000000 if step.get("inert") is False else 0x2 | 0x4
+        check(libc.mount(b"harden", step["tmpfs"].encode(), b"tmpfs", flags, step["options"].encode()),
               f"mounting a tmpfs on {step['tmpfs']}")
     elif "dir" in step:
         os.mkdir(step["dir"], step["mode"])

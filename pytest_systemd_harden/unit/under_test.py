@@ -7,7 +7,7 @@
 
 The last two are started as systemd loads them, with the spec's hardening written as a real drop-in
 (``/etc/systemd/system/NAME.d/harden.conf``), so systemd parses exactly what a maintainer would ship. Files go
-into the machine through the machine (a command run by its systemd), into its volatile overlay: the cached image
+into the machine through the machine (a command run by its systemd), into its writable layer: the cached image
 is never written. Everything the test wrote is removed again when the unit is retired; nothing else is.
 
 The rest of the pipeline asks a unit only what every kind can answer: :meth:`UnitUnderTest.start`,

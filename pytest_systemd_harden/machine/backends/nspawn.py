@@ -1,7 +1,8 @@
 """The default backend: a cached Debian rootfs booted with systemd-nspawn.
 
-The image is never modified (``--volatile=overlay``), the container has only a loopback interface
-(``--private-network``) so nothing a service or probe does reaches the host's network, and it runs in a cgroup
+The image is never modified (the machine boots it under a writable layer in memory, its own:
+:meth:`NspawnMachine._mount_plan`), the container has only a loopback interface (``--private-network``) so
+nothing a service or probe does reaches the host's network, and it runs in a cgroup
 of its own that is killed and removed on shutdown (and by the next run, if this one was killed).
 
 The container runs in a user namespace of its own (see :mod:`~pytest_systemd_harden.machine.backends.userns`): its root
@@ -55,6 +56,9 @@ __all__ = ["NspawnMachine", "check_available", "host_runs_systemd", "remove_runt
 # through which mounts propagate into the container (/run/host/incoming there). One that is SIGKILLed (a container
 # that would not power off in time, a killed run) leaves it.
 NSPAWN_RUNTIME = Path("/run/systemd/nspawn")
+# A machine's writable layer: a tmpfs as large as nspawn makes a volatile root's (a quarter of memory, a million
+# inodes; written pages count against the machine's memory cap).
+WRITABLE_LAYER_OPTIONS = "mode=0755,size=25%,nr_inodes=1m"
 RUNTIME_KINDS = ("propagate", "unix-export")
 # Our machines' names (Machine.name): only such directories are ever removed.
 OUR_MACHINE = re.compile(r"harden-[0-9a-f]{8}")
@@ -163,7 +167,6 @@ class NspawnMachine(Machine):
         return [
             "systemd-nspawn", "--quiet", "--boot",
             "--directory", str(rootfs), "--machine", self.name,
-            "--volatile=overlay",  # the cached image is shared and never written
             "--register=no", "--keep-unit",  # no machined here; our own cgroup instead
             "--private-network",  # only lo: nothing inside reaches the host's network
             "--link-journal=no", "--resolv-conf=off", "--timezone=off",
@@ -237,23 +240,17 @@ class NspawnMachine(Machine):
             self.bpf_not_delegated = "switched off (HARDEN_BPF_DELEGATION=off)"
         else:
             self.bpf_not_delegated = bpf_delegation.supported() or ""
-        # The tree nspawn boots, made in a mount namespace that nspawn alone lives in: the image (each of its layers)
-        # idmapped to the machine's uids, the layers joined by an overlay on the image's empty rootfs directory.
-        plan: list[dict[str, object]] = []
-        if self._idmapped:
-            assert self.uid_base is not None
-            plan += [{"idmap": str(tree), "base": self.uid_base} for tree in self._layers or (rootfs,)]
-        if self._layers:
-            plan.append({"overlay": str(rootfs), "lower": [str(layer) for layer in self._layers]})
-        if plan:
-            command = mounts.then(plan, command)
+        command = mounts.then(self._mount_plan(rootfs), command)
         if not self.bpf_not_delegated:
             channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             command = bpf_delegation.wrap(command, channel[1].fileno())
         try:
             # If the test process dies without cleaning up, the container is shut down with it.
+            # No lock on the image: nspawn locks a tree it boots without --volatile for its use alone, but the
+            # tree is this machine's own overlay; the image under it is read by many at once and written by none.
             self._contained = Contained.start(command, "machine", self.name, stdin=subprocess.DEVNULL,
                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              env={**os.environ, "SYSTEMD_NSPAWN_LOCK": "0"},
                                               pass_fds=(channel[1].fileno(),) if channel else ())
         finally:
             if channel is not None:
@@ -266,6 +263,34 @@ class NspawnMachine(Machine):
         except BaseException:
             self._stop()
             raise
+
+    def _mount_plan(self, rootfs: Path) -> list[dict[str, object]]:
+        """The tree nspawn boots, made in a mount namespace that nspawn alone lives in (machine/mounts.py): the image
+        (each of its layers) idmapped to the machine's uids, under a writable layer in memory that is the machine's
+        own, all joined by one overlay on ``rootfs``. What nspawn's ``--volatile=overlay`` would do, but for the
+        owner of the layer's top directory: nspawn makes it as host root, which a user-namespaced machine sees as
+        ``nobody`` at its ``/``; systemd-tmpfiles then refuses every line of every tmpfiles.d file at boot
+        ("unsafe path transition"), and a package's runtime directories are never made, where a host makes them."""
+        owner = self.uid_base or 0  # the machine's root
+        point = str(self._writable_layer_mount_point())
+        plan: list[dict[str, object]] = [
+            {"tmpfs": point, "options": WRITABLE_LAYER_OPTIONS, "inert": False},
+            {"dir": f"{point}/upper", "mode": 0o755, "owner": owner},
+            {"dir": f"{point}/work", "mode": 0o700, "owner": 0},
+        ]
+        if self._idmapped:
+            assert self.uid_base is not None
+            plan += [{"idmap": str(tree), "base": self.uid_base} for tree in self._layers or (rootfs,)]
+        plan.append({"overlay": str(rootfs), "lower": [str(layer) for layer in self._layers or (rootfs,)],
+                     "upper": f"{point}/upper", "work": f"{point}/work"})
+        return plan
+
+    def _writable_layer_mount_point(self) -> Path:
+        """An empty directory of the image cache where each machine's writable layer is mounted, in the machine's
+        own mount namespace (never on the host: there it stays empty)."""
+        path = self.image_cache.cache_dir / "machine-layer"
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
 
     def _start_bpf_delegate(self, channel: socket.socket) -> None:
         assert self._contained is not None

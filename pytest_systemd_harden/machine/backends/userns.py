@@ -7,9 +7,10 @@ user namespace it is an unprivileged uid on the host (``base``), and the kernel 
 nspawn's own ways to give the image that uid do not fit a cached image booted with ``--volatile=overlay`` here
 (systemd 252, measured): ``--private-users-ownership=map`` fails ("ID mapped mounts are apparently not available":
 nspawn tries to idmap the overlay, which overlayfs refuses), ``chown`` would copy the whole tree up into the
-overlay. So nspawn is started by a wrapper (:func:`idmapped`) in a mount namespace of its own, where the image's
+overlay. So nspawn is started by a wrapper (machine/mounts.py) in a mount namespace of its own, where the image's
 directory is replaced by an idmapped mount of itself (every owner seen moved up by ``base``; file capabilities
-follow, the kernel maps their root uid; read-only): nspawn lays its overlay over that, and boots with
+follow, the kernel maps their root uid; read-only), under the machine's writable layer (nspawn.py:
+``NspawnMachine._mount_plan``), and nspawn boots that with
 ``--private-users=BASE:65536 --private-users-ownership=off``. The mount exists only in nspawn's namespace and goes
 with it; the cached image is read, never changed. Where the image cannot be booted that way (before Linux 5.19,
 whose overlayfs takes no idmapped layer, or a filesystem that cannot be idmapped: :func:`idmap_refused`), the image
@@ -64,7 +65,7 @@ def idmapped(command: list[str], rootfs: Path, base: int) -> list[str]:
     return mounts.then([{"idmap": str(rootfs), "base": base}], command)
 
 
-# Run in the wrapper's place of nspawn: what nspawn's --volatile=overlay does with the idmapped tree, an overlay
+# Run in the wrapper's place of nspawn: what a machine's writable layer does with the idmapped tree, an overlay
 # with it as the lower layer (overlayfs takes idmapped layers from Linux 5.19 on; 5.12-5.18 idmap, then refuse the
 # overlay). The tmpfs ($1: a directory that does not hold the tree) and the overlay are in the wrapper's mount
 # namespace only.
