@@ -114,6 +114,14 @@ class InTree:
         finally:
             os.close(fd)
 
+    def modified_ns(self, relative: str) -> int:
+        """The modification time of what ``relative`` resolves to, in nanoseconds."""
+        fd = self.open(relative, os.O_PATH)
+        try:
+            return os.fstat(fd).st_mtime_ns
+        finally:
+            os.close(fd)
+
     def is_file(self, relative: str) -> bool:
         return self.kind(relative) == stat.S_IFREG
 
@@ -213,6 +221,14 @@ class InTree:
         fd = self.open(relative, os.O_PATH | os.O_NOFOLLOW)
         try:
             os.chown(f"/proc/self/fd/{fd}", uid, gid)  # the magic link leads to what was opened, a link too
+        finally:
+            os.close(fd)
+
+    def set_modified_ns(self, relative: str, nanoseconds: int) -> None:
+        """Give ``relative`` itself (a link's target never) this access and modification time."""
+        fd = self.open(relative, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            os.utime(f"/proc/self/fd/{fd}", ns=(nanoseconds, nanoseconds))  # the magic link leads to what was opened
         finally:
             os.close(fd)
 

@@ -128,6 +128,24 @@ def test_bad_release_and_debs_are_one_line_errors(tmp_path: Path, machine: str, 
         str(raised.value)
 
 
+def test_a_tree_is_marked_updated_as_of_its_usr_once(tmp_path: Path) -> None:
+    from pytest_systemd_harden.machine.images import _customize
+
+    for folder in ("usr", "etc", "var"):
+        (tmp_path / folder).mkdir()
+    os.utime(tmp_path / "usr", ns=(1_700_000_000_123_456_789,) * 2)
+    _customize(InTree(tmp_path))
+    for marker in (tmp_path / "etc/.updated", tmp_path / "var/.updated"):
+        assert marker.stat().st_mtime_ns == 1_700_000_000_123_456_789
+        assert marker.read_text().endswith("\nTIMESTAMP_NSEC=1700000000123456789\n")
+    written = (tmp_path / "etc/.updated").stat().st_ino
+    _customize(InTree(tmp_path))  # a layer over a base marked so already: nothing copied up
+    assert (tmp_path / "etc/.updated").stat().st_ino == written
+    os.utime(tmp_path / "usr", ns=(1_800_000_000_000_000_000,) * 2)  # a package set changed /usr itself
+    _customize(InTree(tmp_path))
+    assert (tmp_path / "var/.updated").stat().st_mtime_ns == 1_800_000_000_000_000_000
+
+
 def test_apt_verdict_names_what_cannot_be_installed() -> None:
     from pytest_systemd_harden.machine.images import apt_verdict
 
@@ -159,6 +177,11 @@ def test_a_new_package_set_is_installed_on_the_cached_base_image_and_boots(
         # owned by root; what it writes stays in its own writable layer.
         seen = with_curl.run(["sh", "-c", "stat -c '%h %U %n' /usr/bin/curl /usr/bin/dpkg && echo x >> /etc/hostname"])
         assert seen.stdout.split("\n")[:2] == ["1 root /usr/bin/curl", "1 root /usr/bin/dpkg"], seen.describe()
+        # It booted as a host boots once its packages are installed: no offline-update unit ran (what they would
+        # make, the packages' triggers and postinsts made; see images._customize).
+        updates = ["ldconfig", "systemd-journal-catalog-update", "systemd-sysusers", "systemd-update-done"]
+        ran = with_curl.run(["systemctl", "show", "-P", "ConditionResult", *(f"{u}.service" for u in updates)])
+        assert ran.stdout.split() == ["no"] * 4, ran.describe()
     finally:
         pool.close()
     built = cache.path_for(("curl",))
@@ -296,8 +319,8 @@ def test_where_the_cache_is_on_an_overlayfs_a_package_set_is_built_in_full(
     lines: list[str] = []
     assert ImageCache(tmp_path)._on_cached_base(tmp_path, ("curl",), DEFAULT_RELEASE, (), lines.append) is None
     assert lines == [("  building it in full: the cache is on an overlayfs (a container's own root?), and a layer "
-                      "over a base there could not be booted (the kernel stacks overlays two deep at most, and "
-                      "nspawn's volatile overlay is a third)")]
+                      "over a base there cannot be built (the build reads the base through an idmapped mount, which "
+                      "overlayfs refuses: EINVAL)")]
 
 
 def fake_rootfs(root: Path, status: str, lists: dict[str, list[str]], enabled: list[str]) -> Path:
