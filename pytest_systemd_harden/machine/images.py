@@ -34,6 +34,7 @@ from typing import IO, Any
 
 from ..errors import BackendUnavailable, ImageBuildError, MachineError, printable
 from ..in_tree import InTree, as_tree
+from ..probes.catalogue import MACHINE_ADDRESS
 from ..spec.machine import MachineConfig
 from ..spec.releases import DEFAULT_RELEASE, RELEASES
 from ..spec.unit_file import template_of
@@ -986,16 +987,33 @@ def _customize(tree: InTree) -> None:
 
 # What a VM needs on top of a container's rootfs: a kernel (the cloud flavour: virtio built in or in its
 # initramfs, no firmware or sound), the guest agent that reads a command's output files back, and nothing else.
-# Holds the tested unit back at boot (boot_holds): a systemd generator, run at boot and at every daemon-reload,
-# that masks each unit named by pytest_systemd_harden.hold= on the machine's command line until HOLD_RELEASED
-# exists: PID 1's arguments in a container (its systemd reads them as its kernel command line; /proc/cmdline is the
-# host's there), the kernel's in a VM (where the generator is part of the disk). A systemd.mask= could not be taken
-# back: its mask wins over every unit directory and returns at each reload.
+# The machine's generator (a systemd generator, run at boot and at every daemon-reload; bound into a container, part
+# of a VM's disk) does two things before anything else starts:
+# - it adds MACHINE_ADDRESS to lo, by a unit ordered before sysinit.target (ADDRESS_UNIT): an address of the machine's
+#   own that IPAddressDeny= can deny while traffic stays in the machine (see Machine.add_machine_address);
+# - it holds the tested unit back at boot (boot_holds): it masks each unit named by pytest_systemd_harden.hold= on
+#   the machine's command line until HOLD_RELEASED exists: PID 1's arguments in a container (its systemd reads them
+#   as its kernel command line; /proc/cmdline is the host's there), the kernel's in a VM. A systemd.mask= could not
+#   be taken back: its mask wins over every unit directory and returns at each reload.
 HOLD_RELEASED = "/run/pytest-systemd-harden/booted"
 HOLD_ARGUMENT = "pytest_systemd_harden.hold"
-HOLD_GENERATOR_PATH = "/etc/systemd/system-generators/pytest-systemd-harden-hold"
-HOLD_GENERATOR = f"""#!/bin/sh
-# pytest-systemd-harden: hold the unit under test back at boot; its first start is the test's, under its drop-in.
+ADDRESS_UNIT = "pytest-systemd-harden-address.service"
+BOOT_GENERATOR_PATH = "/etc/systemd/system-generators/pytest-systemd-harden"
+BOOT_GENERATOR = f"""#!/bin/sh
+# pytest-systemd-harden: an address of the machine's own on lo, for IPAddressDeny= checks that stay in the machine.
+cat > "$1/{ADDRESS_UNIT}" <<EOF
+[Unit]
+Description=pytest-systemd-harden: {MACHINE_ADDRESS} on lo, an address of the machine's own
+DefaultDependencies=no
+Before=sysinit.target
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=ip address add {MACHINE_ADDRESS}/32 dev lo
+EOF
+mkdir -p "$1/sysinit.target.wants"
+ln -sf "../{ADDRESS_UNIT}" "$1/sysinit.target.wants/{ADDRESS_UNIT}"
+# Hold the unit under test back at boot: its first start is the test's, under its drop-in.
 [ -e {HOLD_RELEASED} ] && exit 0
 for argument in $(tr '\\0' ' ' < /proc/1/cmdline) $(cat /proc/cmdline 2>/dev/null); do
     case "$argument" in
@@ -1071,7 +1089,7 @@ def vm_image(cache: ImageCache, packages: Iterable[str], progress: Progress = la
     ``snapshot=on``: the file is never written."""
     wanted = tuple(sorted(set(packages) | set(VM_PACKAGES)))
     image = cache.get(wanted, progress, release=release, debs=debs)
-    recipe = hashlib.sha256(json.dumps([_GUEST_UNITS, HOLD_GENERATOR, VM_RECIPE_VERSION]).encode() + _guest_source())
+    recipe = hashlib.sha256(json.dumps([_GUEST_UNITS, BOOT_GENERATOR, VM_RECIPE_VERSION]).encode() + _guest_source())
     folder = image.rootfs.parent / f"vm-{recipe.hexdigest()[:12]}"
     found = _vm_files(folder)
     if found is not None:
@@ -1109,8 +1127,8 @@ def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
         tree.write_text(f"{units}/{name}", text)
         tree.mkdir(f"{units}/{wanted_by}.wants")
         tree.symlink(f"{units}/{wanted_by}.wants/{name}", f"../{name}")
-    tree.mkdir(os.path.dirname(HOLD_GENERATOR_PATH))  # holds nothing unless the kernel command line asks
-    tree.write_text(HOLD_GENERATOR_PATH, HOLD_GENERATOR, mode=0o755)
+    tree.mkdir(os.path.dirname(BOOT_GENERATOR_PATH))  # holds nothing unless the kernel command line asks
+    tree.write_text(BOOT_GENERATOR_PATH, BOOT_GENERATOR, mode=0o755)
     tree.mkdir("etc/tmpfiles.d")
     tree.write_text("etc/tmpfiles.d/harden-io.conf", f"d {OUTPUT_DIR} 0700 root root -\n")
     tree.symlink(f"{units}/serial-getty@.service", "/dev/null")  # the console is for boot messages, not logins

@@ -23,8 +23,16 @@ from ...probes.catalogue import MACHINE_ADDRESS
 from ...probes.runner import guarded_batch
 from ...result import CommandResult
 from ...spec.machine import MachineConfig
-from ..images import HOLD_RELEASED, ImageCache, deb_package_name
-from ..systemd import COMMAND_KILL_GRACE, OutputFiles, Property, SocketConnector, SystemdClient
+from ..images import ADDRESS_UNIT, HOLD_RELEASED, ImageCache, deb_package_name
+from ..systemd import (
+    COMMAND_KILL_GRACE,
+    SERVICE_IFACE,
+    UNIT_IFACE,
+    OutputFiles,
+    Property,
+    SocketConnector,
+    SystemdClient,
+)
 
 if TYPE_CHECKING:
     from ...spec.load import Spec
@@ -80,6 +88,8 @@ class Machine(abc.ABC):
     # The tested unit held back at this boot and released once booted (images.boot_holds), for the boot
     # line; a backend that cannot hold it leaves this empty.
     held_at_boot: tuple[str, ...] = field(default=(), init=False)
+    # MACHINE_ADDRESS is added at boot, by the machine's generator (images.BOOT_GENERATOR); else by a command after.
+    address_at_boot: bool = field(default=False, init=False)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -145,7 +155,7 @@ class Machine(abc.ABC):
 
     def _release_holds(self) -> None:
         """Let the units held at boot load again (the boot's transaction is done: nothing starts them now): the
-        hold generator (:data:`HOLD_GENERATOR`) holds nothing once the flag file exists, and a daemon-reload
+        machine's generator (:data:`BOOT_GENERATOR`) holds nothing once the flag file exists, and a daemon-reload
         reruns it."""
         made = self.run(["/bin/sh", "-c", f"mkdir -p {HOLD_RELEASED.rsplit('/', 1)[0]} && : > {HOLD_RELEASED}"],
                         purpose="boot")
@@ -157,11 +167,24 @@ class Machine(abc.ABC):
     def add_machine_address(self, progress: Progress) -> None:
         """Put MACHINE_ADDRESS on the machine's own lo, for a machine whose network is its own (a container with a
         private network, a VM without a network device; never the host backend): then IPAddressDeny=any with
-        IPAddressAllow=localhost has an address to deny that stays on the machine (docs/probes.md)."""
-        added = self.run(["ip", "address", "add", f"{MACHINE_ADDRESS}/32", "dev", "lo"], purpose="boot-address")
-        if added.exit_status != 0:
-            progress(f"{self.name}: could not add {MACHINE_ADDRESS} to its loopback interface ({added.status_text()}: "
-                     f"{added.stderr.strip()}): IPAddressDeny= checks stay on loopback")
+        IPAddressAllow=localhost has an address to deny that stays on the machine (docs/probes.md). The machine's
+        generator adds it at boot (ADDRESS_UNIT, before sysinit.target: one D-Bus read here); a machine without
+        the generator gets it by a command now."""
+        if self.address_at_boot:
+            state = self.systemd.some_properties(ADDRESS_UNIT, [(UNIT_IFACE, "ActiveState"),
+                                                                (SERVICE_IFACE, "Result"),
+                                                                (SERVICE_IFACE, "ExecMainStatus")])
+            if state.get("ActiveState") == "active":
+                return
+            problem = (f"{ADDRESS_UNIT}: {state.get('ActiveState', 'not loaded')}, Result={state.get('Result')}, "
+                       f"exit status {state.get('ExecMainStatus')}; journalctl -u {ADDRESS_UNIT} in the machine")
+        else:
+            added = self.run(["ip", "address", "add", f"{MACHINE_ADDRESS}/32", "dev", "lo"], purpose="boot-address")
+            if added.exit_status == 0:
+                return
+            problem = f"{added.status_text()}: {added.stderr.strip()}"
+        progress(f"{self.name}: could not add {MACHINE_ADDRESS} to its loopback interface ({problem}): "
+                 "IPAddressDeny= checks stay on loopback")
 
     def shutdown(self) -> None:
         client, self._systemd = self._systemd, None

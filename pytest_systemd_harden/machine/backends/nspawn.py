@@ -33,9 +33,9 @@ from .. import bpf_delegation, mounts
 from ..bpf_delegation import BpfDelegate
 from ..cgroups import Contained, host_runs_systemd, output_lines
 from ..images import (
+    BOOT_GENERATOR,
+    BOOT_GENERATOR_PATH,
     HOLD_ARGUMENT,
-    HOLD_GENERATOR,
-    HOLD_GENERATOR_PATH,
     Image,
     boot_holds,
     boot_masks,
@@ -145,8 +145,9 @@ class NspawnMachine(Machine):
     # cannot be idmapped); empty for an image built in full.
     _layers: tuple[Path, ...] = field(default=(), init=False, repr=False)
     _bus_root: Path | None = field(default=None, init=False, repr=False)
-    # The hold generator's file on the host (see _hold_generator_file), bound when a unit is held at boot.
-    _hold_generator: Path | None = field(default=None, init=False, repr=False)
+    # The machine's generator's file on the host (see _boot_generator_file), bound into every machine where the
+    # cache has it.
+    _boot_generator: Path | None = field(default=None, init=False, repr=False)
     image: Image | None = field(default=None, init=False, repr=False)
     # A user-namespaced machine's bpf() calls, made for it under strict rules (machine/bpf_delegation.py) so
     # that IPAddressDeny=/IPAddressAllow= work as on a host; why not, where they are not delegated.
@@ -156,8 +157,8 @@ class NspawnMachine(Machine):
     def command_line(self, rootfs: Path) -> list[str]:
         idmap = ":idmap" if self.uid_base is not None and self.idmapped_files else ""
         binds = [f"--bind-ro={host}:{dest}{idmap}" for dest, host in self.config.files]
-        if self.held_at_boot and self._hold_generator is not None:
-            binds.append(f"--bind-ro={self._hold_generator}:{HOLD_GENERATOR_PATH}{idmap}")
+        if self._boot_generator is not None:
+            binds.append(f"--bind-ro={self._boot_generator}:{BOOT_GENERATOR_PATH}{idmap}")
         users = [] if self.uid_base is None else [
             f"--private-users={self.uid_base}:{userns.RANGE}", "--private-users-ownership=off",
             # CAP_SYSLOG, which nspawn leaves out, so that ProtectKernelLogs= has a capability to drop from a
@@ -184,12 +185,12 @@ class NspawnMachine(Machine):
             *(f"{HOLD_ARGUMENT}={unit}" for unit in self.held_at_boot),
         ]
 
-    def _hold_generator_file(self) -> Path:
-        """The hold generator's file on the host, in the image cache (the same text for every machine); OSError
-        where the cache is read-only and has none yet."""
-        path = self.image_cache.cache_dir / "hold-generator"
-        if not path.is_file() or path.read_text() != HOLD_GENERATOR:
-            write_atomically(path, HOLD_GENERATOR)
+    def _boot_generator_file(self) -> Path:
+        """The machine's generator's file on the host (images.BOOT_GENERATOR), in the image cache (the same text
+        for every machine); OSError where the cache is read-only and has none yet."""
+        path = self.image_cache.cache_dir / "boot-generator"
+        if not path.is_file() or path.read_text() != BOOT_GENERATOR:
+            write_atomically(path, BOOT_GENERATOR)
         if path.stat().st_mode & 0o777 != 0o755:
             path.chmod(0o755)
         return path
@@ -204,13 +205,14 @@ class NspawnMachine(Machine):
         tree = image.tree()
         self.masked_at_boot = boot_masks(self.config, tree)
         self.held_at_boot = boot_holds(self.config, tree)
-        if self.held_at_boot:
-            try:
-                self._hold_generator = self._hold_generator_file()
-            except OSError as exc:
+        try:
+            self._boot_generator = self._boot_generator_file()
+            self.address_at_boot = True
+        except OSError as exc:
+            if self.held_at_boot:
                 progress(f"{self.name}: {', '.join(self.held_at_boot)} starts at boot as installed, without the "
                          f"drop-in: the generator that holds it back cannot be written to the cache ({exc})")
-                self.held_at_boot = ()
+            self.held_at_boot = ()
         if not self.config.privileged:
             self.uid_base = userns.base_for(image.key)
             if userns.idmap_refused(image.rootfs) is None:
@@ -320,7 +322,7 @@ class NspawnMachine(Machine):
         # which units are masked or held back at boot (the spec's package units: what starts, not what is enforced).
         assert self.image is not None, "capability_identity() of a container not started"
         bound = [source for _dest, source in self.config.files]
-        boot_only = ("systemd.mask=", f"{HOLD_ARGUMENT}=", HOLD_GENERATOR_PATH)
+        boot_only = ("systemd.mask=", f"{HOLD_ARGUMENT}=", BOOT_GENERATOR_PATH)
         uid_range = f"--private-users={self.uid_base}:"
         argv = [arg.replace(str(self.image.rootfs), "{rootfs}").replace(self.name, "{machine}")
                 .replace(uid_range, "--private-users={uid base}:")

@@ -211,6 +211,7 @@ class QemuMachine(Machine):
                                        debs=self.config.debs)
         self.masked_at_boot = boot_masks(self.config, image.rootfs)
         self.held_at_boot = boot_holds(self.config, image.rootfs)
+        self.address_at_boot = True  # the machine's generator is part of the disk (images._build_disk)
         self._runtime = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=os.environ.get("TMPDIR", "/tmp")))
         try:
             files_disk = self._files_disk(self._runtime) if self.config.files else None
