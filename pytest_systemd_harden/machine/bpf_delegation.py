@@ -6,7 +6,7 @@ the root of a user-namespaced container never has: its systemd finds "BPF firewa
 the service without the firewall, so nothing about these directives can be shown on the default machine.
 
 What a BPF token does for a container on a newer systemd, done here by the test process for systemd's own calls:
-a seccomp filter installed before nspawn starts (:data:`WRAPPER`) hands every ``bpf()`` of the machine to this
+a seccomp filter installed before nspawn starts (:data:`LISTENER_STEP`) hands every ``bpf()`` of the machine to this
 process (``SECCOMP_RET_USER_NOTIF``); :class:`BpfDelegate` makes the call itself, with the caller's file
 descriptors (``pidfd_getfd``) and memory (``/proc/PID/mem``), and gives the result back (an fd is installed in the
 caller with ``SECCOMP_IOCTL_NOTIF_ADDFD``). Only what systemd's IP firewall needs is made, and only so:
@@ -38,7 +38,6 @@ import platform
 import select
 import socket
 import struct
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,26 +115,32 @@ def _filter_program() -> bytes:
 
 FILTER = _filter_program()
 
-# Runs between the cgroup join and nspawn, as a new process (no fork-unsafe Python state): installs the filter,
-# sends its listener to the test process over the socket it inherited, and becomes nspawn. If the kernel refuses
-# the filter it says why and starts nspawn anyway: the machine runs as it would without delegation.
-WRAPPER = r"""
-import ctypes, os, socket, struct, sys
-sock_fd, filter_hex, argv = int(sys.argv[1]), sys.argv[2], sys.argv[4:]
+# Run by the mount script that becomes nspawn (a step of its plan: machine/mounts.py), once the machine's mounts are
+# made and before the exec, in the same process: installs the filter, sends its listener to the test process over
+# the socket the script inherited (``step["channel"]``), and closes it. If the kernel refuses the filter it says why
+# and nspawn starts anyway: the machine runs as it would without delegation. (A Python process of its own before,
+# between the cgroup join and the mount script: an interpreter's start and ctypes' import, ~30 ms, at every boot.)
+LISTENER_STEP = r"""
+import ctypes, os, socket, struct
 libc = ctypes.CDLL(None, use_errno=True)
-program = ctypes.create_string_buffer(bytes.fromhex(filter_hex))
+program = ctypes.create_string_buffer(bytes.fromhex(step["filter"]))
 fprog = ctypes.create_string_buffer(struct.pack("=H6xQ", len(program.raw) // 8, ctypes.addressof(program)))
 listener = libc.syscall(ctypes.c_long(SECCOMP), ctypes.c_long(MODE), ctypes.c_long(FLAGS), fprog)
-channel = socket.socket(fileno=sock_fd)
+channel = socket.socket(fileno=step["channel"])
 if listener < 0:
     channel.send(("refused " + os.strerror(ctypes.get_errno())).encode())
 else:
     channel.sendmsg([b"listener"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", listener))])
     os.close(listener)
 channel.close()
-os.execvp(argv[0], argv)
 """.replace("SECCOMP", str(SYS_SECCOMP)).replace("MODE", str(SECCOMP_SET_MODE_FILTER)).replace(
     "FLAGS", str(SECCOMP_FILTER_FLAG_NEW_LISTENER))
+
+
+def listener_step(channel_fd: int) -> dict[str, object]:
+    """The mount plan's last step (machine/mounts.py): the filter installed before nspawn starts; the listener
+    arrives on ``channel_fd``'s peer (:func:`receive_listener`)."""
+    return {"python": LISTENER_STEP, "filter": FILTER.hex(), "channel": channel_fd}
 
 
 def supported() -> str | None:
@@ -148,19 +153,15 @@ def supported() -> str | None:
     return None
 
 
-def wrap(command: list[str], channel_fd: int) -> list[str]:
-    """``command`` started behind the filter; the listener arrives on ``channel_fd``'s peer."""
-    return [sys.executable, "-I", "-S", "-c", WRAPPER, str(channel_fd), FILTER.hex(), "--", *command]
-
-
 def receive_listener(channel: socket.socket, timeout: float = 30.0) -> int:
-    """The listener fd the wrapper sent; OSError with the wrapper's reason if it could not install the filter."""
+    """The listener fd the mount script sent (:data:`LISTENER_STEP`); OSError with its reason if it could not install
+    the filter."""
     channel.settimeout(timeout)
     message, ancillary, _flags, _addr = channel.recvmsg(64, socket.CMSG_SPACE(4))
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) >= 4:
             return int(struct.unpack("i", data[:4])[0])
-    raise OSError(errno.EPERM, message.decode(errors="replace") or "the wrapper sent no listener")
+    raise OSError(errno.EPERM, message.decode(errors="replace") or "the mount script sent no listener")
 
 
 # --- the rules: pure functions over the caller's attr bytes ----------------------------------------------------

@@ -22,6 +22,9 @@ A plan is a list of steps (JSON, so the script needs nothing but the standard li
 - ``{"overlay": TARGET, "lower": [TOP, ..., BOTTOM], "upper": PATH, "work": PATH}``: an overlayfs of the layers
   (without ``upper``: read-only); with idmapped layers from Linux 5.19 on.
 
+- ``{"python": CODE, ...}``: Python code run in the script's own process, with the step as ``step`` (last in a plan
+  that ends in an exec: the work of a wrapper that would otherwise be a Python process of its own before it)
+
 ``"inert": true`` on an idmap or overlay makes it ``nosuid`` and ``nodev``: a build's and host root's view of a tree (a
 machine's tree boots as a host's would, its setuid programs working).
 """
@@ -124,6 +127,8 @@ for step in plan:
             flags |= 0x1  # MS_RDONLY
         check(libc.mount(b"harden", step["overlay"].encode(), b"overlay", flags, f"{options},OPTIONS".encode()),
               f"mounting the image's layers on {step['overlay']}")
+    elif "python" in step:
+        exec(step["python"], {"step": step})
 for descriptor in namespaces.values():
     os.close(descriptor)
 if mode == "exec":

@@ -242,10 +242,11 @@ class NspawnMachine(Machine):
             self.bpf_not_delegated = "switched off (HARDEN_BPF_DELEGATION=off)"
         else:
             self.bpf_not_delegated = bpf_delegation.supported() or ""
-        command = mounts.then(self._mount_plan(rootfs), command)
+        plan = self._mount_plan(rootfs)
         if not self.bpf_not_delegated:
             channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            command = bpf_delegation.wrap(command, channel[1].fileno())
+            plan.append(bpf_delegation.listener_step(channel[1].fileno()))
+        command = mounts.then(plan, command)
         try:
             # If the test process dies without cleaning up, the container is shut down with it.
             # No lock on the image: nspawn locks a tree it boots without --volatile for its use alone, but the
