@@ -187,3 +187,32 @@ def test_tmpfiles_make_a_packages_directories_at_boot_as_on_a_host(pytester: pyt
     output = result.stdout.str()
     assert "service starts under hardening PASSED" in output, output
     assert "test_the_root_and_the_boots_tmpfiles PASSED" in output, output
+
+
+@pytest.mark.parametrize("generator", [True, False], ids=["by the machine's generator", "by a command after"])
+def test_the_machines_own_address_is_on_its_lo_either_way(machine: Machine, monkeypatch: pytest.MonkeyPatch,
+                                                          generator: bool) -> None:
+    # At boot, by a unit of the machine's generator; where the cache cannot hold the generator (read-only), by a
+    # command once booted. Either way IPAddressDeny= has a non-loopback address of the machine's own to deny.
+    if machine.NAME != "nspawn":
+        pytest.skip("the nspawn backend's boot")
+    from pytest_systemd_harden.machine.backends.nspawn import NspawnMachine
+    from pytest_systemd_harden.machine.images import ADDRESS_UNIT
+    from pytest_systemd_harden.machine.systemd import UNIT_IFACE
+    from pytest_systemd_harden.probes.catalogue import MACHINE_ADDRESS
+
+    if not generator:
+        monkeypatch.setattr(NspawnMachine, "_boot_generator_file",
+                            lambda self: (_ for _ in ()).throw(PermissionError(30, "Read-only file system")))
+    lines: list[str] = []
+    booted = NspawnMachine(machine.config, image_cache=machine.image_cache)
+    try:
+        booted.boot(lines.append)
+        assert booted.address_at_boot == generator
+        unit = booted.systemd.some_properties(ADDRESS_UNIT, [(UNIT_IFACE, "ActiveState")])
+        assert unit == ({"ActiveState": "active"} if generator else {"ActiveState": "inactive"})
+        shown = booted.run(["ip", "-4", "-o", "address", "show", "dev", "lo"])
+        assert f"inet {MACHINE_ADDRESS}/32" in shown.stdout, shown.describe()
+        assert lines == [], lines  # nothing failed
+    finally:
+        booted.shutdown()

@@ -857,3 +857,22 @@ def test_a_base_s_build_keeps_only_apt_s_list_files_and_leaves_its_lock(tmp_path
     assert sorted(path.name for path in (tmp_path / "apt-lists").iterdir()) == [
         "deb.debian.org_debian_dists_trixie_InRelease", "deb.debian.org_debian_dists_trixie_main_binary-amd64_Packages"]
     assert sorted(path.name for path in lists.iterdir()) == ["auxfile-of-a-script", "lock", "partial"]
+
+
+def test_a_file_written_atomically_has_its_mode_before_it_is_there(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The machine's generator is bound into a machine as soon as it is in the cache: an xdist worker's rename must
+    # never put a file there that is not executable yet.
+    from pytest_systemd_harden.machine.staging import write_atomically
+
+    modes: list[int] = []
+    replace = Path.replace
+
+    def watched(self: Path, target: Path) -> Path:
+        modes.append(self.stat().st_mode & 0o777)
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", watched)
+    write_atomically(tmp_path / "boot-generator", "#!/bin/sh\n", mode=0o755)
+    assert modes == [0o755]
+    assert [p.name for p in tmp_path.iterdir()] == ["boot-generator"]

@@ -13,8 +13,10 @@ never reach the host), makes the mounts of its plan in order, and then either
 
 A plan is a list of steps (JSON, so the script needs nothing but the standard library):
 
-- ``{"tmpfs": TARGET, "options": "size=..."}``: ``nosuid`` and ``nodev`` unless ``"inert": false`` (a machine's
-  writable layer, where its own setuid programs must keep working, as on a host's disk)
+- ``{"tmpfs": TARGET, "options": "size=..."}``
+- ``{"writable_layer": "size=...", "owner": UID}``: a tmpfs mounted nowhere (``fsopen``/``fsmount``: no path of the
+  host is its mount point, so nothing is needed or left there), ``upper`` (owned by UID) and ``work`` made in it,
+  for the next overlay step marked ``"writable": true``: a machine's writable layer
 - ``{"dir": PATH, "mode": 0o755, "owner": UID}``: a directory made (where the tmpfs was just mounted)
 - ``{"idmap": PATH, "base": BASE, "target": TARGET}``: a read-only idmapped mount of PATH on TARGET (without it:
   PATH replaced by it), every owner seen moved up by BASE (a user namespace made for the mapping, by a child that
@@ -25,7 +27,7 @@ A plan is a list of steps (JSON, so the script needs nothing but the standard li
 - ``{"python": CODE, ...}``: Python code run in the script's own process, with the step as ``step`` (last in a plan
   that ends in an exec: the work of a wrapper that would otherwise be a Python process of its own before it)
 
-``"inert": true`` on an idmap or overlay makes it ``nosuid`` and ``nodev``: a build's and host root's view of a tree (a
+``"inert": true`` on a mount makes it ``nosuid`` and ``nodev``: a build's and host root's view of a tree (a
 machine's tree boots as a host's would, its setuid programs working).
 """
 
@@ -99,9 +101,8 @@ for step in plan:  # user namespaces first: a child forked after unshare(CLONE_N
 check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
 check(libc.mount(b"none", b"/", None, 0x80000 | 0x4000, None), "making / a slave")  # MS_SLAVE | MS_REC
 for step in plan:
-    if "tmpfs" in step:  # MS_NOSUID | MS_NODEV, or MS_STRICTATIME (as nspawn mounts a volatile root's)
-        flags = 0x1000000 if step.get("inert") is False else 0x2 | 0x4
-        check(libc.mount(b"harden", step["tmpfs"].encode(), b"tmpfs", flags, step["options"].encode()),
+    if "tmpfs" in step:  # MS_NOSUID | MS_NODEV
+        check(libc.mount(b"harden", step["tmpfs"].encode(), b"tmpfs", 0x2 | 0x4, step["options"].encode()),
               f"mounting a tmpfs on {step['tmpfs']}")
     elif "dir" in step:
         os.mkdir(step["dir"], step["mode"])
@@ -118,14 +119,31 @@ for step in plan:
         target = step.get("target", step["idmap"]).encode()
         check(libc.syscall(429, tree, b"", -100, target, 0x4), "move_mount")  # MOVE_MOUNT_F_EMPTY_PATH
         os.close(tree)
+    elif "writable_layer" in step:
+        fs = check(libc.syscall(430, b"tmpfs", 1), "fsopen tmpfs")  # FSOPEN_CLOEXEC
+        for option in step["writable_layer"].split(","):
+            key, _, value = option.partition("=")
+            check(libc.syscall(431, fs, 1, key.encode(), value.encode(), 0), f"the writable layer's {option}")
+        check(libc.syscall(431, fs, 6, None, None, 0), "making the writable layer")  # FSCONFIG_CMD_CREATE
+        # FSMOUNT_CLOEXEC, MOUNT_ATTR_STRICTATIME (as nspawn mounts a volatile root's tmpfs); open until the exec
+        layer = f"/proc/self/fd/{check(libc.syscall(432, fs, 1, 0x20), 'fsmount of the writable layer')}"
+        os.close(fs)
+        os.mkdir(f"{layer}/upper", 0o755)
+        os.chown(f"{layer}/upper", step["owner"], step["owner"])
+        os.mkdir(f"{layer}/work", 0o700)
     elif "overlay" in step:
         options = "lowerdir=" + ":".join(escaped(layer) for layer in step["lower"])
         flags = 0x2 | 0x4 if step.get("inert") else 0  # MS_NOSUID | MS_NODEV
-        if step.get("upper"):
+        if step.get("writable"):  # the kernel's defaults, as nspawn's volatile overlay: a layer nobody reads later
+            options = f"{options},upperdir={escaped(layer + '/upper')},workdir={escaped(layer + '/work')}"
+            flags |= 0x1000000  # MS_STRICTATIME
+        elif step.get("upper"):
             options += f",upperdir={escaped(step['upper'])},workdir={escaped(step['work'])}"
         else:
             flags |= 0x1  # MS_RDONLY
-        check(libc.mount(b"harden", step["overlay"].encode(), b"overlay", flags, f"{options},OPTIONS".encode()),
+        if not step.get("writable"):
+            options += ",OPTIONS"
+        check(libc.mount(b"harden", step["overlay"].encode(), b"overlay", flags, options.encode()),
               f"mounting the image's layers on {step['overlay']}")
     elif "python" in step:
         exec(step["python"], {"step": step})

@@ -192,13 +192,16 @@ def check_shape(root: Path, *, depth: int = 256, length: int = 3072) -> None:
                     stack.append((entry.path, level + 1))
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str, *, mode: int | None = None) -> None:
     """Write ``path`` whole or not at all (a temporary file beside it, renamed over it): concurrent runs and xdist
-    workers read either the old file or the new one. Raises OSError (a read-only cache), leaving nothing behind."""
+    workers read either the old file or the new one, with ``mode`` already. Raises OSError (a read-only cache),
+    leaving nothing behind."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary.write_text(text)
+        if mode is not None:
+            temporary.chmod(mode)
         temporary.replace(path)
     except OSError:
         with contextlib.suppress(OSError):

@@ -157,8 +157,8 @@ class NspawnMachine(Machine):
     def command_line(self, rootfs: Path) -> list[str]:
         idmap = ":idmap" if self.uid_base is not None and self.idmapped_files else ""
         binds = [f"--bind-ro={host}:{dest}{idmap}" for dest, host in self.config.files]
-        if self._boot_generator is not None:
-            binds.append(f"--bind-ro={self._boot_generator}:{BOOT_GENERATOR_PATH}{idmap}")
+        if self._boot_generator is not None:  # idmapped where the image is: the cache's filesystem can be
+            binds.append(f"--bind-ro={self._boot_generator}:{BOOT_GENERATOR_PATH}{':idmap' if self._idmapped else ''}")
         users = [] if self.uid_base is None else [
             f"--private-users={self.uid_base}:{userns.RANGE}", "--private-users-ownership=off",
             # CAP_SYSLOG, which nspawn leaves out, so that ProtectKernelLogs= has a capability to drop from a
@@ -189,10 +189,8 @@ class NspawnMachine(Machine):
         """The machine's generator's file on the host (images.BOOT_GENERATOR), in the image cache (the same text
         for every machine); OSError where the cache is read-only and has none yet."""
         path = self.image_cache.cache_dir / "boot-generator"
-        if not path.is_file() or path.read_text() != BOOT_GENERATOR:
-            write_atomically(path, BOOT_GENERATOR)
-        if path.stat().st_mode & 0o777 != 0o755:
-            path.chmod(0o755)
+        if not path.is_file() or path.read_text() != BOOT_GENERATOR or path.stat().st_mode & 0o777 != 0o755:
+            write_atomically(path, BOOT_GENERATOR, mode=0o755)  # executable before it is there to bind
         return path
 
     def _start(self, progress: Progress) -> str:
@@ -270,30 +268,18 @@ class NspawnMachine(Machine):
     def _mount_plan(self, rootfs: Path) -> list[dict[str, object]]:
         """The tree nspawn boots, made in a mount namespace that nspawn alone lives in (machine/mounts.py): the image
         (each of its layers) idmapped to the machine's uids, under a writable layer in memory that is the machine's
-        own, all joined by one overlay on ``rootfs``. What nspawn's ``--volatile=overlay`` would do, but for the
-        owner of the layer's top directory: nspawn makes it as host root, which a user-namespaced machine sees as
-        ``nobody`` at its ``/``; systemd-tmpfiles then refuses every line of every tmpfiles.d file at boot
-        ("unsafe path transition"), and a package's runtime directories are never made, where a host makes them."""
-        owner = self.uid_base or 0  # the machine's root
-        point = str(self._writable_layer_mount_point())
-        plan: list[dict[str, object]] = [
-            {"tmpfs": point, "options": WRITABLE_LAYER_OPTIONS, "inert": False},
-            {"dir": f"{point}/upper", "mode": 0o755, "owner": owner},
-            {"dir": f"{point}/work", "mode": 0o700, "owner": 0},
-        ]
+        own (a tmpfs mounted nowhere), all joined by one overlay on ``rootfs``. What nspawn's ``--volatile=overlay``
+        would do, but for the owner of the layer's top directory: nspawn makes it as host root, which a
+        user-namespaced machine sees as ``nobody`` at its ``/``; systemd-tmpfiles then refuses every line of every
+        tmpfiles.d file at boot ("unsafe path transition"), and a package's runtime directories are never made,
+        where a host makes them."""
+        plan: list[dict[str, object]] = [{"writable_layer": WRITABLE_LAYER_OPTIONS, "owner": self.uid_base or 0}]
         if self._idmapped:
             assert self.uid_base is not None
             plan += [{"idmap": str(tree), "base": self.uid_base} for tree in self._layers or (rootfs,)]
         plan.append({"overlay": str(rootfs), "lower": [str(layer) for layer in self._layers or (rootfs,)],
-                     "upper": f"{point}/upper", "work": f"{point}/work"})
+                     "writable": True})
         return plan
-
-    def _writable_layer_mount_point(self) -> Path:
-        """An empty directory of the image cache where each machine's writable layer is mounted, in the machine's
-        own mount namespace (never on the host: there it stays empty)."""
-        path = self.image_cache.cache_dir / "machine-layer"
-        path.mkdir(mode=0o700, exist_ok=True)
-        return path
 
     def _start_bpf_delegate(self, channel: socket.socket) -> None:
         assert self._contained is not None
