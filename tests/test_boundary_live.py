@@ -150,5 +150,9 @@ def test_where_the_image_cannot_be_idmapped_a_shifted_copy_is_booted(harden_pool
         # /usr/bin/curl from the layer (each layer shifted), /etc/shadow from the base
         inside = machine.run("stat -c '%u %g' /etc/shadow; command -v curl || true")
         assert inside.stdout.split() == ["0", "42", *(["/usr/bin/curl"] if packages else [])], inside.describe()
+        # Its / is its root's, and the machine's generator (bound as it is, not idmapped: owned by nobody here,
+        # executable by all) ran: the machine's own address is on lo.
+        booted = machine.run("stat -c %u /; ip -4 -o address show dev lo")
+        assert booted.stdout.startswith("0\n") and "192.0.2.1/32" in booted.stdout, booted.describe()
     finally:
         pool.close()
