@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 from pathlib import Path
 
@@ -214,5 +215,23 @@ def test_the_machines_own_address_is_on_its_lo_either_way(machine: Machine, monk
         shown = booted.run(["ip", "-4", "-o", "address", "show", "dev", "lo"])
         assert f"inet {MACHINE_ADDRESS}/32" in shown.stdout, shown.describe()
         assert lines == [], lines  # nothing failed
+    finally:
+        booted.shutdown()
+
+
+def test_the_machines_root_is_a_hosts_whatever_the_callers_umask(machine: Machine) -> None:
+    # The writable layer's top directory is the machine's "/": made by the mount script, which inherits the test
+    # process's umask. Under 077 it came out 0700, and no service of a non-root user could reach any file.
+    if machine.NAME != "nspawn":
+        pytest.skip("the nspawn backend's boot")
+    booted = nspawn.NspawnMachine(machine.config, image_cache=machine.image_cache)
+    old = os.umask(0o077)
+    try:
+        booted.boot()
+    finally:
+        os.umask(old)
+    try:
+        seen = booted.run(["stat", "-c", "%a %u:%g", "/"])
+        assert seen.stdout == "755 0:0\n", seen.describe()
     finally:
         booted.shutdown()

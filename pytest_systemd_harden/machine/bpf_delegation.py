@@ -119,7 +119,7 @@ FILTER = _filter_program()
 # made and before the exec, in the same process: installs the filter, sends its listener to the test process over
 # the socket the script inherited (``step["channel"]``), and closes it. If the kernel refuses the filter it says why
 # and nspawn starts anyway: the machine runs as it would without delegation. (A Python process of its own before,
-# between the cgroup join and the mount script: an interpreter's start and ctypes' import, ~30 ms, at every boot.)
+# between the cgroup join and the mount script: an interpreter's start, ~10 ms of every boot measured.)
 LISTENER_STEP = r"""
 import ctypes, os, socket, struct
 libc = ctypes.CDLL(None, use_errno=True)

@@ -1127,7 +1127,7 @@ def _build_disk(rootfs: Path, folder: Path, progress: Progress) -> None:
         tree.write_text(f"{units}/{name}", text)
         tree.mkdir(f"{units}/{wanted_by}.wants")
         tree.symlink(f"{units}/{wanted_by}.wants/{name}", f"../{name}")
-    tree.mkdir(os.path.dirname(BOOT_GENERATOR_PATH))  # holds nothing unless the kernel command line asks
+    tree.mkdir(os.path.dirname(BOOT_GENERATOR_PATH))  # its address unit; it holds nothing unless asked to
     tree.write_text(BOOT_GENERATOR_PATH, BOOT_GENERATOR, mode=0o755)
     tree.mkdir("etc/tmpfiles.d")
     tree.write_text("etc/tmpfiles.d/harden-io.conf", f"d {OUTPUT_DIR} 0700 root root -\n")

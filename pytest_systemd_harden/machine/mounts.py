@@ -130,6 +130,7 @@ for step in plan:
         os.close(fs)
         os.mkdir(f"{layer}/upper", 0o755)
         os.chown(f"{layer}/upper", step["owner"], step["owner"])
+        os.chmod(f"{layer}/upper", 0o755)  # the machine's "/", whatever the caller's umask took
         os.mkdir(f"{layer}/work", 0o700)
     elif "overlay" in step:
         options = "lowerdir=" + ":".join(escaped(layer) for layer in step["lower"])

@@ -157,8 +157,11 @@ class NspawnMachine(Machine):
     def command_line(self, rootfs: Path) -> list[str]:
         idmap = ":idmap" if self.uid_base is not None and self.idmapped_files else ""
         binds = [f"--bind-ro={host}:{dest}{idmap}" for dest, host in self.config.files]
-        if self._boot_generator is not None:  # idmapped where the image is: the cache's filesystem can be
-            binds.append(f"--bind-ro={self._boot_generator}:{BOOT_GENERATOR_PATH}{':idmap' if self._idmapped else ''}")
+        if self._boot_generator is not None:
+            # Idmapped only where the image is (the cache's filesystem can be then); else owned by nobody inside,
+            # which is as good for a program its mode lets anyone run.
+            generator_idmap = ":idmap" if self._idmapped else ""
+            binds.append(f"--bind-ro={self._boot_generator}:{BOOT_GENERATOR_PATH}{generator_idmap}")
         users = [] if self.uid_base is None else [
             f"--private-users={self.uid_base}:{userns.RANGE}", "--private-users-ownership=off",
             # CAP_SYSLOG, which nspawn leaves out, so that ProtectKernelLogs= has a capability to drop from a
