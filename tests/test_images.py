@@ -876,3 +876,12 @@ def test_a_file_written_atomically_has_its_mode_before_it_is_there(tmp_path: Pat
     write_atomically(tmp_path / "boot-generator", "#!/bin/sh\n", mode=0o755)
     assert modes == [0o755]
     assert [p.name for p in tmp_path.iterdir()] == ["boot-generator"]
+
+
+def test_an_error_a_maintainer_script_prints_but_survives_is_shown_in_the_progress() -> None:
+    from pytest_systemd_harden.machine.images import script_error
+
+    said = "Error: could not create default cluster. Please create it manually with"  # postgresql-17's postinst
+    assert script_error(said) == f"  a maintainer script said: {said}"
+    assert script_error("Setting up libgpg-error0:amd64 (1.51-4) ...") is None
+    assert script_error("Unpacking libgpg-error0:amd64 (1.51-4) ...") is None

@@ -1263,6 +1263,16 @@ def _files_in_lists(tree: InTree) -> list[str]:
             if tree.is_file(f"{_LISTS}/{name}") and not tree.is_link(f"{_LISTS}/{name}")]
 
 
+def script_error(line: str) -> str | None:
+    """A progress line for an error a package's maintainer script printed but did not fail on (dpkg goes on, the
+    image lacks what the script would have made: postgresql's default cluster, whose port search the build sandbox
+    refuses, docs/backends.md), else None."""
+    said = line.strip()
+    if said.startswith(("Error:", "ERROR:", "error:")):
+        return f"  a maintainer script said: {said}"
+    return None
+
+
 def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Progress = lambda line: None, *,
                     debs: Iterable[str] = (), lists: Path | None = None) -> dict[str, str]:
     """Make ``layer`` what apt adds to the built ``base`` tree installing ``extra`` and the local ``debs``, from the
@@ -1323,7 +1333,7 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
             if " newly installed" in line and line not in shown:
                 shown.add(line)
                 return f"  apt-get: {line.strip()}"
-            return None
+            return script_error(line)
 
         returncode, tail = _run_contained(
             build_sandbox.sandboxed(chrooted(Path(build_sandbox.INSIDE) / build_sandbox.TREE,
