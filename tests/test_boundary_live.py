@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_systemd_harden.machine.backends.base import Machine
+from pytest_systemd_harden.probes.catalogue import MACHINE_ADDRESS
 from pytest_systemd_harden.spec.machine import MachineConfig
 from pytest_systemd_harden.unit.pool import MachinePool
 
@@ -153,6 +154,6 @@ def test_where_the_image_cannot_be_idmapped_a_shifted_copy_is_booted(harden_pool
         # Its / is its root's, and the machine's generator (bound as it is, not idmapped: owned by nobody here,
         # executable by all) ran: the machine's own address is on lo.
         booted = machine.run("stat -c %u /; ip -4 -o address show dev lo")
-        assert booted.stdout.startswith("0\n") and "192.0.2.1/32" in booted.stdout, booted.describe()
+        assert booted.stdout.startswith("0\n") and f"{MACHINE_ADDRESS}/32" in booted.stdout, booted.describe()
     finally:
         pool.close()

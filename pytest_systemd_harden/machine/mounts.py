@@ -2,9 +2,9 @@
 
 Three uses need mounts the host must never see: a build's work directory in memory with the image it builds on
 under it (machine/build_sandbox.py), a layered image's tree read by host root, and the tree a machine boots
-(backends/nspawn.py: the image idmapped to the machine's uids, its layers joined). One script (:data:`_MOUNT`),
-run as host root, enters a new mount namespace (a slave of the host's: the host's unmounts reach it, its mounts
-never reach the host), makes the mounts of its plan in order, and then either
+(backends/nspawn.py: the image idmapped to the machine's uids, its layers joined under its writable layer). One
+script (:data:`_MOUNT`), run as host root, enters a new mount namespace (a slave of the host's: the host's unmounts
+reach it, its mounts never reach the host), makes the mounts of its plan in order, and then either
 
 - execs a command there (:func:`then`): nspawn boots the tree, and the namespace goes with it; or
 - keeps the namespace for as long as its stdin is open (:func:`keep`), its working directory at the plan's
@@ -14,21 +14,23 @@ never reach the host), makes the mounts of its plan in order, and then either
 A plan is a list of steps (JSON, so the script needs nothing but the standard library):
 
 - ``{"tmpfs": TARGET, "options": "size=..."}``
-- ``{"writable_layer": "size=...", "owner": UID}``: a tmpfs mounted nowhere (``fsopen``/``fsmount``: no path of the
-  host is its mount point, so nothing is needed or left there), ``upper`` (owned by UID) and ``work`` made in it,
-  for the next overlay step marked ``"writable": true``: a machine's writable layer
+- ``{"machine_tree": TARGET, "lower": [TOP, ..., BOTTOM], "base": BASE or null, "options": "size=...",
+  "owner": UID}``: the tree a machine boots, on TARGET: each layer cloned read-only first (idmapped by BASE where
+  given; TARGET may be a layer itself), then a tmpfs (the machine's writable layer) mounted on TARGET with
+  ``upper`` (owned by UID, mode 0755: the machine's ``/``), ``work`` and the clones attached in it, and an overlay
+  of them all on TARGET, with the kernel's overlay defaults (a layer nobody reads later). Everything is reached
+  through TARGET: no other directory of the host or the cache is a mount point, and all goes with the namespace.
 - ``{"dir": PATH, "mode": 0o755, "owner": UID}``: a directory made (where the tmpfs was just mounted)
 - ``{"idmap": PATH, "base": BASE, "target": TARGET}``: a read-only idmapped mount of PATH on TARGET (without it:
   PATH replaced by it), every owner seen moved up by BASE (a user namespace made for the mapping, by a child that
   dies with the script)
 - ``{"overlay": TARGET, "lower": [TOP, ..., BOTTOM], "upper": PATH, "work": PATH}``: an overlayfs of the layers
   (without ``upper``: read-only); with idmapped layers from Linux 5.19 on.
-
 - ``{"python": CODE, ...}``: Python code run in the script's own process, with the step as ``step`` (last in a plan
   that ends in an exec: the work of a wrapper that would otherwise be a Python process of its own before it)
 
-``"inert": true`` on a mount makes it ``nosuid`` and ``nodev``: a build's and host root's view of a tree (a
-machine's tree boots as a host's would, its setuid programs working).
+``"inert": true`` on an idmap or overlay makes it ``nosuid`` and ``nodev`` (a tmpfs step's always is): a build's and
+host root's view of a tree (a machine's tree boots as a host's would, its setuid programs working).
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def userns(base):  # a user namespace mapping 0-65535 to base-..., held by a chi
 if mode == "keep":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the run's to handle (it ends the keeper)
 for step in plan:  # user namespaces first: a child forked after unshare(CLONE_NEWNS) would only waste a namespace
-    if "idmap" in step:
+    if "idmap" in step or step.get("machine_tree") and step["base"] is not None:
         userns(step["base"])
 check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
 check(libc.mount(b"none", b"/", None, 0x80000 | 0x4000, None), "making / a slave")  # MS_SLAVE | MS_REC
@@ -119,32 +121,39 @@ for step in plan:
         target = step.get("target", step["idmap"]).encode()
         check(libc.syscall(429, tree, b"", -100, target, 0x4), "move_mount")  # MOVE_MOUNT_F_EMPTY_PATH
         os.close(tree)
-    elif "writable_layer" in step:
-        fs = check(libc.syscall(430, b"tmpfs", 1), "fsopen tmpfs")  # FSOPEN_CLOEXEC
-        for option in step["writable_layer"].split(","):
-            key, _, value = option.partition("=")
-            check(libc.syscall(431, fs, 1, key.encode(), value.encode(), 0), f"the writable layer's {option}")
-        check(libc.syscall(431, fs, 6, None, None, 0), "making the writable layer")  # FSCONFIG_CMD_CREATE
-        # FSMOUNT_CLOEXEC, MOUNT_ATTR_STRICTATIME (as nspawn mounts a volatile root's tmpfs); open until the exec
-        layer = f"/proc/self/fd/{check(libc.syscall(432, fs, 1, 0x20), 'fsmount of the writable layer')}"
-        os.close(fs)
-        os.mkdir(f"{layer}/upper", 0o755)
-        os.chown(f"{layer}/upper", step["owner"], step["owner"])
-        os.chmod(f"{layer}/upper", 0o755)  # the machine's "/", whatever the caller's umask took
-        os.mkdir(f"{layer}/work", 0o700)
+    elif "machine_tree" in step:
+        target = step["machine_tree"]
+        clones = []
+        for lower in step["lower"]:  # before the tmpfs covers TARGET, which may be one of them
+            tree = check(libc.syscall(428, -100, lower.encode(), 1 | 0o2000000), f"open_tree {lower}")  # CLONE
+            if step["base"] is not None:  # MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY
+                attr = struct.pack("=QQQQ", 0x00100000 | 0x1, 0, 0, userns(step["base"]))
+                check(libc.syscall(442, tree, b"", 0x1000, attr, len(attr)), f"mount_setattr, idmapping {lower}")
+            clones.append(tree)
+        check(libc.mount(b"harden", target.encode(), b"tmpfs", 0x1000000, step["options"].encode()),  # STRICTATIME
+              f"mounting the machine's writable layer on {target}")
+        os.mkdir(f"{target}/upper", 0o755)
+        os.chown(f"{target}/upper", step["owner"], step["owner"])
+        os.chmod(f"{target}/upper", 0o755)  # the machine's "/", whatever the caller's umask took
+        os.mkdir(f"{target}/work", 0o700)
+        lowers = []
+        for index, tree in enumerate(clones):
+            lowers.append(f"{target}/layer{index}")
+            os.mkdir(lowers[-1], 0o700)
+            check(libc.syscall(429, tree, b"", -100, lowers[-1].encode(), 0x4), "move_mount")  # F_EMPTY_PATH
+            os.close(tree)
+        options = (f"lowerdir={':'.join(escaped(lower) for lower in lowers)},"
+                   f"upperdir={escaped(target + '/upper')},workdir={escaped(target + '/work')}")
+        check(libc.mount(b"harden", target.encode(), b"overlay", 0, options.encode()),
+              f"mounting the machine's tree on {target}")
     elif "overlay" in step:
         options = "lowerdir=" + ":".join(escaped(layer) for layer in step["lower"])
         flags = 0x2 | 0x4 if step.get("inert") else 0  # MS_NOSUID | MS_NODEV
-        if step.get("writable"):  # the kernel's defaults, as nspawn's volatile overlay: a layer nobody reads later
-            options = f"{options},upperdir={escaped(layer + '/upper')},workdir={escaped(layer + '/work')}"
-            flags |= 0x1000000  # MS_STRICTATIME
-        elif step.get("upper"):
+        if step.get("upper"):
             options += f",upperdir={escaped(step['upper'])},workdir={escaped(step['work'])}"
         else:
             flags |= 0x1  # MS_RDONLY
-        if not step.get("writable"):
-            options += ",OPTIONS"
-        check(libc.mount(b"harden", step["overlay"].encode(), b"overlay", flags, options.encode()),
+        check(libc.mount(b"harden", step["overlay"].encode(), b"overlay", flags, f"{options},OPTIONS".encode()),
               f"mounting the image's layers on {step['overlay']}")
     elif "python" in step:
         exec(step["python"], {"step": step})

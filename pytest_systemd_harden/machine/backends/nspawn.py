@@ -271,18 +271,14 @@ class NspawnMachine(Machine):
     def _mount_plan(self, rootfs: Path) -> list[dict[str, object]]:
         """The tree nspawn boots, made in a mount namespace that nspawn alone lives in (machine/mounts.py): the image
         (each of its layers) idmapped to the machine's uids, under a writable layer in memory that is the machine's
-        own (a tmpfs mounted nowhere), all joined by one overlay on ``rootfs``. What nspawn's ``--volatile=overlay``
+        own (a tmpfs), all joined by one overlay on ``rootfs``. What nspawn's ``--volatile=overlay``
         would do, but for the owner of the layer's top directory: nspawn makes it as host root, which a
         user-namespaced machine sees as ``nobody`` at its ``/``; systemd-tmpfiles then refuses every line of every
         tmpfiles.d file at boot ("unsafe path transition"), and a package's runtime directories are never made,
         where a host makes them."""
-        plan: list[dict[str, object]] = [{"writable_layer": WRITABLE_LAYER_OPTIONS, "owner": self.uid_base or 0}]
-        if self._idmapped:
-            assert self.uid_base is not None
-            plan += [{"idmap": str(tree), "base": self.uid_base} for tree in self._layers or (rootfs,)]
-        plan.append({"overlay": str(rootfs), "lower": [str(layer) for layer in self._layers or (rootfs,)],
-                     "writable": True})
-        return plan
+        lower = [str(layer) for layer in self._layers or (rootfs,)]
+        return [{"machine_tree": str(rootfs), "lower": lower, "base": self.uid_base if self._idmapped else None,
+                 "options": WRITABLE_LAYER_OPTIONS, "owner": self.uid_base or 0}]
 
     def _start_bpf_delegate(self, channel: socket.socket) -> None:
         assert self._contained is not None
