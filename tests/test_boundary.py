@@ -547,6 +547,37 @@ def test_a_build_reaches_its_mirror_and_the_internet_but_no_other_address_of_the
     assert lines[14:] == ["ok", str(errno.EACCES)], lines  # Landlock (Linux 6.12 here): no TCP port of the host
 
 
+
+def test_an_offline_build_step_binds_any_port_of_its_own_network_and_reaches_nothing(tmp_path: Path) -> None:
+    # Where maintainer scripts run once apt has downloaded (images.install_on_base): a network namespace of the
+    # build's own, only lo. postgresql's postinst binds ports to find a free one for its first cluster: here that
+    # is no host port, so it may (the online sandbox refuses all but port 0); nothing answers anywhere.
+    from pytest_systemd_harden.machine import build_sandbox
+
+    build = tmp_path / "build"
+    build.mkdir()
+    base = build_sandbox.build_base(build.name)
+    build_sandbox.prepare(build, base)
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()  # a host service on loopback: not in the build's network
+    port = listening.getsockname()[1]
+    tries = ["bind", "0.0.0.0", "5432", "bind", "127.0.0.1", "8089", "tcp", "127.0.0.1", str(port),
+             "tcp", "198.51.100.1", "80", "udp", "169.254.169.254", "53"]
+    probe = _REACH + "print(sorted(name for _index, name in socket.if_nameindex()))\n"  # this network's
+    try:
+        ran = run_as_a_build(build_sandbox.sandboxed(["/usr/bin/python3", "-I", "-c", probe, *tries], build, base,
+                                                     offline=True), build.name)
+    finally:
+        listening.close()
+        build_sandbox.finish(build, "tree")
+    lines = (ran.stdout + ran.stderr).splitlines()
+    assert lines[:2] == ["ok", "ok"], lines
+    # The host's loopback service and the metadata address: refused by the build's cgroup programs still (EPERM);
+    # the internet: no route from here.
+    assert lines[2:] == [str(errno.EPERM), str(errno.ENETUNREACH), str(errno.EPERM), "['lo']"], lines
+
+
 # Makes each socket of its arguments (family, type, protocol), then calls io_uring_setup: "ok", or the error's number.
 _SOCKETS = ("import ctypes, socket, sys\n"
             "for family, kind, protocol in zip(*[iter(map(int, sys.argv[1:]))] * 3):\n"

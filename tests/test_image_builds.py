@@ -230,6 +230,30 @@ def test_a_local_deb_is_installed_and_a_new_build_gives_a_new_image(tmp_path: Pa
     assert bumped.systemd_version and bumped.systemd_version.startswith("252")
 
 
+
+def test_a_maintainer_script_binds_a_port_as_on_a_host_once_apt_has_downloaded(tmp_path: Path) -> None:
+    # postgresql's postinst binds ports to find a free one for its first cluster. The build's online sandbox lets it
+    # bind none but an ephemeral port (it shares the host's network: no build takes a host port), so the cluster was
+    # never made where a host makes it; dpkg runs offline now, in a network of the build's own.
+    from pytest_systemd_harden.machine.images import ImageCache, default_cache_dir
+    from pytest_systemd_harden.spec.releases import DEFAULT_RELEASE
+
+    _needs_root_and_builder()
+    real = ImageCache(default_cache_dir())
+    base = real.get((), release=DEFAULT_RELEASE).rootfs.parent  # built, or built now
+    cache = ImageCache(tmp_path / "cache")  # a package set built here, every time, on the real cache's base
+    (cache.cache_dir / "archive").mkdir(parents=True)
+    for record in (real.cache_dir / "archive").glob("*.json"):
+        shutil.copy(record, cache.cache_dir / "archive" / record.name)
+    (cache.cache_dir / "images").mkdir()
+    (cache.cache_dir / "images" / base.name).symlink_to(base)
+    bind = "import socket; s = socket.socket(); s.bind(('0.0.0.0', 5432)); print(s.getsockname()[1])"
+    deb = build_deb(tmp_path, "5.0", depends="python3", postinst=f'python3 -c "{bind}" > /harden-bound 2>&1')
+    image = cache.get([], release=DEFAULT_RELEASE, debs=[str(deb)])
+    assert image.layers, "built on the base"
+    assert image.tree().read_text("harden-bound") == "5432\n"
+
+
 # Run by a maintainer script: a second chroot out of the tree (root of a user namespace may chroot), then a write to
 # each canary, by the host's path, and the names of those written printed.
 ESCAPE = """

@@ -23,7 +23,9 @@ build step that runs them (:func:`sandboxed`) runs
   host user who started it) and an environment of its own (not the caller's tokens);
 - scoped by Landlock (Linux 6.12): no abstract socket or signal outside itself, so two builds at once cannot pass
   each other a descriptor into their trees (on older kernels builds take turns instead), and TCP connections to the
-  HTTP(S), mirror and proxy ports only;
+  HTTP(S), mirror and proxy ports only, binding an ephemeral port only; or ``offline`` (where maintainer scripts
+  run once apt has downloaded everything): in a network namespace of its own with only ``lo``, which leaves the
+  TCP rules nothing to guard;
 - writing only a work directory (:func:`prepare`) in the build directory, never the build directory itself: what
   host root later writes there (a manifest, a lock) or renames into the cache is out of the build's reach, and the
   tree it made is taken out of the work directory only if it is a directory (:func:`finish`), never a link;
@@ -101,7 +103,7 @@ _SYSTEM = {b"usr", b"etc", b"bin", b"sbin", b"lib", b"lib32", b"lib64", b"libx32
 # alone may write a map to another uid), becomes that root and execs the command in a mount namespace it owns, with
 # the environment it was given and nothing of the caller's.
 _SANDBOX = r"""
-import ctypes, fcntl, json, os, select, signal, struct, sys
+import ctypes, fcntl, json, os, select, signal, socket, struct, sys
 build, base, argv = sys.argv[1].encode(), int(sys.argv[2]), sys.argv[5:]
 given = json.loads(sys.argv[3])
 visible, ports = [os.fsencode(path.rstrip("/")) for path in given["visible"]], given["ports"]
@@ -208,16 +210,24 @@ if child == 0:
     # anonymous one). ENOSYS: a kernel without keyrings has none to share.
     if libc.syscall(250, 1, None) < 0 and ctypes.get_errno() != 38:
         check(-1, "a session keyring of its own")
+    if given["offline"]:
+        # A network of its own, owned by the build's user namespace: only lo, up. A port a script binds (to find a
+        # free one, as postgresql's does) is then no host port, and nothing is there to connect to.
+        check(libc.unshare(0x40000000), "unshare(CLONE_NEWNET)")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as interface:
+            fcntl.ioctl(interface, 0x8914, struct.pack("16sH22x", b"lo", 0x1))  # SIOCSIFFLAGS, IFF_UP
     if scoped:
         # handled_access_fs, handled_access_net (LANDLOCK_ACCESS_NET_BIND_TCP | CONNECT_TCP), scoped (ABSTRACT_UNIX_SOCKET
         # | SIGNAL); then a rule per TCP port it may connect to (LANDLOCK_RULE_NET_PORT): the mirrors' and a proxy's;
         # and binding only port 0 (an ephemeral port): no server of the build takes a host port, nor answers on one.
-        rules = struct.pack("=QQQ", 0, 0x1 | 0x2, 0x1 | 0x2)
+        # Offline, the network is the build's own: scopes only.
+        rules = struct.pack("=QQQ", 0, 0 if given["offline"] else 0x1 | 0x2, 0x1 | 0x2)
         ruleset = check(libc.syscall(444, rules, len(rules), 0), "landlock_create_ruleset")
-        for port in ports:
+        for port in () if given["offline"] else ports:
             rule = struct.pack("=QQ", 0x2, port)
             check(libc.syscall(445, ruleset, 2, rule, 0), "landlock_add_rule")
-        check(libc.syscall(445, ruleset, 2, struct.pack("=QQ", 0x1, 0), 0), "landlock_add_rule")
+        if not given["offline"]:
+            check(libc.syscall(445, ruleset, 2, struct.pack("=QQ", 0x1, 0), 0), "landlock_add_rule")
         check(libc.syscall(446, ruleset, 0), "landlock_restrict_self")
         os.close(ruleset)
     if given["seccomp"]:  # the sockets it may make (build_network.socket_filter): no SCTP, ping, vsock, io_uring
@@ -265,14 +275,17 @@ def build_base(name: str) -> int:
     return _FIRST_BASE + (zlib.crc32(name.encode()) % _BASES) * RANGE
 
 
-def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[str] = ()) -> list[str]:
+def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[str] = (), *,
+              offline: bool = False) -> list[str]:
     """``command`` run as described above, with the work directory of ``build`` (made by :func:`prepare`) writable
     at :data:`INSIDE` and its working directory there, and the environment :func:`environment` gives the wrapper
     (without it: a plain ``PATH`` and nothing else). ``sources`` are the apt source lines the build downloads from:
     a ``file://`` one's directory is seen (read-only) where the view would hide it, TCP connections go only to DNS,
     HTTP, HTTPS, their ports and a proxy's (a host service on any other port, a database or a local admin API,
-    does not answer the build), and only to the internet's addresses and theirs (build_network.py). Paths in
-    ``command`` must be the build's view of them."""
+    does not answer the build), and only to the internet's addresses and theirs (build_network.py). ``offline``:
+    in a network namespace of its own with only ``lo`` instead (binding any port, which then is no host port;
+    connecting nowhere else): where the packages' maintainer scripts run once apt has downloaded everything. Paths
+    in ``command`` must be the build's view of them."""
     urls = [word for line in sources for word in line.split() if "://" in word]
     proxies = [os.environ.get(name, "") for name in _PASSED_ON if not name.lower().startswith("no_")]
     ports = {53, 80, 443}  # 53: a name server's answer too long for UDP comes over TCP
@@ -285,7 +298,7 @@ def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[
         build_network.allowed_endpoints([*urls, *proxies]), build_network.host_networks())]
     given = {"visible": [url.removeprefix("file://") for url in urls if url.startswith("file://")],
              "ports": sorted(ports), "keeper": keeper.pid if keeper else None, "network": network,
-             "seccomp": build_network.socket_filter(platform.machine()).hex()}
+             "seccomp": build_network.socket_filter(platform.machine()).hex(), "offline": offline}
     return [sys.executable, "-I", "-c", _SANDBOX, str(build), str(base), json.dumps(given), "--", *command]
 
 

@@ -1223,21 +1223,29 @@ def chrooted(tree: Path, command: Sequence[str]) -> list[str]:
 _LISTS = "var/lib/apt/lists"
 APT_LISTS = "apt-lists"  # in a base image's directory: the package lists its build downloaded
 _SAYS = "harden: "  # a line of the script below for the build's progress
-# apt on a base: from the package lists the base's build downloaded where they were kept ($1 = kept), the archive as
-# that build found it (as old as the base, which the image's key bounds), without its indexes downloaded again;
-# apt-get update first where they are not, or where the archive has moved on since (a .deb gone from the mirror, a
-# dependency only a newer index has): the download-only pass fails before dpkg has run anything.
-_APT_ON_BASE = f"""
+# apt on a base, in two passes. First, online, apt downloads what the install needs: from the package lists the base's
+# build downloaded where they were kept ($1 = kept), the archive as that build found it (as old as the base, which
+# the image's key bounds), without its indexes downloaded again; apt-get update first where they are not, or where
+# the archive has moved on since (a .deb gone from the mirror, a dependency only a newer index has).
+_APT_DOWNLOAD = f"""
 lists=$1; shift
 if [ "$lists" != kept ]; then
     echo "{_SAYS}apt-get update first (the base image kept no package lists)"
     apt-get -q update
 elif apt-get -q install -y --no-install-recommends --download-only "$@"; then
     echo "{_SAYS}from the package lists of the base image's build"
+    exit 0
 else
     echo "{_SAYS}the base image's package lists are out of date for this: apt-get update first"
     apt-get -q update
 fi
+apt-get -q install -y --no-install-recommends --download-only "$@"
+"""
+# Then, offline (build_sandbox.sandboxed: a network of the build's own, only lo), dpkg installs them and the
+# maintainer scripts run: a port one binds is no host port (postgresql's finds one for its first cluster, which the
+# online sandbox refused), and they reach no network, where nothing of the build's needs one any more (apt finds
+# every .deb downloaded; not --no-download, which apt refuses beside a local .deb: "Pathname ... is not absolute").
+_APT_INSTALL = """
 apt-get -q install -y --no-install-recommends "$@"
 apt-get -q clean
 """
@@ -1289,7 +1297,7 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
     installs from the package lists the base's build downloaded where they were kept beside it (:data:`APT_LISTS`;
     ``lists`` names another directory of them), so the packages are those the archive had when the base was
     built; it runs apt-get update first only where there are none, or where they are out of date for these
-    packages (:data:`_APT_ON_BASE`).
+    packages (:data:`_APT_DOWNLOAD`), and installs them offline (:data:`_APT_INSTALL`).
     """
     resolv, policy, local = "etc/resolv.conf", "usr/sbin/policy-rc.d", "var/cache/harden-debs"
     kept_lists = sorted(path for path in (lists or base.parent / APT_LISTS).glob("*")
@@ -1335,12 +1343,18 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
                 return f"  apt-get: {line.strip()}"
             return script_error(line)
 
+        in_tree = Path(build_sandbox.INSIDE) / build_sandbox.TREE
+        environment = build_sandbox.environment({"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"})
         returncode, tail = _run_contained(
-            build_sandbox.sandboxed(chrooted(Path(build_sandbox.INSIDE) / build_sandbox.TREE,
-                                             ["/bin/sh", "-ec", _APT_ON_BASE, "sh", "kept" if indexes else "none",
-                                              *extra, *inside]), build, uid_base, sources),
-            build.name, progress, show,
-            build_sandbox.environment({"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}))
+            build_sandbox.sandboxed(chrooted(in_tree, ["/bin/sh", "-ec", _APT_DOWNLOAD, "sh",
+                                                       "kept" if indexes else "none", *extra, *inside]),
+                                    build, uid_base, sources),
+            build.name, progress, show, environment)
+        if returncode == 0:
+            returncode, tail = _run_contained(
+                build_sandbox.sandboxed(chrooted(in_tree, ["/bin/sh", "-ec", _APT_INSTALL, "sh", *extra, *inside]),
+                                        build, uid_base, sources, offline=True),
+                build.name, progress, show, environment)
         if returncode == 0:  # the build is over (nothing of it runs): what it was lent is taken back
             tree.unlink(policy)
             tree.unlink(resolv)
