@@ -247,11 +247,13 @@ def test_a_maintainer_script_binds_a_port_as_on_a_host_once_apt_has_downloaded(t
         shutil.copy(record, cache.cache_dir / "archive" / record.name)
     (cache.cache_dir / "images").mkdir()
     (cache.cache_dir / "images" / base.name).symlink_to(base)
-    bind = "import socket; s = socket.socket(); s.bind(('0.0.0.0', 5432)); print(s.getsockname()[1])"
+    # The port, then what a connection to the internet gets there: no route (online it would be let through).
+    bind = ("import errno, socket; s = socket.socket(); s.bind(('0.0.0.0', 5432)); print(s.getsockname()[1]); "
+            "c = socket.socket(); c.settimeout(1); print(errno.errorcode.get(c.connect_ex(('198.51.100.1', 80))))")
     deb = build_deb(tmp_path, "5.0", depends="python3", postinst=f'python3 -c "{bind}" > /harden-bound 2>&1')
     image = cache.get([], release=DEFAULT_RELEASE, debs=[str(deb)])
     assert image.layers, "built on the base"
-    assert image.tree().read_text("harden-bound") == "5432\n"
+    assert image.tree().read_text("harden-bound") == "5432\nENETUNREACH\n"
 
 
 # Run by a maintainer script: a second chroot out of the tree (root of a user namespace may chroot), then a write to

@@ -37,8 +37,8 @@ build step that runs them (:func:`sandboxed`) runs
   (:func:`finish`). A build on a built tree (a package set on its base) writes on an overlay of it mounted there
   too, and only the overlay's upper layer is taken.
 
-It keeps the host's network (apt downloads the packages), but only the internet's addresses and those of its
-mirrors, proxies and name servers: BPF programs on its cgroup refuse the host's loopback, private and link-local
+It keeps the host's network (apt downloads the packages; an ``offline`` step has a network of its own instead), but
+only the internet's addresses and those of its mirrors, proxies and name servers: BPF programs on its cgroup refuse the host's loopback, private and link-local
 networks (a cloud's metadata service) to its TCP connections and UDP sends (machine/build_network.py). (It can
 still open the named sockets it can see, as any unprivileged host user; what answers sees a uid of no account.)
 
@@ -213,9 +213,12 @@ if child == 0:
     if given["offline"]:
         # A network of its own, owned by the build's user namespace: only lo, up. A port a script binds (to find a
         # free one, as postgresql's does) is then no host port, and nothing is there to connect to.
-        check(libc.unshare(0x40000000), "unshare(CLONE_NEWNET)")
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as interface:
-            fcntl.ioctl(interface, 0x8914, struct.pack("16sH22x", b"lo", 0x1))  # SIOCSIFFLAGS, IFF_UP
+        check(libc.unshare(0x40000000), "a network of its own: unshare(CLONE_NEWNET)")
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as interface:
+                fcntl.ioctl(interface, 0x8914, struct.pack("16sH22x", b"lo", 0x1))  # SIOCSIFFLAGS, IFF_UP
+        except OSError as error:
+            refuse(f"a network of its own: bringing lo up: {error}")
     if scoped:
         # handled_access_fs, handled_access_net (LANDLOCK_ACCESS_NET_BIND_TCP | CONNECT_TCP), scoped (ABSTRACT_UNIX_SOCKET
         # | SIGNAL); then a rule per TCP port it may connect to (LANDLOCK_RULE_NET_PORT): the mirrors' and a proxy's;
@@ -294,7 +297,8 @@ def sandboxed(command: Sequence[str], build: Path, base: int, sources: Sequence[
             ports.add(urllib.parse.urlsplit(url).port or 80)
     with _KEEPERS_LOCK:
         keeper, _in_memory, _held = _KEEPERS.get(str(build), (None, False, None))
-    network = [(code.hex(), types) for code, types in build_network.programs(
+    # Offline, the build's network is its own: no host address to guard, and its own loopback is its to reach.
+    network = [] if offline else [(code.hex(), types) for code, types in build_network.programs(
         build_network.allowed_endpoints([*urls, *proxies]), build_network.host_networks())]
     given = {"visible": [url.removeprefix("file://") for url in urls if url.startswith("file://")],
              "ports": sorted(ports), "keeper": keeper.pid if keeper else None, "network": network,

@@ -44,7 +44,7 @@ from .cgroups import Contained, output_lines
 from .staging import clean_leftovers, remove_tree, staging_dir, write_atomically
 
 # Bump when the recipe below changes, so old caches are not reused for a different image.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "libnss-systemd", "python3", "iproute2", "procps",
                  "strace")  # strace: tighten observes what the scenarios use in one traced run
 # Units a test machine has no use for: they slow the boot or wake up during a run.
@@ -1272,9 +1272,8 @@ def _files_in_lists(tree: InTree) -> list[str]:
 
 
 def script_error(line: str) -> str | None:
-    """A progress line for an error a package's maintainer script printed but did not fail on (dpkg goes on, the
-    image lacks what the script would have made: postgresql's default cluster, whose port search the build sandbox
-    refuses, docs/backends.md), else None."""
+    """A progress line for an error a package's maintainer script printed but did not fail on (dpkg goes on, and the
+    image lacks what the script would have made; docs/backends.md), else None."""
     said = line.strip()
     if said.startswith(("Error:", "ERROR:", "error:")):
         return f"  a maintainer script said: {said}"
@@ -1350,7 +1349,8 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
                                                        "kept" if indexes else "none", *extra, *inside]),
                                     build, uid_base, sources),
             build.name, progress, show, environment)
-        if returncode == 0:
+        offline = returncode == 0
+        if offline:
             returncode, tail = _run_contained(
                 build_sandbox.sandboxed(chrooted(in_tree, ["/bin/sh", "-ec", _APT_INSTALL, "sh", *extra, *inside]),
                                         build, uid_base, sources, offline=True),
@@ -1376,8 +1376,8 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
         # Only a build that ended well is taken out: after an error or an interruption, some of it may still run.
         made = build_sandbox.finish(build, build_sandbox.UPPER, keep=returncode == 0, into=layer.name)
     refused = build_sandbox.refusal(returncode, tail)
-    if refused:
-        raise AptRefused(refused)  # a full build would meet the same refusal
+    if refused:  # a full build would meet the same refusal, but for the offline pass's own network
+        raise ImageBuildError(refused) if offline else AptRefused(refused)
     if returncode != 0:
         verdict = apt_verdict(tail)
         failed = f"apt-get install {' '.join(extra)} on the base image {base} failed (exit status " \
