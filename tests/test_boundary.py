@@ -486,6 +486,20 @@ def test_nothing_of_a_build_outlives_its_wrapper(tmp_path: Path, stop: signal.Si
         step.stop()
 
 
+def _a_build_and_a_listener(tmp_path: Path) -> tuple[Path, int, socket.socket, int]:
+    """A prepared build directory and its uid base, and a TCP listener on the host's loopback with its port."""
+    from pytest_systemd_harden.machine import build_sandbox
+
+    build = tmp_path / "build"
+    build.mkdir()
+    base = build_sandbox.build_base(build.name)
+    build_sandbox.prepare(build, base)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return build, base, listener, listener.getsockname()[1]
+
+
 # Tries each "tcp|udp HOST PORT" of its arguments: "ok", or the error's number.
 _REACH = ("import socket, sys\n"
           "for kind, host, port in zip(*[iter(sys.argv[1:])] * 3):\n"
@@ -512,14 +526,7 @@ def test_a_build_reaches_its_mirror_and_the_internet_but_no_other_address_of_the
     # on the host's loopback (a caching proxy) is the build's to reach, and so is the internet.
     from pytest_systemd_harden.machine import build_sandbox
 
-    build = tmp_path / "build"
-    build.mkdir()
-    base = build_sandbox.build_base(build.name)
-    build_sandbox.prepare(build, base)
-    mirror = socket.socket()
-    mirror.bind(("127.0.0.1", 0))
-    mirror.listen()
-    port = mirror.getsockname()[1]
+    build, base, mirror, port = _a_build_and_a_listener(tmp_path)
     from pytest_systemd_harden.machine.build_network import host_networks
 
     own = next(str(n.network_address) for n in host_networks() if n.version == 4 and n.prefixlen == 32
@@ -554,14 +561,7 @@ def test_an_offline_build_step_binds_any_port_of_its_own_network_and_reaches_not
     # is no host port, so it may (the online sandbox refuses all but port 0); nothing answers anywhere.
     from pytest_systemd_harden.machine import build_sandbox
 
-    build = tmp_path / "build"
-    build.mkdir()
-    base = build_sandbox.build_base(build.name)
-    build_sandbox.prepare(build, base)
-    listening = socket.socket()
-    listening.bind(("127.0.0.1", 0))
-    listening.listen()  # a host service on loopback: not in the build's network
-    port = listening.getsockname()[1]
+    build, base, listening, port = _a_build_and_a_listener(tmp_path)  # a host service: not in the build's network
     tries = ["bind", "0.0.0.0", "5432", "bind", "127.0.0.1", "8089", "tcp", "127.0.0.1", str(port),
              "tcp", "198.51.100.1", "80", "udp", "169.254.169.254", "53"]
     probe = _REACH + "print(' '.join(name for _index, name in socket.if_nameindex()))\n"  # this network's
