@@ -38,9 +38,10 @@ build step that runs them (:func:`sandboxed`) runs
   too, and only the overlay's upper layer is taken.
 
 It keeps the host's network (apt downloads the packages; an ``offline`` step has a network of its own instead), but
-only the internet's addresses and those of its mirrors, proxies and name servers: BPF programs on its cgroup refuse the host's loopback, private and link-local
-networks (a cloud's metadata service) to its TCP connections and UDP sends (machine/build_network.py). (It can
-still open the named sockets it can see, as any unprivileged host user; what answers sees a uid of no account.)
+only the internet's addresses and those of its mirrors, proxies and name servers: BPF programs on its cgroup refuse
+the host's loopback, private and link-local networks (a cloud's metadata service) to its TCP connections and UDP
+sends (machine/build_network.py). (It can still open the named sockets it can see, as any unprivileged host user;
+what answers sees a uid of no account.)
 
 Needs Linux 5.12 (``mount_setattr``, for the read-only copy).
 """
@@ -224,12 +225,13 @@ if child == 0:
         # | SIGNAL); then a rule per TCP port it may connect to (LANDLOCK_RULE_NET_PORT): the mirrors' and a proxy's;
         # and binding only port 0 (an ephemeral port): no server of the build takes a host port, nor answers on one.
         # Offline, the network is the build's own: scopes only.
-        rules = struct.pack("=QQQ", 0, 0 if given["offline"] else 0x1 | 0x2, 0x1 | 0x2)
+        network = 0 if given["offline"] else 0x1 | 0x2
+        rules = struct.pack("=QQQ", 0, network, 0x1 | 0x2)
         ruleset = check(libc.syscall(444, rules, len(rules), 0), "landlock_create_ruleset")
-        for port in () if given["offline"] else ports:
-            rule = struct.pack("=QQ", 0x2, port)
-            check(libc.syscall(445, ruleset, 2, rule, 0), "landlock_add_rule")
-        if not given["offline"]:
+        if network:
+            for port in ports:
+                rule = struct.pack("=QQ", 0x2, port)
+                check(libc.syscall(445, ruleset, 2, rule, 0), "landlock_add_rule")
             check(libc.syscall(445, ruleset, 2, struct.pack("=QQ", 0x1, 0), 0), "landlock_add_rule")
         check(libc.syscall(446, ruleset, 0), "landlock_restrict_self")
         os.close(ruleset)

@@ -1342,19 +1342,18 @@ def install_on_base(base: Path, layer: Path, extra: Iterable[str], progress: Pro
                 return f"  apt-get: {line.strip()}"
             return script_error(line)
 
-        in_tree = Path(build_sandbox.INSIDE) / build_sandbox.TREE
-        environment = build_sandbox.environment({"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"})
-        returncode, tail = _run_contained(
-            build_sandbox.sandboxed(chrooted(in_tree, ["/bin/sh", "-ec", _APT_DOWNLOAD, "sh",
-                                                       "kept" if indexes else "none", *extra, *inside]),
-                                    build, uid_base, sources),
-            build.name, progress, show, environment)
+        def apt(script: str, *args: str, offline: bool = False) -> tuple[int, list[str]]:
+            return _run_contained(
+                build_sandbox.sandboxed(chrooted(Path(build_sandbox.INSIDE) / build_sandbox.TREE,
+                                                 ["/bin/sh", "-ec", script, "sh", *args]),
+                                        build, uid_base, sources, offline=offline),
+                build.name, progress, show,
+                build_sandbox.environment({"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}))
+
+        returncode, tail = apt(_APT_DOWNLOAD, "kept" if indexes else "none", *extra, *inside)
         offline = returncode == 0
         if offline:
-            returncode, tail = _run_contained(
-                build_sandbox.sandboxed(chrooted(in_tree, ["/bin/sh", "-ec", _APT_INSTALL, "sh", *extra, *inside]),
-                                        build, uid_base, sources, offline=True),
-                build.name, progress, show, environment)
+            returncode, tail = apt(_APT_INSTALL, *extra, *inside, offline=True)
         if returncode == 0:  # the build is over (nothing of it runs): what it was lent is taken back
             tree.unlink(policy)
             tree.unlink(resolv)
