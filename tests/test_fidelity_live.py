@@ -197,16 +197,15 @@ def test_the_machines_own_address_is_on_its_lo_either_way(machine: Machine, monk
     # command once booted. Either way IPAddressDeny= has a non-loopback address of the machine's own to deny.
     if machine.NAME != "nspawn":
         pytest.skip("the nspawn backend's boot")
-    from pytest_systemd_harden.machine.backends.nspawn import NspawnMachine
     from pytest_systemd_harden.machine.images import ADDRESS_UNIT
     from pytest_systemd_harden.machine.systemd import UNIT_IFACE
     from pytest_systemd_harden.probes.catalogue import MACHINE_ADDRESS
 
     if not generator:
-        monkeypatch.setattr(NspawnMachine, "_boot_generator_file",
+        monkeypatch.setattr(nspawn.NspawnMachine, "_boot_generator_file",
                             lambda self: (_ for _ in ()).throw(PermissionError(30, "Read-only file system")))
     lines: list[str] = []
-    booted = NspawnMachine(machine.config, image_cache=machine.image_cache)
+    booted = nspawn.NspawnMachine(machine.config, image_cache=machine.image_cache)
     try:
         booted.boot(lines.append)
         assert booted.address_at_boot == generator
