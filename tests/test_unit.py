@@ -111,6 +111,40 @@ def test_a_unit_file_runs_with_its_dropin_and_leaves_nothing_behind(machine: Mac
     assert service.client("ls -a /etc/systemd/system /var/lib /var/lib/private 2>&1").stdout == before
 
 
+def test_a_restart_reloads_systemd_once_and_a_stop_leaves_the_reload_to_the_next_call(
+        machine: Machine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = load_spec(spec_with(tmp_path, "{unit_file: echo@.service, instance: '8083', ready: {tcp: 8083}}"))
+    service = HardenedService(machine, spec)
+    reloads: list[str] = []
+    send = machine.systemd._call_on
+
+    async def counting(bus, destination, path, interface, member, *rest):  # type: ignore[no-untyped-def]
+        if member == "Reload":
+            reloads.append(member)
+        return await send(bus, destination, path, interface, member, *rest)
+
+    monkeypatch.setattr(machine.systemd, "_call_on", counting)
+    service.start()
+    try:
+        assert len(reloads) == 1  # the drop-in and the unit file written, then read
+        service.stop()  # both removed: systemd must read that, but only before anything looks at a unit
+        assert len(reloads) == 1
+        service.start()  # one reload for the stop's removal and this start's files together
+        assert len(reloads) == 2
+        assert machine.systemd.unit_properties("echo@8083.service")["DropInPaths"] == \
+            ["/etc/systemd/system/echo@.service.d/harden.conf"]
+    finally:
+        service.stop()
+    assert len(reloads) == 2
+    # The next call reads the removal first, once, however many calls go out at once.
+    state = machine.systemd.some_properties("echo@8083.service", [("org.freedesktop.systemd1.Unit", "LoadState"),
+                                                                  ("org.freedesktop.systemd1.Unit", "ActiveState")])
+    assert len(reloads) == 3
+    assert state == {"LoadState": "not-found", "ActiveState": "inactive"}
+    assert not machine.systemd.unit_properties("echo@8083.service").get("DropInPaths")
+    assert len(reloads) == 3
+
+
 def test_a_unit_file_systemd_rejects_is_one_line_naming_its_line(machine: Machine, tmp_path: Path) -> None:
     broken = UNIT.replace("PrivateTmp=yes", "PrivateTmp yes")
     spec = load_spec(spec_with(tmp_path, "{unit_file: echo@.service, instance: '8082'}", broken))

@@ -16,12 +16,14 @@ event loop the user's tests run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -154,10 +156,17 @@ class SystemdClient:
         # coroutine that started the job resumes, so results are recorded, not only awaited.
         self._job_results: dict[str, str] = {}
         self._job_changed = asyncio.Event()
+        # A daemon-reload owed since unit files changed (reload_before_next_call); the one under way, which every
+        # call sent meanwhile waits for; the threads whose calls do not wait for one (owed_reload_held).
+        self._reload_owed = False
+        self._reloading: asyncio.Future[list[Any]] | None = None
+        self._holding: set[int] = set()
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if threading.get_ident() in self._holding:
+            coro = _reload_held(coro)
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout if timeout is not None else self.call_timeout)
@@ -221,7 +230,23 @@ class SystemdClient:
         if not self._bus.connected:
             raise MachineError(f"the connection to systemd at {self.address} is closed (the machine stopped, or the "
                                "bus dropped it)")
+        if not _RELOAD_HELD.get():
+            await self._owed_reload()
         return await self._call_on(self._bus, SYSTEMD, path, interface, member, signature, body, unix_fds)
+
+    async def _owed_reload(self) -> None:
+        if self._reload_owed and self._bus is not None:
+            self._reload_owed = False
+            self._reloading = asyncio.ensure_future(
+                self._call_on(self._bus, SYSTEMD, MANAGER_PATH, MANAGER_IFACE, "Reload", "", []))
+        reloading = self._reloading
+        if reloading is None:
+            return
+        try:
+            await asyncio.shield(reloading)  # a caller that gives up (its timeout) leaves it to the others
+        finally:
+            if reloading.done() and self._reloading is reloading:
+                self._reloading = None
 
     # -- queries ------------------------------------------------------------------------------------------
 
@@ -314,8 +339,33 @@ class SystemdClient:
         return await self._wait_job(job, timeout)
 
     def reload(self) -> None:
-        """``systemctl daemon-reload``: systemd reads unit files and drop-ins again (the call returns when done)."""
+        """``systemctl daemon-reload``: systemd reads unit files and drop-ins again (the call returns when done).
+        A reload owed (:meth:`reload_before_next_call`) is this one: one reload, not two."""
+        self._reload_owed = False
         self._run(self._call(MANAGER_PATH, MANAGER_IFACE, "Reload", "", []), 120)
+
+    def reload_before_next_call(self) -> None:
+        """Unit files changed, and systemd must read them before anything looks at a unit again, but not sooner:
+        the reload is made before the next call (any not made under :meth:`owed_reload_held`), once however many
+        were owed. A retire that removed the test's drop-ins then costs no reload of its own when the next start
+        writes its drop-ins and reloads anyway (a reload is ~120 ms: the generators run again). Only for a systemd
+        that ends with its machine: a reload still owed at the end is never made."""
+        self._reload_owed = True
+
+    @contextlib.contextmanager
+    def owed_reload_held(self) -> Iterator[None]:
+        """Calls this thread makes in the block do not wait for an owed reload (:meth:`reload_before_next_call`):
+        only for what reads no changed unit file (a file written for the next reload; a retire, which acts on a unit
+        as it was started)."""
+        thread = threading.get_ident()
+        if thread in self._holding:
+            yield
+            return
+        self._holding.add(thread)
+        try:
+            yield
+        finally:
+            self._holding.discard(thread)
 
     def stop_unit(self, unit: str, *, grace: float = SERVICE_STOP_GRACE) -> str:
         """Stop ``unit`` and wait for it: its stop job (SIGTERM), then SIGKILL to every process it still has after
@@ -522,6 +572,15 @@ class SystemdClient:
             await self._call(MANAGER_PATH, MANAGER_IFACE, "UnrefUnit", "s", [unit])
         except DBusError:
             pass  # already collected
+
+
+# Set in the task of a call made under SystemdClient.owed_reload_held (and so in every task it gathers).
+_RELOAD_HELD: contextvars.ContextVar[bool] = contextvars.ContextVar("reload_held", default=False)
+
+
+async def _reload_held(coro: Coroutine[Any, Any, T]) -> T:
+    _RELOAD_HELD.set(True)  # in this task's own context: the loop's stays as it was
+    return await coro
 
 
 def _read_all(fd: int) -> bytes:

@@ -184,8 +184,9 @@ def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadli
         return TrialResult(False, result.summary, "\n".join([result.evidence, "kernel log (seccomp):", *lines]))
 
     def machine_has(programs: list[str]) -> set[str]:
-        found = service.machine.run(["/bin/sh", "-c", 'for f; do [ -e "$f" ] && echo "$f"; done', "sh", *programs],
-                                    purpose="kernel-log")
+        with service.machine.systemd.owed_reload_held():  # which files exist: no unit is read
+            found = service.machine.run(["/bin/sh", "-c", 'for f; do [ -e "$f" ] && echo "$f"; done', "sh",
+                                         *programs], purpose="kernel-log")
         return set(found.stdout.splitlines())
 
     def attempt(hardening: Hardening) -> TrialResult:

@@ -90,7 +90,10 @@ class UnitUnderTest(abc.ABC):
         return f"{UNIT_DIR}/{self.name}.d"
 
     def _write(self, path: str, text: str) -> None:
-        result = self.machine.run(["/bin/sh", "-c", _WRITE_FILE, "sh", path], stdin=text.encode(), purpose="install")
+        # A file write reads no unit: it need not wait for a reload that a retire left owed (the start reloads).
+        with self.machine.systemd.owed_reload_held():
+            result = self.machine.run(["/bin/sh", "-c", _WRITE_FILE, "sh", path], stdin=text.encode(),
+                                      purpose="install")
         if not result.ok:
             raise MachineError(f"could not write {path} on {self.machine.name}: {result.stderr.strip()}")
         self._written.append(path)
@@ -105,7 +108,7 @@ class UnitUnderTest(abc.ABC):
 
     def _remove_written(self) -> bool:
         """Remove the files the test wrote (and a drop-in directory that leaves empty); whether there were any
-        (then systemd must reload)."""
+        (then systemd must reload: :meth:`Machine.reload_units_soon`)."""
         if not self._written:
             return False
         script = ('for f; do rm -f -- "$f" || exit; case "$f" in *.d/*) d=${f%/*}; ! test -d "$d" || '
@@ -127,7 +130,11 @@ class UnitUnderTest(abc.ABC):
     @abc.abstractmethod
     def retire(self) -> str:
         """Stop the unit and undo what the test made (only that); the next start begins from the same place.
-        Return how it stopped: "stopped", "killed" (SIGKILL after the stop grace) or "not loaded"."""
+        Return how it stopped: "stopped", "killed" (SIGKILL after the stop grace) or "not loaded".
+
+        The files it removes are read by a reload owed to the next call (:meth:`Machine.reload_units_soon`); its own
+        calls do not pay one (:meth:`SystemdClient.owed_reload_held`): a retire stops and forgets the unit as it was
+        started, and a start (which begins with a retire) writes its files and reloads once for both."""
 
     @abc.abstractmethod
     def describe(self) -> str:
@@ -201,9 +208,10 @@ class TransientUnit(UnitUnderTest):
     def retire(self) -> str:
         clean = any(self.spec.directive(d) for d in ("StateDirectory", "CacheDirectory", "LogsDirectory",
                                                       "RuntimeDirectory"))
-        how = self.machine.systemd.retire_unit(self.name, clean=clean, what=CLEANABLE)
-        if self._remove_written():
-            self.machine.systemd.reload()
+        with self.machine.systemd.owed_reload_held():  # see UnitUnderTest.retire
+            how = self.machine.systemd.retire_unit(self.name, clean=clean, what=CLEANABLE)
+            if self._remove_written():
+                self.machine.reload_units_soon()
         return how
 
     def describe(self) -> str:
@@ -275,15 +283,16 @@ class LoadedUnit(UnitUnderTest):
 
     def retire(self) -> str:
         systemd = self.machine.systemd
-        how = systemd.stop_unit(self.name)
-        systemd.wait_settled(self.name, timeout=AFTER_SIGKILL)
-        systemd.reset_failed(self.name)
-        if self.made_by_test:
-            systemd.clean_unit(self.name, CLEANABLE)
-        # A unit that exists without the test keeps its state: /var/lib, /etc and /var/cache belong to its package
-        # (its postinst made them); only the files the test wrote go.
-        if self._remove_written():
-            systemd.reload()
+        with systemd.owed_reload_held():  # see UnitUnderTest.retire
+            how = systemd.stop_unit(self.name)
+            systemd.wait_settled(self.name, timeout=AFTER_SIGKILL)
+            systemd.reset_failed(self.name)
+            if self.made_by_test:
+                systemd.clean_unit(self.name, CLEANABLE)
+            # A unit that exists without the test keeps its state: /var/lib, /etc and /var/cache belong to its
+            # package (its postinst made them); only the files the test wrote go.
+            if self._remove_written():
+                self.machine.reload_units_soon()
         return how
 
     def own_settings(self) -> list[Setting]:
@@ -336,7 +345,8 @@ class UnitFileUnit(LoadedUnit):
         """systemd's own verdict on the file (``systemd-analyze verify``, in the machine), as a one-line error
         naming the spec's file and line: a setting systemd ignores is a test of a different unit."""
         path = f"{UNIT_DIR}/{self.name}"  # a template is verified as the instance that runs
-        result = self.machine.run(["systemd-analyze", "verify", "--man=no", "--", path], purpose="verify")
+        with self.machine.systemd.owed_reload_held():  # verify loads the files into a manager of its own
+            result = self.machine.run(["systemd-analyze", "verify", "--man=no", "--", path], purpose="verify")
         ours = f"{UNIT_DIR}/{self.file_name}:"
         for line in result.stderr.splitlines():
             if line.startswith(ours):

@@ -74,6 +74,9 @@ class Machine(abc.ABC):
     # Whether the plugin may write unit files and drop-ins into this machine's /etc/systemd/system and reload it:
     # a machine of our own, yes; the host backend's systemd is the host's.
     WRITES_UNIT_FILES: ClassVar[bool] = True
+    # Whether the machine's systemd outlives the run (the host backend's): a reload it owes is never left for a
+    # later call that may not come (reload_units_soon).
+    SYSTEMD_OUTLIVES_RUN: ClassVar[bool] = False
 
     config: MachineConfig
     name: str = field(default_factory=lambda: f"harden-{uuid.uuid4().hex[:8]}")
@@ -205,6 +208,15 @@ class Machine(abc.ABC):
         return self._systemd is not None
 
     # -- shared helpers -----------------------------------------------------------------------------------
+
+    def reload_units_soon(self) -> None:
+        """The test's unit files changed (a retire removed its drop-ins): systemd reads them again before the next
+        call that may read a unit's state, usually the next start's own reload, which then is the only one
+        (:meth:`SystemdClient.reload_before_next_call`). At once where the machine's systemd outlives the run."""
+        if self.SYSTEMD_OUTLIVES_RUN:
+            self.systemd.reload()
+        else:
+            self.systemd.reload_before_next_call()
 
     def unit_prefix(self, purpose: str) -> str:
         """What every unit name :meth:`unit_name` gives for ``purpose`` starts with: a drop-in directory

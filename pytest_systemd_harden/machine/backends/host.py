@@ -132,6 +132,7 @@ class HostMachine(Machine):
     NAME = "host"
     PROBE_GUARD = GUARD_HOST
     WRITES_UNIT_FILES = False  # the host's own systemd: a diagnosis' drop-in is not verified as a file here
+    SYSTEMD_OUTLIVES_RUN = True
 
     name: str = field(default_factory=lambda: f"{FAMILY}{secrets.token_hex(3)}")
     # Host paths of *Directory= directives that did not exist when a service of ours first asked for them: made by
