@@ -377,6 +377,37 @@ def test_machine_services_keep_package_units_and_the_tested_unit_is_never_masked
         boot_masks(MachineConfig(services=("dnsmsq.service",)), rootfs)
 
 
+def test_what_the_tested_unit_needs_to_start_is_not_masked(tmp_path: Path) -> None:
+    from pytest_systemd_harden.spec.machine import MachineConfig
+
+    units = {
+        "a.service": "[Unit]\nWants=helper.service\n[Service]\nExecStart=/bin/a\n",
+        "a.socket": "[Socket]\nListenStream=/run/a\n",  # its own name's socket, not named in its file
+        "feed.socket": "[Socket]\nListenStream=/run/feed\nService=a.service\nBindsTo=feed-helper.service\n",
+        "feed-helper.service": "[Service]\nExecStart=/bin/f\n",
+        "helper.service": "[Service]\nExecStart=/bin/h\n",
+        "dropped.service": "[Service]\nExecStart=/bin/d\n",
+        "other.service": "[Service]\nExecStart=/bin/o\n",
+    }
+    rootfs = fake_rootfs(tmp_path, installed("pkg"), {"pkg": [f"/lib/systemd/system/{u}" for u in units]},
+                         [f"multi-user.target.wants/{u}" for u in units if u != "a.service"])
+    (rootfs / "lib/systemd/system").mkdir(parents=True)
+    for name, text in units.items():
+        (rootfs / "lib/systemd/system" / name).write_text(text)
+    # A drop-in that empties Wants= and names another: systemd reads the list so, and so does the mask.
+    (rootfs / "etc/systemd/system/a.service.d").mkdir(parents=True)
+    (rootfs / "etc/systemd/system/a.service.d/x.conf").write_text("[Unit]\nWants=\nWants=dropped.service\n")
+    # feed-helper is needed through feed.socket's BindsTo=, which is in [Socket]: not a dependency systemd reads
+    # from there, so it stays masked; the drop-in's reset takes helper.service out.
+    assert boot_masks(MachineConfig(tested_unit="a.service"), rootfs) == ("feed-helper.service", "helper.service",
+                                                                          "other.service")
+    (rootfs / "etc/systemd/system/a.service.d/x.conf").write_text("[Unit]\nWants=dropped.service\n")
+    (rootfs / "lib/systemd/system/feed.socket").write_text(
+        "[Unit]\nBindsTo=feed-helper.service\n[Socket]\nService=a.service\n")
+    assert boot_masks(MachineConfig(tested_unit="a.service"), rootfs) == ("other.service",)
+    assert boot_masks(MachineConfig(), rootfs) == tuple(sorted(u for u in units if u != "a.service"))
+
+
 def test_machine_services_in_the_spec(tmp_path: Path) -> None:
     spec = load_spec(spec_at(tmp_path, "  packages: [dnsmasq]\n  services: [dnsmasq.service]\n"))
     assert spec.machine.services == ("dnsmasq.service",)

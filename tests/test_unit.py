@@ -190,6 +190,80 @@ def test_a_package_daemon_is_masked_at_boot_unless_the_spec_tests_it(harden_pool
         service.stop()
 
 
+# A package whose daemon is socket-activated, as uuidd's and many others are: the socket is what the package enables,
+# and the service requires it. And a daemon of the same package that the spec does not test.
+SOCKET_PACKAGE = {
+    "usr/lib/systemd/system/harden-sockd.socket":
+        "[Socket]\nListenStream=/run/harden-sockd.sock\n\n[Install]\nWantedBy=sockets.target\n",
+    "usr/lib/systemd/system/harden-sockd.service":
+        "[Unit]\nRequires=harden-sockd.socket\n\n[Service]\nExecStart=/usr/bin/harden-sockd\n",
+    "usr/bin/harden-sockd": ("#!/usr/bin/python3\nimport socket\nlistener = socket.socket(fileno=3)  # the socket unit's\n"
+                             "while True:\n    peer = listener.accept()[0]\n    peer.send(b'hello')\n    peer.close()\n"),
+    "usr/lib/systemd/system/harden-other.service":
+        "[Service]\nExecStart=/bin/sleep infinity\n\n[Install]\nWantedBy=multi-user.target\n",
+    # A daemon that needs the other one through a target that is no enabled unit: found only when systemd says so.
+    "usr/lib/systemd/system/harden-chain.service":
+        "[Unit]\nRequires=harden-mid.target\n\n[Service]\nExecStart=/bin/sleep infinity\n",
+    "usr/lib/systemd/system/harden-mid.target": "[Unit]\nRequires=harden-other.service\n",
+}
+SOCKET_SPEC = """\
+service: {unit: harden-sockd.service}
+machine: {debs: [harden-sockd_1.0_all.deb]}
+hardening: {DynamicUser: yes, PrivateNetwork: yes}
+scenarios:
+  - name: the daemon answers on its socket
+    client: python3 -c "import socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/harden-sockd.sock'); print(s.recv(5).decode())"
+    expect: {stdout: hello}
+"""
+
+
+def test_the_socket_a_package_daemon_is_activated_by_is_not_masked_at_boot(harden_pool: MachinePool,
+                                                                          tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from pytest_systemd_harden.search.scenarios import run_scenario
+
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text("Package: harden-sockd\nVersion: 1.0\nArchitecture: all\n"
+                                             "Maintainer: t <t@example.org>\nDescription: a socket-activated daemon\n")
+    for name, text in SOCKET_PACKAGE.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "usr/bin/harden-sockd").chmod(0o755)
+    for wants, unit in (("sockets.target.wants", "harden-sockd.socket"), ("multi-user.target.wants",
+                                                                           "harden-other.service")):
+        (root / "etc/systemd/system" / wants).mkdir(parents=True)
+        (root / "etc/systemd/system" / wants / unit).symlink_to(f"/usr/lib/systemd/system/{unit}")  # as enabled
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, (1700000000, 1700000000), follow_symlinks=False)  # the same .deb every run: its image found
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root),
+                    str(tmp_path / "harden-sockd_1.0_all.deb")], check=True, capture_output=True,
+                   env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"})
+    (tmp_path / "harden.yaml").write_text(SOCKET_SPEC)
+    spec = load_spec(tmp_path / "harden.yaml")
+    machine = harden_pool.machine_for(spec.machine)
+    # The daemon the spec does not test is masked; the socket the tested one requires is not.
+    assert machine.masked_at_boot == ("harden-other.service",)
+    state = machine.run("systemctl is-active harden-sockd.socket harden-other.service")
+    assert state.stdout.split() == ["active", "inactive"], state
+    service = HardenedService(machine, spec)
+    service.start()
+    try:
+        outcome = run_scenario(service, spec.scenarios[0])
+        assert outcome.passed, outcome.problems
+    finally:
+        service.stop()
+    (tmp_path / "harden.yaml").write_text(SOCKET_SPEC.replace("harden-sockd.service", "harden-chain.service"))
+    chain = load_spec(tmp_path / "harden.yaml")
+    with pytest.raises(SpecError) as caught:
+        HardenedService(harden_pool.machine_for(chain.machine), chain).start()
+    assert str(caught.value).startswith(f"{tmp_path / 'harden.yaml'}:1: service.unit: systemd refuses to start "
+                                        "harden-chain.service: Unit harden-other.service is masked (the machine ")
+    assert str(caught.value).endswith("add it to machine.services (harden-other.service))")
+
+
 def test_a_unit_that_restarts_itself_fails_its_start_at_once(machine: Machine, tmp_path: Path) -> None:
     # Restart=always shows a dying service as "activating" for ever: the start must not wait out its timeout.
     unit = "[Service]\nExecStart=/bin/sh -c 'exit 3'\nRestart=always\nRestartSec=1\n"

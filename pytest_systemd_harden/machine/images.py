@@ -37,7 +37,7 @@ from ..in_tree import InTree, as_tree
 from ..probes.catalogue import MACHINE_ADDRESS
 from ..spec.machine import MachineConfig
 from ..spec.releases import DEFAULT_RELEASE, RELEASES
-from ..spec.unit_file import template_of
+from ..spec.unit_file import template_of, units_needed
 from . import build_sandbox, mounts
 from .backends.userns import move_ownership
 from .cgroups import Contained, output_lines
@@ -898,15 +898,17 @@ def package_units(rootfs: Path | InTree) -> tuple[str, ...]:
 
 def boot_masks(config: MachineConfig, rootfs: Path | InTree) -> tuple[str, ...]:
     """The units to mask at boot (``systemd.mask=`` on the machine's command line): every unit a package of
-    this image enables at boot but machine.services and the tested unit. MachineError for a machine.services
-    entry that no package enables, with the ones that are."""
+    this image enables at boot but machine.services, the tested unit and what it needs to start as it ships (its
+    socket, a unit it requires or wants: :func:`units_needed`). MachineError for a machine.services entry that no
+    package enables, with the ones that are."""
     enabled = package_units(rootfs)
     for service in config.services:
         if service not in enabled:
             raise MachineError(f"machine.services: {service} is not a unit a package of this machine enables at "
                                f"boot (those are: {', '.join(enabled) or 'none'}); list only package daemons the "
                                "service needs running")
-    return tuple(unit for unit in enabled if unit not in (*config.services, config.tested_unit))
+    needed = units_needed(rootfs, config.tested_unit, enabled) if config.tested_unit else set()
+    return tuple(unit for unit in enabled if unit not in (*config.services, config.tested_unit, *needed))
 
 
 def boot_holds(config: MachineConfig, rootfs: Path | InTree) -> tuple[str, ...]:

@@ -197,6 +197,59 @@ def unit_files_in(rootfs: Path | InTree, unit: str) -> list[tuple[str, str]] | N
     return [(path, tree.read_text(path)) for path in files]
 
 
+# What a unit needs to start as it ships (systemd.unit(5), systemd.service(5)): the units it cannot start without
+# (Requires=, Requisite=, BindsTo=), those a host starts with it (Wants=, Upholds=), and the sockets that pass it
+# their file descriptors (Sockets=).
+_NEEDS = frozenset({("Unit", "Requires"), ("Unit", "Requisite"), ("Unit", "BindsTo"), ("Unit", "Wants"),
+                    ("Unit", "Upholds"), ("Service", "Sockets")})
+
+
+def unit_list_settings(files: Sequence[tuple[str, str]], wanted: frozenset[tuple[str, str]],
+                       unit: str) -> list[str]:
+    """The unit names that ``files`` (a unit file and its drop-ins, :func:`unit_files_in`) assign to the list settings
+    ``wanted`` ((section, key) pairs), specifiers expanded for ``unit``; an empty assignment empties the list, as
+    systemd reads it."""
+    names: list[str] = []
+    for _path, text in files:
+        section = ""
+        for raw in re.sub(r"\\\n", " ", text).splitlines():
+            line = raw.strip()
+            if line.startswith("[") and line.endswith("]"):
+                section = line[1:-1]
+            elif "=" in line and not line.startswith(("#", ";")):
+                key, value = (part.strip() for part in line.split("=", 1))
+                if (section, key) in wanted:
+                    names = [*names, *expand_specifiers(value, unit).split()] if value else []
+    return names
+
+
+def units_needed(rootfs: Path | InTree, unit: str, candidates: Sequence[str]) -> set[str]:
+    """Which of ``candidates`` (a package's enabled units) ``unit`` needs to start in ``rootfs`` as on a host, and
+    what those need in turn: named in their files' Requires=, Requisite=, BindsTo=, Wants=, Upholds= or Sockets=,
+    linked in their ``.wants/`` or ``.requires/`` directories, or a socket unit that activates them (their own
+    name's, or one whose ``Service=`` names them). Only ``unit`` and the candidates are read."""
+    tree = as_tree(rootfs)
+    activates: dict[str, set[str]] = {}
+    for socket in (name for name in candidates if name.endswith(".socket")):
+        service = unit_list_settings(unit_files_in(tree, socket) or [], frozenset({("Socket", "Service")}), socket)
+        activates.setdefault(service[-1] if service else socket.removesuffix(".socket") + ".service",
+                             set()).add(socket)
+    needed: set[str] = set()
+    queue = [unit]
+    while queue:
+        current = queue.pop()
+        names = {*unit_list_settings(unit_files_in(tree, current) or [], _NEEDS, current),
+                 *activates.get(current, ()), current.rsplit(".", 1)[0] + ".socket"}
+        for directory in UNIT_PATHS:
+            for name in dict.fromkeys((current, template_of(current))):
+                for kind in (".wants", ".requires"):
+                    names.update(tree.names(f"{directory}/{name}{kind}"))
+        for name in sorted(names.intersection(candidates) - needed - {unit}):
+            needed.add(name)
+            queue.append(name)
+    return needed
+
+
 def own_hardening_before_boot(spec: Spec, rootfs: Callable[[], Path | InTree | None]) -> tuple[Directive, ...] | None:
     """The tested unit's own hardening, known before any machine boots: a ``unit_file:`` from the file beside the
     spec; a package's ``unit:`` from the cached image ``rootfs()`` (None: not built yet, or without the unit: then

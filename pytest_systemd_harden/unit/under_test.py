@@ -264,7 +264,17 @@ class LoadedUnit(UnitUnderTest):
         except SpecError:
             self.retire()  # a unit the test cannot run leaves nothing behind either
             raise
-        return self.machine.systemd.start_unit(self.name, timeout=self.spec.service.start_timeout)
+        try:
+            return self.machine.systemd.start_unit(self.name, timeout=self.spec.service.start_timeout)
+        except DBusError as exc:
+            if exc.type != "org.freedesktop.systemd1.UnitMasked":
+                raise
+            masked = re.findall(r"Unit (\S+) is masked", exc.text)
+            raise self._spec_error(
+                f"systemd refuses to start {self.name}: {exc.text.rstrip('.')}",
+                f"the machine masks at boot what its packages enable, but for the tested unit and what it requires, "
+                f"wants or is activated by: if {self.name} needs it running, add it to machine.services "
+                f"({', '.join(masked) or 'the unit named'})") from None
 
     def _check_loaded(self) -> None:
         props = self.machine.systemd.unit_properties(self.name)
