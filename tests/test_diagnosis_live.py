@@ -190,12 +190,28 @@ def test_a_log_file_under_etc_gets_its_directory_not_a_weaker_protect_system(mac
     assert diagnosis.combined.description == "let systemd create and grant /etc/app with ConfigurationDirectory=app"
 
 
-def test_a_log_file_under_var_log_gets_that_file_not_a_weaker_protect_system(diagnose) -> None:  # type: ignore[no-untyped-def]
+def test_a_log_file_the_service_creates_under_var_log_gets_its_directory_not_a_weaker_protect_system(  # type: ignore[no-untyped-def]
+        diagnose) -> None:
     diagnosis = diagnose("  ProtectSystem: strict\n", "sh -c 'echo started >> /var/log/app.log'")
     assert culprits(diagnosis) == ["ProtectSystem"] and diagnosis.verified, diagnosis.render()
     assert diagnosis.combined is not None
-    # The control run (no hardening) made the file, as a daemon's earlier runs would: the file itself is granted.
-    assert diagnosis.combined.description == "grant /var/log/app.log with ReadWritePaths=-/var/log/app.log"
+    # On the service's machine the control run (no hardening) made the file, and granting the file alone passed
+    # there; on a fresh machine, where the service makes the file at its first start, it does not: the search made
+    # again there grants the directory, still narrower than a weaker ProtectSystem=.
+    assert diagnosis.note.startswith("The first search's fix passed on the machine it ran on"), diagnosis.render()
+    assert diagnosis.combined.description == "grant /var/log with ReadWritePaths=-/var/log"
+    assert diagnosis.dropin_verified, diagnosis.render()
+
+
+def test_a_file_the_test_made_before_the_diagnosis_keeps_its_verdict_from_the_services_machine(  # type: ignore[no-untyped-def]
+        machine: Machine, diagnose) -> None:
+    # /root/.netrc was made by the test, on this machine only: a fresh machine cannot check the fix, and says so.
+    assert machine.run(["sh", "-c", "echo machine x > /root/.netrc2"]).ok
+    diagnosis = diagnose("  ProtectHome: yes\n", "cat /root/.netrc2")
+    assert culprits(diagnosis) == ["ProtectHome"] and diagnosis.verified, diagnosis.render()
+    assert diagnosis.dropin_verified is False
+    assert "where the check fails without any hardening too" in diagnosis.note, diagnosis.render()
+    assert "the fix is verified on this machine only" in diagnosis.render()
 
 
 def test_32_bit_calls_get_x86_added_to_the_architectures(machine: Machine, diagnose) -> None:  # type: ignore[no-untyped-def]
@@ -371,3 +387,39 @@ def test_a_setuid_helper_under_no_new_privileges_is_diagnosed_as_each_systemd_do
     else:
         assert not implied, diagnosis.render()
         assert diagnosis.as_dict()["dropin"] == "[Service]\nNoNewPrivileges=no\n"
+
+
+# A daemon whose first start makes state it keeps (nginx chowns the directories it made under /var/lib/nginx): only
+# that first start needs chown(2). It also opens an IPv6 socket at every start. Two culprits, on a fresh machine.
+KEEPS_STATE = """\
+[Service]
+ExecStart=/bin/sh -c 'if [ ! -e {state}/done ]; then mkdir -p {state} && chown nobody {state} || exit 1; touch {state}/done; fi; python3 -c "import socket; socket.socket(socket.AF_INET6)" || exit 1; exec python3 -m http.server --bind 127.0.0.1 8096'
+"""
+
+
+def test_a_fix_that_holds_only_on_state_earlier_reruns_left_is_searched_again_on_fresh_machines(
+        machine: Machine, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import uuid
+
+    from pytest_systemd_harden.errors import ServiceFailed
+    from pytest_systemd_harden.spec.load import load_spec
+
+    (tmp_path / "keeps.service").write_text(KEEPS_STATE.format(state=f"/var/lib/harden-{uuid.uuid4().hex[:8]}"))
+    (tmp_path / "harden.yaml").write_text("service: {unit_file: keeps.service, ready: {tcp: 8096}}\nhardening:\n"
+                                          "  SystemCallFilter: ['@system-service', '~@chown']\n"
+                                          "  RestrictAddressFamilies: [AF_INET]\n")
+    spec = load_spec(tmp_path / "harden.yaml")
+    service = HardenedService(machine, spec)
+    with pytest.raises(ServiceFailed) as failed:
+        service.start()
+    try:
+        # On the service's machine, a rerun without the chown deny made the state; the reruns after it found only
+        # the address family. That fix fails on a fresh machine: searched again there, both are found.
+        diagnosis = diagnose_failure(service, None, str(failed.value))
+    finally:
+        service.stop()
+    assert diagnosis.note.startswith("The first search's fix passed on the machine it ran on, but not on a freshly "
+                                     "booted one"), diagnosis.render()
+    assert sorted(f.culprit.name for f in diagnosis.findings) == ["RestrictAddressFamilies", "SystemCallFilter"], \
+        diagnosis.render()
+    assert diagnosis.verified and diagnosis.dropin_verified, diagnosis.render()

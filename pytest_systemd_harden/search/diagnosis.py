@@ -904,7 +904,8 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
 
     ``previous`` diagnoses of the same spec are tried first: one cause often breaks several scenarios, and
     confirming a known relaxation costs one rerun instead of a search. ``check_dropin`` reruns the failing check
-    with a drop-in text applied literally on top of the unit: the fix is then verified in the form it is printed.
+    with a drop-in text applied literally on top of the unit: the fix is then verified in the form it is printed
+    (where that fails, the note says so; the caller says why it may).
     """
     started = time.monotonic()
     oracle = Oracle(trial, max_runs=max_runs, max_seconds=max_seconds)
@@ -920,8 +921,7 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
         diagnosis.dropin_verified = printed.passed
         if not printed.passed:
             diagnosis.note = (diagnosis.note + " The spec change passes, but the drop-in below, written as a file "
-                              f"after the spec's, does not ({printed.summary}): a fix as printed that fails is a "
-                              "bug of the plugin, please report it.").strip()
+                              f"after the spec's, does not ({printed.summary}).").strip()
     diagnosis.runs = diagnosis.runs + oracle.runs
     diagnosis.seconds = time.monotonic() - started
     return diagnosis

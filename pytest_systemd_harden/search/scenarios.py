@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from dbus_next.errors import DBusError
@@ -159,8 +160,34 @@ def machine_syscall_groups(machine: Machine) -> Callable[[], dict[str, list[str]
     return groups
 
 
+@contextlib.contextmanager
+def _rerun_machine(service: HardenedService, fresh: bool) -> Iterator[Machine]:
+    """Where a rerun runs: the service's own machine, or with ``fresh`` its twin booted for this rerun alone
+    (:meth:`Machine.twin`): as a host is right after the package's install, with nothing an earlier rerun left
+    (files the service keeps, which a stop does not take back: a directory nginx chowned at its first start that
+    could, which no later start then needs to chown). Shut down when the rerun ends. The service's own machine where
+    there is no twin (the host backend)."""
+    twin = service.machine.twin() if fresh else None
+    if twin is None:
+        yield service.machine
+        return
+    twin.boot()
+    try:
+        yield twin
+    finally:
+        twin.shutdown()
+
+
+def _programs_present(machine: Machine, programs: list[str]) -> set[str]:
+    """Which of ``programs`` (paths) exist on ``machine``."""
+    with machine.systemd.owed_reload_held():  # which files exist: no unit is read
+        found = machine.run(["/bin/sh", "-c", 'for f; do [ -e "$f" ] && echo "$f"; done', "sh", *programs],
+                            purpose="kernel-log")
+    return set(found.stdout.splitlines())
+
+
 def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadline | None = None,
-           kernel_log: KernelLog | None = None, own: Sequence[Directive] = ()) -> Trial:
+           kernel_log: KernelLog | None = None, own: Sequence[Directive] = (), *, fresh: bool = False) -> Trial:
     """An oracle for :func:`diagnose`: restart the service under a hardening and rerun the scenario (or just start).
 
     The scenarios before ``scenario`` in the spec are replayed first, outcome ignored: they share one service,
@@ -168,30 +195,27 @@ def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadli
     ``deadline``, every wait is capped by it (:class:`Deadline`). With a ``kernel_log``, a failure's evidence
     ends with the kernel's seccomp records of the machine's processes made during the rerun. With ``own`` (the
     unit's own directives, which the hardenings tried include), each is tried as a drop-in that resets what the unit
-    sets and the hardening changes (:func:`~pytest_systemd_harden.search.diagnosis.replacing_dropin`).
+    sets and the hardening changes (:func:`~pytest_systemd_harden.search.diagnosis.replacing_dropin`). With
+    ``fresh``, each rerun on a machine booted for it alone (:func:`_rerun_machine`).
     """
     def trial(hardening: Hardening) -> TrialResult:
-        if kernel_log is None:
-            return attempt(hardening)
-        kernel_log.drain()  # what came before this rerun is not its evidence
-        result = attempt(hardening)
-        if result.passed:
-            return result
-        records = seccomp_records(kernel_log.drain(), service.machine.host_pids, machine_has)
+        with _rerun_machine(service, fresh) as machine:
+            if kernel_log is None:
+                return attempt(machine, hardening)
+            kernel_log.drain()  # what came before this rerun is not its evidence
+            result = attempt(machine, hardening)
+            if result.passed:
+                return result
+            records = seccomp_records(kernel_log.drain(), machine.host_pids,
+                                      lambda programs: _programs_present(machine, programs))
         if not records:
             return result
         lines = list(dict.fromkeys(record.describe() for record in records))
         return TrialResult(False, result.summary, "\n".join([result.evidence, "kernel log (seccomp):", *lines]))
 
-    def machine_has(programs: list[str]) -> set[str]:
-        with service.machine.systemd.owed_reload_held():  # which files exist: no unit is read
-            found = service.machine.run(["/bin/sh", "-c", 'for f; do [ -e "$f" ] && echo "$f"; done', "sh",
-                                         *programs], purpose="kernel-log")
-        return set(found.stdout.splitlines())
-
-    def attempt(hardening: Hardening) -> TrialResult:
+    def attempt(machine: Machine, hardening: Hardening) -> TrialResult:
         spec = service.spec.with_hardening(hardening)
-        candidate = HardenedService(service.machine, deadline.spec(spec) if deadline else spec, unit=service.unit)
+        candidate = HardenedService(machine, deadline.spec(spec) if deadline else spec, unit=service.unit)
         if own:
             candidate.under_test.replacing_dropin = replacing_dropin(
                 own, hardening, f"Tried by pytest-systemd-harden's diagnosis of {service.spec.path.name}")
@@ -202,15 +226,17 @@ def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadli
 
 def _dropin_trial(service: HardenedService, scenario: Scenario | None) -> Callable[[str], TrialResult] | None:
     """A check for :func:`diagnose`: the spec as written, with a drop-in text written literally as a file after
-    the spec's (:data:`~pytest_systemd_harden.unit.under_test.FIX_DROPIN_NAME`), and the failing check rerun. None where
-    the plugin must not write unit files (the host backend: the host's own systemd)."""
+    the spec's (:data:`~pytest_systemd_harden.unit.under_test.FIX_DROPIN_NAME`), and the failing check rerun on a
+    machine booted for it (:func:`_rerun_machine`): the printed fix, from where a host starts. None where the plugin
+    must not write unit files (the host backend: the host's own systemd)."""
     if not service.machine.WRITES_UNIT_FILES:
         return None
 
     def check(text: str) -> TrialResult:
-        candidate = HardenedService(service.machine, service.spec, unit=service.unit)
-        candidate.under_test.extra_dropins = {FIX_DROPIN_NAME: text}
-        return _rerun(service, candidate, scenario, None)
+        with _rerun_machine(service, fresh=True) as machine:
+            candidate = HardenedService(machine, service.spec, unit=service.unit)
+            candidate.under_test.extra_dropins = {FIX_DROPIN_NAME: text}
+            return _rerun(service, candidate, scenario, None)
 
     return check
 
@@ -516,12 +542,42 @@ def diagnose_failure(service: HardenedService, scenario: Scenario | None, eviden
 
     # The unit's own directives are suspects too: the search runs on what is in force (unit file, then drop-in).
     own = service.under_test.own_directives()
-    try:
-        return diagnose(effective_hardening(own, service.spec.hardening),
-                        _trial(service, scenario, deadline, kernel_log, own), evidence=evidence,
-                        syscall_groups=machine_syscall_groups(service.machine), max_runs=max_runs,
+    hardening = effective_hardening(own, service.spec.hardening)
+
+    def search(fresh: bool) -> Diagnosis:
+        return diagnose(hardening, _trial(service, scenario, deadline, kernel_log, own, fresh=fresh),
+                        evidence=evidence, syscall_groups=machine_syscall_groups(service.machine), max_runs=max_runs,
                         max_seconds=max_seconds, spec_name=service.spec.path.name, previous=previous,
                         observe=observed_denials, check_dropin=_dropin_trial(service, scenario))
+
+    try:
+        # The search reruns on the service's machine, where each rerun finds what the ones before it left: files
+        # the service keeps (a package's /var/lib) stay changed by a rerun that got further. The printed drop-in is
+        # checked on a fresh machine. If it fails there, either the fix held only on what earlier reruns left, or
+        # the check needs what was made on this machine before the diagnosis (a test's own files), which a fresh
+        # one lacks: told apart by the check without hardening on a fresh machine. In the first case the search is
+        # made again with every rerun on a fresh machine (a boot each: slower, and what a host meets).
+        diagnosis = search(fresh=False)
+        if diagnosis.dropin_verified is not False or service.machine.twin() is None:
+            return diagnosis
+        unhardened = _trial(service, scenario, deadline, None, own, fresh=True)(())
+        diagnosis.runs += 1
+        if not unhardened.passed:
+            diagnosis.note += (" That was on a freshly booted machine, where the check fails without any hardening "
+                               f"too ({unhardened.summary}): it needs what was made on this machine before the "
+                               "diagnosis, so the fix is verified on this machine only.")
+            return diagnosis
+        first = diagnosis
+        diagnosis = search(fresh=True)
+        diagnosis.runs += first.runs
+        diagnosis.seconds += first.seconds
+        diagnosis.note = ("The first search's fix passed on the machine it ran on, but not on a freshly booted one: "
+                          "earlier reruns had changed what the service finds there (files it keeps, which a stop "
+                          "does not take back). Searched again, every rerun on a freshly booted machine. "
+                          + diagnosis.note).strip()
+        if diagnosis.dropin_verified is False:
+            diagnosis.note += " A fix as printed that fails is a bug of the plugin, please report it."
+        return diagnosis
     finally:
         if kernel_log is not None:
             kernel_log.close()

@@ -209,6 +209,12 @@ class Machine(abc.ABC):
 
     # -- shared helpers -----------------------------------------------------------------------------------
 
+    def twin(self) -> Machine | None:
+        """A new machine like this one, not booted: the same configuration and image, so booted it is as this one
+        was at its boot (the tested unit held back, nothing any test made). None where there can be no other (the
+        host backend). The caller boots it and shuts it down."""
+        return type(self)(self.config, boot_timeout=self.boot_timeout, image_cache=self.image_cache)
+
     def reload_units_soon(self) -> None:
         """The test's unit files changed (a retire removed its drop-ins): systemd reads them again before the next
         call that may read a unit's state, usually the next start's own reload, which then is the only one

@@ -181,6 +181,9 @@ class HostMachine(Machine):
         finally:
             super().shutdown()
 
+    def twin(self) -> None:
+        return None  # there is one host
+
     def _stop(self) -> None:
         # After the bus connection closed (or a failed boot): whatever is still loaded is stopped, with a
         # connection of its own; and the exposure item's rendered units go.
