@@ -244,15 +244,19 @@ def test_the_socket_a_package_daemon_is_activated_by_is_not_masked_at_boot(harde
     (tmp_path / "harden.yaml").write_text(SOCKET_SPEC)
     spec = load_spec(tmp_path / "harden.yaml")
     machine = harden_pool.machine_for(spec.machine)
-    # The daemon the spec does not test is masked; the socket the tested one requires is not.
+    # The daemon the spec does not test is masked; the socket the tested one requires is not. Both are held back at
+    # boot (a connection would start the daemon without its drop-in) and the socket listens once booted.
     assert machine.masked_at_boot == ("harden-other.service",)
-    state = machine.run("systemctl is-active harden-sockd.socket harden-other.service")
-    assert state.stdout.split() == ["active", "inactive"], state
+    assert machine.held_at_boot == ("harden-sockd.service", "harden-sockd.socket")
+    state = machine.run("systemctl is-active harden-sockd.socket harden-other.service harden-sockd.service")
+    assert state.stdout.split() == ["active", "inactive", "inactive"], state
     service = HardenedService(machine, spec)
     service.start()
     try:
         outcome = run_scenario(service, spec.scenarios[0])
         assert outcome.passed, outcome.problems
+        starts = machine.run("journalctl -b -o cat -u harden-sockd.service | grep -c '^Started harden-sockd'")
+        assert starts.stdout.strip() == "1", starts  # the test's start, under the drop-in
     finally:
         service.stop()
     (tmp_path / "harden.yaml").write_text(SOCKET_SPEC.replace("harden-sockd.service", "harden-chain.service"))

@@ -912,11 +912,17 @@ def boot_masks(config: MachineConfig, rootfs: Path | InTree) -> tuple[str, ...]:
 
 
 def boot_holds(config: MachineConfig, rootfs: Path | InTree) -> tuple[str, ...]:
-    """The units to hold back at boot and release once booted: the tested unit, if a package enables it. Its
-    first start must be the test's, under the drop-in, as on a host where the drop-in ships with the package: a
-    start at boot without it would make state (a key an ExecStartPre= writes, a directory it creates) that the
-    hardened unit then never has to make itself."""
-    return (config.tested_unit,) if config.tested_unit and config.tested_unit in package_units(rootfs) else ()
+    """The units to hold back at boot and release once booted: the tested unit, if a package enables it or a socket
+    it needs can start it (:func:`units_needed`), and then those sockets too. Its first start must be the test's,
+    under the drop-in, as on a host where the drop-in ships with the package: a start at boot without it would make
+    state (a key an ExecStartPre= writes, a directory it creates) that the hardened unit then never has to make
+    itself; a socket listening from boot would start it on the first connection. The sockets are started once the
+    hold is released (:meth:`Machine._release_holds`), as they run on a host."""
+    if not config.tested_unit:
+        return ()
+    enabled = package_units(rootfs)
+    sockets = sorted(unit for unit in units_needed(rootfs, config.tested_unit, enabled) if unit.endswith(".socket"))
+    return (config.tested_unit, *sockets) if config.tested_unit in enabled or sockets else ()
 
 
 # The device nodes a build by host root leaves in /dev (mmdebstrap's root mode; a sandboxed build cannot make them):

@@ -89,8 +89,10 @@ class MachinePool:
             masked = (f"; masked at boot, enabled by its packages: {', '.join(machine.masked_at_boot)} (keep one "
                       "running with machine.services)") if machine.masked_at_boot else ""
             if machine.held_at_boot:
-                masked += (f"; held back at boot, first started by the test under its drop-in: "
-                           f"{', '.join(machine.held_at_boot)}")
+                tested, *sockets = machine.held_at_boot
+                masked += f"; held back at boot, first started by the test under its drop-in: {tested}"
+                if sockets:
+                    masked += f" (and its {', '.join(sockets)}, listening once booted)"
             self.progress(f"{machine.name} booted in {time.monotonic() - started:.1f}s ({machine.describe()}{masked})")
             self._machines[config] = machine
         # Measured, not assumed from the backend: what this machine can enforce (see sandbox/capabilities.py; cached on

@@ -166,6 +166,11 @@ class Machine(abc.ABC):
             raise MachineError(f"could not release {', '.join(self.held_at_boot)}, held at boot: "
                                f"{made.status_text()}: {made.stderr.strip()}")
         self.systemd.reload()
+        for socket in (unit for unit in self.held_at_boot if unit.endswith(".socket")):  # listening, as on a host
+            result = self.systemd.start_unit(socket, timeout=30)
+            if result != "done":
+                raise MachineError(f"{socket}, held at boot with the unit it starts, did not start once released "
+                                   f"(start job: {result}): journalctl -u {socket} in the machine")
 
     def add_machine_address(self, progress: Progress) -> None:
         """Put MACHINE_ADDRESS on the machine's own lo, for a machine whose network is its own (a container with a
