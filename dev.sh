@@ -63,7 +63,7 @@ install_python_packages() {
     # An editable install leaves the plugin's own modules uncompiled, and where PYTHONDONTWRITEBYTECODE is set (CI
     # images often set it) every Python process compiled them again: ~0.17 s per pytest or systemd-harden started.
     # Only what changed is compiled again; a stale file is never used (Python checks each against its source).
-    .venv/bin/python -m compileall -q pytest_systemd_harden >/dev/null
+    .venv/bin/python -m compileall -q pytest_systemd_harden
 }
 
 # Both at once where the virtualenv can be made before apt runs: pip (about 10 s) then costs nothing beside apt's

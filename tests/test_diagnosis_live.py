@@ -205,7 +205,7 @@ def test_a_log_file_the_service_creates_under_var_log_gets_its_directory_not_a_w
 
 def test_a_file_the_test_made_before_the_diagnosis_keeps_its_verdict_from_the_services_machine(  # type: ignore[no-untyped-def]
         machine: Machine, diagnose) -> None:
-    # /root/.netrc was made by the test, on this machine only: a fresh machine cannot check the fix, and says so.
+    # /root/.netrc2 was made by the test, on this machine only: a fresh machine cannot check the fix, and says so.
     assert machine.run(["sh", "-c", "echo machine x > /root/.netrc2"]).ok
     diagnosis = diagnose("  ProtectHome: yes\n", "cat /root/.netrc2")
     assert culprits(diagnosis) == ["ProtectHome"] and diagnosis.verified, diagnosis.render()

@@ -394,13 +394,12 @@ def test_what_the_tested_unit_needs_to_start_is_not_masked(tmp_path: Path) -> No
     (rootfs / "lib/systemd/system").mkdir(parents=True)
     for name, text in units.items():
         (rootfs / "lib/systemd/system" / name).write_text(text)
-    # A drop-in that empties Wants= and names another: systemd reads the list so, and so does the mask.
+    # A drop-in that assigns Wants= empty and names another: systemd cannot reset a dependency list, so both count.
     (rootfs / "etc/systemd/system/a.service.d").mkdir(parents=True)
     (rootfs / "etc/systemd/system/a.service.d/x.conf").write_text("[Unit]\nWants=\nWants=dropped.service\n")
-    # feed-helper is needed through feed.socket's BindsTo=, which is in [Socket]: not a dependency systemd reads
-    # from there, so it stays masked; the drop-in's reset takes helper.service out.
-    assert boot_masks(MachineConfig(tested_unit="a.service"), rootfs) == ("feed-helper.service", "helper.service",
-                                                                          "other.service")
+    # feed-helper is named by feed.socket's BindsTo= in [Socket]: no dependency systemd reads from there, so it stays
+    # masked.
+    assert boot_masks(MachineConfig(tested_unit="a.service"), rootfs) == ("feed-helper.service", "other.service")
     (rootfs / "etc/systemd/system/a.service.d/x.conf").write_text("[Unit]\nWants=dropped.service\n")
     (rootfs / "lib/systemd/system/feed.socket").write_text(
         "[Unit]\nBindsTo=feed-helper.service\n[Socket]\nService=a.service\n")

@@ -99,3 +99,60 @@ def test_the_machines_own_address_is_on_its_lo_from_its_boot(machine: Machine) -
     assert machine.address_at_boot and unit == {"LoadState": "loaded", "ActiveState": "active"}
     shown = machine.run(["ip", "-4", "-o", "address", "show", "dev", "lo"])
     assert f"inet {MACHINE_ADDRESS}/32" in shown.stdout, shown.describe()
+
+
+# --- the owed reload, with a bus that only records (no machine) ------------------------------------------------
+
+
+class RecordingBus:
+    """What SystemdClient needs of a bus object itself (the calls go through its _call_on, replaced below)."""
+    connected = True
+
+    def disconnect(self) -> None:
+        pass
+
+
+def test_an_owed_reload_is_made_once_before_the_next_call_and_owed_again_when_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from dbus_next.errors import DBusError
+
+    from pytest_systemd_harden.errors import MachineError
+    from pytest_systemd_harden.machine.systemd import SystemdClient
+
+    client = SystemdClient("unix:path=/nonexistent")
+    client._bus = RecordingBus()  # type: ignore[assignment]
+    sent: list[str] = []
+    refuse = [True]
+
+    async def call_on(bus, destination, path, interface, member, signature, body, unix_fds=()):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.01)  # an answer takes a while: calls sent meanwhile must wait for the reload
+        sent.append(member)
+        if member == "Reload" and refuse[0]:
+            raise DBusError("org.freedesktop.DBus.Error.Failed", "Refusing to reload")
+        return [Variant("s", "257")] if member == "Get" else []
+
+    monkeypatch.setattr(client, "_call_on", call_on)
+    try:
+        client.reload_before_next_call()
+        with client.owed_reload_held():
+            client.manager_property("Version")
+        assert sent == ["Get"]  # held: not paid
+        with pytest.raises(MachineError, match="could not reload its units, which changed: Refusing to reload"):
+            client.manager_property("Version")
+        assert sent == ["Get", "Reload"]
+        refuse[0] = False
+        # Still owed: paid once by the next calls, however many go out at once.
+        client.some_properties("x.service", [("org.freedesktop.systemd1.Unit", "A"),
+                                             ("org.freedesktop.systemd1.Unit", "B")])
+        assert sent == ["Get", "Reload", "Reload", "Get", "Get"]
+        client.manager_property("Version")
+        assert sent[-2:] == ["Get", "Get"]
+        # An explicit reload pays what is owed: one reload, not two.
+        client.reload_before_next_call()
+        client.reload()
+        client.manager_property("Version")
+        assert sent[-2:] == ["Reload", "Get"] and sent.count("Reload") == 3
+    finally:
+        client.close()

@@ -230,7 +230,7 @@ class SystemdClient:
         if not self._bus.connected:
             raise MachineError(f"the connection to systemd at {self.address} is closed (the machine stopped, or the "
                                "bus dropped it)")
-        if not _RELOAD_HELD.get():
+        if not _RELOAD_HELD.get() and member != "Reload":  # a reload pays what is owed itself (reload)
             await self._owed_reload()
         return await self._call_on(self._bus, SYSTEMD, path, interface, member, signature, body, unix_fds)
 
@@ -244,6 +244,12 @@ class SystemdClient:
             return
         try:
             await asyncio.shield(reloading)  # a caller that gives up (its timeout) leaves it to the others
+        except DBusError as exc:
+            # Still owed (the next call tries again), and said as what it is, not as the refusal of this call.
+            if self._reloading is reloading:
+                self._reload_owed = True
+            raise MachineError(f"systemd at {self.address} could not reload its units, which changed: "
+                               f"{exc.text}") from None
         finally:
             if reloading.done() and self._reloading is reloading:
                 self._reloading = None
@@ -341,8 +347,8 @@ class SystemdClient:
     def reload(self) -> None:
         """``systemctl daemon-reload``: systemd reads unit files and drop-ins again (the call returns when done).
         A reload owed (:meth:`reload_before_next_call`) is this one: one reload, not two."""
-        self._reload_owed = False
         self._run(self._call(MANAGER_PATH, MANAGER_IFACE, "Reload", "", []), 120)
+        self._reload_owed = False  # only once done: a refused reload is still owed
 
     def reload_before_next_call(self) -> None:
         """Unit files changed, and systemd must read them before anything looks at a unit again, but not sooner:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from ..errors import HardenError
 from ..kernel.flags import CAPABILITIES, NAMESPACE_FLAGS
 from ..kernel.seccomp import kernel_syscalls
 from ..kernel.syscall_numbers import native_syscalls
@@ -916,10 +917,14 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
         diagnosis.verdict = "budget" if diagnosis.verdict == "inconclusive" else diagnosis.verdict
         diagnosis.note = (diagnosis.note + f" Stopped early: {exc}.").strip()
     if check_dropin is not None and diagnosis.verified and diagnosis.combined is not None:
-        printed = check_dropin(diagnosis.combined.dropin(hardening))
+        try:
+            printed = check_dropin(diagnosis.combined.dropin(hardening))
+        except (BudgetExceeded, HardenError) as exc:  # no machine for it (a boot that failed): not checked
+            diagnosis.note = (diagnosis.note + f" The drop-in below, as a file, could not be checked: {exc}.").strip()
+            printed = None
         diagnosis.runs += 1
-        diagnosis.dropin_verified = printed.passed
-        if not printed.passed:
+        diagnosis.dropin_verified = printed.passed if printed is not None else None
+        if printed is not None and not printed.passed:
             diagnosis.note = (diagnosis.note + " The spec change passes, but the drop-in below, written as a file "
                               f"after the spec's, does not ({printed.summary}).").strip()
     diagnosis.runs = diagnosis.runs + oracle.runs

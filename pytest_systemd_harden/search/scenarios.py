@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from dbus_next.errors import DBusError
 
-from ..errors import ServiceFailed
+from ..errors import HardenError, ServiceFailed
 from ..kernel.seccomp import KernelLog, seccomp_records
 from ..machine.backends.base import Machine
 from ..machine.probing import machine_facts
@@ -20,10 +20,11 @@ from ..sandbox.expectations import NOT_ENFORCED
 from ..spec.directives import Directive
 from ..spec.load import Expectation, Scenario, Spec
 from ..spec.unit_file import effective_hardening
+from ..unit.pool import shut_down
 from ..unit.probe_host import verify_service
 from ..unit.service import HardenedService, describe_hardening, indent
 from ..unit.under_test import FIX_DROPIN_NAME
-from .diagnosis import BudgetExceeded, Diagnosis, Hardening, Trial, TrialResult, diagnose, replacing_dropin
+from .diagnosis import RESTRICTING, BudgetExceeded, Diagnosis, Hardening, Trial, TrialResult, diagnose, replacing_dropin
 from .observe import Observation, denial_lines, parse_strace
 from .tighten import CATALOGUE, Step, Tightening, fall_back, revert, tighten
 
@@ -171,11 +172,11 @@ def _rerun_machine(service: HardenedService, fresh: bool) -> Iterator[Machine]:
     if twin is None:
         yield service.machine
         return
-    twin.boot()
     try:
+        twin.boot()
         yield twin
     finally:
-        twin.shutdown()
+        shut_down([twin])  # however the rerun ends; a first Ctrl-C waits until the twin is down
 
 
 def _programs_present(machine: Machine, programs: list[str]) -> set[str]:
@@ -544,7 +545,7 @@ def diagnose_failure(service: HardenedService, scenario: Scenario | None, eviden
     own = service.under_test.own_directives()
     hardening = effective_hardening(own, service.spec.hardening)
 
-    def search(fresh: bool) -> Diagnosis:
+    def search(fresh: bool, max_runs: int = max_runs) -> Diagnosis:
         return diagnose(hardening, _trial(service, scenario, deadline, kernel_log, own, fresh=fresh),
                         evidence=evidence, syscall_groups=machine_syscall_groups(service.machine), max_runs=max_runs,
                         max_seconds=max_seconds, spec_name=service.spec.path.name, previous=previous,
@@ -557,27 +558,39 @@ def diagnose_failure(service: HardenedService, scenario: Scenario | None, eviden
         # the check needs what was made on this machine before the diagnosis (a test's own files), which a fresh
         # one lacks: told apart by the check without hardening on a fresh machine. In the first case the search is
         # made again with every rerun on a fresh machine (a boot each: slower, and what a host meets).
-        diagnosis = search(fresh=False)
-        if diagnosis.dropin_verified is not False or service.machine.twin() is None:
-            return diagnosis
-        unhardened = _trial(service, scenario, deadline, None, own, fresh=True)(())
-        diagnosis.runs += 1
-        if not unhardened.passed:
-            diagnosis.note += (" That was on a freshly booted machine, where the check fails without any hardening "
+        first = search(fresh=False)
+        if first.dropin_verified is not False or service.machine.twin() is None:
+            return first
+        started = time.monotonic()
+        try:
+            # Without hardening as the search's own control is: what configures the service (User=,
+            # StateDirectory=, Environment=) stays.
+            control = tuple(d for d in hardening if d.name not in RESTRICTING)
+            unhardened = _trial(service, scenario, deadline, None, own, fresh=True)(control)
+            first.runs += 1
+            if not unhardened.passed:
+                first.note += (" That was on a freshly booted machine, where the check fails without any hardening "
                                f"too ({unhardened.summary}): it needs what was made on this machine before the "
-                               "diagnosis, so the fix is verified on this machine only.")
-            return diagnosis
-        first = diagnosis
-        diagnosis = search(fresh=True)
-        diagnosis.runs += first.runs
-        diagnosis.seconds += first.seconds
-        diagnosis.note = ("The first search's fix passed on the machine it ran on, but not on a freshly booted one: "
-                          "earlier reruns had changed what the service finds there (files it keeps, which a stop "
-                          "does not take back). Searched again, every rerun on a freshly booted machine. "
-                          + diagnosis.note).strip()
-        if diagnosis.dropin_verified is False:
-            diagnosis.note += " A fix as printed that fails is a bug of the plugin, please report it."
-        return diagnosis
+                               "diagnosis, so the fix is verified on this machine only, as a spec change.")
+                return first
+            again = search(fresh=True, max_runs=max(1, max_runs - first.runs))
+        except (BudgetExceeded, HardenError) as exc:  # a first result is better than none
+            first.note += f" It could not be searched again on freshly booted machines: {exc}."
+            return first
+        finally:
+            first.seconds += time.monotonic() - started
+        again.runs += first.runs
+        again.seconds += first.seconds
+        if not (again.verified and again.dropin_verified):
+            first.runs, first.seconds = again.runs, again.seconds
+            first.note += (" Searched again with every rerun on a freshly booted machine, where no fix was verified "
+                           f"({again.verdict}: {again.note or 'see above'}).")
+            return first
+        again.note = ("The first search's fix passed on the machine it ran on, but not on a freshly booted one: "
+                      "earlier reruns had changed what the service finds there (files it keeps, which a stop does "
+                      "not take back). Searched again, every rerun on a freshly booted machine. "
+                      + again.note).strip()
+        return again
     finally:
         if kernel_log is not None:
             kernel_log.close()

@@ -207,8 +207,8 @@ _NEEDS = frozenset({("Unit", "Requires"), ("Unit", "Requisite"), ("Unit", "Binds
 def unit_list_settings(files: Sequence[tuple[str, str]], wanted: frozenset[tuple[str, str]],
                        unit: str) -> list[str]:
     """The unit names that ``files`` (a unit file and its drop-ins, :func:`unit_files_in`) assign to the list settings
-    ``wanted`` ((section, key) pairs), specifiers expanded for ``unit``; an empty assignment empties the list, as
-    systemd reads it."""
+    ``wanted`` ((section, key) pairs), specifiers expanded for ``unit``. An empty assignment changes nothing: systemd
+    cannot reset a dependency list, nor Sockets= (systemd.unit(5), systemd.service(5))."""
     names: list[str] = []
     for _path, text in files:
         section = ""
@@ -219,7 +219,7 @@ def unit_list_settings(files: Sequence[tuple[str, str]], wanted: frozenset[tuple
             elif "=" in line and not line.startswith(("#", ";")):
                 key, value = (part.strip() for part in line.split("=", 1))
                 if (section, key) in wanted:
-                    names = [*names, *expand_specifiers(value, unit).split()] if value else []
+                    names += expand_specifiers(value, unit).split()
     return names
 
 

@@ -158,12 +158,20 @@ class QemuMachine(Machine):
     _runtime: Path | None = field(default=None, init=False, repr=False)
     _image: VmImage | None = field(default=None, init=False, repr=False)
     _agent: GuestAgent | None = field(default=None, init=False, repr=False)
+    _asked_boot_timeout: float | None = field(default=None, init=False, repr=False)  # before TCG's slowdown
     _stderr: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=50), init=False,
                                             repr=False)
     # The guest's console as QEMU passes it on (a pipe, not a file that grows with whatever the guest prints): its
     # last 64 KiB, and how many bytes came in all (the early-boot check watches it grow).
     _console: bytearray = field(default_factory=bytearray, init=False, repr=False)
     _console_bytes: int = field(default=0, init=False, repr=False)
+
+    def twin(self) -> QemuMachine:
+        twin = super().twin()
+        assert isinstance(twin, QemuMachine)
+        if self._asked_boot_timeout is not None:
+            twin.boot_timeout = self._asked_boot_timeout  # its own boot multiplies it for TCG again
+        return twin
 
     # -- the command line ---------------------------------------------------------------------------------
 
@@ -224,7 +232,9 @@ class QemuMachine(Machine):
                 stalled = self._early_boot_stall()
                 if stalled:
                     raise MachineError(f"VM {self.name}: {stalled}, twice\nconsole:\n{self.boot_log()}")
-            timeout = self.boot_timeout * (TCG_SLOWDOWN if self.accelerator.name == "tcg" else 1)
+            if self._asked_boot_timeout is None:
+                self._asked_boot_timeout = self.boot_timeout
+            timeout = self._asked_boot_timeout * (TCG_SLOWDOWN if self.accelerator.name == "tcg" else 1)
             self._agent = GuestAgent(str(self._runtime / "agent.sock"))
             try:
                 self._agent.connect(timeout)
