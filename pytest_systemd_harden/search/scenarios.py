@@ -580,9 +580,9 @@ def diagnose_failure(service: HardenedService, scenario: Scenario | None, eviden
         finally:
             first.seconds += time.monotonic() - started
         again.runs += first.runs
-        again.seconds += first.seconds
+        again.seconds = first.seconds  # both searches and the check between them (the finally above)
         if not (again.verified and again.dropin_verified):
-            first.runs, first.seconds = again.runs, again.seconds
+            first.runs = again.runs
             first.note += (" Searched again with every rerun on a freshly booted machine, where no fix was verified "
                            f"({again.verdict}: {again.note or 'see above'}).")
             return first
