@@ -896,11 +896,21 @@ def package_units(rootfs: Path | InTree) -> tuple[str, ...]:
     return tuple(sorted(unit for unit in enabled if template_of(unit) in shipped))
 
 
-def boot_masks(config: MachineConfig, rootfs: Path | InTree) -> tuple[str, ...]:
-    """The units to mask at boot (``systemd.mask=`` on the machine's command line): every unit a package of
-    this image enables at boot but machine.services, the tested unit and what it needs to start as it ships (its
-    socket, a unit it requires or wants: :func:`units_needed`). MachineError for a machine.services entry that no
-    package enables, with the ones that are."""
+def boot_units(config: MachineConfig, rootfs: Path | InTree) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What a boot of ``rootfs`` does with its packages' units, read from the image once: (the units to mask, the
+    units to hold back).
+
+    Masked (``systemd.mask=`` on the machine's command line): every unit a package of this image enables at boot
+    but machine.services, the tested unit and what it needs to start as it ships (its socket, a unit it requires or
+    wants: :func:`units_needed`). MachineError for a machine.services entry that no package enables, with the ones
+    that are.
+
+    Held back at boot and released once booted: the tested unit, if a package enables it or a socket it needs can
+    start it, and then those sockets too. Its first start must be the test's, under the drop-in, as on a host where
+    the drop-in ships with the package: a start at boot without it would make state (a key an ExecStartPre= writes,
+    a directory it creates) that the hardened unit then never has to make itself; a socket listening from boot
+    would start it on the first connection. The sockets are started once the hold is released
+    (:meth:`Machine._release_holds`), as they run on a host."""
     enabled = package_units(rootfs)
     for service in config.services:
         if service not in enabled:
@@ -908,22 +918,15 @@ def boot_masks(config: MachineConfig, rootfs: Path | InTree) -> tuple[str, ...]:
                                f"boot (those are: {', '.join(enabled) or 'none'}); list only package daemons the "
                                "service needs running")
     needed = units_needed(rootfs, config.tested_unit, enabled) if config.tested_unit else set()
-    return tuple(unit for unit in enabled if unit not in (*config.services, config.tested_unit, *needed))
+    masked = tuple(unit for unit in enabled if unit not in (*config.services, config.tested_unit, *needed))
+    sockets = sorted(unit for unit in needed if unit.endswith(".socket"))
+    held = (config.tested_unit, *sockets) if config.tested_unit in enabled or sockets else ()
+    return masked, held
 
 
-def boot_holds(config: MachineConfig, rootfs: Path | InTree) -> tuple[str, ...]:
-    """The units to hold back at boot and release once booted: the tested unit, if a package enables it or a socket
-    it needs can start it (:func:`units_needed`), and then those sockets too. Its first start must be the test's,
-    under the drop-in, as on a host where the drop-in ships with the package: a start at boot without it would make
-    state (a key an ExecStartPre= writes, a directory it creates) that the hardened unit then never has to make
-    itself; a socket listening from boot would start it on the first connection. The sockets are started once the
-    hold is released (:meth:`Machine._release_holds`), as they run on a host."""
-    if not config.tested_unit:
-        return ()
-    enabled = package_units(rootfs)
-    sockets = sorted(unit for unit in units_needed(rootfs, config.tested_unit, enabled) if unit.endswith(".socket"))
-    return (config.tested_unit, *sockets) if config.tested_unit in enabled or sockets else ()
-
+def boot_masks(config: MachineConfig, rootfs: Path | InTree) -> tuple[str, ...]:
+    """The units to mask at boot (:func:`boot_units`)."""
+    return boot_units(config, rootfs)[0]
 
 # The device nodes a build by host root leaves in /dev (mmdebstrap's root mode; a sandboxed build cannot make them):
 # apt's maintainer scripts on a copy of the tree need /dev/null; a machine's /dev is its own tmpfs.
@@ -999,7 +1002,7 @@ def _customize(tree: InTree) -> None:
 # of a VM's disk) does two things before anything else starts:
 # - it adds MACHINE_ADDRESS to lo, by a unit ordered before sysinit.target (ADDRESS_UNIT): an address of the machine's
 #   own that IPAddressDeny= can deny while traffic stays in the machine (see Machine.add_machine_address);
-# - it holds the tested unit back at boot (boot_holds): it masks each unit named by pytest_systemd_harden.hold= on
+# - it holds the tested unit back at boot (boot_units): it masks each unit named by pytest_systemd_harden.hold= on
 #   the machine's command line until HOLD_RELEASED exists: PID 1's arguments in a container (its systemd reads them
 #   as its kernel command line; /proc/cmdline is the host's there), the kernel's in a VM. A systemd.mask= could not
 #   be taken back: its mask wins over every unit directory and returns at each reload.

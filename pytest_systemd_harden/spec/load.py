@@ -587,7 +587,7 @@ def parse_spec(document: Any, path: Path, root: Path | None = None) -> Spec:
     max_exposure = _parse_max_exposure(check, doc) if "max_exposure" in doc else None
     keep, never = _parse_tighten(check, doc)
     if service.unit_name:
-        machine = replace(machine, tested_unit=service.unit_name)  # never masked at boot (machine.images.boot_masks)
+        machine = replace(machine, tested_unit=service.unit_name)  # never masked at boot (machine.images.boot_units)
     return Spec(path, service, machine, hardening, scenarios, name, denials=denials, enforcement=enforcement,
                 profile=profile.name if profile else "",
                 max_exposure=max_exposure, tighten_keep=keep, tighten_never=never,

@@ -86,9 +86,9 @@ class Machine(abc.ABC):
     _systemd: SystemdClient | None = field(default=None, init=False, repr=False)
     _units: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False, repr=False)
     _tested: dict[str, Any] | None = field(default=None, init=False, repr=False)
-    # Package units masked at this boot (images.boot_masks), for the boot line.
+    # Package units masked at this boot (images.boot_units), for the boot line.
     masked_at_boot: tuple[str, ...] = field(default=(), init=False)
-    # The tested unit held back at this boot and released once booted (images.boot_holds), for the boot
+    # The tested unit held back at this boot and released once booted (images.boot_units), for the boot
     # line; a backend that cannot hold it leaves this empty.
     held_at_boot: tuple[str, ...] = field(default=(), init=False)
     # MACHINE_ADDRESS is added at boot, by the machine's generator (images.BOOT_GENERATOR); else by a command after.

@@ -37,8 +37,7 @@ from ..images import (
     BOOT_GENERATOR_PATH,
     HOLD_ARGUMENT,
     Image,
-    boot_holds,
-    boot_masks,
+    boot_units,
     enforcement_identity,
     package_version,
 )
@@ -204,8 +203,7 @@ class NspawnMachine(Machine):
         rootfs = image.rootfs
         self._layers = image.layers
         tree = image.tree()
-        self.masked_at_boot = boot_masks(self.config, tree)
-        self.held_at_boot = boot_holds(self.config, tree)
+        self.masked_at_boot, self.held_at_boot = boot_units(self.config, tree)
         try:
             self._boot_generator = self._boot_generator_file()
             self.address_at_boot = True

@@ -38,8 +38,7 @@ from ..images import (
     HOLD_ARGUMENT,
     OUTPUT_DIR,
     VmImage,
-    boot_holds,
-    boot_masks,
+    boot_units,
     package_version,
     vm_image,
 )
@@ -217,8 +216,7 @@ class QemuMachine(Machine):
         check_available()
         image = self._image = vm_image(self.image_cache, self.config.packages, progress, release=self.config.release,
                                        debs=self.config.debs)
-        self.masked_at_boot = boot_masks(self.config, image.rootfs)
-        self.held_at_boot = boot_holds(self.config, image.rootfs)
+        self.masked_at_boot, self.held_at_boot = boot_units(self.config, image.rootfs)
         self.address_at_boot = True  # the machine's generator is part of the disk (images._build_disk)
         self._runtime = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=os.environ.get("TMPDIR", "/tmp")))
         try:
