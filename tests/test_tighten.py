@@ -242,6 +242,14 @@ def test_an_allow_list_narrowed_to_everything_there_is_is_rejected_not_narrowed(
         "narrowed", "also allow net in RestrictNamespaces=")
 
 
+def test_a_deny_list_whose_every_call_is_needed_is_rejected_not_narrowed() -> None:
+    # The refinement's answer is to stop denying the group: the step's directive is gone, which is no narrowing.
+    result = run(World(syscalls=["mlock", "mlock2", "mlockall", "munlock", "munlockall"]),
+                 catalogue=[Step.of("no memory locking", SystemCallFilter="~@memlock")])
+    assert outcome(result, "SystemCallFilter=~@memlock")[0] == "rejected"
+    assert not any(line.startswith("SystemCallFilter=") for line in lines(result))
+
+
 def test_an_observation_that_narrows_a_step_to_nothing_is_not_taken_as_a_narrowing() -> None:
     # Every namespace type observed: the forecast's form would allow them all, as if RestrictNamespaces= were unset.
     world = World(namespaces=list(NAMESPACE_FLAGS))

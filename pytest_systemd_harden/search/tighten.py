@@ -654,8 +654,10 @@ def _narrow(step: Step, candidate: Hardening, oracle: Oracle, evidence: str,
     relaxation = refine(directive, context)
     if relaxation is None or relaxation.description.startswith("remove "):
         return None
-    narrowed = next(d for d in relaxation.apply(candidate) if d.name == directive.name)
-    if _restricts_nothing(narrowed):  # e.g. weakened to ProcSubset=all: the step is rejected, not narrowed
+    narrowed = next((d for d in relaxation.apply(candidate) if d.name == directive.name), None)
+    # A relaxation that takes the step's directive out (a deny list whose every call is needed: "stop denying
+    # @chown"), or weakens it to its default (ProcSubset=all): the step is rejected, not narrowed.
+    if narrowed is None or _restricts_nothing(narrowed):
         return None
     mine = next((d for d in own if d.name == directive.name), None)
     # The refinement may stop denying, or allow a group holding, what the user's own filter denies.
