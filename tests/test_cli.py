@@ -180,3 +180,26 @@ def test_the_console_script_is_installed() -> None:
     assert done.returncode == 0
     for command in ("lint", "dropin", "run-line", "exposure", "test", "cache-key"):
         assert command in done.stdout
+
+
+def test_tighten_prints_no_result_whose_drop_in_did_not_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_systemd_harden import cli as cli_module
+    from pytest_systemd_harden.search.tighten import Tightening
+    from pytest_systemd_harden.spec.directives import Directive
+
+    spec = load_spec(write(tmp_path, GOOD))
+    result = Tightening(before=spec.hardening, after=(*spec.hardening, Directive("ProtectHome", ("yes",))),
+                        dropin_verified=False, dropin_failure="scenario 'says hello': expected exit status 0")
+    score = exposure.Exposure(tenths=50, checks=(), unit_name="cli-demo.service", unit_text="")
+    # The search itself is the live tests' (tests/test_unit_tighten_live.py); here only what is printed of it.
+    monkeypatch.setattr(cli_module, "_on_machine", lambda args, command, work: (result, score, score, {}))
+    status, out, err = cli("tighten", str(tmp_path / "web.yaml"), capsys=capsys)
+    assert status == 1
+    assert "does NOT pass on a freshly booted machine, at the first start and after a restart: scenario 'says " \
+           "hello'" in out
+    assert "ProtectHome" not in out and "[Service]" not in out  # nothing to ship is printed
+    assert "the tightened drop-in does not pass every scenario (above), so no result is printed" in err
+    result.dropin_verified = True
+    status, out, _ = cli("tighten", str(tmp_path / "web.yaml"), capsys=capsys)
+    assert status == 0 and "ProtectHome=yes" in out

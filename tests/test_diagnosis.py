@@ -209,6 +209,17 @@ def test_the_rerun_budget_stops_the_search_and_says_how_to_raise_it() -> None:
     assert "--harden-diagnose-runs" in diagnosis.note
 
 
+def test_culprits_found_before_the_budget_ends_are_named_unrefined() -> None:
+    directives = hardening(**GPG_LIKE, SystemCallFilter=["@system-service", "~@memlock"])
+    assert run(World(syscalls=["mlock"]), directives).verified  # with budget enough
+    # The culprit is known after 12 reruns; its refinement needs more.
+    cut = run(World(syscalls=["mlock"]), directives, max_runs=13)
+    assert cut.verdict == "found" and not cut.verified, cut.render()
+    assert [(f.culprit.name, f.relaxation) for f in cut.findings] == [("SystemCallFilter", None)]
+    assert "--harden-diagnose-runs" in cut.note
+    assert "no relaxation was verified" in cut.render()
+
+
 def test_a_known_relaxation_is_confirmed_in_two_reruns() -> None:
     # The failure confirmed, then the earlier relaxation tried: passing, it also shows hardening is the cause (the
     # run without any is not needed).

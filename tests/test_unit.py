@@ -304,18 +304,27 @@ def test_a_package_unit_is_read_from_the_image_as_systemd_finds_it(tmp_path: Pat
     assert dotted is not None and dotted[0][0] == "/usr/lib/systemd/system/foo@.service"
 
 
-def test_the_tracer_wraps_the_units_own_exec_start_keeping_its_prefixes() -> None:
+def test_the_tracer_wraps_every_command_of_the_units_start_keeping_its_prefixes() -> None:
     text = ("# /usr/lib/systemd/system/foo.service\n[Service]\nExecStart=/bin/old\nExecStart=\n"
-            "ExecStart=-/usr/bin/foo --port %i \"a b\"\nExecStartPre=/bin/true\n"
-            "# /etc/systemd/system/foo.service.d/x.conf\n[Service]\nExecStart=+/usr/bin/bar\n")
-    dropin = wrap_exec_start(parse_systemctl_cat(text), ["strace", "-o", "/run/t", "--"], "foo.service")
+            "ExecStart=-/usr/bin/foo --port %i \"a b\"\nExecStartPre=/bin/true\nExecStartPre=+/bin/root-only\n"
+            "ExecStartPost=!/bin/after\nExecStop=/bin/stop\n"
+            "# /etc/systemd/system/foo.service.d/x.conf\n[Service]\nExecStart=+/usr/bin/bar\nExecStartPre=@/bin/sh x\n")
+    dropin, labels = wrap_exec_start(parse_systemctl_cat(text), lambda label: ["strace", "-o", f"/run/{label}", "--"],
+                                     "foo.service")
+    # Every command of the start is traced, each to a file of its own, but for those the wrapper cannot take over
+    # (@) and those outside the sandbox (+, not ExecStart=); ExecStop= is not part of the start.
     assert dropin.splitlines()[1:] == [
-        "[Service]", "ExecStart=", "ExecStart=-strace -o /run/t -- /usr/bin/foo --port %i \"a b\"",
-        "ExecStart=+strace -o /run/t -- /usr/bin/bar"]
+        "[Service]", "ExecStartPre=", "ExecStartPre=strace -o /run/ExecStartPre-1 -- /bin/true",
+        "ExecStartPre=+/bin/root-only", "ExecStartPre=@/bin/sh x",
+        "ExecStart=", "ExecStart=-strace -o /run/ExecStart -- /usr/bin/foo --port %i \"a b\"",
+        "ExecStart=+strace -o /run/ExecStart-2 -- /usr/bin/bar",
+        "ExecStartPost=", "ExecStartPost=!strace -o /run/ExecStartPost-1 -- /bin/after"]
+    assert labels == ["ExecStartPre-1", "ExecStart", "ExecStart-2", "ExecStartPost-1"]
     with pytest.raises(ValueError, match="argv"):
-        wrap_exec_start(parse_systemctl_cat("# /x.service\n[Service]\nExecStart=@/bin/sh foo\n"), ["s"], "x.service")
+        wrap_exec_start(parse_systemctl_cat("# /x.service\n[Service]\nExecStart=@/bin/sh foo\n"), lambda _: ["s"],
+                        "x.service")
     with pytest.raises(ValueError, match="no ExecStart"):
-        wrap_exec_start(parse_systemctl_cat("# /x.service\n[Service]\nType=oneshot\n"), ["s"], "x.service")
+        wrap_exec_start(parse_systemctl_cat("# /x.service\n[Service]\nType=oneshot\n"), lambda _: ["s"], "x.service")
 
 
 def test_a_drop_in_adds_to_a_units_list_and_replaces_its_single_values() -> None:

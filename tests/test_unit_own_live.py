@@ -49,7 +49,7 @@ def test_a_package_units_spec_catches_a_directive_that_breaks_a_feature(pytester
     result.stdout.fnmatch_lines([
         "  culprit: PrivateNetwork=yes (harden.yaml:7)",
         ("  verified: the scenario passes with only this change, and with this drop-in written as a file after the "
-        "spec's:"),
+        "spec's on a fresh machine (first start and restart):"),
         "    [[]Service]",
         "    PrivateNetwork=no",
     ])
@@ -101,7 +101,7 @@ def test_a_culprit_in_the_unit_file_itself_is_named_and_overridden_by_a_drop_in(
         "    the service needs: read access to /home/pub/index.html",
         "    smallest relaxation: *ProtectHome=tmpfs*BindReadOnlyPaths=-/home/pub/index.html",
         ("  verified: the scenario passes with only this change, and with this drop-in written as a file after the "
-        "spec's:"),
+        "spec's on a fresh machine (first start and restart):"),
         "    [[]Service]",
         "    ProtectHome=tmpfs",
         "    BindReadOnlyPaths=",
@@ -143,7 +143,7 @@ def test_a_list_the_unit_file_sets_is_reset_by_the_printed_drop_in(pytester: pyt
         "  culprit: RestrictAddressFamilies=AF_UNIX; RestrictAddressFamilies=AF_UNIX (pages.service:6, harden.yaml:7)",
         "    smallest relaxation: also allow AF_INET in RestrictAddressFamilies=",
         ("  verified: the scenario passes with only this change, and with this drop-in written as a file after the "
-         "spec's:"),
+         "spec's on a fresh machine (first start and restart):"),
         "    [[]Service]",
         "    RestrictAddressFamilies=",
         "    RestrictAddressFamilies=AF_UNIX AF_INET",

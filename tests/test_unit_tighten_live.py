@@ -1,9 +1,10 @@
 """Tighten on a unit systemd loads from a file: it starts from the unit as loaded, its result is a drop-in for that
-unit; its observation wraps the unit's own ExecStart= in a drop-in, and the unit keeps its type, PIDFile=, User= and
-ExecStartPre=."""
+unit; its observation wraps the commands of the unit's own start in a drop-in, and the unit keeps its type,
+PIDFile= and User=; its drop-in is checked on a freshly booted machine."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from pytest_systemd_harden.machine.backends.base import Machine
 from pytest_systemd_harden.search.scenarios import observe, tighten_service
+from pytest_systemd_harden.search.tighten import Step
 from pytest_systemd_harden.spec.load import Spec
 from pytest_systemd_harden.unit.service import HardenedService
 
@@ -73,6 +75,8 @@ def test_a_loaded_unit_is_traced_with_its_own_type_user_and_pidfile(
     assert not observation.failures, observation.failures
     assert "AF_INET" in observation.families and "the service" in observation.families["AF_INET"]
     assert f"127.0.0.1:{port}" in observation.binds
+    # ExecStartPre= is traced too, to a file of its own: what it does runs under the same sandbox
+    assert "the service's ExecStartPre= #1" in observation.writes.get(f"/run/obs-{port}/pre", ""), observation.writes
 
 
 NOTES = """[Service]
@@ -117,3 +121,71 @@ def test_tighten_starts_from_the_unit_as_loaded(machine: Machine, make_spec: Cal
     # the service itself was traced through its unit file's ExecStart=, not only the scenarios
     assert result.observation is not None and "AF_INET" in result.observation.families
     assert spec.service.dropin_path == "/etc/systemd/system/notes@.service.d/harden.conf"
+
+
+# A daemon whose ExecStartPre= makes its state directory and chowns it at the first start only, as nginx's does:
+# every later start finds it made and chowns nothing.
+CHOWNS_ONCE = """[Service]
+ExecStartPre=/bin/sh -c 'if [ ! -e {state}/done ]; then mkdir -p {state} && chown nobody {state} && touch {state}/done; fi'
+ExecStart=/usr/bin/python3 -m http.server --bind 127.0.0.1 8094
+"""
+CHOWNS_ONCE_SPEC = """
+service: {unit_file: chowns-once.service, ready: {tcp: 8094}}
+hardening:
+  PrivateTmp: yes
+scenarios:
+  - name: serves
+    client: python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8094/')"
+"""
+DROP_CAPABILITIES = [Step.of("no capabilities", CapabilityBoundingSet=""),
+                     Step.of("no chown", SystemCallFilter="~@chown")]
+
+
+def test_a_result_that_passes_only_on_what_earlier_starts_left_is_searched_again_on_fresh_machines(
+        machine: Machine, make_spec: Callable[[str], Spec], tmp_path: Path) -> None:
+    state = f"/var/lib/harden-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "chowns-once.service").write_text(CHOWNS_ONCE.format(state=state))
+    spec = make_spec(CHOWNS_ONCE_SPEC)
+    service = HardenedService(machine, spec)
+    service.start()  # the first start: the state is made here
+    try:
+        result = tighten_service(service, catalogue=DROP_CAPABILITIES)
+    finally:
+        service.stop()
+    # On the service's machine no start chowns any more: no capability and no chown passed there, and failed on a
+    # fresh machine. Searched again there, the chown of the first start is seen and kept.
+    assert result.note.startswith("the first search's result passed on the machine it ran on, but not on a "
+                                  "freshly booted one"), result.render()
+    assert result.dropin_verified and result.dropin_on_fresh_machine, result.render()
+    capabilities = next(d for d in result.after if d.name == "CapabilityBoundingSet")
+    assert "CAP_CHOWN" in capabilities.value.split(), result.render()
+    assert result.observation is not None and any("ExecStartPre=" in how for how in result.observation.writes.values()), \
+        result.render()
+    assert "passes every scenario on a freshly booted machine, at the first start and after a restart" \
+        in result.render()
+
+
+def test_a_result_whose_scenarios_need_what_the_test_made_is_checked_on_the_services_machine(
+        machine: Machine, make_spec: Callable[[str], Spec]) -> None:
+    made = f"/root/made-by-the-test-{uuid.uuid4().hex[:8]}"
+    assert machine.run(["touch", made]).ok  # on this machine only: a fresh one lacks it
+    spec = make_spec(WEB_NEEDING.format(made=made))
+    service = HardenedService(machine, spec)
+    service.start()
+    try:
+        result = tighten_service(service, catalogue=[Step.of("no privilege gain", NoNewPrivileges=True)])
+    finally:
+        service.stop()
+    assert "on a freshly booted machine the spec as written fails too" in result.note, result.render()
+    assert result.dropin_verified and not result.dropin_on_fresh_machine, result.render()
+    assert "passes every scenario on the machine tighten ran on" in result.render()
+
+
+WEB_NEEDING = """
+service:
+  exec_start: /usr/bin/python3 -m http.server --bind 127.0.0.1 8093
+  ready: {{tcp: 8093}}
+scenarios:
+  - name: finds what the test made
+    client: test -e {made}
+"""

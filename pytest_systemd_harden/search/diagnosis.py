@@ -838,6 +838,7 @@ class Diagnosis:
     # The printed drop-in itself, written as a file on top of the unit under test, fixes the failing check (None:
     # not tried, e.g. on the host backend, or nothing verified to print).
     dropin_verified: bool | None = None
+    dropin_failure: str = ""  # how the printed drop-in's check failed
     runs: int = 0
     seconds: float = 0.0
     note: str = ""
@@ -850,8 +851,8 @@ class Diagnosis:
         if self.verdict == "not-hardening":
             return f"{head}\n  fails without hardening too: not a hardening problem. {self.note}".rstrip()
         lines = [head]
-        if self.note:
-            lines.append(f"  {self.note}")
+        if self.full_note:
+            lines.append(f"  {self.full_note}")
         lines += [f"  {line}" for line in self.kernel]
         for finding in self.findings:
             where = f" ({at})" if (at := located(finding.culprit, self.spec_name)) else ""
@@ -868,7 +869,8 @@ class Diagnosis:
                 lines.append(f"    smallest relaxation: {finding.relaxation.description}")
         if self.combined is not None and self.verified:
             lines.append("  verified: the scenario passes with only this change, and with this drop-in written as a "
-                         "file after the spec's:" if self.dropin_verified else
+                         "file after the spec's on a fresh machine (first start and restart):" if self.dropin_verified
+                         else
                          "  verified: the scenario passes with only this change. Drop-in:")
             lines += ["    " + line for line in self.combined.dropin(self.hardening).splitlines()]
             lines.append(f"  or in {self.spec_name or 'the spec'} (hardening:):")
@@ -878,9 +880,17 @@ class Diagnosis:
             lines.append("  no relaxation was verified: remove the culprit directive(s) and check again")
         return "\n".join(lines)
 
+    @property
+    def full_note(self) -> str:
+        """The note, and what failed of the printed drop-in's check."""
+        if self.dropin_verified is not False:
+            return self.note
+        return (f"{self.note} The spec change passes, but the drop-in below, written as a file after the spec's, does "
+                f"not ({self.dropin_failure}).").strip()
+
     def as_dict(self) -> dict[str, object]:
         return {
-            "verdict": self.verdict, "runs": self.runs, "seconds": round(self.seconds, 2), "note": self.note,
+            "verdict": self.verdict, "runs": self.runs, "seconds": round(self.seconds, 2), "note": self.full_note,
             "verified": self.verified, "kernel": self.kernel, "dropin_verified": self.dropin_verified,
             "culprits": [{
                 "directive": f.culprit.name, "lines": f.culprit.unit_lines(),
@@ -924,9 +934,7 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
             printed = None
         diagnosis.runs += 1
         diagnosis.dropin_verified = printed.passed if printed is not None else None
-        if printed is not None and not printed.passed:
-            diagnosis.note = (diagnosis.note + " The spec change passes, but the drop-in below, written as a file "
-                              f"after the spec's, does not ({printed.summary}).").strip()
+        diagnosis.dropin_failure = printed.summary if printed is not None and not printed.passed else ""
     diagnosis.runs = diagnosis.runs + oracle.runs
     diagnosis.seconds = time.monotonic() - started
     return diagnosis
@@ -1000,11 +1008,15 @@ def _diagnose(hardening: Hardening, oracle: Oracle, evidence: str,
     diagnosis.verdict = "found"
     if any(c.name == "DynamicUser" for c in culprits):
         diagnosis.note = f"DynamicUser=yes implies {', '.join(IMPLIED_BY_DYNAMIC_USER)}."
-    for culprit in culprits:
+    for index, culprit in enumerate(culprits):
         # Refine each culprit with the other culprits already relaxed, so their effects do not mask each other.
         others = [c for c in culprits if c is not culprit]
         context.hardening = tuple(d for d in base if d not in others)
-        relaxation = refine(culprit, context)
+        try:
+            relaxation = refine(culprit, context)
+        except BudgetExceeded:  # the culprits are known: said, unrefined, with the budget's note
+            diagnosis.findings += [Finding(c, None) for c in culprits[index:]]
+            raise
         diagnosis.findings.append(Finding(culprit, relaxation))
         relaxations.append(relaxation or removal(culprit))
     combined = Relaxation("; ".join(r.description for r in relaxations),

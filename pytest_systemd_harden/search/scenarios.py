@@ -228,18 +228,42 @@ def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadli
 def _dropin_trial(service: HardenedService, scenario: Scenario | None) -> Callable[[str], TrialResult] | None:
     """A check for :func:`diagnose`: the spec as written, with a drop-in text written literally as a file after
     the spec's (:data:`~pytest_systemd_harden.unit.under_test.FIX_DROPIN_NAME`), and the failing check rerun on a
-    machine booted for it (:func:`_rerun_machine`): the printed fix, from where a host starts. None where the plugin
-    must not write unit files (the host backend: the host's own systemd)."""
+    machine booted for it, at the service's first start and after a restart (:func:`_fresh_and_restarted`): the
+    printed fix, from where a host starts. None where the plugin must not write unit files (the host backend: the
+    host's own systemd)."""
     if not service.machine.WRITES_UNIT_FILES:
         return None
 
     def check(text: str) -> TrialResult:
-        with _rerun_machine(service, fresh=True) as machine:
-            candidate = HardenedService(machine, service.spec, unit=service.unit)
-            candidate.under_test.extra_dropins = {FIX_DROPIN_NAME: text}
-            return _rerun(service, candidate, scenario, None)
+        return _fresh_and_restarted(service, _with_dropin(service, text), scenario)
 
     return check
+
+
+def _with_dropin(service: HardenedService, text: str) -> Callable[[Machine], HardenedService]:
+    """The spec's service on a machine, with ``text`` written literally as a drop-in after the spec's."""
+    def candidate(machine: Machine) -> HardenedService:
+        made = HardenedService(machine, service.spec, unit=service.unit)
+        made.under_test.extra_dropins = {FIX_DROPIN_NAME: text}
+        return made
+
+    return candidate
+
+
+def _fresh_and_restarted(service: HardenedService, candidate: Callable[[Machine], HardenedService],
+                         scenario: Scenario | None) -> TrialResult:
+    """``candidate`` started and ``scenario`` run (:func:`_rerun`) on a machine booted for it (:func:`_rerun_machine`),
+    then once more on that machine: a host meets the first start after the install, and every start after it, which
+    finds what the first one made (a search on fresh machines saw only first starts). Once, on the service's own
+    machine, where there is no twin."""
+    with _rerun_machine(service, fresh=True) as machine:
+        first = _rerun(service, candidate(machine), scenario, None)
+        if not first.passed or machine is service.machine:
+            return first
+        again = _rerun(service, candidate(machine), scenario, None)
+    if again.passed:
+        return again
+    return TrialResult(False, f"at the second start on that machine: {again.summary}", again.evidence)
 
 
 def _rerun(service: HardenedService, candidate: HardenedService, scenario: Scenario | None,
@@ -300,13 +324,19 @@ def diagnosed_failure(service: HardenedService) -> str:
     return f"{what}\n{diagnosis}"
 
 
-def all_scenarios_trial(service: HardenedService, deadline: Deadline | None = None) -> Trial:
+def all_scenarios_trial(service: HardenedService, deadline: Deadline | None = None, *,
+                        fresh: bool = False) -> Trial:
     """An oracle for :func:`tighten`: the service starts under a hardening and every scenario passes, in order.
-    With a ``deadline``, every wait is capped by it (:class:`Deadline`)."""
+    With a ``deadline``, every wait is capped by it (:class:`Deadline`); with ``fresh``, each run is on a machine
+    booted for it alone (:func:`_rerun_machine`)."""
 
     def trial(hardening: Hardening) -> TrialResult:
+        with _rerun_machine(service, fresh) as machine:
+            return attempt(machine, hardening)
+
+    def attempt(machine: Machine, hardening: Hardening) -> TrialResult:
         spec = service.spec.with_hardening(hardening)
-        candidate = HardenedService(service.machine, deadline.spec(spec) if deadline else spec, unit=service.unit)
+        candidate = HardenedService(machine, deadline.spec(spec) if deadline else spec, unit=service.unit)
         try:
             try:
                 candidate.start()
@@ -326,24 +356,25 @@ def all_scenarios_trial(service: HardenedService, deadline: Deadline | None = No
     return deadline.bounded(trial) if deadline else trial
 
 
-def _verify_dropin(service: HardenedService, result: Tightening) -> None:
+def _verify_dropin(service: HardenedService, result: Tightening, *, fresh: bool = True) -> None:
     """The printed drop-in, as a maintainer would ship it: written literally as a file after the spec's own
-    hardening, on the unit under test, every scenario run once more (``result.dropin_verified``). Not on a machine
-    whose unit files are not ours to write (the host backend)."""
+    hardening, on the unit under test, every scenario run once more (``result.dropin_verified``). With ``fresh``
+    on a machine booted for it, at the first start and after a restart (:func:`_fresh_and_restarted`), as a host
+    meets it after the package's install; else on the service's own machine. Not on a machine whose unit files are
+    not ours to write (the host backend)."""
     if not service.machine.WRITES_UNIT_FILES:
         return
-    candidate = HardenedService(service.machine, service.spec, unit=service.unit)
-    candidate.under_test.extra_dropins = {FIX_DROPIN_NAME: result.dropin()}
     scenarios = service.spec.scenarios
-    outcome = _rerun(service, candidate, scenarios[-1] if scenarios else None, None)  # every scenario, in order
-    result.dropin_verified = outcome.passed
-    if not outcome.passed:
-        failed = f"the drop-in, written as a file after the spec's hardening, does not pass: {outcome.summary}"
-        result.note = "; ".join(filter(None, [result.note, failed]))
+    last = scenarios[-1] if scenarios else None  # every scenario, in order
+    candidate = _with_dropin(service, result.dropin())
+    outcome = _fresh_and_restarted(service, candidate, last) if fresh else _rerun(
+        service, candidate(service.machine), last, None)
+    result.dropin_verified, result.dropin_on_fresh_machine = outcome.passed, fresh
+    result.dropin_failure = "" if outcome.passed else outcome.summary
 
 
 def _verify_enforcement(service: HardenedService, result: Tightening, deadline: Deadline | None = None,
-                        rounds: int = 3) -> None:
+                        rounds: int = 3, *, fresh: bool = False) -> None:
     """Scenarios cannot see a step that quietly undoes another directive (on systemd 252, ExecPaths= reopens a
     read-only /usr): check every directive of the result is enforced, and revert the steps found undoing one. A
     revert is checked by the scenarios too: a later step may have needed what the reverted one brought."""
@@ -365,7 +396,7 @@ def _verify_enforcement(service: HardenedService, result: Tightening, deadline: 
         if not reverted:
             result.note = "not enforced after tightening: " + "; ".join(v.subject.name for v in broken)
             return
-        check = all_scenarios_trial(service, deadline)(result.after)
+        check = all_scenarios_trial(service, deadline, fresh=fresh)(result.after)
         result.runs += 1
         if not check.passed:
             fall_back(result, check.summary)
@@ -374,7 +405,7 @@ def _verify_enforcement(service: HardenedService, result: Tightening, deadline: 
 # --- observation: one run with strace attached ----------------------------------------------------------------
 
 OBSERVE_DIR = "/run/harden-observe"
-# The drop-in that wraps a loaded unit's ExecStart= in the tracer, read after harden.conf.
+# The drop-in that wraps a loaded unit's start commands in the tracer, read after harden.conf.
 OBSERVE_DROPIN_NAME = "zz-harden-observe.conf"
 # -D: strace runs as a detached grandchild, so the service's main process is the service itself (Type=notify and
 # MainPID= work as usual) and an inside command ends when it does, not when a daemon it started (gpg-agent) does.
@@ -409,19 +440,26 @@ def observe(service: HardenedService, hardening: Hardening | None = None, *,
     if not prepared.ok:
         raise ObservationFailed(f"could not prepare {directory}: {prepared.stderr.strip()}")
     traced_hardening = _for_tracer(hardening, directory, service.under_test.own_directives())
-    tracer = (*STRACE, "-o", f"{directory}/service", "--")
+
+    def tracer(label: str) -> tuple[str, ...]:
+        return (*STRACE, "-o", f"{directory}/{'service' if label == 'ExecStart' else label}", "--")
+
     try:
-        # A unit systemd loads keeps its own command line, type and PIDFile=: the tracer goes in front of it.
+        # A unit systemd loads keeps its own command lines, type and PIDFile=: the tracer goes in front of each
+        # command its start runs (an ExecStartPre= that makes the directories the daemon then finds made).
         wrapped = service.under_test.wrapped_exec_start(tracer)
     except ValueError as exc:
         raise ObservationFailed(str(exc)) from None
     traced_spec = replace(spec, hardening=traced_hardening) if wrapped is not None else replace(
-        spec, hardening=traced_hardening, service=replace(spec.service, exec_start=(*tracer,
+        spec, hardening=traced_hardening, service=replace(spec.service, exec_start=(*tracer("ExecStart"),
                                                                                     *spec.service.exec_start)))
     traced = HardenedService(machine, deadline.spec(traced_spec) if deadline else traced_spec, unit=service.unit)
-    if wrapped is not None:
-        traced.under_test.own_dropins[OBSERVE_DROPIN_NAME] = wrapped
     runs = [("the service", f"{directory}/service")]
+    if wrapped is not None:
+        dropin, labels = wrapped
+        traced.under_test.own_dropins[OBSERVE_DROPIN_NAME] = dropin
+        runs = [("the service" if label == "ExecStart" else "the service's {}= #{}".format(*label.split("-")),
+                 f"{directory}/{'service' if label == 'ExecStart' else label}") for label in labels]
     problems: list[str] = []
     try:
         try:
@@ -487,45 +525,122 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
 
     With ``observations`` (the default), one traced run first (:func:`observe`) orders and pre-narrows the search,
     and the steps it forecasts to fit are tried together (``together``: see :func:`tighten`).
+
+    The search runs on the service's machine, where every run finds what the runs before it left (a package's
+    /var/lib, chowned at a first start that could: no later start chowns again, so a result without CAP_CHOWN
+    passes there). Its drop-in is checked on a freshly booted machine, as a host is after the install; where it
+    fails there but the spec as written passes there, the search is made again with every run on a fresh machine.
     """
+    # One budget for the whole tighten: the traced runs, both searches and the checks.
+    deadline = Deadline(max_seconds, f"tighten ({max_seconds:g}s)")
+
+    def search(fresh: bool, max_runs: int = max_runs) -> Tightening:
+        return _search_tightening(service, deadline, fresh=fresh, keep=keep, never=never, max_runs=max_runs,
+                                  catalogue=catalogue, observations=observations, together=together)
+
     try:
-        observation, note, started = None, "", time.monotonic()
-        # One budget for the whole tighten, the traced run and the enforcement check included.
-        deadline = Deadline(max_seconds, f"tighten ({max_seconds:g}s)")
-        if observations:
-            try:
-                observation = observe(service, deadline=deadline)
-            except ObservationFailed as exc:
-                note = f"searched without observations: {exc}"
-        observed_in = time.monotonic() - started
-        groups = machine_syscall_groups(service.machine)
-        # The traced run was the spec's own hardening with every scenario: when all passed, it is the baseline.
-        baseline = TrialResult(True, "passed while traced") if observation and not observation.failures else None
-        result = tighten(service.spec.hardening, all_scenarios_trial(service, deadline), catalogue=catalogue,
-                         keep=keep, never=never, syscall_groups=groups, max_runs=max_runs,
-                         max_seconds=max(0.0, deadline.left()),
-                         observation=observation, baseline=baseline, together=together,
-                         scenarios_from_outside=any(s.where == "client" for s in service.spec.scenarios),
-                         offline=service.spec.tighten_offline, own=service.under_test.own_directives())
-        result.instance = service.spec.service.instance
-        if observations:  # the traced run is part of the cost
-            result.runs += 1 if observation is not None else 0
-            result.observe_seconds = observed_in
-            result.seconds += observed_in
-            result.note = "; ".join(filter(None, [result.note, note]))
-        if result.after != result.before:
-            try:
-                deadline.check()
-                _verify_enforcement(service, result, deadline)
-            except BudgetExceeded as exc:
-                result.note = "; ".join(filter(None, [result.note, f"enforcement not checked: {exc}"]))
-            _verify_dropin(service, result)
-        return result
+        first = search(fresh=False)
+        if first.dropin_verified is not False:  # checked and passed, or not checked (the host backend)
+            return first
+        started = time.monotonic()
+        try:
+            control = all_scenarios_trial(service, deadline, fresh=True)(service.spec.hardening)
+            first.runs += 1
+            if not control.passed:
+                # The scenarios need what was made on this machine before tighten (a test's own files), which a
+                # fresh machine lacks: the drop-in can be checked on this machine only.
+                _verify_dropin(service, first, fresh=False)
+                first.note = _joined(first.note, f"on a freshly booted machine the spec as written fails too "
+                                                  f"({control.summary}): the scenarios need what was made on this "
+                                                  "machine before tighten")
+                return first
+            again = search(fresh=True, max_runs=max(1, max_runs - first.runs))
+        except (BudgetExceeded, HardenError) as exc:  # the first result, marked as failing fresh, rather than none
+            first.note = _joined(first.note, f"it could not be searched again on freshly booted machines: {exc}")
+            return first
+        finally:
+            first.seconds += time.monotonic() - started
+        again.runs += first.runs
+        again.seconds = first.seconds  # both searches and the check between them (the finally above)
+        if not again.dropin_verified:
+            first.runs, first.seconds = again.runs, again.seconds
+            first.note = _joined(first.note, "searched again with every run on a freshly booted machine, where the "
+                                             f"result does not pass either ({again.dropin_failure or again.note})")
+            return first
+        again.note = _joined("the first search's result passed on the machine it ran on, but not on a freshly "
+                             "booted one: earlier runs had changed what the service finds there (files it keeps, "
+                             "which a stop does not take back); searched again with every run on a freshly booted "
+                             "machine", again.note)
+        return again
     finally:
         try:
             service.start()
         except ServiceFailed:
             pass
+
+
+def _joined(*notes: str) -> str:
+    return "; ".join(filter(None, notes))
+
+
+def _search_tightening(service: HardenedService, deadline: Deadline, *, fresh: bool, keep: Sequence[str],
+                       never: Sequence[str], max_runs: int, catalogue: Sequence[Step], observations: bool,
+                       together: bool | None) -> Tightening:
+    """One tighten search (:func:`tighten_service`): with ``fresh``, the traced run and every run of the search on
+    a machine booted for it alone (:func:`_rerun_machine`); the drop-in then checked on a fresh machine."""
+    observation, note, started = None, "", time.monotonic()
+    if observations:
+        try:
+            with _rerun_machine(service, fresh) as machine:
+                traced_on = service if machine is service.machine else service.on(machine)
+                observation = observe(traced_on, deadline=deadline)
+        except ObservationFailed as exc:
+            note = f"searched without observations: {exc}"
+    observed_in = time.monotonic() - started
+    groups = machine_syscall_groups(service.machine)
+    # The traced run was the spec's own hardening with every scenario: when all passed, it is the baseline.
+    baseline = TrialResult(True, "passed while traced") if observation and not observation.failures else None
+    result = tighten(service.spec.hardening, all_scenarios_trial(service, deadline, fresh=fresh), catalogue=catalogue,
+                     keep=keep, never=never, syscall_groups=groups, max_runs=max_runs,
+                     max_seconds=max(0.0, deadline.left()),
+                     observation=observation, baseline=baseline, together=together,
+                     scenarios_from_outside=any(s.where == "client" for s in service.spec.scenarios),
+                     offline=service.spec.tighten_offline, own=service.under_test.own_directives())
+    result.instance = service.spec.service.instance
+    if observations:  # the traced run is part of the cost
+        result.runs += 1 if observation is not None else 0
+        result.observe_seconds = observed_in
+        result.seconds += observed_in
+        result.note = _joined(result.note, note)
+    if result.after != result.before:
+        try:
+            deadline.check()
+            _verify_enforcement(service, result, deadline, fresh=fresh)
+        except BudgetExceeded as exc:
+            result.note = _joined(result.note, f"enforcement not checked: {exc}")
+        _verify_dropin(service, result)
+    return result
+
+
+def _first_named(first: Diagnosis) -> str:
+    """What the first search (on the service's machine) named, and why that is no fix for a host."""
+    named = "; ".join(f"{'; '.join(f.culprit.unit_lines())}" + (f" ({f.relaxation.description})" if f.relaxation
+                                                                  else "") for f in first.findings)
+    return (f"The search on the service's machine named {named or 'no culprit'}, but its fix, written as a drop-in, "
+            f"fails on a freshly booted machine ({first.dropin_failure}): earlier reruns had changed what the service "
+            "finds there (files it keeps, which a stop does not take back), so it is no fix for a host and is not "
+            "printed.")
+
+
+def _unconfirmed(first: Diagnosis, why: str, verdict: str) -> Diagnosis:
+    """The first search's result, whose drop-in failed on a freshly booted machine where the check passes without
+    the hardening, when no search there found anything (``why``): what it named is told in the note, and no fix is
+    printed, since a host would refuse it. The kernel's records of the failing check stay."""
+    first.note = f"{first.note} {_first_named(first)} {why}".strip()
+    first.verdict = verdict
+    first.findings, first.combined, first.verified = [], None, False
+    first.dropin_verified, first.dropin_failure = None, ""
+    return first
 
 
 def diagnose_failure(service: HardenedService, scenario: Scenario | None, evidence: str, *, max_runs: int = 60,
@@ -574,18 +689,22 @@ def diagnose_failure(service: HardenedService, scenario: Scenario | None, eviden
                                "diagnosis, so the fix is verified on this machine only, as a spec change.")
                 return first
             again = search(fresh=True, max_runs=max(1, max_runs - first.runs))
-        except (BudgetExceeded, HardenError) as exc:  # a first result is better than none
-            first.note += f" It could not be searched again on freshly booted machines: {exc}."
-            return first
+        except (BudgetExceeded, HardenError) as exc:
+            return _unconfirmed(first, f"It could not be searched again on freshly booted machines: {exc}.",
+                                "budget" if isinstance(exc, BudgetExceeded) else "inconclusive")
         finally:
             first.seconds += time.monotonic() - started
         again.runs += first.runs
         again.seconds = first.seconds  # both searches and the check between them (the finally above)
         if not (again.verified and again.dropin_verified):
+            if again.findings:  # found on fresh machines, if not (all) verified: those culprits are a host's
+                again.note = (f"{_first_named(first)} Searched again with every rerun on a freshly booted machine: "
+                              f"{again.note}").strip()
+                return again
             first.runs = again.runs
-            first.note += (" Searched again with every rerun on a freshly booted machine, where no fix was verified "
-                           f"({again.verdict}: {again.note or 'see above'}).")
-            return first
+            return _unconfirmed(first, "Searched again with every rerun on a freshly booted machine, where no fix "
+                                       f"was verified ({again.verdict}: {again.full_note or 'nothing found'}).",
+                                "budget" if again.verdict == "budget" else "inconclusive")
         again.note = ("The first search's fix passed on the machine it ran on, but not on a freshly booted one: "
                       "earlier reruns had changed what the service finds there (files it keeps, which a stop does "
                       "not take back). Searched again, every rerun on a freshly booted machine. "

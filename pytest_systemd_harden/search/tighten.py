@@ -158,6 +158,10 @@ class Tightening:
     confirmations: int = 0  # runs spent confirming that an observed item is needed (or dropping it)
     # The drop-in (dropin()), written as a file after the spec's hardening, passed every scenario; None: not tried.
     dropin_verified: bool | None = None
+    dropin_failure: str = ""  # what failed, when it did not pass
+    # Where it was checked: a machine booted for the check (as a host is after the install), or, where the
+    # scenarios need what the test made on the service's machine, that machine.
+    dropin_on_fresh_machine: bool = True
     # The instance tested, for a template unit: its drop-in is every instance's, so a grant naming it says %i.
     instance: str = ""
 
@@ -215,8 +219,14 @@ class Tightening:
             lines.append(f"  {self.note}")
         if self.enforcement_checked:
             lines.append("  every directive of the result was checked enforced on the machine")
+        where = ("a freshly booted machine, at the first start and after a restart" if self.dropin_on_fresh_machine
+                 else "the machine tighten ran on")
         if self.dropin_verified:
-            lines.append("  the drop-in below, written as a file after the spec's hardening, passes every scenario")
+            lines.append("  the drop-in below, written as a file after the spec's hardening, passes every scenario "
+                         f"on {where}")
+        elif self.dropin_verified is False:
+            lines.append(f"  the drop-in, written as a file after the spec's hardening, does NOT pass on {where}: "
+                         f"{self.dropin_failure}")
         return "\n".join(lines)
 
 

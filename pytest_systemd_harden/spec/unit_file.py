@@ -272,26 +272,49 @@ def accumulates(name: str) -> bool:
     return kind.signature.startswith(("a", "(")) or kind in (CAPS, NAMESPACES)
 
 
-def wrap_exec_start(settings: Sequence[Setting], wrapper: Sequence[str], unit: str) -> str:
-    """A drop-in resetting ``ExecStart=`` and setting each of the unit's own ``ExecStart=`` lines again, run by
-    ``wrapper`` (its last word ``--``): the command line is kept as systemd reads it (specifiers, quoting and
-    ``$VAR`` expand as before), its prefixes (``-``, ``+``, ``!``, ``:``) move in front of the wrapper. Everything
-    else (Type=, PIDFile=, User=, ExecStartPre=) stays the unit's. :class:`ValueError` when there is nothing to
-    wrap, or an ``@`` prefix (its argv[0] cannot be handed through the wrapper)."""
-    lines: list[str] = []
+# The commands a start runs under the unit's sandbox, in the order it runs them (ExecStop= runs at the stop).
+START_COMMANDS = ("ExecCondition", "ExecStartPre", "ExecStart", "ExecStartPost")
+
+
+def wrap_exec_start(settings: Sequence[Setting], wrapper: Callable[[str], Sequence[str]],
+                    unit: str) -> tuple[str, list[str]]:
+    """A drop-in that runs every command of the unit's start (:data:`START_COMMANDS`) under ``wrapper(label)``
+    (its last word ``--``; ``label`` names the command: ``ExecStart`` for the first of those, ``ExecStart-2`` for a
+    second, ``ExecStartPre-1`` for the first ``ExecStartPre=``, ...), and
+    the labels wrapped. Each list is reset and its lines set again: a command line is kept as systemd reads it
+    (specifiers, quoting and ``$VAR`` expand as before), its prefixes (``-``, ``!``, ``:``) move in front of the
+    wrapper. Everything else (Type=, PIDFile=, User=) stays the unit's. A command other than ``ExecStart=`` with
+    the ``+`` prefix runs outside the sandbox (what it needs is not the sandbox's business) and one with ``@``
+    cannot be handed through the wrapper: both stay as they are. :class:`ValueError` when there is no ``ExecStart=``
+    to wrap, or it has an ``@`` prefix."""
+    commands: dict[str, list[str]] = {key: [] for key in START_COMMANDS}
     for setting in settings:
-        if setting.key != "ExecStart":
+        if setting.key not in commands:
             continue
         if not setting.value:
-            lines = []
+            commands[setting.key] = []
             continue
         command = setting.value.lstrip("-@:+!")
         prefix = setting.value[:len(setting.value) - len(command)]
-        if "@" in prefix:
+        if "@" in prefix and setting.key == "ExecStart":
             raise ValueError(f"ExecStart={setting.value} ({setting.source}:{setting.line}) sets its own argv[0] "
                              "with @, which the tracer cannot hand on")
-        lines.append(f"ExecStart={prefix}{' '.join(shlex.quote(w) for w in wrapper)} {command}")
-    if not lines:
+        commands[setting.key].append(setting.value)
+    if not commands["ExecStart"]:
         raise ValueError(f"{unit} has no ExecStart= to wrap")
-    return "\n".join(["# Observation by pytest-systemd-harden: the unit's own ExecStart=, traced", "[Service]",
-                      "ExecStart=", *lines]) + "\n"
+    lines, labels = ["[Service]"], []
+    for key, values in commands.items():
+        if not values:
+            continue
+        lines.append(f"{key}=")
+        for number, value in enumerate(values, 1):
+            command = value.lstrip("-@:+!")
+            prefix = value[:len(value) - len(command)]
+            if key != "ExecStart" and ("+" in prefix or "@" in prefix):
+                lines.append(f"{key}={value}")
+                continue
+            label = key if (key, number) == ("ExecStart", 1) else f"{key}-{number}"  # a trace file each
+            labels.append(label)
+            lines.append(f"{key}={prefix}{' '.join(shlex.quote(w) for w in wrapper(label))} {command}")
+    return "\n".join(["# Observation by pytest-systemd-harden: the unit's own start commands, traced",
+                      *lines]) + "\n", labels

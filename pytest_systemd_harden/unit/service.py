@@ -188,6 +188,13 @@ class HardenedService:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
+    def on(self, machine: Machine) -> HardenedService:
+        """The same service (spec and unit) on ``machine``, a twin of this one's (:meth:`Machine.twin`): the unit's
+        own settings are known there before its first start (:meth:`UnitUnderTest.loaded_as`)."""
+        twin = HardenedService(machine, self.spec, unit=self.unit)
+        twin.under_test.loaded_as(self.under_test)
+        return twin
+
     def start(self) -> None:
         """(Re)start the service clean under the spec, and wait until it is ready; ServiceFailed if not."""
         self.stop()

@@ -144,6 +144,12 @@ class UnitUnderTest(abc.ABC):
         """The unit's ``[Service]`` settings as systemd loaded them (none for a transient unit: the spec is all)."""
         return []
 
+    def loaded_as(self, other: UnitUnderTest) -> None:
+        """Take the unit's own settings from ``other``, the same unit on a machine of the same image and
+        configuration (the service's, for its twin): known before this machine loads the unit, which for a unit
+        file of the spec's is at its first start. Read again from this machine after each start."""
+        self._settings = list(other.own_settings())
+
     def own_directives(self) -> tuple[Directive, ...]:
         """The unit's own hardening directives, each naming its file and line (the spec's are not among them)."""
         if self.replacing_dropin is not None:
@@ -160,10 +166,12 @@ class UnitUnderTest(abc.ABC):
         """The unit as systemd sees it (``systemctl cat``), or "" when there is no file to show."""
         return ""
 
-    def wrapped_exec_start(self, wrapper: Sequence[str]) -> str | None:
-        """A drop-in that runs the unit's own ``ExecStart=`` lines under ``wrapper`` (``strace ... --``), every
-        other setting as loaded; None when the spec's ``exec_start`` is the command (the caller wraps that).
-        Raises :class:`ValueError` for a command line the wrapper cannot take over."""
+    def wrapped_exec_start(self, wrapper: Callable[[str], Sequence[str]]) -> tuple[str, list[str]] | None:
+        """A drop-in that runs the commands of the unit's own start (``ExecStartPre=``, ``ExecStart=``, ...) under
+        ``wrapper(label)`` (``strace ... --``), every other setting as loaded, and the labels of the commands
+        wrapped (:func:`~pytest_systemd_harden.spec.unit_file.wrap_exec_start`); None when the spec's
+        ``exec_start`` is the command (the caller wraps that). Raises :class:`ValueError` for a command line the
+        wrapper cannot take over."""
         return None
 
     def as_one_file(self) -> str:
@@ -318,7 +326,7 @@ class LoadedUnit(UnitUnderTest):
         result = self.machine.run(["systemctl", "cat", "--no-pager", "--", self.name], purpose="cat")
         return result.stdout if result.ok else ""
 
-    def wrapped_exec_start(self, wrapper: Sequence[str]) -> str | None:
+    def wrapped_exec_start(self, wrapper: Callable[[str], Sequence[str]]) -> tuple[str, list[str]] | None:
         return wrap_exec_start(self.own_settings(), wrapper, self.name)
 
     def describe(self) -> str:
