@@ -11,6 +11,7 @@ from pytest_systemd_harden.search.diagnosis import (
     RESTRICTING,
     Context,
     Diagnosis,
+    Finding,
     Oracle,
     Relaxation,
     TrialResult,
@@ -21,6 +22,7 @@ from pytest_systemd_harden.search.diagnosis import (
     paths_in,
     refine,
 )
+from pytest_systemd_harden.search.scenarios import _diagnosed
 from pytest_systemd_harden.spec.directives import Directive
 
 
@@ -560,3 +562,68 @@ def test_an_own_culprit_is_named_with_the_unit_file_and_its_fix_is_a_drop_in() -
     assert dropin.startswith("[Service]\nCapabilityBoundingSet=\nCapabilityBoundingSet="), dropin
     assert "cannot be undone from the spec" in text  # a spec line would add to the unit's list, not replace it
     assert diagnosis.as_dict()["culprits"][0]["where"] == "mc.service:5"  # type: ignore[index]
+
+
+# --- the first search's fix fails on a fresh machine (diagnose_failure's choice) ---------------------------------
+
+PROTECT = Directive("ProtectSystem", ("strict",), 4)
+FILTER = Directive("SystemCallFilter", ("~@privileged",), 5)
+WEAKER = Relaxation("weaken ProtectSystem=strict to ProtectSystem=full",
+                    replace=(("ProtectSystem", Directive("ProtectSystem", ("full",))),))
+
+
+def found(culprit: Directive, relaxation: Relaxation | None, *, verified: bool, dropin: bool | None,
+          runs: int = 10, verdict: str = "found", note: str = "") -> Diagnosis:
+    return Diagnosis(verdict, findings=[Finding(culprit, relaxation)], combined=relaxation, verified=verified,
+                     dropin_verified=dropin, dropin_failure="nginx.service failed to start" if dropin is False else "",
+                     runs=runs, hardening=(PROTECT, FILTER), spec_name="harden.yaml", note=note)
+
+
+def searches(*results: Diagnosis) -> Callable[[bool, int], Diagnosis]:
+    def search(fresh: bool, max_runs: int) -> Diagnosis:
+        assert fresh == (len(asked) > 0)
+        asked.append(fresh)
+        return results[len(asked) - 1]
+    asked: list[bool] = []
+    return search
+
+
+def test_a_fix_verified_again_on_fresh_machines_replaces_the_first() -> None:
+    first = found(PROTECT, WEAKER, verified=True, dropin=False)
+    again = found(FILTER, None, verified=True, dropin=True, runs=20)
+    result = _diagnosed(searches(first, again), lambda: TrialResult(True), 60)
+    assert result is again and result.runs == 31
+    assert result.note.startswith("The first search's fix passed on the machine it ran on")
+
+
+def test_a_first_fix_that_fails_fresh_is_never_printed_when_nothing_fresh_is_verified() -> None:
+    first = found(PROTECT, WEAKER, verified=True, dropin=False)
+    again = Diagnosis("budget", note="Stopped early: the budget of 30 reruns is spent.", runs=30)
+    result = _diagnosed(searches(first, again), lambda: TrialResult(True), 60)
+    rendered = result.render()
+    assert result.verdict == "budget" and not result.findings and not result.verified
+    assert "named ProtectSystem=strict (weaken ProtectSystem=strict to ProtectSystem=full), but its fix" in rendered
+    assert "  verified:" not in rendered and "ProtectSystem=full\n" not in rendered and result.as_dict()["dropin"] is None
+
+
+def test_culprits_found_fresh_are_listed_even_unrefined() -> None:
+    first = found(PROTECT, WEAKER, verified=True, dropin=False)
+    again = found(FILTER, None, verified=False, dropin=None, note="Stopped early: the budget of 30 reruns is spent.")
+    result = _diagnosed(searches(first, again), lambda: TrialResult(True), 60)
+    assert result is again and [f.culprit.name for f in result.findings] == ["SystemCallFilter"]
+    assert "no relaxation was verified" in result.render()
+
+
+def test_a_fresh_fix_whose_drop_in_fails_too_is_not_printed_as_verified() -> None:
+    first = found(PROTECT, WEAKER, verified=True, dropin=False)
+    again = found(FILTER, Relaxation("re-allow @chown"), verified=True, dropin=False)
+    result = _diagnosed(searches(first, again), lambda: TrialResult(True), 60)
+    assert not result.verified and result.combined is None and "  verified:" not in result.render()
+    assert "does not pass there either (nginx.service failed to start)" in result.note
+
+
+def test_a_check_that_needs_the_tests_own_files_keeps_the_first_fix_as_a_spec_change() -> None:
+    first = found(PROTECT, WEAKER, verified=True, dropin=False)
+    result = _diagnosed(searches(first), lambda: TrialResult(False, "no /root/x"), 60)
+    assert result is first and result.verified
+    assert "fails without any hardening too (no /root/x)" in result.note

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from simulated_service import GROUPS, World, hardening, syscall_allowed
 
 from pytest_systemd_harden.kernel.flags import NAMESPACE_FLAGS
-from pytest_systemd_harden.search.diagnosis import TrialResult, hardening_key
+from pytest_systemd_harden.search.diagnosis import BudgetExceeded, TrialResult, hardening_key
 from pytest_systemd_harden.search.observe import filter_allows, parse_strace
+from pytest_systemd_harden.search.scenarios import _tightened
 from pytest_systemd_harden.search.tighten import CATALOGUE, Step, Tightening, fall_back, profile_only, revert, tighten
 from pytest_systemd_harden.spec.directives import Directive
 
@@ -388,3 +391,83 @@ def test_a_template_s_drop_in_names_the_instance_as_a_specifier_in_its_grants() 
     assert instance_as_specifier(dropin, "8080") == (
         "[Service]\nStateDirectory=notes-%i\nReadWritePaths=/srv/%i/data /srv/app18080\n"
         "LogsDirectory=%i\nSystemCallFilter=@system-service\nEnvironment=PORT=8080\n")  # grants only, whole words
+
+
+# --- where the result is checked: the service's machine, then fresh machines (tighten_service's choice) ----------
+
+def searched(*results: Tightening) -> tuple[Callable[[bool, int], Tightening], list[bool]]:
+    """A search returning ``results`` in turn, recording whether each was asked for on fresh machines."""
+    asked: list[bool] = []
+
+    def search(fresh: bool, max_runs: int) -> Tightening:
+        asked.append(fresh)
+        return results[len(asked) - 1]
+
+    return search, asked
+
+
+def tightening(verified: bool | None, runs: int = 10, failure: str = "") -> Tightening:
+    return Tightening(before=(), after=(Directive("PrivateTmp", ("yes",)),), runs=runs, dropin_verified=verified,
+                      dropin_failure=failure)
+
+
+def never_called(*_: object) -> TrialResult:
+    raise AssertionError("not to be called")
+
+
+def test_a_result_whose_drop_in_passes_on_a_fresh_machine_is_searched_once() -> None:
+    first = tightening(True)
+    search, asked = searched(first)
+    assert _tightened(search, never_called, never_called, 200) is first and asked == [False]
+
+
+def test_a_result_failing_on_a_fresh_machine_is_searched_again_there() -> None:
+    first, again = tightening(False, failure="start failed"), tightening(True, runs=20)
+    search, asked = searched(first, again)
+    result = _tightened(search, lambda: TrialResult(True), never_called, 200)
+    assert result is again and asked == [False, True]
+    assert result.runs == 20 + 10 + 1  # both searches and the control between them
+    assert result.note.startswith("the first search's result passed on the machine it ran on")
+
+
+def test_nothing_more_passing_on_fresh_machines_is_the_result_not_a_failure() -> None:
+    # The fresh search kept no step: its result is the spec as written, which the control just passed there.
+    first, again = tightening(False), Tightening(before=(), after=(), runs=5)
+    search, _ = searched(first, again)
+    result = _tightened(search, lambda: TrialResult(True), never_called, 200)
+    assert result is again and result.dropin_verified is None
+
+
+def test_a_result_failing_on_fresh_machines_twice_is_not_verified() -> None:
+    first, again = tightening(False, failure="a"), tightening(False, failure="b")
+    search, _ = searched(first, again)
+    result = _tightened(search, lambda: TrialResult(True), never_called, 200)
+    assert result is first and result.dropin_verified is False
+    assert "where the result does not pass either (b)" in result.note
+
+
+def test_scenarios_that_need_the_tests_own_files_check_the_drop_in_on_the_services_machine() -> None:
+    first = tightening(False)
+    search, asked = searched(first)
+    checked: list[Tightening] = []
+
+    def check_here(result: Tightening) -> None:
+        checked.append(result)
+        result.dropin_verified, result.dropin_on_fresh_machine = True, False
+
+    result = _tightened(search, lambda: TrialResult(False, "no /root/x"), check_here, 200)
+    assert result is first and checked == [first] and asked == [False]
+    assert result.dropin_verified and "the spec as written fails too (no /root/x)" in result.note
+
+
+def test_no_time_for_the_second_search_keeps_the_failing_result_marked() -> None:
+    first = tightening(False)
+
+    def search(fresh: bool, max_runs: int) -> Tightening:
+        if fresh:
+            raise BudgetExceeded("the time budget for tighten (900s) is spent")
+        return first
+
+    result = _tightened(search, lambda: TrialResult(True), never_called, 200)
+    assert result is first and result.dropin_verified is False
+    assert "could not be searched again on freshly booted machines: the time budget" in result.note

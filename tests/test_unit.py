@@ -325,6 +325,10 @@ def test_the_tracer_wraps_every_command_of_the_units_start_keeping_its_prefixes(
                         "x.service")
     with pytest.raises(ValueError, match="no ExecStart"):
         wrap_exec_start(parse_systemctl_cat("# /x.service\n[Service]\nType=oneshot\n"), lambda _: ["s"], "x.service")
+    # an @ line a drop-in reset is not the unit's any more
+    reset = "# /x.service\n[Service]\nExecStart=@/bin/sh foo\n# /x.service.d/y.conf\n[Service]\nExecStart=\nExecStart=/bin/ok\n"
+    assert wrap_exec_start(parse_systemctl_cat(reset), lambda _: ["s", "--"], "x.service")[0].splitlines()[-1] == \
+        "ExecStart=s -- /bin/ok"
 
 
 def test_a_drop_in_adds_to_a_units_list_and_replaces_its_single_values() -> None:

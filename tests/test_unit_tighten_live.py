@@ -161,7 +161,7 @@ def test_a_result_that_passes_only_on_what_earlier_starts_left_is_searched_again
     assert "CAP_CHOWN" in capabilities.value.split(), result.render()
     assert result.observation is not None and any("ExecStartPre=" in how for how in result.observation.writes.values()), \
         result.render()
-    assert "passes every scenario on a freshly booted machine, at the first start and after a restart" \
+    assert "passes every scenario on a freshly booted machine, and the service starts again there after a restart" \
         in result.render()
 
 

@@ -344,6 +344,15 @@ class SystemdClient:
         (job,) = await self._call(MANAGER_PATH, MANAGER_IFACE, "StartUnit", "ss", [unit, "replace"])
         return await self._wait_job(job, timeout)
 
+    def restart_unit(self, unit: str, *, timeout: float = 90.0) -> str:
+        """``systemctl restart``: stop ``unit`` and start it again, its files and what it made kept; wait for the
+        job and return its result."""
+        return self._run(self._restart_unit(unit, timeout), timeout + 5)
+
+    async def _restart_unit(self, unit: str, timeout: float) -> str:
+        (job,) = await self._call(MANAGER_PATH, MANAGER_IFACE, "RestartUnit", "ss", [unit, "replace"])
+        return await self._wait_job(job, timeout)
+
     def reload(self) -> None:
         """``systemctl daemon-reload``: systemd reads unit files and drop-ins again (the call returns when done).
         A reload owed (:meth:`reload_before_next_call`) is this one: one reload, not two."""

@@ -225,25 +225,30 @@ def _trial(service: HardenedService, scenario: Scenario | None, deadline: Deadli
     return deadline.bounded(trial) if deadline else trial
 
 
-def _dropin_trial(service: HardenedService, scenario: Scenario | None) -> Callable[[str], TrialResult] | None:
+def _dropin_trial(service: HardenedService, scenario: Scenario | None,
+                  deadline: Deadline | None = None) -> Callable[[str], TrialResult] | None:
     """A check for :func:`diagnose`: the spec as written, with a drop-in text written literally as a file after
     the spec's (:data:`~pytest_systemd_harden.unit.under_test.FIX_DROPIN_NAME`), and the failing check rerun on a
-    machine booted for it, at the service's first start and after a restart (:func:`_fresh_and_restarted`): the
-    printed fix, from where a host starts. None where the plugin must not write unit files (the host backend: the
-    host's own systemd)."""
+    machine booted for it, then the service restarted there (:func:`_fresh_and_restarted`): the printed fix, from
+    where a host starts. None where the plugin must not write unit files (the host backend: the host's own
+    systemd). With a ``deadline``, its waits are capped and it is not begun once the time is spent."""
     if not service.machine.WRITES_UNIT_FILES:
         return None
 
     def check(text: str) -> TrialResult:
-        return _fresh_and_restarted(service, _with_dropin(service, text), scenario)
+        return _fresh_and_restarted(service, _with_dropin(service, text, deadline), scenario, deadline)
 
     return check
 
 
-def _with_dropin(service: HardenedService, text: str) -> Callable[[Machine], HardenedService]:
-    """The spec's service on a machine, with ``text`` written literally as a drop-in after the spec's."""
+def _with_dropin(service: HardenedService, text: str,
+                 deadline: Deadline | None = None) -> Callable[[Machine], HardenedService]:
+    """The spec's service on a machine, with ``text`` written literally as a drop-in after the spec's (its waits
+    capped by ``deadline``)."""
+    spec = deadline.spec(service.spec) if deadline else service.spec
+
     def candidate(machine: Machine) -> HardenedService:
-        made = HardenedService(machine, service.spec, unit=service.unit)
+        made = HardenedService(machine, spec, unit=service.unit)
         made.under_test.extra_dropins = {FIX_DROPIN_NAME: text}
         return made
 
@@ -251,24 +256,22 @@ def _with_dropin(service: HardenedService, text: str) -> Callable[[Machine], Har
 
 
 def _fresh_and_restarted(service: HardenedService, candidate: Callable[[Machine], HardenedService],
-                         scenario: Scenario | None) -> TrialResult:
+                         scenario: Scenario | None, deadline: Deadline | None = None) -> TrialResult:
     """``candidate`` started and ``scenario`` run (:func:`_rerun`) on a machine booted for it (:func:`_rerun_machine`),
-    then once more on that machine: a host meets the first start after the install, and every start after it, which
-    finds what the first one made (a search on fresh machines saw only first starts). Once, on the service's own
-    machine, where there is no twin."""
+    then restarted there as a host restarts it (``systemctl restart``: what the first start made stays), ready
+    again: a host meets the first start after the install, and every start after it (a search on fresh machines
+    saw only first starts). On the service's own machine, where there is no twin. With a ``deadline``, not begun
+    once the time is spent (:class:`BudgetExceeded`), and its waits capped."""
+    if deadline is not None:
+        deadline.check()
     with _rerun_machine(service, fresh=True) as machine:
-        first = _rerun(service, candidate(machine), scenario, None)
-        if not first.passed or machine is service.machine:
-            return first
-        again = _rerun(service, candidate(machine), scenario, None)
-    if again.passed:
-        return again
-    return TrialResult(False, f"at the second start on that machine: {again.summary}", again.evidence)
+        return _rerun(service, candidate(machine), scenario, deadline, restart=machine is not service.machine)
 
 
 def _rerun(service: HardenedService, candidate: HardenedService, scenario: Scenario | None,
-           deadline: Deadline | None) -> TrialResult:
-    """Start ``candidate`` and run ``scenario`` (None: only the start), after the scenarios before it; stop it."""
+           deadline: Deadline | None, *, restart: bool = False) -> TrialResult:
+    """Start ``candidate`` and run ``scenario`` (None: only the start), after the scenarios before it; with
+    ``restart``, then restart it (:meth:`HardenedService.restart`), which must come up ready again; stop it."""
     scenarios = list(service.spec.scenarios)
     preceding = scenarios[:scenarios.index(scenario)] if scenario in scenarios else []
     try:
@@ -280,14 +283,20 @@ def _rerun(service: HardenedService, candidate: HardenedService, scenario: Scena
         candidate.stop()
         return TrialResult(False, f"systemd rejected this hardening: {exc.text}")
     try:
-        if scenario is None:
-            return TrialResult(True)
-        for earlier in preceding:
-            run_scenario(candidate, earlier, deadline)
-        outcome = run_scenario(candidate, scenario, deadline)
-        if outcome.passed:
-            return TrialResult(True)
-        return TrialResult(False, "; ".join(outcome.problems), failure_report(candidate, outcome))
+        if scenario is not None:
+            for earlier in preceding:
+                run_scenario(candidate, earlier, deadline)
+            outcome = run_scenario(candidate, scenario, deadline)
+            if not outcome.passed:
+                return TrialResult(False, "; ".join(outcome.problems), failure_report(candidate, outcome))
+        if restart:
+            if deadline is not None:
+                deadline.check()
+            try:
+                candidate.restart()
+            except ServiceFailed as exc:
+                return TrialResult(False, f"after a restart on that machine: {str(exc).splitlines()[0]}", str(exc))
+        return TrialResult(True)
     finally:
         candidate.stop()
 
@@ -356,19 +365,27 @@ def all_scenarios_trial(service: HardenedService, deadline: Deadline | None = No
     return deadline.bounded(trial) if deadline else trial
 
 
-def _verify_dropin(service: HardenedService, result: Tightening, *, fresh: bool = True) -> None:
+def _verify_dropin(service: HardenedService, result: Tightening, deadline: Deadline | None = None, *,
+                   fresh: bool = True) -> None:
     """The printed drop-in, as a maintainer would ship it: written literally as a file after the spec's own
     hardening, on the unit under test, every scenario run once more (``result.dropin_verified``). With ``fresh``
-    on a machine booted for it, at the first start and after a restart (:func:`_fresh_and_restarted`), as a host
-    meets it after the package's install; else on the service's own machine. Not on a machine whose unit files are
-    not ours to write (the host backend)."""
+    on a machine booted for it, then the service restarted there (:func:`_fresh_and_restarted`), as a host meets
+    it after the package's install; else on the service's own machine. Not on a machine whose unit files are not
+    ours to write (the host backend). A check that cannot be made (no time left, a machine that does not boot)
+    leaves it unchecked (None), with the reason in the note."""
     if not service.machine.WRITES_UNIT_FILES:
         return
     scenarios = service.spec.scenarios
     last = scenarios[-1] if scenarios else None  # every scenario, in order
-    candidate = _with_dropin(service, result.dropin())
-    outcome = _fresh_and_restarted(service, candidate, last) if fresh else _rerun(
-        service, candidate(service.machine), last, None)
+    candidate = _with_dropin(service, result.dropin(), deadline)
+    try:
+        outcome = _fresh_and_restarted(service, candidate, last, deadline) if fresh else _rerun(
+            service, candidate(service.machine), last, deadline)
+    except (BudgetExceeded, HardenError) as exc:  # no time left, or a twin that did not boot
+        result.dropin_verified, result.dropin_failure = None, ""
+        result.note = _joined(result.note, f"the drop-in could not be checked: {exc}")
+        return
+    result.runs += 1
     result.dropin_verified, result.dropin_on_fresh_machine = outcome.passed, fresh
     result.dropin_failure = "" if outcome.passed else outcome.summary
 
@@ -534,49 +551,67 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
     # One budget for the whole tighten: the traced runs, both searches and the checks.
     deadline = Deadline(max_seconds, f"tighten ({max_seconds:g}s)")
 
-    def search(fresh: bool, max_runs: int = max_runs) -> Tightening:
+    def search(fresh: bool, max_runs: int) -> Tightening:
+        if fresh:
+            deadline.check()
         return _search_tightening(service, deadline, fresh=fresh, keep=keep, never=never, max_runs=max_runs,
                                   catalogue=catalogue, observations=observations, together=together)
 
+    def spec_on_fresh_machine() -> TrialResult:
+        return all_scenarios_trial(service, deadline, fresh=True)(service.spec.hardening)
+
+    def check_here(result: Tightening) -> None:
+        _verify_dropin(service, result, deadline, fresh=False)
+
+    begun = time.monotonic()
     try:
-        first = search(fresh=False)
-        if first.dropin_verified is not False:  # checked and passed, or not checked (the host backend)
-            return first
-        started = time.monotonic()
-        try:
-            control = all_scenarios_trial(service, deadline, fresh=True)(service.spec.hardening)
-            first.runs += 1
-            if not control.passed:
-                # The scenarios need what was made on this machine before tighten (a test's own files), which a
-                # fresh machine lacks: the drop-in can be checked on this machine only.
-                _verify_dropin(service, first, fresh=False)
-                first.note = _joined(first.note, f"on a freshly booted machine the spec as written fails too "
-                                                  f"({control.summary}): the scenarios need what was made on this "
-                                                  "machine before tighten")
-                return first
-            again = search(fresh=True, max_runs=max(1, max_runs - first.runs))
-        except (BudgetExceeded, HardenError) as exc:  # the first result, marked as failing fresh, rather than none
-            first.note = _joined(first.note, f"it could not be searched again on freshly booted machines: {exc}")
-            return first
-        finally:
-            first.seconds += time.monotonic() - started
-        again.runs += first.runs
-        again.seconds = first.seconds  # both searches and the check between them (the finally above)
-        if not again.dropin_verified:
-            first.runs, first.seconds = again.runs, again.seconds
-            first.note = _joined(first.note, "searched again with every run on a freshly booted machine, where the "
-                                             f"result does not pass either ({again.dropin_failure or again.note})")
-            return first
-        again.note = _joined("the first search's result passed on the machine it ran on, but not on a freshly "
-                             "booted one: earlier runs had changed what the service finds there (files it keeps, "
-                             "which a stop does not take back); searched again with every run on a freshly booted "
-                             "machine", again.note)
-        return again
+        result = _tightened(search, spec_on_fresh_machine, check_here, max_runs)
+        result.seconds = time.monotonic() - begun  # all of it: both searches, the checks, the boots of twins
+        return result
     finally:
         try:
             service.start()
         except ServiceFailed:
             pass
+
+
+def _tightened(search: Callable[[bool, int], Tightening], spec_on_fresh_machine: Callable[[], TrialResult],
+               check_here: Callable[[Tightening], None], max_runs: int) -> Tightening:
+    """:func:`tighten_service`'s searches (``search(fresh, max_runs)``): on the service's machine, and again on
+    fresh machines if the first result's drop-in fails on one while the spec as written passes there
+    (``spec_on_fresh_machine``); if that fails too, the drop-in is checked on the service's machine
+    (``check_here``)."""
+    first = search(False, max_runs)
+    if first.dropin_verified is not False:  # checked and passed, or not checked (no time, or the host backend)
+        return first
+    try:
+        control = spec_on_fresh_machine()
+        first.runs += 1
+        if not control.passed:
+            # The scenarios need what was made on this machine before tighten (a test's own files), which a
+            # fresh machine lacks: the drop-in can be checked on this machine only.
+            check_here(first)
+            first.note = _joined(first.note, f"on a freshly booted machine the spec as written fails too "
+                                              f"({control.summary}): the scenarios need what was made on this "
+                                              "machine before tighten")
+            return first
+        again = search(True, max(1, max_runs - first.runs))
+    except (BudgetExceeded, HardenError) as exc:  # the first result, marked as failing fresh, rather than none
+        first.note = _joined(first.note, f"it could not be searched again on freshly booted machines: {exc}")
+        return first
+    again.runs += first.runs
+    if again.dropin_verified is False:
+        first.runs = again.runs
+        first.note = _joined(first.note, "searched again with every run on a freshly booted machine, where the "
+                                         f"result does not pass either ({again.dropin_failure})")
+        return first
+    # Checked and passed; or nothing more passes on a fresh machine (the result is the spec as written, which the
+    # control just passed there), or its check could not be made (the note says why).
+    again.note = _joined("the first search's result passed on the machine it ran on, but not on a freshly "
+                         "booted one: earlier runs had changed what the service finds there (files it keeps, "
+                         "which a stop does not take back); searched again with every run on a freshly booted "
+                         "machine", again.note)
+    return again
 
 
 def _joined(*notes: str) -> str:
@@ -616,9 +651,9 @@ def _search_tightening(service: HardenedService, deadline: Deadline, *, fresh: b
         try:
             deadline.check()
             _verify_enforcement(service, result, deadline, fresh=fresh)
-        except BudgetExceeded as exc:
+        except (BudgetExceeded, HardenError) as exc:  # a result unchecked beats none; the note says so
             result.note = _joined(result.note, f"enforcement not checked: {exc}")
-        _verify_dropin(service, result)
+        _verify_dropin(service, result, deadline)
     return result
 
 
@@ -628,8 +663,7 @@ def _first_named(first: Diagnosis) -> str:
                                                                   else "") for f in first.findings)
     return (f"The search on the service's machine named {named or 'no culprit'}, but its fix, written as a drop-in, "
             f"fails on a freshly booted machine ({first.dropin_failure}): earlier reruns had changed what the service "
-            "finds there (files it keeps, which a stop does not take back), so it is no fix for a host and is not "
-            "printed.")
+            "finds there (files it keeps, which a stop does not take back), so that fix is not printed.")
 
 
 def _unconfirmed(first: Diagnosis, why: str, verdict: str) -> Diagnosis:
@@ -641,6 +675,56 @@ def _unconfirmed(first: Diagnosis, why: str, verdict: str) -> Diagnosis:
     first.findings, first.combined, first.verified = [], None, False
     first.dropin_verified, first.dropin_failure = None, ""
     return first
+
+
+def _diagnosed(search: Callable[[bool, int], Diagnosis], unhardened_on_fresh_machine: Callable[[], TrialResult],
+               max_runs: int) -> Diagnosis:
+    """:func:`diagnose_failure`'s searches (``search(fresh, max_runs)``).
+
+    The search reruns on the service's machine, where each rerun finds what the ones before it left: files the
+    service keeps (a package's /var/lib) stay changed by a rerun that got further. The printed drop-in is checked on
+    a fresh machine. If it fails there, either the fix held only on what earlier reruns left, or the check needs
+    what was made on this machine before the diagnosis (a test's own files), which a fresh one lacks: told apart by
+    the check without hardening on a fresh machine (``unhardened_on_fresh_machine``). In the first case the search
+    is made again with every rerun on a fresh machine (a boot each: slower, and what a host meets).
+    """
+    first = search(False, max_runs)
+    if first.dropin_verified is not False:  # checked and passed, or not checked (the host backend: no twin)
+        return first
+    started = time.monotonic()
+    try:
+        unhardened = unhardened_on_fresh_machine()
+        first.runs += 1
+        if not unhardened.passed:
+            first.note += (" That was on a freshly booted machine, where the check fails without any hardening "
+                           f"too ({unhardened.summary}): it needs what was made on this machine before the "
+                           "diagnosis, so the fix is verified on this machine only, as a spec change.")
+            return first
+        again = search(True, max(1, max_runs - first.runs))
+    except (BudgetExceeded, HardenError) as exc:
+        return _unconfirmed(first, f"It could not be searched again on freshly booted machines: {exc}.",
+                            "budget" if isinstance(exc, BudgetExceeded) else "inconclusive")
+    finally:
+        first.seconds += time.monotonic() - started
+    again.runs += first.runs
+    again.seconds = first.seconds  # both searches and the check between them (the finally above)
+    if not (again.verified and again.dropin_verified):
+        if again.findings:  # found on fresh machines, if not (all) verified: those culprits are a host's
+            again.note = (f"{_first_named(first)} Searched again with every rerun on a freshly booted machine: "
+                          f"{again.note}").strip()
+            if again.dropin_verified is False:  # its fix, as a drop-in, fails there too: not printed either
+                again.note += f" Its fix, written as a drop-in, does not pass there either ({again.dropin_failure})."
+                again.combined, again.verified, again.dropin_verified, again.dropin_failure = None, False, None, ""
+            return again
+        first.runs = again.runs
+        return _unconfirmed(first, "Searched again with every rerun on a freshly booted machine, where no fix "
+                                   f"was verified ({again.verdict}: {again.full_note or 'nothing found'}).",
+                            "budget" if again.verdict == "budget" else "inconclusive")
+    again.note = ("The first search's fix passed on the machine it ran on, but not on a freshly booted one: "
+                  "earlier reruns had changed what the service finds there (files it keeps, which a stop does "
+                  "not take back). Searched again, every rerun on a freshly booted machine. "
+                  + again.note).strip()
+    return again
 
 
 def diagnose_failure(service: HardenedService, scenario: Scenario | None, evidence: str, *, max_runs: int = 60,
@@ -660,56 +744,20 @@ def diagnose_failure(service: HardenedService, scenario: Scenario | None, eviden
     own = service.under_test.own_directives()
     hardening = effective_hardening(own, service.spec.hardening)
 
-    def search(fresh: bool, max_runs: int = max_runs) -> Diagnosis:
+    def search(fresh: bool, max_runs: int) -> Diagnosis:
         return diagnose(hardening, _trial(service, scenario, deadline, kernel_log, own, fresh=fresh),
                         evidence=evidence, syscall_groups=machine_syscall_groups(service.machine), max_runs=max_runs,
                         max_seconds=max_seconds, spec_name=service.spec.path.name, previous=previous,
-                        observe=observed_denials, check_dropin=_dropin_trial(service, scenario))
+                        observe=observed_denials, check_dropin=_dropin_trial(service, scenario, deadline))
+
+    def unhardened_on_fresh_machine() -> TrialResult:
+        # Without hardening as the search's own control is: what configures the service (User=, StateDirectory=,
+        # Environment=) stays.
+        control = tuple(d for d in hardening if d.name not in RESTRICTING)
+        return _trial(service, scenario, deadline, None, own, fresh=True)(control)
 
     try:
-        # The search reruns on the service's machine, where each rerun finds what the ones before it left: files
-        # the service keeps (a package's /var/lib) stay changed by a rerun that got further. The printed drop-in is
-        # checked on a fresh machine. If it fails there, either the fix held only on what earlier reruns left, or
-        # the check needs what was made on this machine before the diagnosis (a test's own files), which a fresh
-        # one lacks: told apart by the check without hardening on a fresh machine. In the first case the search is
-        # made again with every rerun on a fresh machine (a boot each: slower, and what a host meets).
-        first = search(fresh=False)
-        if first.dropin_verified is not False:  # checked and passed, or not checked (the host backend: no twin)
-            return first
-        started = time.monotonic()
-        try:
-            # Without hardening as the search's own control is: what configures the service (User=,
-            # StateDirectory=, Environment=) stays.
-            control = tuple(d for d in hardening if d.name not in RESTRICTING)
-            unhardened = _trial(service, scenario, deadline, None, own, fresh=True)(control)
-            first.runs += 1
-            if not unhardened.passed:
-                first.note += (" That was on a freshly booted machine, where the check fails without any hardening "
-                               f"too ({unhardened.summary}): it needs what was made on this machine before the "
-                               "diagnosis, so the fix is verified on this machine only, as a spec change.")
-                return first
-            again = search(fresh=True, max_runs=max(1, max_runs - first.runs))
-        except (BudgetExceeded, HardenError) as exc:
-            return _unconfirmed(first, f"It could not be searched again on freshly booted machines: {exc}.",
-                                "budget" if isinstance(exc, BudgetExceeded) else "inconclusive")
-        finally:
-            first.seconds += time.monotonic() - started
-        again.runs += first.runs
-        again.seconds = first.seconds  # both searches and the check between them (the finally above)
-        if not (again.verified and again.dropin_verified):
-            if again.findings:  # found on fresh machines, if not (all) verified: those culprits are a host's
-                again.note = (f"{_first_named(first)} Searched again with every rerun on a freshly booted machine: "
-                              f"{again.note}").strip()
-                return again
-            first.runs = again.runs
-            return _unconfirmed(first, "Searched again with every rerun on a freshly booted machine, where no fix "
-                                       f"was verified ({again.verdict}: {again.full_note or 'nothing found'}).",
-                                "budget" if again.verdict == "budget" else "inconclusive")
-        again.note = ("The first search's fix passed on the machine it ran on, but not on a freshly booted one: "
-                      "earlier reruns had changed what the service finds there (files it keeps, which a stop does "
-                      "not take back). Searched again, every rerun on a freshly booted machine. "
-                      + again.note).strip()
-        return again
+        return _diagnosed(search, unhardened_on_fresh_machine, max_runs)
     finally:
         if kernel_log is not None:
             kernel_log.close()

@@ -219,11 +219,11 @@ class Tightening:
             lines.append(f"  {self.note}")
         if self.enforcement_checked:
             lines.append("  every directive of the result was checked enforced on the machine")
-        where = ("a freshly booted machine, at the first start and after a restart" if self.dropin_on_fresh_machine
-                 else "the machine tighten ran on")
+        where = "a freshly booted machine" if self.dropin_on_fresh_machine else "the machine tighten ran on"
         if self.dropin_verified:
             lines.append("  the drop-in below, written as a file after the spec's hardening, passes every scenario "
-                         f"on {where}")
+                         f"on {where}" + (", and the service starts again there after a restart"
+                                          if self.dropin_on_fresh_machine else ""))
         elif self.dropin_verified is False:
             lines.append(f"  the drop-in, written as a file after the spec's hardening, does NOT pass on {where}: "
                          f"{self.dropin_failure}")

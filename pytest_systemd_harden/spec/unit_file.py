@@ -287,27 +287,26 @@ def wrap_exec_start(settings: Sequence[Setting], wrapper: Callable[[str], Sequen
     the ``+`` prefix runs outside the sandbox (what it needs is not the sandbox's business) and one with ``@``
     cannot be handed through the wrapper: both stay as they are. :class:`ValueError` when there is no ``ExecStart=``
     to wrap, or it has an ``@`` prefix."""
-    commands: dict[str, list[str]] = {key: [] for key in START_COMMANDS}
+    commands: dict[str, list[Setting]] = {key: [] for key in START_COMMANDS}
     for setting in settings:
         if setting.key not in commands:
             continue
         if not setting.value:
             commands[setting.key] = []
             continue
-        command = setting.value.lstrip("-@:+!")
-        prefix = setting.value[:len(setting.value) - len(command)]
-        if "@" in prefix and setting.key == "ExecStart":
-            raise ValueError(f"ExecStart={setting.value} ({setting.source}:{setting.line}) sets its own argv[0] "
-                             "with @, which the tracer cannot hand on")
-        commands[setting.key].append(setting.value)
+        commands[setting.key].append(setting)
     if not commands["ExecStart"]:
         raise ValueError(f"{unit} has no ExecStart= to wrap")
+    for setting in commands["ExecStart"]:  # those left after the resets
+        if "@" in setting.value[:len(setting.value) - len(setting.value.lstrip("-@:+!"))]:
+            raise ValueError(f"ExecStart={setting.value} ({setting.source}:{setting.line}) sets its own argv[0] "
+                             "with @, which the tracer cannot hand on")
     lines, labels = ["[Service]"], []
     for key, values in commands.items():
         if not values:
             continue
         lines.append(f"{key}=")
-        for number, value in enumerate(values, 1):
+        for number, value in enumerate((setting.value for setting in values), 1):
             command = value.lstrip("-@:+!")
             prefix = value[:len(value) - len(command)]
             if key != "ExecStart" and ("+" in prefix or "@" in prefix):

@@ -201,7 +201,17 @@ class HardenedService:
         self.machine.check_service(self.spec)
         self._check_known_to_systemd()
         started = time.monotonic()
-        job = self.under_test.start()
+        self._wait_ready(self.under_test.start(), started)
+
+    def restart(self) -> None:
+        """Restart the started service as a host does (``systemctl restart``): its unit, drop-ins and what it made
+        stay; wait until it is ready again; ServiceFailed if not."""
+        started = time.monotonic()
+        self._wait_ready(self.machine.systemd.restart_unit(self.unit, timeout=self.spec.service.start_timeout),
+                         started)
+
+    def _wait_ready(self, job: str, started: float) -> None:
+        """After the start job (its result ``job``), until the service is ready as the spec says."""
         ready = self.spec.service.ready
         if job != "done":
             # A main process that exits at once can end before systemd finishes the start job, which then fails

@@ -145,10 +145,10 @@ class UnitUnderTest(abc.ABC):
         return []
 
     def loaded_as(self, other: UnitUnderTest) -> None:
-        """Take the unit's own settings from ``other``, the same unit on a machine of the same image and
-        configuration (the service's, for its twin): known before this machine loads the unit, which for a unit
-        file of the spec's is at its first start. Read again from this machine after each start."""
-        self._settings = list(other.own_settings())
+        """Know the unit's own settings on this machine before its first start, from ``other``, the same unit on a
+        machine of the same image and configuration (the service's, for its twin). Only a unit file of the spec's
+        needs it (:class:`UnitFileUnit`): a package's unit is read from this machine itself (what a test changed
+        on the other is not this one's), a transient unit has none."""
 
     def own_directives(self) -> tuple[Directive, ...]:
         """The unit's own hardening directives, each naming its file and line (the spec's are not among them)."""
@@ -345,6 +345,11 @@ class UnitFileUnit(LoadedUnit):
     """``service: {unit_file: foo.service}``: a unit file beside the spec, installed as a real unit file."""
 
     made_by_test = True
+
+    def loaded_as(self, other: UnitUnderTest) -> None:
+        # Installed at the first start: until then this machine's systemd does not know the unit. Read again from
+        # this machine after each start.
+        self._settings = list(other.own_settings())
 
     def _install(self) -> None:
         assert self.spec.service.unit_file is not None

@@ -82,11 +82,11 @@ def capture(name: str, spec_path: Path, pool: MachinePool) -> None:
     target.mkdir(exist_ok=True)
     for old in target.glob("*.trace.gz"):
         old.unlink()
-    seen: list[str] = []
+    runs: dict[str, str] = {}  # trace file -> the run it traced (the service, a start command, a scenario)
 
     def saving(text: str, run: str = "the service", *, cwd: str = "/") -> Observation:
-        file = "service" if run == "the service" else f"scenario-{len(seen)}"
-        seen.append(run)
+        file = "service" if run == "the service" else f"scenario-{len(runs)}"
+        runs[file] = run
         (target / f"{file}.trace.gz").write_bytes(gzip.compress(text.encode(), mtime=0))
         return parse_strace(text, run, cwd=cwd)
 
@@ -94,7 +94,6 @@ def capture(name: str, spec_path: Path, pool: MachinePool) -> None:
     service = pool.service_for(spec)
     observation = scenarios.observe(service)
     service.stop()
-    runs = {("service" if i == 0 else f"scenario-{i}"): run for i, run in enumerate(seen)}
     (target / "runs.json").write_text(json.dumps({"runs": runs, "setuid_execs": observation.setuid_execs,
                                                   "failures": observation.failures}, indent=2) + "\n")
     print(f"{name}: {observation.summary()}")
