@@ -190,6 +190,28 @@ def test_a_package_daemon_is_masked_at_boot_unless_the_spec_tests_it(harden_pool
         service.stop()
 
 
+def test_a_package_daemon_a_unit_file_of_the_spec_requires_is_not_masked(harden_pool: MachinePool,
+                                                                          tmp_path: Path) -> None:
+    # The spec's own unit file is not in the image: what it requires is read from it, and left startable.
+    (tmp_path / "cache-user.service").write_text(
+        "[Unit]\nRequires=memcached.service\nAfter=memcached.service\n\n"
+        "[Service]\nExecStart=/usr/bin/python3 -m http.server --bind 127.0.0.1 8089\n")
+    spec_path = tmp_path / "harden.yaml"
+    spec_path.write_text("service: {unit_file: cache-user.service, ready: {tcp: 8089}}\n"
+                         "machine: {packages: [memcached]}\nhardening:\n  PrivateTmp: yes\n")
+    spec = load_spec(spec_path)
+    assert spec.machine.tested_unit_needs == ("memcached.service",)
+    machine = harden_pool.machine_for(spec.machine)
+    assert machine.masked_at_boot == ()
+    service = HardenedService(machine, spec)
+    service.start()  # was: "Unit memcached.service is masked", a one-line SpecError naming machine.services
+    try:
+        state = machine.run("systemctl is-active memcached.service")
+        assert state.stdout.strip() == "active", state
+    finally:
+        service.stop()
+
+
 # A package whose daemon is socket-activated, as uuidd's and many others are: the socket is what the package enables,
 # and the service requires it. And a daemon of the same package that the spec does not test.
 SOCKET_PACKAGE = {

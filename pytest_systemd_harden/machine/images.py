@@ -902,7 +902,7 @@ def boot_units(config: MachineConfig, rootfs: Path | InTree) -> tuple[tuple[str,
 
     Masked (``systemd.mask=`` on the machine's command line): every unit a package of this image enables at boot
     but machine.services, the tested unit and what it needs to start as it ships (its socket, a unit it requires or
-    wants: :func:`units_needed`). MachineError for a machine.services entry that no package enables, with the ones
+    wants, in the image's files or, for a unit file of the spec's, in that file: :func:`units_needed`). MachineError for a machine.services entry that no package enables, with the ones
     that are.
 
     Held back at boot and released once booted: the tested unit, if a package enables it or a socket it needs can
@@ -917,7 +917,8 @@ def boot_units(config: MachineConfig, rootfs: Path | InTree) -> tuple[tuple[str,
             raise MachineError(f"machine.services: {service} is not a unit a package of this machine enables at "
                                f"boot (those are: {', '.join(enabled) or 'none'}); list only package daemons the "
                                "service needs running")
-    needed = units_needed(rootfs, config.tested_unit, enabled) if config.tested_unit else set()
+    needed = units_needed(rootfs, config.tested_unit, enabled, config.tested_unit_needs) if config.tested_unit \
+        else set()
     masked = tuple(unit for unit in enabled if unit not in (*config.services, config.tested_unit, *needed))
     sockets = sorted(unit for unit in needed if unit.endswith(".socket"))
     held = (config.tested_unit, *sockets) if config.tested_unit in enabled or sockets else ()

@@ -35,8 +35,11 @@ class MachineConfig:
     # Units a package enables at boot are masked at boot (a package's daemon must not hold the port or state of the
     # service under test), except these: machine.services, the package daemons a spec needs running (a resolver)...
     services: tuple[str, ...] = ()
-    # ...and the unit the spec tests (service.unit / unit_file), which must stay startable.
+    # ...and the unit the spec tests (service.unit / unit_file), which must stay startable, with what it needs...
     tested_unit: str = ""
+    # ...which for a unit file of the spec's (not in the image: installed at its first start) its own file names
+    # (Requires=, Wants=, ...: spec.unit_file.needs_named_in); a package's unit is read from the image.
+    tested_unit_needs: tuple[str, ...] = ()
 
     def check_files(self) -> None:
         """Raise MachineError for a ``files:`` source that is gone from the host since the spec was loaded."""

@@ -223,11 +223,18 @@ def unit_list_settings(files: Sequence[tuple[str, str]], wanted: frozenset[tuple
     return names
 
 
-def units_needed(rootfs: Path | InTree, unit: str, candidates: Sequence[str]) -> set[str]:
+def needs_named_in(files: Sequence[tuple[str, str]], unit: str) -> tuple[str, ...]:
+    """The units ``files`` (a unit file and its drop-ins) say ``unit`` needs to start: Requires=, Requisite=,
+    BindsTo=, Wants=, Upholds=, Sockets=."""
+    return tuple(dict.fromkeys(unit_list_settings(files, _NEEDS, unit)))
+
+
+def units_needed(rootfs: Path | InTree, unit: str, candidates: Sequence[str], named: Sequence[str] = ()) -> set[str]:
     """Which of ``candidates`` (a package's enabled units) ``unit`` needs to start in ``rootfs`` as on a host, and
     what those need in turn: named in their files' Requires=, Requisite=, BindsTo=, Wants=, Upholds= or Sockets=,
     linked in their ``.wants/`` or ``.requires/`` directories, or a socket unit that activates them (their own
-    name's, or one whose ``Service=`` names them). Only ``unit`` and the candidates are read."""
+    name's, or one whose ``Service=`` names them). Only ``unit`` and the candidates are read; ``named`` are what
+    ``unit``'s own file names, for a unit file that is not in ``rootfs`` (:func:`needs_named_in`)."""
     tree = as_tree(rootfs)
     activates: dict[str, set[str]] = {}
     for socket in (name for name in candidates if name.endswith(".socket")):
@@ -239,7 +246,8 @@ def units_needed(rootfs: Path | InTree, unit: str, candidates: Sequence[str]) ->
     while queue:
         current = queue.pop()
         names = {*unit_list_settings(unit_files_in(tree, current) or [], _NEEDS, current),
-                 *activates.get(current, ()), current.rsplit(".", 1)[0] + ".socket"}
+                 *activates.get(current, ()), current.rsplit(".", 1)[0] + ".socket",
+                 *(named if current == unit else ())}
         for directory in UNIT_PATHS:
             for name in dict.fromkeys((current, template_of(current))):
                 for kind in (".wants", ".requires"):
