@@ -67,6 +67,11 @@ def remember_facts(machine: Machine, facts: MachineFacts) -> None:
     _FACTS.setdefault(machine.name, facts)
 
 
+def forget_facts(machine: Machine) -> None:
+    """``machine`` is gone (a twin shut down): its facts are not kept for the rest of the run."""
+    _FACTS.pop(machine.name, None)
+
+
 def machine_facts(machine: Machine) -> MachineFacts:
     """The facts of ``machine``'s systemd, asked once per machine."""
     if machine.name not in _FACTS:

@@ -14,7 +14,7 @@ from dbus_next.errors import DBusError
 from ..errors import HardenError, ServiceFailed
 from ..kernel.seccomp import KernelLog, seccomp_records
 from ..machine.backends.base import Machine
-from ..machine.probing import machine_facts
+from ..machine.probing import forget_facts, machine_facts, remember_facts
 from ..result import CommandResult
 from ..sandbox.expectations import NOT_ENFORCED
 from ..spec.directives import Directive
@@ -174,9 +174,12 @@ def _rerun_machine(service: HardenedService, fresh: bool) -> Iterator[Machine]:
         return
     try:
         twin.boot()
+        # The same image, configuration and kernel: the same systemd facts (three commands a rerun spared).
+        remember_facts(twin, machine_facts(service.machine))
         yield twin
     finally:
         shut_down([twin])  # however the rerun ends; a first Ctrl-C waits until the twin is down
+        forget_facts(twin)
 
 
 def _programs_present(machine: Machine, programs: list[str]) -> set[str]:
