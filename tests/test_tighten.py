@@ -10,7 +10,16 @@ from pytest_systemd_harden.kernel.flags import NAMESPACE_FLAGS
 from pytest_systemd_harden.search.diagnosis import BudgetExceeded, TrialResult, hardening_key
 from pytest_systemd_harden.search.observe import filter_allows, parse_strace
 from pytest_systemd_harden.search.scenarios import _tightened
-from pytest_systemd_harden.search.tighten import CATALOGUE, Step, Tightening, fall_back, profile_only, revert, tighten
+from pytest_systemd_harden.search.tighten import (
+    CATALOGUE,
+    Step,
+    Tightening,
+    _applies,
+    fall_back,
+    profile_only,
+    revert,
+    tighten,
+)
 from pytest_systemd_harden.spec.directives import Directive
 
 
@@ -243,6 +252,12 @@ def test_an_allow_list_narrowed_to_everything_there_is_is_rejected_not_narrowed(
     assert not any(line.startswith("RestrictNamespaces=") for line in lines(every))
     assert outcome(run(World(namespaces=["net"])), "RestrictNamespaces=yes") == (
         "narrowed", "also allow net in RestrictNamespaces=")
+
+
+def test_a_read_only_path_that_would_void_a_grant_of_the_same_path_is_skipped() -> None:
+    run_only = Step.of("/run read-only too", ReadOnlyPaths="/run")
+    assert _applies(run_only, hardening(ReadWritePaths="-/run"), (), ()) == "skipped"
+    assert _applies(run_only, hardening(ReadWritePaths="/run/app"), (), ()) == ""  # a deeper grant stays writable
 
 
 def test_a_deny_list_whose_every_call_is_needed_is_rejected_not_narrowed() -> None:

@@ -255,9 +255,14 @@ def _words_of(assignments: Sequence[str], deny: bool) -> set[str]:
 def _applies(step: Step, hardening: Hardening, keep: Sequence[str], never: Sequence[str]) -> str:
     """Why a step is not tried ("" when it is): excluded by the user, or the spec already as strict."""
     present = {d.name: d for d in hardening}
+    writable = {path.lstrip("-+") for d in hardening if d.name == "ReadWritePaths" for path in d.value.split()}
     for directive in step.directives:
         if directive.name in never or directive.name in keep:
             return "excluded"
+        if directive.name == "ReadOnlyPaths" and writable & {path.lstrip("-+") for path in directive.value.split()}:
+            # On one path systemd mounts read-only over read-write (namespace.c orders its mounts so): the step
+            # would void a grant the service was seen to need (sshd's /run/sshd.pid), which no scenario may show.
+            return "skipped"
         existing = present.get(directive.name)
         if existing is not None and directive.name == "SystemCallFilter" and not directive.value.startswith("~"):
             if existing.assignments[0].startswith("~"):
