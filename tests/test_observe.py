@@ -282,3 +282,16 @@ def test_refused_calls_are_kept_as_denials_for_the_diagnosis() -> None:
     assert denial_lines(observation).splitlines() == [
         "strace: openat /etc/app/app.conf: EROFS (Read-only file system)",
         "strace: openat /dev/net/tun: ENOENT (No such file)"]
+
+
+def test_the_tracer_may_run_where_the_unit_restricts_what_runs() -> None:
+    from pytest_systemd_harden.search.scenarios import _for_tracer
+    from pytest_systemd_harden.spec.directives import Directive
+
+    # redis-server's own unit: NoExecPaths=/ with ExecPaths= naming only the daemon and its libraries.
+    own = (Directive("NoExecPaths", ("/",)), Directive("ExecPaths", ("/usr/bin/redis-server /usr/lib /lib",)))
+    traced = _for_tracer((Directive("PrivateTmp", ("yes",)),), "/run/harden-observe/x", own, "/usr/bin/strace")
+    assert Directive("ExecPaths", ("/usr/bin/strace",)) in traced
+    mine = (Directive("ExecPaths", ("/usr/sbin",)), Directive("NoExecPaths", ("/",)))  # the spec's own list grows
+    assert _for_tracer(mine, "/run/o", (), "/usr/bin/strace")[0].assignments == ("/usr/sbin", "/usr/bin/strace")
+    assert not any(d.name == "ExecPaths" for d in _for_tracer((), "/run/o", (), "/usr/bin/strace"))

@@ -453,13 +453,14 @@ def observe(service: HardenedService, hardening: Hardening | None = None, *,
     spec = service.spec
     hardening = spec.hardening if hardening is None else hardening
     directory = f"{OBSERVE_DIR}/{service.unit.removesuffix('.service')}"
-    script = 'command -v strace >/dev/null || exit 3; rm -rf "$1"; mkdir -p -m 1777 "$1"'
+    script = 'command -v strace || exit 3; rm -rf "$1"; mkdir -p -m 1777 "$1"'
     prepared = machine.run(["/bin/sh", "-c", script, "sh", directory], purpose="observe")
     if prepared.exit_status == 3:
         raise ObservationFailed("strace is not installed on the machine (base images since recipe 3 have it)")
     if not prepared.ok:
         raise ObservationFailed(f"could not prepare {directory}: {prepared.stderr.strip()}")
-    traced_hardening = _for_tracer(hardening, directory, service.under_test.own_directives())
+    traced_hardening = _for_tracer(hardening, directory, service.under_test.own_directives(),
+                                   prepared.stdout.split()[0])
 
     def tracer(label: str) -> tuple[str, ...]:
         return (*STRACE, "-o", f"{directory}/{'service' if label == 'ExecStart' else label}", "--")
@@ -520,19 +521,28 @@ def observe(service: HardenedService, hardening: Hardening | None = None, *,
     return observation
 
 
-def _for_tracer(hardening: Hardening, directory: str, own: Sequence[Directive] = ()) -> Hardening:
+def _for_tracer(hardening: Hardening, directory: str, own: Sequence[Directive] = (),
+                tracer: str = "/usr/bin/strace") -> Hardening:
     """``hardening`` plus what strace needs: its output directory writable, ptrace(2) through a syscall filter
-    (the spec's, or the unit's ``own`` one, which a drop-in line adds to)."""
+    (the spec's, or the unit's ``own`` one, which a drop-in line adds to), and the ``tracer`` program executable
+    where NoExecPaths= or ExecPaths= are in force (redis-server's unit: NoExecPaths=/ with ExecPaths= naming only
+    redis-server and the libraries, which left strace unstartable and tighten without observations)."""
     out = list(hardening)
     grant = f"-{directory}"
+    executable = tracer if any(d.name in ("NoExecPaths", "ExecPaths") for d in (*hardening, *own)) else ""
     for index, directive in enumerate(out):
         if directive.name == "SystemCallFilter":
             out[index] = Directive(directive.name, (*directive.assignments, "ptrace"), directive.line)
         elif directive.name == "ReadWritePaths":
             out[index] = Directive(directive.name, (*directive.assignments, grant), directive.line)
             grant = ""
+        elif directive.name == "ExecPaths" and executable:
+            out[index] = Directive(directive.name, (*directive.assignments, executable), directive.line)
+            executable = ""
     if grant:
         out.append(Directive("ReadWritePaths", (grant,)))
+    if executable:
+        out.append(Directive("ExecPaths", (executable,)))
     if not any(d.name == "SystemCallFilter" for d in hardening) and any(d.name == "SystemCallFilter" for d in own):
         out.append(Directive("SystemCallFilter", ("ptrace",)))
     return tuple(out)
