@@ -231,7 +231,8 @@ def _tighten(args: argparse.Namespace) -> int:
                                     never=(*spec.tighten_never, *args.never), max_runs=args.max_runs,
                                     observations=not args.no_observe)
         elsewhere = {}
-        checked = not tightened.note.startswith("the spec as written") and tightened.dropin_verified is not False
+        checked = not tightened.note.startswith("the spec as written") and tightened.dropin_verified is not False \
+            and not tightened.dropin_unchecked
         for release in releases[1:] if checked else []:
             other = spec.on_release(release).with_hardening(tightened.after)
             elsewhere[release] = diagnosed_failure(HardenedService(pool.machine_for(other.machine), other))
@@ -249,7 +250,12 @@ def _tighten(args: argparse.Namespace) -> int:
         return 1
     if result.dropin_verified is False:  # what would be printed is not what passed: print nothing to ship
         print("\nsystemd-harden tighten: the tightened drop-in does not pass every scenario (above), so no result "
-              "is printed: add the directive it fails on to --never (or tighten: never:) and run it again", file=sys.stderr)
+              "is printed: add the directive it fails on to --never (or tighten: never:) and run it again",
+              file=sys.stderr)
+        return 1
+    if result.dropin_unchecked:  # nor what could not be checked where a host starts
+        print("\nsystemd-harden tighten: the tightened drop-in could not be checked on a freshly booted machine "
+              f"({result.dropin_unchecked}), so no result is printed", file=sys.stderr)
         return 1
     failing = {release: why for release, why in elsewhere.items() if why}
     for release, why in failing.items():

@@ -199,6 +199,9 @@ def test_tighten_prints_no_result_whose_drop_in_did_not_pass(tmp_path: Path, cap
     assert "does NOT pass on a freshly booted machine: scenario 'says hello'" in out
     assert "ProtectHome" not in out and "[Service]" not in out  # nothing to ship is printed
     assert "the tightened drop-in does not pass every scenario (above), so no result is printed" in err
-    result.dropin_verified = True
+    result.dropin_verified, result.dropin_unchecked = None, "the time budget for tighten (900s) is spent"
+    status, out, err = cli("tighten", str(tmp_path / "web.yaml"), capsys=capsys)
+    assert status == 1 and "[Service]" not in out and "could not be checked on a freshly booted machine" in err
+    result.dropin_verified, result.dropin_unchecked = True, ""
     status, out, _ = cli("tighten", str(tmp_path / "web.yaml"), capsys=capsys)
     assert status == 0 and "ProtectHome=yes" in out

@@ -627,3 +627,24 @@ def test_a_check_that_needs_the_tests_own_files_keeps_the_first_fix_as_a_spec_ch
     result = _diagnosed(searches(first), lambda: TrialResult(False, "no /root/x"), 60)
     assert result is first and result.verified
     assert "fails without any hardening too (no /root/x)" in result.note
+
+
+def test_a_first_fix_failing_only_after_a_restart_keeps_its_culprits_but_is_not_printed() -> None:
+    first = found(PROTECT, WEAKER, verified=True, dropin=False)
+    first.dropin_failed_after_restart = True
+
+    def search(fresh: bool, max_runs: int) -> Diagnosis:
+        assert not fresh, "a search on fresh machines sees first starts only"
+        return first
+
+    result = _diagnosed(search, lambda: TrialResult(True), 60)
+    assert [f.culprit.name for f in result.findings] == ["ProtectSystem"] and not result.verified
+    assert "the service fails when restarted there" in result.note and "  verified" not in result.render()
+
+
+def test_a_fix_whose_drop_in_could_not_be_checked_is_verified_on_this_machine_only() -> None:
+    diagnosis = found(PROTECT, WEAKER, verified=True, dropin=None)
+    diagnosis.dropin_unchecked = "the time budget for diagnosis is spent"
+    rendered = diagnosis.render()
+    assert "verified on the machine the diagnosis ran on only" in rendered
+    assert "could not be checked on a fresh machine: the time budget for diagnosis is spent" in rendered

@@ -406,8 +406,9 @@ def test_what_the_tested_unit_needs_to_start_is_not_masked(tmp_path: Path) -> No
     assert boot_masks(MachineConfig(tested_unit="a.service"), rootfs) == ("other.service",)
     assert boot_masks(MachineConfig(), rootfs) == tuple(sorted(u for u in units if u != "a.service"))
     # A unit file of the spec's is not in the image: what its own file names counts (and what that needs in turn).
+    (tmp_path / "mine.service").write_text("[Unit]\nRequires=helper.service\n[Service]\nExecStart=/bin/m\n")
     assert "helper.service" not in boot_masks(MachineConfig(tested_unit="mine.service",
-                                                            tested_unit_needs=("helper.service",)), rootfs)
+                                                            tested_unit_file=str(tmp_path / "mine.service")), rootfs)
     assert "other.service" in boot_masks(MachineConfig(tested_unit="mine.service"), rootfs)
 
 

@@ -486,3 +486,19 @@ def test_no_time_for_the_second_search_keeps_the_failing_result_marked() -> None
     result = _tightened(search, lambda: TrialResult(True), never_called, 200)
     assert result is first and result.dropin_verified is False
     assert "could not be searched again on freshly booted machines: the time budget" in result.note
+
+
+def test_a_drop_in_failing_only_after_a_restart_is_not_searched_again_on_fresh_machines() -> None:
+    # A search on fresh machines sees first starts only: it could not find what a restart needs.
+    first = tightening(False, failure="after a restart on that machine: exited")
+    first.dropin_failed_after_restart = True
+    search, asked = searched(first)
+    result = _tightened(search, never_called, never_called, 200)
+    assert result is first and asked == [False] and result.dropin_verified is False
+    assert "fails when restarted on a freshly booted machine" in result.note
+
+
+def test_a_drop_in_that_could_not_be_checked_says_so() -> None:
+    result = tightening(None)
+    result.dropin_unchecked = "the time budget for tighten (900s) is spent"
+    assert "the drop-in could NOT be checked on a freshly booted machine: the time budget" in result.render()

@@ -200,7 +200,7 @@ def test_a_package_daemon_a_unit_file_of_the_spec_requires_is_not_masked(harden_
     spec_path.write_text("service: {unit_file: cache-user.service, ready: {tcp: 8089}}\n"
                          "machine: {packages: [memcached]}\nhardening:\n  PrivateTmp: yes\n")
     spec = load_spec(spec_path)
-    assert spec.machine.tested_unit_needs == ("memcached.service",)
+    assert spec.machine.tested_unit_file == str(tmp_path / "cache-user.service")
     machine = harden_pool.machine_for(spec.machine)
     assert machine.masked_at_boot == ()
     service = HardenedService(machine, spec)

@@ -37,7 +37,7 @@ from ..in_tree import InTree, as_tree
 from ..probes.catalogue import MACHINE_ADDRESS
 from ..spec.machine import MachineConfig
 from ..spec.releases import DEFAULT_RELEASE, RELEASES
-from ..spec.unit_file import template_of, units_needed
+from ..spec.unit_file import needs_named_in, template_of, units_needed
 from . import build_sandbox, mounts
 from .backends.userns import move_ownership
 from .cgroups import Contained, output_lines
@@ -902,8 +902,8 @@ def boot_units(config: MachineConfig, rootfs: Path | InTree) -> tuple[tuple[str,
 
     Masked (``systemd.mask=`` on the machine's command line): every unit a package of this image enables at boot
     but machine.services, the tested unit and what it needs to start as it ships (its socket, a unit it requires or
-    wants, in the image's files or, for a unit file of the spec's, in that file: :func:`units_needed`). MachineError for a machine.services entry that no package enables, with the ones
-    that are.
+    wants, in the image's files or, for a unit file of the spec's, in that file: :func:`units_needed`). MachineError
+    for a machine.services entry that no package enables, with the ones that are.
 
     Held back at boot and released once booted: the tested unit, if a package enables it or a socket it needs can
     start it, and then those sockets too. Its first start must be the test's, under the drop-in, as on a host where
@@ -917,12 +917,24 @@ def boot_units(config: MachineConfig, rootfs: Path | InTree) -> tuple[tuple[str,
             raise MachineError(f"machine.services: {service} is not a unit a package of this machine enables at "
                                f"boot (those are: {', '.join(enabled) or 'none'}); list only package daemons the "
                                "service needs running")
-    needed = units_needed(rootfs, config.tested_unit, enabled, config.tested_unit_needs) if config.tested_unit \
+    needed = units_needed(rootfs, config.tested_unit, enabled, _needs_of_file(config)) if config.tested_unit \
         else set()
     masked = tuple(unit for unit in enabled if unit not in (*config.services, config.tested_unit, *needed))
     sockets = sorted(unit for unit in needed if unit.endswith(".socket"))
     held = (config.tested_unit, *sockets) if config.tested_unit in enabled or sockets else ()
     return masked, held
+
+
+def _needs_of_file(config: MachineConfig) -> tuple[str, ...]:
+    """What the spec's own unit file (machine.tested_unit_file) says the tested unit needs to start; none if it
+    cannot be read now (its start, which reads it too, then says why)."""
+    if not config.tested_unit_file:
+        return ()
+    try:
+        text = Path(config.tested_unit_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ()
+    return needs_named_in([(config.tested_unit_file, text)], config.tested_unit)
 
 
 def boot_masks(config: MachineConfig, rootfs: Path | InTree) -> tuple[str, ...]:

@@ -94,6 +94,7 @@ class TrialResult:
     passed: bool
     summary: str = ""
     evidence: str = ""  # the failure's output and journal, where refinements look for denied paths
+    after_restart: bool = False  # it passed at the first start and failed when the service was restarted
 
 
 Trial = Callable[[Hardening], TrialResult]
@@ -839,6 +840,8 @@ class Diagnosis:
     # not tried, e.g. on the host backend, or nothing verified to print).
     dropin_verified: bool | None = None
     dropin_failure: str = ""  # how the printed drop-in's check failed
+    dropin_failed_after_restart: bool = False  # ...only when the service was restarted on the fresh machine
+    dropin_unchecked: str = ""  # why the check could not be made (no time left, a machine that did not boot)
     runs: int = 0
     seconds: float = 0.0
     note: str = ""
@@ -870,8 +873,9 @@ class Diagnosis:
         if self.combined is not None and self.verified:
             lines.append("  verified: the scenario passes with only this change, and with this drop-in written as a "
                          "file after the spec's on a fresh machine (first start and restart):" if self.dropin_verified
-                         else
-                         "  verified: the scenario passes with only this change. Drop-in:")
+                         else "  verified on the machine the diagnosis ran on only (the drop-in could not be checked "
+                         "on a fresh one, above). Drop-in:" if self.dropin_unchecked
+                         else "  verified: the scenario passes with only this change. Drop-in:")
             lines += ["    " + line for line in self.combined.dropin(self.hardening).splitlines()]
             lines.append(f"  or in {self.spec_name or 'the spec'} (hardening:):")
             spec_change = self.combined.spec_change(self.hardening, self.spec_name or "the spec")
@@ -882,7 +886,10 @@ class Diagnosis:
 
     @property
     def full_note(self) -> str:
-        """The note, and what failed of the printed drop-in's check."""
+        """The note, and what failed of the printed drop-in's check, or why it was not made."""
+        if self.dropin_unchecked:
+            return f"{self.note} The drop-in below could not be checked on a fresh machine: {self.dropin_unchecked}." \
+                .strip()
         if self.dropin_verified is not False:
             return self.note
         return (f"{self.note} The spec change passes, but the drop-in below, written as a file after the spec's, does "
@@ -929,12 +936,13 @@ def diagnose(hardening: Hardening, trial: Trial, *, evidence: str = "",
     if check_dropin is not None and diagnosis.verified and diagnosis.combined is not None:
         try:
             printed = check_dropin(diagnosis.combined.dropin(hardening))
-        except (BudgetExceeded, HardenError) as exc:  # no machine for it (a boot that failed): not checked
-            diagnosis.note = (diagnosis.note + f" The drop-in below, as a file, could not be checked: {exc}.").strip()
+        except (BudgetExceeded, HardenError) as exc:  # no time left, or no machine for it: not checked
+            diagnosis.dropin_unchecked = str(exc)
             printed = None
         diagnosis.runs += 1
         diagnosis.dropin_verified = printed.passed if printed is not None else None
         diagnosis.dropin_failure = printed.summary if printed is not None and not printed.passed else ""
+        diagnosis.dropin_failed_after_restart = printed is not None and printed.after_restart
     diagnosis.runs = diagnosis.runs + oracle.runs
     diagnosis.seconds = time.monotonic() - started
     return diagnosis

@@ -248,10 +248,9 @@ def _with_dropin(service: HardenedService, text: str,
                  deadline: Deadline | None = None) -> Callable[[Machine], HardenedService]:
     """The spec's service on a machine, with ``text`` written literally as a drop-in after the spec's (its waits
     capped by ``deadline``)."""
-    spec = deadline.spec(service.spec) if deadline else service.spec
-
     def candidate(machine: Machine) -> HardenedService:
-        made = HardenedService(machine, spec, unit=service.unit)
+        # Capped when made: after the twin's boot, which took some of the time left.
+        made = HardenedService(machine, deadline.spec(service.spec) if deadline else service.spec, unit=service.unit)
         made.under_test.extra_dropins = {FIX_DROPIN_NAME: text}
         return made
 
@@ -268,7 +267,10 @@ def _fresh_and_restarted(service: HardenedService, candidate: Callable[[Machine]
     if deadline is not None:
         deadline.check()
     with _rerun_machine(service, fresh=True) as machine:
-        return _rerun(service, candidate(machine), scenario, deadline, restart=machine is not service.machine)
+        result = _rerun(service, candidate(machine), scenario, deadline, restart=machine is not service.machine)
+    if not result.passed and deadline is not None and deadline.left() <= 0:
+        raise deadline.exceeded()  # a wait the deadline cut short is no verdict on the drop-in
+    return result
 
 
 def _rerun(service: HardenedService, candidate: HardenedService, scenario: Scenario | None,
@@ -298,7 +300,11 @@ def _rerun(service: HardenedService, candidate: HardenedService, scenario: Scena
             try:
                 candidate.restart()
             except ServiceFailed as exc:
-                return TrialResult(False, f"after a restart on that machine: {str(exc).splitlines()[0]}", str(exc))
+                return TrialResult(False, f"after a restart on that machine: {str(exc).splitlines()[0]}", str(exc),
+                                   after_restart=True)
+            except DBusError as exc:
+                return TrialResult(False, f"systemd refused to restart it on that machine: {exc.text}",
+                                   after_restart=True)
         return TrialResult(True)
     finally:
         candidate.stop()
@@ -384,13 +390,13 @@ def _verify_dropin(service: HardenedService, result: Tightening, deadline: Deadl
     try:
         outcome = _fresh_and_restarted(service, candidate, last, deadline) if fresh else _rerun(
             service, candidate(service.machine), last, deadline)
-    except (BudgetExceeded, HardenError) as exc:  # no time left, or a twin that did not boot
-        result.dropin_verified, result.dropin_failure = None, ""
-        result.note = _joined(result.note, f"the drop-in could not be checked: {exc}")
+    except (BudgetExceeded, HardenError) as exc:  # no time left, or a twin that did not boot: nothing to ship
+        result.dropin_verified, result.dropin_failure, result.dropin_unchecked = None, "", str(exc).splitlines()[0]
         return
     result.runs += 1
-    result.dropin_verified, result.dropin_on_fresh_machine = outcome.passed, fresh
+    result.dropin_verified, result.dropin_on_fresh_machine, result.dropin_unchecked = outcome.passed, fresh, ""
     result.dropin_failure = "" if outcome.passed else outcome.summary
+    result.dropin_failed_after_restart = outcome.after_restart
 
 
 def _verify_enforcement(service: HardenedService, result: Tightening, deadline: Deadline | None = None,
@@ -568,7 +574,8 @@ def tighten_service(service: HardenedService, *, keep: Sequence[str] = (), never
         if fresh:
             deadline.check()
         return _search_tightening(service, deadline, fresh=fresh, keep=keep, never=never, max_runs=max_runs,
-                                  catalogue=catalogue, observations=observations, together=together)
+                                  catalogue=catalogue, observations=observations, together=together,
+                                  reserve=min(60.0, max_seconds / 10))
 
     def spec_on_fresh_machine() -> TrialResult:
         return all_scenarios_trial(service, deadline, fresh=True)(service.spec.hardening)
@@ -596,6 +603,10 @@ def _tightened(search: Callable[[bool, int], Tightening], spec_on_fresh_machine:
     (``check_here``)."""
     first = search(False, max_runs)
     if first.dropin_verified is not False:  # checked and passed, or not checked (no time, or the host backend)
+        return first
+    if first.dropin_failed_after_restart:  # a search on fresh machines sees first starts only: it would not help
+        first.note = _joined(first.note, "the service fails when restarted on a freshly booted machine under the "
+                                         "drop-in, which no run of the search restarts")
         return first
     try:
         control = spec_on_fresh_machine()
@@ -633,9 +644,10 @@ def _joined(*notes: str) -> str:
 
 def _search_tightening(service: HardenedService, deadline: Deadline, *, fresh: bool, keep: Sequence[str],
                        never: Sequence[str], max_runs: int, catalogue: Sequence[Step], observations: bool,
-                       together: bool | None) -> Tightening:
+                       together: bool | None, reserve: float = 0.0) -> Tightening:
     """One tighten search (:func:`tighten_service`): with ``fresh``, the traced run and every run of the search on
-    a machine booted for it alone (:func:`_rerun_machine`); the drop-in then checked on a fresh machine."""
+    a machine booted for it alone (:func:`_rerun_machine`); the drop-in then checked on a fresh machine, in the
+    ``reserve`` seconds the search leaves of the deadline for it (a result not checked is not shipped)."""
     observation, note, started = None, "", time.monotonic()
     if observations:
         try:
@@ -650,7 +662,7 @@ def _search_tightening(service: HardenedService, deadline: Deadline, *, fresh: b
     baseline = TrialResult(True, "passed while traced") if observation and not observation.failures else None
     result = tighten(service.spec.hardening, all_scenarios_trial(service, deadline, fresh=fresh), catalogue=catalogue,
                      keep=keep, never=never, syscall_groups=groups, max_runs=max_runs,
-                     max_seconds=max(0.0, deadline.left()),
+                     max_seconds=max(0.0, deadline.left() - reserve),
                      observation=observation, baseline=baseline, together=together,
                      scenarios_from_outside=any(s.where == "client" for s in service.spec.scenarios),
                      offline=service.spec.tighten_offline, own=service.under_test.own_directives())
@@ -665,7 +677,7 @@ def _search_tightening(service: HardenedService, deadline: Deadline, *, fresh: b
             deadline.check()
             _verify_enforcement(service, result, deadline, fresh=fresh)
         except (BudgetExceeded, HardenError) as exc:  # a result unchecked beats none; the note says so
-            result.note = _joined(result.note, f"enforcement not checked: {exc}")
+            result.note = _joined(result.note, f"enforcement not checked: {str(exc).splitlines()[0]}")
         _verify_dropin(service, result, deadline)
     return result
 
@@ -703,6 +715,12 @@ def _diagnosed(search: Callable[[bool, int], Diagnosis], unhardened_on_fresh_mac
     """
     first = search(False, max_runs)
     if first.dropin_verified is not False:  # checked and passed, or not checked (the host backend: no twin)
+        return first
+    if first.dropin_failed_after_restart:  # a search on fresh machines sees first starts only: it would not help
+        first.note = (f"{first.note} Its fix, written as a drop-in, passes the failing check on a freshly booted "
+                      f"machine, but the service fails when restarted there ({first.dropin_failure}), so it is not "
+                      "printed.").strip()
+        first.combined, first.verified, first.dropin_verified, first.dropin_failure = None, False, None, ""
         return first
     started = time.monotonic()
     try:

@@ -21,6 +21,7 @@ profiling tool would propose from the same observed run.
 
 from __future__ import annotations
 
+import posixpath
 import re
 import time
 from collections import Counter
@@ -159,6 +160,8 @@ class Tightening:
     # The drop-in (dropin()), written as a file after the spec's hardening, passed every scenario; None: not tried.
     dropin_verified: bool | None = None
     dropin_failure: str = ""  # what failed, when it did not pass
+    dropin_failed_after_restart: bool = False  # ...only when the service was restarted on the fresh machine
+    dropin_unchecked: str = ""  # why the check could not be made (no time left, a machine that did not boot)
     # Where it was checked: a machine booted for the check (as a host is after the install), or, where the
     # scenarios need what the test made on the service's machine, that machine.
     dropin_on_fresh_machine: bool = True
@@ -224,6 +227,8 @@ class Tightening:
             lines.append("  the drop-in below, written as a file after the spec's hardening, passes every scenario "
                          f"on {where}" + (", and the service starts again there after a restart"
                                           if self.dropin_on_fresh_machine else ""))
+        elif self.dropin_unchecked:
+            lines.append(f"  the drop-in could NOT be checked on a freshly booted machine: {self.dropin_unchecked}")
         elif self.dropin_verified is False:
             lines.append(f"  the drop-in, written as a file after the spec's hardening, does NOT pass on {where}: "
                          f"{self.dropin_failure}")
@@ -255,11 +260,13 @@ def _words_of(assignments: Sequence[str], deny: bool) -> set[str]:
 def _applies(step: Step, hardening: Hardening, keep: Sequence[str], never: Sequence[str]) -> str:
     """Why a step is not tried ("" when it is): excluded by the user, or the spec already as strict."""
     present = {d.name: d for d in hardening}
-    writable = {path.lstrip("-+") for d in hardening if d.name == "ReadWritePaths" for path in d.value.split()}
+    writable = {posixpath.normpath(path.lstrip("-+")) for d in hardening if d.name == "ReadWritePaths"
+                for path in d.value.split()}
     for directive in step.directives:
         if directive.name in never or directive.name in keep:
             return "excluded"
-        if directive.name == "ReadOnlyPaths" and writable & {path.lstrip("-+") for path in directive.value.split()}:
+        if directive.name == "ReadOnlyPaths" and writable & {posixpath.normpath(path.lstrip("-+"))
+                                                             for path in directive.value.split()}:
             # On one path systemd mounts read-only over read-write (namespace.c orders its mounts so): the step
             # would void a grant the service was seen to need (sshd's /run/sshd.pid), which no scenario may show.
             return "skipped"

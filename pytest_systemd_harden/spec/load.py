@@ -39,7 +39,6 @@ from . import profiles
 from .directives import KNOWN, Directive, DirectiveError, Property, _closest_hint, path_problem, render_dropin
 from .machine import AUTO, BACKEND_NAMES, MachineConfig
 from .releases import RELEASES
-from .unit_file import needs_named_in
 
 SERVICE_TYPES = ("simple", "exec", "notify", "oneshot", "forking")
 # The longest wait a spec may ask for (timeouts, in seconds): a day. NaN, infinity and 1e300 would never end.
@@ -590,8 +589,7 @@ def parse_spec(document: Any, path: Path, root: Path | None = None) -> Spec:
     if service.unit_name:
         machine = replace(machine, tested_unit=service.unit_name)  # never masked at boot (machine.images.boot_units)
     if service.unit_file is not None:  # nor what its own file needs to start
-        machine = replace(machine, tested_unit_needs=needs_named_in(
-            [(str(service.unit_file), service.unit_file.read_text())], service.unit_name))
+        machine = replace(machine, tested_unit_file=str(service.unit_file))
     return Spec(path, service, machine, hardening, scenarios, name, denials=denials, enforcement=enforcement,
                 profile=profile.name if profile else "",
                 max_exposure=max_exposure, tighten_keep=keep, tighten_never=never,

@@ -37,9 +37,9 @@ class MachineConfig:
     services: tuple[str, ...] = ()
     # ...and the unit the spec tests (service.unit / unit_file), which must stay startable, with what it needs...
     tested_unit: str = ""
-    # ...which for a unit file of the spec's (not in the image: installed at its first start) its own file names
-    # (Requires=, Wants=, ...: spec.unit_file.needs_named_in); a package's unit is read from the image.
-    tested_unit_needs: tuple[str, ...] = ()
+    # ...which for a unit file of the spec's (this file on the host; not in the image: installed at its first
+    # start) its own file names (Requires=, Wants=, ...); a package's unit is read from the image.
+    tested_unit_file: str = ""
 
     def check_files(self) -> None:
         """Raise MachineError for a ``files:`` source that is gone from the host since the spec was loaded."""

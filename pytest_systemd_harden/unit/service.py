@@ -46,6 +46,8 @@ NAMESPACE_DIRECTIVES = ("PrivateTmp", "PrivateNetwork", "PrivateIPC")
 # How long a service with `ready: active` is watched after its start job: a program that exits in that time is
 # reported as exiting right after it started.
 ACTIVE_SETTLE_SECONDS = 0.1
+# What a restart job may take to stop the unit before its start: systemd's default TimeoutStopSec=.
+RESTART_STOP_ALLOWANCE = 90.0
 # Settings that describe *this* unit, not its sandbox: an inside command must not inherit them.
 NOT_FOR_COMMANDS = ("Restart", "RestartSec", "RemainAfterExit", "NotifyAccess", "TimeoutStartSec", "TimeoutStopSec",
                     "RuntimeMaxSec", "KillMode", "SyslogIdentifier", "Delegate")
@@ -207,8 +209,9 @@ class HardenedService:
         """Restart the started service as a host does (``systemctl restart``): its unit, drop-ins and what it made
         stay; wait until it is ready again; ServiceFailed if not."""
         started = time.monotonic()
-        self._wait_ready(self.machine.systemd.restart_unit(self.unit, timeout=self.spec.service.start_timeout),
-                         started)
+        # The restart job stops the unit as its own TimeoutStopSec= says (systemd's default 90 s), then starts it.
+        job = self.machine.systemd.restart_unit(self.unit, timeout=RESTART_STOP_ALLOWANCE + self.spec.service.start_timeout)
+        self._wait_ready(job, started)
 
     def _wait_ready(self, job: str, started: float) -> None:
         """After the start job (its result ``job``), until the service is ready as the spec says."""
