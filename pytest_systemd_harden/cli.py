@@ -231,8 +231,7 @@ def _tighten(args: argparse.Namespace) -> int:
                                     never=(*spec.tighten_never, *args.never), max_runs=args.max_runs,
                                     observations=not args.no_observe)
         elsewhere = {}
-        checked = not tightened.note.startswith("the spec as written") and tightened.dropin_verified is not False \
-            and not tightened.dropin_unchecked
+        checked = not tightened.note.startswith("the spec as written") and tightened.ships
         for release in releases[1:] if checked else []:
             other = spec.on_release(release).with_hardening(tightened.after)
             elsewhere[release] = diagnosed_failure(HardenedService(pool.machine_for(other.machine), other))

@@ -468,8 +468,11 @@ def observe(service: HardenedService, hardening: Hardening | None = None, *,
     traced_hardening = _for_tracer(hardening, directory, service.under_test.own_directives(),
                                    prepared.stdout.split()[0])
 
+    def trace_file(label: str) -> str:
+        return f"{directory}/{'service' if label == 'ExecStart' else label}"
+
     def tracer(label: str) -> tuple[str, ...]:
-        return (*STRACE, "-o", f"{directory}/{'service' if label == 'ExecStart' else label}", "--")
+        return (*STRACE, "-o", trace_file(label), "--")
 
     try:
         # A unit systemd loads keeps its own command lines, type and PIDFile=: the tracer goes in front of each
@@ -486,7 +489,7 @@ def observe(service: HardenedService, hardening: Hardening | None = None, *,
         dropin, labels = wrapped
         traced.under_test.own_dropins[OBSERVE_DROPIN_NAME] = dropin
         runs = [("the service" if label == "ExecStart" else "the service's {}= #{}".format(*label.split("-")),
-                 f"{directory}/{'service' if label == 'ExecStart' else label}") for label in labels]
+                 trace_file(label)) for label in labels]
     problems: list[str] = []
     try:
         try:
@@ -667,10 +670,9 @@ def _search_tightening(service: HardenedService, deadline: Deadline, *, fresh: b
                      scenarios_from_outside=any(s.where == "client" for s in service.spec.scenarios),
                      offline=service.spec.tighten_offline, own=service.under_test.own_directives())
     result.instance = service.spec.service.instance
-    if observations:  # the traced run is part of the cost
+    if observations:  # the traced run is part of the cost (its time is in tighten_service's wall time)
         result.runs += 1 if observation is not None else 0
         result.observe_seconds = observed_in
-        result.seconds += observed_in
         result.note = _joined(result.note, note)
     if result.after != result.before:
         try:

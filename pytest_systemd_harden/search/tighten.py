@@ -169,6 +169,12 @@ class Tightening:
     instance: str = ""
 
     @property
+    def ships(self) -> bool:
+        """Whether the result may be printed to ship: its drop-in passed where it was checked, or there was nothing
+        to check it on (the host backend). Not when it failed, or its check could not be made."""
+        return self.dropin_verified is not False and not self.dropin_unchecked
+
+    @property
     def tried(self) -> list[StepOutcome]:
         """The steps a run was spent on (not skipped or excluded)."""
         return [o for o in self.outcomes if o.kept in ("added", "narrowed", "rejected")]
